@@ -1,0 +1,73 @@
+"""Choose the PCA layout and K/V weighting on *validation* text, never on the reported eval text.
+
+One set of calibration prefills is reused for every configuration; each configuration is scored on
+a slice of the calibration corpus far from the fitted tokens (pydoc topics, tokens 60k+), at the
+same target ratios. Usage: python bench/calibration_sweep.py --out bench/results/sweep.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from kvbm_codec.calibration.calibrate import calibrate_from_kv, token_sequences
+from kvbm_codec.codec.config import CodecConfig
+from kvbm_codec.codec.kvtc import KVTCCodec
+from kvbm_codec.eval.metrics import perplexity, top1_agreement
+from kvbm_codec.eval.texts import calibration_texts
+from kvbm_codec.kv import KVCache
+from kvbm_codec.models.hf import CausalLM
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--groups", default="1,6,30")
+    p.add_argument("--key-weights", default="1.0,0.25")
+    p.add_argument("--targets", default="20,32")
+    p.add_argument("--fit-sequences", type=int, default=16)
+    p.add_argument("--out", type=Path, default=Path("bench/results/sweep.json"))
+    a = p.parse_args()
+    lm = CausalLM.load("smollm2-135m")
+    seqs = token_sequences(lm.tokenizer, calibration_texts(), 1024, 64)
+    fit = [lm.prefill(s, return_logits=False)[0] for s in seqs[: a.fit_sequences]]
+    held = lm.prefill(seqs[a.fit_sequences], return_logits=False)[0]
+    val_ids = torch.cat(seqs[60:63], dim=1)[:, : 2048 + 256]  # ~60k tokens in: disjoint from the fit
+    ctx, cont = val_ids[:, :2048], val_ids[:, 2048:]
+    kv = lm.prefill(ctx, return_logits=False)[0]
+    ref = lm.logits_with_cache(kv, cont)
+    rows = []
+    for g, kw in itertools.product(map(int, a.groups.split(",")), map(float, a.key_weights.split(","))):
+        t0 = time.perf_counter()
+        cal = calibrate_from_kv(
+            lm.info, fit, held, CodecConfig(layer_group_size=g, key_weight=kw),
+            targets=[float(t) for t in a.targets.split(",")], progress=False,
+        )
+        cal_s = time.perf_counter() - t0
+        for name in cal.allocations:
+            codec = KVTCCodec(cal, name)
+            frame, st = codec.encode_with_stats(kv)
+            t1 = time.perf_counter()
+            rec = codec.decode(frame)
+            dec_s = time.perf_counter() - t1
+            out = lm.logits_with_cache(KVCache(rec.keys.float(), rec.values.float(), rec.positions), cont)
+            pr, pt = perplexity(ref[:-1], cont[0, 1:]), perplexity(out[:-1], cont[0, 1:])
+            comp = st.compressed_tokens * kv.nbytes(2) // kv.n_tokens
+            row = {
+                "layer_group_size": g, "key_weight": kw, "allocation": name,
+                "achieved_cr": comp / (st.frame_bytes - st.raw_section_bytes),
+                "ppl_increase_pct": 100 * (pt / pr - 1), "top1": top1_agreement(ref[:-1], out[:-1]),
+                "decode_s": dec_s, "calibrate_s": cal_s,
+            }
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

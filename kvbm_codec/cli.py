@@ -1,0 +1,149 @@
+"""`kvbm-codec` command line: calibrate, eval, demo, inspect."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from kvbm_codec.codec.config import CodecConfig
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+
+ModelOpt = Annotated[str, typer.Option("--model", help="registered name (smollm2-135m) or a path")]
+
+
+def _load(model: str):
+    from kvbm_codec.models.hf import CausalLM
+
+    typer.echo(f"loading model {model} ...", err=True)
+    return CausalLM.load(model)
+
+
+def _calibration(lm, calibration: Path | None, layer_group_size: int, fit_sequences: int):
+    from kvbm_codec.calibration.artifact import Calibration
+    from kvbm_codec.calibration.cache import load_or_calibrate
+
+    if calibration is not None:
+        return Calibration.load(calibration, expected_fingerprint=lm.info.fingerprint)
+    cal, path, fresh = load_or_calibrate(
+        lm, CodecConfig(layer_group_size=layer_group_size), fit_sequences=fit_sequences
+    )
+    typer.echo(
+        f"calibration {cal.calibration_id} {'computed and saved to' if fresh else 'loaded from'} {path}",
+        err=True,
+    )
+    return cal
+
+
+@app.command()
+def calibrate(
+    model: ModelOpt = "smollm2-135m",
+    out: Annotated[Path | None, typer.Option(help="write here instead of the local cache")] = None,
+    layer_group_size: Annotated[
+        int, typer.Option(help="layers per PCA basis")
+    ] = CodecConfig().layer_group_size,
+    fit_sequences: Annotated[int, typer.Option(help="1024-token calibration sequences for the PCA")] = 16,
+    undo_rope: Annotated[
+        bool, typer.Option(help="de-rotate keys before PCA (disable only to ablate)")
+    ] = True,
+) -> None:
+    """Compute PCA bases, measured error tables and DP bit allocations for a model."""
+    from kvbm_codec.calibration.cache import load_or_calibrate
+    from kvbm_codec.calibration.calibrate import calibrate as run_calibration
+    from kvbm_codec.eval.texts import calibration_texts
+
+    lm = _load(model)
+    cfg = CodecConfig(layer_group_size=layer_group_size, undo_rope=undo_rope)
+    if out is None:
+        cal, path, _ = load_or_calibrate(lm, cfg, fit_sequences=fit_sequences)
+    else:
+        cal = run_calibration(
+            lm, calibration_texts(), cfg, fit_sequences=fit_sequences, text_source="pydoc_data.topics"
+        )
+        cal.save(out)
+        path = out
+    typer.echo(
+        json.dumps(
+            {
+                "calibration_id": cal.calibration_id,
+                "path": str(path),
+                "allocations": {
+                    n: {**a.meta, "allocation_id": a.allocation_id} for n, a in cal.allocations.items()
+                },
+            },
+            indent=2,
+        )
+    )
+
+
+@app.command("eval")
+def eval_cmd(
+    text: Annotated[Path, typer.Option(help="any UTF-8 text file (held out from calibration)")],
+    model: ModelOpt = "smollm2-135m",
+    target_cr: Annotated[list[float], typer.Option(help="repeat for a curve")] = [20.0],  # noqa: B006
+    context_tokens: int = 2048,
+    continuation_tokens: int = 256,
+    json_out: Annotated[Path | None, typer.Option("--json", help="write results here")] = None,
+    save_frames: Annotated[Path | None, typer.Option(help="directory to write the frames into")] = None,
+    calibration: Annotated[Path | None, typer.Option(help="calibration file (default: local cache)")] = None,
+    layer_group_size: int = CodecConfig().layer_group_size,
+    fit_sequences: int = 16,
+) -> None:
+    """Compress a context's KV, continue teacher-forced, compare with the uncompressed model."""
+    from kvbm_codec.eval.run import run_eval
+
+    lm = _load(model)
+    cal = _calibration(lm, calibration, layer_group_size, fit_sequences)
+    body = text.read_text(encoding="utf-8", errors="replace")
+    results = []
+    for cr in target_cr:
+        r = run_eval(
+            lm,
+            cal,
+            body,
+            cr,
+            context_tokens=context_tokens,
+            continuation_tokens=continuation_tokens,
+            save_frames=save_frames,
+        ).as_dict()
+        results.append(r)
+        typer.echo(json.dumps(r))
+    if json_out is not None:
+        json_out.write_text(json.dumps(results[0] if len(results) == 1 else results, indent=2))
+
+
+@app.command()
+def demo(
+    model: ModelOpt = "smollm2-135m",
+    target_cr: float = 20.0,
+    layer_group_size: int = CodecConfig().layer_group_size,
+    fit_sequences: int = 16,
+) -> None:
+    """Calibrate if needed, compress a long conversation's KV, restore it, continue generating."""
+    from kvbm_codec.eval.demo import run_demo
+
+    lm = _load(model)
+    cal = _calibration(lm, None, layer_group_size, fit_sequences)
+    run_demo(lm, cal, target_cr)
+
+
+@app.command()
+def inspect(frame: Path) -> None:
+    """Print a frame's header as JSON after verifying every checksum; non-zero exit if damaged."""
+    from kvbm_codec.codec.errors import CodecError
+    from kvbm_codec.codec.frame import inspect_frame
+
+    try:
+        info = inspect_frame(frame.read_bytes())
+    except CodecError as e:
+        typer.echo(json.dumps({"ok": False, "error": e.code, "message": str(e)}), err=True)
+        raise typer.Exit(2) from e
+    typer.echo(json.dumps({"ok": True, **info}, indent=2))
+
+
+def main() -> None:  # pragma: no cover
+    app(sys.argv[1:])

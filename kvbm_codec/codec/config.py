@@ -1,0 +1,44 @@
+"""Codec parameters that change the bitstream; they travel inside the calibration artifact."""
+
+from __future__ import annotations
+
+import itertools
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+PAPER_GROUP_SIZES = (1, 16, 64, 256, 1024)
+
+
+class CodecConfig(BaseModel):
+    """Knobs of the KVTC transform. Defaults follow the KVTC paper except where docs/benchmarks.md
+    records a measurement that justified a change (layer_group_size)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    sink_tokens: int = Field(4, ge=0, description="first positions kept uncompressed (attention sinks)")
+    window_tokens: int = Field(128, ge=0, description="most recent tokens kept uncompressed")
+    layer_group_size: int = Field(
+        6, ge=1, description="layers sharing one PCA basis (1 = per layer, n_layers = one global basis)"
+    )
+    rank_cap: int = Field(2048, ge=1, description="max principal components kept per basis")
+    group_sizes: tuple[int, ...] = Field(
+        PAPER_GROUP_SIZES, description="scale/shift group sizes the DP may use"
+    )
+    max_bits: int = Field(8, ge=1, le=8, description="widest code the DP may choose")
+    scale_bits: int = Field(32, description="bits of one group's fp16 scale + fp16 shift")
+    key_weight: float = Field(1.0, gt=0, description="weight of key MSE against value MSE in the DP")
+    undo_rope: bool = Field(True, description="de-rotate keys before PCA (False only for ablations)")
+
+    @field_validator("group_sizes")
+    @classmethod
+    def _sizes(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        v = tuple(sorted(set(v)))
+        if not v or v[0] != 1:
+            raise ValueError("group_sizes must be positive and include 1 (so any rank can be tiled)")
+        if any(b % a for a, b in itertools.pairwise(v)):
+            raise ValueError(f"group_sizes must form a divisibility chain (each divides the next), got {v}")
+        return v
+
+    def layer_groups(self, n_layers: int) -> list[tuple[int, int]]:
+        g = self.layer_group_size
+        return [(a, min(a + g, n_layers)) for a in range(0, n_layers, g)]

@@ -1,0 +1,172 @@
+"""Group-wise min/max quantization of PCA coefficients, and the byte packing fed to DEFLATE.
+
+Each token's coefficients are cut into blocks (start, size, bits) chosen by the DP allocator; every
+block of every token gets its own fp16 shift (min) and fp16 scale, the paper's 16-bit scale/shift.
+Codes are packed byte-aligned (8, 4, 2 or 1 codes per byte) and component-major, so that DEFLATE's
+Huffman stage sees each component's skewed code distribution whole: padding bits are constant and
+cost nothing after entropy coding, whereas tight bit packing would scramble symbol boundaries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import groupby
+
+import numpy as np
+import torch
+
+FP16_MAX = 65504.0
+
+
+@dataclass(frozen=True)
+class Block:
+    start: int
+    size: int
+    bits: int
+
+
+def slot_bits(bits: int) -> int:
+    """Width of the byte-aligned slot a code of `bits` bits is stored in."""
+    if bits <= 0 or bits > 8:
+        raise ValueError(f"code width must be 1..8 bits, got {bits}")
+    return 1 if bits == 1 else 2 if bits == 2 else 4 if bits <= 4 else 8
+
+
+def pack_codes(codes: np.ndarray, bits: int) -> bytes:
+    slot = slot_bits(bits)
+    per_byte = 8 // slot
+    flat = codes.reshape(-1).astype(np.uint8, copy=False)
+    if per_byte == 1:
+        return flat.tobytes()
+    pad = (-flat.size) % per_byte
+    if pad:
+        flat = np.concatenate([flat, np.zeros(pad, dtype=np.uint8)])
+    lanes = flat.reshape(-1, per_byte)
+    packed = np.zeros(lanes.shape[0], dtype=np.uint8)
+    for j in range(per_byte):
+        packed |= lanes[:, j] << np.uint8(slot * j)
+    return packed.tobytes()
+
+
+def unpack_codes(data: memoryview | bytes, count: int, bits: int) -> np.ndarray:
+    slot = slot_bits(bits)
+    per_byte = 8 // slot
+    packed = np.frombuffer(data, dtype=np.uint8)
+    if per_byte == 1:
+        return packed[:count]
+    mask = np.uint8((1 << slot) - 1)
+    lanes = np.empty((packed.size, per_byte), dtype=np.uint8)
+    for j in range(per_byte):
+        lanes[:, j] = (packed >> np.uint8(slot * j)) & mask
+    return lanes.reshape(-1)[:count]
+
+
+def packed_size(count: int, bits: int) -> int:
+    per_byte = 8 // slot_bits(bits)
+    return -(-count // per_byte)
+
+
+def quantize_groups(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [T, n, g] -> codes uint8 [T, n, g], shift fp16 [T, n], scale fp16 [T, n]."""
+    levels = (1 << bits) - 1
+    lo = x.amin(-1)
+    hi = x.amax(-1)
+    shift = lo.to(torch.float16)
+    scale = ((hi - shift.to(torch.float32)) / levels).to(torch.float16)
+    s32 = scale.to(torch.float32)
+    safe = torch.where(s32 > 0, s32, torch.ones_like(s32))
+    codes = torch.round((x - shift.to(torch.float32)[..., None]) / safe[..., None])
+    codes = codes.clamp_(0, levels).to(torch.uint8)
+    return codes, shift, scale
+
+
+def dequantize_groups(codes: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return shift.to(torch.float32)[..., None] + codes.to(torch.float32) * scale.to(torch.float32)[..., None]
+
+
+def _runs(blocks: list[Block]) -> list[tuple[int, int, int, int]]:
+    """Consecutive blocks of equal (size, bits) -> (start, size, bits, count), vectorised together."""
+    out = []
+    for (size, bits), grp in groupby(blocks, key=lambda b: (b.size, b.bits)):
+        grp = list(grp)
+        out.append((grp[0].start, size, bits, len(grp)))
+    return out
+
+
+def active_components(blocks: list[Block]) -> torch.Tensor:
+    """Indices of components that carry bits, in stream order (the rest decode as zero)."""
+    idx = [torch.arange(b.start, b.start + b.size) for b in blocks if b.bits > 0]
+    return torch.cat(idx) if idx else torch.zeros(0, dtype=torch.long)
+
+
+def encode_coefficients(coeffs: torch.Tensor, blocks: list[Block]) -> tuple[bytes, bytes]:
+    """coeffs [T, n_active] (active components only, in stream order) -> (codes stream, scales stream)."""
+    if coeffs.numel() and float(coeffs.abs().max()) > FP16_MAX:
+        raise ValueError("PCA coefficients exceed the fp16 range of the scale/shift fields")
+    n_tokens = coeffs.shape[0]
+    codes_out: list[bytes] = []
+    scales_out: list[bytes] = []
+    col = 0
+    for _start, size, bits, count in _runs([b for b in blocks if b.bits > 0]):
+        width = size * count
+        x = coeffs[:, col : col + width].reshape(n_tokens, count, size)
+        col += width
+        codes, shift, scale = quantize_groups(x, bits)
+        codes_out.append(pack_codes(codes.permute(1, 2, 0).contiguous().numpy(), bits))
+        scales_out.append(torch.stack([shift.T, scale.T]).contiguous().numpy().tobytes())
+    return b"".join(codes_out), b"".join(scales_out)
+
+
+def decode_coefficients(codes: bytes, scales: bytes, blocks: list[Block], n_tokens: int) -> torch.Tensor:
+    """Inverse of encode_coefficients -> [T, n_active] float32. Stream sizes are checked exactly."""
+    active = [b for b in blocks if b.bits > 0]
+    expected_codes = sum(packed_size(s * c * n_tokens, bits) for _, s, bits, c in _runs(active))
+    expected_scales = sum(c * 2 * n_tokens * 2 for _, _, _, c in _runs(active))
+    if len(codes) != expected_codes or len(scales) != expected_scales:
+        raise ValueError(
+            f"coefficient streams have {len(codes)}/{len(scales)} bytes, "
+            f"allocation needs {expected_codes}/{expected_scales}"
+        )
+    parts = []
+    cpos = spos = 0
+    cview, sview = memoryview(codes), memoryview(scales)
+    for _start, size, bits, count in _runs(active):
+        n = size * count * n_tokens
+        nbytes = packed_size(n, bits)
+        c = unpack_codes(cview[cpos : cpos + nbytes], n, bits)
+        cpos += nbytes
+        ss = np.frombuffer(sview[spos : spos + count * n_tokens * 4], dtype=np.float16)
+        spos += count * n_tokens * 4
+        ss = torch.from_numpy(ss.copy()).reshape(2, count, n_tokens)
+        c_t = torch.from_numpy(c.copy()).reshape(count, size, n_tokens).permute(2, 0, 1)
+        x = dequantize_groups(c_t, ss[0].T, ss[1].T)
+        parts.append(x.reshape(n_tokens, count * size))
+    if not parts:
+        return torch.zeros(n_tokens, 0)
+    return torch.cat(parts, dim=1)
+
+
+def block_error_table(
+    coeffs: torch.Tensor, group_sizes: tuple[int, ...], max_bits: int
+) -> dict[int, np.ndarray]:
+    """Measured mean squared error per token of every aligned block, for every bit width.
+
+    Returns {g: array [max_bits + 1, rank // g]}; row 0 is the error of dropping the block (its
+    energy). These measurements are what the DP allocator minimises: the real quantizer on real
+    calibration coefficients, not a 4^-b model.
+    """
+    n_tokens, rank = coeffs.shape
+    tables: dict[int, np.ndarray] = {}
+    for g in group_sizes:
+        nblk = rank // g
+        if nblk == 0:
+            continue
+        x = coeffs[:, : nblk * g].reshape(n_tokens, nblk, g).to(torch.float32)
+        table = np.empty((max_bits + 1, nblk), dtype=np.float64)
+        table[0] = (x.to(torch.float64) ** 2).sum(-1).mean(0).numpy()
+        for bits in range(1, max_bits + 1):
+            codes, shift, scale = quantize_groups(x, bits)
+            err = (dequantize_groups(codes, shift, scale) - x).to(torch.float64) ** 2
+            table[bits] = err.sum(-1).mean(0).numpy()
+        tables[g] = table
+    return tables

@@ -1,0 +1,49 @@
+"""Rotary position embedding, undone on keys before PCA and re-applied after decoding.
+
+RoPE rotates each key by a position-dependent angle, which smears the low-rank structure PCA relies
+on; undoing it (an exact, orthonormal operation) is what lets one basis serve every position.
+The parameters are stored in the calibration artifact so decoding needs no model code.
+Convention: HF "rotate_half" (pairs (i, i + d/2)), as Llama, Mistral, Qwen use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class RotaryParams:
+    inv_freq: torch.Tensor  # [head_dim // 2] float32 (after any rope scaling the model applies)
+    attention_scaling: float = 1.0
+
+    @property
+    def head_dim(self) -> int:
+        return int(self.inv_freq.shape[0]) * 2
+
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin tables [n_tokens, head_dim], computed in float64 for exact inversion."""
+        freqs = positions.to(torch.float64)[:, None] * self.inv_freq.to(torch.float64)[None, :]
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def apply_rope(keys: torch.Tensor, positions: torch.Tensor, rope: RotaryParams) -> torch.Tensor:
+    """keys [..., n_tokens, head_dim] without RoPE -> with RoPE."""
+    cos, sin = rope.cos_sin(positions)
+    k = keys.to(torch.float64)
+    return (k * cos + _rotate_half(k) * sin).to(keys.dtype)
+
+
+def undo_rope(keys: torch.Tensor, positions: torch.Tensor, rope: RotaryParams) -> torch.Tensor:
+    """keys [..., n_tokens, head_dim] with RoPE -> without (rotation by the negative angle)."""
+    cos, sin = rope.cos_sin(positions)
+    scale2 = rope.attention_scaling**2
+    k = keys.to(torch.float64)
+    return ((k * cos - _rotate_half(k) * sin) / scale2).to(keys.dtype)

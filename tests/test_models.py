@@ -1,0 +1,229 @@
+"""The model adapter against the real SmolLM2-135M: these are the facts every codec measurement relies on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, Qwen2Config
+
+from kvbm_codec.codec.rope import apply_rope, undo_rope
+from kvbm_codec.eval.metrics import kl_divergence_mean, perplexity, top1_agreement
+from kvbm_codec.kv import KVCache
+from kvbm_codec.models.fingerprint import model_fingerprint
+from kvbm_codec.models.hf import CausalLM, UnsupportedModelError, kv_from_dynamic_cache, kv_to_dynamic_cache
+from kvbm_codec.models.registry import cache_root, registered_names, resolve_model
+
+CONTEXT = (
+    "The lighthouse keeper climbed the spiral stairs every evening at dusk. He trimmed the wick, polished "
+    "the great lens, and wrote the weather in a leather notebook that his grandfather had started. Ships "
+    "passed far out on the grey water, and sometimes one would signal with a lamp, three short flashes and "
+    "a long one, which meant that all was well on board. In winter the storms came from the north, and the "
+    "waves climbed the rocks until the spray reached the gallery rail."
+)
+CONTINUATION = " One night, during the worst storm of the year, he saw a small boat drifting toward the reef."
+
+
+@pytest.fixture(scope="module")
+def ids(smollm: CausalLM) -> tuple[torch.Tensor, torch.Tensor]:
+    return smollm.encode(CONTEXT), smollm.encode(CONTINUATION)
+
+
+@pytest.fixture(scope="module")
+def prefilled(smollm: CausalLM, ids: tuple[torch.Tensor, torch.Tensor]) -> tuple[KVCache, torch.Tensor]:
+    """One prefill of CONTEXT shared by the tests that only read it (the model never mutates a KVCache)."""
+    return smollm.prefill(ids[0])
+
+
+def _full_forward_logits(
+    smollm: CausalLM, input_ids: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    with torch.inference_mode():
+        return smollm.model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits[0].float()
+
+
+@pytest.mark.slow
+def test_info_matches_smollm2(smollm: CausalLM) -> None:
+    info = smollm.info
+    assert (info.n_layers, info.n_kv_heads, info.key_head_dim, info.value_head_dim) == (30, 3, 64, 64)
+    assert info.vocab_size == 49152 and info.name == "smollm2-135m"
+    assert info.rope.head_dim == 64 and info.rope.attention_scaling == 1.0
+    assert len(info.fingerprint) == 32 and info.fingerprint == model_fingerprint(smollm.model)
+
+
+@pytest.mark.slow
+def test_fingerprint_same_from_gguf_and_cache(smollm: CausalLM) -> None:
+    cache_dir = cache_root() / "smollm2-135m"
+    assert (cache_dir / "config.json").is_file() and not list(cache_dir.parent.glob(".smollm2-135m.tmp-*"))
+    # Whichever path the fixture took, load the other one, so exactly one slow GGUF load happens.
+    if smollm.loaded_from.suffix == ".gguf":
+        other = CausalLM.load(str(cache_dir))
+    else:
+        other = CausalLM.load("smollm2-135m", use_cache=False)
+        assert other.loaded_from.suffix == ".gguf"
+    assert other.info.fingerprint == smollm.info.fingerprint
+    torch.testing.assert_close(other.info.rope.inv_freq, smollm.info.rope.inv_freq, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_prefill_shapes_and_chunking(
+    smollm: CausalLM, ids: tuple[torch.Tensor, torch.Tensor], prefilled: tuple[KVCache, torch.Tensor]
+) -> None:
+    context, _ = ids
+    t = context.shape[1]
+    kv, logits = prefilled
+    assert kv.keys.shape == (30, 3, t, 64) and kv.values.shape == (30, 3, t, 64)
+    assert kv.keys.dtype == torch.float32 and logits.shape == (t, 49152)
+    assert torch.equal(kv.positions, torch.arange(t))
+    kv_chunked, logits_chunked = smollm.prefill(context, chunk_size=40)
+    torch.testing.assert_close(kv_chunked.keys, kv.keys, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(kv_chunked.values, kv.values, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logits_chunked, logits, atol=1e-4, rtol=1e-4)
+    _, last = smollm.prefill(context, chunk_size=40, return_logits=False)
+    torch.testing.assert_close(last, logits[-1:], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_rope_matches_model(smollm: CausalLM, ids: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """undo_rope(cache keys) must be exactly what layer 0's k_proj produced, else PCA sees rotated keys."""
+    context, _ = ids
+    captured: list[torch.Tensor] = []
+    k_proj = smollm.model.model.layers[0].self_attn.k_proj
+    handle = k_proj.register_forward_hook(lambda _m, _i, out: captured.append(out.detach().clone()))
+    try:
+        kv, _ = smollm.prefill(context)
+    finally:
+        handle.remove()
+    t, h, d = context.shape[1], smollm.info.n_kv_heads, smollm.info.key_head_dim
+    k_pre = captured[0][0].view(t, h, d).transpose(0, 1)  # [H, T, D]
+    rope = smollm.info.rope
+    torch.testing.assert_close(undo_rope(kv.keys[0], kv.positions, rope), k_pre, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(apply_rope(k_pre, kv.positions, rope), kv.keys[0], atol=1e-4, rtol=1e-4)
+    roundtrip = apply_rope(undo_rope(kv.keys, kv.positions, rope), kv.positions, rope)
+    torch.testing.assert_close(roundtrip, kv.keys, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_logits_with_cache_equals_full_forward(
+    smollm: CausalLM, ids: tuple[torch.Tensor, torch.Tensor], prefilled: tuple[KVCache, torch.Tensor]
+) -> None:
+    context, cont = ids
+    kv, _ = prefilled
+    keys_before = kv.keys.clone()
+    got = smollm.logits_with_cache(kv, cont)
+    full = _full_forward_logits(smollm, torch.cat([context, cont], dim=1))
+    torch.testing.assert_close(got, full[context.shape[1] :], atol=1e-4, rtol=1e-4)
+    assert torch.equal(kv.keys, keys_before), "logits_with_cache must not modify the cache"
+    assert top1_agreement(full[context.shape[1] :], got) == 1.0
+    assert kl_divergence_mean(full[context.shape[1] :], got) < 1e-6
+
+
+@pytest.mark.slow
+def test_sparsified_cache_matches_masked_forward(
+    smollm: CausalLM, ids: tuple[torch.Tensor, torch.Tensor], prefilled: tuple[KVCache, torch.Tensor]
+) -> None:
+    """Evicting tokens after prefill == the continuation not attending to them, at their true positions."""
+    context, cont = ids
+    t, n = context.shape[1], cont.shape[1]
+    kv, _ = prefilled
+    keep = torch.ones(t, dtype=torch.bool)
+    keep[10 : t // 2] = False
+    sparse = kv.select_tokens(keep.nonzero().squeeze(1))
+    assert sparse.n_tokens < t and int(sparse.positions.max()) == t - 1
+    got = smollm.logits_with_cache(sparse, cont)
+    assert got.shape == (n, 49152) and torch.isfinite(got).all()
+
+    allowed = torch.ones(t + n, t + n, dtype=torch.bool).tril()
+    allowed[t:, :t] &= keep
+    mask = torch.zeros(1, 1, t + n, t + n).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    ref = _full_forward_logits(smollm, torch.cat([context, cont], dim=1), mask)[t:]
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_generate_and_dynamic_cache_round_trip(
+    smollm: CausalLM, ids: tuple[torch.Tensor, torch.Tensor], prefilled: tuple[KVCache, torch.Tensor]
+) -> None:
+    context, _ = ids
+    t = context.shape[1]
+    full_kv, logits = prefilled
+    kv = full_kv.select_tokens(torch.arange(t - 1))  # a causal prefix of a cache is the prefix's cache
+    back = kv_from_dynamic_cache(kv_to_dynamic_cache(kv), kv.positions)
+    assert torch.equal(back.keys, kv.keys) and torch.equal(back.values, kv.values)
+    tokens = smollm.generate(kv, context[:, -1:], max_new_tokens=5, stop_at_eos=False)
+    assert len(tokens) == 5
+    assert tokens[0] == int(logits[-1].argmax())
+    assert 1.0 < perplexity(logits[:-1], context[0, 1:]) < 1000.0
+
+
+def test_unknown_model_name_lists_registered() -> None:
+    with pytest.raises(ValueError, match="smollm2-135m") as err:
+        resolve_model("no-such-model-xyz")
+    assert "no-such-model-xyz" in str(err.value)
+    assert "smollm2-135m" in registered_names()
+
+
+def _tiny(cls: type, **kw: object) -> object:
+    common = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=256,
+    )
+    return cls(**{**common, **kw})
+
+
+@pytest.mark.parametrize(
+    ("config", "feature"),
+    [
+        (
+            lambda: _tiny(Qwen2Config, use_sliding_window=True, sliding_window=16, max_window_layers=0),
+            "sliding_attention",
+        ),
+        (lambda: _tiny(MistralConfig, sliding_window=16), "sliding_window"),
+        (
+            lambda: _tiny(
+                LlamaConfig, rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}
+            ),
+            "dynamic",
+        ),
+    ],
+    ids=["qwen2-sliding-layers", "mistral-sliding-window", "llama-dynamic-rope"],
+)
+def test_unsupported_architecture_names_feature(tmp_path: Path, config, feature: str) -> None:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config()).save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedModelError, match=feature):
+        CausalLM.load(str(tmp_path))
+
+
+def test_unsupported_model_type(tmp_path: Path) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64)).save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedModelError, match="model_type 'gpt2'"):
+        CausalLM.load(str(tmp_path))
+
+
+def test_gqa_and_unequal_head_dims_in_info() -> None:
+    from kvbm_codec.models.hf import model_info
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(_tiny(LlamaConfig, head_dim=16))
+    info = model_info(model, "tiny")
+    assert (info.n_layers, info.n_kv_heads, info.key_head_dim, info.value_head_dim) == (2, 2, 16, 16)
+    for layer in model.model.layers:  # values may be wider than keys (e.g. MLA-decompressed caches)
+        layer.self_attn.v_proj = torch.nn.Linear(32, 2 * 24, bias=False)
+    assert model_info(model, "tiny").value_head_dim == 24
+    before = info.fingerprint
+    with torch.no_grad():
+        model.model.layers[0].self_attn.k_proj.weight[0, 0] += 1.0
+    assert model_fingerprint(model) != before
+    kv = KVCache(torch.zeros(2, 2, 3, 16), torch.zeros(2, 2, 3, 24), torch.arange(3))
+    assert kv_from_dynamic_cache(kv_to_dynamic_cache(kv), kv.positions).value_head_dim == 24
