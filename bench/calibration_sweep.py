@@ -29,23 +29,37 @@ def main() -> None:
     p.add_argument("--groups", default="1,6,30")
     p.add_argument("--key-weights", default="1.0,0.25")
     p.add_argument("--targets", default="20,32")
+    p.add_argument("--normalize", default="1", help="normalize_heads values to try, e.g. 0,1")
+    p.add_argument("--kv-cache", type=Path, default=None, help="reuse prefills saved here (torch.save)")
     p.add_argument("--fit-sequences", type=int, default=16)
     p.add_argument("--out", type=Path, default=Path("bench/results/sweep.json"))
     a = p.parse_args()
     lm = CausalLM.load("smollm2-135m")
     seqs = token_sequences(lm.tokenizer, calibration_texts(), 1024, 64)
-    fit = [lm.prefill(s, return_logits=False)[0] for s in seqs[: a.fit_sequences]]
-    held = lm.prefill(seqs[a.fit_sequences], return_logits=False)[0]
+    if a.kv_cache is not None and a.kv_cache.exists():
+        fit, held = torch.load(a.kv_cache, weights_only=False)
+    else:
+        fit = [lm.prefill(s, return_logits=False)[0] for s in seqs[: a.fit_sequences]]
+        held = lm.prefill(seqs[a.fit_sequences], return_logits=False)[0]
+        if a.kv_cache is not None:
+            torch.save((fit, held), a.kv_cache)
     val_ids = torch.cat(seqs[60:63], dim=1)[:, : 2048 + 256]  # ~60k tokens in: disjoint from the fit
     ctx, cont = val_ids[:, :2048], val_ids[:, 2048:]
     kv = lm.prefill(ctx, return_logits=False)[0]
     ref = lm.logits_with_cache(kv, cont)
     rows = []
-    for g, kw in itertools.product(map(int, a.groups.split(",")), map(float, a.key_weights.split(","))):
+    grid = itertools.product(
+        map(int, a.groups.split(",")), map(float, a.key_weights.split(",")), map(int, a.normalize.split(","))
+    )
+    for g, kw, norm in grid:
         t0 = time.perf_counter()
         cal = calibrate_from_kv(
-            lm.info, fit, held, CodecConfig(layer_group_size=g, key_weight=kw),
-            targets=[float(t) for t in a.targets.split(",")], progress=False,
+            lm.info,
+            fit,
+            held,
+            CodecConfig(layer_group_size=g, key_weight=kw, normalize_heads=bool(norm)),
+            targets=[float(t) for t in a.targets.split(",")],
+            progress=False,
         )
         cal_s = time.perf_counter() - t0
         for name in cal.allocations:
@@ -58,10 +72,15 @@ def main() -> None:
             pr, pt = perplexity(ref[:-1], cont[0, 1:]), perplexity(out[:-1], cont[0, 1:])
             comp = st.compressed_tokens * kv.nbytes(2) // kv.n_tokens
             row = {
-                "layer_group_size": g, "key_weight": kw, "allocation": name,
+                "layer_group_size": g,
+                "key_weight": kw,
+                "normalize_heads": bool(norm),
+                "allocation": name,
                 "achieved_cr": comp / (st.frame_bytes - st.raw_section_bytes),
-                "ppl_increase_pct": 100 * (pt / pr - 1), "top1": top1_agreement(ref[:-1], out[:-1]),
-                "decode_s": dec_s, "calibrate_s": cal_s,
+                "ppl_increase_pct": 100 * (pt / pr - 1),
+                "top1": top1_agreement(ref[:-1], out[:-1]),
+                "decode_s": dec_s,
+                "calibrate_s": cal_s,
             }
             rows.append(row)
             print(json.dumps(row), flush=True)

@@ -81,6 +81,7 @@ class Calibration:
         t: dict[str, torch.Tensor] = {"rope.inv_freq": self.rope.inv_freq.to(torch.float32).contiguous()}
         for name, b in self.bases.items():
             t[f"{name}.mean"] = b.mean.contiguous()
+            t[f"{name}.scale"] = b.scale.contiguous()
             t[f"{name}.basis"] = b.basis.contiguous()
             t[f"{name}.eigenvalues"] = b.eigenvalues.contiguous()
         for name, et in self.error_tables.items():
@@ -171,6 +172,7 @@ class Calibration:
         for name, info in header["bases"].items():
             bases[name] = PCABasis(
                 mean=t[f"{name}.mean"],
+                scale=t[f"{name}.scale"],
                 basis=t[f"{name}.basis"],
                 eigenvalues=t[f"{name}.eigenvalues"],
                 residual_variance=float(info["residual_variance"]),

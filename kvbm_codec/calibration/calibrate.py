@@ -74,10 +74,10 @@ def calibration_kv(
 
 
 def fit_bases(
-    kvs: Iterable[KVCache], cfg: CodecConfig, rope: RotaryParams, n_layers: int, progress: bool = True
+    kvs: Iterable[KVCache], cfg: CodecConfig, rope: RotaryParams, shape: ModelShape, progress: bool = True
 ) -> dict[str, PCABasis]:
     accs: dict[str, CovarianceAccumulator] = {}
-    groups = cfg.layer_groups(n_layers)
+    groups = cfg.layer_groups(shape.n_layers)
     for full in kvs:
         kv = compressible(full, cfg)
         keys = undo_rope(kv.keys, kv.positions, rope) if cfg.undo_rope else kv.keys
@@ -86,8 +86,10 @@ def fit_bases(
                 f = _features(x)
                 name = f"g{gi}.{kind}"
                 accs.setdefault(name, CovarianceAccumulator(f.shape[1])).add(f)
+    # Features are laid out [layer, head, dim]: one normalisation run per head of each layer.
+    head_dim = {"k": shape.key_head_dim, "v": shape.value_head_dim}
     return {
-        name: acc.finalize(cfg.rank_cap)
+        name: acc.finalize(cfg.rank_cap, norm_block=head_dim[name[-1]] if cfg.normalize_heads else 0)
         for name, acc in tqdm(accs.items(), desc="calibration: eigendecomposition", disable=not progress)
     }
 
@@ -102,7 +104,7 @@ def error_tables(
             name = f"g{gi}.{kind}"
             f = _features(x)
             coeffs = bases[name].project(f)
-            total = float(((f - bases[name].mean) ** 2).sum(1).mean())
+            total = float((bases[name].normalise(f) ** 2).sum(1).mean())
             kept = float((coeffs.to(torch.float64) ** 2).sum(1).mean())
             tables[name] = ErrorTable(
                 rank=bases[name].rank,
@@ -158,7 +160,7 @@ def calibrate_from_kv(
     cfg = config or CodecConfig()
     shape = ModelShape(info.n_layers, info.n_kv_heads, info.key_head_dim, info.value_head_dim)  # type: ignore[attr-defined]
     rope: RotaryParams = info.rope  # type: ignore[attr-defined]
-    bases = fit_bases(fit_kvs, cfg, rope, shape.n_layers, progress)
+    bases = fit_bases(fit_kvs, cfg, rope, shape, progress)
     val_kv = compressible(held_out, cfg)
     tables = error_tables(bases, val_kv, cfg, rope, shape.n_layers)
     cal = Calibration(

@@ -27,6 +27,9 @@ class CodecConfig(BaseModel):
     max_bits: int = Field(8, ge=1, le=8, description="widest code the DP may choose")
     scale_bits: int = Field(32, description="bits of one group's fp16 scale + fp16 shift")
     key_weight: float = Field(1.0, gt=0, description="weight of key MSE against value MSE in the DP")
+    normalize_heads: bool = Field(
+        True, description="scale each layer/head to unit variance before PCA (equalises relative error)"
+    )
     undo_rope: bool = Field(True, description="de-rotate keys before PCA (False only for ablations)")
 
     @field_validator("group_sizes")

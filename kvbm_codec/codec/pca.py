@@ -27,11 +27,19 @@ class CovarianceAccumulator:
         self._sum += x64.sum(0)
         self._outer += x64.T @ x64
 
-    def finalize(self, rank: int) -> PCABasis:
+    def finalize(self, rank: int, norm_block: int = 0) -> PCABasis:
+        """norm_block > 0 scales each run of norm_block features (one head of one layer) to unit
+        variance first, so PCA and the bit allocation weigh every head's *relative* error alike;
+        otherwise a low-variance layer can lose all its bits while still mattering to the model."""
         if self.count < 2:
             raise ValueError("PCA needs at least 2 calibration samples")
         mean = self._sum / self.count
         cov = self._outer / self.count - torch.outer(mean, mean)
+        scale = torch.ones(self.dim, dtype=torch.float64)
+        if norm_block > 0:
+            var = cov.diagonal().reshape(-1, norm_block).mean(1).clamp_min(1e-12)
+            scale = var.sqrt().repeat_interleave(norm_block)
+            cov = cov / torch.outer(scale, scale)
         evals, evecs = torch.linalg.eigh(cov)
         order = torch.argsort(evals, descending=True)
         evals, evecs = evals[order].clamp_min(0), evecs[:, order]
@@ -41,6 +49,7 @@ class CovarianceAccumulator:
         evecs = evecs * signs
         return PCABasis(
             mean=mean.to(torch.float32),
+            scale=scale.to(torch.float32),
             basis=evecs[:, :rank].contiguous().to(torch.float32),
             eigenvalues=evals[:rank].to(torch.float32),
             residual_variance=float(evals[rank:].sum()),
@@ -50,6 +59,7 @@ class CovarianceAccumulator:
 @dataclass
 class PCABasis:
     mean: torch.Tensor  # [p]
+    scale: torch.Tensor  # [p] per-feature normalisation applied before projection
     basis: torch.Tensor  # [p, r] orthonormal columns, descending variance
     eigenvalues: torch.Tensor  # [r]
     residual_variance: float  # variance in the discarded components (r..p), per sample
@@ -65,8 +75,12 @@ class PCABasis:
     def project(self, x: torch.Tensor, components: torch.Tensor | None = None) -> torch.Tensor:
         """[n, p] features -> [n, r] coefficients (or only the selected component indices)."""
         b = self.basis if components is None else self.basis[:, components]
-        return (x.to(torch.float32) - self.mean) @ b
+        return ((x.to(torch.float32) - self.mean) / self.scale) @ b
 
     def reconstruct(self, coeffs: torch.Tensor, components: torch.Tensor | None = None) -> torch.Tensor:
         b = self.basis if components is None else self.basis[:, components]
-        return coeffs @ b.T + self.mean
+        return (coeffs @ b.T) * self.scale + self.mean
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """Features in the space the PCA (and the DP's error tables) live in."""
+        return (x.to(torch.float32) - self.mean) / self.scale

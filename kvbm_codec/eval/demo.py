@@ -40,13 +40,14 @@ def run_demo(
     comp_fp16 = stats.compressed_tokens * fp16_bytes // ref.n_tokens
     cr = comp_fp16 / (stats.frame_bytes - stats.raw_section_bytes)
     say(
-        f"KVTC target {target_cr:g}x: frame {stats.frame_bytes / 1e6:.2f} MB for {fp16_bytes / 1e6:.1f} MB of "
+        f"KVTC target {target_cr:g}x: frame {stats.frame_bytes / 1e6:.2f} MB for "
+        f"{fp16_bytes / 1e6:.1f} MB of "
         f"fp16 KV -> {cr:.1f}x on compressed tokens, {fp16_bytes / stats.frame_bytes:.1f}x overall "
         f"(sinks {cal.config.sink_tokens} + window {cal.config.window_tokens} kept fp16)"
     )
     say(
-        f"encode {encode_s:.2f} s, restore {restore_s:.2f} s -> restore is {prefill_s / restore_s:.1f}x faster "
-        "than recomputing the prefill"
+        f"encode {encode_s:.2f} s, restore {restore_s:.2f} s -> restore is "
+        f"{prefill_s / restore_s:.1f}x faster than recomputing the prefill"
     )
 
     last = ids[:, -1:]
