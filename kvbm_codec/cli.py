@@ -147,3 +147,12 @@ def inspect(frame: Path) -> None:
 
 def main() -> None:  # pragma: no cover
     app(sys.argv[1:])
+
+
+from kvbm_codec.calibration.registry_cli import registry_app  # noqa: E402
+
+app.add_typer(registry_app, name="registry")
+
+from kvbm_codec.bench.cli import bench  # noqa: E402  (registered last so the bench module stays optional)
+
+app.command("bench")(bench)

@@ -20,6 +20,7 @@ from kvbm_codec.cli import app
 from kvbm_codec.codec import frame as fr
 from kvbm_codec.codec.allocation import predicted_error
 from kvbm_codec.codec.config import CodecConfig
+from kvbm_codec.codec.deflate import gpu_available
 from kvbm_codec.codec.errors import (
     CalibrationMismatchError,
     FrameChecksumError,
@@ -299,3 +300,21 @@ def test_cli_eval_and_inspect(calibration, tmp_path: Path) -> None:
 def token_sequences_text() -> str:
     texts = calibration_texts()
     return "\n\n".join(texts[-12:])  # topics at the end of the sorted list: far from the fitted start
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not gpu_available(), reason="needs a CUDA device and nvCOMP (pip install .[gpu])")
+def test_gpu_frames_interoperate_with_cpu(calibration, kv: KVCache) -> None:
+    """Encode on GPU (torch CUDA + nvCOMP), decode on CPU (isal), and the reverse."""
+    cal, _ = calibration
+    codec = KVTCCodec(cal, 20.0)
+    kv_gpu = KVCache(kv.keys.cuda(), kv.values.cuda(), kv.positions.cuda())
+    gpu_frame = codec.encode(kv_gpu)
+    cpu_frame = codec.encode(kv)
+    ref_err = float(((codec.decode(cpu_frame).values.float() - kv.values) ** 2).mean())
+    from_gpu = codec.decode(gpu_frame)  # CPU decode of a GPU-written frame
+    on_gpu = codec.decode(cpu_frame, device="cuda")  # GPU decode of a CPU-written frame
+    assert on_gpu.keys.is_cuda
+    for rec in (from_gpu, KVCache(on_gpu.keys.cpu(), on_gpu.values.cpu(), on_gpu.positions.cpu())):
+        err = float(((rec.values.float() - kv.values) ** 2).mean())
+        assert err <= 1.05 * ref_err + 1e-6

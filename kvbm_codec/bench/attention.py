@@ -57,7 +57,9 @@ class QueryCapture:
             for h in handles:
                 h.remove()
 
-    def queries(self, n_heads: int, head_dim: int, positions: torch.Tensor, rope: RotaryParams) -> torch.Tensor:
+    def queries(
+        self, n_heads: int, head_dim: int, positions: torch.Tensor, rope: RotaryParams
+    ) -> torch.Tensor:
         """[L, Hq, T, d] post-RoPE queries, as the attention kernel saw them."""
         out = []
         for chunks in self.chunks:

@@ -79,6 +79,10 @@ class KVMethod(ABC):
         """Everything that changes the method's output; part of the result-cache key."""
         return {}
 
+    def prepare(self, ctx: BenchContext) -> None:  # noqa: B027  (optional hook, no-op by default)
+        """Build shared, per-run state (calibration, attention statistics) before the timed section:
+        an engine computes those once, not per compressed block, so they must not count as encode time."""
+
     @abstractmethod
     def compress(self, kv: KVCache, ctx: BenchContext) -> Compressed: ...
 

@@ -127,7 +127,9 @@ class EntryManifest:
         except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, KeyError, TypeError) as e:
             raise CalibrationIntegrityError(f"manifest is unreadable: {e}", where=where) from e
         if not ok:
-            raise CalibrationIntegrityError("manifest fails its own checksum: the file is corrupt", where=where)
+            raise CalibrationIntegrityError(
+                "manifest fails its own checksum: the file is corrupt", where=where
+            )
         if d.get("format") != ENTRY_FORMAT or d.get("format_version") != ENTRY_FORMAT_VERSION:
             raise CalibrationIntegrityError(
                 f"unsupported entry format {d.get('format')} v{d.get('format_version')}", where=where
@@ -279,7 +281,9 @@ class Registry:
                 continue
             try:
                 d = json.loads(raw)
-                rec = VersionRecord(d["model_fingerprint"], int(d["version"]), d["calibration_id"], d["published_at"])
+                rec = VersionRecord(
+                    d["model_fingerprint"], int(d["version"]), d["calibration_id"], d["published_at"]
+                )
             except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
                 raise CalibrationIntegrityError(f"version record is unreadable: {e}", where=o.key) from e
             if rec.model_fingerprint != fp or o.key != _version_key(fp, rec.version):
@@ -295,9 +299,13 @@ class Registry:
     def _parse_latest(raw: bytes, fp: str) -> LatestPointer:
         try:
             d = json.loads(raw)
-            return LatestPointer(int(d["version"]), d["calibration_id"], d["promoted_at"], d.get("previous_version"))
+            return LatestPointer(
+                int(d["version"]), d["calibration_id"], d["promoted_at"], d.get("previous_version")
+            )
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
-            raise CalibrationIntegrityError(f"latest pointer is unreadable: {e}", where=_latest_key(fp)) from e
+            raise CalibrationIntegrityError(
+                f"latest pointer is unreadable: {e}", where=_latest_key(fp)
+            ) from e
 
     def record(self, fingerprint: str, ref: str | int) -> VersionRecord:
         """A version record by ``latest``, version number, or calibration id."""
@@ -359,7 +367,9 @@ class Registry:
         if json.loads(blobs[ALLOCATIONS]) != _allocations_doc(cal) or json.loads(
             blobs[PROVENANCE]
         ) != _provenance_doc(cal):
-            raise CalibrationIntegrityError("allocation table/provenance disagree with the artifact", where=where)
+            raise CalibrationIntegrityError(
+                "allocation table/provenance disagree with the artifact", where=where
+            )
         return cal, m
 
     def verify(self, fingerprint: str, calibration_id: str) -> EntryManifest:
@@ -476,8 +486,9 @@ class Registry:
                 return self._parse_latest(cur[0], fingerprint)
             prev = self._parse_latest(cur[0], fingerprint).version if cur else None
             ptr = LatestPointer(rec.version, rec.calibration_id, _now().isoformat(timespec="seconds"), prev)
-            if self.backend.compare_and_swap(key, json.dumps(ptr.__dict__, indent=2).encode(),
-                                             cur[1] if cur else None):
+            if self.backend.compare_and_swap(
+                key, json.dumps(ptr.__dict__, indent=2).encode(), cur[1] if cur else None
+            ):
                 return ptr
             time.sleep(0.01)
         raise RegistryError(f"latest pointer of {fingerprint} kept changing under us")

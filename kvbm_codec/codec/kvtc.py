@@ -17,7 +17,9 @@ import torch
 from kvbm_codec.calibration.artifact import Calibration
 from kvbm_codec.codec import frame as fr
 from kvbm_codec.codec.allocation import Allocation
+from kvbm_codec.codec.deflate import DeflateBackend, select_backend
 from kvbm_codec.codec.errors import CalibrationMismatchError, FrameHeaderError, ModelMismatchError
+from kvbm_codec.codec.pca import PCABasis
 from kvbm_codec.codec.quantize import active_components, decode_coefficients, encode_coefficients
 from kvbm_codec.codec.rope import apply_rope, undo_rope
 from kvbm_codec.kv import KVCache
@@ -44,11 +46,35 @@ def default_raw_mask(positions: torch.Tensor, sink_tokens: int, window_tokens: i
 
 
 class KVTCCodec:
+    """Encodes on the device the KV lives on (CUDA when the engine's cache is there) and decodes onto
+    the device asked for; DEFLATE runs on nvCOMP when a GPU and nvCOMP are present, else on isal.
+    Both write the same RFC 1951 chunk layout, so frames move freely between the two."""
+
     def __init__(self, calibration: Calibration, allocation: Allocation | str | float) -> None:
         self.cal = calibration
         self.alloc = allocation if isinstance(allocation, Allocation) else calibration.allocation(allocation)
         self.groups = calibration.config.layer_groups(calibration.shape.n_layers)
         self._active = {name: active_components(bl) for name, bl in self.alloc.blocks.items()}
+        self._device_bases: dict[tuple[str, str], PCABasis] = {}
+
+    def _basis(self, name: str, device: torch.device) -> PCABasis:
+        if device.type == "cpu":
+            return self.cal.bases[name]
+        key = (name, str(device))
+        if key not in self._device_bases:
+            b = self.cal.bases[name]
+            self._device_bases[key] = PCABasis(
+                b.mean.to(device),
+                b.scale.to(device),
+                b.basis.to(device),
+                b.eigenvalues.to(device),
+                b.residual_variance,
+            )
+        return self._device_bases[key]
+
+    @staticmethod
+    def _backend(device: torch.device) -> DeflateBackend:
+        return select_backend(prefer_gpu=device.type == "cuda")
 
     # ---- encode ----------------------------------------------------------------------------------
 
@@ -98,9 +124,11 @@ class KVTCCodec:
         if raw_mask is None:
             wt = cfg.window_tokens if window_tokens is None else window_tokens
             raw_mask = default_raw_mask(kv.positions, cfg.sink_tokens, wt)
+        device = kv.keys.device
+        raw_mask = raw_mask.to(device)
         raw_idx = torch.nonzero(raw_mask).flatten()
         comp_idx = torch.nonzero(~raw_mask).flatten()
-        pos_c = kv.positions[comp_idx]
+        pos_c = kv.positions.to(device)[comp_idx]
         keys_c = kv.keys[:, :, comp_idx].to(torch.float32)
         if cfg.undo_rope:
             keys_c = undo_rope(keys_c, pos_c, self.cal.rope)
@@ -115,12 +143,13 @@ class KVTCCodec:
             for kind, x in (("k", keys_c[lo:hi]), ("v", values_c[lo:hi])):
                 name = self.cal.basis_name(gi, kind)
                 feats = x.permute(2, 0, 1, 3).reshape(x.shape[2], -1)
-                coeffs = self.cal.bases[name].project(feats, self._active[name])
+                active = self._active[name].to(device)
+                coeffs = self._basis(name, device).project(feats, active)
                 codes, scales = encode_coefficients(coeffs, self.alloc.blocks[name])
                 sections += [(f"{name}.codes", codes), (f"{name}.scales", scales)]
             if raw_idx.numel():
-                rk = kv.keys[lo:hi][:, :, raw_idx].to(out_dtype).contiguous()
-                rv = kv.values[lo:hi][:, :, raw_idx].to(out_dtype).contiguous()
+                rk = kv.keys[lo:hi][:, :, raw_idx].to(out_dtype).cpu().contiguous()
+                rv = kv.values[lo:hi][:, :, raw_idx].to(out_dtype).cpu().contiguous()
                 sections.append((f"g{gi}.raw", _tensor_bytes(rk) + _tensor_bytes(rv)))
                 raw_names.append(f"g{gi}.raw")
         header = fr.FrameHeader(
@@ -134,13 +163,13 @@ class KVTCCodec:
             n_kv_heads=kv.n_heads,
             key_head_dim=kv.key_head_dim,
             value_head_dim=kv.value_head_dim,
-            positions=fr.positions_to_runs(kv.positions),
+            positions=fr.positions_to_runs(kv.positions.cpu()),
             n_tokens=kv.n_tokens,
-            raw_token_index=fr.mask_to_runs(raw_mask),
+            raw_token_index=fr.mask_to_runs(raw_mask.cpu()),
             meta={},
             sections=[],
         )
-        data = fr.write_frame(header, sections)
+        data = fr.write_frame(header, sections, backend=self._backend(device))
         raw_bytes = _section_payload_bytes(data, raw_names)
         return data, EncodeStats(len(data), raw_bytes, int(comp_idx.numel()), int(raw_idx.numel()))
 
@@ -183,16 +212,19 @@ class KVTCCodec:
             )
         return other
 
-    def iter_decode(self, data: bytes | memoryview) -> Iterator[KVCache]:
+    def iter_decode(self, data: bytes | memoryview, device: str | torch.device = "cpu") -> Iterator[KVCache]:
         """Yield one KVCache per layer group, in layer order, as soon as each is decoded."""
+        device = torch.device(device)
+        backend = self._backend(device)
         f = self._open(data)
         h = f.header
         alloc = self._allocation_for(f)
-        active = {n: active_components(bl) for n, bl in alloc.blocks.items()}
+        active = {n: active_components(bl).to(device) for n, bl in alloc.blocks.items()}
         positions = fr.runs_to_positions(h.positions)
         raw_mask = fr.runs_to_mask(h.raw_token_index, h.n_tokens)
         if positions.numel() != h.n_tokens:
             raise FrameHeaderError("positions do not cover n_tokens")
+        positions, raw_mask = positions.to(device), raw_mask.to(device)
         raw_idx = torch.nonzero(raw_mask).flatten()
         comp_idx = torch.nonzero(~raw_mask).flatten()
         pos_c = positions[comp_idx]
@@ -202,8 +234,8 @@ class KVTCCodec:
             if a < h.layer_start or b > h.layer_end:
                 continue
             nl = b - a
-            keys = torch.empty(nl, n_heads, h.n_tokens, dk, dtype=out_dtype)
-            values = torch.empty(nl, n_heads, h.n_tokens, dv, dtype=out_dtype)
+            keys = torch.empty(nl, n_heads, h.n_tokens, dk, dtype=out_dtype, device=device)
+            values = torch.empty(nl, n_heads, h.n_tokens, dv, dtype=out_dtype, device=device)
             for kind, dst, d in (("k", keys, dk), ("v", values, dv)):
                 name = self.cal.basis_name(gi, kind)
                 try:
@@ -215,13 +247,13 @@ class KVTCCodec:
                     )
                 except ValueError as e:
                     raise FrameHeaderError(f"section {name}: {e}") from e
-                feats = self.cal.bases[name].reconstruct(coeffs, active[name])
+                feats = self._basis(name, device).reconstruct(coeffs, active[name])
                 x = feats.reshape(-1, nl, n_heads, d).permute(1, 2, 0, 3)
                 if kind == "k" and self.cal.config.undo_rope:
                     x = apply_rope(x, pos_c, self.cal.rope)
                 dst[:, :, comp_idx] = x.to(out_dtype)
             if raw_idx.numel():
-                raw = f.section(f"g{gi}.raw")
+                raw = f.section(f"g{gi}.raw", backend=backend)
                 n_k = nl * n_heads * raw_idx.numel() * dk
                 n_v = nl * n_heads * raw_idx.numel() * dv
                 arr = np.frombuffer(raw, dtype=_np_dtype(out_dtype))
@@ -234,12 +266,13 @@ class KVTCCodec:
                     if out_dtype == torch.bfloat16
                     else (torch.from_numpy(arr.copy()))
                 )
+                t = t.to(device)
                 keys[:, :, raw_idx] = t[:n_k].reshape(nl, n_heads, -1, dk)
                 values[:, :, raw_idx] = t[n_k:].reshape(nl, n_heads, -1, dv)
             yield KVCache(keys, values, positions, layer_start=a)
 
-    def decode(self, data: bytes | memoryview) -> KVCache:
-        return KVCache.concat_layers(list(self.iter_decode(data)))
+    def decode(self, data: bytes | memoryview, device: str | torch.device = "cpu") -> KVCache:
+        return KVCache.concat_layers(list(self.iter_decode(data, device)))
 
 
 def _np_dtype(dtype: torch.dtype) -> type:

@@ -112,8 +112,8 @@ def encode_coefficients(coeffs: torch.Tensor, blocks: list[Block]) -> tuple[byte
         x = coeffs[:, col : col + width].reshape(n_tokens, count, size)
         col += width
         codes, shift, scale = quantize_groups(x, bits)
-        codes_out.append(pack_codes(codes.permute(1, 2, 0).contiguous().numpy(), bits))
-        scales_out.append(torch.stack([shift.T, scale.T]).contiguous().numpy().tobytes())
+        codes_out.append(pack_codes(codes.permute(1, 2, 0).contiguous().cpu().numpy(), bits))
+        scales_out.append(torch.stack([shift.T, scale.T]).contiguous().cpu().numpy().tobytes())
     return b"".join(codes_out), b"".join(scales_out)
 
 

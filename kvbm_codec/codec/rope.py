@@ -24,7 +24,8 @@ class RotaryParams:
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin tables [n_tokens, head_dim], computed in float64 for exact inversion."""
-        freqs = positions.to(torch.float64)[:, None] * self.inv_freq.to(torch.float64)[None, :]
+        inv = self.inv_freq.to(device=positions.device, dtype=torch.float64)
+        freqs = positions.to(torch.float64)[:, None] * inv[None, :]
         emb = torch.cat([freqs, freqs], dim=-1)
         return emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling
 

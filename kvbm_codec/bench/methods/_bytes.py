@@ -12,7 +12,9 @@ def kv_to_fp16_bytes(kv: KVCache) -> bytes:
     return kv.keys.half().contiguous().numpy().tobytes() + kv.values.half().contiguous().numpy().tobytes()
 
 
-def fp16_bytes_to_kv(data: bytes, like: tuple[tuple[int, ...], tuple[int, ...]], positions: torch.Tensor) -> KVCache:
+def fp16_bytes_to_kv(
+    data: bytes, like: tuple[tuple[int, ...], tuple[int, ...]], positions: torch.Tensor
+) -> KVCache:
     kshape, vshape = like
     arr = torch.from_numpy(np.frombuffer(data, dtype=np.float16).copy())
     nk = int(np.prod(kshape))

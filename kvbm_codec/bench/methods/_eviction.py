@@ -49,6 +49,10 @@ class EvictionMethod(KVMethod):
     def params(self) -> dict[str, object]:
         return {"ratio": self.ratio, "sinks": SINKS, "tail": TAIL}
 
+    def prepare(self, ctx: BenchContext) -> None:
+        if self.needs_attention:
+            ctx.attention()
+
     def budget(self, n_tokens: int) -> int:
         return max(1, round(n_tokens / self.ratio))
 

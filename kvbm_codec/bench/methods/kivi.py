@@ -39,7 +39,7 @@ class KIVI(KVMethod):
         g = self.group
         n_q = max(0, kv.n_tokens - self.residual) // g * g
         k, v = kv.keys.float(), kv.values.float()
-        L, H, _, dk = k.shape  # noqa: N806
+        L, H, _, dk = k.shape
         dv = v.shape[3]
         if dv % g:
             raise ValueError(f"value head dim {dv} is not a multiple of the group size {g}")
@@ -60,7 +60,7 @@ class KIVI(KVMethod):
         return Compressed(stored, payload, kv.n_tokens, {"quantized_tokens": n_q})
 
     def restore(self, c: Compressed) -> KVCache:
-        (kc, ks, kz), (vc, vs, vz), (rk, rv), pos, (L, H, n_q, dk, dv) = c.payload  # noqa: N806
+        (kc, ks, kz), (vc, vs, vz), (rk, rv), pos, (L, H, n_q, dk, dv) = c.payload
         k = (kc.float() * ks + kz).reshape(L, H, n_q, dk)
         v = (vc.float() * vs + vz).reshape(L, H, n_q, dv)
         return KVCache(torch.cat([k, rk.float()], 2), torch.cat([v, rv.float()], 2), pos)

@@ -32,6 +32,11 @@ class KVTC(KVMethod):
             self._codecs[cal.calibration_id] = KVTCCodec(cal, self.target_cr)
         return self._codecs[cal.calibration_id]
 
+    def prepare(self, ctx: BenchContext) -> None:
+        self._codec(ctx)
+        if self.evict is not None:
+            self.evict.prepare(ctx)
+
     def compress(self, kv: KVCache, ctx: BenchContext) -> Compressed:
         codec = self._codec(ctx)
         if self.evict is not None:

@@ -49,12 +49,20 @@ class PCAUniform(KVMethod):
         self.name = f"pca-int{bits}@{target_cr:g}"
 
     def params(self) -> dict[str, object]:
-        return {"target_cr": self.target_cr, "bits": self.bits, "rope": "post-RoPE", "scale": "per-token fp16"}
+        return {
+            "target_cr": self.target_cr,
+            "bits": self.bits,
+            "rope": "post-RoPE",
+            "scale": "per-token fp16",
+        }
 
     def rank(self, dim: int) -> int:
         """Largest rank whose codes + per-token scale fit dim*2/target_cr bytes per token."""
         budget = 2 * dim / self.target_cr - 2
         return max(1, min(dim, math.floor(budget * 8 / self.bits)))
+
+    def prepare(self, ctx: BenchContext) -> None:
+        ctx.resources.incumbent_bases()
 
     def compress(self, kv: KVCache, ctx: BenchContext) -> Compressed:
         cfg: CodecConfig = ctx.resources.calibration().config

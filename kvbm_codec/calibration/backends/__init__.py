@@ -51,7 +51,9 @@ class Backend(Protocol):
         """Replace the object only if its etag is still ``etag`` (None: only if absent)."""
         ...
 
-    def commit_files(self, prefix: str, files: dict[str, bytes], marker: str, progress: ProgressFn | None) -> bool:
+    def commit_files(
+        self, prefix: str, files: dict[str, bytes], marker: str, progress: ProgressFn | None
+    ) -> bool:
         """Make ``prefix/<name>`` for every file visible with ``prefix/<marker>`` strictly last.
 
         Returns False (and changes nothing visible) if ``prefix/<marker>`` already exists: entries are

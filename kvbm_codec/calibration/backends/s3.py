@@ -32,7 +32,9 @@ def _code(e: ClientError) -> str:
 
 
 class S3Backend:
-    def __init__(self, bucket: str, prefix: str = "", *, client: Any | None = None, **client_kwargs: Any) -> None:
+    def __init__(
+        self, bucket: str, prefix: str = "", *, client: Any | None = None, **client_kwargs: Any
+    ) -> None:
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.client = client or boto3.client(
@@ -106,8 +108,10 @@ class S3Backend:
 
     def list(self, prefix: str) -> list[StoredObject]:
         out: list[StoredObject] = []
-        full = self._k(prefix.rstrip("/")) + ("/" if prefix.endswith("/") else "") if prefix else (
-            f"{self.prefix}/" if self.prefix else ""
+        full = (
+            self._k(prefix.rstrip("/")) + ("/" if prefix.endswith("/") else "")
+            if prefix
+            else (f"{self.prefix}/" if self.prefix else "")
         )
         for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
             for o in page.get("Contents", []):

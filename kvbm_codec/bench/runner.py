@@ -1,0 +1,431 @@
+"""One run: load the model once, build each context's KV once, run every method on that same KV.
+
+Per (method, context) results are cached as JSON under the cache dir, keyed by the method's name and
+parameters, the context's token hash, the model fingerprint and (for calibrated methods) the calibration
+id, so adding or re-running one method recomputes only that method.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from kvbm_codec.bench.attention import QueryCapture, attention_stats
+from kvbm_codec.bench.base import BenchContext, KVMethod, timed
+from kvbm_codec.bench.methods import build_method
+from kvbm_codec.bench.methods.pca_int import fit_post_rope_bases
+from kvbm_codec.bench.tasks import TASKS, make_instances, score
+from kvbm_codec.calibration.artifact import Calibration
+from kvbm_codec.eval.metrics import kl_divergence_mean, perplexity, top1_agreement
+from kvbm_codec.eval.texts import demo_document
+from kvbm_codec.kv import KVCache
+
+CACHE_VERSION = "bench-v1"
+DMS_WINDOW = 64  # queries a token is judged by before leaving the delayed-eviction window
+
+QUICK_METHODS = "fp16,zstd,fp8,kivi4,pca-int8@16,streaming@4,tova@4,kvtc@16,kvtc@64,kvtc@16+tova@4"
+DEFAULT_METHODS = (
+    "fp16,deflate,zstd,fp8,kivi4,kivi2,pca-int8@8,pca-int8@16,pca-int4@16,"
+    "streaming@4,streaming@8,h2o@4,h2o@8,tova@4,tova@8,dms@4,dms@8,"
+    "kvtc@8,kvtc@16,kvtc@20,kvtc@32,kvtc@64,kvtc@16+tova@4,kvtc@16+dms@4"
+)
+
+
+@dataclass(frozen=True)
+class Suite:
+    """Sizes of one run. `quick` must finish in < 5 min on 2 cores, `default` in < 30 min."""
+
+    name: str
+    methods: str
+    lm_windows: int  # (context, continuation) windows cut from the text for ppl / top-1
+    lm_context_tokens: int
+    lm_continuation_tokens: int
+    tasks: tuple[str, ...]
+    task_instances: int  # per task
+    task_context_tokens: int
+    task_items: int  # needles / pairs scale (see tasks.py)
+    max_new_tokens: int
+    throughput_contexts: tuple[int, ...]
+    # KVTC calibration: "default" = the same cached calibration `kvbm-codec eval` uses (16 x 1024 tokens,
+    # ~5-13 min to compute once); "small" = 4 x 512 tokens, only the suite's targets (fast, for CI).
+    calibration: str
+    pca_fit_sequences: int
+    pca_seq_len: int
+
+
+SUITES = {
+    "quick": Suite(
+        name="quick",
+        methods=QUICK_METHODS,
+        lm_windows=1,
+        lm_context_tokens=768,
+        lm_continuation_tokens=48,
+        tasks=TASKS,
+        task_instances=2,
+        task_context_tokens=500,
+        task_items=4,
+        max_new_tokens=6,
+        throughput_contexts=(2048,),
+        calibration="small",
+        pca_fit_sequences=4,
+        pca_seq_len=512,
+    ),
+    "default": Suite(
+        name="default",
+        methods=DEFAULT_METHODS,
+        lm_windows=2,
+        lm_context_tokens=2048,
+        lm_continuation_tokens=256,
+        tasks=TASKS,
+        task_instances=6,
+        task_context_tokens=1400,
+        task_items=4,
+        max_new_tokens=8,
+        throughput_contexts=(2048, 8192),
+        calibration="default",
+        pca_fit_sequences=16,
+        pca_seq_len=1024,
+    ),
+}
+
+
+@dataclass
+class Item:
+    """One context every method is run on: an LM window (ppl/top-1) or a retrieval prompt."""
+
+    kind: str  # "lm" or a task name
+    key: str
+    context_ids: torch.Tensor  # [1, T]: the KV that gets compressed
+    next_ids: torch.Tensor  # lm: teacher-forced continuation; task: the prompt's last token, fed live
+    answer: str | None = None
+
+
+def _ids_key(*parts: torch.Tensor) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def lm_items(tokenizer: Any, text: str, suite: Suite) -> list[Item]:
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    span = suite.lm_context_tokens + suite.lm_continuation_tokens
+    n = min(suite.lm_windows, int(ids.shape[1]) // span)
+    if n == 0:
+        raise ValueError(f"text has {ids.shape[1]} tokens, one window needs {span}")
+    out = []
+    for i in range(n):
+        ctx = ids[:, i * span : i * span + suite.lm_context_tokens]
+        cont = ids[:, i * span + suite.lm_context_tokens : (i + 1) * span]
+        out.append(Item("lm", _ids_key(ctx, cont), ctx, cont))
+    return out
+
+
+def task_items(tokenizer: Any, suite: Suite) -> list[Item]:
+    out = []
+    for task in suite.tasks:
+        for inst in make_instances(
+            tokenizer, task, suite.task_instances, suite.task_context_tokens, n_items=suite.task_items
+        ):
+            ids = inst.prompt_ids
+            out.append(Item(task, inst.key, ids[:, :-1], ids[:, -1:], inst.answer))
+    return out
+
+
+class Resources:
+    """Per-run shared state, built only if a method that needs it actually runs."""
+
+    def __init__(
+        self,
+        lm: Any,
+        suite: Suite,
+        methods: list[KVMethod],
+        cache_dir: Path,
+        calibration: Calibration | None,
+        progress: bool,
+    ) -> None:
+        self.lm, self.suite, self.methods = lm, suite, methods
+        self.cache_dir, self.progress = cache_dir, progress
+        self._cal = calibration
+        self._bases: Any = None
+
+    def calibration(self) -> Calibration:
+        if self._cal is None:
+            self._cal = self._load_calibration()
+        return self._cal
+
+    def _load_calibration(self) -> Calibration:
+        from kvbm_codec.calibration.cache import cache_dir as default_cache_dir
+        from kvbm_codec.calibration.cache import load_or_calibrate
+
+        if self.suite.calibration == "default":
+            return load_or_calibrate(self.lm, progress=self.progress)[0]
+        from kvbm_codec.calibration.calibrate import calibrate
+        from kvbm_codec.codec.config import CodecConfig
+        from kvbm_codec.eval.texts import calibration_texts
+
+        targets = sorted(
+            {float(getattr(m, "target_cr", 16.0)) for m in self.methods if m.family.startswith("kvtc")}
+        ) or [16.0]
+        fp = self.lm.info.fingerprint
+        key = hashlib.sha256(json.dumps({"targets": targets, "fit": 4, "seq": 512}).encode()).hexdigest()[:12]
+        # Next to the default calibration, not in the result cache: it depends only on model and text.
+        path = default_cache_dir() / "bench" / "calibrations" / f"{fp}-small-{key}.kvtc"
+        if path.exists():
+            return Calibration.load(path, expected_fingerprint=fp)
+        cal = calibrate(
+            self.lm,
+            calibration_texts(),
+            CodecConfig(),
+            targets=targets,
+            fit_sequences=4,
+            seq_len=512,
+            text_source="pydoc_data.topics",
+            progress=self.progress,
+        )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        cal.save(path)
+        return cal
+
+    def incumbent_bases(self) -> Any:
+        if self._bases is None:
+            self._bases = fit_post_rope_bases(
+                self.lm, self.calibration().config, self.suite.pca_fit_sequences, self.suite.pca_seq_len
+            )
+        return self._bases
+
+
+class ResultCache:
+    def __init__(self, root: Path | None) -> None:
+        self.root = root
+
+    def _path(self, key: str) -> Path | None:
+        return None if self.root is None else self.root / "results" / f"{key}.json"
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        p = self._path(key)
+        if p is None or not p.exists():
+            return None
+        try:
+            return json.loads(p.read_text())
+        except ValueError:
+            return None
+
+    def put(self, key: str, value: dict[str, Any]) -> None:
+        p = self._path(key)
+        if p is not None:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            tmp = p.with_suffix(".tmp")
+            tmp.write_text(json.dumps(value))
+            tmp.replace(p)
+
+
+def result_key(m: KVMethod, item: Item, fingerprint: str, resources: Resources, suite: Suite) -> str:
+    extra: dict[str, Any] = {}
+    if m.needs_calibration:
+        extra["calibration"] = resources.calibration().calibration_id
+    if m.family == "pca-incumbent":
+        extra["pca_fit"] = [suite.pca_fit_sequences, suite.pca_seq_len]
+    if m.needs_attention:
+        extra["dms_window"] = DMS_WINDOW
+    if item.kind != "lm":
+        extra["max_new_tokens"] = suite.max_new_tokens
+    blob = json.dumps(
+        [CACHE_VERSION, m.name, m.params(), item.key, fingerprint, extra], sort_keys=True, default=str
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def _prefill(lm: Any, ids: torch.Tensor, capture: bool) -> tuple[KVCache, Callable[[], Any] | None]:
+    """fp16-rounded KV (what an engine stores, so fp16 is exactly lossless) and a lazy attention pass."""
+    qc = QueryCapture(lm.model) if capture else None
+    if qc is not None:
+        with qc.active():
+            kv, _ = lm.prefill(ids, return_logits=False)
+    else:
+        kv, _ = lm.prefill(ids, return_logits=False)
+    kv = KVCache(kv.keys.half().float(), kv.values.half().float(), kv.positions)
+    if qc is None:
+        return kv, None
+    info = lm.info
+    n_q = int(lm.model.config.num_attention_heads)
+
+    def stats() -> Any:
+        q = qc.queries(n_q, info.key_head_dim, kv.positions, info.rope)
+        return attention_stats(q, kv, DMS_WINDOW)
+
+    return kv, stats
+
+
+def run_item(
+    lm: Any, item: Item, methods: list[KVMethod], resources: Resources, cache: ResultCache, suite: Suite
+) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    fp = lm.info.fingerprint
+    keys = {m.name: result_key(m, item, fp, resources, suite) for m in methods}
+    done = {m.name: cache.get(keys[m.name]) for m in methods}
+    pending = [m for m in methods if done[m.name] is None]
+    timings: dict[str, float] = {}
+    if pending:
+        t0 = time.perf_counter()
+        kv, attn_fn = _prefill(lm, item.context_ids, any(m.needs_attention for m in pending))
+        timings["prefill_s"] = time.perf_counter() - t0
+        ctx = BenchContext(lm, item.context_ids, resources, attn_fn)
+        if attn_fn is not None:
+            t0 = time.perf_counter()
+            ctx.attention()
+            timings["attention_stats_s"] = time.perf_counter() - t0
+        ref_logits = lm.logits_with_cache(kv, item.next_ids) if item.kind == "lm" else None
+        for m in pending:
+            m.prepare(ctx)
+            c, enc_s = timed(lambda m=m: m.compress(kv, ctx))
+            restored, dec_s = timed(lambda m=m, c=c: m.restore(c))
+            r: dict[str, Any] = {
+                "method": m.name,
+                "family": m.family,
+                "item": item.key,
+                "kind": item.kind,
+                "context_tokens": kv.n_tokens,
+                "kept_tokens": restored.n_tokens,
+                "fp16_bytes": kv.nbytes(2),
+                "stored_bytes": c.stored_bytes,
+                "ratio": kv.nbytes(2) / c.stored_bytes,
+                "encode_s": enc_s,
+                "decode_s": dec_s,
+                "info": c.info,
+            }
+            if ref_logits is not None:
+                logits = lm.logits_with_cache(restored, item.next_ids)
+                targets = item.next_ids[0, 1:]
+                r["ppl_ref"] = perplexity(ref_logits[:-1], targets)
+                r["ppl"] = perplexity(logits[:-1], targets)
+                r["ppl_increase_pct"] = 100.0 * (r["ppl"] / r["ppl_ref"] - 1.0)
+                r["top1"] = top1_agreement(ref_logits[:-1], logits[:-1])
+                r["kl"] = kl_divergence_mean(ref_logits[:-1], logits[:-1])
+            else:
+                gen = lm.generate(restored, item.next_ids, suite.max_new_tokens)
+                r["output"] = lm.tokenizer.decode(gen, skip_special_tokens=True)
+                r["answer"] = item.answer
+                r["correct"] = score(lm.tokenizer, gen, item.answer or "")
+            cache.put(keys[m.name], r)
+            done[m.name] = r
+    return [{**done[m.name], "cached": m in methods and m not in pending} for m in methods], timings
+
+
+def restore_vs_recompute(
+    lm: Any, text: str, contexts: tuple[int, ...], resources: Resources, target_cr: float, cache: ResultCache
+) -> list[dict[str, Any]]:
+    """Prefill time / KVTC decode time of the same context, both with every core (as an engine runs)."""
+    from kvbm_codec.codec.kvtc import KVTCCodec
+
+    cal = resources.calibration()
+    ids_all = lm.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    out = []
+    for n in contexts:
+        reps = -(-n // int(ids_all.shape[1]))
+        ids = ids_all.repeat(1, reps)[:, :n]
+        key = hashlib.sha256(
+            json.dumps(
+                [CACHE_VERSION, "rvr", lm.info.fingerprint, cal.calibration_id, target_cr, _ids_key(ids)]
+            ).encode()
+        ).hexdigest()[:24]
+        hit = cache.get(key)
+        if hit is None:
+            t0 = time.perf_counter()
+            kv, _ = lm.prefill(ids, return_logits=False)
+            prefill_s = time.perf_counter() - t0
+            codec = KVTCCodec(cal, target_cr)
+            t0 = time.perf_counter()
+            frame = codec.encode(kv)
+            encode_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            codec.decode(frame)
+            decode_s = time.perf_counter() - t0
+            hit = {
+                "context_tokens": n,
+                "target_cr": target_cr,
+                "threads": torch.get_num_threads(),
+                "prefill_s": prefill_s,
+                "kvtc_encode_s": encode_s,
+                "kvtc_decode_s": decode_s,
+                "restore_speedup": prefill_s / decode_s,
+                "ratio": kv.nbytes(2) / len(frame),
+            }
+            cache.put(key, hit)
+            hit = {**hit, "cached": False}
+        else:
+            hit = {**hit, "cached": True}
+        out.append(hit)
+    return out
+
+
+@dataclass
+class BenchResult:
+    model: str
+    suite: dict[str, Any]
+    calibration_id: str | None
+    methods: list[str]
+    results: list[dict[str, Any]]
+    item_timings: list[dict[str, Any]] = field(default_factory=list)
+    restore_vs_recompute: list[dict[str, Any]] = field(default_factory=list)
+    wall_s: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def run_bench(
+    lm: Any,
+    suite: Suite,
+    *,
+    text: str | None = None,
+    methods: list[str] | None = None,
+    cache_dir: Path | None = None,
+    calibration: Calibration | None = None,
+    progress: bool = True,
+    throughput: bool = True,
+) -> BenchResult:
+    """Every method on every item; fp16 is always included, as the reference accuracy is paired against."""
+    t_start = time.perf_counter()
+    specs = methods or [s for s in suite.methods.split(",") if s]
+    if "fp16" not in specs:
+        specs = ["fp16", *specs]
+    built = [build_method(s) for s in specs]
+    names = [m.name for m in built]
+    if len(set(names)) != len(names):
+        raise ValueError(f"duplicate methods in {specs}")
+    body = text if text is not None else demo_document()
+    items = lm_items(lm.tokenizer, body, suite) + task_items(lm.tokenizer, suite)
+    from kvbm_codec.calibration.cache import cache_dir as default_cache_dir
+
+    resources = Resources(lm, suite, built, cache_dir or default_cache_dir() / "bench", calibration, progress)
+    cache = ResultCache(cache_dir)
+    results: list[dict[str, Any]] = []
+    timings: list[dict[str, Any]] = []
+    for item in tqdm(items, desc="bench: contexts", disable=not progress):
+        rows, t = run_item(lm, item, built, resources, cache, suite)
+        results += rows
+        timings.append({"item": item.key, "kind": item.kind, **t})
+    rvr: list[dict[str, Any]] = []
+    kvtc = [m for m in built if m.family == "kvtc"]
+    if throughput and kvtc and suite.throughput_contexts:
+        target = 20.0 if any(m.target_cr == 20.0 for m in kvtc) else kvtc[0].target_cr  # type: ignore[attr-defined]
+        rvr = restore_vs_recompute(lm, body, suite.throughput_contexts, resources, target, cache)
+    needs_cal = any(m.needs_calibration for m in built)
+    return BenchResult(
+        model=lm.info.name,
+        suite=asdict(suite),
+        calibration_id=resources.calibration().calibration_id if needs_cal else None,
+        methods=names,
+        results=results,
+        item_timings=timings,
+        restore_vs_recompute=rvr,
+        wall_s=time.perf_counter() - t_start,
+    )

@@ -1,0 +1,116 @@
+"""End to end: the quick bench suite on the real model (no mocks), then sanity of what it reports.
+
+One run of the quick suite (~2-4 min on 2 cores) feeds every assertion; the result cache lives in a
+temporary directory so the run is never satisfied from an earlier one.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvbm_codec.bench.methods import build_method
+from kvbm_codec.bench.report import summarize, write_report
+from kvbm_codec.bench.runner import SUITES, run_bench
+from kvbm_codec.kv import KVCache
+
+
+def _kv(tokens: int = 300) -> KVCache:
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(2, 3, tokens, 64, generator=g).half().float()
+    v = torch.randn(2, 3, tokens, 64, generator=g).half().float()
+    return KVCache(k, v, torch.arange(tokens))
+
+
+@pytest.mark.parametrize("spec", ["fp16", "deflate", "zstd"])
+def test_lossless_methods_round_trip_exactly(spec: str) -> None:
+    kv = _kv()
+    m = build_method(spec)
+    c = m.compress(kv, None)  # type: ignore[arg-type]  (these methods use no context)
+    back = m.restore(c)
+    assert torch.equal(back.keys, kv.keys) and torch.equal(back.values, kv.values)
+
+
+@pytest.mark.parametrize(("spec", "max_rel"), [("fp8", 0.1), ("kivi4", 0.2), ("kivi2", 0.6)])
+def test_quantizers_are_close_and_smaller(spec: str, max_rel: float) -> None:
+    kv = _kv(1024)  # KIVI keeps its last 128 tokens fp16: a short cache would be mostly residual
+    m = build_method(spec)
+    c = m.compress(kv, None)  # type: ignore[arg-type]
+    back = m.restore(c)
+    err = (back.keys - kv.keys).norm() / kv.keys.norm()
+    assert float(err) < max_rel
+    assert c.stored_bytes < kv.nbytes(2) / 1.9
+
+
+def test_bad_method_specs_are_rejected() -> None:
+    for spec in ("nope", "kvtc@1", "kvtc@16+kivi4", "tova@x"):
+        with pytest.raises(ValueError):
+            build_method(spec)
+
+
+@pytest.fixture(scope="module")
+def quick_run(smollm, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict[str, Path], Path]:
+    tmp = tmp_path_factory.mktemp("bench")
+    result = run_bench(smollm, SUITES["quick"], cache_dir=tmp / "cache", progress=False)
+    bench = result.as_dict()
+    return bench, write_report(bench, tmp / "out"), tmp / "cache"
+
+
+@pytest.mark.slow
+def test_quick_suite_end_to_end(quick_run) -> None:
+    bench, paths, _ = quick_run
+    for p in paths.values():
+        assert p.exists() and p.stat().st_size > 0
+    data = json.loads(paths["json"].read_text())
+    assert set(data["methods"]) >= {"fp16", "kivi4", "kvtc@16", "tova@4", "kvtc@16+tova@4"}
+    assert data["summary"] and all(r["method"] in data["methods"] for r in data["summary"])
+    assert "| kvtc@16 |" in paths["markdown"].read_text()
+    s = {row["method"]: row for row in summarize(bench)}
+    fams = {row["family"] for row in s.values()}
+    assert {
+        "reference",
+        "lossless",
+        "quantization",
+        "pca-incumbent",
+        "eviction",
+        "kvtc",
+        "kvtc+eviction",
+    } <= fams
+
+    ref = s["fp16"]
+    assert ref["ratio"] == pytest.approx(1.0)
+    assert ref["top1"] == 1.0 and abs(ref["ppl_increase_pct"]) < 1e-9 and ref["kl"] < 1e-12
+    # Solvable uncompressed (6 prompts only, so one miss is allowed beyond the 80 % design target).
+    assert ref["task_acc"] >= 0.66
+    assert s["zstd"]["top1"] == 1.0 and 1.0 < s["zstd"]["ratio"] < 2.0
+    assert 1.9 < s["fp8"]["ratio"] < 2.0
+    assert s["kvtc@16"]["ratio"] > s["kivi4"]["ratio"] > s["fp8"]["ratio"]
+    assert s["kvtc@64"]["ratio"] > s["kvtc@16"]["ratio"]
+    # Stacking KVTC on eviction adds to eviction's saving (little at these short contexts: the 132 raw
+    # sink + window tokens are most of what survives a 4x eviction of ~500-800 tokens).
+    assert s["kvtc@16+tova@4"]["ratio"] > s["tova@4"]["ratio"] * 1.2
+    for row in s.values():
+        assert 0.0 <= row["top1"] <= 1.0 and row["ppl_increase_pct"] > -50
+        assert row["encode_mbps_core"] > 0 and row["decode_mbps_core"] > 0
+    # Eviction keeps fewer tokens, with their true positions, ending at the last context token.
+    for r in bench["results"]:
+        if r["family"] == "eviction":
+            assert r["kept_tokens"] < r["context_tokens"]
+    rvr = bench["restore_vs_recompute"]
+    assert rvr and rvr[0]["context_tokens"] == 2048 and rvr[0]["restore_speedup"] > 0
+
+
+@pytest.mark.slow
+def test_rerun_is_served_from_the_cache(smollm, quick_run) -> None:
+    """Re-running a subset recomputes nothing: no prefill, identical numbers."""
+    bench, _, cache = quick_run
+    again = run_bench(
+        smollm, SUITES["quick"], methods=["fp16", "kivi4"], cache_dir=cache, progress=False, throughput=False
+    ).as_dict()
+    assert all(r["cached"] for r in again["results"])
+    assert all("prefill_s" not in t for t in again["item_timings"])
+    before = {(r["method"], r["item"]): r["ratio"] for r in bench["results"]}
+    assert all(before[(r["method"], r["item"])] == r["ratio"] for r in again["results"])
