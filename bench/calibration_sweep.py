@@ -30,6 +30,14 @@ def main() -> None:
     p.add_argument("--key-weights", default="1.0,0.25")
     p.add_argument("--targets", default="20,32")
     p.add_argument("--normalize", default="1", help="normalize_heads values to try, e.g. 0,1")
+    p.add_argument("--rank-caps", default="2048")
+    p.add_argument(
+        "--val-text",
+        type=Path,
+        action="append",
+        default=[],
+        help="validation text(s), never the reported ones; default: pydoc slice",
+    )
     p.add_argument("--kv-cache", type=Path, default=None, help="reuse prefills saved here (torch.save)")
     p.add_argument("--fit-sequences", type=int, default=16)
     p.add_argument("--out", type=Path, default=Path("bench/results/sweep.json"))
@@ -43,47 +51,59 @@ def main() -> None:
         held = lm.prefill(seqs[a.fit_sequences], return_logits=False)[0]
         if a.kv_cache is not None:
             torch.save((fit, held), a.kv_cache)
-    val_ids = torch.cat(seqs[60:63], dim=1)[:, : 2048 + 256]  # ~60k tokens in: disjoint from the fit
-    ctx, cont = val_ids[:, :2048], val_ids[:, 2048:]
-    kv = lm.prefill(ctx, return_logits=False)[0]
-    ref = lm.logits_with_cache(kv, cont)
+    vals = [torch.cat(seqs[60:63], dim=1)[:, : 2048 + 256]]  # ~60k tokens in: disjoint from the fit
+    if a.val_text:
+        vals = [
+            lm.tokenizer(t.read_text(), add_special_tokens=False, return_tensors="pt")["input_ids"][
+                :, : 2048 + 256
+            ]
+            for t in a.val_text
+        ]
+    val_sets = []
+    for val_ids in vals:
+        ctx, cont = val_ids[:, :2048], val_ids[:, 2048:]
+        kv = lm.prefill(ctx, return_logits=False)[0]
+        val_sets.append((kv, cont, lm.logits_with_cache(kv, cont)))
     rows = []
     grid = itertools.product(
-        map(int, a.groups.split(",")), map(float, a.key_weights.split(",")), map(int, a.normalize.split(","))
+        map(int, a.groups.split(",")),
+        map(float, a.key_weights.split(",")),
+        map(int, a.normalize.split(",")),
+        map(int, a.rank_caps.split(",")),
     )
-    for g, kw, norm in grid:
+    for g, kw, norm, rank in grid:
         t0 = time.perf_counter()
         cal = calibrate_from_kv(
             lm.info,
             fit,
             held,
-            CodecConfig(layer_group_size=g, key_weight=kw, normalize_heads=bool(norm)),
+            CodecConfig(layer_group_size=g, key_weight=kw, normalize_heads=bool(norm), rank_cap=rank),
             targets=[float(t) for t in a.targets.split(",")],
             progress=False,
         )
         cal_s = time.perf_counter() - t0
         for name in cal.allocations:
             codec = KVTCCodec(cal, name)
-            frame, st = codec.encode_with_stats(kv)
-            t1 = time.perf_counter()
-            rec = codec.decode(frame)
-            dec_s = time.perf_counter() - t1
-            out = lm.logits_with_cache(KVCache(rec.keys.float(), rec.values.float(), rec.positions), cont)
-            pr, pt = perplexity(ref[:-1], cont[0, 1:]), perplexity(out[:-1], cont[0, 1:])
-            comp = st.compressed_tokens * kv.nbytes(2) // kv.n_tokens
-            row = {
-                "layer_group_size": g,
-                "key_weight": kw,
-                "normalize_heads": bool(norm),
-                "allocation": name,
-                "achieved_cr": comp / (st.frame_bytes - st.raw_section_bytes),
-                "ppl_increase_pct": 100 * (pt / pr - 1),
-                "top1": top1_agreement(ref[:-1], out[:-1]),
-                "decode_s": dec_s,
-                "calibrate_s": cal_s,
-            }
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            for vi, (kv, cont, ref) in enumerate(val_sets):
+                frame, st = codec.encode_with_stats(kv)
+                rec = codec.decode(frame)
+                out = lm.logits_with_cache(KVCache(rec.keys.float(), rec.values.float(), rec.positions), cont)
+                pr, pt = perplexity(ref[:-1], cont[0, 1:]), perplexity(out[:-1], cont[0, 1:])
+                comp = st.compressed_tokens * kv.nbytes(2) // kv.n_tokens
+                row = {
+                    "layer_group_size": g,
+                    "key_weight": kw,
+                    "normalize_heads": bool(norm),
+                    "rank_cap": rank,
+                    "allocation": name,
+                    "val": vi,
+                    "achieved_cr": comp / (st.frame_bytes - st.raw_section_bytes),
+                    "ppl_increase_pct": 100 * (pt / pr - 1),
+                    "top1": top1_agreement(ref[:-1], out[:-1]),
+                    "calibrate_s": cal_s,
+                }
+                rows.append(row)
+                print(json.dumps(row), flush=True)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(rows, indent=2))
 

@@ -1,4 +1,4 @@
-"""`kvbm-codec` command line: calibrate, eval, demo, inspect."""
+"""`kvbm-codec` command line: calibrate, eval, demo, inspect, registry, bench."""
 
 from __future__ import annotations
 
@@ -9,9 +9,13 @@ from typing import Annotated
 
 import typer
 
+from kvbm_codec.bench.cli import bench
+from kvbm_codec.calibration.registry_cli import registry_app
 from kvbm_codec.codec.config import CodecConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+app.add_typer(registry_app, name="registry")
+app.command("bench")(bench)
 
 ModelOpt = Annotated[str, typer.Option("--model", help="registered name (smollm2-135m) or a path")]
 
@@ -47,6 +51,11 @@ def calibrate(
         int, typer.Option(help="layers per PCA basis")
     ] = CodecConfig().layer_group_size,
     fit_sequences: Annotated[int, typer.Option(help="1024-token calibration sequences for the PCA")] = 16,
+    registry: Annotated[
+        str | None,
+        typer.Option(help="also publish into this registry (directory or s3://bucket/prefix)"),
+    ] = None,
+    promote: Annotated[bool, typer.Option(help="make the published calibration `latest`")] = False,
     undo_rope: Annotated[
         bool, typer.Option(help="de-rotate keys before PCA (disable only to ablate)")
     ] = True,
@@ -66,6 +75,11 @@ def calibrate(
         )
         cal.save(out)
         path = out
+    if registry is not None:
+        from kvbm_codec.calibration.registry_cli import publish_calibration
+
+        published = publish_calibration(cal, registry, promote=promote)
+        typer.echo(f"published as version {published.version} in {registry}", err=True)
     typer.echo(
         json.dumps(
             {
@@ -147,12 +161,3 @@ def inspect(frame: Path) -> None:
 
 def main() -> None:  # pragma: no cover
     app(sys.argv[1:])
-
-
-from kvbm_codec.calibration.registry_cli import registry_app  # noqa: E402
-
-app.add_typer(registry_app, name="registry")
-
-from kvbm_codec.bench.cli import bench  # noqa: E402  (registered last so the bench module stays optional)
-
-app.command("bench")(bench)

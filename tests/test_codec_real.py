@@ -15,7 +15,7 @@ import torch
 from typer.testing import CliRunner
 
 from kvbm_codec.calibration.artifact import Calibration, CalibrationIntegrityError
-from kvbm_codec.calibration.calibrate import calibrate, compressible, error_tables, token_sequences
+from kvbm_codec.calibration.calibrate import compressible, error_tables, token_sequences
 from kvbm_codec.cli import app
 from kvbm_codec.codec import frame as fr
 from kvbm_codec.codec.allocation import predicted_error
@@ -40,20 +40,12 @@ CFG = CodecConfig(layer_group_size=6)
 
 
 @pytest.fixture(scope="module")
-def calibration(smollm: CausalLM, tmp_path_factory: pytest.TempPathFactory) -> tuple[Calibration, Path]:
-    cal = calibrate(
-        smollm,
-        calibration_texts(),
-        CFG,
-        targets=(8.0, 20.0),
-        fit_sequences=4,
-        seq_len=512,
-        text_source="pydoc_data.topics",
-        progress=False,
-    )
+def calibration(
+    small_calibration: Calibration, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Calibration, Path]:
     path = tmp_path_factory.mktemp("cal") / "smollm.kvtc"
-    cal.save(path)
-    return cal, path
+    small_calibration.save(path)
+    return small_calibration, path
 
 
 @pytest.fixture(scope="module")

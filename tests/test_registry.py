@@ -26,7 +26,7 @@ import torch
 from typer.testing import CliRunner
 
 from kvbm_codec.calibration.artifact import Calibration, CalibrationIntegrityError
-from kvbm_codec.calibration.calibrate import calibrate, token_sequences
+from kvbm_codec.calibration.calibrate import token_sequences
 from kvbm_codec.calibration.registry import (
     ALLOCATIONS,
     ARTIFACT,
@@ -54,18 +54,8 @@ OTHER_FP = "0" * 32
 
 
 @pytest.fixture(scope="module")
-def cal_v1(smollm: CausalLM) -> Calibration:
-    cal = calibrate(
-        smollm,
-        calibration_texts(),
-        CodecConfig(),
-        targets=(8.0, 20.0),
-        fit_sequences=2,
-        seq_len=512,
-        progress=False,
-    )
-    cal.save(os.devnull)  # sets calibration_id
-    return cal
+def cal_v1(small_calibration: Calibration) -> Calibration:
+    return small_calibration
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ PAPER_GROUP_SIZES = (1, 16, 64, 256, 1024)
 
 class CodecConfig(BaseModel):
     """Knobs of the KVTC transform. Defaults follow the KVTC paper (one PCA over all layers and heads,
-    sinks 4, window 128, groups 1..1024) plus per-head normalisation, which the layout sweep in
-    docs/benchmarks.md measured to be the best of the variants tried."""
+    sinks 4, window 128, groups 1..1024), which the layout sweep in docs/benchmarks.md measured to be
+    the best of the variants tried on validation text."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -31,7 +31,9 @@ class CodecConfig(BaseModel):
     scale_bits: int = Field(32, description="bits of one group's fp16 scale + fp16 shift")
     key_weight: float = Field(1.0, gt=0, description="weight of key MSE against value MSE in the DP")
     normalize_heads: bool = Field(
-        True, description="scale each layer/head to unit variance before PCA (equalises relative error)"
+        False,
+        description="scale each layer/head to unit variance before PCA (equalises relative error; "
+        "a clear win for per-layer-group bases, mixed for the global one: docs/benchmarks.md)",
     )
     undo_rope: bool = Field(True, description="de-rotate keys before PCA (False only for ablations)")
 

@@ -23,7 +23,8 @@ class RotaryParams:
         return int(self.inv_freq.shape[0]) * 2
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin tables [n_tokens, head_dim], computed in float64 for exact inversion."""
+        """cos/sin tables [n_tokens, head_dim]. Angles are computed in float64 (position * frequency
+        loses digits in float32 at long positions); the rotation itself is applied in float32."""
         inv = self.inv_freq.to(device=positions.device, dtype=torch.float64)
         freqs = positions.to(torch.float64)[:, None] * inv[None, :]
         emb = torch.cat([freqs, freqs], dim=-1)
@@ -37,14 +38,14 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def apply_rope(keys: torch.Tensor, positions: torch.Tensor, rope: RotaryParams) -> torch.Tensor:
     """keys [..., n_tokens, head_dim] without RoPE -> with RoPE."""
-    cos, sin = rope.cos_sin(positions)
-    k = keys.to(torch.float64)
+    cos, sin = (t.to(torch.float32) for t in rope.cos_sin(positions))
+    k = keys.to(torch.float32)
     return (k * cos + _rotate_half(k) * sin).to(keys.dtype)
 
 
 def undo_rope(keys: torch.Tensor, positions: torch.Tensor, rope: RotaryParams) -> torch.Tensor:
     """keys [..., n_tokens, head_dim] with RoPE -> without (rotation by the negative angle)."""
-    cos, sin = rope.cos_sin(positions)
+    cos, sin = (t.to(torch.float32) for t in rope.cos_sin(positions))
     scale2 = rope.attention_scaling**2
-    k = keys.to(torch.float64)
+    k = keys.to(torch.float32)
     return ((k * cos - _rotate_half(k) * sin) / scale2).to(keys.dtype)
