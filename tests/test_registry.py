@@ -204,7 +204,8 @@ def test_publish_list_load_verify(registry_url: str, cal_v1: Calibration, cal_v2
     m = fresh.verify(fp, cal_v2.calibration_id)
     assert set(m.files) == {ARTIFACT, ALLOCATIONS, PROVENANCE}
     prov = json.loads(fresh.backend.get(f"{fp}/{cal_v1.calibration_id}/{PROVENANCE}"))
-    assert prov["text_sha256"] == cal_v1.provenance["text_sha256"] and prov["fit_tokens"] == 1024
+    assert prov["text_sha256"] == cal_v1.provenance["text_sha256"]
+    assert prov["fit_tokens"] == cal_v1.provenance["fit_tokens"] > 0
 
     code, out = _cli("list", "--registry", registry_url)
     rows = [json.loads(line) for line in out.splitlines()]
