@@ -9,12 +9,14 @@ Usage: python bench/restore_vs_recompute.py --text FILE --contexts 2048,8192 --t
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import multiprocessing as mp
-import resource
+import threading
 import time
 from pathlib import Path
 
+import psutil
 import torch
 
 from kvbm_codec.calibration.cache import load_or_calibrate
@@ -23,7 +25,31 @@ from kvbm_codec.models.hf import CausalLM
 
 
 def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return psutil.Process().memory_info().rss / 2**20
+
+
+class _PeakSampler:
+    """Samples RSS every 2 ms on a thread: ru_maxrss is a lifetime high-water mark that loading the
+    inputs has usually already set, so it cannot isolate the operation's own peak."""
+
+    def __init__(self) -> None:
+        self.peak = _rss_mb()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss_mb())
+            time.sleep(0.002)
+
+    def __enter__(self) -> _PeakSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_mb())
 
 
 def _peak_child(kind: str, kv_path: str, frame_path: str, cal_path: str, target: float, q: mp.Queue) -> None:
@@ -33,12 +59,13 @@ def _peak_child(kind: str, kv_path: str, frame_path: str, cal_path: str, target:
     codec = KVTCCodec(cal, target)
     kv = torch.load(kv_path, weights_only=False)
     frame = Path(frame_path).read_bytes()
+    codec.decode(codec.encode(kv.select_tokens(torch.arange(256))))  # warm up allocator and caches
+    gc.collect()
     base = _rss_mb()
-    if kind == "encode":
-        codec.encode(kv)
-    else:
-        codec.decode(frame)
-    q.put(_rss_mb() - base)
+    with _PeakSampler() as peak:
+        out = codec.encode(kv) if kind == "encode" else codec.decode(frame)
+    del out
+    q.put(peak.peak - base)
 
 
 def peak_mb(kind: str, kv_path: str, frame_path: str, cal_path: str, target: float) -> float:
