@@ -89,7 +89,6 @@ def main() -> None:
                 rec = codec.decode(frame)
                 out = lm.logits_with_cache(KVCache(rec.keys.float(), rec.values.float(), rec.positions), cont)
                 pr, pt = perplexity(ref[:-1], cont[0, 1:]), perplexity(out[:-1], cont[0, 1:])
-                comp = st.compressed_tokens * kv.nbytes(2) // kv.n_tokens
                 row = {
                     "layer_group_size": g,
                     "key_weight": kw,
@@ -97,7 +96,7 @@ def main() -> None:
                     "rank_cap": rank,
                     "allocation": name,
                     "val": vi,
-                    "achieved_cr": comp / (st.frame_bytes - st.raw_section_bytes),
+                    "achieved_cr": st.achieved_cr,
                     "ppl_increase_pct": 100 * (pt / pr - 1),
                     "top1": top1_agreement(ref[:-1], out[:-1]),
                     "calibrate_s": cal_s,

@@ -34,6 +34,17 @@ class EncodeStats:
     raw_section_bytes: int  # compressed bytes spent on sink/window tokens
     compressed_tokens: int
     raw_tokens: int
+    fp16_bytes: int  # the cache at fp16, the reference for every ratio
+
+    @property
+    def achieved_cr(self) -> float:
+        """Compressed tokens only: their fp16 bytes / the frame's bytes spent on them (headers in)."""
+        n = self.compressed_tokens + self.raw_tokens
+        return (self.fp16_bytes * self.compressed_tokens / n) / (self.frame_bytes - self.raw_section_bytes)
+
+    @property
+    def achieved_cr_total(self) -> float:
+        return self.fp16_bytes / self.frame_bytes
 
 
 def default_raw_mask(positions: torch.Tensor, sink_tokens: int, window_tokens: int) -> torch.Tensor:
@@ -171,7 +182,9 @@ class KVTCCodec:
         )
         data = fr.write_frame(header, sections, backend=self._backend(device))
         raw_bytes = _section_payload_bytes(data, raw_names)
-        return data, EncodeStats(len(data), raw_bytes, int(comp_idx.numel()), int(raw_idx.numel()))
+        return data, EncodeStats(
+            len(data), raw_bytes, int(comp_idx.numel()), int(raw_idx.numel()), kv.nbytes(2)
+        )
 
     # ---- decode ----------------------------------------------------------------------------------
 

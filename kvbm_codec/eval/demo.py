@@ -37,8 +37,7 @@ def run_demo(
     restored = codec.decode(frame)
     restore_s = time.perf_counter() - t0
     fp16_bytes = ref.nbytes(2)
-    comp_fp16 = stats.compressed_tokens * fp16_bytes // ref.n_tokens
-    cr = comp_fp16 / (stats.frame_bytes - stats.raw_section_bytes)
+    cr = stats.achieved_cr
     say(
         f"KVTC target {target_cr:g}x: frame {stats.frame_bytes / 1e6:.2f} MB for "
         f"{fp16_bytes / 1e6:.1f} MB of "

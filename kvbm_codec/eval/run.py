@@ -90,7 +90,6 @@ def run_eval(
     test_kv = KVCache(restored.keys.float(), restored.values.float(), restored.positions)
     test_logits = lm.logits_with_cache(test_kv, cont)  # type: ignore[attr-defined]
     targets = cont[0, 1:]
-    comp_fp16 = stats.compressed_tokens * kv.nbytes(2) // kv.n_tokens
     mask = ~default_raw_mask(kv.positions, cal.config.sink_tokens, cal.config.window_tokens)
     ppl_ref = perplexity(ref_logits[:-1], targets)
     ppl_test = perplexity(test_logits[:-1], targets)
@@ -99,8 +98,8 @@ def run_eval(
         calibration_id=cal.calibration_id,
         allocation_id=codec.alloc.allocation_id,
         target_cr=target_cr,
-        achieved_cr=comp_fp16 / (stats.frame_bytes - stats.raw_section_bytes),
-        achieved_cr_total=kv.nbytes(2) / stats.frame_bytes,
+        achieved_cr=stats.achieved_cr,
+        achieved_cr_total=stats.achieved_cr_total,
         ppl_baseline=ppl_ref,
         ppl_codec=ppl_test,
         ppl_increase_pct=100.0 * (ppl_test / ppl_ref - 1.0),
