@@ -8,6 +8,7 @@ measurements must not be polluted by the model's own rounding.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -153,14 +154,21 @@ def kv_to_dynamic_cache(kv: KVCache, dtype: torch.dtype = torch.float32) -> Dyna
 
 
 def _source_marker(source: ModelSource) -> dict[str, Any]:
-    """Identity of the file a cached copy was made from, so replacing the GGUF invalidates the copy."""
+    """Content identity of the GGUF a cached copy was made from, so replacing the GGUF invalidates
+    the copy. Not its path or mtime: every virtualenv installs its own copy of the same file, and a
+    path-keyed marker made each venv rebuild (and rewrite 0.5 GB of) the shared cache."""
     assert source.gguf_file is not None
     path = source.directory / source.gguf_file
-    stat = path.stat()
+    size = path.stat().st_size
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+        f.seek(max(0, size - (1 << 20)))
+        h.update(f.read(1 << 20))
     return {
-        "source": str(path.resolve()),
-        "size": stat.st_size,
-        "mtime_ns": stat.st_mtime_ns,
+        "source": source.gguf_file,
+        "size": size,
+        "head_tail_sha256": h.hexdigest(),
         "transformers": transformers.__version__,
     }
 
