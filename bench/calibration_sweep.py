@@ -20,7 +20,6 @@ from kvbm_codec.codec.config import CodecConfig
 from kvbm_codec.codec.kvtc import KVTCCodec
 from kvbm_codec.eval.metrics import perplexity, top1_agreement
 from kvbm_codec.eval.texts import calibration_texts
-from kvbm_codec.kv import KVCache
 from kvbm_codec.models.hf import CausalLM
 
 
@@ -87,7 +86,7 @@ def main() -> None:
             for vi, (kv, cont, ref) in enumerate(val_sets):
                 frame, st = codec.encode_with_stats(kv)
                 rec = codec.decode(frame)
-                out = lm.logits_with_cache(KVCache(rec.keys.float(), rec.values.float(), rec.positions), cont)
+                out = lm.logits_with_cache(rec.to(torch.float32), cont)
                 pr, pt = perplexity(ref[:-1], cont[0, 1:]), perplexity(out[:-1], cont[0, 1:])
                 row = {
                     "layer_group_size": g,

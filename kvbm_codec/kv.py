@@ -73,6 +73,12 @@ class KVCache:
         """Size at a given element width (fp16 by default: the reference for compression ratios)."""
         return (self.keys.numel() + self.values.numel()) * bytes_per_element
 
+    def to(self, dtype: torch.dtype) -> KVCache:
+        """Same cache at another element type (decoded frames are fp16; the reference model runs fp32)."""
+        return KVCache(
+            self.keys.to(dtype), self.values.to(dtype), self.positions, layer_start=self.layer_start
+        )
+
     def select_tokens(self, index: torch.Tensor) -> KVCache:
         return KVCache(
             keys=self.keys[:, :, index],

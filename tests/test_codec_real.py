@@ -72,9 +72,7 @@ def test_round_trip_within_predicted_error(calibration, kv: KVCache) -> None:
     # Error per token against the allocator's prediction, measured in the PCA domain the DP uses.
     mask = ~default_raw_mask(kv.positions, CFG.sink_tokens, CFG.window_tokens)
     orig = compressible(kv, CFG)
-    back = KVCache(rec.keys.float(), rec.values.float(), rec.positions).select_tokens(
-        torch.nonzero(mask).flatten()
-    )
+    back = rec.to(torch.float32).select_tokens(torch.nonzero(mask).flatten())
     predicted = predicted_error(cal.error_tables, codec.alloc)
     for kind, a, b in (("k", orig.keys, back.keys), ("v", orig.values, back.values)):
         if kind == "k":
@@ -123,7 +121,7 @@ def test_continued_generation_close_to_uncompressed(smollm: CausalLM, calibratio
     rec = KVTCCodec(cal, 8.0).decode(KVTCCodec(cal, 8.0).encode(kv))
     cont = test_ids[:, 600:700]
     ref = smollm.logits_with_cache(kv, cont)
-    out = smollm.logits_with_cache(KVCache(rec.keys.float(), rec.values.float(), rec.positions), cont)
+    out = smollm.logits_with_cache(rec.to(torch.float32), cont)
     agree = float((ref.argmax(-1) == out.argmax(-1)).float().mean())
     assert agree >= 0.9
 
@@ -141,9 +139,7 @@ def test_sparsified_cache_round_trip(smollm: CausalLM, calibration, kv, test_ids
     assert torch.equal(rec.positions, sparse.positions)
     rel = float(((rec.keys.float() - sparse.keys) ** 2).sum() / (sparse.keys**2).sum())
     assert rel < 0.05
-    logits = smollm.logits_with_cache(
-        KVCache(rec.keys.float(), rec.values.float(), rec.positions), test_ids[:, 600:610]
-    )
+    logits = smollm.logits_with_cache(rec.to(torch.float32), test_ids[:, 600:610])
     assert bool(torch.isfinite(logits).all())
 
 

@@ -150,7 +150,22 @@ def write_frame(
     backend: DeflateBackend | None = None,
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
 ) -> bytes:
+    """Deflate ``sections`` and serialize one frame (see ``encode_frame``)."""
+    return encode_frame(header, sections, level=level, backend=backend, max_frame_bytes=max_frame_bytes)[0]
+
+
+def encode_frame(
+    header: FrameHeader,
+    sections: Sequence[tuple[str, bytes | bytearray | memoryview]],
+    *,
+    level: int = DEFAULT_LEVEL,
+    backend: DeflateBackend | None = None,
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+) -> tuple[bytes, FrameHeader]:
     """Deflate ``sections`` (in the given order), fill ``header.sections`` and serialize one frame.
+
+    Returns the frame and its completed header, so a writer that wants section sizes need not
+    parse and re-verify the frame it just wrote.
 
     ``header`` carries every field except ``sections``, which must be left empty: section records
     are derived from the data, so a caller cannot make them disagree with the payload.
@@ -181,7 +196,7 @@ def write_frame(
     digest = xxhash.xxh3_128()
     for part in (prefix, header_json, *payloads):
         digest.update(part)
-    return b"".join((prefix, header_json, *payloads, digest.digest()))
+    return b"".join((prefix, header_json, *payloads, digest.digest())), full
 
 
 @dataclass(frozen=True)

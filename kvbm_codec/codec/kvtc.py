@@ -180,8 +180,8 @@ class KVTCCodec:
             meta={},
             sections=[],
         )
-        data = fr.write_frame(header, sections, backend=self._backend(device))
-        raw_bytes = _section_payload_bytes(data, raw_names)
+        data, written = fr.encode_frame(header, sections, backend=self._backend(device))
+        raw_bytes = sum(s.compressed_size for s in written.sections if s.name in raw_names)
         return data, EncodeStats(
             len(data), raw_bytes, int(comp_idx.numel()), int(raw_idx.numel()), kv.nbytes(2)
         )
@@ -253,11 +253,11 @@ class KVTCCodec:
                 name = self.cal.basis_name(gi, kind)
                 try:
                     coeffs = decode_coefficients(
-                        f.section(f"{name}.codes"),
-                        f.section(f"{name}.scales"),
+                        f.section(f"{name}.codes", backend=backend),
+                        f.section(f"{name}.scales", backend=backend),
                         alloc.blocks[name],
                         int(comp_idx.numel()),
-                    )
+                    ).to(device)
                 except ValueError as e:
                     raise FrameHeaderError(f"section {name}: {e}") from e
                 feats = self._basis(name, device).reconstruct(coeffs, active[name])
@@ -274,12 +274,8 @@ class KVTCCodec:
                     raise FrameHeaderError(
                         f"raw section g{gi}.raw has {arr.size} values, expected {n_k + n_v}"
                     )
-                t = (
-                    torch.from_numpy(arr.copy()).view(out_dtype)
-                    if out_dtype == torch.bfloat16
-                    else (torch.from_numpy(arr.copy()))
-                )
-                t = t.to(device)
+                # bfloat16 travels as int16 bit patterns (numpy has no bfloat16); view restores it
+                t = torch.from_numpy(arr.copy()).view(out_dtype).to(device)
                 keys[:, :, raw_idx] = t[:n_k].reshape(nl, n_heads, -1, dk)
                 values[:, :, raw_idx] = t[n_k:].reshape(nl, n_heads, -1, dv)
             yield KVCache(keys, values, positions, layer_start=a)
@@ -296,11 +292,3 @@ def _tensor_bytes(t: torch.Tensor) -> bytes:
     if t.dtype == torch.bfloat16:
         t = t.view(torch.int16)
     return t.numpy().tobytes()
-
-
-def _section_payload_bytes(data: bytes, names: list[str]) -> int:
-    if not names:
-        return 0
-    header = fr.read_frame(data).header
-    wanted = set(names)
-    return sum(c.compressed_size for s in header.sections if s.name in wanted for c in s.chunks)

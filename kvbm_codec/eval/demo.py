@@ -12,7 +12,6 @@ from kvbm_codec.calibration.artifact import Calibration
 from kvbm_codec.codec.kvtc import KVTCCodec
 from kvbm_codec.eval.metrics import perplexity, top1_agreement
 from kvbm_codec.eval.texts import demo_conversation
-from kvbm_codec.kv import KVCache
 
 
 def run_demo(
@@ -31,17 +30,14 @@ def run_demo(
     t0 = time.perf_counter()
     frame, stats = codec.encode_with_stats(kv)
     encode_s = time.perf_counter() - t0
-    # The conversation is now "evicted": only the frame remains.
-    ref = kv
     t0 = time.perf_counter()
     restored = codec.decode(frame)
     restore_s = time.perf_counter() - t0
-    fp16_bytes = ref.nbytes(2)
     cr = stats.achieved_cr
     say(
         f"KVTC target {target_cr:g}x: frame {stats.frame_bytes / 1e6:.2f} MB for "
-        f"{fp16_bytes / 1e6:.1f} MB of "
-        f"fp16 KV -> {cr:.1f}x on compressed tokens, {fp16_bytes / stats.frame_bytes:.1f}x overall "
+        f"{stats.fp16_bytes / 1e6:.1f} MB of "
+        f"fp16 KV -> {cr:.1f}x on compressed tokens, {stats.achieved_cr_total:.1f}x overall "
         f"(sinks {cal.config.sink_tokens} + window {cal.config.window_tokens} kept fp16)"
     )
     say(
@@ -50,12 +46,12 @@ def run_demo(
     )
 
     last = ids[:, -1:]
-    ref_answer = lm.generate(ref, last, answer_tokens)
-    restored_f = KVCache(restored.keys.float(), restored.values.float(), restored.positions)
+    ref_answer = lm.generate(kv, last, answer_tokens)
+    restored_f = restored.to(torch.float32)
     codec_answer = lm.generate(restored_f, last, answer_tokens)
     same = sum(a == b for a, b in zip(ref_answer, codec_answer, strict=False)) / max(1, len(ref_answer))
     forced = torch.tensor([[int(last[0, 0]), *ref_answer]])
-    ref_logits = lm.logits_with_cache(ref, forced)
+    ref_logits = lm.logits_with_cache(kv, forced)
     test_logits = lm.logits_with_cache(restored_f, forced)
     targets = forced[0, 1:]
     ppl_ref, ppl_codec = perplexity(ref_logits[:-1], targets), perplexity(test_logits[:-1], targets)
@@ -67,10 +63,10 @@ def run_demo(
         f"top-1 agreement {top1:.1%}, perplexity {ppl_ref:.3f} -> {ppl_codec:.3f}"
     )
     return {
-        "context_tokens": int(ref.n_tokens),
+        "context_tokens": int(kv.n_tokens),
         "target_cr": target_cr,
         "achieved_cr": cr,
-        "achieved_cr_total": fp16_bytes / stats.frame_bytes,
+        "achieved_cr_total": stats.achieved_cr_total,
         "encode_s": encode_s,
         "restore_s": restore_s,
         "prefill_s": prefill_s,

@@ -85,10 +85,8 @@ def run_eval(
         save_frames.mkdir(parents=True, exist_ok=True)
         (save_frames / f"context{context_tokens}-cr{target_cr:g}.kvtc").write_bytes(frame)
 
-    ref_kv = KVCache(kv.keys, kv.values, kv.positions)
-    ref_logits = lm.logits_with_cache(ref_kv, cont)  # type: ignore[attr-defined]
-    test_kv = KVCache(restored.keys.float(), restored.values.float(), restored.positions)
-    test_logits = lm.logits_with_cache(test_kv, cont)  # type: ignore[attr-defined]
+    ref_logits = lm.logits_with_cache(kv, cont)  # type: ignore[attr-defined]
+    test_logits = lm.logits_with_cache(restored.to(torch.float32), cont)  # type: ignore[attr-defined]
     targets = cont[0, 1:]
     mask = ~default_raw_mask(kv.positions, cal.config.sink_tokens, cal.config.window_tokens)
     ppl_ref = perplexity(ref_logits[:-1], targets)

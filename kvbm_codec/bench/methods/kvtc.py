@@ -7,6 +7,8 @@ what the raw sinks + recent window cost inside the frame.
 
 from __future__ import annotations
 
+import torch
+
 from kvbm_codec.bench.base import BenchContext, Compressed, KVMethod
 from kvbm_codec.bench.methods._eviction import EvictionMethod
 from kvbm_codec.codec.kvtc import KVTCCodec
@@ -53,4 +55,4 @@ class KVTC(KVMethod):
     def restore(self, c: Compressed) -> KVCache:
         frame, codec = c.payload
         kv = codec.decode(frame)
-        return KVCache(kv.keys.float(), kv.values.float(), kv.positions)
+        return kv.to(torch.float32)
