@@ -1,0 +1,1 @@
+"""The codec tier service: transport-agnostic core (core.py) and its front ends (gRPC, NIXL, S3)."""

@@ -1,0 +1,1 @@
+"""Where compressed frames live: capacity-bounded tiers (host memory, disk) behind one interface."""
