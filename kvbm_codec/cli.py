@@ -12,10 +12,13 @@ import typer
 from kvbm_codec.bench.cli import bench
 from kvbm_codec.calibration.registry_cli import registry_app
 from kvbm_codec.codec.config import CodecConfig
+from kvbm_codec.service.cli import client_app, serve
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 app.add_typer(registry_app, name="registry")
 app.command("bench")(bench)
+app.command("serve")(serve)
+app.add_typer(client_app, name="client")
 
 ModelOpt = Annotated[str, typer.Option("--model", help="registered name (smollm2-135m) or a path")]
 

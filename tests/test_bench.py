@@ -12,9 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from kvbm_codec.bench import stats
+from kvbm_codec.bench.attention import attention_stats
 from kvbm_codec.bench.methods import build_method
-from kvbm_codec.bench.report import summarize, write_report
-from kvbm_codec.bench.runner import SUITES, run_bench
+from kvbm_codec.bench.report import matched_kvtc, summarize, write_report
+from kvbm_codec.bench.runner import SUITES, Item, interleave, run_bench
 from kvbm_codec.kv import KVCache
 
 
@@ -51,6 +53,65 @@ def test_bad_method_specs_are_rejected() -> None:
             build_method(spec)
 
 
+def test_chunked_attention_stats_match_the_dense_computation() -> None:
+    """The chunked, causal-truncated statistics must equal the plain [H, T, T] softmax computation."""
+    g = torch.Generator().manual_seed(1)
+    t, window = 300, 64
+    q = torch.randn(2, 6, t, 32, generator=g)
+    kv = KVCache(
+        torch.randn(2, 2, t, 32, generator=g), torch.randn(2, 2, t, 32, generator=g), torch.arange(t)
+    )
+    got = attention_stats(q, kv, window, chunk=64)
+    idx = torch.arange(t)
+    causal = idx[None, :] <= idx[:, None]
+    band = causal & (idx[:, None] - idx[None, :] < window)
+    acc, last, win = torch.zeros(t), torch.zeros(t), torch.zeros(t)
+    for layer in range(2):
+        s = q[layer] @ kv.keys[layer].repeat_interleave(3, dim=0).transpose(1, 2) / 32**0.5
+        a = torch.softmax(s.masked_fill(~causal, float("-inf")), dim=-1)
+        acc += a.sum(1).mean(0) / 2
+        last += a[:, -1].mean(0) / 2
+        win += (a * band).sum(1).mean(0) / 2
+    assert torch.allclose(got.accumulated, acc, atol=1e-5)
+    assert torch.allclose(got.last_query, last, atol=1e-6)
+    assert torch.allclose(got.windowed, win, atol=1e-5)
+
+
+def test_paired_statistics_separate_only_real_differences() -> None:
+    # 40 prompts, a wins 12 of the 12 discordant ones: clearly separated; identical lists are not.
+    a = [True] * 30 + [False] * 10
+    b = [True] * 18 + [False] * 22
+    d = stats.paired_prompts([float(x) for x in a], [float(x) for x in b], binary=True)
+    assert d.mean == pytest.approx(0.3) and d.separated and d.p_value is not None and d.p_value < 0.001
+    same = stats.paired_prompts([float(x) for x in a], [float(x) for x in a], binary=True)
+    assert same.mean == 0 and not same.separated and same.p_value == 1.0
+    assert stats.mcnemar_exact([True, False], [False, True]) == 1.0
+    # Per-position: a constant 0.05 shift over 512 positions is separated, with an interval around it.
+    x = [[float(i % 3 == 0) for i in range(256)] for _ in range(2)]
+    y = [[v - 0.05 for v in w] for w in x]
+    p = stats.paired_positions(x, y)
+    assert p.n == 512 and p.lo <= 0.05 + 1e-9 and p.hi >= 0.05 - 1e-9 and p.separated
+    with pytest.raises(ValueError):
+        stats.paired_positions(x, [y[0]])
+
+
+def test_baselines_are_matched_to_kvtc_by_ratio_only() -> None:
+    summary = [
+        {"method": "kvtc@8", "family": "kvtc", "ratio": 5.7},
+        {"method": "kvtc@16", "family": "kvtc", "ratio": 8.6},
+        {"method": "tova@4", "family": "eviction", "ratio": 3.9},
+    ]
+    assert matched_kvtc(summary, 3.9) == "kvtc@8"
+    assert matched_kvtc(summary, 6.0) == "kvtc@16"
+    assert matched_kvtc(summary, 20.0) == "kvtc@16"  # none compresses as much: the strongest one
+
+
+def test_items_are_interleaved_across_measures() -> None:
+    ids = torch.zeros(1, 1, dtype=torch.long)
+    items = [Item(k, f"{k}{i}", ids, ids) for k in ("lm", "multikey", "vartrack") for i in range(2)]
+    assert [i.kind for i in interleave(items)] == ["lm", "multikey", "vartrack"] * 2
+
+
 @pytest.fixture(scope="module")
 def quick_run(smollm, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict[str, Path], Path]:
     tmp = tmp_path_factory.mktemp("bench")
@@ -83,8 +144,19 @@ def test_quick_suite_end_to_end(quick_run) -> None:
     ref = s["fp16"]
     assert ref["ratio"] == pytest.approx(1.0)
     assert ref["top1"] == 1.0 and abs(ref["ppl_increase_pct"]) < 1e-9 and ref["kl"] < 1e-12
-    # Solvable uncompressed (6 prompts only, so one miss is allowed beyond the 80 % design target).
+    # Solvable uncompressed (6 prompts only, so one miss is allowed beyond the 80 % design target), and
+    # the one-pass scorer agrees with real greedy generation on the reference prompts.
     assert ref["task_acc"] >= 0.66
+    fp16_rows = [r for r in bench["results"] if r["method"] == "fp16" and "correct" in r]
+    assert fp16_rows and all(r["correct"] == r["generated_correct"] for r in fp16_rows)
+    assert all(len(r["top1_hits"]) == len(r["nll"]) == 47 for r in bench["results"] if r["kind"] == "lm")
+    comps = {(c["a"], c["b"]): c for c in data["comparisons"]}
+    assert ("kvtc@16+tova@4", "tova@4") in comps and ("kvtc@16+tova@4", "kvtc@16") in comps
+    assert any(b.startswith("kvtc@") for _, b in comps)
+    for c in comps.values():
+        assert (
+            0.0 <= c["task_acc"]["p_value"] <= 1.0 and c["top1"]["lo"] <= c["top1"]["mean"] <= c["top1"]["hi"]
+        )
     assert s["zstd"]["top1"] == 1.0 and 1.0 < s["zstd"]["ratio"] < 2.0
     assert 1.9 < s["fp8"]["ratio"] < 2.0
     assert s["kvtc@16"]["ratio"] > s["kivi4"]["ratio"] > s["fp8"]["ratio"]
@@ -101,6 +173,7 @@ def test_quick_suite_end_to_end(quick_run) -> None:
             assert r["kept_tokens"] < r["context_tokens"]
     rvr = bench["restore_vs_recompute"]
     assert rvr and rvr[0]["context_tokens"] == 2048 and rvr[0]["restore_speedup"] > 0
+    assert bench["cpu_s"] > 0 and set(bench["phases"]) >= {"shared_setup", "contexts", "restore_vs_recompute"}
 
 
 @pytest.mark.slow

@@ -68,25 +68,33 @@ class QueryCapture:
         return torch.stack(out)
 
 
-def attention_stats(queries: torch.Tensor, kv: KVCache, window: int) -> AttentionStats:
-    """Rebuild causal softmax attention layer by layer (never [L, H, T, T] at once) and reduce it."""
+def attention_stats(queries: torch.Tensor, kv: KVCache, window: int, chunk: int = 256) -> AttentionStats:
+    """Rebuild causal softmax attention layer by layer and in query chunks (never [L, H, T, T] at once).
+
+    A chunk of queries only scores the keys up to its last query (causal), which halves the work of the
+    full square, and the windowed statistic only reads the band of keys within `window` of each query.
+    """
     n_layers, n_q, t, d = queries.shape
     group = n_q // kv.n_heads
-    idx = torch.arange(t)
-    causal = idx[None, :] <= idx[:, None]  # [query, key]
-    band = causal & (idx[:, None] - idx[None, :] < window)
     acc = torch.zeros(t, dtype=torch.float64)
     last = torch.zeros(t, dtype=torch.float64)
     win = torch.zeros(t, dtype=torch.float64)
     scale = 1.0 / math.sqrt(d)
     for layer in range(n_layers):
         k = kv.keys[layer].to(torch.float32).repeat_interleave(group, dim=0)  # [Hq, T, d]
-        s = (queries[layer] @ k.transpose(1, 2)) * scale
-        s.masked_fill_(~causal, float("-inf"))
-        a = torch.softmax(s, dim=-1)
-        acc += a.sum(1).mean(0).double()
-        last += a[:, -1].mean(0).double()
-        win += (a * band).sum(1).mean(0).double()
+        for c0 in range(0, t, chunk):
+            c1 = min(t, c0 + chunk)
+            qi = torch.arange(c0, c1)[:, None]
+            kj = torch.arange(c1)[None, :]
+            s = (queries[layer, :, c0:c1] @ k[:, :c1].transpose(1, 2)) * scale  # [Hq, c, c1]
+            s.masked_fill_(kj > qi, float("-inf"))
+            a = torch.softmax(s, dim=-1)
+            acc[:c1] += a.sum(1).mean(0).double()
+            if c1 == t:
+                last += a[:, -1].mean(0).double()
+            lo = max(0, c0 - window + 1)
+            band = (qi - kj[:, lo:] < window) & (kj[:, lo:] <= qi)
+            win[lo:c1] += (a[:, :, lo:] * band).sum(1).mean(0).double()
     return AttentionStats(
         accumulated=(acc / n_layers).float(),
         last_query=(last / n_layers).float(),

@@ -32,6 +32,10 @@ def bench(
     throughput: Annotated[
         bool, typer.Option(help="measure restore-vs-recompute at the suite's contexts")
     ] = True,
+    stop_after: Annotated[
+        float | None,
+        typer.Option(help="wall-time budget (s): past it only fully cached contexts are reported"),
+    ] = None,
 ) -> None:
     """Run every method on the same real KV; write the JSON, a markdown table and a Pareto PNG."""
     from kvbm_codec.bench.report import write_report
@@ -53,6 +57,7 @@ def bench(
         cache_dir=None if no_cache else (cache_dir or default_cache_dir() / "bench"),
         calibration=cal,
         throughput=throughput,
+        stop_after_s=stop_after,
     )
     paths = write_report(result.as_dict(), out)
     typer.echo(paths["markdown"].read_text())

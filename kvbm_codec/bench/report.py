@@ -12,6 +12,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from kvbm_codec.bench import stats
+
 FAMILY_COLORS = {
     "reference": "black",
     "lossless": "tab:gray",
@@ -62,11 +64,114 @@ def summarize(bench: dict[str, Any]) -> list[dict[str, Any]]:
                 "gained_vs_fp16": sum(
                     1 for r in tasks if r["item"] in ref and not ref[r["item"]]["correct"] and r["correct"]
                 ),
+                "answer_nll": _mean([r["answer_nll"] for r in tasks if "answer_nll" in r]),
                 "encode_mbps_core": fp16 / 1e6 / max(1e-9, sum(r["encode_s"] for r in rs)),
                 "decode_mbps_core": fp16 / 1e6 / max(1e-9, sum(r["decode_s"] for r in rs)),
             }
         )
     return out
+
+
+MEASURES = (
+    # key in summary, label, higher is better
+    ("top1", "top-1", True),
+    ("ppl_increase_pct", "ppl +%", False),
+    ("kl", "KL", False),
+    ("task_acc", "task acc", True),
+)
+
+
+def _by_item(rows: list[dict[str, Any]], method: str) -> dict[str, dict[str, Any]]:
+    return {r["item"]: r for r in rows if r["method"] == method}
+
+
+def paired(bench: dict[str, Any], a: str, b: str) -> dict[str, Any]:
+    """a minus b on the same contexts: top-1 and NLL per continuation position (block bootstrap), task
+    correctness and answer NLL per prompt (bootstrap; exact McNemar for correctness)."""
+    ra, rb = _by_item(bench["results"], a), _by_item(bench["results"], b)
+    common = [k for k in ra if k in rb]
+    lm = [k for k in common if ra[k]["kind"] == "lm" and "top1_hits" in ra[k] and "top1_hits" in rb[k]]
+    tk = [k for k in common if "correct" in ra[k] and "correct" in rb[k]]
+    out: dict[str, Any] = {"a": a, "b": b}
+    if lm:
+        hits = (
+            [[float(c) for c in ra[k]["top1_hits"]] for k in lm],
+            [[float(c) for c in rb[k]["top1_hits"]] for k in lm],
+        )
+        out["top1"] = stats.paired_positions(*hits).as_dict()
+        d = stats.paired_positions([ra[k]["nll"] for k in lm], [rb[k]["nll"] for k in lm])
+        # mean NLL difference -> perplexity ratio: exp(d) - 1 in percent
+        out["ppl_ratio_pct"] = {
+            **d.as_dict(),
+            "mean": 100 * math.expm1(d.mean),
+            "lo": 100 * math.expm1(d.lo),
+            "hi": 100 * math.expm1(d.hi),
+        }
+    if tk:
+        out["task_acc"] = stats.paired_prompts(
+            [float(ra[k]["correct"]) for k in tk], [float(rb[k]["correct"]) for k in tk], binary=True
+        ).as_dict()
+        if all("answer_nll" in ra[k] and "answer_nll" in rb[k] for k in tk):
+            out["answer_nll"] = stats.paired_prompts(
+                [ra[k]["answer_nll"] for k in tk], [rb[k]["answer_nll"] for k in tk], binary=False
+            ).as_dict()
+    return out
+
+
+def matched_kvtc(summary: list[dict[str, Any]], ratio: float) -> str | None:
+    """The KVTC row a baseline is tested against: the least-compressing KVTC row that still compresses at
+    least as much (chosen by ratio only, never by accuracy), else the most-compressing one."""
+    kvtc = sorted((s["ratio"], s["method"]) for s in summary if s["family"] == "kvtc")
+    if not kvtc:
+        return None
+    at_least = [m for r, m in kvtc if r >= ratio]
+    return at_least[0] if at_least else kvtc[-1][1]
+
+
+def dominance(summary: list[dict[str, Any]]) -> dict[str, dict[str, list[str]]]:
+    """For each non-KVTC row and measure: KVTC rows at >= its ratio that are at least as accurate."""
+    kvtc = [s for s in summary if s["family"] == "kvtc"]
+    out: dict[str, dict[str, list[str]]] = {}
+    for s in summary:
+        if s["family"] == "kvtc":
+            continue
+        out[s["method"]] = {}
+        for key, _, higher in MEASURES:
+            if s[key] is None:
+                continue
+            out[s["method"]][key] = [
+                k["method"]
+                for k in kvtc
+                if k[key] is not None
+                and k["ratio"] >= s["ratio"]
+                and (k[key] >= s[key] if higher else k[key] <= s[key])
+            ]
+    return out
+
+
+def comparisons(bench: dict[str, Any], summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every non-KVTC row against its ratio-matched KVTC row; KVTC-on-eviction rows against both parts."""
+    out = []
+    for s in summary:
+        if s["family"] in ("kvtc", "reference"):
+            continue
+        if s["family"] == "kvtc+eviction":
+            kv_part, _, ev_part = s["method"].partition("+")
+            for other in (kv_part, ev_part):
+                if any(x["method"] == other for x in summary):
+                    out.append(paired(bench, s["method"], other))
+            continue
+        ref = matched_kvtc(summary, s["ratio"])
+        if ref is not None:
+            out.append(paired(bench, s["method"], ref))
+    return out
+
+
+def _ci(d: dict[str, Any] | None, fmt: str, scale: float = 1.0) -> str:
+    if d is None:
+        return "-"
+    star = "*" if d["separated"] else ""
+    return f"{d['mean'] * scale:{fmt}} [{d['lo'] * scale:{fmt}}, {d['hi'] * scale:{fmt}}]{star}"
 
 
 def _f(x: float | None, fmt: str) -> str:
@@ -89,7 +194,9 @@ def markdown(bench: dict[str, Any], summary: list[dict[str, Any]]) -> str:
         f"LM windows: {suite['lm_windows']} x ({suite['lm_context_tokens']} context + "
         f"{suite['lm_continuation_tokens']} continuation tokens); tasks: {', '.join(suite['tasks'])} x "
         f"{suite['task_instances']} prompts of ~{suite['task_context_tokens']} tokens. "
-        f"Calibration: {bench['calibration_id']}. Wall time {bench['wall_s']:.0f} s.",
+        f"Calibration: {bench['calibration_id']}. Wall time {bench['wall_s']:.0f} s, CPU time "
+        f"{bench.get('cpu_s', 0):.0f} s (all threads; 1-min load average at start/end: "
+        f"{', '.join(f'{x:.1f}' for x in bench.get('load_average', []))}).",
         "",
         "CR = fp16 bytes of the full context KV / stored bytes (headers, scales, raw tokens, positions "
         "included), over all contexts. ppl/top-1/KL: teacher-forced continuation vs the fp16 cache.",
@@ -112,6 +219,48 @@ def markdown(bench: dict[str, Any], summary: list[dict[str, Any]]) -> str:
             _f(s["decode_mbps_core"], ".0f"),
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    comps = bench.get("comparisons") or comparisons(bench, summary)
+    if comps:
+        lines += [
+            "",
+            "Paired differences, row minus the compared row, on the same windows/prompts: mean [95 % CI] "
+            "(top-1 in points and perplexity ratio in % from per-position block bootstrap; task accuracy in "
+            "points per prompt, with the exact McNemar p; answer NLL in nats). `*`: the interval "
+            "excludes 0. "
+            "Baselines are compared with the least-compressing KVTC row that compresses at least as much.",
+            "",
+            "| row | vs | top-1 diff (pts) | ppl ratio (%) | task acc diff (pts) | McNemar p "
+            "| answer NLL diff |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        halves = {
+            key: sorted((c[key]["hi"] - c[key]["lo"]) / 2 * 100 for c in comps if key in c)
+            for key in ("top1", "task_acc")
+        }
+        for c in comps:
+            t = c.get("task_acc")
+            lines.append(
+                f"| {c['a']} | {c['b']} | {_ci(c.get('top1'), '+.1f', 100)} | "
+                f"{_ci(c.get('ppl_ratio_pct'), '+.1f')} | {_ci(t, '+.0f', 100)} | "
+                f"{'-' if t is None else format(t['p_value'], '.3f')} | {_ci(c.get('answer_nll'), '+.2f')} |"
+            )
+        res = [
+            f"{label}: median 95 % CI half-width {v[len(v) // 2]:.1f} points"
+            for key, label in (("top1", "top-1"), ("task_acc", "task accuracy"))
+            if (v := halves[key])
+        ]
+        lines += [
+            "",
+            "Resolution achieved (what a paired difference must exceed to be separated): "
+            + "; ".join(res)
+            + ".",
+        ]
+    if bench.get("skipped_items"):
+        lines += [
+            "",
+            f"**Truncated run**: {len(bench['skipped_items'])} contexts were not computed within the "
+            "wall-time budget (`--stop-after`) and are not in any number above.",
+        ]
     if bench.get("restore_vs_recompute"):
         lines += ["", "Restore vs recompute (all cores, same machine, same run):", ""]
         lines += [
@@ -147,10 +296,11 @@ def pareto_png(summary: list[dict[str, Any]], path: Path) -> None:
     panels = [
         ("top1", "teacher-forced top-1 agreement", True),
         ("ppl_increase_pct", "perplexity increase (%)", False),
+        ("kl", "KL(fp16 || method), nats/token", False),
         ("task_acc", "retrieval task accuracy", True),
     ]
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 5))
-    for ax, (key, label, higher) in zip(axes, panels, strict=True):
+    fig, axes = plt.subplots(2, 2, figsize=(13, 10))
+    for ax, (key, label, higher) in zip(axes.flat, panels, strict=True):
         pts = [(s["ratio"], s[key], s) for s in summary if s[key] is not None]
         for x, y, s in pts:
             ax.scatter(x, y, color=FAMILY_COLORS.get(s["family"], "red"), s=30, zorder=3)
@@ -161,8 +311,8 @@ def pareto_png(summary: list[dict[str, Any]], path: Path) -> None:
         ax.set_xscale("log", base=2)
         ax.set_xlabel("compression ratio vs fp16 (log2)")
         ax.set_ylabel(label)
-        if key == "ppl_increase_pct":
-            ax.set_yscale("symlog", linthresh=1.0)
+        if key in ("ppl_increase_pct", "kl"):
+            ax.set_yscale("symlog", linthresh=1.0 if key == "ppl_increase_pct" else 0.01)
         ax.grid(alpha=0.3)
     handles = [
         plt.Line2D([], [], marker="o", linestyle="", color=c, label=f) for f, c in FAMILY_COLORS.items()
@@ -178,6 +328,7 @@ def write_report(bench: dict[str, Any], out_dir: Path) -> dict[str, Path]:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = summarize(bench)
+    bench = {**bench, "comparisons": comparisons(bench, summary), "dominance": dominance(summary)}
     paths = {"json": out_dir / "bench.json", "markdown": out_dir / "bench.md", "png": out_dir / "pareto.png"}
     paths["json"].write_text(json.dumps({**bench, "summary": summary}, indent=2, default=str))
     paths["markdown"].write_text(markdown(bench, summary))

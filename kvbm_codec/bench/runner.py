@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -21,14 +22,14 @@ from tqdm.auto import tqdm
 from kvbm_codec.bench.attention import QueryCapture, attention_stats
 from kvbm_codec.bench.base import BenchContext, KVMethod, timed
 from kvbm_codec.bench.methods import build_method
-from kvbm_codec.bench.methods.pca_int import fit_post_rope_bases
+from kvbm_codec.bench.methods.pca_int import fit_post_rope_bases, load_bases, save_bases
 from kvbm_codec.bench.tasks import TASKS, make_instances, score
 from kvbm_codec.calibration.artifact import Calibration
-from kvbm_codec.eval.metrics import kl_divergence_mean, perplexity, top1_agreement
+from kvbm_codec.eval.metrics import kl_divergence_mean, top1_agreement
 from kvbm_codec.eval.texts import demo_document
 from kvbm_codec.kv import KVCache
 
-CACHE_VERSION = "bench-v1"
+CACHE_VERSION = "bench-v2"
 DMS_WINDOW = 64  # queries a token is judged by before leaving the delayed-eviction window
 
 QUICK_METHODS = "fp16,zstd,fp8,kivi4,pca-int8@16,streaming@4,tova@4,kvtc@16,kvtc@64,kvtc@16+tova@4"
@@ -59,6 +60,7 @@ class Suite:
     calibration: str
     pca_fit_sequences: int
     pca_seq_len: int
+    task_seed: int = 0  # reported prompts; bench/tune_tasks.py sizes the tasks on seed 1 (fp16 only)
 
 
 SUITES = {
@@ -81,11 +83,11 @@ SUITES = {
     "default": Suite(
         name="default",
         methods=DEFAULT_METHODS,
-        lm_windows=2,
+        lm_windows=4,
         lm_context_tokens=2048,
         lm_continuation_tokens=256,
         tasks=TASKS,
-        task_instances=6,
+        task_instances=8,
         task_context_tokens=1400,
         task_items=4,
         max_new_tokens=8,
@@ -106,6 +108,7 @@ class Item:
     context_ids: torch.Tensor  # [1, T]: the KV that gets compressed
     next_ids: torch.Tensor  # lm: teacher-forced continuation; task: the prompt's last token, fed live
     answer: str | None = None
+    answer_ids: torch.Tensor | None = None  # [1, n] the answer's tokens right after the prompt
 
 
 def _ids_key(*parts: torch.Tensor) -> str:
@@ -133,10 +136,30 @@ def task_items(tokenizer: Any, suite: Suite) -> list[Item]:
     out = []
     for task in suite.tasks:
         for inst in make_instances(
-            tokenizer, task, suite.task_instances, suite.task_context_tokens, n_items=suite.task_items
+            tokenizer,
+            task,
+            suite.task_instances,
+            suite.task_context_tokens,
+            n_items=suite.task_items,
+            seed=suite.task_seed,
         ):
             ids = inst.prompt_ids
-            out.append(Item(task, inst.key, ids[:, :-1], ids[:, -1:], inst.answer))
+            out.append(Item(task, inst.key, ids[:, :-1], ids[:, -1:], inst.answer, inst.answer_ids))
+    return out
+
+
+def interleave(*groups: list[Item]) -> list[Item]:
+    """Round-robin over LM windows and each task's prompts, so a run stopped early (or watched while it
+    runs) has covered every accuracy measure about evenly; results are cached per item either way."""
+    by_kind: dict[str, list[Item]] = {}
+    for it in (i for g in groups for i in g):
+        by_kind.setdefault(it.kind, []).append(it)
+    out: list[Item] = []
+    queues = list(by_kind.values())
+    while any(queues):
+        for q in queues:
+            if q:
+                out.append(q.pop(0))
     return out
 
 
@@ -196,10 +219,29 @@ class Resources:
         return cal
 
     def incumbent_bases(self) -> Any:
+        """Post-RoPE PCA bases of the incumbent, fitted once per (model, layout, fit size) and kept on disk:
+        the fit (16 prefills + six eigendecompositions) costs minutes on 2 cores and depends on no result."""
         if self._bases is None:
-            self._bases = fit_post_rope_bases(
-                self.lm, self.calibration().config, self.suite.pca_fit_sequences, self.suite.pca_seq_len
+            cfg = self.calibration().config
+            fit = (self.suite.pca_fit_sequences, self.suite.pca_seq_len)
+            blob = json.dumps(
+                [
+                    CACHE_VERSION,
+                    self.lm.info.fingerprint,
+                    cfg.layer_groups(self.lm.info.n_layers),
+                    cfg.sink_tokens,
+                    cfg.window_tokens,
+                    fit,
+                ],
+                default=str,
             )
+            path = (
+                self.cache_dir / "incumbent" / f"{hashlib.sha256(blob.encode()).hexdigest()[:16]}.safetensors"
+            )
+            self._bases = load_bases(path) if path.exists() else None
+            if self._bases is None:
+                self._bases = fit_post_rope_bases(self.lm, cfg, *fit)
+                save_bases(self._bases, path)
         return self._bases
 
 
@@ -265,13 +307,68 @@ def _prefill(lm: Any, ids: torch.Tensor, capture: bool) -> tuple[KVCache, Callab
     return kv, stats
 
 
+def _same_kv(a: KVCache, b: KVCache) -> bool:
+    return (
+        a.n_tokens == b.n_tokens
+        and torch.equal(a.positions, b.positions)
+        and torch.equal(a.keys, b.keys)
+        and torch.equal(a.values, b.values)
+    )
+
+
+def _lm_scores(lm: Any, kv: KVCache, item: Item, ref_logits: torch.Tensor | None) -> dict[str, Any]:
+    """Teacher-forced continuation: per-position NLL and top-1 hits are kept for the paired statistics."""
+    logits = lm.logits_with_cache(kv, item.next_ids)[:-1].to(torch.float64)
+    targets = item.next_ids[0, 1:]
+    logp = torch.log_softmax(logits, dim=-1)
+    nll = -logp.gather(1, targets[:, None].long())[:, 0]
+    ref = logits if ref_logits is None else ref_logits
+    out: dict[str, Any] = {"_logits": logits, "nll": [round(float(x), 5) for x in nll]}
+    out["ppl"] = float(torch.exp(nll.mean()))
+    hits = ref.argmax(-1) == logits.argmax(-1)
+    out["top1_hits"] = "".join("1" if h else "0" for h in hits.tolist())
+    out["top1"] = top1_agreement(ref, logits)
+    out["kl"] = kl_divergence_mean(ref, logits)
+    return out
+
+
+def _task_scores(lm: Any, kv: KVCache, item: Item) -> dict[str, Any]:
+    """Greedy answer check in ONE teacher-forced pass: the prompt's last token, then the answer tokens.
+
+    Greedy decoding emits the expected answer first iff every answer token is the argmax given the ones
+    before it, so `correct` equals "greedy generation starts with the answer" at the cost of one forward
+    instead of one per generated token; the answer's mean NLL is a continuous, paired by-product.
+    """
+    assert item.answer_ids is not None
+    fed = torch.cat([item.next_ids, item.answer_ids[:, :-1]], dim=1)
+    logits = lm.logits_with_cache(kv, fed).to(torch.float64)
+    target = item.answer_ids[0]
+    nll = -torch.log_softmax(logits, dim=-1).gather(1, target[:, None].long())[:, 0]
+    pred = logits.argmax(-1)
+    return {
+        "output": lm.tokenizer.decode(pred.tolist(), skip_special_tokens=True),
+        "answer": item.answer,
+        "correct": bool(torch.equal(pred, target)),
+        "answer_nll": float(nll.mean()),
+    }
+
+
 def run_item(
-    lm: Any, item: Item, methods: list[KVMethod], resources: Resources, cache: ResultCache, suite: Suite
-) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    lm: Any,
+    item: Item,
+    methods: list[KVMethod],
+    resources: Resources,
+    cache: ResultCache,
+    suite: Suite,
+    cached_only: bool = False,
+) -> tuple[list[dict[str, Any]], dict[str, float]] | None:
+    """Rows of every method on this item; with cached_only, None unless all of them are cached."""
     fp = lm.info.fingerprint
     keys = {m.name: result_key(m, item, fp, resources, suite) for m in methods}
     done = {m.name: cache.get(keys[m.name]) for m in methods}
     pending = [m for m in methods if done[m.name] is None]
+    if pending and cached_only:
+        return None
     timings: dict[str, float] = {}
     if pending:
         t0 = time.perf_counter()
@@ -282,7 +379,15 @@ def run_item(
             t0 = time.perf_counter()
             ctx.attention()
             timings["attention_stats_s"] = time.perf_counter() - t0
-        ref_logits = lm.logits_with_cache(kv, item.next_ids) if item.kind == "lm" else None
+        # The reference scores, computed once per context and shared: every method whose restored KV is
+        # bit-identical to the fp16 KV (fp16 and the lossless codecs) gets them without another forward.
+        t0 = time.perf_counter()
+        if item.kind == "lm":
+            ref = _lm_scores(lm, kv, item, None)
+            ref_logits = ref.pop("_logits")
+        else:
+            ref, ref_logits = _task_scores(lm, kv, item), None
+        timings["reference_s"] = time.perf_counter() - t0
         for m in pending:
             m.prepare(ctx)
             c, enc_s = timed(lambda m=m: m.compress(kv, ctx))
@@ -301,26 +406,37 @@ def run_item(
                 "decode_s": dec_s,
                 "info": c.info,
             }
-            if ref_logits is not None:
-                logits = lm.logits_with_cache(restored, item.next_ids)
-                targets = item.next_ids[0, 1:]
-                r["ppl_ref"] = perplexity(ref_logits[:-1], targets)
-                r["ppl"] = perplexity(logits[:-1], targets)
-                r["ppl_increase_pct"] = 100.0 * (r["ppl"] / r["ppl_ref"] - 1.0)
-                r["top1"] = top1_agreement(ref_logits[:-1], logits[:-1])
-                r["kl"] = kl_divergence_mean(ref_logits[:-1], logits[:-1])
+            t_score = time.perf_counter()
+            if _same_kv(restored, kv):
+                scores, r["shared_reference"] = dict(ref), True
+            elif item.kind == "lm":
+                scores = _lm_scores(lm, restored, item, ref_logits)
+                scores.pop("_logits")
             else:
+                scores = _task_scores(lm, restored, item)
+            r.update(scores)
+            if item.kind == "lm":
+                r["ppl_ref"] = ref["ppl"]
+                r["ppl_increase_pct"] = 100.0 * (r["ppl"] / ref["ppl"] - 1.0)
+            elif m.family == "reference":
+                # Cross-check of the one-pass scorer against real greedy generation (fp16 only: cheap).
                 gen = lm.generate(restored, item.next_ids, suite.max_new_tokens)
-                r["output"] = lm.tokenizer.decode(gen, skip_special_tokens=True)
-                r["answer"] = item.answer
-                r["correct"] = score(lm.tokenizer, gen, item.answer or "")
+                r["generated"] = lm.tokenizer.decode(gen, skip_special_tokens=True)
+                r["generated_correct"] = score(lm.tokenizer, gen, item.answer or "")
+            r["score_s"] = time.perf_counter() - t_score
             cache.put(keys[m.name], r)
             done[m.name] = r
-    return [{**done[m.name], "cached": m in methods and m not in pending} for m in methods], timings
+    return [{**done[m.name], "cached": m not in pending} for m in methods], timings
 
 
 def restore_vs_recompute(
-    lm: Any, text: str, contexts: tuple[int, ...], resources: Resources, target_cr: float, cache: ResultCache
+    lm: Any,
+    text: str,
+    contexts: tuple[int, ...],
+    resources: Resources,
+    target_cr: float,
+    cache: ResultCache,
+    deadline: float | None = None,
 ) -> list[dict[str, Any]]:
     """Prefill time / KVTC decode time of the same context, both with every core (as an engine runs)."""
     from kvbm_codec.codec.kvtc import KVTCCodec
@@ -337,6 +453,8 @@ def restore_vs_recompute(
             ).encode()
         ).hexdigest()[:24]
         hit = cache.get(key)
+        if hit is None and deadline is not None and time.perf_counter() > deadline:
+            continue  # out of time budget: only cached contexts are reported
         if hit is None:
             t0 = time.perf_counter()
             kv, _ = lm.prefill(ids, return_logits=False)
@@ -376,6 +494,10 @@ class BenchResult:
     item_timings: list[dict[str, Any]] = field(default_factory=list)
     restore_vs_recompute: list[dict[str, Any]] = field(default_factory=list)
     wall_s: float = 0.0
+    cpu_s: float = 0.0  # user + system CPU seconds of this process (all threads): load-independent cost
+    phases: dict[str, dict[str, float]] = field(default_factory=dict)  # wall/cpu per phase
+    load_average: list[float] = field(default_factory=list)  # 1-min load at start and end
+    skipped_items: list[str] = field(default_factory=list)  # not computed within stop_after_s
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -391,9 +513,22 @@ def run_bench(
     calibration: Calibration | None = None,
     progress: bool = True,
     throughput: bool = True,
+    stop_after_s: float | None = None,
 ) -> BenchResult:
-    """Every method on every item; fp16 is always included, as the reference accuracy is paired against."""
-    t_start = time.perf_counter()
+    """Every method on every item; fp16 is always included, as the reference accuracy is paired against.
+
+    stop_after_s: a wall-time budget; past it no new context is computed, and only contexts whose rows
+    are all cached are reported (listed in `skipped_items` otherwise), so a run on a machine busier than
+    planned ends with a smaller but complete-per-context result instead of running on.
+    """
+    t_start, c_start = time.perf_counter(), time.process_time()
+    deadline = None if stop_after_s is None else t_start + stop_after_s
+    load_start = os.getloadavg()[0]
+    phases: dict[str, dict[str, float]] = {}
+
+    def mark(name: str, t0: float, c0: float) -> None:
+        phases[name] = {"wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0}
+
     specs = methods or [s for s in suite.methods.split(",") if s]
     if "fp16" not in specs:
         specs = ["fp16", *specs]
@@ -402,22 +537,40 @@ def run_bench(
     if len(set(names)) != len(names):
         raise ValueError(f"duplicate methods in {specs}")
     body = text if text is not None else demo_document()
-    items = lm_items(lm.tokenizer, body, suite) + task_items(lm.tokenizer, suite)
+    items = interleave(lm_items(lm.tokenizer, body, suite), task_items(lm.tokenizer, suite))
     from kvbm_codec.calibration.cache import cache_dir as default_cache_dir
 
     resources = Resources(lm, suite, built, cache_dir or default_cache_dir() / "bench", calibration, progress)
     cache = ResultCache(cache_dir)
     results: list[dict[str, Any]] = []
     timings: list[dict[str, Any]] = []
-    for item in tqdm(items, desc="bench: contexts", disable=not progress):
-        rows, t = run_item(lm, item, built, resources, cache, suite)
-        results += rows
-        timings.append({"item": item.key, "kind": item.kind, **t})
+    t0, c0 = time.perf_counter(), time.process_time()
+    if any(m.needs_calibration for m in built):
+        resources.calibration()
+    if any(m.family == "pca-incumbent" for m in built):
+        resources.incumbent_bases()
+    mark("shared_setup", t0, c0)
+    # Before the contexts, so a context budget (stop_after_s) cannot squeeze it out of the run.
     rvr: list[dict[str, Any]] = []
     kvtc = [m for m in built if m.family == "kvtc"]
     if throughput and kvtc and suite.throughput_contexts:
+        t0, c0 = time.perf_counter(), time.process_time()
         target = 20.0 if any(m.target_cr == 20.0 for m in kvtc) else kvtc[0].target_cr  # type: ignore[attr-defined]
-        rvr = restore_vs_recompute(lm, body, suite.throughput_contexts, resources, target, cache)
+        rvr = restore_vs_recompute(lm, body, suite.throughput_contexts, resources, target, cache, deadline)
+        mark("restore_vs_recompute", t0, c0)
+    skipped: list[str] = []
+    t0, c0 = time.perf_counter(), time.process_time()
+    for item in tqdm(items, desc="bench: contexts", disable=not progress):
+        c_item = time.process_time()
+        late = deadline is not None and time.perf_counter() > deadline
+        got = run_item(lm, item, built, resources, cache, suite, cached_only=late)
+        if got is None:
+            skipped.append(item.key)
+            continue
+        rows, t = got
+        results += rows
+        timings.append({"item": item.key, "kind": item.kind, **t, "cpu_s": time.process_time() - c_item})
+    mark("contexts", t0, c0)
     needs_cal = any(m.needs_calibration for m in built)
     return BenchResult(
         model=lm.info.name,
@@ -428,4 +581,8 @@ def run_bench(
         item_timings=timings,
         restore_vs_recompute=rvr,
         wall_s=time.perf_counter() - t_start,
+        cpu_s=time.process_time() - c_start,
+        phases=phases,
+        load_average=[load_start, os.getloadavg()[0]],
+        skipped_items=skipped,
     )

@@ -68,6 +68,7 @@ class TaskInstance:
     prompt_ids: torch.Tensor  # [1, T] chat-templated prompt ending in the answer prefix
     answer: str
     tail_tokens: int  # tokens from the question's start to the end of the prompt
+    answer_ids: torch.Tensor  # [1, n] the answer's tokens as they follow the prompt (" 12345")
 
     @property
     def key(self) -> str:
@@ -171,7 +172,13 @@ def make_instances(
         tail = len(ids) - len(before)
         if tail > TAIL_LIMIT:
             raise ValueError(f"{task}: question + template tail is {tail} tokens, over {TAIL_LIMIT}")
-        out.append(TaskInstance(task, index, torch.tensor([ids]), answer, tail))
+        full = tokenizer(text + prefix + " " + answer, add_special_tokens=False)["input_ids"]  # type: ignore[operator]
+        if full[: len(ids)] != ids or len(full) == len(ids):
+            raise ValueError(
+                f"{task}: the answer {answer!r} does not tokenize as a continuation of the prompt"
+            )
+        answer_ids = torch.tensor([full[len(ids) :]])
+        out.append(TaskInstance(task, index, torch.tensor([ids]), answer, tail, answer_ids))
     return out
 
 

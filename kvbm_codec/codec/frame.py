@@ -47,6 +47,8 @@ MIN_FRAME_BYTES = PREFIX_BYTES + TRAILER_BYTES
 MAX_HEADER_BYTES = 16 << 20
 """A header is a few KiB per GiB of payload; anything near 16 MiB is hostile or corrupt."""
 DEFAULT_MAX_FRAME_BYTES = 2 << 30
+MAX_POSITION = 1 << 62
+"""Token positions (and so token counts) stay far inside int64, which tensors of positions use."""
 KNOWN_FLAGS = 0  # version 1 defines no flag bits; a set bit means a writer we do not understand
 
 NonNegInt = Annotated[int, Field(ge=0)]
@@ -114,6 +116,9 @@ class FrameHeader(BaseModel):
     def _consistent(self) -> FrameHeader:
         if self.layer_end <= self.layer_start:
             raise ValueError(f"layer_end ({self.layer_end}) must exceed layer_start ({self.layer_start})")
+        for start, length in self.positions:
+            if start + length > MAX_POSITION:
+                raise ValueError(f"position run ({start}, {length}) reaches beyond {MAX_POSITION}")
         total = sum(length for _, length in self.positions)
         if total != self.n_tokens:
             raise ValueError(f"n_tokens is {self.n_tokens} but the position runs cover {total} tokens")

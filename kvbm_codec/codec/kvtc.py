@@ -20,7 +20,12 @@ from kvbm_codec.codec.allocation import Allocation
 from kvbm_codec.codec.deflate import DeflateBackend, select_backend
 from kvbm_codec.codec.errors import CalibrationMismatchError, FrameHeaderError, ModelMismatchError
 from kvbm_codec.codec.pca import PCABasis
-from kvbm_codec.codec.quantize import active_components, decode_coefficients, encode_coefficients
+from kvbm_codec.codec.quantize import (
+    active_components,
+    decode_coefficients,
+    encode_coefficients,
+    stream_sizes,
+)
 from kvbm_codec.codec.rope import apply_rope, undo_rope
 from kvbm_codec.kv import KVCache
 
@@ -153,7 +158,8 @@ class KVTCCodec:
             lo, hi = a - kv.layer_start, b - kv.layer_start
             for kind, x in (("k", keys_c[lo:hi]), ("v", values_c[lo:hi])):
                 name = self.cal.basis_name(gi, kind)
-                feats = x.permute(2, 0, 1, 3).reshape(x.shape[2], -1)
+                # explicit width, not -1: a block stored all-raw has 0 compressed tokens
+                feats = x.permute(2, 0, 1, 3).reshape(x.shape[2], x.shape[0] * x.shape[1] * x.shape[3])
                 active = self._active[name].to(device)
                 coeffs = self._basis(name, device).project(feats, active)
                 codes, scales = encode_coefficients(coeffs, self.alloc.blocks[name])
@@ -225,6 +231,31 @@ class KVTCCodec:
             )
         return other
 
+    def _check_section_sizes(self, f: fr.Frame, alloc: Allocation) -> None:
+        """Every section must be exactly as large as n_tokens implies, checked on the header before
+        anything is allocated: a forged header with valid checksums could otherwise ask for terabytes."""
+        h = f.header
+        n_raw = sum(length for _, length in h.raw_token_index)
+        n_comp = h.n_tokens - n_raw
+        itemsize = _DTYPES[h.dtype].itemsize
+        for gi, (a, b) in enumerate(self.groups):
+            if a < h.layer_start or b > h.layer_end:
+                continue
+            want: dict[str, int] = {}
+            for kind in ("k", "v"):
+                name = self.cal.basis_name(gi, kind)
+                want[f"{name}.codes"], want[f"{name}.scales"] = stream_sizes(alloc.blocks[name], n_comp)
+            if n_raw:
+                want[f"g{gi}.raw"] = (
+                    (b - a) * h.n_kv_heads * n_raw * (h.key_head_dim + h.value_head_dim) * itemsize
+                )
+            for name, size in want.items():
+                got = f.section_header(name).raw_size
+                if got != size:
+                    raise FrameHeaderError(
+                        f"section {name} holds {got} bytes; {h.n_tokens} tokens need {size}"
+                    )
+
     def iter_decode(self, data: bytes | memoryview, device: str | torch.device = "cpu") -> Iterator[KVCache]:
         """Yield one KVCache per layer group, in layer order, as soon as each is decoded."""
         device = torch.device(device)
@@ -233,6 +264,7 @@ class KVTCCodec:
         h = f.header
         alloc = self._allocation_for(f)
         active = {n: active_components(bl).to(device) for n, bl in alloc.blocks.items()}
+        self._check_section_sizes(f, alloc)
         positions = fr.runs_to_positions(h.positions)
         raw_mask = fr.runs_to_mask(h.raw_token_index, h.n_tokens)
         if positions.numel() != h.n_tokens:

@@ -117,11 +117,18 @@ def encode_coefficients(coeffs: torch.Tensor, blocks: list[Block]) -> tuple[byte
     return b"".join(codes_out), b"".join(scales_out)
 
 
+def stream_sizes(blocks: list[Block], n_tokens: int) -> tuple[int, int]:
+    """Exact byte sizes of the (codes, scales) streams of ``n_tokens`` tokens under ``blocks``."""
+    active = [b for b in blocks if b.bits > 0]
+    codes = sum(packed_size(s * c * n_tokens, bits) for _, s, bits, c in _runs(active))
+    scales = sum(c * 2 * n_tokens * 2 for _, _, _, c in _runs(active))
+    return codes, scales
+
+
 def decode_coefficients(codes: bytes, scales: bytes, blocks: list[Block], n_tokens: int) -> torch.Tensor:
     """Inverse of encode_coefficients -> [T, n_active] float32. Stream sizes are checked exactly."""
     active = [b for b in blocks if b.bits > 0]
-    expected_codes = sum(packed_size(s * c * n_tokens, bits) for _, s, bits, c in _runs(active))
-    expected_scales = sum(c * 2 * n_tokens * 2 for _, _, _, c in _runs(active))
+    expected_codes, expected_scales = stream_sizes(blocks, n_tokens)
     if len(codes) != expected_codes or len(scales) != expected_scales:
         raise ValueError(
             f"coefficient streams have {len(codes)}/{len(scales)} bytes, "

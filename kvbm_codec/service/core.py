@@ -19,7 +19,7 @@ import torch
 from kvbm_codec.blocks import BlockCodec, BlockSpec, InvalidBlockError, block_positions
 from kvbm_codec.calibration.artifact import Calibration
 from kvbm_codec.codec import frame as fr
-from kvbm_codec.codec.errors import FrameChecksumError, FrameError
+from kvbm_codec.codec.errors import FrameChecksumError, FrameError, FrameSizeError
 from kvbm_codec.codec.kvtc import KVTCCodec
 from kvbm_codec.service.errors import (
     CapacityError,
@@ -261,6 +261,14 @@ class BlockService:
                 dec = m.decoder_for(f.header.calibration_id)
                 if as_frames:
                     f.verify()
+                    hd = f.header  # served undecoded, so hold it to what a put of a frame must meet
+                    if (hd.layer_start, hd.layer_end, hd.n_tokens, hd.dtype) != (
+                        0,
+                        m.spec.n_layers,
+                        m.spec.page_size,
+                        m.spec.dtype,
+                    ):
+                        raise InvalidBlockError(f"stored frame is not one whole block of {m.spec}")
                     data, positions = frame, tuple(fr.runs_to_positions(f.header.positions).tolist())
                 else:
                     t0 = time.perf_counter()
@@ -315,6 +323,11 @@ class BlockService:
             frame, _ = m.encoder.encode(block, positions, compress=it.compress)
         except InvalidBlockError as e:
             raise InvalidBlockRequestError(f"block {it.sequence_hash:#x}: {e}") from e
+        if len(frame) > self.limits.max_frame_bytes:  # else stored, then refused by every get
+            raise RequestTooLargeError(
+                f"block {it.sequence_hash:#x} encodes to {len(frame)} bytes, "
+                f"limit {self.limits.max_frame_bytes}"
+            )
         self.metrics.encode_seconds.labels(model=m.name).observe(time.perf_counter() - t0)
         self.metrics.raw_bytes.labels(model=m.name, direction="in").inc(len(it.data))
         return frame
@@ -324,6 +337,8 @@ class BlockService:
         try:
             f = fr.read_frame(data, max_frame_bytes=self.limits.max_frame_bytes)
             f.verify()
+        except FrameSizeError as e:  # too big is a limit, not damage: no checksum-failure count
+            raise RequestTooLargeError(f"submitted frame refused: {e}") from e
         except FrameError as e:
             self.metrics.checksum_failures.labels(source="request").inc()
             raise CorruptBlockError(f"submitted frame refused: {e}") from e

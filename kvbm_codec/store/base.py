@@ -35,6 +35,12 @@ class StoreCorruptionError(StoreError):
     code = "store_corruption"
 
 
+class StoreClosedError(StoreError):
+    """The tier was closed; a use after close is a bug in the caller, not a miss."""
+
+    code = "store_closed"
+
+
 @dataclass(frozen=True, order=True)
 class BlockKey:
     """(tenant, model fingerprint, KVBM sequence hash). The tenant is part of the key, so one tenant
@@ -60,16 +66,31 @@ class BlockKey:
 
 @dataclass(frozen=True)
 class TierStats:
+    """Occupancy counts frame bytes (what callers stored), not a tier's own per-block overhead, so
+    the same block weighs the same in every tier and spill arithmetic across tiers is exact.
+    ``evictions`` counts blocks pushed out to make room; ``corrupt`` counts entries found damaged
+    on read (and removed) since the tier was opened."""
+
     name: str
     used_bytes: int
     capacity_bytes: int
     blocks: int
     evictions: int
+    corrupt: int = 0
 
 
 @runtime_checkable
 class Tier(Protocol):
-    """One level of the store. ``put`` returns what it evicted so the caller can spill it onward."""
+    """One level of the store. ``put`` returns what it evicted so the caller can spill it onward.
+
+    Errors a tier may raise: ``put`` raises ``BlockTooLargeError`` for a block over its capacity and
+    ``StoreFullError`` when the medium itself is full (a disk below its configured capacity);
+    ``get`` raises ``StoreCorruptionError`` when what it read back is damaged (the entry is already
+    removed, so the next ``get`` is a plain miss). A tier that can evict without handing the
+    evicted bytes back (a disk tier would have to read them) may also offer
+    ``put_discard(key, data) -> list[tuple[BlockKey, int]]`` (evicted keys and sizes); the tiered
+    store uses it for its last tier, whose evictions are dropped anyway.
+    """
 
     name: str
     capacity_bytes: int

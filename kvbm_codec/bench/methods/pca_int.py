@@ -10,8 +10,11 @@ differences from the `kvtc@N` rows are exactly the three stages listed above.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from kvbm_codec.bench.base import NOMINAL_HEADER_BYTES, BenchContext, Compressed, KVMethod
 from kvbm_codec.calibration.calibrate import compressible, token_sequences
@@ -38,6 +41,34 @@ def fit_post_rope_bases(lm: object, cfg: CodecConfig, sequences: int, seq_len: i
                 f = _features(x)
                 accs.setdefault(f"g{gi}.{kind}", CovarianceAccumulator(f.shape[1])).add(f)
     return {name: acc.finalize(acc.dim) for name, acc in accs.items()}
+
+
+def save_bases(bases: dict[str, PCABasis], path: Path) -> None:
+    tensors, meta = {}, {}
+    for name, b in bases.items():
+        for field in ("mean", "scale", "basis", "eigenvalues"):
+            tensors[f"{name}.{field}"] = getattr(b, field).contiguous()
+        meta[name] = repr(float(b.residual_variance))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(path)
+
+
+def load_bases(path: Path) -> dict[str, PCABasis] | None:
+    """The cached fit, or None if the file is unreadable (it is then refitted and rewritten)."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            return {
+                name: PCABasis(
+                    *(f.get_tensor(f"{name}.{field}") for field in ("mean", "scale", "basis", "eigenvalues")),
+                    residual_variance=float(res),
+                )
+                for name, res in meta.items()
+            }
+    except (OSError, SafetensorError, KeyError, ValueError):
+        return None
 
 
 class PCAUniform(KVMethod):

@@ -1,0 +1,350 @@
+"""Generates deploy/grafana/kvbm-codec.json, the service's Grafana dashboard, as code.
+
+Run ``.venv/bin/python deploy/grafana/dashboard.py`` after changing a panel and commit the JSON;
+tests/test_metrics_scrape.py checks the committed file equals this script's output, that every query
+reads only metrics the service exports, and that each query returns data from a real Prometheus
+scraping a real service. Queries filter on the ``$job`` and ``$instance`` variables; ``DATASOURCE``
+is a datasource variable, so the dashboard imports into any Grafana with a Prometheus datasource.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from grafana_foundation_sdk.builders import common as cb
+from grafana_foundation_sdk.builders import dashboard as db
+from grafana_foundation_sdk.builders import prometheus, stat, table, timeseries
+from grafana_foundation_sdk.cog.encoder import JSONEncoder
+from grafana_foundation_sdk.models import common as cm
+from grafana_foundation_sdk.models.dashboard import DashboardCursorSync, DataSourceRef
+
+OUT = Path(__file__).with_name("kvbm-codec.json")
+UID = "kvbm-codec"
+DS = DataSourceRef(type_val="prometheus", uid="${datasource}")
+SEL = 'job=~"$job", instance=~"$instance"'
+RI = "$__rate_interval"
+
+
+@dataclass(frozen=True)
+class Q:
+    expr: str
+    legend: str
+
+
+def _q(x: str) -> str:
+    """Inject the dashboard's selector into each ``{}``-marked vector selector of a query."""
+    return x.replace("{}", "{" + SEL + "}").replace("{,", "{" + SEL + ",")
+
+
+def hq(metric: str, q: float, by: str = "model") -> str:
+    return _q(f"histogram_quantile({q}, sum by ({by}, le) (rate({metric}_bucket{{}}[{RI}])))")
+
+
+# (row, title, unit, description, queries, kind): kept as data so the tests can evaluate every query.
+PANELS: list[tuple[str, str, str, str, list[Q], str]] = [
+    (
+        "Codec",
+        "Compression ratio",
+        "suffix:x",
+        "fp16 bytes / stored frame bytes per block put: median, p10 and mean per model. "
+        "The alert KvbmCodecCompressionRatioCollapse fires on a median below 10x.",
+        [
+            Q(hq("kvbm_codec_compression_ratio", 0.5), "p50 {{model}}"),
+            Q(hq("kvbm_codec_compression_ratio", 0.1), "p10 {{model}}"),
+            Q(
+                _q(
+                    f"sum by (model) (rate(kvbm_codec_compression_ratio_sum{{}}[{RI}])) / "
+                    f"sum by (model) (rate(kvbm_codec_compression_ratio_count{{}}[{RI}]))"
+                ),
+                "mean {{model}}",
+            ),
+        ],
+        "timeseries",
+    ),
+    (
+        "Codec",
+        "Restore latency (per block)",
+        "s",
+        "KVTC decode time of one block. The alert KvbmCodecRestoreLatencyHigh fires on p99 > 100 ms.",
+        [
+            Q(hq("kvbm_codec_restore_seconds", 0.5), "p50 {{model}}"),
+            Q(hq("kvbm_codec_restore_seconds", 0.99), "p99 {{model}}"),
+        ],
+        "timeseries",
+    ),
+    (
+        "Codec",
+        "Encode latency (per block)",
+        "s",
+        "KVTC encode time of one block (puts of raw blocks; client-compressed frames skip it).",
+        [
+            Q(hq("kvbm_codec_encode_seconds", 0.5), "p50 {{model}}"),
+            Q(hq("kvbm_codec_encode_seconds", 0.99), "p99 {{model}}"),
+        ],
+        "timeseries",
+    ),
+    (
+        "Codec",
+        "Request latency p99 by method",
+        "s",
+        "Whole-request latency as the service sees it (admission to reply), per RPC method.",
+        [Q(hq("kvbm_codec_request_seconds", 0.99, by="method"), "p99 {{method}}")],
+        "timeseries",
+    ),
+    (
+        "Traffic",
+        "Throughput (blocks/s)",
+        "ops",
+        "Blocks stored and block lookups by result.",
+        [
+            Q(_q(f"sum by (model) (rate(kvbm_codec_blocks_put_total{{}}[{RI}]))"), "put {{model}}"),
+            Q(_q(f"sum by (result) (rate(kvbm_codec_block_lookups_total{{}}[{RI}]))"), "get {{result}}"),
+        ],
+        "timeseries",
+    ),
+    (
+        "Traffic",
+        "Throughput (bytes/s)",
+        "Bps",
+        "Uncompressed block bytes in/out, frame bytes written, and bytes moved by each data path "
+        "(grpc, nixl, s3).",
+        [
+            Q(
+                _q(f"sum by (direction) (rate(kvbm_codec_raw_bytes_total{{}}[{RI}]))"),
+                "raw {{direction}}",
+            ),
+            Q(_q(f"sum(rate(kvbm_codec_stored_bytes_total{{}}[{RI}]))"), "frames stored"),
+            Q(
+                _q(f"sum by (path, direction) (rate(kvbm_codec_transfer_bytes_total{{}}[{RI}]))"),
+                "{{path}} {{direction}}",
+            ),
+        ],
+        "timeseries",
+    ),
+    (
+        "Traffic",
+        "Requests/s by method and code",
+        "reqps",
+        "Every admitted request, by RPC method and result code (ok or the error code).",
+        [
+            Q(
+                _q(f"sum by (method, code) (rate(kvbm_codec_requests_total{{}}[{RI}]))"),
+                "{{method}} {{code}}",
+            )
+        ],
+        "timeseries",
+    ),
+    (
+        "Traffic",
+        "Hit ratio",
+        "percentunit",
+        "Share of block lookups served from the store (misses include blocks lost to eviction and "
+        "corrupt frames that were dropped).",
+        [
+            Q(
+                _q(
+                    f'sum(rate(kvbm_codec_block_lookups_total{{, result="hit"}}[{RI}])) / '
+                    f"sum(rate(kvbm_codec_block_lookups_total{{}}[{RI}]))"
+                ),
+                "hit ratio",
+            )
+        ],
+        "timeseries",
+    ),
+    (
+        "Store",
+        "Tier occupancy vs capacity",
+        "bytes",
+        "Frame bytes held by each tier against its configured capacity.",
+        [
+            Q(_q("sum by (tier) (kvbm_codec_tier_used_bytes{})"), "used {{tier}}"),
+            Q(_q("sum by (tier) (kvbm_codec_tier_capacity_bytes{})"), "capacity {{tier}}"),
+        ],
+        "timeseries",
+    ),
+    (
+        "Store",
+        "Tier fill",
+        "percentunit",
+        "used / capacity per tier and instance. KvbmCodecStoreFull fires when every tier is above 95% "
+        "and blocks fall out of the last one.",
+        [
+            Q(
+                _q("kvbm_codec_tier_used_bytes{} / kvbm_codec_tier_capacity_bytes{}"),
+                "{{instance}} {{tier}}",
+            ),
+        ],
+        "timeseries",
+    ),
+    (
+        "Store",
+        "Blocks held per tier",
+        "short",
+        "Blocks (frames) each tier holds.",
+        [Q(_q("sum by (tier) (kvbm_codec_tier_blocks{})"), "{{tier}}")],
+        "timeseries",
+    ),
+    (
+        "Store",
+        "Evictions and drops",
+        "ops",
+        "Blocks evicted out of each tier (spilled to the next) and dropped out of the last tier "
+        "(lost from the cache).",
+        [
+            Q(_q(f"sum by (tier) (rate(kvbm_codec_tier_evictions_total{{}}[{RI}]))"), "evicted {{tier}}"),
+            Q(_q(f"sum(rate(kvbm_codec_blocks_dropped_total{{}}[{RI}]))"), "dropped (lost)"),
+            Q(_q(f"sum(rate(kvbm_codec_blocks_deleted_total{{}}[{RI}]))"), "deleted on request"),
+        ],
+        "timeseries",
+    ),
+    (
+        "Health",
+        "Checksum failures",
+        "short",
+        "Frames refused for failed checksums, by source (store: stored data was damaged; request: a "
+        "client sent a damaged frame). Never decoded into KV. KvbmCodecChecksumFailures fires on any.",
+        [
+            Q(
+                _q(f"sum by (source) (increase(kvbm_codec_checksum_failures_total{{}}[{RI}]))"),
+                "{{source}}",
+            )
+        ],
+        "timeseries",
+    ),
+    (
+        "Health",
+        "Refusals by reason",
+        "reqps",
+        "Requests refused: overloaded (admission control), shutting_down (drain), store_full, and "
+        "every request error code.",
+        [
+            Q(
+                _q(f"sum by (reason) (rate(kvbm_codec_requests_refused_total{{}}[{RI}]))"),
+                "{{reason}}",
+            )
+        ],
+        "timeseries",
+    ),
+    (
+        "Health",
+        "Requests in flight",
+        "short",
+        "Requests being served now, per instance; admission control refuses beyond the configured limit.",
+        [Q(_q("kvbm_codec_inflight_requests{}"), "{{instance}}")],
+        "timeseries",
+    ),
+    (
+        "Health",
+        "Instances up",
+        "short",
+        "Targets Prometheus scrapes successfully. KvbmCodecInstanceDown fires on a target down for 2m.",
+        [Q(_q("sum(up{})"), "up")],
+        "stat",
+    ),
+    (
+        "Health",
+        "Calibration in use",
+        "short",
+        "Calibration and bit allocation each instance encodes with (frames from older calibrations "
+        "still decode).",
+        [
+            Q(
+                _q("max by (instance, model, calibration_id, allocation_id, target_cr) "
+                   "(kvbm_codec_calibration_info{})"),
+                "{{instance}} {{model}} {{calibration_id}}",
+            )
+        ],
+        "table",
+    ),
+]  # fmt: skip
+
+
+def _variable(name: str, query: str) -> db.QueryVariable:
+    return (
+        db.QueryVariable(name)
+        .label(name)
+        .datasource(DS)
+        .query(query)
+        .multi(True)
+        .include_all(True)
+        .all_value(".*")
+        .refresh(1)  # on dashboard load
+    )
+
+
+def _panel(kind: str):  # type: ignore[no-untyped-def]
+    """A panel with its options set (Grafana fills nothing in for a null ``options``)."""
+    if kind == "timeseries":
+        legend = (
+            cb.VizLegendOptions().display_mode(cm.LegendDisplayMode.LIST).placement(cm.LegendPlacement.BOTTOM)
+        )
+        tooltip = cb.VizTooltipOptions().mode(cm.TooltipDisplayMode.MULTI).sort(cm.SortOrder.DESCENDING)
+        return timeseries.Panel().legend(legend.show_legend(True)).tooltip(tooltip)
+    if kind == "stat":
+        reduce = cb.ReduceDataOptions().calcs(["lastNotNull"])
+        return stat.Panel().graph_mode(cm.BigValueGraphMode.AREA).reduce_options(reduce)
+    return table.Panel().show_header(True)
+
+
+def build() -> dict:
+    d = (
+        db.Dashboard("kvbm-codec")
+        .uid(UID)
+        .description("KVTC KV-cache compression tier: codec, traffic, store and health (docs/operations.md)")
+        .tags(["kvbm-codec", "dynamo"])
+        .refresh("30s")
+        .time("now-1h", "now")
+        .timezone("browser")
+        .tooltip(DashboardCursorSync.CROSSHAIR)
+        .with_variable(db.DatasourceVariable("datasource").label("Prometheus").type("prometheus"))
+        .with_variable(_variable("job", "label_values(kvbm_codec_build_info, job)"))
+        .with_variable(_variable("instance", 'label_values(kvbm_codec_build_info{job=~"$job"}, instance)'))
+    )
+    row = None
+    ids = iter(range(1, 1000))
+    for row_title, title, unit, desc, queries, kind in PANELS:
+        if row_title != row:
+            d = d.with_row(db.Row(row_title).id(next(ids)))
+            row = row_title
+        p = (
+            _panel(kind)
+            .id(next(ids))
+            .title(title)
+            .description(desc)
+            .unit(unit)
+            .datasource(DS)
+            .height(8)
+            .span(8)
+        )
+        for i, q in enumerate(queries):
+            target = prometheus.Dataquery().expr(q.expr).legend_format(q.legend).ref_id(chr(ord("A") + i))
+            if kind == "table":
+                target = target.instant().format("table")
+            p = p.with_target(target)
+        d = d.with_panel(p)
+    return json.loads(JSONEncoder(sort_keys=True).encode(d.build()))
+
+
+def render() -> str:
+    return json.dumps(build(), indent=2, sort_keys=True) + "\n"
+
+
+def queries() -> list[tuple[str, str]]:
+    """(panel title, PromQL) for every target, in dashboard order."""
+    return [(title, q.expr) for _, title, _, _, qs, _ in PANELS for q in qs]
+
+
+def expand(expr: str, *, job: str = ".*", instance: str = ".*", rate_interval: str = "1m") -> str:
+    """Substitute the dashboard variables as Grafana would, to run a panel query directly."""
+    return expr.replace("$__rate_interval", rate_interval).replace("$job", job).replace("$instance", instance)
+
+
+if __name__ == "__main__":
+    text = render()
+    if sys.argv[1:] == ["--check"]:
+        sys.exit(0 if OUT.exists() and OUT.read_text() == text else 1)
+    OUT.write_text(text)
+    print(f"wrote {OUT} ({len(PANELS)} panels)")

@@ -1,0 +1,1 @@
+"""Coverage-guided fuzzing of the frame parser and the KVTC decoder (docs/reliability.md)."""

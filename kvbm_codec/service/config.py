@@ -1,0 +1,200 @@
+"""Service configuration: one pydantic-settings model read from a TOML/YAML file and the environment.
+
+Precedence, highest first: explicit overrides (CLI flags), environment, config file, defaults.
+Environment names follow Dynamo's convention: ``DYN_KVBM_CODEC_<FIELD>``, nested sections joined
+with ``__`` (``DYN_KVBM_CODEC_GRPC_PORT``, ``DYN_KVBM_CODEC_NIXL__STAGING_BYTES``,
+``DYN_KVBM_CODEC_LOGGING__FORMAT``). Every field carries a description because the Helm chart's
+values and their documentation are generated from this model; an undocumented knob is a bug.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+    YamlConfigSettingsSource,
+)
+
+ENV_PREFIX = "DYN_KVBM_CODEC_"
+DEFAULT_MODEL = "smollm2-135m"
+
+_config_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar("kvbm_codec_config", default=None)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(_Section):
+    name: str = Field(DEFAULT_MODEL, description="Name clients use for this model in requests.")
+    source: str | None = Field(
+        None,
+        description="Model to load for its fingerprint and, if needed, local calibration: a registered "
+        "name or a local path. Default: `name`. Not needed when `fingerprint` and `registry` are set.",
+    )
+    fingerprint: str | None = Field(
+        None,
+        description="Model fingerprint; with `registry` set the service starts without loading the model.",
+    )
+    registry: str | None = Field(
+        None,
+        description="Calibration registry URL (s3://bucket/prefix, file:///dir or a directory). "
+        "Default: the local cache registry, calibrating once if it holds no calibration.",
+    )
+    calibration: str = Field(
+        "latest",
+        description="Calibration to encode with: `latest`, a version number or a calibration id. Frames "
+        "written with older calibrations still decode: their calibration is fetched from the registry.",
+    )
+    target_cr: float = Field(20.0, gt=1.0, description="Target compression ratio of compressed tokens.")
+    page_size: int = Field(32, gt=0, description="Tokens per KVBM block (must match the engine's).")
+    dtype: Literal["float16", "bfloat16", "float32"] = Field(
+        "float16", description="Element type of raw blocks on the wire."
+    )
+
+
+class NixlConfig(_Section):
+    enabled: bool = Field(True, description="Serve the NIXL data path (when the nixl library loads).")
+    agent_name: str | None = Field(None, description="Server NIXL agent name; default kvbm-codec-<pid>.")
+    staging_bytes: int = Field(
+        256 << 20,
+        gt=0,
+        description="Registered host memory for NIXL transfers, split into `slot_bytes` slots; a request "
+        "holds one slot, and is refused with a retry hint when none is free.",
+    )
+    slot_bytes: int = Field(16 << 20, gt=0, description="Staging slot size; at least one raw block.")
+    transfer_timeout_s: float = Field(30.0, gt=0, description="Timeout of one NIXL READ/WRITE batch.")
+
+
+class S3Config(_Section):
+    enabled: bool = Field(False, description="Serve the S3-compatible endpoint.")
+    host: str = Field("127.0.0.1", description="Address the S3 endpoint listens on.")
+    port: int | None = Field(None, ge=0, le=65535, description="S3 endpoint port (None: disabled).")
+
+
+class DynamoConfig(_Section):
+    enabled: bool = Field(False, description="Register this instance with Dynamo discovery.")
+    namespace: str = Field("dynamo", description="Dynamo namespace.")
+    component: str = Field("kvbm-codec", description="Dynamo component name.")
+    endpoint: str = Field("blocks", description="Dynamo endpoint name.")
+
+
+class LoggingConfig(_Section):
+    format: Literal["json", "text"] = Field("json", description="Log line format.")
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Minimum log level.")
+
+
+class TlsConfig(_Section):
+    enabled: bool = Field(False, description="Serve gRPC over TLS.")
+    cert_file: Path | None = Field(None, description="Server certificate chain (PEM).")
+    key_file: Path | None = Field(None, description="Server private key (PEM).")
+    client_ca_file: Path | None = Field(None, description="CA bundle for client certificates (mTLS).")
+    require_client_cert: bool = Field(False, description="Refuse clients without a valid certificate.")
+
+
+class AuthConfig(_Section):
+    mode: Literal["none", "token", "mtls"] = Field(
+        "none", description="How a caller's tenant is established; `none` puts every caller in `tenant`."
+    )
+    tenant: str = Field("default", description="Tenant of unauthenticated callers when mode is `none`.")
+    tokens_file: Path | None = Field(None, description="Token -> tenant table for mode `token`.")
+
+
+class ServiceConfig(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    host: str = Field("127.0.0.1", description="Address the gRPC server binds (0.0.0.0 in a pod).")
+    grpc_port: int = Field(50151, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
+    metrics_port: int | None = Field(
+        9464, ge=0, le=65535, description="Prometheus /metrics port; 0 picks a free one, None disables."
+    )
+    workers: int = Field(8, gt=0, description="gRPC handler threads (bounds concurrent requests served).")
+    max_message_bytes: int = Field(
+        64 << 20, gt=0, description="Largest gRPC message received or sent; larger ones are refused."
+    )
+    max_inflight_requests: int = Field(
+        64,
+        gt=0,
+        description="Requests admitted at once; more are refused RESOURCE_EXHAUSTED with a retry hint.",
+    )
+    max_blocks_per_request: int = Field(256, gt=0, description="Blocks in one put/get/contains/delete.")
+    retry_after_s: float = Field(0.05, ge=0, description="Retry hint returned with an overload refusal.")
+    request_timeout_s: float = Field(
+        30.0, gt=0, description="Deadline applied to requests whose client set none."
+    )
+    drain_timeout_s: float = Field(
+        20.0, ge=0, description="On SIGTERM, how long in-flight requests may take to finish."
+    )
+    get_batch_size: int = Field(16, gt=0, description="Default results per streamed GetBlocks message.")
+    models: list[ModelConfig] = Field(
+        default_factory=lambda: [ModelConfig()], description="Models served (at least one)."
+    )
+    memory_capacity_bytes: int = Field(
+        4 << 30, gt=0, description="Host-memory tier capacity (frames, not raw blocks)."
+    )
+    memory_policy: Literal["lru"] = Field("lru", description="Eviction order of the memory tier.")
+    disk_path: Path | None = Field(None, description="Disk tier directory (None: no disk tier).")
+    disk_capacity_bytes: int = Field(64 << 30, gt=0, description="Disk tier capacity.")
+    when_full: Literal["evict", "refuse"] = Field(
+        "evict",
+        description="When every tier is full: evict the least recently used blocks (a cache) or refuse "
+        "puts with RESOURCE_EXHAUSTED.",
+    )
+    nixl: NixlConfig = Field(default_factory=NixlConfig, description="NIXL data path.")
+    s3: S3Config = Field(default_factory=S3Config, description="S3-compatible endpoint.")
+    dynamo: DynamoConfig = Field(default_factory=DynamoConfig, description="Dynamo discovery.")
+    logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Logging.")
+    tls: TlsConfig = Field(default_factory=TlsConfig, description="TLS of the gRPC endpoint.")
+    auth: AuthConfig = Field(default_factory=AuthConfig, description="Caller authentication.")
+
+    @field_validator("models")
+    @classmethod
+    def _unique_models(cls, v: list[ModelConfig]) -> list[ModelConfig]:
+        if not v:
+            raise ValueError("at least one model must be served")
+        names = [m.name for m in v]
+        if len(set(names)) != len(names):
+            raise ValueError(f"model names must be unique, got {names}")
+        return v
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        path = _config_file.get()
+        if path is None:
+            return (init_settings, env_settings)
+        if path.suffix == ".toml":
+            file_source: PydanticBaseSettingsSource = TomlConfigSettingsSource(settings_cls, toml_file=path)
+        else:
+            file_source = YamlConfigSettingsSource(settings_cls, yaml_file=path)
+        return (init_settings, env_settings, file_source)
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, **overrides: Any) -> ServiceConfig:
+        """Defaults < file (TOML by .toml suffix, else YAML) < environment < overrides (None ignored)."""
+        p = Path(path) if path is not None else None
+        if p is not None and not p.is_file():
+            raise FileNotFoundError(f"config file {p} does not exist")
+        token = _config_file.set(p)
+        try:
+            return cls(**{k: v for k, v in overrides.items() if v is not None})
+        finally:
+            _config_file.reset(token)
