@@ -13,7 +13,7 @@ ways to encode the same KVBM blocks, each decoded and compared with the exact KV
 Reports position recovery rate, key/value relative error, stored ratio, and teacher-forced top-1
 agreement (and perplexity) of a continuation after each restored cache vs the exact one.
 Usage: python bench/s3_positions.py [--contexts 2] [--context-tokens 2048] [--continuation 128]
-       [--offsets 0,9000] [--post-rope bench/results/calibration_post_rope.kvtc] [--json OUT]
+       [--offsets 0,6000] [--post-rope bench/results/calibration_post_rope.kvtc] [--json OUT]
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--context-tokens", type=int, default=2048)
     ap.add_argument("--continuation", type=int, default=128)
-    ap.add_argument("--offsets", default="0,9000", help="token offsets into the GPL text, one context each")
+    ap.add_argument("--offsets", default="0,6000", help="token offsets into the GPL text, one context each")
     ap.add_argument("--post-rope", type=Path, default=Path("bench/results/calibration_post_rope.kvtc"))
     ap.add_argument("--target-cr", type=float, default=20.0)
     ap.add_argument("--max-position", type=int, default=32768)

@@ -1,4 +1,4 @@
-"""`kvbm-codec` command line: calibrate, eval, demo, inspect, registry, bench."""
+"""`kvbm-codec` command line: serve, client, demo, calibrate, eval, inspect, registry, bench."""
 
 from __future__ import annotations
 
@@ -139,13 +139,28 @@ def demo(
     target_cr: float = 20.0,
     layer_group_size: int = CodecConfig().layer_group_size,
     fit_sequences: int = 16,
+    codec_only: Annotated[
+        bool, typer.Option(help="compress/restore in this process only, without starting the service")
+    ] = False,
 ) -> None:
-    """Calibrate if needed, compress a long conversation's KV, restore it, continue generating."""
-    from kvbm_codec.eval.demo import run_demo
+    """Start the service, offload a long conversation's KV to it as KVBM blocks, onboard it, continue.
 
+    The calibration is computed first if the local registry has none (the service then loads it).
+    """
     lm = _load(model)
     cal = _calibration(lm, None, layer_group_size, fit_sequences)
-    run_demo(lm, cal, target_cr)
+    if codec_only:
+        from kvbm_codec.eval.demo import run_demo
+
+        run_demo(lm, cal, target_cr)
+        return
+    if model != "smollm2-135m" or layer_group_size != CodecConfig().layer_group_size or fit_sequences != 16:
+        raise typer.BadParameter("the service demo runs the embedded defaults; use --codec-only to vary them")
+    from kvbm_codec.service.demo import run_service_demo
+
+    result = run_service_demo(lm, target_cr)
+    if result["service_exit_code"] != 0:
+        raise typer.Exit(1)
 
 
 @app.command()

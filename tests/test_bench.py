@@ -7,6 +7,7 @@ temporary directory so the run is never satisfied from an earlier one.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -78,7 +79,7 @@ def test_chunked_attention_stats_match_the_dense_computation() -> None:
 
 
 def test_paired_statistics_separate_only_real_differences() -> None:
-    # 40 prompts, a wins 12 of the 12 discordant ones: clearly separated; identical lists are not.
+    # 40 prompts, a wins all 12 discordant ones: clearly separated; identical lists are not.
     a = [True] * 30 + [False] * 10
     b = [True] * 18 + [False] * 22
     d = stats.paired_prompts([float(x) for x in a], [float(x) for x in b], binary=True)
@@ -154,9 +155,9 @@ def test_quick_suite_end_to_end(quick_run) -> None:
     assert ("kvtc@16+tova@4", "tova@4") in comps and ("kvtc@16+tova@4", "kvtc@16") in comps
     assert any(b.startswith("kvtc@") for _, b in comps)
     for c in comps.values():
-        assert (
-            0.0 <= c["task_acc"]["p_value"] <= 1.0 and c["top1"]["lo"] <= c["top1"]["mean"] <= c["top1"]["hi"]
-        )
+        assert 0.0 <= c["task_acc"]["p_value"] <= 1.0
+        # One 47-position window is 2 bootstrap blocks: no interval may be claimed from it.
+        assert math.isnan(c["top1"]["lo"]) and not c["top1"]["separated"]
     assert s["zstd"]["top1"] == 1.0 and 1.0 < s["zstd"]["ratio"] < 2.0
     assert 1.9 < s["fp8"]["ratio"] < 2.0
     assert s["kvtc@16"]["ratio"] > s["kivi4"]["ratio"] > s["fp8"]["ratio"]
@@ -172,7 +173,7 @@ def test_quick_suite_end_to_end(quick_run) -> None:
         if r["family"] == "eviction":
             assert r["kept_tokens"] < r["context_tokens"]
     rvr = bench["restore_vs_recompute"]
-    assert rvr and rvr[0]["context_tokens"] == 2048 and rvr[0]["restore_speedup"] > 0
+    assert rvr and rvr[0]["context_tokens"] == 1024 and rvr[0]["restore_speedup"] > 0
     assert bench["cpu_s"] > 0 and set(bench["phases"]) >= {"shared_setup", "contexts", "restore_vs_recompute"}
 
 

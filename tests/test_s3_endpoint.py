@@ -227,6 +227,13 @@ def test_multipart_upload_complete_and_abort(s3, server, blocks):
         UploadId=uid,
         MultipartUpload={"Parts": [{"PartNumber": 1, "ETag": p1["ETag"]}]},
     )
+    again = s3.complete_multipart_upload(  # a retried Complete (the CRT client retries) gets the same answer
+        Bucket=BUCKET,
+        Key="555",
+        UploadId=uid,
+        MultipartUpload={"Parts": [{"PartNumber": 1, "ETag": p1["ETag"]}]},
+    )
+    assert again["ETag"] == done["ETag"]
     got = s3.get_object(Bucket=BUCKET, Key="555")
     assert got["ETag"] == done["ETag"] and _rel(got["Body"].read(), blocks[3]) < 0.5
     with pytest.raises(ClientError) as e:  # consumed
@@ -426,3 +433,23 @@ def test_botocore_presigned_get(server, s3, blocks):
     r = urllib3.PoolManager(retries=False).request("GET", url.replace("presigned?", "presigne2?"))
     assert r.status == 403 and b"SignatureDoesNotMatch" in r.data
     s3.delete_object(Bucket=BUCKET, Key="presigned")
+
+
+def test_started_from_the_service_config_section(server, monkeypatch):
+    """`kvbm-codec serve` passes its config's s3 section (host/port only): credentials come from the
+    environment, and each served model gets its bucket; without credentials it refuses to start."""
+    from types import SimpleNamespace
+
+    svc = server.endpoint.svc
+    section = SimpleNamespace(enabled=True, host="127.0.0.1", port=0)
+    monkeypatch.delenv("KVBM_CODEC_S3_ACCESS_KEY", raising=False)
+    with pytest.raises(ValueError, match="KVBM_CODEC_S3_ACCESS_KEY"):
+        start_s3_server(svc, section)
+    monkeypatch.setenv("KVBM_CODEC_S3_ACCESS_KEY", "AKFROMENV")
+    monkeypatch.setenv("KVBM_CODEC_S3_SECRET_KEY", "secret-from-env")
+    handle = start_s3_server(svc, section)
+    try:
+        names = [b["Name"] for b in _client(handle, "AKFROMENV", "secret-from-env").list_buckets()["Buckets"]]
+        assert names == [BUCKET]
+    finally:
+        handle.stop()

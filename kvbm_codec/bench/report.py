@@ -38,6 +38,8 @@ def summarize(bench: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
     for name in bench["methods"]:
         rs = by_method[name]
+        if not rs:  # a run stopped by its budget before any context: nothing to summarize
+            continue
         lm = [r for r in rs if r["kind"] == "lm"]
         tasks = [r for r in rs if "correct" in r]
         per_task: dict[str, list[bool]] = defaultdict(list)
@@ -170,6 +172,8 @@ def comparisons(bench: dict[str, Any], summary: list[dict[str, Any]]) -> list[di
 def _ci(d: dict[str, Any] | None, fmt: str, scale: float = 1.0) -> str:
     if d is None:
         return "-"
+    if math.isnan(d["lo"]):
+        return f"{d['mean'] * scale:{fmt}} (too few to test)"
     star = "*" if d["separated"] else ""
     return f"{d['mean'] * scale:{fmt}} [{d['lo'] * scale:{fmt}}, {d['hi'] * scale:{fmt}}]{star}"
 
@@ -234,7 +238,11 @@ def markdown(bench: dict[str, Any], summary: list[dict[str, Any]]) -> str:
             "|---|---|---|---|---|---|---|",
         ]
         halves = {
-            key: sorted((c[key]["hi"] - c[key]["lo"]) / 2 * 100 for c in comps if key in c)
+            key: sorted(
+                (c[key]["hi"] - c[key]["lo"]) / 2 * 100
+                for c in comps
+                if key in c and not math.isnan(c[key]["lo"])
+            )
             for key in ("top1", "task_acc")
         }
         for c in comps:

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 BLOCK = 32  # positions per bootstrap block (~ the span over which one continuation's errors correlate)
+MIN_BLOCKS = 8  # below this a block bootstrap says nothing: no interval is reported (NaN), never "separated"
 N_BOOT = 2000
 SEED = 0
 
@@ -32,7 +33,7 @@ class PairedDiff:
 
     @property
     def separated(self) -> bool:
-        return self.lo > 0 or self.hi < 0
+        return not math.isnan(self.lo) and (self.lo > 0 or self.hi < 0)
 
     def as_dict(self) -> dict[str, float | int | bool | None]:
         return {**asdict(self), "separated": self.separated}
@@ -61,7 +62,7 @@ def paired_positions(a: list[list[float]], b: list[list[float]]) -> PairedDiff:
     if not blocks:
         raise ValueError("no positions to compare")
     pooled = np.concatenate(blocks)
-    lo, hi = _bootstrap(blocks)
+    lo, hi = _bootstrap(blocks) if len(blocks) >= MIN_BLOCKS else (math.nan, math.nan)
     return PairedDiff(float(pooled.mean()), lo, hi, int(pooled.size))
 
 
@@ -81,7 +82,7 @@ def paired_prompts(a: list[float], b: list[float], binary: bool) -> PairedDiff:
     if len(a) != len(b) or not a:
         raise ValueError("paired_prompts needs the same, non-empty prompt list for both methods")
     d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
-    lo, hi = _bootstrap([np.array([x]) for x in d])
+    lo, hi = _bootstrap([np.array([x]) for x in d]) if d.size >= MIN_BLOCKS else (math.nan, math.nan)
     p = mcnemar_exact([bool(x) for x in a], [bool(y) for y in b]) if binary else None
     return PairedDiff(float(d.mean()), lo, hi, int(d.size), p)
 

@@ -85,12 +85,18 @@ def served_model(mc: ModelConfig, resolved: _Resolved) -> ServedModel:
 
 
 def build_store(cfg: ServiceConfig, metrics: ServiceMetrics) -> TieredStore:
-    tiers: list[Tier] = [MemoryTier(cfg.memory_capacity_bytes)]
+    tiers: list[Tier] = [MemoryTier(cfg.memory_capacity_bytes, policy=cfg.memory_policy)]
     if cfg.disk_path is not None:
         from kvbm_codec.store.disk import DiskTier
 
-        tiers.append(DiskTier(cfg.disk_path, cfg.disk_capacity_bytes, name="disk"))
-    return TieredStore(tiers, when_full=cfg.when_full, on_drop=lambda _key, _n: metrics.blocks_dropped.inc())
+        tiers.append(DiskTier(cfg.disk_path, cfg.disk_capacity_bytes, name="disk", fsync=cfg.disk_fsync))
+    return TieredStore(
+        tiers,
+        when_full=cfg.when_full,
+        on_drop=lambda _key, _n: metrics.blocks_dropped.inc(),
+        # a tier's own checksum caught damage on read: served as a miss, counted for the alert
+        on_corrupt=lambda _key, tier: metrics.checksum_failures.labels(source=f"tier_{tier}").inc(),
+    )
 
 
 def limits_of(cfg: ServiceConfig) -> Limits:

@@ -32,6 +32,10 @@ def serve(
     port: Annotated[int | None, typer.Option("--port", help="gRPC port; 0 picks a free one")] = None,
     metrics_port: Annotated[int | None, typer.Option(help="Prometheus port; 0 picks a free one")] = None,
     workers: Annotated[int | None, typer.Option(help="gRPC handler threads")] = None,
+    s3_port: Annotated[
+        int | None,
+        typer.Option("--s3-port", help="also serve the S3-compatible endpoint (KVBM's NIXL OBJ tier) here"),
+    ] = None,
     log_format: Annotated[str | None, typer.Option(help="json or text")] = None,
     log_level: Annotated[str | None, typer.Option(help="DEBUG, INFO, WARNING, ERROR")] = None,
 ) -> None:
@@ -52,8 +56,16 @@ def serve(
     from kvbm_codec.service.auth import from_config as security_from_config
 
     credentials, authenticate = security_from_config(cfg)  # before the model loads: fail fast
+    if s3_port is not None:
+        cfg.s3.enabled, cfg.s3.port = True, s3_port
     svc = build_service(cfg)
     server = CodecServer(svc, cfg, authenticate=authenticate, credentials=credentials).start()
+    s3 = None
+    if cfg.s3.enabled:
+        from kvbm_codec.service.s3.server import start_s3_server
+
+        s3 = start_s3_server(svc, cfg.s3)  # credentials from KVBM_CODEC_S3_ACCESS_KEY / _SECRET_KEY
+        log.info("s3 endpoint listening", extra=slog.fields(url=s3.url))
     registration = None
     if cfg.dynamo.enabled:
         from kvbm_codec.service.discovery import register_server
@@ -64,6 +76,8 @@ def serve(
         pass
     if registration is not None:
         registration.close()
+    if s3 is not None:
+        s3.stop()
     raise typer.Exit(0 if server.drained else 1)
 
 

@@ -485,7 +485,13 @@ class CodecServer:
             ("grpc.max_send_message_length", cfg.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ]
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.workers), options=opts)
+        # RPCs beyond workers wait in the executor's queue before the core's admission control sees
+        # them; maximum_concurrent_rpcs bounds that queue too (gRPC answers RESOURCE_EXHAUSTED itself).
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=cfg.workers),
+            options=opts,
+            maximum_concurrent_rpcs=max(cfg.workers, cfg.max_inflight_requests),
+        )
         pb_grpc.add_KvbmCodecServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(

@@ -11,6 +11,7 @@ import hashlib
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from defusedxml import ElementTree
@@ -51,6 +52,9 @@ class Uploads:
         self.max_bytes = max_bytes
         self.ttl_s = ttl_s
         self._uploads: dict[str, Upload] = {}
+        # Completed uploads' results, so a client that retries a Complete (the CRT client does when a
+        # slow encode outlasts its timeout) gets the same answer instead of NoSuchUpload.
+        self._completed: OrderedDict[str, tuple[tuple[str, str, str], dict[str, str]]] = OrderedDict()
         self._lock = threading.Lock()
 
     def _expire(self) -> None:
@@ -92,7 +96,7 @@ class Uploads:
 
     def complete(self, upload_id: str, tenant: str, bucket: str, key: str, xml: bytes) -> bytes:
         """Assemble the listed parts (which must exist, ascend and carry their ETags); the upload is
-        consumed only if the object it forms is then stored (``discard`` after success)."""
+        consumed only if the object it forms is then stored (``finish`` after success)."""
         listed = parse_complete(xml)
         with self._lock:
             up = self._get(upload_id, tenant, bucket, key)
@@ -106,9 +110,19 @@ class Uploads:
                 chunks.append(part[1])
         return b"".join(chunks)
 
-    def discard(self, upload_id: str) -> None:
+    def completed(self, upload_id: str, tenant: str, bucket: str, key: str) -> dict[str, str] | None:
         with self._lock:
-            self._uploads.pop(upload_id, None)
+            done = self._completed.get(upload_id)
+        return done[1] if done is not None and done[0] == (tenant, bucket, key) else None
+
+    def finish(self, upload_id: str, result: dict[str, str]) -> None:
+        """The object is stored: drop the parts, remember the result for retried Completes."""
+        with self._lock:
+            up = self._uploads.pop(upload_id, None)
+            if up is not None:
+                self._completed[upload_id] = ((up.tenant, up.bucket, up.key), result)
+                while len(self._completed) > self.max_uploads:
+                    self._completed.popitem(last=False)
 
     def count(self) -> int:
         with self._lock:

@@ -510,11 +510,15 @@ class S3Endpoint:
     ) -> web.StreamResponse:
         tenant = verified.credential.tenant
         xml = await self._body(req, verified)
-        data = self.uploads.complete(upload_id, tenant, bucket.name, key, xml)
-        etag, stored, first = await self._run(
-            self._store, tenant, bucket, key, data, req.headers.get(POSITION_HEADER)
-        )
-        self.uploads.discard(upload_id)
+        headers = self.uploads.completed(upload_id, tenant, bucket.name, key)
+        if headers is None:
+            data = self.uploads.complete(upload_id, tenant, bucket.name, key, xml)
+            etag, stored, first = await self._run(
+                self._store, tenant, bucket, key, data, req.headers.get(POSITION_HEADER)
+            )
+            headers = self._put_response(etag, stored, first)
+            self.uploads.finish(upload_id, headers)
+        etag = headers["ETag"]
         return web.Response(
             status=200,
             body=(
@@ -523,7 +527,7 @@ class S3Endpoint:
                 f"<Key>{escape(key)}</Key><ETag>{escape(etag)}</ETag></CompleteMultipartUploadResult>"
             ).encode(),
             content_type="application/xml",
-            headers=self._put_response(etag, stored, first),
+            headers=headers,
         )
 
 

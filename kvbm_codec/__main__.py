@@ -1,0 +1,5 @@
+"""`python -m kvbm_codec ...` == the `kvbm-codec` command (used where the console script is not on PATH)."""
+
+from kvbm_codec.cli import app
+
+app()
