@@ -10,7 +10,7 @@ import torch
 
 from kvbm_codec.calibration.artifact import Calibration
 from kvbm_codec.codec.kvtc import KVTCCodec
-from kvbm_codec.eval.metrics import perplexity, top1_agreement
+from kvbm_codec.eval.continuation import compare_continuation, describe
 from kvbm_codec.eval.texts import demo_conversation
 
 
@@ -46,22 +46,9 @@ def run_demo(
     )
 
     last = ids[:, -1:]
-    ref_answer = lm.generate(kv, last, answer_tokens)
-    restored_f = restored.to(torch.float32)
-    codec_answer = lm.generate(restored_f, last, answer_tokens)
-    same = sum(a == b for a, b in zip(ref_answer, codec_answer, strict=False)) / max(1, len(ref_answer))
-    forced = torch.tensor([[int(last[0, 0]), *ref_answer]])
-    ref_logits = lm.logits_with_cache(kv, forced)
-    test_logits = lm.logits_with_cache(restored_f, forced)
-    targets = forced[0, 1:]
-    ppl_ref, ppl_codec = perplexity(ref_logits[:-1], targets), perplexity(test_logits[:-1], targets)
-    top1 = top1_agreement(ref_logits[:-1], test_logits[:-1])
-    say("answer from the uncompressed cache: " + repr(lm.tokenizer.decode(ref_answer)))
-    say("answer from the restored cache:     " + repr(lm.tokenizer.decode(codec_answer)))
-    say(
-        f"greedy answers agree on {same:.0%} of tokens; teacher-forced on the reference answer: "
-        f"top-1 agreement {top1:.1%}, perplexity {ppl_ref:.3f} -> {ppl_codec:.3f}"
-    )
+    c = compare_continuation(lm, kv, restored.to(torch.float32), last, answer_tokens)
+    for line in describe(c, "restored cache"):
+        say(line)
     return {
         "context_tokens": int(kv.n_tokens),
         "target_cr": target_cr,
@@ -71,8 +58,8 @@ def run_demo(
         "restore_s": restore_s,
         "prefill_s": prefill_s,
         "restore_speedup": prefill_s / restore_s,
-        "answer_token_match": same,
-        "top1_agreement": top1,
-        "ppl_baseline": ppl_ref,
-        "ppl_codec": ppl_codec,
+        "answer_token_match": c.answer_token_match,
+        "top1_agreement": c.top1_agreement,
+        "ppl_baseline": c.ppl_reference,
+        "ppl_codec": c.ppl_restored,
     }

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from kvbm_codec.adapters.kvbm import KvbmTierClient, concat_tokens, kv_to_kvbm, kvbm_to_kv
-from kvbm_codec.eval.metrics import perplexity, top1_agreement
+from kvbm_codec.eval.continuation import compare_continuation, describe
 from kvbm_codec.eval.texts import demo_conversation
 
 STARTUP_TIMEOUT_S = 600.0  # first start may load the GGUF model and calibrate (minutes on 2 cores)
@@ -161,21 +161,9 @@ def run_service_demo(
             f"(NIXL) faster than recomputing the prefill on this CPU"
         )
 
-        ref_answer = lm.generate(kv, last, answer_tokens)
-        codec_answer = lm.generate(restored, last, answer_tokens)
-        match = sum(a == b for a, b in zip(ref_answer, codec_answer, strict=False)) / max(1, len(ref_answer))
-        forced = torch.tensor([[int(last[0, 0]), *ref_answer]])
-        ref_logits = lm.logits_with_cache(kv, forced)
-        test_logits = lm.logits_with_cache(restored, forced)
-        targets = forced[0, 1:]
-        ppl_ref, ppl_codec = perplexity(ref_logits[:-1], targets), perplexity(test_logits[:-1], targets)
-        top1 = top1_agreement(ref_logits[:-1], test_logits[:-1])
-        say("answer from the uncompressed cache: " + repr(lm.tokenizer.decode(ref_answer)))
-        say("answer from the onboarded cache:    " + repr(lm.tokenizer.decode(codec_answer)))
-        say(
-            f"greedy answers agree on {match:.0%} of tokens; teacher-forced on the reference answer: "
-            f"top-1 agreement {top1:.1%}, perplexity {ppl_ref:.3f} -> {ppl_codec:.3f}"
-        )
+        c = compare_continuation(lm, kv, restored, last, answer_tokens)
+        for line in describe(c, "onboarded cache"):
+            say(line)
         m = svc.metrics()
         say(
             f"service metrics: {m.get('kvbm_codec_blocks_put_total', 0):.0f} blocks put, "
@@ -197,9 +185,9 @@ def run_service_demo(
         "onboard_nixl_s": nixl_s,
         "restore_speedup_grpc": prefill_s / onboard_s,
         "restore_speedup_nixl": prefill_s / nixl_s,
-        "answer_token_match": match,
-        "top1_agreement": top1,
-        "ppl_baseline": ppl_ref,
-        "ppl_codec": ppl_codec,
+        "answer_token_match": c.answer_token_match,
+        "top1_agreement": c.top1_agreement,
+        "ppl_baseline": c.ppl_reference,
+        "ppl_codec": c.ppl_restored,
         "service_exit_code": code,
     }

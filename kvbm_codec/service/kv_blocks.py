@@ -1,35 +1,20 @@
 """Real KV cut into KVBM blocks with chained sequence hashes: what the CLI client, tests and bench put.
 
-Sequence hash of block i (``page_size`` tokens ``t``): ``xxh3_64(le_u64(parent) || le_u32(t...))``
-with ``parent`` the previous block's sequence hash (0 for the first block). Chaining makes a block's
-hash name its whole prefix, as KVBM's does, so equal hashes mean equal KV (same model, same
-tokens before it). This is this project's demo scheme, not KVBM's exact bit layout: an engine
-integration uses the hashes KVBM hands it.
+Hashes follow Dynamo's chain (``kvbm_codec.adapters.kvbm.sequence_hashes``): a block's hash names its
+whole prefix, so equal hashes mean equal KV (same model, same tokens before it). An engine integration
+uses the hashes KVBM hands it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
-import xxhash
 
+from kvbm_codec.adapters.kvbm import sequence_hashes
 from kvbm_codec.blocks import BlockSpec, kv_to_block
 
-
-def sequence_hashes(token_ids: Sequence[int], page_size: int, parent: int = 0) -> list[int]:
-    """One hash per whole block of ``token_ids`` (a trailing partial block has none)."""
-    out = []
-    ids = np.asarray(token_ids, dtype="<u4")
-    for start in range(0, len(ids) - page_size + 1, page_size):
-        h = xxhash.xxh3_64()
-        h.update(int(parent).to_bytes(8, "little"))
-        h.update(ids[start : start + page_size].tobytes())
-        parent = h.intdigest()
-        out.append(parent)
-    return out
+__all__ = ["KVBlock", "kv_blocks", "sequence_hashes"]
 
 
 @dataclass(frozen=True)
