@@ -120,7 +120,12 @@ class ServiceConfig(BaseSettings):
     metrics_port: int | None = Field(
         9464, ge=0, le=65535, description="Prometheus /metrics port; 0 picks a free one, None disables."
     )
-    workers: int = Field(8, gt=0, description="gRPC handler threads (bounds concurrent requests served).")
+    workers: int = Field(
+        8,
+        gt=0,
+        description="Minimum gRPC handler threads; the server runs at least max_inflight_requests + 8 so "
+        "that overload is refused by admission control (with a retry hint), not queued.",
+    )
     max_message_bytes: int = Field(
         64 << 20, gt=0, description="Largest gRPC message received or sent; larger ones are refused."
     )

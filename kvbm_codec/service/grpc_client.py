@@ -56,6 +56,10 @@ _BY_CODE: dict[str, type[errs.ServiceError]] = {
 }
 
 
+GRPC_QUEUE_FULL = "Concurrent RPC limit exceeded"  # grpc/_server.py's refusal text
+DEFAULT_OVERLOAD_RETRY_S = 0.05
+
+
 def translate(e: grpc.RpcError) -> errs.ServiceError:
     """The typed error for a failed call; keeps the gRPC status and the server's retry hint."""
     md = dict(e.trailing_metadata() or ())
@@ -63,6 +67,13 @@ def translate(e: grpc.RpcError) -> errs.ServiceError:
     retry_ms = md.get(RETRY_AFTER_KEY)
     retry = float(retry_ms) / 1000 if retry_ms is not None else None
     cls = _BY_CODE.get(code or "", RpcFailedError)
+    if (
+        code is None
+        and e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        and GRPC_QUEUE_FULL in (e.details() or "")
+    ):
+        # gRPC's own concurrent-RPC cap refused before the service saw the call: an overload too
+        cls, retry = errs.OverloadedError, retry if retry is not None else DEFAULT_OVERLOAD_RETRY_S
     err = cls(e.details() or str(e.code()), retry_after_s=retry)
     err.status = e.code()  # type: ignore[attr-defined]
     if cls is RpcFailedError:

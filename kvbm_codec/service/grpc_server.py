@@ -57,6 +57,9 @@ def no_auth(tenant: str = "default") -> Authenticate:
     return authenticate
 
 
+SPARE_HANDLER_THREADS = 8
+
+
 class DeadlineError(ServiceError):
     code = "deadline_exceeded"
     grpc_status = "DEADLINE_EXCEEDED"
@@ -485,12 +488,15 @@ class CodecServer:
             ("grpc.max_send_message_length", cfg.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ]
-        # RPCs beyond workers wait in the executor's queue before the core's admission control sees
-        # them; maximum_concurrent_rpcs bounds that queue too (gRPC answers RESOURCE_EXHAUSTED itself).
+        # Admission control (the core's max_inflight_requests) must see a request to refuse it with a
+        # code and retry hint, so there are more handler threads than admitted requests: the spare
+        # ones answer refusals and health checks at once. Beyond that, gRPC's own cap bounds the queue
+        # (its refusal carries no trailers; the client maps it to `overloaded` too).
+        threads = max(cfg.workers, cfg.max_inflight_requests + SPARE_HANDLER_THREADS)
         self.server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=cfg.workers),
+            futures.ThreadPoolExecutor(max_workers=threads),
             options=opts,
-            maximum_concurrent_rpcs=max(cfg.workers, cfg.max_inflight_requests),
+            maximum_concurrent_rpcs=2 * threads,
         )
         pb_grpc.add_KvbmCodecServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
