@@ -85,7 +85,11 @@ def served_model(mc: ModelConfig, resolved: _Resolved) -> ServedModel:
 
 
 def build_store(cfg: ServiceConfig, metrics: ServiceMetrics) -> TieredStore:
-    tiers: list[Tier] = [MemoryTier(cfg.memory_capacity_bytes, policy=cfg.memory_policy)]
+    tiers: list[Tier] = []
+    if cfg.memory_capacity_bytes > 0:
+        tiers.append(MemoryTier(cfg.memory_capacity_bytes, policy=cfg.memory_policy))
+    elif cfg.disk_path is None:
+        raise ValueError("memory_capacity_bytes = 0 (durable mode) needs a disk tier: set disk_path")
     if cfg.disk_path is not None:
         from kvbm_codec.store.disk import DiskTier
 

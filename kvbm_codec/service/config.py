@@ -147,7 +147,10 @@ class ServiceConfig(BaseSettings):
         default_factory=lambda: [ModelConfig()], description="Models served (at least one)."
     )
     memory_capacity_bytes: int = Field(
-        4 << 30, gt=0, description="Host-memory tier capacity (frames, not raw blocks)."
+        4 << 30,
+        ge=0,
+        description="Host-memory tier capacity (frames, not raw blocks). 0: no memory tier, every put "
+        "goes to the disk tier before it is acknowledged (durable across a crash; needs disk_path).",
     )
     memory_policy: Literal["lru", "lfu"] = Field(
         "lru", description="Eviction order of the memory tier: least recently or least frequently used."
