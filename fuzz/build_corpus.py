@@ -32,20 +32,9 @@ def seeds_dir(root: Path) -> Path:
 
 
 def build_small_calibration(lm: object):  # -> Calibration (lazy imports keep `--help` fast)
-    from kvbm_codec.calibration.calibrate import calibrate
-    from kvbm_codec.codec.config import CodecConfig
-    from kvbm_codec.eval.texts import calibration_texts
+    from kvbm_codec.calibration.calibrate import calibrate_small
 
-    return calibrate(
-        lm,
-        calibration_texts(),
-        CodecConfig(layer_group_size=6),
-        targets=(8.0, 20.0),
-        fit_sequences=4,
-        seq_len=512,
-        text_source="pydoc_data.topics",
-        progress=False,
-    )
+    return calibrate_small(lm)  # type: ignore[arg-type]
 
 
 def make_seeds(codec: object, kv: object) -> dict[str, bytes]:

@@ -17,19 +17,8 @@ def smollm() -> CausalLM:
 def small_calibration(smollm: CausalLM, tmp_path_factory: pytest.TempPathFactory):
     """A real but small calibration (4 x 512 tokens, 6-layer bases), shared by every test module that
     needs one: a default global calibration costs minutes on 2 cores, this one seconds."""
-    from kvbm_codec.calibration.calibrate import calibrate
-    from kvbm_codec.codec.config import CodecConfig
-    from kvbm_codec.eval.texts import calibration_texts
+    from kvbm_codec.calibration.calibrate import calibrate_small
 
-    cal = calibrate(
-        smollm,
-        calibration_texts(),
-        CodecConfig(layer_group_size=6),
-        targets=(8.0, 20.0),
-        fit_sequences=4,
-        seq_len=512,
-        text_source="pydoc_data.topics",
-        progress=False,
-    )
+    cal = calibrate_small(smollm)
     cal.save(tmp_path_factory.mktemp("calibration") / "small.kvtc")
     return cal
