@@ -16,7 +16,9 @@ def bench(
     text: Annotated[
         Path | None, typer.Option(help="UTF-8 text for ppl/top-1 windows (default: the bundled GNU GPL)")
     ] = None,
-    suite: Annotated[str, typer.Option(help="quick (< 5 min on 2 cores) or default (< 30 min)")] = "default",
+    suite: Annotated[
+        str, typer.Option(help="quick (< 5 min on 2 cores), default (< 30 min) or large (hours, on demand)")
+    ] = "default",
     methods: Annotated[
         str | None,
         typer.Option(help="comma list overriding the suite's, e.g. fp16,kivi4,kvtc@20,kvtc@16+tova@4"),

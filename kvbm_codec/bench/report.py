@@ -192,12 +192,16 @@ def markdown(bench: dict[str, Any], summary: list[dict[str, Any]]) -> str:
         + "lost vs fp16 | enc MB/s/core | dec MB/s/core |"
     )
     sep = "|" + "---|" * (head.count("|") - 1)
+    ran = {r["item"]: r["kind"] for r in bench["results"]}  # contexts actually computed (or cached)
+    n_windows = sum(1 for k in ran.values() if k == "lm")
+    prompts = ", ".join(f"{t} x {sum(1 for k in ran.values() if k == t)}" for t in suite["tasks"]) or "none"
     lines = [
         f"# kvbm-codec bench: {bench['model']}, suite `{suite['name']}`",
         "",
-        f"LM windows: {suite['lm_windows']} x ({suite['lm_context_tokens']} context + "
-        f"{suite['lm_continuation_tokens']} continuation tokens); tasks: {', '.join(suite['tasks'])} x "
-        f"{suite['task_instances']} prompts of ~{suite['task_context_tokens']} tokens. "
+        f"LM windows: {n_windows} x ({suite['lm_context_tokens']} context + "
+        f"{suite['lm_continuation_tokens']} continuation tokens); tasks: {prompts} prompts of "
+        f"~{suite['task_context_tokens']} tokens (what ran; the suite asks for {suite['lm_windows']} "
+        f"windows, as many as the text holds, and {suite['task_instances']} prompts per task). "
         f"Calibration: {bench['calibration_id']}. Wall time {bench['wall_s']:.0f} s, CPU time "
         f"{bench.get('cpu_s', 0):.0f} s (all threads; 1-min load average at start/end: "
         f"{', '.join(f'{x:.1f}' for x in bench.get('load_average', []))}).",

@@ -5,10 +5,10 @@ several similar facts in the haystack and ask for one of them, so a method must 
 precisely enough to tell near-identical needles apart:
 
 - multikey: several "special magic number for <key>" needles spread through the text (RULER niah_multikey).
-- kvlookup: one dense block of n_items "<key>: <number>" pairs, one of them asked (RULER/"lost in the middle"
-  key-value retrieval).
-- vartrack: "VAR X = 12345 ... VAR Y = VAR X" chains plus a distractor chain; the variable Y copies is
-  asked (RULER variable tracking, one hop, answered by name).
+- kvlookup: one dense table of n_items "<key>: <number>" lines, one of them asked (RULER/"lost in the
+  middle" key-value retrieval).
+- vartrack: "VAR apple = 12345 ... VAR otter = VAR apple" among other numeric assignments; the variable
+  otter copies is asked (RULER variable tracking: one chain, one hop, answered by name).
 
 The haystack is the GNU GPL text shipped with the package (never used for calibration). The question and
 the chat template's assistant header (plus a short answer prefix, as RULER uses) are the last tokens of
@@ -103,10 +103,6 @@ def _number(rng: random.Random) -> str:
     return str(rng.randint(10000, 99999))
 
 
-def _var(rng: random.Random) -> str:
-    return "".join(rng.choice("ABCDEFGHJKLMNPQRSTUVWXYZ") for _ in range(4))
-
-
 def _build(task: str, rng: random.Random, hay: list[str], n_items: int) -> tuple[str, str, str]:
     """(question, answer prefix, answer); mutates hay to hold the facts."""
     if task == "multikey":
@@ -122,30 +118,27 @@ def _build(task: str, rng: random.Random, hay: list[str], n_items: int) -> tuple
             nums[i],
         )
     if task == "kvlookup":
-        keys = rng.sample(KEYS, n_items)  # 6 pairs left the 135M model at 1/2
+        # One line per pair, answered after "<key>:": the 135M model copies from this table at 10/12 on
+        # the sizing seed; the same pairs as prose ("the code for <key> is") scored 6/12, as ";"-joined
+        # "<key>: <n>" with a prose answer prefix 3/12 (bench/tune_tasks.py, seed 1, fp16 only).
+        keys = rng.sample(KEYS, n_items)
         nums = [_number(rng) for _ in keys]
-        block = "Inventory codes: " + "; ".join(f"{k}: {n}" for k, n in zip(keys, nums, strict=True)) + "."
+        block = "Inventory codes:\n" + "\n".join(f"{k}: {n}" for k, n in zip(keys, nums, strict=True)) + "\n"
         _insert(rng, hay, [block])
         i = rng.randrange(len(keys))
-        return (
-            f"In the inventory codes, what is the code for {keys[i]}?",
-            f"The code for {keys[i]} is",
-            nums[i],
-        )
+        return f"In the inventory codes, what is the code for {keys[i]}?", f"{keys[i]}:", nums[i]
     if task == "vartrack":
-        names = [_var(rng) for _ in range(4)]
-        a, b, c, d = names
-        n1, n2 = _number(rng), _number(rng)
-        facts_first = [f"VAR {a} = {n1}.", f"VAR {c} = {n2}."]
-        facts_then = [f"VAR {b} = VAR {a}.", f"VAR {d} = VAR {c}."]
-        # Assignments must precede their copies: place the first pair in the first half, copies later.
+        a, b, c, d = rng.sample(KEYS, 4)
+        # Assignments precede the copy: two numeric assignments in the first half, the copy later, a
+        # third assignment anywhere. Every "VAR <name> =" competes for the answer; only one is a copy.
+        # Two copy chains (B = A, D = C) left the 135M model at 7/12, asking the value two hops away
+        # near 0 (seed 1, fp16 only), so: one chain, one hop, answered by the variable's name (RULER
+        # scores names too), with three distractor assignments.
         half = len(hay) // 2
-        for f in facts_first:
+        for f in (f"VAR {a} = {_number(rng)}.", f"VAR {c} = {_number(rng)}."):
             hay.insert(rng.randint(len(hay) // 10, half), f)
-        for f in facts_then:
-            hay.insert(rng.randint(half + 2, (len(hay) * 85) // 100), f)
-        # The answer is the variable B copies (RULER scores variable names too): a 135M model resolves
-        # one copy reliably but not copy-then-lookup, which left the uncompressed model near 0 %.
+        hay.insert(rng.randint(half + 2, (len(hay) * 85) // 100), f"VAR {b} = VAR {a}.")
+        hay.insert(rng.randint(len(hay) // 10, (len(hay) * 85) // 100), f"VAR {d} = {_number(rng)}.")
         return f"Which variable is VAR {b} set to?", f"VAR {b} = VAR", a
     raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
 

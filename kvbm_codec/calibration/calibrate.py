@@ -25,7 +25,7 @@ from kvbm_codec.codec.quantize import block_error_table
 from kvbm_codec.codec.rope import RotaryParams, undo_rope
 from kvbm_codec.kv import KVCache
 
-DEFAULT_TARGETS = (8.0, 16.0, 20.0, 32.0, 64.0)
+DEFAULT_TARGETS = (4.0, 8.0, 16.0, 20.0, 32.0, 64.0)
 
 
 class CalibrationModel(Protocol):

@@ -558,6 +558,9 @@ class S3ServerHandle:
             return
         self._started.set()
         self._loop.run_forever()
+        # Stopped by stop(): its handlers were cancelled there; close the loop here, in its own thread.
+        self._loop.run_until_complete(self._loop.shutdown_asyncgens())
+        self._loop.close()
 
     async def _start(self) -> None:
         self._runner = web.AppRunner(self.endpoint.app(), access_log=None)
@@ -583,6 +586,12 @@ class S3ServerHandle:
         async def _close() -> None:
             if self._runner is not None:
                 await self._runner.cleanup()
+            # Handlers still waiting on a slow client (keep-alive readers, aborted uploads) would be
+            # destroyed pending when the loop closes: cancel them and let them unwind first.
+            rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in rest:
+                t.cancel()
+            await asyncio.gather(*rest, return_exceptions=True)
 
         with contextlib.suppress(Exception):
             asyncio.run_coroutine_threadsafe(_close(), self._loop).result(timeout_s)
