@@ -188,3 +188,33 @@ def test_rerun_is_served_from_the_cache(smollm, quick_run) -> None:
     assert all("prefill_s" not in t for t in again["item_timings"])
     before = {(r["method"], r["item"]): r["ratio"] for r in bench["results"]}
     assert all(before[(r["method"], r["item"])] == r["ratio"] for r in again["results"])
+
+
+@pytest.mark.slow
+def test_cli_takes_a_model_path_and_any_text(smollm, tmp_path: Path) -> None:
+    """`--model` as a folder path and `--text` as an arbitrary file, through the real command line."""
+    from typer.testing import CliRunner
+
+    from kvbm_codec.cli import app
+    from kvbm_codec.eval.texts import calibration_texts
+    from kvbm_codec.models.registry import cache_root, resolve_model
+
+    model_dir = cache_root() / resolve_model("smollm2-135m").name  # the fixture's de-quantized copy
+    assert (model_dir / "config.json").is_file()
+    body = " ".join(calibration_texts())[:20000]  # not the bundled GPL the suite would use by default
+    text = tmp_path / "any.txt"
+    text.write_text(body, encoding="utf-8")
+    out = tmp_path / "out"
+    args = ["bench", "--model", str(model_dir), "--text", str(text), "--suite", "quick", "--methods", "kivi4"]
+    args += ["--no-throughput", "--out", str(out), "--cache-dir", str(tmp_path / "c")]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    data = json.loads((out / "bench.json").read_text())
+    assert data["methods"] == ["fp16", "kivi4"] and not data["restore_vs_recompute"]
+    lm_rows = [r for r in data["results"] if r["kind"] == "lm"]
+    assert lm_rows and all(r["context_tokens"] == SUITES["quick"].lm_context_tokens for r in lm_rows)
+    # The window really came from the given text: its fp16 row matches a direct computation's key.
+    from kvbm_codec.bench.runner import lm_items
+
+    assert {r["item"] for r in lm_rows} == {i.key for i in lm_items(smollm.tokenizer, body, SUITES["quick"])}
+    assert (out / "pareto.png").stat().st_size > 0
