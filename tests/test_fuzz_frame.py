@@ -214,7 +214,7 @@ def test_atheris_target_runs(tmp_path: Path, seeds: list[bytes], small_calibrati
         # same memory limit as the recorded long run (libFuzzer's default 2 GiB is below what torch +
         # the calibration + libFuzzer's own corpus take at start on some machines)
         [sys.executable, "-m", "fuzz.fuzz_decode", f"-runs={runs}", "-timeout=30", "-seed=1",
-         "-rss_limit_mb=4096", str(work),
+         "-rss_limit_mb=4096", f"-artifact_prefix={tmp_path}/", str(work),
          str(seeds_dir(root))],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip

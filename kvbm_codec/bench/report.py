@@ -8,7 +8,7 @@ fp16 on the same prompts (`lost` = prompts fp16 answered right and the method go
 from __future__ import annotations
 
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -192,9 +192,10 @@ def markdown(bench: dict[str, Any], summary: list[dict[str, Any]]) -> str:
         + "lost vs fp16 | enc MB/s/core | dec MB/s/core |"
     )
     sep = "|" + "---|" * (head.count("|") - 1)
-    ran = {r["item"]: r["kind"] for r in bench["results"]}  # contexts actually computed (or cached)
-    n_windows = sum(1 for k in ran.values() if k == "lm")
-    prompts = ", ".join(f"{t} x {sum(1 for k in ran.values() if k == t)}" for t in suite["tasks"]) or "none"
+    # contexts actually computed (or cached), by kind
+    ran = Counter({r["item"]: r["kind"] for r in bench["results"]}.values())
+    n_windows = ran["lm"]
+    prompts = ", ".join(f"{t} x {ran[t]}" for t in suite["tasks"]) or "none"
     lines = [
         f"# kvbm-codec bench: {bench['model']}, suite `{suite['name']}`",
         "",

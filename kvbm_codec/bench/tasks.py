@@ -120,7 +120,7 @@ def _build(task: str, rng: random.Random, hay: list[str], n_items: int) -> tuple
     if task == "kvlookup":
         # One line per pair, answered after "<key>:": the 135M model copies from this table at 10/12 on
         # the sizing seed; the same pairs as prose ("the code for <key> is") scored 6/12, as ";"-joined
-        # "<key>: <n>" with a prose answer prefix 3/12 (bench/tune_tasks.py, seed 1, fp16 only).
+        # "<key>: <n>" with a prose answer prefix 3/12 (kvbm_codec.bench.tune_tasks, seed 1, fp16 only).
         keys = rng.sample(KEYS, n_items)
         nums = [_number(rng) for _ in keys]
         block = "Inventory codes:\n" + "\n".join(f"{k}: {n}" for k, n in zip(keys, nums, strict=True)) + "\n"
