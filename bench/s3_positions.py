@@ -5,7 +5,7 @@ ways to encode the same KVBM blocks, each decoded and compared with the exact KV
 
 * ``known``: the true first position (what the gRPC path sends);
 * ``recovered``: the position the S3 endpoint recovers from the keys alone
-  (kvbm_codec/service/s3/positions.py), with the default calibration;
+  (kvbm_codec/codec/positions.py), with the default calibration;
 * ``post-rope``: a calibration fitted on keys *with* RoPE (``kvbm-codec calibrate --no-undo-rope``,
   bench/results/calibration_post_rope.kvtc), which needs no position for the transform; the recovered
   position is still used to keep sink tokens (positions < 4) exact.
@@ -37,14 +37,14 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
-    from kvbm_codec.blocks import BlockCodec, BlockSpec, block_positions, kv_to_block
+    from kvbm_codec.api.blocks import BlockCodec, BlockSpec, block_positions, kv_to_block
     from kvbm_codec.calibration.artifact import Calibration
     from kvbm_codec.calibration.cache import load_or_calibrate
     from kvbm_codec.codec.kvtc import KVTCCodec
-    from kvbm_codec.eval.texts import demo_document
+    from kvbm_codec.codec.positions import PositionEstimator, PositionSearch
     from kvbm_codec.kv import KVCache
     from kvbm_codec.models.hf import CausalLM
-    from kvbm_codec.service.s3.positions import PositionEstimator, PositionSearch
+    from kvbm_codec.texts import demo_document
 
     spec = BlockSpec(30, 32, 3, 64)
     lm = CausalLM.load()

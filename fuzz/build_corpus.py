@@ -71,8 +71,8 @@ def main() -> None:
     args = ap.parse_args()
     from kvbm_codec.calibration.artifact import Calibration
     from kvbm_codec.codec.kvtc import KVTCCodec
-    from kvbm_codec.eval.texts import calibration_texts
     from kvbm_codec.models.hf import CausalLM
+    from kvbm_codec.texts import calibration_texts
 
     lm = CausalLM.load()
     cal_file = calibration_path(args.out)

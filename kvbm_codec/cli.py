@@ -12,7 +12,7 @@ import typer
 from kvbm_codec.bench.cli import bench
 from kvbm_codec.calibration.registry_cli import registry_app
 from kvbm_codec.codec.config import CodecConfig
-from kvbm_codec.service.cli import client_app, serve
+from kvbm_codec.server.cli import client_app, serve
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 app.add_typer(registry_app, name="registry")
@@ -66,7 +66,7 @@ def calibrate(
     """Compute PCA bases, measured error tables and DP bit allocations for a model."""
     from kvbm_codec.calibration.cache import load_or_calibrate
     from kvbm_codec.calibration.calibrate import calibrate as run_calibration
-    from kvbm_codec.eval.texts import calibration_texts
+    from kvbm_codec.texts import calibration_texts
 
     lm = _load(model)
     cfg = CodecConfig(layer_group_size=layer_group_size, undo_rope=undo_rope)
@@ -150,13 +150,13 @@ def demo(
     lm = _load(model)
     cal = _calibration(lm, None, layer_group_size, fit_sequences)
     if codec_only:
-        from kvbm_codec.eval.demo import run_demo
+        from kvbm_codec.demos.codec import run_demo
 
         run_demo(lm, cal, target_cr)
         return
     if model != "smollm2-135m" or layer_group_size != CodecConfig().layer_group_size or fit_sequences != 16:
         raise typer.BadParameter("the service demo runs the embedded defaults; use --codec-only to vary them")
-    from kvbm_codec.service.demo import run_service_demo
+    from kvbm_codec.demos.offload import run_service_demo
 
     result = run_service_demo(lm, target_cr)
     if result["service_exit_code"] != 0:

@@ -31,9 +31,9 @@ from kvbm_codec.codec.errors import (
 )
 from kvbm_codec.codec.kvtc import KVTCCodec, default_raw_mask
 from kvbm_codec.codec.rope import undo_rope
-from kvbm_codec.eval.texts import calibration_texts
 from kvbm_codec.kv import KVCache
 from kvbm_codec.models.hf import CausalLM
+from kvbm_codec.texts import calibration_texts
 
 pytestmark = pytest.mark.slow
 CFG = CodecConfig(layer_group_size=6)

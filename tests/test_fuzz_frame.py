@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def seeds(smollm, small_calibration) -> list[bytes]:  # type: ignore[no-untyped-def]
-    from kvbm_codec.eval.texts import calibration_texts
+    from kvbm_codec.texts import calibration_texts
 
     ids = smollm.tokenizer(calibration_texts()[7], add_special_tokens=False, return_tensors="pt")["input_ids"]
     kv, _ = smollm.prefill(ids[:, :64], return_logits=False)

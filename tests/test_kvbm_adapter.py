@@ -22,14 +22,14 @@ from kvbm_codec.adapters.kvbm import (
     kvbm_to_kv,
     sequence_hashes,
 )
-from kvbm_codec.blocks import BlockCodec, BlockSpec, InvalidBlockError, kv_to_block
+from kvbm_codec.api.blocks import BlockCodec, BlockSpec, InvalidBlockError, kv_to_block
 from kvbm_codec.codec.kvtc import KVTCCodec
+from kvbm_codec.core.service import BlockService, ServedModel
 from kvbm_codec.eval.metrics import perplexity, top1_agreement
-from kvbm_codec.eval.texts import demo_conversation
 from kvbm_codec.kv import KVCache
-from kvbm_codec.service.core import BlockService, ServedModel
 from kvbm_codec.store.memory import MemoryTier
 from kvbm_codec.store.tiered import TieredStore
+from kvbm_codec.texts import demo_conversation
 
 MODEL = "smollm2-135m"
 TARGET_CR = 20.0

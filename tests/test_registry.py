@@ -43,9 +43,9 @@ from kvbm_codec.codec import frame as fr
 from kvbm_codec.codec.config import CodecConfig
 from kvbm_codec.codec.errors import CalibrationMismatchError, ModelMismatchError
 from kvbm_codec.codec.kvtc import KVTCCodec
-from kvbm_codec.eval.texts import calibration_texts
 from kvbm_codec.kv import KVCache
 from kvbm_codec.models.hf import CausalLM
+from kvbm_codec.texts import calibration_texts
 
 pytestmark = pytest.mark.slow
 OTHER_FP = "0" * 32

@@ -19,12 +19,12 @@ from botocore.config import Config
 from botocore.credentials import Credentials
 from botocore.exceptions import ClientError
 
-from kvbm_codec.blocks import BlockSpec, kv_to_block
-from kvbm_codec.service.core import BlockService, ServedModel
-from kvbm_codec.service.s3 import BucketBinding, CredentialConfig, S3Config, sigv4, start_s3_server
-from kvbm_codec.service.s3 import chunked as aws_chunked
-from kvbm_codec.service.s3.buckets import sequence_hash
-from kvbm_codec.service.s3.server import parse_range
+from kvbm_codec.api.blocks import BlockSpec, kv_to_block
+from kvbm_codec.core.service import BlockService, ServedModel
+from kvbm_codec.frontends.s3 import BucketBinding, CredentialConfig, S3Config, sigv4, start_s3_server
+from kvbm_codec.frontends.s3 import chunked as aws_chunked
+from kvbm_codec.frontends.s3.buckets import sequence_hash
+from kvbm_codec.frontends.s3.server import parse_range
 from kvbm_codec.store.memory import MemoryTier
 from kvbm_codec.store.tiered import TieredStore
 
@@ -38,7 +38,7 @@ N_BLOCKS = 6
 
 @pytest.fixture(scope="module")
 def blocks(smollm) -> list[bytes]:
-    from kvbm_codec.eval.texts import demo_document
+    from kvbm_codec.texts import demo_document
 
     ids = smollm.tokenizer(demo_document(), return_tensors="pt")["input_ids"][:, : 32 * N_BLOCKS]
     kv, _ = smollm.prefill(ids, return_logits=False)

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from kvbm_codec.blocks import BlockCodec, BlockSpec, block_positions
+from kvbm_codec.adapters.kv_blocks import kv_blocks
+from kvbm_codec.api.blocks import BlockCodec, BlockSpec, block_positions
 from kvbm_codec.calibration.registry import Registry
 from kvbm_codec.codec.kvtc import KVTCCodec
-from kvbm_codec.eval.texts import demo_document
-from kvbm_codec.service.core import PutItem
-from kvbm_codec.service.grpc_client import CodecClient
-from kvbm_codec.service.kv_blocks import kv_blocks
+from kvbm_codec.core.service import PutItem
+from kvbm_codec.frontends.grpc.client import CodecClient
+from kvbm_codec.texts import demo_document
 
 MODEL = "smollm2-135m"
 KILLS = 4

@@ -4,7 +4,7 @@ Layouts are those of Dynamo's KV Block Manager (kvbm / ai-dynamo 1.6.1, ``block_
 LayoutType``); every page is ``[page_size, inner]`` with ``inner = n_kv_heads * head_dim`` (heads outer):
 
 - ``FULLY_CONTIGUOUS``: one tensor ``[n_blocks, n_layers, 2, page_size, inner]`` (outer dim 2 = K, V).
-  This is KVBM's host (G2) and disk (G3) layout, and one block of it is ``kvbm_codec.blocks``' block.
+  This is KVBM's host (G2) and disk (G3) layout, and one block of it is ``kvbm_codec.api.blocks``' block.
 - ``LAYER_SEPARATE_OUTER``: one tensor per layer, ``[2, n_blocks, page_size, inner]``
   (``LayerSeparate { outer_contiguous: true }``): vLLM's FlashAttention cache
   ``[2, num_blocks, block_size, n_kv_heads, head_dim]`` as the kvbm vLLM connector registers it.
@@ -36,9 +36,9 @@ import numpy as np
 import torch
 import xxhash
 
-from kvbm_codec.blocks import BlockSpec, InvalidBlockError
+from kvbm_codec.api.blocks import BlockSpec, InvalidBlockError
+from kvbm_codec.core.service import BlockService, GetResult, PutItem, PutResult
 from kvbm_codec.kv import KVCache
-from kvbm_codec.service.core import BlockService, GetResult, PutItem, PutResult
 
 XXH3_SEED = 1337  # Dynamo's default seed for block and sequence hashes (kv router, mocker, tokens crate)
 DEFAULT_WINDOW_TOKENS = 128
@@ -249,7 +249,7 @@ class BlockTransport(Protocol):
 
     Implemented by :class:`ServiceTransport` (in-process core), ``CodecClient`` (one replica over gRPC,
     see :func:`grpc_transport`)
-    and ``kvbm_codec.service.sharding.ShardedClient`` (many replicas).
+    and ``kvbm_codec.cluster.sharding.ShardedClient`` (many replicas).
     """
 
     def put_blocks(self, items: Sequence[PutItem]) -> list[PutResult]: ...
@@ -287,7 +287,7 @@ class ServiceTransport:
 def grpc_transport(target: str, model: str, tenant: str | None = None, **options: Any) -> BlockTransport:
     """One replica over gRPC. ``CodecClient`` already has the transport's four methods with tenant and
     model bound at construction, so it is the transport itself (``options`` go to its constructor)."""
-    from kvbm_codec.service.grpc_client import CodecClient
+    from kvbm_codec.frontends.grpc.client import CodecClient
 
     return CodecClient(target, model=model, tenant=tenant, **options)
 

@@ -26,8 +26,8 @@ from kvbm_codec.bench.methods.pca_int import fit_post_rope_bases, load_bases, sa
 from kvbm_codec.bench.tasks import TASKS, make_instances, score
 from kvbm_codec.calibration.artifact import Calibration
 from kvbm_codec.eval.metrics import kl_divergence_mean, top1_agreement
-from kvbm_codec.eval.texts import demo_document
 from kvbm_codec.kv import KVCache
+from kvbm_codec.texts import demo_document
 
 CACHE_VERSION = "bench-v2"
 DMS_WINDOW = 64  # queries a token is judged by before leaving the delayed-eviction window
@@ -199,7 +199,7 @@ class Resources:
             return load_or_calibrate(self.lm, progress=self.progress)[0]
         from kvbm_codec.calibration.calibrate import calibrate
         from kvbm_codec.codec.config import CodecConfig
-        from kvbm_codec.eval.texts import calibration_texts
+        from kvbm_codec.texts import calibration_texts
 
         targets = sorted(
             {float(getattr(m, "target_cr", 16.0)) for m in self.methods if m.family.startswith("kvtc")}

@@ -18,7 +18,7 @@ from kvbm_codec.calibration.calibrate import DEFAULT_TARGETS, CalibrationModel, 
 from kvbm_codec.calibration.registry import Registry, default_root
 from kvbm_codec.codec.config import CodecConfig
 from kvbm_codec.codec.errors import CodecError
-from kvbm_codec.eval.texts import calibration_texts
+from kvbm_codec.texts import calibration_texts
 
 
 def cache_dir() -> Path:

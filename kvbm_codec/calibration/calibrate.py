@@ -149,7 +149,7 @@ def calibrate(
 def calibrate_small(lm: CalibrationModel) -> Calibration:
     """A real but small calibration (4 x 512 tokens, 6-layer bases, 8x and 20x allocations): seconds
     instead of minutes on 2 cores. The test fixtures and the fuzz corpus share it."""
-    from kvbm_codec.eval.texts import calibration_texts
+    from kvbm_codec.texts import calibration_texts
 
     return calibrate(
         lm,

@@ -21,8 +21,8 @@ from kvbm_codec.calibration.calibrate import compressible, token_sequences
 from kvbm_codec.codec.config import CodecConfig
 from kvbm_codec.codec.kvtc import default_raw_mask
 from kvbm_codec.codec.pca import CovarianceAccumulator, PCABasis
-from kvbm_codec.eval.texts import calibration_texts
 from kvbm_codec.kv import KVCache
+from kvbm_codec.texts import calibration_texts
 
 
 def _features(x: torch.Tensor) -> torch.Tensor:

@@ -40,10 +40,10 @@ def serve(
     log_level: Annotated[str | None, typer.Option(help="DEBUG, INFO, WARNING, ERROR")] = None,
 ) -> None:
     """Run the gRPC service until SIGTERM/SIGINT, then drain in-flight requests and exit."""
+    from kvbm_codec.frontends.grpc.server import CodecServer
+    from kvbm_codec.server.app import build_service
     from kvbm_codec.service import logging as slog
-    from kvbm_codec.service.app import build_service
     from kvbm_codec.service.config import ServiceConfig
-    from kvbm_codec.service.grpc_server import CodecServer
 
     cfg = ServiceConfig.load(config, host=host, grpc_port=port, metrics_port=metrics_port, workers=workers)
     if log_format is not None:
@@ -53,7 +53,7 @@ def serve(
     slog.configure(cfg.logging.format, cfg.logging.level)
     log = slog.get_logger("kvbm_codec.service")
     log.info("starting", extra=slog.fields(models=[m.name for m in cfg.models], config=str(config or "")))
-    from kvbm_codec.service.auth import from_config as security_from_config
+    from kvbm_codec.frontends.grpc.auth import from_config as security_from_config
 
     credentials, authenticate = security_from_config(cfg)  # before the model loads: fail fast
     if s3_port is not None:
@@ -62,13 +62,13 @@ def serve(
     server = CodecServer(svc, cfg, authenticate=authenticate, credentials=credentials).start()
     s3 = None
     if cfg.s3.enabled:
-        from kvbm_codec.service.s3.server import start_s3_server
+        from kvbm_codec.frontends.s3.server import start_s3_server
 
         s3 = start_s3_server(svc, cfg.s3)  # credentials from KVBM_CODEC_S3_ACCESS_KEY / _SECRET_KEY
         log.info("s3 endpoint listening", extra=slog.fields(url=s3.url))
     registration = None
     if cfg.dynamo.enabled:
-        from kvbm_codec.service.discovery import register_server
+        from kvbm_codec.cluster.discovery import register_server
 
         registration = register_server(cfg, server.port)
     server.install_signal_handlers()
@@ -82,15 +82,15 @@ def serve(
 
 
 def _client(target: str, model: str, tenant: str | None, token: str | None, root_cert: Path | None):  # type: ignore[no-untyped-def]
-    from kvbm_codec.service.grpc_client import CodecClient
+    from kvbm_codec.frontends.grpc.client import CodecClient
 
     return CodecClient(target, model=model, tenant=tenant, token=token, root_cert=root_cert)
 
 
 def _local_blocks(client, model: str, text: Path | None, max_tokens: int):  # type: ignore[no-untyped-def]
-    from kvbm_codec.eval.texts import demo_document
+    from kvbm_codec.adapters.kv_blocks import kv_blocks
     from kvbm_codec.models.hf import CausalLM
-    from kvbm_codec.service.kv_blocks import kv_blocks
+    from kvbm_codec.texts import demo_document
 
     spec = client.spec()
     body = text.read_text(encoding="utf-8", errors="replace") if text is not None else demo_document()
@@ -115,8 +115,8 @@ def client_put(
     root_cert: RootCertOpt = None,
 ) -> None:
     """Prefill the text with the real model, cut its KV into KVBM blocks, store them."""
-    from kvbm_codec.service.core import PutItem
-    from kvbm_codec.service.errors import ServiceError
+    from kvbm_codec.api.errors import ServiceError
+    from kvbm_codec.core.service import PutItem
 
     with _client(target, model, tenant, token, root_cert) as c:
         try:
@@ -157,7 +157,7 @@ def client_get(
     root_cert: RootCertOpt = None,
 ) -> None:
     """Fetch the text's blocks back; report hits, compression ratio and error against the real KV."""
-    from kvbm_codec.service.errors import ServiceError
+    from kvbm_codec.api.errors import ServiceError
 
     with _client(target, model, tenant, token, root_cert) as c:
         try:
@@ -205,7 +205,7 @@ def client_stats(
     """Served models (block specs, calibrations), tiers and limits, as JSON."""
     from google.protobuf.json_format import MessageToDict
 
-    from kvbm_codec.service.errors import ServiceError
+    from kvbm_codec.api.errors import ServiceError
 
     with _client(target, "", tenant, token, root_cert) as c:
         try:
@@ -222,7 +222,7 @@ def client_health(
     root_cert: RootCertOpt = None,
 ) -> None:
     """Standard gRPC health check; exit 0 only when SERVING."""
-    from kvbm_codec.service.errors import ServiceError
+    from kvbm_codec.api.errors import ServiceError
 
     with _client(target, "", None, None, root_cert) as c:
         try:

@@ -6,7 +6,7 @@ block to the same replica with no coordination. The tier is a cache: a replica t
 blocks with it, and the client reports them as misses (the engine recomputes), never as errors and never
 as another replica's data.
 
-Membership comes from a :class:`Membership` source (``kvbm_codec.service.discovery.DynamoDiscovery`` in
+Membership comes from a :class:`Membership` source (``kvbm_codec.cluster.discovery.DynamoDiscovery`` in
 production, a fixed map in tests). A replica that fails a call with a transport error (UNAVAILABLE,
 connection refused, deadline) is marked dead at once and left off the ring until discovery stops listing
 it (its Dynamo lease lapses) or ``dead_retry_s`` passes; puts that failed are re-routed to the new owner.
@@ -25,8 +25,8 @@ from typing import Any, Protocol, TypeVar
 import xxhash
 
 from kvbm_codec.adapters.kvbm import BlockTransport
-from kvbm_codec.service.core import GetResult, PutItem, PutResult
-from kvbm_codec.service.errors import ServiceError, ShuttingDownError
+from kvbm_codec.api.errors import ServiceError, ShuttingDownError
+from kvbm_codec.core.service import GetResult, PutItem, PutResult
 from kvbm_codec.service.logging import fields, get_logger
 
 log = get_logger(__name__)

@@ -26,15 +26,15 @@ from grpc_reflection.v1alpha import reflection
 from kvbm_codec import __version__
 from kvbm_codec._proto import kvbm_codec_pb2 as pb
 from kvbm_codec._proto import kvbm_codec_pb2_grpc as pb_grpc
-from kvbm_codec.codec import frame as fr
-from kvbm_codec.codec.errors import FrameError
-from kvbm_codec.service.config import ServiceConfig
-from kvbm_codec.service.core import BlockService, GetResult, PutItem, ServedModel
-from kvbm_codec.service.errors import (
+from kvbm_codec.api.errors import (
     InvalidRequestError,
     RequestTooLargeError,
     ServiceError,
 )
+from kvbm_codec.codec import frame as fr
+from kvbm_codec.codec.errors import FrameError
+from kvbm_codec.core.service import BlockService, GetResult, PutItem, ServedModel
+from kvbm_codec.service.config import ServiceConfig
 from kvbm_codec.service.logging import fields, get_logger
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["KvbmCodec"].full_name
@@ -524,7 +524,7 @@ class CodecServer:
     def _staging(self) -> Any:
         n = self.cfg.nixl
         try:
-            from kvbm_codec.service.nixl_staging import StagingPool
+            from kvbm_codec.transport.staging import StagingPool
 
             return StagingPool.create(
                 n.agent_name,

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvbm_codec.service.errors import InvalidRequestError, OverloadedError
+from kvbm_codec.api.errors import InvalidRequestError, OverloadedError
 from kvbm_codec.transport.nixl import NixlAgent, Registration, RemoteRegion
 
 

@@ -24,7 +24,7 @@ import torch
 
 from kvbm_codec.adapters.kvbm import KvbmTierClient, concat_tokens, kv_to_kvbm, kvbm_to_kv
 from kvbm_codec.eval.continuation import compare_continuation, describe
-from kvbm_codec.eval.texts import demo_conversation
+from kvbm_codec.texts import demo_conversation
 
 STARTUP_TIMEOUT_S = 600.0  # first start may load the GGUF model and calibrate (minutes on 2 cores)
 
@@ -97,7 +97,7 @@ class ServiceProcess:
 def run_service_demo(
     lm: Any, target_cr: float = 20.0, answer_tokens: int = 48, say: Callable[[str], None] = print
 ) -> dict[str, Any]:
-    from kvbm_codec.service.grpc_client import CodecClient
+    from kvbm_codec.frontends.grpc.client import CodecClient
 
     prompt = demo_conversation(lm.tokenizer)
     ids = lm.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]

@@ -16,12 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvbm_codec.blocks import BlockCodec, BlockSpec, InvalidBlockError, block_positions
-from kvbm_codec.calibration.artifact import Calibration
-from kvbm_codec.codec import frame as fr
-from kvbm_codec.codec.errors import FrameChecksumError, FrameError, FrameSizeError
-from kvbm_codec.codec.kvtc import KVTCCodec
-from kvbm_codec.service.errors import (
+from kvbm_codec.api.blocks import BlockCodec, BlockSpec, InvalidBlockError, block_positions
+from kvbm_codec.api.errors import (
     CapacityError,
     CorruptBlockError,
     IncompatibleFrameError,
@@ -32,7 +28,11 @@ from kvbm_codec.service.errors import (
     ShuttingDownError,
     UnknownModelError,
 )
-from kvbm_codec.service.metrics import ServiceMetrics
+from kvbm_codec.calibration.artifact import Calibration
+from kvbm_codec.codec import frame as fr
+from kvbm_codec.codec.errors import FrameChecksumError, FrameError, FrameSizeError
+from kvbm_codec.codec.kvtc import KVTCCodec
+from kvbm_codec.core.metrics import ServiceMetrics
 from kvbm_codec.store.base import BlockKey, BlockStore, BlockTooLargeError, StoreFullError
 
 

@@ -11,7 +11,7 @@ import torch
 from kvbm_codec.calibration.artifact import Calibration
 from kvbm_codec.codec.kvtc import KVTCCodec
 from kvbm_codec.eval.continuation import compare_continuation, describe
-from kvbm_codec.eval.texts import demo_conversation
+from kvbm_codec.texts import demo_conversation
 
 
 def run_demo(

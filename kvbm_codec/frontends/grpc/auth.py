@@ -25,7 +25,7 @@ from typing import Any
 
 import grpc
 
-from kvbm_codec.service.errors import PermissionDeniedError, ServiceError, UnauthenticatedError
+from kvbm_codec.api.errors import PermissionDeniedError, ServiceError, UnauthenticatedError
 
 log = logging.getLogger(__name__)
 

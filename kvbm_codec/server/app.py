@@ -9,13 +9,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from kvbm_codec.blocks import BlockSpec
+from kvbm_codec.api.blocks import BlockSpec
 from kvbm_codec.calibration.artifact import Calibration
 from kvbm_codec.codec.errors import CodecError
+from kvbm_codec.core.metrics import ServiceMetrics
+from kvbm_codec.core.service import BlockService, Limits, ServedModel
 from kvbm_codec.service.config import ModelConfig, ServiceConfig
-from kvbm_codec.service.core import BlockService, Limits, ServedModel
 from kvbm_codec.service.logging import fields, get_logger
-from kvbm_codec.service.metrics import ServiceMetrics
 from kvbm_codec.store.base import Tier
 from kvbm_codec.store.memory import MemoryTier
 from kvbm_codec.store.tiered import TieredStore

@@ -24,10 +24,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kvbm_codec._proto import kvbm_codec_pb2 as pb
 from kvbm_codec._proto import kvbm_codec_pb2_grpc as pb_grpc
-from kvbm_codec.blocks import BlockSpec
-from kvbm_codec.service import errors as errs
-from kvbm_codec.service.core import GetResult, PutItem, PutResult
-from kvbm_codec.service.grpc_server import (
+from kvbm_codec.api import errors as errs
+from kvbm_codec.api.blocks import BlockSpec
+from kvbm_codec.core.service import GetResult, PutItem, PutResult
+from kvbm_codec.frontends.grpc.server import (
     ERROR_CODE_KEY,
     RETRY_AFTER_KEY,
     SERVICE_NAME,

@@ -35,21 +35,21 @@ from xml.sax.saxutils import escape
 import torch
 from aiohttp import web
 
-from kvbm_codec.blocks import InvalidBlockError
+from kvbm_codec.api.blocks import InvalidBlockError
+from kvbm_codec.api.errors import ServiceError
 from kvbm_codec.codec.errors import FrameError
-from kvbm_codec.service.core import BlockService, PutItem
-from kvbm_codec.service.errors import ServiceError
-from kvbm_codec.service.s3 import checksums, chunked, sigv4
-from kvbm_codec.service.s3.buckets import Bucket, KeyIndex, lookup, resolve, sequence_hash
-from kvbm_codec.service.s3.config import BucketBinding, S3Config
-from kvbm_codec.service.s3.errors import (
+from kvbm_codec.core.service import BlockService, PutItem
+from kvbm_codec.frontends.s3 import checksums, chunked, sigv4
+from kvbm_codec.frontends.s3.buckets import Bucket, KeyIndex, lookup, resolve, sequence_hash
+from kvbm_codec.frontends.s3.config import BucketBinding, S3Config
+from kvbm_codec.frontends.s3.errors import (
     S3Error,
     entity_too_large,
     from_service,
     invalid_argument,
     no_such_key,
 )
-from kvbm_codec.service.s3.multipart import Uploads
+from kvbm_codec.frontends.s3.multipart import Uploads
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from xml.sax.saxutils import escape
 
-from kvbm_codec.service import errors as svc
+from kvbm_codec.api import errors as svc
 
 
 class S3Error(Exception):

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from defusedxml import ElementTree
 from defusedxml.common import DefusedXmlException
 
-from kvbm_codec.service.s3.errors import S3Error, entity_too_large, invalid_argument
+from kvbm_codec.frontends.s3.errors import S3Error, entity_too_large, invalid_argument
 
 MAX_PARTS = 10000
 MIN_PART_BYTES = 5 << 20  # every part but the last, as S3 requires

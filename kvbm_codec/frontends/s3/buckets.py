@@ -14,11 +14,11 @@ import threading
 import time
 from dataclasses import dataclass
 
-from kvbm_codec.blocks import BlockSpec
-from kvbm_codec.service.core import BlockService, ServedModel
-from kvbm_codec.service.s3.config import BucketBinding
-from kvbm_codec.service.s3.errors import S3Error, no_such_bucket
-from kvbm_codec.service.s3.positions import PositionEstimator, PositionSearch
+from kvbm_codec.api.blocks import BlockSpec
+from kvbm_codec.codec.positions import PositionEstimator, PositionSearch
+from kvbm_codec.core.service import BlockService, ServedModel
+from kvbm_codec.frontends.s3.config import BucketBinding
+from kvbm_codec.frontends.s3.errors import S3Error, no_such_bucket
 
 MAX_KEY_BYTES = 1024
 

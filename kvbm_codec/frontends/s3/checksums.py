@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from awscrt import checksums as crt
 
-from kvbm_codec.service.s3.errors import S3Error, invalid_request
+from kvbm_codec.frontends.s3.errors import S3Error, invalid_request
 
 
 def _crc(fn: Callable[[bytes], int], width: int) -> Callable[[bytes], bytes]:

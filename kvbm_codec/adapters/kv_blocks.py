@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from kvbm_codec.adapters.kvbm import sequence_hashes
-from kvbm_codec.blocks import BlockSpec, kv_to_block
+from kvbm_codec.api.blocks import BlockSpec, kv_to_block
 
 __all__ = ["KVBlock", "kv_blocks", "sequence_hashes"]
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from kvbm_codec.service.s3 import checksums, sigv4
-from kvbm_codec.service.s3.errors import S3Error, entity_too_large, invalid_argument
+from kvbm_codec.frontends.s3 import checksums, sigv4
+from kvbm_codec.frontends.s3.errors import S3Error, entity_too_large, invalid_argument
 
 
 def _incomplete(why: str) -> S3Error:

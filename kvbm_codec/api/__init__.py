@@ -1,0 +1,1 @@
+"""The block contract every layer speaks: spec and layout, request types, protocols, errors."""
