@@ -27,7 +27,8 @@ from kvbm_codec.api.errors import (
 )
 from kvbm_codec.core.service import PutItem, ServedModel
 from kvbm_codec.frontends.grpc.client import CodecClient, RpcFailedError
-from kvbm_codec.frontends.grpc.server import SERVICE_NAME, CodecServer
+from kvbm_codec.frontends.grpc.server import CodecServer
+from kvbm_codec.frontends.grpc.wire import SERVICE_NAME
 from kvbm_codec.server.app import build_service
 from kvbm_codec.service.config import ModelConfig, NixlConfig, ServiceConfig
 from kvbm_codec.texts import demo_document

@@ -39,7 +39,6 @@ class NoReplicaError(ServiceError):
     """No live replica is known: nothing can be stored (reads are misses)."""
 
     code = "no_replica"
-    grpc_status = "UNAVAILABLE"
 
 
 def _point(data: bytes) -> int:

@@ -26,6 +26,7 @@ from typing import Any
 import grpc
 
 from kvbm_codec.api.errors import PermissionDeniedError, ServiceError, UnauthenticatedError
+from kvbm_codec.frontends.grpc.wire import abort
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,6 @@ BEARER = "bearer "
 MAX_TOKEN_BYTES = 4096
 """Longer "tokens" are refused before hashing: no legitimate bearer token is that long."""
 TENANT_ENV = "KVBM_CODEC_AUTH_TOKENS"
-ERROR_CODE_KEY = "kvbm-error-code"  # grpc_server.ERROR_CODE_KEY (not imported: that pulls in torch)
 
 
 # ---- TLS --------------------------------------------------------------------------------------------
@@ -269,7 +269,7 @@ class AuthPolicy:
 
 
 class Authenticator:
-    """The gRPC ``authenticate(context) -> tenant`` hook of ``grpc_server.CodecServer``.
+    """The gRPC ``authenticate(context) -> tenant`` hook of ``frontends.grpc.server.CodecServer``.
 
     Calling it returns the tenant or raises ``UnauthenticatedError`` / ``PermissionDeniedError``,
     which the server turns into UNAUTHENTICATED / PERMISSION_DENIED with the stable code in trailing
@@ -297,9 +297,7 @@ class Authenticator:
         try:
             return self(context)
         except ServiceError as e:
-            context.set_trailing_metadata(((ERROR_CODE_KEY, e.code),))
-            context.abort(getattr(grpc.StatusCode, e.grpc_status), e.message)
-            raise AssertionError("unreachable: context.abort raises") from e
+            abort(context, e)
 
 
 def policy_from_settings(

@@ -27,16 +27,15 @@ from kvbm_codec._proto import kvbm_codec_pb2_grpc as pb_grpc
 from kvbm_codec.api import errors as errs
 from kvbm_codec.api.blocks import BlockSpec
 from kvbm_codec.core.service import GetResult, PutItem, PutResult
-from kvbm_codec.frontends.grpc.server import (
+from kvbm_codec.frontends.grpc.wire import (
     ERROR_CODE_KEY,
     RETRY_AFTER_KEY,
     SERVICE_NAME,
+    TENANT_KEY,
     DeadlineError,
     NixlPathError,
     NixlUnavailableError,
 )
-
-TENANT_KEY = "x-kvbm-tenant"
 
 
 class RpcFailedError(errs.ServiceError):

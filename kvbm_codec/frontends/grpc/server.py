@@ -1,9 +1,10 @@
 """gRPC front end of the service: protobuf <-> BlockService, errors -> gRPC status, NIXL data path.
 
 Every RPC runs inside ``svc.request(method)`` (admission control, latency, counts). A ServiceError
-becomes its ``grpc_status`` with the message as details and, in trailing metadata, the stable code
-(``kvbm-error-code``) and any retry hint (``retry-after-ms``, and ``grpc-retry-pushback-ms``, which
-gRPC's own retry policy obeys; ``-1`` there tells it not to retry a refusal that would fail again).
+becomes the gRPC status ``wire.status_of`` maps its code to, with the message as details and, in
+trailing metadata, the stable code (``kvbm-error-code``) and any retry hint (``retry-after-ms``, and
+``grpc-retry-pushback-ms``, which gRPC's own retry policy obeys; ``-1`` there tells it not to retry a
+refusal that would fail again).
 """
 
 from __future__ import annotations
@@ -34,13 +35,18 @@ from kvbm_codec.api.errors import (
 from kvbm_codec.codec import frame as fr
 from kvbm_codec.codec.errors import FrameError
 from kvbm_codec.core.service import BlockService, GetResult, PutItem, ServedModel
+from kvbm_codec.frontends.grpc.wire import (
+    ERROR_CODE_KEY,
+    SERVICE_NAME,
+    DeadlineError,
+    NixlPathError,
+    NixlUnavailableError,
+    abort,
+    status_of,
+)
 from kvbm_codec.service.config import ServiceConfig
 from kvbm_codec.service.logging import fields, get_logger
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["KvbmCodec"].full_name
-ERROR_CODE_KEY = "kvbm-error-code"
-RETRY_AFTER_KEY = "retry-after-ms"
-PUSHBACK_KEY = "grpc-retry-pushback-ms"
 _MAX_POSITION = 1 << 62
 
 log = get_logger(__name__)
@@ -58,42 +64,6 @@ def no_auth(tenant: str = "default") -> Authenticate:
 
 
 SPARE_HANDLER_THREADS = 8
-
-
-class DeadlineError(ServiceError):
-    code = "deadline_exceeded"
-    grpc_status = "DEADLINE_EXCEEDED"
-
-
-class NixlUnavailableError(ServiceError):
-    code = "nixl_unavailable"
-    grpc_status = "UNIMPLEMENTED"
-
-
-class NixlPathError(ServiceError):
-    """The NIXL transfer itself failed (peer unreachable, timed out); the request stored nothing."""
-
-    code = "nixl_transfer"
-    grpc_status = "UNAVAILABLE"
-
-
-# Refusals that would fail the same way again: tell gRPC's retry policy not to replay them.
-_NO_RETRY = frozenset({"too_large", "invalid_request", "invalid_block", "unknown_model"})
-
-
-def _trailers(e: ServiceError) -> tuple[tuple[str, str], ...]:
-    md: list[tuple[str, str]] = [(ERROR_CODE_KEY, e.code)]
-    if e.retry_after_s is not None:
-        ms = str(max(0, math.ceil(e.retry_after_s * 1000)))
-        md += [(RETRY_AFTER_KEY, ms), (PUSHBACK_KEY, ms)]
-    elif e.grpc_status in ("RESOURCE_EXHAUSTED", "UNAVAILABLE") and e.code in _NO_RETRY:
-        md.append((PUSHBACK_KEY, "-1"))
-    return tuple(md)
-
-
-def _abort(context: grpc.ServicerContext, e: ServiceError) -> None:
-    context.set_trailing_metadata(_trailers(e))
-    context.abort(getattr(grpc.StatusCode, e.grpc_status, grpc.StatusCode.INTERNAL), e.message)
 
 
 @dataclass
@@ -115,11 +85,11 @@ class _Deadline:
 
 
 def _nixl_error(e: Exception) -> ServiceError:
-    status = getattr(e, "grpc_status", "UNAVAILABLE")
-    err = NixlPathError(str(e))
-    if status == "DEADLINE_EXCEEDED":
-        err = DeadlineError(f"NIXL transfer timed out: {e}")
-    return err
+    from kvbm_codec.transport.nixl import NixlTimeoutError
+
+    if isinstance(e, NixlTimeoutError):
+        return DeadlineError(f"NIXL transfer timed out: {e}")
+    return NixlPathError(str(e))
 
 
 class KvbmCodecServicer(pb_grpc.KvbmCodecServicer):
@@ -148,7 +118,7 @@ class KvbmCodecServicer(pb_grpc.KvbmCodecServicer):
                 return fn(tenant, deadline)
         except ServiceError as e:
             self._log_refusal(method, e, t0)
-            _abort(context, e)
+            abort(context, e)
         except Exception as e:  # a bug: report INTERNAL without leaking internals to the caller
             log.exception("unhandled error", extra=fields(method=method, error=type(e).__name__))
             context.set_trailing_metadata(((ERROR_CODE_KEY, "internal"),))
@@ -161,7 +131,7 @@ class KvbmCodecServicer(pb_grpc.KvbmCodecServicer):
             extra=fields(
                 method=method,
                 code=e.code,
-                status=e.grpc_status,
+                status=status_of(e).name,
                 ms=round((time.perf_counter() - t0) * 1000, 2),
                 detail=e.message[:200],
             ),
@@ -299,7 +269,7 @@ class KvbmCodecServicer(pb_grpc.KvbmCodecServicer):
                 yield from self._get(tenant, request, deadline)
         except ServiceError as e:
             self._log_refusal("get", e, t0)
-            _abort(context, e)
+            abort(context, e)
         except Exception as e:
             log.exception("unhandled error", extra=fields(method="get", error=type(e).__name__))
             context.set_trailing_metadata(((ERROR_CODE_KEY, "internal"),))
