@@ -40,7 +40,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from kvbm_codec.adapters.kv_blocks import KVBlock
 from kvbm_codec.api.blocks import BlockSpec
 from kvbm_codec.api.errors import ServiceError
-from kvbm_codec.core.service import PutItem, ServedModel
+from kvbm_codec.api.types import PutItem
+from kvbm_codec.core.service import ServedModel
 from kvbm_codec.frontends.grpc.client import CodecClient
 
 MODEL = "smollm2-135m"

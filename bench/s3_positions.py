@@ -37,9 +37,10 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
-    from kvbm_codec.api.blocks import BlockCodec, BlockSpec, block_positions, kv_to_block
-    from kvbm_codec.calibration.artifact import Calibration
+    from kvbm_codec.api.blocks import BlockSpec, block_positions, kv_to_block
+    from kvbm_codec.calibration.artifact import load_calibration
     from kvbm_codec.calibration.cache import load_or_calibrate
+    from kvbm_codec.codec.block import KVTCBlockCodec
     from kvbm_codec.codec.kvtc import KVTCCodec
     from kvbm_codec.codec.positions import PositionEstimator, PositionSearch
     from kvbm_codec.kv import KVCache
@@ -49,11 +50,11 @@ def main() -> None:
     spec = BlockSpec(30, 32, 3, 64)
     lm = CausalLM.load()
     cal, _, _ = load_or_calibrate(lm, progress=False)
-    codecs = {"known": BlockCodec(KVTCCodec(cal, args.target_cr), spec)}
+    codecs = {"known": KVTCBlockCodec(KVTCCodec(cal, args.target_cr), spec)}
     codecs["recovered"] = codecs["known"]
     if args.post_rope.is_file():
-        post = Calibration.load(args.post_rope, expected_fingerprint=cal.model_fingerprint)
-        codecs["post-rope"] = BlockCodec(KVTCCodec(post, args.target_cr), spec)
+        post = load_calibration(args.post_rope, expected_fingerprint=cal.model_fingerprint)
+        codecs["post-rope"] = KVTCBlockCodec(KVTCCodec(post, args.target_cr), spec)
     est = PositionEstimator(cal, PositionSearch(max_position=args.max_position, alignment=spec.page_size))
     ids = lm.tokenizer(demo_document(), return_tensors="pt")["input_ids"]
     n_blocks = args.context_tokens // spec.page_size

@@ -24,8 +24,9 @@ import torch
 
 from kvbm_codec.adapters.kv_blocks import kv_blocks
 from kvbm_codec.api.blocks import BlockSpec
+from kvbm_codec.api.types import PutItem
 from kvbm_codec.calibration.cache import load_or_calibrate
-from kvbm_codec.core.service import PutItem, ServedModel
+from kvbm_codec.core.service import ServedModel
 from kvbm_codec.frontends.grpc.client import CodecClient
 from kvbm_codec.frontends.grpc.server import CodecServer
 from kvbm_codec.models.hf import CausalLM

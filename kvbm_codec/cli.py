@@ -31,11 +31,11 @@ def _load(model: str):
 
 
 def _calibration(lm, calibration: Path | None, layer_group_size: int, fit_sequences: int):
-    from kvbm_codec.calibration.artifact import Calibration
+    from kvbm_codec.calibration.artifact import load_calibration
     from kvbm_codec.calibration.cache import load_or_calibrate
 
     if calibration is not None:
-        return Calibration.load(calibration, expected_fingerprint=lm.info.fingerprint)
+        return load_calibration(calibration, expected_fingerprint=lm.info.fingerprint)
     cal, path, fresh = load_or_calibrate(
         lm, CodecConfig(layer_group_size=layer_group_size), fit_sequences=fit_sequences
     )
@@ -64,6 +64,7 @@ def calibrate(
     ] = True,
 ) -> None:
     """Compute PCA bases, measured error tables and DP bit allocations for a model."""
+    from kvbm_codec.calibration.artifact import save_calibration
     from kvbm_codec.calibration.cache import load_or_calibrate
     from kvbm_codec.calibration.calibrate import calibrate as run_calibration
     from kvbm_codec.texts import calibration_texts
@@ -76,7 +77,7 @@ def calibrate(
         cal = run_calibration(
             lm, calibration_texts(), cfg, fit_sequences=fit_sequences, text_source="pydoc_data.topics"
         )
-        cal.save(out)
+        save_calibration(cal, out)
         path = out
     if registry is not None:
         from kvbm_codec.calibration.registry_cli import publish_calibration

@@ -394,7 +394,8 @@ def test_tenant_isolation_over_mtls(pki: Pki, small_calibration, one_block: byte
     import urllib.request
 
     from kvbm_codec.api.blocks import BlockSpec
-    from kvbm_codec.core.service import PutItem, ServedModel
+    from kvbm_codec.api.types import PutItem
+    from kvbm_codec.core.service import ServedModel
     from kvbm_codec.frontends.grpc.auth import from_config
     from kvbm_codec.frontends.grpc.client import CodecClient, RpcFailedError
     from kvbm_codec.frontends.grpc.server import CodecServer

@@ -26,7 +26,8 @@ from kvbm_codec.api.errors import (
     ServiceError,
     UnknownModelError,
 )
-from kvbm_codec.core.service import BlockService, Limits, PutItem, ServedModel
+from kvbm_codec.api.types import PutItem
+from kvbm_codec.core.service import BlockService, Limits, ServedModel
 from kvbm_codec.store.base import BlockKey
 from kvbm_codec.store.memory import MemoryTier
 from kvbm_codec.store.tiered import TieredStore

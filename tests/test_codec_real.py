@@ -14,7 +14,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from kvbm_codec.calibration.artifact import Calibration, CalibrationIntegrityError
+from kvbm_codec.calibration.artifact import CalibrationIntegrityError, load_calibration, save_calibration
 from kvbm_codec.calibration.calibrate import compressible, error_tables, token_sequences
 from kvbm_codec.cli import app
 from kvbm_codec.codec import frame as fr
@@ -30,6 +30,7 @@ from kvbm_codec.codec.errors import (
     ModelMismatchError,
 )
 from kvbm_codec.codec.kvtc import KVTCCodec, default_raw_mask
+from kvbm_codec.codec.params import Calibration
 from kvbm_codec.codec.rope import undo_rope
 from kvbm_codec.kv import KVCache
 from kvbm_codec.models.hf import CausalLM
@@ -44,7 +45,7 @@ def calibration(
     small_calibration: Calibration, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[Calibration, Path]:
     path = tmp_path_factory.mktemp("cal") / "smollm.kvtc"
-    small_calibration.save(path)
+    save_calibration(small_calibration, path)
     return small_calibration, path
 
 
@@ -204,11 +205,11 @@ def test_other_calibration_or_model_is_refused(calibration, kv: KVCache) -> None
 
 def test_artifact_checksum_and_model_binding(calibration, tmp_path: Path) -> None:
     cal, path = calibration
-    again = Calibration.load(path, expected_fingerprint=cal.model_fingerprint)
+    again = load_calibration(path, expected_fingerprint=cal.model_fingerprint)
     assert again.calibration_id == cal.calibration_id
     assert again.allocation(20.0).allocation_id == cal.allocation(20.0).allocation_id
     with pytest.raises(ModelMismatchError):
-        Calibration.load(path, expected_fingerprint="0" * 32)
+        load_calibration(path, expected_fingerprint="0" * 32)
     raw = path.read_bytes()
     for where in (len(raw) // 3, len(raw) - 10):
         bad = bytearray(raw)
@@ -216,7 +217,7 @@ def test_artifact_checksum_and_model_binding(calibration, tmp_path: Path) -> Non
         p = tmp_path / f"bad{where}.kvtc"
         p.write_bytes(bytes(bad))
         with pytest.raises(CalibrationIntegrityError):
-            Calibration.load(p)
+            load_calibration(p)
     with pytest.raises(KeyError, match="available"):
         cal.allocation(99.0)
 

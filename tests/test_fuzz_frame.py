@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 
 from fuzz.build_corpus import calibration_path, make_seeds, seeds_dir
 from fuzz.harness import DecodeOracle, ParseOracle, WrongDecodeError, reseal, reseal_chunks
+from kvbm_codec.calibration.artifact import save_calibration
 from kvbm_codec.codec.errors import CodecError
 from kvbm_codec.codec.kvtc import KVTCCodec
 
@@ -203,7 +204,7 @@ def test_hostile_header_values_are_codec_errors(seeds: list[bytes], decode_oracl
 def test_atheris_target_runs(tmp_path: Path, seeds: list[bytes], small_calibration) -> None:  # type: ignore[no-untyped-def]
     root = tmp_path / "fuzz"
     seeds_dir(root).mkdir(parents=True)
-    small_calibration.save(calibration_path(root))
+    save_calibration(small_calibration, calibration_path(root))
     for i, s in enumerate(seeds):
         (seeds_dir(root) / f"{i}.kvtc").write_bytes(s)
     work = tmp_path / "corpus"

@@ -35,7 +35,8 @@ import yaml
 
 from kvbm_codec.api.blocks import BlockSpec, kv_to_block
 from kvbm_codec.api.errors import CorruptBlockError, OverloadedError, RequestTooLargeError
-from kvbm_codec.core.service import BlockService, PutItem, ServedModel
+from kvbm_codec.api.types import PutItem
+from kvbm_codec.core.service import BlockService, ServedModel
 from kvbm_codec.server.app import build_service
 from kvbm_codec.service.config import ServiceConfig
 

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from kvbm_codec.api.blocks import BlockSpec, block_positions, block_to_kv, kv_to_block
-from kvbm_codec.core.service import BlockService, PutItem, ServedModel
+from kvbm_codec.api.types import PutItem
+from kvbm_codec.core.service import BlockService, ServedModel
 from kvbm_codec.frontends.s3 import BucketBinding, CredentialConfig, S3Config, start_s3_server
 from kvbm_codec.kv import KVCache
 from kvbm_codec.store.memory import MemoryTier

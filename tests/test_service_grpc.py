@@ -25,7 +25,8 @@ from kvbm_codec.api.errors import (
     OverloadedError,
     UnknownModelError,
 )
-from kvbm_codec.core.service import PutItem, ServedModel
+from kvbm_codec.api.types import PutItem
+from kvbm_codec.core.service import ServedModel
 from kvbm_codec.frontends.grpc.client import CodecClient, RpcFailedError
 from kvbm_codec.frontends.grpc.server import CodecServer
 from kvbm_codec.frontends.grpc.wire import SERVICE_NAME

@@ -8,9 +8,9 @@ import random
 import pytest
 import torch
 
-from kvbm_codec.adapters.kvbm import BlockTransport, ServiceTransport
 from kvbm_codec.api.blocks import BlockSpec
 from kvbm_codec.api.errors import OverloadedError
+from kvbm_codec.api.types import BlockTransport, PutItem
 from kvbm_codec.cluster.sharding import (
     HashRing,
     NoReplicaError,
@@ -18,7 +18,7 @@ from kvbm_codec.cluster.sharding import (
     StaticMembership,
     is_replica_failure,
 )
-from kvbm_codec.core.service import BlockService, PutItem, ServedModel
+from kvbm_codec.core.service import BlockService, ServedModel, ServiceTransport
 from kvbm_codec.store.memory import MemoryTier
 from kvbm_codec.store.tiered import TieredStore
 

@@ -1,14 +1,10 @@
-"""A KVBM block as the service stores it, and its codec.
+"""A KVBM block as every layer sees it: its spec, its bytes, and the one conversion to and from KVCache.
 
 KVBM moves KV in fixed pages ("blocks") of ``page_size`` tokens. On the wire and in the S3 endpoint a
 block is one FullyContiguous block: ``[n_layers, 2, page_size, inner]`` with ``inner = n_kv_heads *
 head_dim`` (heads outer, head_dim inner, as vLLM/KVBM lay out a page). Every path into the service
-(gRPC bytes, NIXL, S3, the KVBM adapter) converts to this one shape, so the codec call is written once.
-
-Blocks are compressed whole: the engine's recent window lives on the GPU, not in this tier, so the
-codec's recent-window exemption does not apply per block (``window_tokens=0``). Attention sinks
-(absolute positions < ``sink_tokens``) are kept fp16 as in the paper. A caller that wants a block kept
-exact (e.g. the adapter for the last pages of a conversation) sends ``compress=False``.
+(gRPC bytes, NIXL, S3, the KVBM adapter) converts to this one shape, and :func:`blocks_to_kv` /
+:func:`kv_to_blocks` are the only place the layout is permuted, so the codec call is written once.
 """
 
 from __future__ import annotations
@@ -17,7 +13,6 @@ from dataclasses import dataclass
 
 import torch
 
-from kvbm_codec.codec.kvtc import EncodeStats, KVTCCodec
 from kvbm_codec.kv import KVCache
 
 DTYPES: dict[str, torch.dtype] = {
@@ -89,60 +84,53 @@ def block_positions(first_position: int, page_size: int) -> torch.Tensor:
     return torch.arange(first_position, first_position + page_size, dtype=torch.int64)
 
 
-def block_to_kv(block: torch.Tensor, positions: torch.Tensor, spec: BlockSpec) -> KVCache:
-    """[L, 2, P, H*D] -> KVCache keys/values [L, H, P, D] (views where possible)."""
-    spec.check(block)
-    if positions.dim() != 1 or positions.shape[0] != spec.page_size:
-        raise InvalidBlockError(f"a block needs {spec.page_size} positions, got {tuple(positions.shape)}")
-    L, _, P, _ = block.shape
-    kv = block.reshape(L, 2, P, spec.n_kv_heads, spec.head_dim).permute(1, 0, 3, 2, 4)
+def blocks_to_kv(stacked: torch.Tensor, positions: torch.Tensor, spec: BlockSpec) -> KVCache:
+    """``[n_blocks, L, 2, P, H*D]`` (blocks in token order) -> one KVCache ``[L, H, n*P, D]``."""
+    n = int(stacked.shape[0]) if stacked.dim() == 5 else -1
+    if tuple(stacked.shape) != (n, *spec.shape):
+        raise InvalidBlockError(f"expected [n_blocks, {spec.shape}], got {tuple(stacked.shape)}")
+    if positions.dim() != 1 or positions.shape[0] != n * spec.page_size:
+        raise InvalidBlockError(
+            f"{n} blocks need {n * spec.page_size} positions, got {tuple(positions.shape)}"
+        )
+    L, P, H, D = spec.n_layers, spec.page_size, spec.n_kv_heads, spec.head_dim
+    kv = stacked.reshape(n, L, 2, P, H, D).permute(2, 1, 4, 0, 3, 5).reshape(2, L, H, n * P, D)
     return KVCache(kv[0], kv[1], positions.to(torch.int64), layer_start=0)
 
 
-def kv_to_block(kv: KVCache, spec: BlockSpec) -> torch.Tensor:
-    if (kv.n_layers, kv.n_tokens, kv.n_heads, kv.key_head_dim) != (
+def kv_to_blocks(kv: KVCache, spec: BlockSpec) -> torch.Tensor:
+    """A KVCache of whole blocks (``n * page_size`` tokens, every layer) -> ``[n, L, 2, P, H*D]``."""
+    P = spec.page_size
+    n = kv.n_tokens // P if kv.n_tokens % P == 0 else -1
+    if (kv.layer_start, kv.n_layers, kv.n_heads, kv.key_head_dim, kv.value_head_dim) != (
+        0,
         spec.n_layers,
-        spec.page_size,
         spec.n_kv_heads,
         spec.head_dim,
-    ):
+        spec.head_dim,
+    ) or n <= 0:
+        raise InvalidBlockError(
+            f"KV [layers {kv.layer_start}+{kv.n_layers}, {kv.n_heads} heads, {kv.n_tokens} tokens, "
+            f"{kv.key_head_dim}/{kv.value_head_dim}] is not whole blocks of {spec}"
+        )
+    L, H, D = spec.n_layers, spec.n_kv_heads, spec.head_dim
+    stacked = torch.stack([kv.keys, kv.values]).reshape(2, L, H, n, P, D)
+    out = stacked.permute(3, 1, 0, 4, 2, 5).reshape(n, *spec.shape)
+    return out.to(spec.torch_dtype).contiguous()
+
+
+def block_to_kv(block: torch.Tensor, positions: torch.Tensor, spec: BlockSpec) -> KVCache:
+    """[L, 2, P, H*D] -> KVCache keys/values [L, H, P, D]."""
+    spec.check(block)
+    if positions.dim() != 1 or positions.shape[0] != spec.page_size:
+        raise InvalidBlockError(f"a block needs {spec.page_size} positions, got {tuple(positions.shape)}")
+    return blocks_to_kv(block.unsqueeze(0), positions, spec)
+
+
+def kv_to_block(kv: KVCache, spec: BlockSpec) -> torch.Tensor:
+    if kv.n_tokens != spec.page_size:
         raise InvalidBlockError(
             f"KV [{kv.n_layers} layers, {kv.n_heads} heads, {kv.n_tokens} tokens, {kv.key_head_dim}] "
             f"is not a block of {spec}"
         )
-    stacked = torch.stack([kv.keys, kv.values])  # [2, L, H, P, D]
-    out = stacked.permute(1, 0, 3, 2, 4).reshape(spec.shape)
-    return out.to(spec.torch_dtype).contiguous()
-
-
-class BlockCodec:
-    """KVTC for one block spec. Thread-safe: encode/decode keep no per-call state on self."""
-
-    def __init__(self, codec: KVTCCodec, spec: BlockSpec) -> None:
-        s = codec.cal.shape
-        if (s.n_layers, s.n_kv_heads, s.key_head_dim) != (spec.n_layers, spec.n_kv_heads, spec.head_dim):
-            raise ValueError(f"block spec {spec} does not match calibration shape {s}")
-        self.codec = codec
-        self.spec = spec
-
-    def encode(
-        self, block: torch.Tensor, positions: torch.Tensor, *, compress: bool = True
-    ) -> tuple[bytes, EncodeStats]:
-        kv = block_to_kv(block, positions, self.spec)
-        if compress:
-            raw_mask = kv.positions < self.codec.cal.config.sink_tokens
-        else:
-            raw_mask = torch.ones(kv.n_tokens, dtype=torch.bool)
-        return self.codec.encode_with_stats(kv, raw_mask, window_tokens=0, dtype=self.spec.dtype)
-
-    def decode(
-        self, frame: bytes | memoryview, device: str | torch.device = "cpu"
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(block tensor in the spec's layout and dtype, positions). Raises FrameError on damage."""
-        kv = self.codec.decode(frame, device=device)
-        if kv.n_tokens != self.spec.page_size or kv.layer_start != 0 or kv.n_layers != self.spec.n_layers:
-            raise InvalidBlockError(
-                f"frame holds {kv.n_tokens} tokens of layers [{kv.layer_start}, {kv.layer_end}), "
-                f"not a whole block of {self.spec}"
-            )
-        return kv_to_block(kv, self.spec), kv.positions
+    return kv_to_blocks(kv, spec)[0]

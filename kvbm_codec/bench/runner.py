@@ -24,7 +24,8 @@ from kvbm_codec.bench.base import BenchContext, KVMethod, timed
 from kvbm_codec.bench.methods import build_method
 from kvbm_codec.bench.methods.pca_int import fit_post_rope_bases, load_bases, save_bases
 from kvbm_codec.bench.tasks import TASKS, make_instances, score
-from kvbm_codec.calibration.artifact import Calibration
+from kvbm_codec.calibration.artifact import load_calibration, save_calibration
+from kvbm_codec.codec.params import Calibration
 from kvbm_codec.eval.metrics import kl_divergence_mean, top1_agreement
 from kvbm_codec.kv import KVCache
 from kvbm_codec.texts import demo_document
@@ -209,7 +210,7 @@ class Resources:
         # Next to the default calibration, not in the result cache: it depends only on model and text.
         path = default_cache_dir() / "bench" / "calibrations" / f"{fp}-small-{key}.kvtc"
         if path.exists():
-            return Calibration.load(path, expected_fingerprint=fp)
+            return load_calibration(path, expected_fingerprint=fp)
         cal = calibrate(
             self.lm,
             calibration_texts(),
@@ -221,7 +222,7 @@ class Resources:
             progress=self.progress,
         )
         path.parent.mkdir(parents=True, exist_ok=True)
-        cal.save(path)
+        save_calibration(cal, path)
         return cal
 
     def incumbent_bases(self) -> Any:

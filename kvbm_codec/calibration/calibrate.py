@@ -17,9 +17,9 @@ import torch
 from tqdm.auto import tqdm
 
 import kvbm_codec
-from kvbm_codec.calibration.artifact import Calibration, ModelShape, allocation_name
 from kvbm_codec.codec.allocation import Allocation, ErrorTable, allocate_for_ratio
 from kvbm_codec.codec.config import CodecConfig
+from kvbm_codec.codec.params import Calibration, ModelShape, allocation_name
 from kvbm_codec.codec.pca import CovarianceAccumulator, PCABasis
 from kvbm_codec.codec.quantize import block_error_table
 from kvbm_codec.codec.rope import RotaryParams, undo_rope

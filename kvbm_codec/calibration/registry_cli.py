@@ -14,7 +14,7 @@ from typing import Annotated, Any
 import typer
 from tqdm.auto import tqdm
 
-from kvbm_codec.calibration.artifact import Calibration
+from kvbm_codec.calibration.artifact import load_calibration
 from kvbm_codec.calibration.registry import (
     FileReferences,
     PublishResult,
@@ -23,6 +23,7 @@ from kvbm_codec.calibration.registry import (
     StaticReferences,
 )
 from kvbm_codec.codec.errors import CodecError
+from kvbm_codec.codec.params import Calibration
 
 registry_app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
@@ -149,7 +150,7 @@ def publish(
 ) -> None:
     """Publish an existing calibration file as a new version (idempotent for an id already there)."""
     try:
-        r = publish_calibration(Calibration.load(artifact), registry, promote=promote)
+        r = publish_calibration(load_calibration(artifact), registry, promote=promote)
     except CodecError as e:
         raise _fail(e) from e
     typer.echo(json.dumps(r.__dict__))

@@ -24,9 +24,8 @@ from typing import Any, Protocol, TypeVar
 
 import xxhash
 
-from kvbm_codec.adapters.kvbm import BlockTransport
 from kvbm_codec.api.errors import ServiceError, ShuttingDownError
-from kvbm_codec.core.service import GetResult, PutItem, PutResult
+from kvbm_codec.api.types import BlockTransport, GetResult, PutItem, PutResult
 from kvbm_codec.service.logging import fields, get_logger
 
 log = get_logger(__name__)

@@ -14,11 +14,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from kvbm_codec.calibration.artifact import Calibration
+from kvbm_codec.api.blocks import DTYPES
 from kvbm_codec.codec import frame as fr
 from kvbm_codec.codec.allocation import Allocation
 from kvbm_codec.codec.deflate import DeflateBackend, select_backend
 from kvbm_codec.codec.errors import CalibrationMismatchError, FrameHeaderError, ModelMismatchError
+from kvbm_codec.codec.params import Calibration
 from kvbm_codec.codec.pca import PCABasis
 from kvbm_codec.codec.quantize import (
     active_components,
@@ -30,7 +31,6 @@ from kvbm_codec.codec.rope import apply_rope, undo_rope
 from kvbm_codec.kv import KVCache
 
 CODEC_NAME = "kvtc"
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 @dataclass
@@ -134,8 +134,8 @@ class KVTCCodec:
     ) -> tuple[bytes, EncodeStats]:
         """raw_mask [n_tokens] bool marks tokens stored uncompressed; default: sinks + recent window."""
         self._check_shape(kv)
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}")
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}")
         cfg = self.cal.config
         if raw_mask is None:
             wt = cfg.window_tokens if window_tokens is None else window_tokens
@@ -149,7 +149,7 @@ class KVTCCodec:
         if cfg.undo_rope:
             keys_c = undo_rope(keys_c, pos_c, self.cal.rope)
         values_c = kv.values[:, :, comp_idx].to(torch.float32)
-        out_dtype = _DTYPES[dtype]
+        out_dtype = DTYPES[dtype]
         sections: list[tuple[str, bytes]] = []
         raw_names = []
         for gi, (a, b) in enumerate(self.groups):
@@ -237,7 +237,7 @@ class KVTCCodec:
         h = f.header
         n_raw = sum(length for _, length in h.raw_token_index)
         n_comp = h.n_tokens - n_raw
-        itemsize = _DTYPES[h.dtype].itemsize
+        itemsize = DTYPES[h.dtype].itemsize
         for gi, (a, b) in enumerate(self.groups):
             if a < h.layer_start or b > h.layer_end:
                 continue
@@ -273,7 +273,7 @@ class KVTCCodec:
         raw_idx = torch.nonzero(raw_mask).flatten()
         comp_idx = torch.nonzero(~raw_mask).flatten()
         pos_c = positions[comp_idx]
-        out_dtype = _DTYPES[h.dtype]
+        out_dtype = DTYPES[h.dtype]
         n_heads, dk, dv = h.n_kv_heads, h.key_head_dim, h.value_head_dim
         for gi, (a, b) in enumerate(self.groups):
             if a < h.layer_start or b > h.layer_end:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvbm_codec.calibration.artifact import Calibration
+from kvbm_codec.codec.params import Calibration
 from kvbm_codec.codec.rope import undo_rope
 
 

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvbm_codec.api.blocks import BlockCodec, BlockSpec, InvalidBlockError, block_positions
+from kvbm_codec.api.blocks import BlockSpec, InvalidBlockError, block_positions
+from kvbm_codec.api.codecs import BlockCodec, UnknownCodecError, get_codec
 from kvbm_codec.api.errors import (
     CapacityError,
     CorruptBlockError,
@@ -28,10 +29,11 @@ from kvbm_codec.api.errors import (
     ShuttingDownError,
     UnknownModelError,
 )
-from kvbm_codec.calibration.artifact import Calibration
+from kvbm_codec.api.types import GetResult, PutItem, PutResult
+from kvbm_codec.codec import block as _builtin_codecs  # noqa: F401  (registers "kvtc")
 from kvbm_codec.codec import frame as fr
 from kvbm_codec.codec.errors import FrameChecksumError, FrameError, FrameSizeError
-from kvbm_codec.codec.kvtc import KVTCCodec
+from kvbm_codec.codec.params import Calibration
 from kvbm_codec.core.metrics import ServiceMetrics
 from kvbm_codec.store.base import BlockKey, BlockStore, BlockTooLargeError, StoreFullError
 
@@ -44,40 +46,13 @@ class Limits:
     retry_after_s: float = 0.05
 
 
-@dataclass
-class PutItem:
-    sequence_hash: int
-    data: bytes | memoryview  # a raw block in the model's BlockSpec, or a frame when is_frame
-    positions: torch.Tensor | None = None  # default: first_position .. first_position + page_size
-    first_position: int = 0
-    is_frame: bool = False
-    compress: bool = True
-
-
-@dataclass(frozen=True)
-class PutResult:
-    sequence_hash: int
-    stored_bytes: int
-    raw_bytes: int
-
-    @property
-    def ratio(self) -> float:
-        return self.raw_bytes / max(1, self.stored_bytes)
-
-
-@dataclass(frozen=True)
-class GetResult:
-    sequence_hash: int
-    status: str  # "hit" | "miss" | "corrupt" (a damaged stored frame: dropped, counts as a miss)
-    data: bytes | None = None  # raw block bytes, or the frame when frames were asked for
-    positions: tuple[int, ...] = ()
-
-
 class ServedModel:
-    """One model the service compresses for: its block spec, target ratio, and calibrations.
+    """One model the service compresses for: its block spec, target ratio, codec and calibrations.
 
-    ``lookup`` fetches an older calibration by id (from the registry) so frames written before a
-    calibration upgrade still decode; without it only the current calibration's frames do.
+    ``codec`` names the registered block codec that encodes new blocks; a stored frame is decoded by
+    the codec its header names. ``lookup`` fetches an older calibration by id (from the registry) so
+    frames written before a calibration upgrade still decode; without it only the current
+    calibration's frames do.
     """
 
     def __init__(
@@ -87,34 +62,45 @@ class ServedModel:
         spec: BlockSpec,
         target_cr: float,
         lookup: Callable[[str], Calibration | None] | None = None,
+        *,
+        codec: str = "kvtc",
     ) -> None:
         self.name = name
         self.fingerprint = calibration.model_fingerprint
         self.spec = spec
         self.target_cr = target_cr
-        self.encoder = BlockCodec(KVTCCodec(calibration, target_cr), spec)
+        self.calibration = calibration
+        self.codec_name = codec
+        self.encoder: BlockCodec = get_codec(codec)(calibration, spec, target_cr)
         self._lookup = lookup
-        self._decoders: dict[str, BlockCodec] = {calibration.calibration_id: self.encoder}
+        self._decoders: dict[tuple[str, str], BlockCodec] = {
+            (codec, calibration.calibration_id): self.encoder
+        }
         self._lock = threading.Lock()
 
-    @property
-    def calibration(self) -> Calibration:
-        return self.encoder.codec.cal
-
-    def decoder_for(self, calibration_id: str) -> BlockCodec:
+    def decoder_for(self, calibration_id: str, codec: str | None = None) -> BlockCodec:
+        """The codec for a frame written by ``codec`` (default: this model's) with ``calibration_id``."""
+        key = (codec or self.codec_name, calibration_id)
         with self._lock:
-            dec = self._decoders.get(calibration_id)
+            dec = self._decoders.get(key)
         if dec is not None:
             return dec
-        cal = self._lookup(calibration_id) if self._lookup else None
+        try:
+            factory = get_codec(key[0])
+        except UnknownCodecError as e:
+            raise IncompatibleFrameError(f"frame was written by codec {key[0]!r}, not served here") from e
+        if calibration_id == self.calibration.calibration_id:
+            cal: Calibration | None = self.calibration
+        else:
+            cal = self._lookup(calibration_id) if self._lookup else None
         if cal is None or cal.model_fingerprint != self.fingerprint:
             raise IncompatibleFrameError(
                 f"frame needs calibration {calibration_id} of model {self.name}, "
                 "which this service cannot load"
             )
-        dec = BlockCodec(KVTCCodec(cal, self.target_cr), self.spec)  # decode follows the frame's allocation
+        dec = factory(cal, self.spec, self.target_cr)  # decode follows the frame's allocation
         with self._lock:
-            self._decoders[calibration_id] = dec
+            self._decoders[key] = dec
         return dec
 
 
@@ -144,8 +130,7 @@ class BlockService:
             self._models[m.name] = m
             self.metrics.calibration_info.labels(model=m.name).info(
                 {
-                    "calibration_id": m.calibration.calibration_id,
-                    "allocation_id": m.encoder.codec.alloc.allocation_id,
+                    **m.encoder.describe(),
                     "target_cr": f"{m.target_cr:g}",
                 }
             )
@@ -258,7 +243,7 @@ class BlockService:
                 continue
             try:
                 f = fr.read_frame(frame, max_frame_bytes=self.limits.max_frame_bytes)
-                dec = m.decoder_for(f.header.calibration_id)
+                dec = m.decoder_for(f.header.calibration_id, f.header.codec)
                 if as_frames:
                     f.verify()
                     hd = f.header  # served undecoded, so hold it to what a put of a frame must meet
@@ -345,7 +330,7 @@ class BlockService:
         h = f.header
         if h.model_fingerprint != m.fingerprint:
             raise IncompatibleFrameError(f"frame is for model {h.model_fingerprint}, not {m.fingerprint}")
-        m.decoder_for(h.calibration_id)
+        m.decoder_for(h.calibration_id, h.codec)
         if (h.layer_start, h.layer_end, h.n_tokens) != (0, m.spec.n_layers, m.spec.page_size):
             raise InvalidBlockRequestError(
                 f"frame covers layers [{h.layer_start}, {h.layer_end}) x {h.n_tokens} tokens, "
@@ -354,3 +339,27 @@ class BlockService:
         if h.dtype != m.spec.dtype:
             raise InvalidBlockRequestError(f"frame dtype {h.dtype} is not the served {m.spec.dtype}")
         return bytes(data)
+
+
+class ServiceTransport:
+    """The in-process :class:`BlockService` as a ``BlockTransport``, through its admission control
+    like every front end."""
+
+    def __init__(self, service: BlockService, tenant: str, model: str) -> None:
+        self.service, self.tenant, self.model = service, tenant, model
+
+    def put_blocks(self, items: Sequence[PutItem]) -> list[PutResult]:
+        with self.service.request("put"):
+            return self.service.put_blocks(self.tenant, self.model, items)
+
+    def get_blocks(self, hashes: Sequence[int]) -> list[GetResult]:
+        with self.service.request("get"):
+            return self.service.get_blocks(self.tenant, self.model, hashes)
+
+    def contains(self, hashes: Sequence[int]) -> list[bool]:
+        with self.service.request("contains"):
+            return self.service.contains(self.tenant, self.model, hashes)
+
+    def delete(self, hashes: Sequence[int]) -> int:
+        with self.service.request("delete"):
+            return self.service.delete(self.tenant, self.model, hashes)

@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from kvbm_codec.calibration.artifact import Calibration
 from kvbm_codec.codec.kvtc import KVTCCodec
+from kvbm_codec.codec.params import Calibration
 from kvbm_codec.eval.continuation import compare_continuation, describe
 from kvbm_codec.texts import demo_conversation
 

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from kvbm_codec.adapters.kvbm import KvbmTierClient, concat_tokens, kv_to_kvbm, kvbm_to_kv
+from kvbm_codec.api.types import DEFAULT_MODEL
 from kvbm_codec.eval.continuation import compare_continuation, describe
 from kvbm_codec.texts import demo_conversation
 
@@ -47,7 +48,7 @@ class ServiceProcess:
                 "DYN_KVBM_CODEC_GRPC_PORT": str(self.port),
                 "DYN_KVBM_CODEC_METRICS_PORT": str(self.metrics_port),
                 "DYN_KVBM_CODEC_LOGGING__FORMAT": "text",
-                "DYN_KVBM_CODEC_MODELS": f'[{{"name": "smollm2-135m", "target_cr": {target_cr}}}]',
+                "DYN_KVBM_CODEC_MODELS": f'[{{"name": "{DEFAULT_MODEL}", "target_cr": {target_cr}}}]',
             }
         )
         self.log_path = log_path

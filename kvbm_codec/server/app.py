@@ -10,8 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from kvbm_codec.api.blocks import BlockSpec
-from kvbm_codec.calibration.artifact import Calibration
 from kvbm_codec.codec.errors import CodecError
+from kvbm_codec.codec.params import Calibration
 from kvbm_codec.core.metrics import ServiceMetrics
 from kvbm_codec.core.service import BlockService, Limits, ServedModel
 from kvbm_codec.service.config import ModelConfig, ServiceConfig

@@ -116,7 +116,7 @@ def client_put(
 ) -> None:
     """Prefill the text with the real model, cut its KV into KVBM blocks, store them."""
     from kvbm_codec.api.errors import ServiceError
-    from kvbm_codec.core.service import PutItem
+    from kvbm_codec.api.types import PutItem
 
     with _client(target, model, tenant, token, root_cert) as c:
         try:

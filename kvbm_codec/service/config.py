@@ -22,8 +22,9 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from kvbm_codec.api.types import DEFAULT_MODEL
+
 ENV_PREFIX = "DYN_KVBM_CODEC_"
-DEFAULT_MODEL = "smollm2-135m"
 
 _config_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar("kvbm_codec_config", default=None)
 

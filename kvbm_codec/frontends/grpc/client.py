@@ -26,7 +26,7 @@ from kvbm_codec._proto import kvbm_codec_pb2 as pb
 from kvbm_codec._proto import kvbm_codec_pb2_grpc as pb_grpc
 from kvbm_codec.api import errors as errs
 from kvbm_codec.api.blocks import BlockSpec
-from kvbm_codec.core.service import GetResult, PutItem, PutResult
+from kvbm_codec.api.types import DEFAULT_MODEL, GetResult, PutItem, PutResult
 from kvbm_codec.frontends.grpc.wire import (
     ERROR_CODE_KEY,
     RETRY_AFTER_KEY,
@@ -114,7 +114,7 @@ class CodecClient:
         self,
         target: str,
         *,
-        model: str = "smollm2-135m",
+        model: str = DEFAULT_MODEL,
         tenant: str | None = None,
         token: str | None = None,
         root_cert: Path | bytes | None = None,

@@ -32,9 +32,10 @@ from kvbm_codec.api.errors import (
     RequestTooLargeError,
     ServiceError,
 )
+from kvbm_codec.api.types import GetResult, PutItem
 from kvbm_codec.codec import frame as fr
 from kvbm_codec.codec.errors import FrameError
-from kvbm_codec.core.service import BlockService, GetResult, PutItem, ServedModel
+from kvbm_codec.core.service import BlockService, ServedModel
 from kvbm_codec.frontends.grpc.wire import (
     ERROR_CODE_KEY,
     SERVICE_NAME,

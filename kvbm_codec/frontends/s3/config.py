@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
+from kvbm_codec.api.types import DEFAULT_MODEL
+
 DEFAULT_BUCKET = "kvbm-smollm2-135m"
 
 
@@ -22,7 +24,7 @@ class BucketBinding(BaseModel):
     name: str = Field(
         DEFAULT_BUCKET, pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$", description="S3 bucket name."
     )
-    model: str = Field("smollm2-135m", description="Served model whose blocks this bucket holds.")
+    model: str = Field(DEFAULT_MODEL, description="Served model whose blocks this bucket holds.")
     layout: Literal["FullyContiguous"] = Field(
         "FullyContiguous",
         description="KVBM block layout of an object: [1, n_layers, 2, page_size, n_kv_heads*head_dim].",

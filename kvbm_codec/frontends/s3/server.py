@@ -37,8 +37,9 @@ from aiohttp import web
 
 from kvbm_codec.api.blocks import InvalidBlockError
 from kvbm_codec.api.errors import ServiceError
+from kvbm_codec.api.types import PutItem
 from kvbm_codec.codec.errors import FrameError
-from kvbm_codec.core.service import BlockService, PutItem
+from kvbm_codec.core.service import BlockService
 from kvbm_codec.frontends.s3 import checksums, chunked, sigv4
 from kvbm_codec.frontends.s3.buckets import Bucket, KeyIndex, lookup, resolve, sequence_hash
 from kvbm_codec.frontends.s3.config import BucketBinding, S3Config
