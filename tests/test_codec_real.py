@@ -30,7 +30,8 @@ from kvbm_codec.codec.errors import (
     ModelMismatchError,
 )
 from kvbm_codec.codec.kvtc import KVTCCodec, default_raw_mask
-from kvbm_codec.codec.params import Calibration
+from kvbm_codec.codec.params import Calibration, basis_name
+from kvbm_codec.codec.pca import to_features
 from kvbm_codec.codec.rope import undo_rope
 from kvbm_codec.kv import KVCache
 from kvbm_codec.models.hf import CausalLM
@@ -79,11 +80,11 @@ def test_round_trip_within_predicted_error(calibration, kv: KVCache) -> None:
         if kind == "k":
             a, b = undo_rope(a, orig.positions, cal.rope), undo_rope(b, orig.positions, cal.rope)
         for gi, (lo, hi) in enumerate(CFG.layer_groups(cal.shape.n_layers)):
-            basis = cal.bases[f"g{gi}.{kind}"]
-            fa = basis.normalise(a[lo:hi].permute(2, 0, 1, 3).reshape(a.shape[2], -1))
-            fb = basis.normalise(b[lo:hi].permute(2, 0, 1, 3).reshape(b.shape[2], -1))
+            basis = cal.bases[basis_name(gi, kind)]
+            fa = basis.normalise(to_features(a[lo:hi]))
+            fb = basis.normalise(to_features(b[lo:hi]))
             real = float(((fa - fb).double() ** 2).sum(1).mean())
-            pred = predicted[f"g{gi}.{kind}"]
+            pred = predicted[basis_name(gi, kind)]
             # fp16 output rounding and the text shift allow some slack, never a different regime.
             assert real <= 2.0 * pred + 1e-3, (kind, gi, real, pred)
     # Sinks and the recent window travel as fp16, bit-exact.

@@ -20,7 +20,7 @@ from kvbm_codec.codec.allocation import Allocation
 from kvbm_codec.codec.deflate import DeflateBackend, select_backend
 from kvbm_codec.codec.errors import CalibrationMismatchError, FrameHeaderError, ModelMismatchError
 from kvbm_codec.codec.params import Calibration
-from kvbm_codec.codec.pca import PCABasis
+from kvbm_codec.codec.pca import PCABasis, from_features, to_features
 from kvbm_codec.codec.quantize import (
     active_components,
     decode_coefficients,
@@ -158,8 +158,7 @@ class KVTCCodec:
             lo, hi = a - kv.layer_start, b - kv.layer_start
             for kind, x in (("k", keys_c[lo:hi]), ("v", values_c[lo:hi])):
                 name = self.cal.basis_name(gi, kind)
-                # explicit width, not -1: a block stored all-raw has 0 compressed tokens
-                feats = x.permute(2, 0, 1, 3).reshape(x.shape[2], x.shape[0] * x.shape[1] * x.shape[3])
+                feats = to_features(x)  # a block stored all-raw has 0 compressed tokens
                 active = self._active[name].to(device)
                 coeffs = self._basis(name, device).project(feats, active)
                 codes, scales = encode_coefficients(coeffs, self.alloc.blocks[name])
@@ -293,7 +292,7 @@ class KVTCCodec:
                 except ValueError as e:
                     raise FrameHeaderError(f"section {name}: {e}") from e
                 feats = self._basis(name, device).reconstruct(coeffs, active[name])
-                x = feats.reshape(-1, nl, n_heads, d).permute(1, 2, 0, 3)
+                x = from_features(feats, nl, n_heads, d)
                 if kind == "k" and self.cal.config.undo_rope:
                     x = apply_rope(x, pos_c, self.cal.rope)
                 dst[:, :, comp_idx] = x.to(out_dtype)

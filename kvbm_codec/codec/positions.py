@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from kvbm_codec.codec.params import Calibration
+from kvbm_codec.codec.pca import to_features
 from kvbm_codec.codec.rope import undo_rope
 
 
@@ -76,7 +77,7 @@ class PositionEstimator:
         k = undo_rope(keys.to(torch.float32), pos, self.cal.rope)
         total = 0.0
         for a, b, mean, scale, basis in self._groups:
-            x = k[a:b].permute(2, 0, 1, 3).reshape(k.shape[2], -1)
+            x = to_features(k[a:b])
             xn = (x - mean) / scale
             total += float((xn * xn).sum() - ((xn @ basis) ** 2).sum())
         return total

@@ -100,7 +100,7 @@ class KvbmCodecServicer(pb_grpc.KvbmCodecServicer):
         cfg: ServiceConfig,
         *,
         authenticate: Authenticate | None = None,
-        staging: Any | None = None,  # nixl_staging.StagingPool, when NIXL is enabled and loads
+        staging: Any | None = None,  # transport.staging.StagingPool, when NIXL is enabled and loads
     ) -> None:
         self.svc = svc
         self.cfg = cfg
