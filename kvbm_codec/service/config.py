@@ -22,6 +22,8 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from kvbm_codec.service.sizes import ByteSize, OptionalByteSize
+
 ENV_PREFIX = "DYN_KVBM_CODEC_"
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -63,13 +65,13 @@ class ModelConfig(_Section):
 class NixlConfig(_Section):
     enabled: bool = Field(True, description="Serve the NIXL data path (when the nixl library loads).")
     agent_name: str | None = Field(None, description="Server NIXL agent name; default kvbm-codec-<pid>.")
-    staging_bytes: int = Field(
+    staging_bytes: ByteSize = Field(
         256 << 20,
         gt=0,
         description="Registered host memory for NIXL transfers, split into `slot_bytes` slots; a request "
         "holds one slot, and is refused with a retry hint when none is free.",
     )
-    slot_bytes: int = Field(16 << 20, gt=0, description="Staging slot size; at least one raw block.")
+    slot_bytes: ByteSize = Field(16 << 20, gt=0, description="Staging slot size; at least one raw block.")
     transfer_timeout_s: float = Field(30.0, gt=0, description="Timeout of one NIXL READ/WRITE batch.")
 
 
@@ -99,6 +101,24 @@ class TlsConfig(_Section):
     require_client_cert: bool = Field(False, description="Refuse clients without a valid certificate.")
 
 
+class ProbesConfig(_Section):
+    port: int | None = Field(
+        9465,
+        ge=0,
+        le=65535,
+        description="Plaintext HTTP port for /livez, /readyz and /prestop (kubelet probes; they work with "
+        "TLS on because they go through a loopback gRPC port). None disables.",
+    )
+    stuck_after_s: float = Field(
+        60.0,
+        gt=0,
+        description="/livez fails when requests are in flight and none has finished for this long.",
+    )
+    check_timeout_s: float = Field(
+        2.0, gt=0, description="Deadline of the gRPC health call each probe makes through the server."
+    )
+
+
 class AuthConfig(_Section):
     mode: Literal["none", "token", "mtls"] = Field(
         "none", description="How a caller's tenant is established; `none` puts every caller in `tenant`."
@@ -126,7 +146,7 @@ class ServiceConfig(BaseSettings):
         description="Minimum gRPC handler threads; the server runs at least max_inflight_requests + 8 so "
         "that overload is refused by admission control (with a retry hint), not queued.",
     )
-    max_message_bytes: int = Field(
+    max_message_bytes: ByteSize = Field(
         64 << 20, gt=0, description="Largest gRPC message received or sent; larger ones are refused."
     )
     max_inflight_requests: int = Field(
@@ -146,7 +166,7 @@ class ServiceConfig(BaseSettings):
     models: list[ModelConfig] = Field(
         default_factory=lambda: [ModelConfig()], description="Models served (at least one)."
     )
-    memory_capacity_bytes: int = Field(
+    memory_capacity_bytes: ByteSize = Field(
         4 << 30,
         ge=0,
         description="Host-memory tier capacity (frames, not raw blocks). 0: no memory tier, every put "
@@ -156,7 +176,12 @@ class ServiceConfig(BaseSettings):
         "lru", description="Eviction order of the memory tier: least recently or least frequently used."
     )
     disk_path: Path | None = Field(None, description="Disk tier directory (None: no disk tier).")
-    disk_capacity_bytes: int = Field(64 << 30, gt=0, description="Disk tier capacity.")
+    disk_capacity_bytes: OptionalByteSize = Field(
+        None,
+        gt=0,
+        description="Disk tier capacity. None: 90% of the filesystem holding disk_path (in a pod, the "
+        "volume), so it follows the volume's size.",
+    )
     disk_fsync: bool = Field(
         True,
         description="fsync each disk-tier write and its directory (off: survives a process crash, "
@@ -173,6 +198,7 @@ class ServiceConfig(BaseSettings):
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Logging.")
     tls: TlsConfig = Field(default_factory=TlsConfig, description="TLS of the gRPC endpoint.")
     auth: AuthConfig = Field(default_factory=AuthConfig, description="Caller authentication.")
+    probes: ProbesConfig = Field(default_factory=ProbesConfig, description="Health probes.")
 
     @field_validator("models")
     @classmethod
