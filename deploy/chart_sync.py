@@ -111,7 +111,9 @@ def values_schema() -> dict[str, Any]:
         "nameOverride": STR,
         "fullnameOverride": STR,
         "replicaCount": {"type": "integer", "minimum": 0},
-        "serviceAccount": strict({"create": BOOL, "name": STR, "annotations": STR_MAP, "automountToken": BOOL}),
+        "serviceAccount": strict(
+            {"create": BOOL, "name": STR, "annotations": STR_MAP, "automountToken": BOOL}
+        ),
         "podAnnotations": STR_MAP,
         "podLabels": STR_MAP,
         "config": config_schema(),
@@ -121,7 +123,9 @@ def values_schema() -> dict[str, Any]:
         "extraVolumeMounts": ARR,
         "sidecars": ARR,
         "initContainers": ARR,
-        "service": strict({"type": {"enum": ["ClusterIP", "NodePort", "LoadBalancer"]}, "annotations": STR_MAP}),
+        "service": strict(
+            {"type": {"enum": ["ClusterIP", "NodePort", "LoadBalancer"]}, "annotations": STR_MAP}
+        ),
         "persistence": strict(
             {
                 "enabled": BOOL,
@@ -131,18 +135,17 @@ def values_schema() -> dict[str, Any]:
                 "mountPath": STR,
                 "annotations": STR_MAP,
                 "retention": strict(
-                    {"whenDeleted": {"enum": ["Retain", "Delete"]}, "whenScaled": {"enum": ["Retain", "Delete"]}}
+                    {
+                        "whenDeleted": {"enum": ["Retain", "Delete"]},
+                        "whenScaled": {"enum": ["Retain", "Delete"]},
+                    }
                 ),
             }
         ),
         "scratch": strict({"tmpSizeLimit": QUANTITY, "cacheSizeLimit": QUANTITY}),
         "tls": strict({"secretName": STR, "requireClientCert": BOOL}),
-        "auth": strict(
-            {"tokenSecret": strict({"name": STR, "key": STR}), "allowUnauthenticated": BOOL}
-        ),
-        "s3": strict(
-            {"credentialsSecret": strict({"name": STR, "accessKeyKey": STR, "secretKeyKey": STR})}
-        ),
+        "auth": strict({"tokenSecret": strict({"name": STR, "key": STR}), "allowUnauthenticated": BOOL}),
+        "s3": strict({"credentialsSecret": strict({"name": STR, "accessKeyKey": STR, "secretKeyKey": STR})}),
         "probes": strict(
             {"startup": _kubelet_probe(), "liveness": _kubelet_probe(), "readiness": _kubelet_probe()}
         ),
@@ -181,7 +184,11 @@ def values_schema() -> dict[str, Any]:
         "serviceMonitor": _monitor(),
         "podMonitor": _monitor(),
         "prometheusRule": strict(
-            {"enabled": BOOL, "labels": STR_MAP, "runbookBaseUrl": {"type": "string", "pattern": "^https?://"}}
+            {
+                "enabled": BOOL,
+                "labels": STR_MAP,
+                "runbookBaseUrl": {"type": "string", "pattern": "^https?://"},
+            }
         ),
         "dashboard": strict({"enabled": BOOL, "labels": STR_MAP, "annotations": STR_MAP}),
         "helmTest": strict({"enabled": BOOL}),
@@ -205,7 +212,9 @@ def render() -> dict[Path, str]:
 def main(argv: list[str]) -> int:
     files = render()
     if argv == ["--check"]:
-        stale = [str(p.relative_to(ROOT)) for p, text in files.items() if not p.exists() or p.read_text() != text]
+        stale = [
+            str(p.relative_to(ROOT)) for p, text in files.items() if not p.exists() or p.read_text() != text
+        ]
         if stale:
             print("stale (run deploy/chart_sync.py):", ", ".join(stale), file=sys.stderr)
         return 1 if stale else 0

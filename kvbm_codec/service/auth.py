@@ -220,7 +220,7 @@ class AuthPolicy:
       that one tenant).
     """
 
-    tokens: TokenTable | None = None
+    tokens: TokenTable | Any | None = None  # a TokenTable or anything with its interface (reload.TokenFile)
     cert_tenants: Mapping[str, str] | None = None
     anonymous_tenant: str | None = None
 
@@ -326,6 +326,8 @@ def from_config(cfg: Any) -> tuple[grpc.ServerCredentials | None, Authenticator 
     Refuses combinations that would leak or fake identity: bearer tokens in plaintext off loopback,
     and mode ``mtls`` without client certificates being required.
     """
+    from kvbm_codec.service.reload import TlsReloader, TokenFile  # files re-read on change
+
     tls, auth = cfg.tls, cfg.auth
     creds = None
     if tls.enabled:
@@ -334,11 +336,9 @@ def from_config(cfg: Any) -> tuple[grpc.ServerCredentials | None, Authenticator 
         ca = tls.client_ca_file
         if tls.require_client_cert and ca is None:
             raise ValueError("tls.require_client_cert needs tls.client_ca_file")
-        cert, key = TlsFiles(tls.cert_file, tls.key_file, tls.cert_file).read()[:2]
-        root = TlsFiles(tls.cert_file, tls.key_file, ca).read()[2] if ca is not None else None
-        creds = grpc.ssl_server_credentials(
-            [(key, cert)], root_certificates=root, require_client_auth=tls.require_client_cert
-        )
+        creds = TlsReloader(
+            tls.cert_file, tls.key_file, ca, require_client_cert=tls.require_client_cert
+        ).credentials()
     if auth.mode == "none":
         return creds, None
     if auth.mode == "mtls":
@@ -347,7 +347,9 @@ def from_config(cfg: Any) -> tuple[grpc.ServerCredentials | None, Authenticator 
         return creds, Authenticator(AuthPolicy())
     if not tls.enabled and not _is_loopback(cfg.host):
         raise ValueError(f"auth.mode token sends bearer tokens in plaintext on {cfg.host}: enable tls")
-    tokens = TokenTable.from_file(auth.tokens_file) if auth.tokens_file else TokenTable.from_env()
+    tokens: TokenTable | TokenFile | None = (
+        TokenFile(auth.tokens_file) if auth.tokens_file else TokenTable.from_env()
+    )
     if tokens is None or not len(tokens):
         raise ValueError(f"auth.mode token needs auth.tokens_file or ${TENANT_ENV} with at least one token")
     return creds, Authenticator(AuthPolicy(tokens=tokens))

@@ -100,4 +100,3 @@ def derived_disk_capacity(path: str | os.PathLike[str]) -> int:
         probe = probe.parent
     st = os.statvfs(probe)
     return int(st.f_blocks * st.f_frsize * DISK_HEADROOM)
-
