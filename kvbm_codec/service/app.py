@@ -66,7 +66,11 @@ def resolve_calibration(mc: ModelConfig) -> _Resolved:
 
         reg = local_registry()
         if mc.calibration == "latest":
-            cal, path, fresh = load_or_calibrate(lm, progress=False)
+            from kvbm_codec.service.logging import heartbeat
+
+            # a first start without a registry calibrates here: minutes, so say so while it runs
+            with heartbeat(log, "loading or computing the local calibration", model=mc.name):
+                cal, path, fresh = load_or_calibrate(lm, progress=False)
             log.info(
                 "calibration ready",
                 extra=fields(
