@@ -103,11 +103,12 @@ class TlsConfig(_Section):
 
 class ProbesConfig(_Section):
     port: int | None = Field(
-        9465,
+        None,
         ge=0,
         le=65535,
         description="Plaintext HTTP port for /livez, /readyz and /prestop (kubelet probes; they work with "
-        "TLS on because they go through a loopback gRPC port). None disables.",
+        "TLS on because they go through a loopback gRPC port); 0 picks a free one. None (the default "
+        "outside the image and chart, which use 9465) disables.",
     )
     stuck_after_s: float = Field(
         60.0,
