@@ -21,7 +21,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 
@@ -163,6 +163,15 @@ class TokenTable:
         return found
 
 
+class TokenLookup(Protocol):
+    """What a policy needs of a token table: a ``TokenTable``, or ``reload.TokenFile`` that follows its
+    file."""
+
+    def tenant_for(self, token: str | bytes) -> str | None: ...
+
+    def __len__(self) -> int: ...
+
+
 # ---- identities and the tenant of a call ------------------------------------------------------------
 
 
@@ -220,7 +229,7 @@ class AuthPolicy:
       that one tenant).
     """
 
-    tokens: TokenTable | Any | None = None  # a TokenTable or anything with its interface (reload.TokenFile)
+    tokens: TokenLookup | None = None
     cert_tenants: Mapping[str, str] | None = None
     anonymous_tenant: str | None = None
 
@@ -347,9 +356,7 @@ def from_config(cfg: Any) -> tuple[grpc.ServerCredentials | None, Authenticator 
         return creds, Authenticator(AuthPolicy())
     if not tls.enabled and not _is_loopback(cfg.host):
         raise ValueError(f"auth.mode token sends bearer tokens in plaintext on {cfg.host}: enable tls")
-    tokens: TokenTable | TokenFile | None = (
-        TokenFile(auth.tokens_file) if auth.tokens_file else TokenTable.from_env()
-    )
+    tokens: TokenLookup | None = TokenFile(auth.tokens_file) if auth.tokens_file else TokenTable.from_env()
     if tokens is None or not len(tokens):
         raise ValueError(f"auth.mode token needs auth.tokens_file or ${TENANT_ENV} with at least one token")
     return creds, Authenticator(AuthPolicy(tokens=tokens))
@@ -360,6 +367,7 @@ __all__ = [
     "Authenticator",
     "PeerIdentity",
     "TlsFiles",
+    "TokenLookup",
     "TokenTable",
     "bearer_token",
     "channel_credentials",
