@@ -344,6 +344,8 @@ GUARDS = [
     ("literal secret env", {"extraEnv": [{"name": "KVBM_CODEC_S3_SECRET_KEY", "value": "x"}]},
      ["KVBM_CODEC_S3_SECRET_KEY", "secretKeyRef"]),
     ("probes off", {"config": {"probes": {"port": None}}}, ["config.probes.port"]),
+    ("liveness below deadline", {"config": {"request_timeout_s": 90}},
+     ["config.probes.stuck_after_s", "config.request_timeout_s"]),
 ]  # fmt: skip
 
 

@@ -46,6 +46,7 @@ from kvbm_codec.service.grpc_server import CodecServer
 
 OLD_TOKEN = "old-token-5b1e9a7c3d2f4e6a8b0c"
 NEW_TOKEN = "new-token-9f8e7d6c5b4a39281706"
+STABLE_TOKEN = "stable-token-3c4d5e6f708192a3b4"  # tenant-b keeps it through the rotation
 
 
 # ---- PKI -------------------------------------------------------------------------------------------------
@@ -174,12 +175,13 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     cert, key = _server_cert(ca_old)
     _swap(tls_dir, {"tls.crt": cert, "tls.key": key})
     tokens = d / "tokens"
-    _swap(d, {"tokens": f"tenant-a:{OLD_TOKEN}\n".encode()})
+    _swap(d, {"tokens": f"tenant-a:{OLD_TOKEN}\ntenant-b:{STABLE_TOKEN}\n".encode()})
     cfg = ServiceConfig.load(
         grpc_port=0,
         metrics_port=None,
         workers=2,
         max_inflight_requests=4,
+        request_timeout_s=0.5,  # the default deadline (clients here set their own); below stuck_after_s
         drain_timeout_s=20,
         nixl={"enabled": False},
         tls={"enabled": True, "cert_file": tls_dir / "tls.crt", "key_file": tls_dir / "tls.key"},
@@ -225,6 +227,20 @@ def _held_call(r: Running, client: CodecClient) -> Future[Any]:
     return fut
 
 
+def _new_connections(r: Running, stop: threading.Event) -> tuple[int, list[str]]:
+    """Stats on a fresh connection (a fresh TLS handshake) per call until ``stop``: (calls, failures)."""
+    both = r.ca_old + _pem(r.ca_new[0])
+    calls, failures = 0, []
+    while not stop.is_set() and calls < 200:
+        try:
+            with r.client(STABLE_TOKEN, both) as c:
+                c.stats()
+        except ServiceError as e:
+            failures.append(f"{e.code}: {e.message}")
+        calls += 1
+    return calls, failures
+
+
 def _peer_cert(port: int, ca: bytes) -> bytes:
     """DER of the certificate a brand-new TLS connection is served."""
     ctx = ssl.create_default_context(cadata=ca.decode())
@@ -251,9 +267,15 @@ def test_certificate_and_token_rotate_without_restart(running: Running) -> None:
 
         # rotate: a certificate from a new CA (the hardest case: old clients cannot verify it) and a new token
         cert, key = _server_cert(r.ca_new)
+        stop_load = threading.Event()
+        load = r.pool.submit(_new_connections, r, stop_load)  # a client trusting both CAs, reconnecting
+        time.sleep(0.5)
         _swap(r.tls_dir, {"tls.crt": cert, "tls.key": key})
-        _swap(r.tokens.parent, {"tokens": f"tenant-a:{NEW_TOKEN}\n".encode()})
+        _swap(r.tokens.parent, {"tokens": f"tenant-a:{NEW_TOKEN}\ntenant-b:{STABLE_TOKEN}\n".encode()})
         time.sleep(1.2)  # TokenFile re-checks the file at most once a second
+        stop_load.set()
+        calls, failures = load.result(timeout=30)
+        assert calls >= 4 and failures == [], failures  # no call failed across the rotation
 
         # new connections get the new certificate ...
         new_ca = _pem(r.ca_new[0])
@@ -361,3 +383,12 @@ def _refused_as_draining(c: CodecClient) -> bool:
     except ServiceError as e:
         return e.code == "shutting_down"
     return False
+
+
+def test_stuck_threshold_must_exceed_the_request_deadline() -> None:
+    """A request inside its deadline is not stuck: a liveness threshold below it is refused."""
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=r"probes.stuck_after_s \(20\) must exceed request_timeout_s"):
+        ServiceConfig.load(request_timeout_s=30, probes={"port": 0, "stuck_after_s": 20})
+    assert ServiceConfig.load(request_timeout_s=30, probes={"stuck_after_s": 20}).probes.port is None

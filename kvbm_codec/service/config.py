@@ -13,7 +13,7 @@ import contextvars
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -200,6 +200,15 @@ class ServiceConfig(BaseSettings):
     tls: TlsConfig = Field(default_factory=TlsConfig, description="TLS of the gRPC endpoint.")
     auth: AuthConfig = Field(default_factory=AuthConfig, description="Caller authentication.")
     probes: ProbesConfig = Field(default_factory=ProbesConfig, description="Health probes.")
+
+    @model_validator(mode="after")
+    def _stuck_is_beyond_any_deadline(self) -> ServiceConfig:
+        if self.probes.port is not None and self.probes.stuck_after_s <= self.request_timeout_s:
+            raise ValueError(
+                f"probes.stuck_after_s ({self.probes.stuck_after_s:g}) must exceed request_timeout_s "
+                f"({self.request_timeout_s:g}): a request still within its deadline is not stuck"
+            )
+        return self
 
     @field_validator("models")
     @classmethod

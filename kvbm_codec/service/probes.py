@@ -131,6 +131,7 @@ class ProbeServer:
         self._channel.close()
 
     def _status(self) -> tuple[str | None, str]:
+        """(SERVING / NOT_SERVING / OVERLOADED, "") or (None, why the server did not answer)."""
         import grpc
 
         try:
@@ -138,6 +139,10 @@ class ProbeServer:
                 self._health_pb2.HealthCheckRequest(service=""), timeout=self.check_timeout_s
             )
         except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                # gRPC's own concurrency cap refused it: the server answers, it is busy, not dead.
+                # Restarting it would drop its memory tier and shift the load onto the other shards.
+                return "OVERLOADED", ""
             return None, f"gRPC health call through the server failed: {e.code().name}"
         return self._health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status), ""
 

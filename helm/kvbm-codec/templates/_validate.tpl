@@ -54,6 +54,10 @@ Included once, from the StatefulSet.
 {{- fail "config.probes.port is null: the chart's startup, readiness and liveness probes and the preStop hook use it. Set a port (default 9465)." -}}
 {{- end -}}
 
+{{- if le (float64 $cfg.probes.stuck_after_s) (float64 $cfg.request_timeout_s) -}}
+{{- fail (printf "config.probes.stuck_after_s (%v) must exceed config.request_timeout_s (%v): liveness would restart pods whose requests are merely slow." $cfg.probes.stuck_after_s $cfg.request_timeout_s) -}}
+{{- end -}}
+
 {{- /* TLS and auth */ -}}
 {{- if and $cfg.tls.enabled (not $v.tls.secretName) -}}
 {{- fail "config.tls.enabled is set but tls.secretName is empty: the chart mounts certificates only from a Secret. Set tls.secretName (a kubernetes.io/tls Secret) instead of config.tls.*." -}}
