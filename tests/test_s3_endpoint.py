@@ -143,7 +143,8 @@ def _b64(v: int, width: int) -> str:
 
 def _s3_bytes(server, direction: str) -> float:
     reg = server.endpoint.svc.metrics.registry
-    return reg.get_sample_value("kvbm_codec_transfer_bytes_total", {"path": "s3", "direction": direction}) or 0.0
+    labels = {"path": "s3", "direction": direction}
+    return reg.get_sample_value("kvbm_codec_transfer_bytes_total", labels) or 0.0
 
 
 def test_put_get_head_range_delete_roundtrip(s3, server, blocks):
