@@ -9,12 +9,33 @@ from typing import Annotated
 
 import typer
 
+from kvbm_codec import __version__
 from kvbm_codec.bench.cli import bench
 from kvbm_codec.calibration.registry_cli import registry_app
+from kvbm_codec.cli_errors import ReportingTyper, set_debug
 from kvbm_codec.codec.config import CodecConfig
 from kvbm_codec.server.cli import client_app, serve
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+app = ReportingTyper(add_completion=False, no_args_is_help=True, help=__doc__)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"kvbm-codec {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="show tracebacks of errors")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="print the version and exit")
+    ] = False,
+) -> None:
+    """KV-cache transform coding (KVTC) as a KVBM storage tier."""
+    set_debug(debug)
+
+
 app.add_typer(registry_app, name="registry")
 app.command("bench")(bench)
 app.command("serve")(serve)
@@ -171,7 +192,7 @@ def inspect(frame: Path) -> None:
     from kvbm_codec.codec.frame import inspect_frame
 
     try:
-        info = inspect_frame(frame.read_bytes())
+        info = inspect_frame(frame.read_bytes())  # a missing file: cli_errors reports it in one line
     except CodecError as e:
         typer.echo(json.dumps({"ok": False, "error": e.code, "message": str(e)}), err=True)
         raise typer.Exit(2) from e

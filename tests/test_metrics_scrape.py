@@ -51,7 +51,7 @@ MODEL = "smollm2-135m"
 TENANT = "tenant-secret-q7x3"  # must never appear on the metrics page
 JOB = "kvbm-codec"
 # Series only a network front end (gRPC/NIXL/S3) writes; the in-process workload cannot produce them.
-FRONT_END_ONLY = {"kvbm_codec_transfer_bytes_total"}
+FRONT_END_ONLY = {"kvbm_codec_transfer_bytes_total", "kvbm_codec_data_path_active"}
 
 
 # ---- static checks of the dashboard ------------------------------------------------------------------

@@ -141,8 +141,16 @@ def _b64(v: int, width: int) -> str:
     return base64.b64encode(v.to_bytes(width, "big")).decode()
 
 
+def _s3_bytes(server, direction: str) -> float:
+    reg = server.endpoint.svc.metrics.registry
+    labels = {"path": "s3", "direction": direction}
+    return reg.get_sample_value("kvbm_codec_transfer_bytes_total", labels) or 0.0
+
+
 def test_put_get_head_range_delete_roundtrip(s3, server, blocks):
+    moved_in, moved_out = _s3_bytes(server, "in"), _s3_bytes(server, "out")
     put = s3.put_object(Bucket=BUCKET, Key="4242", Body=blocks[2])
+    assert _s3_bytes(server, "in") - moved_in == len(blocks[2])  # the dashboard's s3 series is counted
     etag = put["ETag"]
     hdr = put["ResponseMetadata"]["HTTPHeaders"]
     assert int(hdr["x-kvbm-codec-first-position"]) == 64  # recovered from the keys alone
@@ -157,6 +165,7 @@ def test_put_get_head_range_delete_roundtrip(s3, server, blocks):
     part = s3.get_object(Bucket=BUCKET, Key="4242", Range="bytes=1000-1999", IfMatch=etag)
     assert part["ContentRange"] == f"bytes 1000-1999/{SPEC.nbytes}"
     assert part["Body"].read() == data[1000:2000]
+    assert _s3_bytes(server, "out") - moved_out == 2 * SPEC.nbytes + 1000
     assert s3.get_object(Bucket=BUCKET, Key="4242", Range="bytes=-10")["Body"].read() == data[-10:]
     with pytest.raises(ClientError) as e:
         s3.get_object(Bucket=BUCKET, Key="4242", Range="bytes=0-9", IfMatch='"0123"')

@@ -1,7 +1,8 @@
 """Prometheus metrics of the service: the one list of names the dashboard and alerts are built on.
 
 Names follow Prometheus conventions (``_total`` counters, base units in names). Labels are bounded:
-model (a handful of configured models), tier, direction, path, reason, method, code. Never a sequence
+model (a handful of configured models), tier, direction, path, reason, method, code. The standard
+``process_*`` metrics (RSS, CPU, fds) come from prometheus_client's ProcessCollector. Never a sequence
 hash, tenant secret or block content. Each service instance owns its own CollectorRegistry so several
 can run in one process (tests) without clashing.
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -44,6 +45,14 @@ METRIC_NAMES = (
     f"{PREFIX}_blocks_dropped_total",
     f"{PREFIX}_calibration_info",
     f"{PREFIX}_build_info",
+    f"{PREFIX}_data_path_active",
+    # prometheus_client's ProcessCollector (Linux): memory, CPU, file descriptors of the service process
+    "process_virtual_memory_bytes",
+    "process_resident_memory_bytes",
+    "process_start_time_seconds",
+    "process_cpu_seconds_total",
+    "process_open_fds",
+    "process_max_fds",
 )
 
 
@@ -147,6 +156,13 @@ class ServiceMetrics:
             f"{p}_calibration", "Calibration in use per model", ["model"], registry=r
         )
         self.build_info = Info(f"{p}_build", "kvbm-codec version", registry=r)
+        self.data_path_active = Gauge(
+            f"{p}_data_path_active",
+            "1 when a configured data path serves; 0 for NIXL means it fell back to gRPC",
+            ["path"],
+            registry=r,
+        )
+        ProcessCollector(registry=r)  # RSS, CPU seconds, open fds: OOM and fd-leak early warnings
 
     def watch_tiers(self, source: Callable[[], Iterable[TierStats]]) -> None:
         self.registry.register(_TierCollector(source))

@@ -66,7 +66,11 @@ def resolve_calibration(mc: ModelConfig) -> _Resolved:
 
         reg = local_registry()
         if mc.calibration == "latest":
-            cal, path, fresh = load_or_calibrate(lm, progress=False)
+            from kvbm_codec.service.logging import heartbeat
+
+            # a first start without a registry calibrates here: minutes, so say so while it runs
+            with heartbeat(log, "loading or computing the local calibration", model=mc.name):
+                cal, path, fresh = load_or_calibrate(lm, progress=False)
             log.info(
                 "calibration ready",
                 extra=fields(
@@ -91,9 +95,11 @@ def build_store(cfg: ServiceConfig, metrics: ServiceMetrics) -> TieredStore:
     elif cfg.disk_path is None:
         raise ValueError("memory_capacity_bytes = 0 (durable mode) needs a disk tier: set disk_path")
     if cfg.disk_path is not None:
+        from kvbm_codec.service.sizes import derived_disk_capacity
         from kvbm_codec.store.disk import DiskTier
 
-        tiers.append(DiskTier(cfg.disk_path, cfg.disk_capacity_bytes, name="disk", fsync=cfg.disk_fsync))
+        capacity = cfg.disk_capacity_bytes or derived_disk_capacity(cfg.disk_path)
+        tiers.append(DiskTier(cfg.disk_path, capacity, name="disk", fsync=cfg.disk_fsync))
     return TieredStore(
         tiers,
         when_full=cfg.when_full,

@@ -4,16 +4,34 @@ from __future__ import annotations
 
 import json
 import time
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from kvbm_codec.cli_errors import host_port, set_json
+
+
+class LogFormat(StrEnum):
+    json = "json"
+    text = "text"
+
+
+class LogLevel(StrEnum):
+    DEBUG = "DEBUG"
+    INFO = "INFO"
+    WARNING = "WARNING"
+    ERROR = "ERROR"
+
+
 client_app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Talk to a running kvbm-codec service."
 )
 
-TargetOpt = Annotated[str, typer.Option("--target", help="HOST:PORT of the gRPC endpoint")]
+TargetOpt = Annotated[
+    str, typer.Option("--target", callback=host_port, help="HOST:PORT of the gRPC endpoint (port required)")
+]
 ModelOpt = Annotated[str, typer.Option("--model", help="served model name (also loaded locally for KV)")]
 TextOpt = Annotated[
     Path | None, typer.Option("--text", help="UTF-8 text whose KV is put/fetched (default: the demo text)")
@@ -36,8 +54,8 @@ def serve(
         int | None,
         typer.Option("--s3-port", help="also serve the S3-compatible endpoint (KVBM's NIXL OBJ tier) here"),
     ] = None,
-    log_format: Annotated[str | None, typer.Option(help="json or text")] = None,
-    log_level: Annotated[str | None, typer.Option(help="DEBUG, INFO, WARNING, ERROR")] = None,
+    log_format: Annotated[LogFormat | None, typer.Option(help="json or text")] = None,
+    log_level: Annotated[LogLevel | None, typer.Option(case_sensitive=False, help="minimum level")] = None,
 ) -> None:
     """Run the gRPC service until SIGTERM/SIGINT, then drain in-flight requests and exit."""
     from kvbm_codec.frontends.grpc.server import CodecServer
@@ -45,11 +63,13 @@ def serve(
     from kvbm_codec.service import logging as slog
     from kvbm_codec.service.config import ServiceConfig
 
+    set_json(log_format != LogFormat.text)  # config errors are a JSON line unless text was asked for
     cfg = ServiceConfig.load(config, host=host, grpc_port=port, metrics_port=metrics_port, workers=workers)
     if log_format is not None:
-        cfg.logging.format = log_format  # type: ignore[assignment]
+        cfg.logging.format = log_format.value  # type: ignore[assignment]
     if log_level is not None:
-        cfg.logging.level = log_level.upper()  # type: ignore[assignment]
+        cfg.logging.level = log_level.value  # type: ignore[assignment]
+    set_json(cfg.logging.format == "json")
     slog.configure(cfg.logging.format, cfg.logging.level)
     log = slog.get_logger("kvbm_codec.service")
     log.info("starting", extra=slog.fields(models=[m.name for m in cfg.models], config=str(config or "")))

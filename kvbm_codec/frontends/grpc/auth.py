@@ -21,7 +21,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 
@@ -163,6 +163,15 @@ class TokenTable:
         return found
 
 
+class TokenLookup(Protocol):
+    """What a policy needs of a token table: a ``TokenTable``, or ``reload.TokenFile`` that follows its
+    file."""
+
+    def tenant_for(self, token: str | bytes) -> str | None: ...
+
+    def __len__(self) -> int: ...
+
+
 # ---- identities and the tenant of a call ------------------------------------------------------------
 
 
@@ -220,7 +229,7 @@ class AuthPolicy:
       that one tenant).
     """
 
-    tokens: TokenTable | None = None
+    tokens: TokenLookup | None = None
     cert_tenants: Mapping[str, str] | None = None
     anonymous_tenant: str | None = None
 
@@ -324,6 +333,8 @@ def from_config(cfg: Any) -> tuple[grpc.ServerCredentials | None, Authenticator 
     Refuses combinations that would leak or fake identity: bearer tokens in plaintext off loopback,
     and mode ``mtls`` without client certificates being required.
     """
+    from kvbm_codec.frontends.grpc.reload import TlsReloader, TokenFile  # files re-read on change
+
     tls, auth = cfg.tls, cfg.auth
     creds = None
     if tls.enabled:
@@ -332,11 +343,9 @@ def from_config(cfg: Any) -> tuple[grpc.ServerCredentials | None, Authenticator 
         ca = tls.client_ca_file
         if tls.require_client_cert and ca is None:
             raise ValueError("tls.require_client_cert needs tls.client_ca_file")
-        cert, key = TlsFiles(tls.cert_file, tls.key_file, tls.cert_file).read()[:2]
-        root = TlsFiles(tls.cert_file, tls.key_file, ca).read()[2] if ca is not None else None
-        creds = grpc.ssl_server_credentials(
-            [(key, cert)], root_certificates=root, require_client_auth=tls.require_client_cert
-        )
+        creds = TlsReloader(
+            tls.cert_file, tls.key_file, ca, require_client_cert=tls.require_client_cert
+        ).credentials()
     if auth.mode == "none":
         return creds, None
     if auth.mode == "mtls":
@@ -345,7 +354,7 @@ def from_config(cfg: Any) -> tuple[grpc.ServerCredentials | None, Authenticator 
         return creds, Authenticator(AuthPolicy())
     if not tls.enabled and not _is_loopback(cfg.host):
         raise ValueError(f"auth.mode token sends bearer tokens in plaintext on {cfg.host}: enable tls")
-    tokens = TokenTable.from_file(auth.tokens_file) if auth.tokens_file else TokenTable.from_env()
+    tokens: TokenLookup | None = TokenFile(auth.tokens_file) if auth.tokens_file else TokenTable.from_env()
     if tokens is None or not len(tokens):
         raise ValueError(f"auth.mode token needs auth.tokens_file or ${TENANT_ENV} with at least one token")
     return creds, Authenticator(AuthPolicy(tokens=tokens))
@@ -356,6 +365,7 @@ __all__ = [
     "Authenticator",
     "PeerIdentity",
     "TlsFiles",
+    "TokenLookup",
     "TokenTable",
     "bearer_token",
     "channel_credentials",

@@ -452,6 +452,10 @@ class CodecServer:
         self.svc = svc
         self.cfg = cfg
         self.staging = self._staging() if cfg.nixl.enabled else None
+        if credentials is not None and cfg.probes.port is not None:
+            from kvbm_codec.service.probes import plaintext_guard  # the loopback probe port is plaintext
+
+            authenticate = plaintext_guard(authenticate or no_auth(cfg.auth.tenant))
         self.servicer = KvbmCodecServicer(svc, cfg, authenticate=authenticate, staging=self.staging)
         self.health = health.HealthServicer()
         opts = [
@@ -486,6 +490,13 @@ class CodecServer:
             self.port = self.server.add_secure_port(addr, credentials)
         if self.port == 0:
             raise OSError(f"could not bind gRPC to {addr}")
+        # The probes reach the server through this loopback plaintext port (health only under TLS).
+        probing = cfg.probes.port is not None
+        self.loopback_port = self.server.add_insecure_port("127.0.0.1:0") if probing else 0
+        self.probes: Any = None
+        svc.metrics.data_path_active.labels(path="grpc").set(1)
+        if cfg.nixl.enabled:  # 0 = configured but fell back to gRPC (the nixl library or UCX is missing)
+            svc.metrics.data_path_active.labels(path="nixl").set(1 if self.staging is not None else 0)
         self.metrics_port: int | None = None
         self._metrics_httpd: Any = None
         self._stopped = threading.Event()
@@ -519,6 +530,17 @@ class CodecServer:
         self.server.start()
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        if self.cfg.probes.port is not None:
+            from kvbm_codec.service.probes import ProbeServer, Progress
+
+            self.probes = ProbeServer(
+                self.cfg.host,
+                self.cfg.probes.port,
+                f"127.0.0.1:{self.loopback_port}",
+                progress=Progress.of_metrics(self.svc.metrics, self.cfg.probes.stuck_after_s),
+                check_timeout_s=self.cfg.probes.check_timeout_s,
+                set_not_serving=self.set_not_serving,
+            ).start()
         log.info(
             "serving",
             extra=fields(
@@ -528,9 +550,16 @@ class CodecServer:
                 models=[m.name for m in self.svc.models()],
                 nixl=self.staging is not None,
                 workers=self.cfg.workers,
+                probes_port=self.probes.port if self.probes is not None else None,
             ),
         )
         return self
+
+    def set_not_serving(self) -> None:
+        """Readiness off, admission still open: the preStop step before SIGTERM's drain."""
+        log.info("NOT_SERVING on request (preStop); still serving until SIGTERM")
+        self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
 
     def stop(self, grace_s: float | None = None) -> bool:
         """NOT_SERVING, drain the core, stop gRPC, close store and NIXL; True if every request finished."""
@@ -550,6 +579,8 @@ class CodecServer:
                 if self._metrics_httpd is not None:
                     self._metrics_httpd.shutdown()
                     self._metrics_httpd.server_close()
+                if self.probes is not None:
+                    self.probes.stop()
             self.drained = drained
             self._stopped.set()
             log.info("stopped", extra=fields(drained=drained, seconds=round(time.monotonic() - t0, 3)))

@@ -416,13 +416,16 @@ class S3Endpoint:
         if req.method == "HEAD":
             return web.Response(status=200, headers={**headers, "Content-Length": str(size)})
         data = await self._run(self._decode, bucket, obj)
+        sent = self.svc.metrics.transfer_bytes.labels(path="s3", direction="out")  # the dashboard's s3 series
         if rng is None:
             if req.headers.get("x-amz-checksum-mode", "").lower() == "enabled":
                 headers["x-amz-checksum-crc64nvme"] = checksums.digest_b64("crc64nvme", data)
                 headers["x-amz-checksum-type"] = "FULL_OBJECT"
+            sent.inc(len(data))
             return web.Response(status=200, body=data, headers=headers)
         start, end = rng
         headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+        sent.inc(end + 1 - start)
         return web.Response(status=206, body=data[start : end + 1], headers=headers)
 
     def _store(
@@ -457,6 +460,7 @@ class S3Endpoint:
             first = bucket.estimator().estimate(keys.permute(0, 2, 1, 3))
         with self.svc.request("s3_put"):
             self.svc.put_blocks(tenant, bucket.model.name, [PutItem(h, data, first_position=first)])
+        self.svc.metrics.transfer_bytes.labels(path="s3", direction="in").inc(len(data))
         obj = self._fetch(tenant, bucket, key)
         self.index.put(tenant, bucket.name, key, h, obj.etag, bucket.object_bytes)
         return obj.etag, len(obj.frame), first
