@@ -176,7 +176,14 @@ def demo(
 
         run_demo(lm, cal, target_cr)
         return
-    if model != "smollm2-135m" or layer_group_size != CodecConfig().layer_group_size or fit_sequences != 16:
+    from kvbm_codec.models.registry import registered_names
+
+    if model not in registered_names():
+        raise typer.BadParameter(
+            f"the service demo serves a registered model ({', '.join(registered_names())}); "
+            "use --codec-only for other models"
+        )
+    if layer_group_size != CodecConfig().layer_group_size or fit_sequences != 16:
         raise typer.BadParameter("the service demo runs the embedded defaults; use --codec-only to vary them")
     from kvbm_codec.demos.offload import run_service_demo
 

@@ -23,3 +23,10 @@ def small_calibration(smollm: CausalLM, tmp_path_factory: pytest.TempPathFactory
     cal = calibrate_small(smollm)
     save_calibration(cal, tmp_path_factory.mktemp("calibration") / "small.kvtc")
     return cal
+
+
+@pytest.fixture(scope="session")
+def qwen() -> CausalLM:
+    """Qwen2.5-Coder-0.5B-Instruct, float32 on CPU; every test that loads it shares the one cached
+    conversion of its GGUF (the first load re-assembles the six parts and converts, ~1.5 min)."""
+    return CausalLM.load("qwen2.5-coder-0.5b")

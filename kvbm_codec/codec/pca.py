@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -86,10 +87,13 @@ def top_eigenpairs(cov: torch.Tensor, k: int, oversample: int = 128, iterations:
     Full eigh is O(p^3) and takes minutes at p = layers*heads*dim (5760 for SmolLM2) on a CPU; when
     k is well below p, randomized subspace iteration (Halko et al., as the KVTC paper's randomized
     SVD) with a final Rayleigh-Ritz step in float64 gives the same leading subspace for a fraction.
+    The full decomposition goes through numpy's LAPACK (OpenBLAS): torch's MKL build took 3-4x as
+    long on the same covariances on the AMD build machines (docs/benchmarks.md, calibration speed).
     """
     p = cov.shape[0]
     if k + oversample >= 0.75 * p:
-        return torch.linalg.eigh(cov)
+        evals, evecs = np.linalg.eigh(cov.to(torch.float64).numpy())
+        return torch.from_numpy(evals), torch.from_numpy(evecs)
     g = torch.Generator().manual_seed(0)
     c32 = cov.to(torch.float32)
     q, _ = torch.linalg.qr(c32 @ torch.randn(p, k + oversample, generator=g))

@@ -8,6 +8,7 @@ stopped with SIGTERM at the end (it drains and exits 0). Everything talks over 1
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -39,7 +40,7 @@ def _free_port() -> int:
 class ServiceProcess:
     """`kvbm-codec serve` in a child process with explicit lifetime: start, wait healthy, SIGTERM."""
 
-    def __init__(self, target_cr: float, log_path: Path) -> None:
+    def __init__(self, target_cr: float, log_path: Path, model: str = DEFAULT_MODEL) -> None:
         self.port, self.metrics_port = _free_port(), _free_port()
         env = dict(os.environ)
         env.update(
@@ -48,7 +49,7 @@ class ServiceProcess:
                 "DYN_KVBM_CODEC_GRPC_PORT": str(self.port),
                 "DYN_KVBM_CODEC_METRICS_PORT": str(self.metrics_port),
                 "DYN_KVBM_CODEC_LOGGING__FORMAT": "text",
-                "DYN_KVBM_CODEC_MODELS": f'[{{"name": "{DEFAULT_MODEL}", "target_cr": {target_cr}}}]',
+                "DYN_KVBM_CODEC_MODELS": json.dumps([{"name": model, "target_cr": target_cr}]),
             }
         )
         self.log_path = log_path
@@ -106,7 +107,7 @@ def run_service_demo(
     say(f"conversation: {ids.shape[1]} tokens (a user shares the GPL v3 and asks about it)")
 
     logdir = Path(tempfile.mkdtemp(prefix="kvbm-codec-demo-"))
-    svc = ServiceProcess(target_cr, logdir / "serve.log")
+    svc = ServiceProcess(target_cr, logdir / "serve.log", model=lm.info.name)
     client = CodecClient(svc.target, timeout_s=120.0)
     try:
         say(f"starting `kvbm-codec serve` on {svc.target} (metrics :{svc.metrics_port}, log {svc.log_path})")
