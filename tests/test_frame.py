@@ -192,7 +192,7 @@ def test_wrong_magic(small_frame: bytes) -> None:
 def test_unsupported_version_and_flags(small_frame: bytes) -> None:
     header_json, payload, _ = _parts(small_frame)
     with pytest.raises(errors.FrameVersionError) as info:
-        read_frame(_reframe(header_json, payload, version=2))
+        read_frame(_reframe(header_json, payload, version=3))
     assert info.value.code == "unsupported_version"
     with pytest.raises(errors.FrameVersionError):
         read_frame(_reframe(header_json, payload, version=0))

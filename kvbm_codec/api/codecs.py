@@ -9,7 +9,7 @@ built-in ones (``kvbm_codec.codec.block`` registers "kvtc").
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -34,6 +34,20 @@ class BlockCodec(Protocol):
         self, frame: bytes | memoryview, device: str | torch.device = "cpu"
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(block in ``spec``'s layout and dtype, its positions); raises a FrameError on damage."""
+        ...
+
+    def encode_many(
+        self, blocks: Sequence[torch.Tensor], positions: Sequence[torch.Tensor], compress: Sequence[bool]
+    ) -> list[tuple[bytes, Any]]:
+        """``encode`` of N blocks as one batched call (what a put of N blocks runs)."""
+        ...
+
+    def decode_many(
+        self, frames: Sequence[Any], device: str | torch.device = "cpu"
+    ) -> list[tuple[torch.Tensor, torch.Tensor] | Exception]:
+        """``decode`` of N frames (bytes, or frames the caller already parsed with the codec's own
+        parser, so nothing is parsed twice) as one batched call; a frame that fails its checks gets
+        its error in its slot and spoils no other."""
         ...
 
     def describe(self) -> dict[str, str]:

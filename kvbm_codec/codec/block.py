@@ -8,10 +8,13 @@ exact (e.g. the adapter for the last pages of a conversation) sends ``compress=F
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from kvbm_codec.api.blocks import BlockSpec, InvalidBlockError, block_to_kv, kv_to_block
 from kvbm_codec.api.codecs import register_codec
+from kvbm_codec.codec import frame as fr
 from kvbm_codec.codec.kvtc import CODEC_NAME, EncodeStats, KVTCCodec
 from kvbm_codec.codec.params import Calibration
 
@@ -44,24 +47,52 @@ class KVTCBlockCodec:
     def encode(
         self, block: torch.Tensor, positions: torch.Tensor, *, compress: bool = True
     ) -> tuple[bytes, EncodeStats]:
-        kv = block_to_kv(block, positions, self.spec)
-        if compress:
-            raw_mask = kv.positions < self.codec.cal.config.sink_tokens
-        else:
-            raw_mask = torch.ones(kv.n_tokens, dtype=torch.bool)
-        return self.codec.encode_with_stats(kv, raw_mask, window_tokens=0, dtype=self.spec.dtype)
+        return self.encode_many([block], [positions], [compress])[0]
+
+    def encode_many(
+        self, blocks: Sequence[torch.Tensor], positions: Sequence[torch.Tensor], compress: Sequence[bool]
+    ) -> list[tuple[bytes, EncodeStats]]:
+        """N blocks -> N compact (format v2) frames in one batched codec call."""
+        if not len(blocks) == len(positions) == len(compress):
+            raise ValueError(f"{len(blocks)} blocks, {len(positions)} position sets, {len(compress)} flags")
+        if not blocks:
+            return []
+        kvs = [block_to_kv(b, p, self.spec) for b, p in zip(blocks, positions, strict=True)]  # views
+        sinks = self.codec.cal.config.sink_tokens
+        masks = [
+            kv.positions < sinks if c else torch.ones(kv.n_tokens, dtype=torch.bool)
+            for kv, c in zip(kvs, compress, strict=True)
+        ]
+        return self.codec.encode_batch(kvs, masks, dtype=self.spec.dtype)
 
     def decode(
-        self, frame: bytes | memoryview, device: str | torch.device = "cpu"
+        self, frame: bytes | memoryview | fr.Frame, device: str | torch.device = "cpu"
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(block tensor in the spec's layout and dtype, positions). Raises FrameError on damage."""
-        kv = self.codec.decode(frame, device=device)
-        if kv.n_tokens != self.spec.page_size or kv.layer_start != 0 or kv.n_layers != self.spec.n_layers:
-            raise InvalidBlockError(
-                f"frame holds {kv.n_tokens} tokens of layers [{kv.layer_start}, {kv.layer_end}), "
-                f"not a whole block of {self.spec}"
-            )
-        return kv_to_block(kv, self.spec), kv.positions
+        out = self.decode_many([frame], device)[0]
+        if isinstance(out, Exception):
+            raise out
+        return out
+
+    def decode_many(
+        self, frames: Sequence[bytes | memoryview | fr.Frame], device: str | torch.device = "cpu"
+    ) -> list[tuple[torch.Tensor, torch.Tensor] | Exception]:
+        out: list[tuple[torch.Tensor, torch.Tensor] | Exception] = []
+        for kv in self.codec.decode_batch(frames, device=device):
+            if isinstance(kv, Exception):
+                out.append(kv)
+            elif (
+                kv.n_tokens != self.spec.page_size or kv.layer_start != 0 or kv.n_layers != self.spec.n_layers
+            ):
+                out.append(
+                    InvalidBlockError(
+                        f"frame holds {kv.n_tokens} tokens of layers [{kv.layer_start}, {kv.layer_end}), "
+                        f"not a whole block of {self.spec}"
+                    )
+                )
+            else:
+                out.append((kv_to_block(kv, self.spec), kv.positions))
+        return out
 
 
 register_codec(CODEC_NAME, KVTCBlockCodec.create)

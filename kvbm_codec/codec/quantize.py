@@ -184,3 +184,93 @@ def block_error_table(
             table[bits] = err.sum(-1).mean(0).numpy()
         tables[g] = table
     return tables
+
+
+# ---- batched: many blocks of equal token count in one pass ----------------------------------------
+
+
+def _pack_rows(codes: np.ndarray, bits: int) -> np.ndarray:
+    """[N, m] codes -> [N, packed_size(m, bits)]: each row packed exactly as ``pack_codes`` would."""
+    slot = slot_bits(bits)
+    per_byte = 8 // slot
+    rows = codes.astype(np.uint8, copy=False)
+    if per_byte == 1:
+        return rows
+    pad = (-rows.shape[1]) % per_byte
+    if pad:
+        rows = np.pad(rows, ((0, 0), (0, pad)))
+    lanes = rows.reshape(rows.shape[0], -1, per_byte)
+    packed = np.zeros(lanes.shape[:2], dtype=np.uint8)
+    for j in range(per_byte):
+        packed |= lanes[:, :, j] << np.uint8(slot * j)
+    return packed
+
+
+def _unpack_rows(packed: np.ndarray, count: int, bits: int) -> np.ndarray:
+    """[N, packed] -> [N, count]: the inverse of ``_pack_rows``."""
+    slot = slot_bits(bits)
+    per_byte = 8 // slot
+    if per_byte == 1:
+        return packed[:, :count]
+    mask = np.uint8((1 << slot) - 1)
+    lanes = np.empty((*packed.shape, per_byte), dtype=np.uint8)
+    for j in range(per_byte):
+        lanes[:, :, j] = (packed >> np.uint8(slot * j)) & mask
+    return lanes.reshape(packed.shape[0], -1)[:, :count]
+
+
+def encode_coefficients_batch(
+    coeffs: torch.Tensor, blocks: list[Block], n_blocks: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """coeffs [N * T, n_active] of N frames of T tokens each -> (codes [N, c], scales [N, s]) uint8,
+    row i byte-identical to ``encode_coefficients`` of frame i's T rows: quantized in one pass."""
+    if coeffs.numel() and float(coeffs.abs().max()) > FP16_MAX:
+        raise ValueError("PCA coefficients exceed the fp16 range of the scale/shift fields")
+    n_tok = coeffs.shape[0] // n_blocks if n_blocks else 0
+    codes_out: list[np.ndarray] = []
+    scales_out: list[np.ndarray] = []
+    col = 0
+    for _start, size, bits, count in _runs([b for b in blocks if b.bits > 0]):
+        width = size * count
+        x = coeffs[:, col : col + width].reshape(n_blocks, n_tok, count, size)
+        col += width
+        codes, shift, scale = quantize_groups(x, bits)  # [N, T, count, size], [N, T, count]
+        rows = codes.permute(0, 2, 3, 1).reshape(n_blocks, -1).cpu().numpy()
+        codes_out.append(_pack_rows(rows, bits))
+        ss = torch.stack([shift.transpose(1, 2), scale.transpose(1, 2)], dim=1)  # [N, 2, count, T]
+        scales_out.append(ss.reshape(n_blocks, -1).cpu().contiguous().numpy().view(np.uint8))
+    empty = np.zeros((n_blocks, 0), dtype=np.uint8)
+    return (
+        np.concatenate(codes_out, axis=1) if codes_out else empty,
+        np.concatenate(scales_out, axis=1) if scales_out else empty,
+    )
+
+
+def decode_coefficients_batch(
+    codes: np.ndarray, scales: np.ndarray, blocks: list[Block], n_tokens: int
+) -> torch.Tensor:
+    """Inverse of ``encode_coefficients_batch``: codes [N, c], scales [N, s] -> [N * T, n_active]."""
+    active = [b for b in blocks if b.bits > 0]
+    n = codes.shape[0]
+    expected_codes, expected_scales = stream_sizes(blocks, n_tokens)
+    if codes.shape[1] != expected_codes or scales.shape[1] != expected_scales:
+        raise ValueError(
+            f"coefficient streams have {codes.shape[1]}/{scales.shape[1]} bytes, "
+            f"allocation needs {expected_codes}/{expected_scales}"
+        )
+    parts = []
+    cpos = spos = 0
+    for _start, size, bits, count in _runs(active):
+        m = size * count * n_tokens
+        nbytes = packed_size(m, bits)
+        c = _unpack_rows(codes[:, cpos : cpos + nbytes], m, bits)
+        cpos += nbytes
+        sb = np.ascontiguousarray(scales[:, spos : spos + count * n_tokens * 4]).view(np.float16)
+        spos += count * n_tokens * 4
+        ss = torch.from_numpy(sb).reshape(n, 2, count, n_tokens)
+        c_t = torch.from_numpy(np.ascontiguousarray(c)).reshape(n, count, size, n_tokens).permute(0, 3, 1, 2)
+        x = dequantize_groups(c_t, ss[:, 0].transpose(1, 2), ss[:, 1].transpose(1, 2))
+        parts.append(x.reshape(n * n_tokens, count * size))
+    if not parts:
+        return torch.zeros(n * n_tokens, 0)
+    return torch.cat(parts, dim=1)

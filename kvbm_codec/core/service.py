@@ -209,11 +209,12 @@ class BlockService:
         """All-or-nothing validation: every item is encoded (or checked) before any is stored."""
         m = self.model(model)
         self._check_count(len(items))
-        prepared: list[tuple[BlockKey, bytes, int]] = []
-        for it in items:
-            key = self._key(tenant, m, it.sequence_hash)
-            frame = self._check_frame(m, it.data) if it.is_frame else self._encode(m, it)
-            prepared.append((key, frame, m.spec.nbytes))
+        keys = [self._key(tenant, m, it.sequence_hash) for it in items]
+        frames: dict[int, bytes] = {
+            i: self._check_frame(m, it.data) for i, it in enumerate(items) if it.is_frame
+        }
+        frames.update(self._encode_many(m, [(i, it) for i, it in enumerate(items) if not it.is_frame]))
+        prepared = [(keys[i], frames[i], m.spec.nbytes) for i in range(len(items))]
         results = []
         for key, frame, raw in prepared:
             try:
@@ -233,15 +234,16 @@ class BlockService:
     ) -> list[GetResult]:
         m = self.model(model)
         self._check_count(len(hashes))
-        out = []
-        for h in hashes:
+        out: list[GetResult | None] = [None] * len(hashes)
+        pending: dict[int, tuple[BlockKey, bytes, fr.Frame, BlockCodec]] = {}
+        for i, h in enumerate(hashes):
             key = self._key(tenant, m, h)
             frame = self.store.get(key)
             if frame is None:
                 self.metrics.block_lookups.labels(model=m.name, result="miss").inc()
-                out.append(GetResult(h, "miss"))
+                out[i] = GetResult(h, "miss")
                 continue
-            try:
+            try:  # parsed and verified once here; the codec decodes the parsed frame
                 f = fr.read_frame(frame, max_frame_bytes=self.limits.max_frame_bytes)
                 dec = m.decoder_for(f.header.calibration_id, f.header.codec)
                 if as_frames:
@@ -254,24 +256,44 @@ class BlockService:
                         m.spec.dtype,
                     ):
                         raise InvalidBlockError(f"stored frame is not one whole block of {m.spec}")
-                    data, positions = frame, tuple(fr.runs_to_positions(f.header.positions).tolist())
+                    positions = tuple(fr.runs_to_positions(f.header.positions).tolist())
+                    out[i] = self._hit(m, h, frame, positions)
                 else:
-                    t0 = time.perf_counter()
-                    block, pos = dec.decode(frame)
-                    self.metrics.restore_seconds.labels(model=m.name).observe(time.perf_counter() - t0)
-                    data, positions = m.spec.to_bytes(block), tuple(pos.tolist())
-                    self.metrics.raw_bytes.labels(model=m.name, direction="out").inc(len(data))
+                    pending[i] = (key, frame, f, dec)
             except (FrameError, InvalidBlockError) as e:
-                # A stored frame that fails its checks is dropped: serving it would be wrong KV.
-                self.store.delete(key)
-                source = "store" if isinstance(e, FrameChecksumError) else "store_format"
-                self.metrics.checksum_failures.labels(source=source).inc()
-                self.metrics.block_lookups.labels(model=m.name, result="corrupt").inc()
-                out.append(GetResult(h, "corrupt"))
-                continue
-            self.metrics.block_lookups.labels(model=m.name, result="hit").inc()
-            out.append(GetResult(h, "hit", data, positions))
-        return out
+                out[i] = self._corrupt(m, key, h, e)
+        by_codec: dict[int, list[int]] = {}
+        for i, (_, _, _, dec) in pending.items():
+            by_codec.setdefault(id(dec), []).append(i)
+        for idx in by_codec.values():
+            dec = pending[idx[0]][3]
+            t0 = time.perf_counter()
+            decoded = dec.decode_many([pending[i][2] for i in idx])  # one batched codec call
+            per_block = (time.perf_counter() - t0) / len(idx)
+            for i, res in zip(idx, decoded, strict=True):
+                key, h = pending[i][0], hashes[i]
+                if isinstance(res, FrameError | InvalidBlockError):
+                    out[i] = self._corrupt(m, key, h, res)
+                    continue
+                if isinstance(res, Exception):
+                    raise res
+                self.metrics.restore_seconds.labels(model=m.name).observe(per_block)
+                data = m.spec.to_bytes(res[0])
+                self.metrics.raw_bytes.labels(model=m.name, direction="out").inc(len(data))
+                out[i] = self._hit(m, h, data, tuple(res[1].tolist()))
+        return [r for r in out if r is not None]
+
+    def _hit(self, m: ServedModel, h: int, data: bytes, positions: tuple[int, ...]) -> GetResult:
+        self.metrics.block_lookups.labels(model=m.name, result="hit").inc()
+        return GetResult(h, "hit", data, positions)
+
+    def _corrupt(self, m: ServedModel, key: BlockKey, h: int, e: Exception) -> GetResult:
+        """A stored frame that fails its checks is dropped: serving it would be wrong KV."""
+        self.store.delete(key)
+        source = "store" if isinstance(e, FrameChecksumError) else "store_format"
+        self.metrics.checksum_failures.labels(source=source).inc()
+        self.metrics.block_lookups.labels(model=m.name, result="corrupt").inc()
+        return GetResult(h, "corrupt")
 
     def contains(self, tenant: str, model: str, hashes: Sequence[int]) -> list[bool]:
         m = self.model(model)
@@ -294,28 +316,42 @@ class BlockService:
         except ValueError as e:
             raise InvalidRequestError(str(e)) from e
 
-    def _encode(self, m: ServedModel, it: PutItem) -> bytes:
+    def _encode_many(self, m: ServedModel, items: list[tuple[int, PutItem]]) -> dict[int, bytes]:
+        """Every block of the request checked, then encoded in one batched codec call."""
+        if not items:
+            return {}
+        blocks, positions = [], []
+        for _, it in items:
+            try:
+                block = m.spec.from_bytes(it.data)
+                pos = (
+                    it.positions
+                    if it.positions is not None
+                    else block_positions(it.first_position, m.spec.page_size)
+                )
+                if not torch.isfinite(block).all():
+                    raise InvalidBlockError("block holds NaN or Inf values")
+            except InvalidBlockError as e:
+                raise InvalidBlockRequestError(f"block {it.sequence_hash:#x}: {e}") from e
+            blocks.append(block)
+            positions.append(pos)
+        t0 = time.perf_counter()
         try:
-            block = m.spec.from_bytes(it.data)
-            positions = (
-                it.positions
-                if it.positions is not None
-                else block_positions(it.first_position, m.spec.page_size)
-            )
-            if not torch.isfinite(block).all():
-                raise InvalidBlockError("block holds NaN or Inf values")
-            t0 = time.perf_counter()
-            frame, _ = m.encoder.encode(block, positions, compress=it.compress)
+            encoded = m.encoder.encode_many(blocks, positions, [it.compress for _, it in items])
         except InvalidBlockError as e:
-            raise InvalidBlockRequestError(f"block {it.sequence_hash:#x}: {e}") from e
-        if len(frame) > self.limits.max_frame_bytes:  # else stored, then refused by every get
-            raise RequestTooLargeError(
-                f"block {it.sequence_hash:#x} encodes to {len(frame)} bytes, "
-                f"limit {self.limits.max_frame_bytes}"
-            )
-        self.metrics.encode_seconds.labels(model=m.name).observe(time.perf_counter() - t0)
-        self.metrics.raw_bytes.labels(model=m.name, direction="in").inc(len(it.data))
-        return frame
+            raise InvalidBlockRequestError(str(e)) from e
+        per_block = (time.perf_counter() - t0) / len(items)
+        out = {}
+        for (i, it), (frame, _) in zip(items, encoded, strict=True):
+            if len(frame) > self.limits.max_frame_bytes:  # else stored, then refused by every get
+                raise RequestTooLargeError(
+                    f"block {it.sequence_hash:#x} encodes to {len(frame)} bytes, "
+                    f"limit {self.limits.max_frame_bytes}"
+                )
+            self.metrics.encode_seconds.labels(model=m.name).observe(per_block)
+            self.metrics.raw_bytes.labels(model=m.name, direction="in").inc(len(it.data))
+            out[i] = frame
+        return out
 
     def _check_frame(self, m: ServedModel, data: bytes | memoryview) -> bytes:
         """A client-compressed frame is stored only if it is intact and a whole block of this model."""

@@ -1,0 +1,113 @@
+"""Format v2 block frames and the batched block codec, on real SmolLM2 KV and a real small calibration.
+
+A v2 frame must decode to exactly what the same block's v1 frame decodes to, a batch of N blocks to
+exactly what N single calls give, and every damaged v2 frame must be refused, alone, in a batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import xxhash
+
+from kvbm_codec.api.blocks import BlockSpec, block_to_kv, kv_to_block
+from kvbm_codec.codec import errors
+from kvbm_codec.codec import frame as fr
+from kvbm_codec.codec.block import KVTCBlockCodec
+from kvbm_codec.codec.kvtc import KVTCCodec
+from kvbm_codec.texts import calibration_texts
+
+
+@pytest.fixture(scope="module")
+def blocks(smollm, small_calibration):  # type: ignore[no-untyped-def]
+    s = small_calibration.shape
+    spec = BlockSpec(
+        n_layers=s.n_layers, n_kv_heads=s.n_kv_heads, head_dim=s.key_head_dim, page_size=32, dtype="float16"
+    )
+    ids = smollm.encode(" ".join(calibration_texts()[5:9]))[:, : 32 * 5]
+    kv, _ = smollm.prefill(ids, return_logits=False)
+    out = []
+    for b in range(5):
+        sub = kv.select_tokens(torch.arange(b * 32, (b + 1) * 32)).to(torch.float16)
+        out.append((kv_to_block(sub, spec), sub.positions))
+    return KVTCBlockCodec(KVTCCodec(small_calibration, 20.0), spec), out
+
+
+def test_v2_is_compact_and_decodes_like_v1(blocks) -> None:  # type: ignore[no-untyped-def]
+    codec, items = blocks
+    enc = codec.encode_many([b for b, _ in items], [p for _, p in items], [True] * len(items))
+    for (block, pos), (frame, stats) in zip(items, enc, strict=True):
+        f = fr.read_frame(frame)
+        assert f.version == fr.FORMAT_VERSION_BLOCK
+        # the whole non-payload overhead: 2 streams of one chunk each, or 3 with the sinks' raw stream
+        assert fr.PREFIX_BYTES + f.header_bytes + fr.TRAILER_BYTES <= (
+            128 if len(f.header.sections) == 2 else 160
+        )
+        kv = block_to_kv(block, pos, codec.spec)
+        v1 = codec.codec.encode(kv, kv.positions < codec.codec.cal.config.sink_tokens, window_tokens=0)
+        assert fr.read_frame(v1).version == 1
+        assert len(frame) < len(v1)
+        got, got_pos = codec.decode(frame)
+        ref = codec.codec.decode(v1)
+        assert torch.equal(got, kv_to_block(ref, codec.spec)) and torch.equal(got_pos, pos)
+        assert stats.frame_bytes == len(frame)
+    # the first block holds the attention sinks raw: three streams, the rest two
+    assert [len(fr.read_frame(f).header.sections) for f, _ in enc] == [3, 2, 2, 2, 2]
+    assert fr.inspect_frame(enc[1][0])["format_version"] == 2
+
+
+def test_batch_equals_single_calls(blocks) -> None:  # type: ignore[no-untyped-def]
+    codec, items = blocks
+    enc = codec.encode_many([b for b, _ in items], [p for _, p in items], [True, True, False, True, True])
+    singles = [codec.encode(b, p, compress=c)[0] for (b, p), c in zip(items, [1, 1, 0, 1, 1], strict=True)]
+    assert [f for f, _ in enc] == singles
+    batch = codec.decode_many([f for f, _ in enc])
+    for frame, res in zip(singles, batch, strict=True):
+        assert not isinstance(res, Exception)
+        one = codec.decode(frame)
+        assert torch.equal(res[0], one[0]) and torch.equal(res[1], one[1])
+    assert torch.equal(batch[2][0], items[2][0])  # compress=False is exact
+
+
+def _reseal(data: bytes) -> bytes:
+    return data[:-16] + xxhash.xxh3_128(data[:-16]).digest()
+
+
+def test_damaged_v2_frames_are_refused_alone(blocks) -> None:  # type: ignore[no-untyped-def]
+    codec, items = blocks
+    frames = [f for f, _ in codec.encode_many([b for b, _ in items], [p for _, p in items], [True] * 5)]
+    good = frames[1]
+    hlen = fr.read_frame(good).header_bytes
+    damaged = {
+        "payload flip": good[:-100] + bytes([good[-100] ^ 1]) + good[-99:],
+        "header flip": good[:20] + bytes([good[20] ^ 1]) + good[21:],
+        "truncated": good[:-1],
+        "trailing byte": good + b"\0",
+        # resealed forgeries: digests valid, so the later checks must catch them
+        "chunk crc forged away": _reseal(good[:-100] + bytes([good[-100] ^ 1]) + good[-99:]),
+        "other calibration": _reseal(good[:36] + bytes(8) + good[44:]),
+        "dtype code": _reseal(good[:52] + bytes([7]) + good[53:]),
+        "reserved byte": _reseal(good[:53] + bytes([1]) + good[54:]),
+        "stream count": _reseal(good[:84] + bytes([4]) + good[85:]),
+        "stream size": _reseal(
+            good[:85] + (int.from_bytes(good[85:89], "little") + 1).to_bytes(4, "little") + good[89:]
+        ),
+        "n_tokens": _reseal(good[:64] + (31).to_bytes(4, "little") + good[68:]),
+    }
+    assert fr.PREFIX_BYTES + hlen < len(good)
+    for what, bad in damaged.items():
+        with pytest.raises(errors.CodecError):
+            codec.decode(bad)
+        out = codec.decode_many([frames[0], bad, frames[2]])
+        assert isinstance(out[1], errors.CodecError), what
+        assert not isinstance(out[0], Exception) and not isinstance(out[2], Exception), what
+
+
+def test_v2_writer_refuses_what_it_cannot_describe() -> None:
+    h = fr.FrameHeader(
+        model_fingerprint="0" * 32, calibration_id="ab" * 8, allocation_id="cd" * 8, codec="kvtc",
+        dtype="float16", layer_start=0, layer_end=1, n_kv_heads=1, key_head_dim=2, value_head_dim=2,
+        positions=[(0, 2), (5, 2)], n_tokens=4,
+    )  # fmt: skip
+    assert not fr.block_header_fits(h)
+    assert fr.block_header_fits(h.model_copy(update={"positions": [(7, 4)]}))
+    assert not fr.block_header_fits(h.model_copy(update={"positions": [(7, 4)], "calibration_id": "xyz"}))
