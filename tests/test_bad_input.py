@@ -16,7 +16,7 @@ import pytest
 import torch
 import xxhash
 
-from kvbm_codec.api.blocks import BlockSpec, kv_to_block
+from kvbm_codec.api.blocks import BlockSpec, block_to_kv, kv_to_block
 from kvbm_codec.api.errors import (
     CorruptBlockError,
     IncompatibleFrameError,
@@ -54,10 +54,14 @@ def blocks(smollm, small_calibration) -> Blocks:  # type: ignore[no-untyped-def]
     kv, _ = smollm.prefill(ids[:, :64], return_logits=False)
     raw = [SPEC.to_bytes(kv_to_block(kv.select_tokens(torch.arange(i, i + 32)), SPEC)) for i in (0, 32)]
     model = ServedModel(MODEL, small_calibration, SPEC, 20.0)
-    frames = [
-        model.encoder.encode(SPEC.from_bytes(r), torch.arange(i, i + 32))[0]
-        for r, i in zip(raw, (0, 32), strict=True)
-    ]
+    # Version-1 frames (JSON header), which a client may still submit: the cases below edit their
+    # headers. Damage to compact version-2 frames is covered in tests/test_block_frames.py.
+    def v1(r: bytes, i: int) -> bytes:
+        kv = block_to_kv(SPEC.from_bytes(r), torch.arange(i, i + 32), SPEC)
+        sinks = kv.positions < small_calibration.config.sink_tokens
+        return model.encoder.codec.encode(kv, sinks, window_tokens=0, dtype=SPEC.dtype)
+
+    frames = [v1(r, i) for r, i in zip(raw, (0, 32), strict=True)]
     return Blocks(raw, frames)
 
 
@@ -110,7 +114,6 @@ def _sub_frame(
     svc: BlockService, raw: bytes, *, tokens: int = 32, layers: int = 30, dtype: str = "float16"
 ) -> bytes:
     """A genuine frame of this model and calibration that is not one whole block of the served spec."""
-    from kvbm_codec.api.blocks import block_to_kv
 
     codec = svc.model(MODEL).encoder.codec
     kv = block_to_kv(SPEC.from_bytes(raw), torch.arange(32), SPEC)
