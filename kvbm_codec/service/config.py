@@ -106,6 +106,15 @@ class AuthConfig(_Section):
     )
     tenant: str = Field("default", description="Tenant of unauthenticated callers when mode is `none`.")
     tokens_file: Path | None = Field(None, description="Token -> tenant table for mode `token`.")
+    cert_tenants: dict[str, str] | None = Field(
+        None,
+        description="mTLS allow-list: certificate CN or SAN -> tenant. Set, a certificate it does not list "
+        "is refused; unset, any certificate from the CA is a tenant named after its CN.",
+    )
+    bind_token_to_cert: bool = Field(
+        False,
+        description="Mode `token` over mTLS: the token's tenant must be the certificate's (cert_tenants).",
+    )
 
 
 class ServiceConfig(BaseSettings):
@@ -140,6 +149,18 @@ class ServiceConfig(BaseSettings):
     request_timeout_s: float = Field(
         30.0, gt=0, description="Deadline applied to requests whose client set none."
     )
+    max_deadline_s: float = Field(
+        120.0,
+        gt=0,
+        description="Server-side cap on every request's deadline: a client deadline longer than this is "
+        "cut to it, and a stream still open then is cancelled (an unread stream cannot hold a slot).",
+    )
+    max_inflight_per_tenant: int = Field(
+        0,
+        ge=0,
+        description="Requests one tenant may have admitted at once (0: only max_inflight_requests). "
+        "Set below max_inflight_requests so one tenant cannot take every slot.",
+    )
     drain_timeout_s: float = Field(
         20.0, ge=0, description="On SIGTERM, how long in-flight requests may take to finish."
     )
@@ -158,6 +179,11 @@ class ServiceConfig(BaseSettings):
     )
     disk_path: Path | None = Field(None, description="Disk tier directory (None: no disk tier).")
     disk_capacity_bytes: int = Field(64 << 30, gt=0, description="Disk tier capacity.")
+    tier_promotion: Literal["copy", "move"] = Field(
+        "copy",
+        description="A read hit on disk is copied up to memory and the disk copy kept (copy: reads never "
+        "lose a durable block) or moved (move: frees disk space, a crash after a read loses the block).",
+    )
     disk_fsync: bool = Field(
         True,
         description="fsync each disk-tier write and its directory (off: survives a process crash, "
