@@ -78,6 +78,18 @@ class S3Config(_Section):
     enabled: bool = Field(False, description="Serve the S3-compatible endpoint.")
     host: str = Field("127.0.0.1", description="Address the S3 endpoint listens on.")
     port: int | None = Field(None, ge=0, le=65535, description="S3 endpoint port (None: disabled).")
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="A request body must arrive within this (then RequestTimeout)."
+    )
+    idle_timeout_s: float = Field(
+        60.0, gt=0, description="An idle keep-alive connection is closed after this."
+    )
+    max_uploads_per_tenant: int = Field(
+        32, gt=0, description="Open multipart uploads per tenant (SlowDown beyond)."
+    )
+    require_signed_payload: bool = Field(False, description="Refuse UNSIGNED-PAYLOAD request bodies.")
+    tls_cert: str | None = Field(None, description="PEM certificate: serve S3 over TLS (with tls_key).")
+    tls_key: str | None = Field(None, description="PEM private key for tls_cert.")
 
 
 class DynamoConfig(_Section):
