@@ -280,7 +280,7 @@ def _two_tier(tmp_path: Path, mem: int, disk: int, **kw: object) -> tuple[Tiered
 
 
 def test_tiered_spills_promotes_and_drops(tmp_path: Path) -> None:
-    store, dropped = _two_tier(tmp_path, 300, 500)
+    store, dropped = _two_tier(tmp_path, 300, 500, promote="move")
     mem, disk = store.tiers
     for i in range(8):
         store.put(k(i), blob(k(i)))
@@ -346,6 +346,7 @@ def test_tiered_refuse_property(sizes: list[int], reads: list[int], mem_policy: 
     store = TieredStore(
         [MemoryTier(250, policy=mem_policy), MemoryTier(300, name="m2"), MemoryTier(400, name="m3")],  # type: ignore[arg-type]
         when_full="refuse",
+        promote="move",  # the one-copy accounting below is the move policy's
         on_drop=lambda key, n: dropped.append(key),
     )
     held = {}
@@ -402,7 +403,7 @@ def test_tiered_failing_callback_does_not_break_the_cascade(tmp_path: Path) -> N
 
 
 def test_tiered_threads_serve_only_right_bytes(tmp_path: Path) -> None:
-    store, dropped = _two_tier(tmp_path, 20 * 1000, 50 * 1000)
+    store, dropped = _two_tier(tmp_path, 20 * 1000, 50 * 1000, promote="move")
     errors: list[str] = []
     size = {i: 500 + 13 * i for i in range(120)}
 

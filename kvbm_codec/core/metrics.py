@@ -30,6 +30,7 @@ METRIC_NAMES = (
     f"{PREFIX}_request_seconds",
     f"{PREFIX}_requests_total",
     f"{PREFIX}_requests_refused_total",
+    f"{PREFIX}_auth_failures_total",
     f"{PREFIX}_inflight_requests",
     f"{PREFIX}_raw_bytes_total",
     f"{PREFIX}_stored_bytes_total",
@@ -118,6 +119,12 @@ class ServiceMetrics:
             f"{p}_requests", "Requests by method and result code", ["method", "code"], registry=r
         )
         self.refused = Counter(f"{p}_requests_refused", "Requests refused, by reason", ["reason"], registry=r)
+        self.auth_failures = Counter(
+            f"{p}_auth_failures",
+            "Refused authentications, by front end and stable error code (no tenant or peer names)",
+            ["frontend", "reason"],
+            registry=r,
+        )
         self.inflight = Gauge(f"{p}_inflight_requests", "Requests being served now", registry=r)
         self.raw_bytes = Counter(
             f"{p}_raw_bytes",

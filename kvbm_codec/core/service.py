@@ -34,6 +34,7 @@ from kvbm_codec.codec import block as _builtin_codecs  # noqa: F401  (registers 
 from kvbm_codec.codec import frame as fr
 from kvbm_codec.codec.errors import FrameChecksumError, FrameError, FrameSizeError
 from kvbm_codec.codec.params import Calibration
+from kvbm_codec.core.fairness import TenantAdmission
 from kvbm_codec.core.metrics import ServiceMetrics
 from kvbm_codec.store.base import BlockKey, BlockStore, BlockTooLargeError, StoreFullError
 
@@ -41,6 +42,7 @@ from kvbm_codec.store.base import BlockKey, BlockStore, BlockTooLargeError, Stor
 @dataclass(frozen=True)
 class Limits:
     max_inflight_requests: int = 64
+    max_inflight_per_tenant: int = 0  # 0: only the global bound; else one tenant's share of it
     max_blocks_per_request: int = 256
     max_frame_bytes: int = 8 << 20
     retry_after_s: float = 0.05
@@ -136,12 +138,31 @@ class BlockService:
             )
         self.metrics.watch_tiers(store.stats)
         self._adm = _Admission(self.limits.max_inflight_requests)
+        self._tenants = TenantAdmission(self.limits.max_inflight_per_tenant)
 
     # ---- admission ------------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def request(self, method: str) -> Iterator[None]:
-        """Admit one request or refuse it at once (never queue unboundedly); time and count it."""
+    def request(self, method: str, tenant: str | None = None) -> Iterator[None]:
+        """Admit one request or refuse it at once (never queue unboundedly); time and count it.
+        With ``tenant``, that tenant's own in-flight bound applies first (``core.fairness``)."""
+        if tenant is not None:
+            held = self._tenants.try_enter(tenant)
+            if held is not None:
+                self.metrics.refused.labels(reason="tenant_overloaded").inc()
+                raise OverloadedError(
+                    f"{held} requests in flight for this tenant (limit {self._tenants.limit})",
+                    retry_after_s=self.limits.retry_after_s,
+                )
+        try:
+            with self._admit(method):
+                yield
+        finally:
+            if tenant is not None:
+                self._tenants.leave(tenant)
+
+    @contextlib.contextmanager
+    def _admit(self, method: str) -> Iterator[None]:
         a = self._adm
         with a.lock:
             if a.closed:

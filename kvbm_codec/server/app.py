@@ -103,6 +103,7 @@ def build_store(cfg: ServiceConfig, metrics: ServiceMetrics) -> TieredStore:
     return TieredStore(
         tiers,
         when_full=cfg.when_full,
+        promote=cfg.tier_promotion,
         on_drop=lambda _key, _n: metrics.blocks_dropped.inc(),
         # a tier's own checksum caught damage on read: served as a miss, counted for the alert
         on_corrupt=lambda _key, tier: metrics.checksum_failures.labels(source=f"tier_{tier}").inc(),
@@ -112,6 +113,7 @@ def build_store(cfg: ServiceConfig, metrics: ServiceMetrics) -> TieredStore:
 def limits_of(cfg: ServiceConfig) -> Limits:
     return Limits(
         max_inflight_requests=cfg.max_inflight_requests,
+        max_inflight_per_tenant=cfg.max_inflight_per_tenant,
         max_blocks_per_request=cfg.max_blocks_per_request,
         retry_after_s=cfg.retry_after_s,
     )

@@ -79,6 +79,18 @@ class S3Config(_Section):
     enabled: bool = Field(False, description="Serve the S3-compatible endpoint.")
     host: str = Field("127.0.0.1", description="Address the S3 endpoint listens on.")
     port: int | None = Field(None, ge=0, le=65535, description="S3 endpoint port (None: disabled).")
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="A request body must arrive within this (then RequestTimeout)."
+    )
+    idle_timeout_s: float = Field(
+        60.0, gt=0, description="An idle keep-alive connection is closed after this."
+    )
+    max_uploads_per_tenant: int = Field(
+        32, gt=0, description="Open multipart uploads per tenant (SlowDown beyond)."
+    )
+    require_signed_payload: bool = Field(False, description="Refuse UNSIGNED-PAYLOAD request bodies.")
+    tls_cert: str | None = Field(None, description="PEM certificate: serve S3 over TLS (with tls_key).")
+    tls_key: str | None = Field(None, description="PEM private key for tls_cert.")
 
 
 class DynamoConfig(_Section):
@@ -126,6 +138,15 @@ class AuthConfig(_Section):
     )
     tenant: str = Field("default", description="Tenant of unauthenticated callers when mode is `none`.")
     tokens_file: Path | None = Field(None, description="Token -> tenant table for mode `token`.")
+    cert_tenants: dict[str, str] | None = Field(
+        None,
+        description="mTLS allow-list: certificate CN or SAN -> tenant. Set, a certificate it does not list "
+        "is refused; unset, any certificate from the CA is a tenant named after its CN.",
+    )
+    bind_token_to_cert: bool = Field(
+        False,
+        description="Mode `token` over mTLS: the token's tenant must be the certificate's (cert_tenants).",
+    )
 
 
 class ServiceConfig(BaseSettings):
@@ -160,6 +181,18 @@ class ServiceConfig(BaseSettings):
     request_timeout_s: float = Field(
         30.0, gt=0, description="Deadline applied to requests whose client set none."
     )
+    max_deadline_s: float = Field(
+        120.0,
+        gt=0,
+        description="Server-side cap on every request's deadline: a client deadline longer than this is "
+        "cut to it, and a stream still open then is cancelled (an unread stream cannot hold a slot).",
+    )
+    max_inflight_per_tenant: int = Field(
+        0,
+        ge=0,
+        description="Requests one tenant may have admitted at once (0: only max_inflight_requests). "
+        "Set below max_inflight_requests so one tenant cannot take every slot.",
+    )
     drain_timeout_s: float = Field(
         20.0, ge=0, description="On SIGTERM, how long in-flight requests may take to finish."
     )
@@ -182,6 +215,11 @@ class ServiceConfig(BaseSettings):
         gt=0,
         description="Disk tier capacity. None: 90% of the filesystem holding disk_path (in a pod, the "
         "volume), so it follows the volume's size.",
+    )
+    tier_promotion: Literal["copy", "move"] = Field(
+        "copy",
+        description="A read hit on disk is copied up to memory and the disk copy kept (copy: reads never "
+        "lose a durable block) or moved (move: frees disk space, a crash after a read loses the block).",
     )
     disk_fsync: bool = Field(
         True,

@@ -46,6 +46,7 @@ import fcntl
 import itertools
 import logging
 import os
+import stat
 import struct
 import threading
 import time
@@ -237,6 +238,10 @@ class DiskTier:
                         temp += 1
                         changed.add(sub.path)
                     elif entry.name.endswith(BLOCK_SUFFIX):
+                        if not entry.is_file(follow_symlinks=False):
+                            # a FIFO would hang the open, a symlink points outside the tier: not ours
+                            log.warning("tier %s: ignoring %s (not a regular file)", self.name, entry.path)
+                            continue
                         try:
                             key, size, mtime = self._scan_file(entry.path, entry.name)
                         except _BadFile as e:
@@ -268,9 +273,14 @@ class DiskTier:
 
     def _scan_file(self, path: str, name: str) -> tuple[BlockKey, int, int]:
         try:
-            with open(path, "rb", buffering=0) as f:
-                head = f.read(MAX_HEADER)
+            # O_NOFOLLOW | O_NONBLOCK: a file swapped for a symlink or FIFO after the scan saw it
+            # neither follows the link nor blocks; fstat then refuses anything not regular
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            with open(fd, "rb", buffering=0) as f:
                 st = os.fstat(f.fileno())
+                if not stat.S_ISREG(st.st_mode):
+                    raise _BadFile("not a regular file")
+                head = f.read(MAX_HEADER)
         except OSError as e:
             raise _BadFile(f"cannot read: {e}") from e
         key, hlen, plen, _ = decode_header(head)

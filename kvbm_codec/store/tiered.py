@@ -2,9 +2,16 @@
 
 Puts land in the first tier; what it evicts spills into the next tier, and so on; what falls out
 of the last tier is dropped (it is a cache: a dropped block is a later miss, never wrong data) and
-reported through ``on_drop``. A hit in a lower tier is promoted to the first tier (and removed from
-where it was: a block lives in exactly one tier). A damaged block found on read is removed, reported
-through ``on_corrupt`` and served as a miss.
+reported through ``on_drop``. A hit in a lower tier is promoted to the first tier. ``promote``:
+
+- ``"copy"`` (default): the lower copy stays where it is, so a read never removes the durable (disk)
+  copy of a block: a crash after reads loses nothing that was on disk. The block then counts in both
+  tiers' used bytes until the first tier evicts it (its spill finds the copy already there and
+  writes nothing).
+- ``"move"``: the block is removed from the lower tier (it lives in exactly one tier; the lower
+  tier's space is freed, at the price of durability of read blocks).
+
+A damaged block found on read is removed, reported through ``on_corrupt`` and served as a miss.
 
 ``when_full``:
 
@@ -43,6 +50,7 @@ from kvbm_codec.store.base import (
 log = logging.getLogger(__name__)
 
 FullPolicy = Literal["evict", "refuse"]
+PromotePolicy = Literal["copy", "move"]
 
 
 @dataclass(frozen=True)
@@ -69,6 +77,7 @@ class TieredStore:
         tiers: list[Tier],
         *,
         when_full: FullPolicy = "evict",
+        promote: PromotePolicy = "copy",
         on_drop: Callable[[BlockKey, int], None] | None = None,
         on_corrupt: Callable[[BlockKey, str], None] | None = None,
     ) -> None:
@@ -83,6 +92,9 @@ class TieredStore:
             raise ValueError(f"tier names must be unique (they label metrics), got {names}")
         self.tiers = list(tiers)
         self.when_full = when_full
+        if promote not in ("copy", "move"):
+            raise ValueError(f"promote must be 'copy' or 'move', got {promote!r}")
+        self.promote = promote
         self._on_drop = on_drop
         self._on_corrupt = on_corrupt
         self._lock = threading.RLock()
@@ -202,6 +214,8 @@ class TieredStore:
                 self._spill(level + 1, k, v)
 
     def _spill(self, level: int, key: BlockKey, data: bytes) -> None:
+        if self.promote == "copy" and self.tiers[level].contains(key):
+            return  # a promoted copy going back down: the tier still holds these very bytes
         try:
             self._put_at(level, key, data)
         except (StoreFullError, BlockTooLargeError) as e:
@@ -215,8 +229,17 @@ class TieredStore:
         self._spills += 1
 
     def _promote(self, level: int, key: BlockKey, data: bytes) -> None:
-        if self.when_full == "refuse" and self._would_drop(len(data), level=level):
+        keep = self.promote == "copy"
+        if self.when_full == "refuse" and self._would_drop(len(data), level=None if keep else level):
             return  # serve it from where it is rather than push another block out
+        if keep:
+            try:
+                self._put_at(0, key, data)
+            except (StoreFullError, BlockTooLargeError) as e:
+                log.warning("promotion of %s failed, served from tier %s: %s", key, self.tiers[level].name, e)
+                return
+            self._promotions += 1
+            return
         self.tiers[level].delete(key)
         try:
             self._put_at(0, key, data)

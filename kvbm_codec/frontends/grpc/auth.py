@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -324,7 +325,13 @@ def policy_from_settings(
 
 
 def _is_loopback(host: str) -> bool:
-    return host in ("127.0.0.1", "::1", "localhost") or host.startswith("127.")
+    """Exactly a loopback address (or ``localhost``): ``127.example.com`` is a DNS name, not loopback."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def from_config(cfg: Any) -> tuple[grpc.ServerCredentials | None, Authenticator | None]:
@@ -351,13 +358,17 @@ def from_config(cfg: Any) -> tuple[grpc.ServerCredentials | None, Authenticator 
     if auth.mode == "mtls":
         if not (tls.enabled and tls.require_client_cert):
             raise ValueError("auth.mode mtls needs tls.enabled and tls.require_client_cert")
-        return creds, Authenticator(AuthPolicy())
+        return creds, Authenticator(AuthPolicy(cert_tenants=auth.cert_tenants))
     if not tls.enabled and not _is_loopback(cfg.host):
         raise ValueError(f"auth.mode token sends bearer tokens in plaintext on {cfg.host}: enable tls")
     tokens: TokenLookup | None = TokenFile(auth.tokens_file) if auth.tokens_file else TokenTable.from_env()
     if tokens is None or not len(tokens):
         raise ValueError(f"auth.mode token needs auth.tokens_file or ${TENANT_ENV} with at least one token")
-    return creds, Authenticator(AuthPolicy(tokens=tokens))
+    # bind_token_to_cert: with mTLS, the token's tenant must be the one the certificate maps to
+    bound = auth.cert_tenants if auth.bind_token_to_cert else None
+    if auth.bind_token_to_cert and not (tls.enabled and tls.require_client_cert and auth.cert_tenants):
+        raise ValueError("auth.bind_token_to_cert needs tls.require_client_cert and auth.cert_tenants")
+    return creds, Authenticator(AuthPolicy(tokens=tokens, cert_tenants=bound))
 
 
 __all__ = [

@@ -72,10 +72,21 @@ class _Deadline:
     at: float
 
     @classmethod
-    def of(cls, context: grpc.ServicerContext, default_s: float) -> _Deadline:
+    def of(cls, context: grpc.ServicerContext, default_s: float, cap_s: float | None = None) -> _Deadline:
+        """The client's deadline, or ``default_s`` without one, never longer than ``cap_s``."""
         left = context.time_remaining()  # no client deadline reads as None or a huge number
         budget = default_s if left is None or not math.isfinite(left) or left > 1e8 else left
+        if cap_s is not None:
+            budget = min(budget, cap_s)
         return cls(time.monotonic() + budget)
+
+    def enforce(self, context: grpc.ServicerContext) -> threading.Timer:
+        """Cancel the call when the (capped) deadline passes, even while its handler is blocked
+        sending to a client that does not read; the caller cancels the timer when done."""
+        t = threading.Timer(max(self.left(), 0.0), context.cancel)
+        t.daemon = True
+        t.start()
+        return t
 
     def left(self) -> float:
         return self.at - time.monotonic()
@@ -112,10 +123,10 @@ class KvbmCodecServicer(pb_grpc.KvbmCodecServicer):
     def _run(self, method: str, context: grpc.ServicerContext, fn: Callable[[str, _Deadline], Any]) -> Any:
         t0 = time.perf_counter()
         try:
-            tenant = self.authenticate(context)
-            deadline = _Deadline.of(context, self.cfg.request_timeout_s)
+            tenant = self._tenant(context)
+            deadline = _Deadline.of(context, self.cfg.request_timeout_s, self.cfg.max_deadline_s)
             deadline.check(method)
-            with self.svc.request(method):
+            with self.svc.request(method, tenant):
                 return fn(tenant, deadline)
         except ServiceError as e:
             self._log_refusal(method, e, t0)
@@ -124,6 +135,13 @@ class KvbmCodecServicer(pb_grpc.KvbmCodecServicer):
             log.exception("unhandled error", extra=fields(method=method, error=type(e).__name__))
             context.set_trailing_metadata(((ERROR_CODE_KEY, "internal"),))
             context.abort(grpc.StatusCode.INTERNAL, f"internal error ({type(e).__name__})")
+
+    def _tenant(self, context: grpc.ServicerContext) -> str:
+        try:
+            return self.authenticate(context)
+        except ServiceError as e:  # counted here whatever the hook: an attack shows on the dashboard
+            self.svc.metrics.auth_failures.labels(frontend="grpc", reason=e.code).inc()
+            raise
 
     @staticmethod
     def _log_refusal(method: str, e: ServiceError, t0: float) -> None:
@@ -218,10 +236,16 @@ class KvbmCodecServicer(pb_grpc.KvbmCodecServicer):
             raise NixlUnavailableError("this server does not serve the NIXL data path")
         return self.staging
 
-    @staticmethod
-    def _region(r: pb.RemoteRegion) -> Any:
+    def _region(self, r: pb.RemoteRegion) -> Any:
         from kvbm_codec.transport.nixl import RemoteRegion
 
+        # A client's region names the client's agent. Naming the server's own agent would make the
+        # transport treat it as loopback into the server's registrations, whose spans are checked only
+        # against the size the caller declares: it could read or overwrite other requests' staging
+        # slots. No client is the server, so refuse it outright.
+        own = getattr(getattr(self.staging, "agent", None), "name", None)
+        if own is not None and r.agent_name == own:
+            raise InvalidRequestError("NIXL region names this server's own agent; name the client's agent")
         try:
             return RemoteRegion(
                 r.agent_name, r.agent_metadata, r.addr, r.nbytes, r.dev_id, r.mem_type or "DRAM"
@@ -263,11 +287,15 @@ class KvbmCodecServicer(pb_grpc.KvbmCodecServicer):
         # not an option (that is what streaming avoids), so admission wraps the generator body.
         t0 = time.perf_counter()
         try:
-            tenant = self.authenticate(context)
-            deadline = _Deadline.of(context, self.cfg.request_timeout_s)
+            tenant = self._tenant(context)
+            deadline = _Deadline.of(context, self.cfg.request_timeout_s, self.cfg.max_deadline_s)
             deadline.check("get")
-            with self.svc.request("get"):
-                yield from self._get(tenant, request, deadline)
+            timer = deadline.enforce(context)
+            try:
+                with self.svc.request("get", tenant):
+                    yield from self._get(tenant, request, deadline)
+            finally:
+                timer.cancel()
         except ServiceError as e:
             self._log_refusal("get", e, t0)
             abort(context, e)
@@ -296,6 +324,12 @@ class KvbmCodecServicer(pb_grpc.KvbmCodecServicer):
                 )
             remote = self._region(request.region)
         batch = request.batch_size or self.cfg.get_batch_size
+        # one streamed message must fit max_message_bytes: a raw block is spec.nbytes (+ positions and
+        # framing), so cap the batch instead of failing mid-stream with no error trailer
+        per_block = (
+            self._model(request.model).spec.nbytes + 16 * self._model(request.model).spec.page_size + 64
+        )
+        batch = max(1, min(batch, (self.cfg.max_message_bytes - 1024) // per_block))
         encoding = pb.ENCODING_FRAME if as_frames else pb.ENCODING_RAW
         with contextlib.ExitStack() as stack:
             slot = stack.enter_context(self._staging().slot()) if nixl else None

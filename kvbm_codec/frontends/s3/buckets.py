@@ -95,13 +95,25 @@ class KeyIndex:
     key whose block the store evicted is filtered out when listed). Per process, not shared between
     replicas, and empty after a restart."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_keys_per_tenant: int = 1_000_000) -> None:
         self._data: dict[tuple[str, str], dict[str, Entry]] = {}
+        self._per_tenant: dict[str, int] = {}
+        self.max_keys_per_tenant = max_keys_per_tenant
         self._lock = threading.Lock()
 
     def put(self, tenant: str, bucket: str, key: str, h: int, etag: str, size: int) -> None:
+        """Bounded per tenant: past the bound the tenant's oldest entry (insertion order) is dropped,
+        so one tenant's distinct keys cannot grow the process; the store still serves that block."""
         with self._lock:
-            self._data.setdefault((tenant, bucket), {})[key] = Entry(key, h, etag, size, time.time())
+            d = self._data.setdefault((tenant, bucket), {})
+            if key not in d:
+                if self._per_tenant.get(tenant, 0) >= self.max_keys_per_tenant:
+                    victim = next((dd for (t, _), dd in self._data.items() if t == tenant and dd), None)
+                    if victim is not None:
+                        victim.pop(next(iter(victim)))
+                        self._per_tenant[tenant] -= 1
+                self._per_tenant[tenant] = self._per_tenant.get(tenant, 0) + 1
+            d[key] = Entry(key, h, etag, size, time.time())
 
     def get(self, tenant: str, bucket: str, key: str) -> Entry | None:
         with self._lock:
@@ -111,7 +123,8 @@ class KeyIndex:
         with self._lock:
             d = self._data.get((tenant, bucket), {})
             for k in keys:
-                d.pop(k, None)
+                if d.pop(k, None) is not None:
+                    self._per_tenant[tenant] -= 1
 
     def page(self, tenant: str, bucket: str, prefix: str, after: str, limit: int) -> tuple[list[Entry], bool]:
         with self._lock:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from kvbm_codec.api.types import DEFAULT_MODEL
 
@@ -78,6 +78,31 @@ class S3Config(BaseModel):
         900.0, gt=0, description="Largest accepted clock difference of a signed request."
     )
     workers: int = Field(4, gt=0, description="Threads doing encode/decode (off the event loop).")
+    max_uploads_per_tenant: int = Field(
+        32,
+        gt=0,
+        description="Multipart uploads one tenant may hold open (SlowDown beyond; others unaffected).",
+    )
+    max_index_keys_per_tenant: int = Field(
+        1_000_000, gt=0, description="Listing-index entries kept per tenant (oldest dropped beyond)."
+    )
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="A request body must arrive within this (RequestTimeout, connection closed)."
+    )
+    idle_timeout_s: float = Field(
+        60.0, gt=0, description="A keep-alive connection with no request for this long is closed."
+    )
+    require_signed_payload: bool = Field(
+        False, description="Refuse UNSIGNED-PAYLOAD bodies: every body byte must be covered by a signature."
+    )
+    tls_cert: str | None = Field(None, description="PEM certificate: serve S3 over TLS (with tls_key).")
+    tls_key: str | None = Field(None, description="PEM private key for tls_cert.")
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> S3Config:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key go together")
+        return self
 
     @field_validator("buckets")
     @classmethod

@@ -47,8 +47,13 @@ class Upload:
 
 
 class Uploads:
-    def __init__(self, max_uploads: int, max_bytes: int, ttl_s: float) -> None:
+    def __init__(
+        self, max_uploads: int, max_bytes: int, ttl_s: float, *, max_per_tenant: int | None = None
+    ) -> None:
+        # max_uploads bounds the whole table (memory); max_per_tenant keeps one credential from
+        # filling it for everyone (each tenant is refused only for its own open uploads)
         self.max_uploads = max_uploads
+        self.max_per_tenant = max_per_tenant or max_uploads
         self.max_bytes = max_bytes
         self.ttl_s = ttl_s
         self._uploads: dict[str, Upload] = {}
@@ -65,6 +70,9 @@ class Uploads:
     def create(self, tenant: str, bucket: str, key: str) -> str:
         with self._lock:
             self._expire()
+            mine = sum(1 for up in self._uploads.values() if up.tenant == tenant)
+            if mine >= self.max_per_tenant:
+                raise S3Error(503, "SlowDown", f"{mine} multipart uploads open for this tenant; retry later")
             if len(self._uploads) >= self.max_uploads:
                 raise S3Error(503, "SlowDown", f"{len(self._uploads)} multipart uploads open; retry later")
             uid = uuid.uuid4().hex

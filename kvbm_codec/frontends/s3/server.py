@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import logging
 import re
+import ssl
 import threading
 import time
 import uuid
@@ -30,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from email.utils import formatdate
 from typing import Any
+from urllib.parse import unquote
 from xml.sax.saxutils import escape
 
 import torch
@@ -57,6 +59,26 @@ log = logging.getLogger(__name__)
 XMLNS = "http://s3.amazonaws.com/doc/2006-03-01/"
 POSITION_HEADER = "x-amz-meta-kvbm-first-position"  # optional: a client that knows the position
 CHUNK_OVERHEAD = 1 << 16  # aws-chunked framing allowed on top of the decoded body
+MAX_POSITION = 1 << 62  # the gRPC front end's bound: a first position must leave room for a page
+_MAX_INT_DIGITS = 19  # every numeric header / query value fits an int64; longer is refused unparsed
+
+
+def bounded_int(value: str, what: str, *, lo: int = 0, hi: int = (1 << 63) - 1) -> int:
+    """Parse a client-supplied integer with explicit bounds: a bad one is a 400, never a 500."""
+    v = value.strip()
+    if not v or len(v) > _MAX_INT_DIGITS or not v.isdigit() or not v.isascii():
+        raise invalid_argument(f"{what} must be an integer between {lo} and {hi}")
+    n = int(v)
+    if not lo <= n <= hi:
+        raise invalid_argument(f"{what} must be an integer between {lo} and {hi}")
+    return n
+
+
+def split_path(raw_path: str) -> tuple[str, str]:
+    """Bucket and key from the request-target's path exactly as sent (percent-decoded, dot segments
+    kept): the same string SigV4 signs, so what is verified is what is routed."""
+    bucket, _, key = raw_path.lstrip("/").partition("/")
+    return unquote(bucket), unquote(key)
 
 
 @dataclass(frozen=True)
@@ -128,8 +150,13 @@ class S3Endpoint:
         for b in self.buckets.values():
             if b.object_bytes > config.max_object_bytes:
                 raise ValueError(f"bucket {b.name}: a block ({b.object_bytes} B) exceeds max_object_bytes")
-        self.index = KeyIndex()
-        self.uploads = Uploads(config.max_uploads, config.max_object_bytes, config.upload_ttl_s)
+        self.index = KeyIndex(config.max_index_keys_per_tenant)
+        self.uploads = Uploads(
+            config.max_uploads,
+            config.max_object_bytes,
+            config.upload_ttl_s,
+            max_per_tenant=config.max_uploads_per_tenant,
+        )
         self.pool = ThreadPoolExecutor(config.workers, thread_name_prefix="kvbm-s3")
 
     # ---- plumbing -------------------------------------------------------------------------------
@@ -146,10 +173,7 @@ class S3Endpoint:
         for h in ("x-amz-decoded-content-length", "content-length"):
             v = req.headers.get(h)
             if v is not None:
-                try:
-                    return int(v)
-                except ValueError:
-                    raise invalid_argument(f"{h} is not an integer") from None
+                return bounded_int(v, h)
         return None
 
     async def _expect(self, req: web.Request) -> web.StreamResponse | None:
@@ -184,22 +208,35 @@ class S3Endpoint:
             resp = self._error(e, req.path, rid)
         except ServiceError as e:
             resp = self._error(from_service(e), req.path, rid)
-        except Exception as e:
-            log.exception("S3 %s %s failed", req.method, req.path)
-            resp = self._error(S3Error(500, "InternalError", f"{type(e).__name__}: {e}"), req.path, rid)
+        except TimeoutError:
+            resp = self._error(
+                S3Error(400, "RequestTimeout", "the request body did not arrive within the body timeout"),
+                req.path,
+                rid,
+            )
+            resp.force_close()
+        except Exception:  # a bug: logged here, never described to the client
+            log.exception("S3 %s %s failed (request id %s)", req.method, req.path, rid)
+            resp = self._error(
+                S3Error(500, "InternalError", "We encountered an internal error."), req.path, rid
+            )
         if req.method == "HEAD" and resp.status >= 300:  # HEAD errors carry no body
             resp = web.Response(status=resp.status, headers={"x-amz-request-id": rid})
         resp.headers.setdefault("x-amz-request-id", rid)
         return resp
 
     async def _dispatch(self, req: web.Request) -> web.StreamResponse:
-        url = req.url
+        raw_path = req.rel_url.raw_path  # as sent: yarl's req.url resolves dot segments, routing must not
         query = {k: v for k, v in req.query.items()}
-        verified = self.verifier.verify(
-            req.method, url.raw_path, url.raw_query_string, lambda n: req.headers.getall(n, []), query
-        )
+        try:
+            verified = self.verifier.verify(
+                req.method, raw_path, req.rel_url.raw_query_string, lambda n: req.headers.getall(n, []), query
+            )
+        except S3Error as e:
+            self.svc.metrics.auth_failures.labels(frontend="s3", reason=e.code).inc()
+            raise
         tenant = verified.credential.tenant
-        bucket_name, _, key = req.path.lstrip("/").partition("/")
+        bucket_name, key = split_path(raw_path)
         m = req.method
         if not bucket_name:
             if m == "GET":
@@ -238,12 +275,23 @@ class S3Endpoint:
     async def _body(self, req: web.Request, verified: sigv4.Verified) -> bytes:
         """Read (bounded), un-chunk and verify the body: payload hash, chunk signatures, checksums."""
         limit = self.cfg.max_object_bytes
+        if self.cfg.require_signed_payload and verified.payload_hash in (
+            sigv4.UNSIGNED,
+            sigv4.STREAMING_UNSIGNED_TRAILER,
+        ):
+            raise S3Error(
+                403, "AccessDenied", "this endpoint requires signed payloads (x-amz-content-sha256)"
+            )
         declared = self._declared_size(req)
         if declared is not None and declared > limit:
             raise entity_too_large(f"{declared} bytes exceeds the {limit}-byte limit")
         buf = bytearray()
+        deadline = asyncio.get_running_loop().time() + self.cfg.body_timeout_s
         while True:
-            piece = await req.content.read(1 << 20)
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                raise TimeoutError
+            piece = await asyncio.wait_for(req.content.read(1 << 20), left)
             if not piece:
                 break
             buf += piece
@@ -261,7 +309,7 @@ class S3Endpoint:
                 body,
                 verified=verified,
                 declared_trailers=declared_trailers,
-                decoded_length=int(dl) if dl is not None else None,
+                decoded_length=bounded_int(dl, "x-amz-decoded-content-length") if dl is not None else None,
                 max_bytes=limit,
             )
             data = out.data
@@ -301,15 +349,15 @@ class S3Endpoint:
         )
 
     async def _list_objects(self, tenant: str, bucket: Bucket, q: dict[str, str]) -> web.Response:
-        try:
-            max_keys = min(1000, max(0, int(q.get("max-keys", "1000"))))
-        except ValueError:
-            raise invalid_argument("max-keys is not an integer") from None
+        max_keys = min(1000, bounded_int(q.get("max-keys", "1000"), "max-keys"))
         if q.get("delimiter"):
             raise S3Error(501, "NotImplemented", "delimiter is not supported (block keys are flat)")
         prefix = q.get("prefix", "")
         token = q.get("continuation-token")
-        after = bytes.fromhex(token).decode() if token else q.get("start-after", "")
+        try:
+            after = bytes.fromhex(token).decode() if token else q.get("start-after", "")
+        except ValueError:  # not hex, or not UTF-8 once decoded
+            raise invalid_argument("continuation-token is not one this endpoint issued") from None
         entries: list = []
         truncated = False
         while len(entries) < max_keys:
@@ -446,12 +494,7 @@ class S3Endpoint:
             )
         h = sequence_hash(key)
         if position is not None:
-            try:
-                first = int(position)
-                if first < 0:
-                    raise ValueError
-            except ValueError:
-                raise invalid_argument(f"{POSITION_HEADER} must be a non-negative integer") from None
+            first = bounded_int(position, POSITION_HEADER, hi=MAX_POSITION - spec.page_size)
         else:
             block = spec.from_bytes(data)
             if not torch.isfinite(block).all():
@@ -500,10 +543,7 @@ class S3Endpoint:
     async def _upload_part(
         self, req: web.Request, verified: sigv4.Verified, bucket: Bucket, key: str, q: dict[str, str]
     ) -> web.StreamResponse:
-        try:
-            number = int(q.get("partNumber", ""))
-        except ValueError:
-            raise invalid_argument("partNumber is not an integer") from None
+        number = bounded_int(q.get("partNumber", ""), "partNumber", lo=1, hi=10000)
         data = await self._body(req, verified)
         etag = self.uploads.put_part(
             q["uploadId"], verified.credential.tenant, bucket.name, key, number, data
@@ -551,7 +591,8 @@ class S3ServerHandle:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        scheme = "https" if self.endpoint.cfg.tls_cert else "http"
+        return f"{scheme}://{self.host}:{self.port}"
 
     def _serve(self) -> None:
         asyncio.set_event_loop(self._loop)
@@ -568,9 +609,17 @@ class S3ServerHandle:
         self._loop.close()
 
     async def _start(self) -> None:
-        self._runner = web.AppRunner(self.endpoint.app(), access_log=None)
+        cfg = self.endpoint.cfg
+        self._runner = web.AppRunner(
+            self.endpoint.app(), access_log=None, keepalive_timeout=cfg.idle_timeout_s
+        )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.endpoint.cfg.port)
+        tls = None
+        if cfg.tls_cert:
+            tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            tls.minimum_version = ssl.TLSVersion.TLSv1_2
+            tls.load_cert_chain(cfg.tls_cert, cfg.tls_key)
+        site = web.TCPSite(self._runner, self.host, cfg.port, ssl_context=tls)
         await site.start()
         server = site._server
         assert server is not None

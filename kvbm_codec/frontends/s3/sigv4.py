@@ -113,7 +113,8 @@ class Verified:
 
     def _check(self, string_to_sign: str, signature: str) -> None:
         expected = hmac.new(self.key, string_to_sign.encode(), hashlib.sha256).hexdigest()
-        if not hmac.compare_digest(expected, signature):
+        # compare_digest raises on non-ASCII str: compare bytes so a hostile value is a plain mismatch
+        if not hmac.compare_digest(expected.encode(), signature.encode("utf-8", "replace")):
             raise signature_mismatch()
 
     def verify_chunk(self, previous: str, chunk: bytes, signature: str) -> None:
@@ -165,7 +166,9 @@ class Verifier:
             return self._verify_presigned(method, raw_path, raw_query, headers, query, now)
         raise access_denied("anonymous requests are not accepted: sign with SigV4")
 
-    def _credential(self, credential: str, amz_date: str, now: dt.datetime) -> tuple[Credential, str, bytes]:
+    def _credential(
+        self, credential: str, amz_date: str, now: dt.datetime, *, presigned: bool = False
+    ) -> tuple[Credential, str, bytes]:
         parts = credential.split("/")
         if len(parts) != 5 or parts[3] != "s3" or parts[4] != "aws4_request":
             raise S3Error(400, "AuthorizationHeaderMalformed", f"malformed credential scope {credential!r}")
@@ -187,7 +190,10 @@ class Verifier:
             raise access_denied(f"X-Amz-Date {amz_date!r} is not ISO 8601 basic format") from None
         if date != amz_date[:8]:
             raise S3Error(400, "AuthorizationHeaderMalformed", "credential date does not match X-Amz-Date")
-        if abs((now - when).total_seconds()) > self.max_skew_s:
+        age = (now - when).total_seconds()
+        # a presigned URL's lifetime is its X-Amz-Expires (checked by the caller); only a date in the
+        # future is a clock skew for it
+        if (-age if presigned else abs(age)) > self.max_skew_s:
             raise S3Error(
                 403,
                 "RequestTimeTooSkewed",
@@ -235,9 +241,12 @@ class Verifier:
         if query.get("X-Amz-Algorithm") != ALGORITHM:
             raise access_denied("presigned URL must use AWS4-HMAC-SHA256")
         amz_date = query.get("X-Amz-Date", "")
-        cred, scope, key = self._credential(query.get("X-Amz-Credential", ""), amz_date, now)
+        cred, scope, key = self._credential(query.get("X-Amz-Credential", ""), amz_date, now, presigned=True)
         try:
-            expires = int(query.get("X-Amz-Expires", "0"))
+            raw = query.get("X-Amz-Expires", "0")
+            if len(raw) > 7:
+                raise ValueError
+            expires = int(raw)
         except ValueError:
             raise access_denied("X-Amz-Expires is not an integer") from None
         when = dt.datetime.strptime(amz_date, "%Y%m%dT%H%M%SZ").replace(tzinfo=dt.UTC)
