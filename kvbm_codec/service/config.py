@@ -22,6 +22,8 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from kvbm_codec.service.s3.config import BucketBinding
+
 ENV_PREFIX = "DYN_KVBM_CODEC_"
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -77,6 +79,11 @@ class S3Config(_Section):
     enabled: bool = Field(False, description="Serve the S3-compatible endpoint.")
     host: str = Field("127.0.0.1", description="Address the S3 endpoint listens on.")
     port: int | None = Field(None, ge=0, le=65535, description="S3 endpoint port (None: disabled).")
+    buckets: list[BucketBinding] | None = Field(
+        None,
+        description="Bucket bindings (name, model, layout: FullyContiguous or vllm-cpu, ...). Default: one "
+        "KVBM bucket `kvbm-<model>` per served model.",
+    )
 
 
 class DynamoConfig(_Section):

@@ -7,11 +7,12 @@ CPU primary tier to the service, loads promote back into it:
 - Every method vLLM calls runs on the scheduler thread and returns at once. ``submit_store`` and
   ``submit_load`` only queue the job; ``on_schedule_end`` (called once per scheduler step, after
   vLLM's own submissions) sends that step's stores as one ``PutBlocks`` request and its loads as one
-  ``GetBlocks`` request, on a worker thread. Existence lookups run on vLLM's async lookup thread,
+  ``GetBlocks`` request, on a worker thread (split into ``parallel_requests`` concurrent calls so the
+  service codes the blocks on several workers). Existence lookups run on vLLM's async lookup thread,
   one ``Contains`` per request per step.
 - Each chunk is converted exactly from vLLM's CPU page layout to the service's KVBM block
-  (``layout.py``) and sent with its first token position (vLLM records each key's end token), so
-  KVTC can undo RoPE. A key without a recorded position is stored exact (no position needed).
+  (``kvbm_codec/vllm_layout.py``) and sent with its first token position (vLLM records each key's
+  end token), so KVTC can undo RoPE. A key without a recorded position is stored exact (no position needed).
 - Backpressure: at most ``max_pending_stores`` store jobs in flight; beyond that a store fails at
   once (vLLM keeps the chunk in its CPU tier and counts the failed cascade) instead of queueing
   without bound. A service refusal (overload, capacity) fails the job the same way. vLLM's own
@@ -27,6 +28,7 @@ import logging
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -49,10 +51,10 @@ from vllm.v1.kv_offload.file_mapper import FileMapper
 from vllm.v1.kv_offload.tiering.async_lookup import AsyncLookupManager
 from vllm.v1.kv_offload.tiering.base import JobResult, SecondaryTierManager, TransferJob
 
-from kvbm_codec.adapters.vllm.layout import VllmCpuLayout
 from kvbm_codec.service.core import PutItem
 from kvbm_codec.service.errors import ServiceError
 from kvbm_codec.service.grpc_client import CodecClient
+from kvbm_codec.vllm_layout import VllmCpuLayout
 
 if TYPE_CHECKING:
     from vllm.v1.kv_offload.base import OffloadingSpec
@@ -69,6 +71,15 @@ STORED_BYTES = M + "stored_bytes"
 STORES_DROPPED = M + "stores_dropped"
 JOB_FAILURES = M + "job_failures"
 REQUEST_SECONDS = M + "request_seconds"
+
+
+_LIVE: weakref.WeakSet[KvbmCodecTier] = weakref.WeakSet()
+
+
+def live_tiers() -> list[KvbmCodecTier]:
+    """The tiers alive in this process: an in-process engine's (``VLLM_ENABLE_V1_MULTIPROCESSING=0``)
+    counters for the demo and tests, which cannot reach vLLM's scheduler objects otherwise."""
+    return list(_LIVE)
 
 
 def sequence_hash(name: str) -> int:
@@ -127,12 +138,13 @@ class KvbmCodecTier(SecondaryTierManager):
         token: str | None = None,
         key_order: str = "dt",
         max_pending_stores: int = 8,
+        parallel_requests: int = 4,
         timeout_s: float = 120.0,
         backpressure_detector: BackpressureDetector | None = None,
     ) -> None:
         super().__init__(offloading_spec, primary_kv_view, tier_type, backpressure_detector)
-        if max_pending_stores < 1:
-            raise ValueError("max_pending_stores must be >= 1")
+        if max_pending_stores < 1 or parallel_requests < 1:
+            raise ValueError("max_pending_stores and parallel_requests must be >= 1")
         self.client = CodecClient(target, model=model, tenant=tenant, token=token, timeout_s=timeout_s)
         spec = self.client.spec()
         if key_order not in ("dt", "td"):
@@ -156,12 +168,17 @@ class KvbmCodecTier(SecondaryTierManager):
         # One worker: a step's PutBlocks and GetBlocks go out in submission order, never two at once
         # from this engine (the service batches within a request).
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="kvbm-codec-tier")
+        # A step's request is split into this many concurrent calls, so the service encodes/decodes
+        # its blocks on that many of its workers instead of one after the other.
+        self._calls = ThreadPoolExecutor(parallel_requests, thread_name_prefix="kvbm-codec-call")
+        self.parallel_requests = parallel_requests
         self._step_stores: list[TransferJob] = []
         self._step_loads: list[TransferJob] = []
         self._inflight: set[Future[None]] = set()
         self._pending_store_jobs = 0
         self._done: queue.SimpleQueue[JobResult] = queue.SimpleQueue()
         self._lookups = _Lookups(self)
+        _LIVE.add(self)
         log.info(
             "kvbm-codec tier: %s at %s, chunk %d B, %d primary chunks",
             model,
@@ -227,7 +244,10 @@ class KvbmCodecTier(SecondaryTierManager):
         self.drain_jobs()
         self._lookups.shutdown()
         self._pool.shutdown(wait=True)
+        self._calls.shutdown(wait=True)
         self.client.close()
+        self._primary = None  # type: ignore[assignment]  # releases the export so vLLM can unmap
+        log.info("kvbm-codec tier shut down: %s", self.counters.snapshot())
 
     # ---- metrics ---------------------------------------------------------------------------------
 
@@ -272,6 +292,15 @@ class KvbmCodecTier(SecondaryTierManager):
         if loads:
             self._inflight.add(self._pool.submit(self._run_loads, loads))
 
+    def _split(self, call: Any, items: list[Any]) -> list[Any]:
+        """``call`` over ``items`` as up to ``parallel_requests`` concurrent calls, results in order."""
+        n = min(self.parallel_requests, len(items))
+        if n <= 1:
+            return list(call(items))
+        size = -(-len(items) // n)
+        parts = [self._calls.submit(call, items[i : i + size]) for i in range(0, len(items), size)]
+        return [r for f in parts for r in f.result()]
+
     def _finish(self, job: TransferJob, ok: bool, t0: float, nbytes: int, keys: Any = None) -> None:
         if not ok:
             self.counters.add(job_failures=1)
@@ -300,7 +329,7 @@ class KvbmCodecTier(SecondaryTierManager):
                         )
                     )
                 spans.append(len(job.keys))
-            results = self.client.put_blocks(items)
+            results = self._split(self.client.put_blocks, items)
             ok = True
         except (ServiceError, ValueError) as e:
             log.warning("kvbm-codec store of %d chunks failed: %s", len(items), e)
@@ -328,7 +357,7 @@ class KvbmCodecTier(SecondaryTierManager):
             for key, chunk in zip(job.keys, job.chunk_ids.tolist(), strict=True)
         ]
         try:
-            results = self.client.get_blocks([self.hash_of(k) for _, k, _ in flat])
+            results = self._split(self.client.get_blocks, [self.hash_of(k) for _, k, _ in flat])
         except ServiceError as e:
             log.warning("kvbm-codec load of %d chunks failed: %s", len(flat), e)
             for job in jobs:

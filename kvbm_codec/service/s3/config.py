@@ -23,9 +23,12 @@ class BucketBinding(BaseModel):
         DEFAULT_BUCKET, pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$", description="S3 bucket name."
     )
     model: str = Field("smollm2-135m", description="Served model whose blocks this bucket holds.")
-    layout: Literal["FullyContiguous"] = Field(
+    layout: Literal["FullyContiguous", "vllm-cpu"] = Field(
         "FullyContiguous",
-        description="KVBM block layout of an object: [1, n_layers, 2, page_size, n_kv_heads*head_dim].",
+        description="Layout of an object: KVBM's FullyContiguous block [1, n_layers, 2, page_size, "
+        "n_kv_heads*head_dim], or `vllm-cpu`: one chunk of vLLM's CPU offload tier (its OBJ tier's objects; "
+        "per layer, per KV head, keys [head_dim, page_size] then values [page_size, head_dim], padded to "
+        "4096 bytes).",
     )
     page_size: int = Field(32, gt=0, description="Tokens per block; must equal the served model's.")
     dtype: Literal["float16", "bfloat16", "float32"] = Field(
@@ -33,6 +36,13 @@ class BucketBinding(BaseModel):
     )
     max_position: int = Field(
         32768, gt=0, description="Largest token position the RoPE position search considers for a block."
+    )
+    layout_margin: float | None = Field(
+        1.5,
+        ge=1.0,
+        description="Refuse a block that another known layout (or K/V swapped) explains this many times "
+        "better than the bound one, by PCA residual against the calibration: bytes of another layout "
+        "(docs/vllm.md). None: no check.",
     )
 
 
