@@ -153,6 +153,9 @@ def demo(
         str, typer.Option(help="with --engine vllm: native,obj or one of them")
     ] = "native,obj",
     prompt_tokens: Annotated[int, typer.Option(help="with --engine vllm: conversation length")] = 1500,
+    stream_requests: Annotated[
+        int, typer.Option(help="with --engine vllm: then a stream of this many distinct 256-token requests")
+    ] = 0,
 ) -> None:
     """Start the service, offload a long conversation's KV to it as KVBM blocks, onboard it, continue.
 
@@ -168,7 +171,8 @@ def demo(
         paths = [p for p in engine_paths.split(",") if p]
         if not paths or any(p not in ("native", "obj") for p in paths):
             raise typer.BadParameter(f"--engine-paths takes native and/or obj, got {engine_paths!r}")
-        result = run_vllm_demo(target_cr=target_cr, paths=paths, prompt_tokens=prompt_tokens)
+        stream = {"requests": stream_requests, "tokens": 256, "batch": 4} if stream_requests else None
+        result = run_vllm_demo(target_cr=target_cr, paths=paths, prompt_tokens=prompt_tokens, stream=stream)
         if result["service_exit_code"] != 0:
             raise typer.Exit(1)
         return
