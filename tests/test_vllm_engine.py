@@ -7,9 +7,13 @@ from kvbm-codec, against the uncompressed run. The longer run is `kvbm-codec dem
 from __future__ import annotations
 
 import pytest
+import torch
 
-from kvbm_codec.adapters.vllm.demo import run_vllm_demo, vllm_python
+from kvbm_codec.adapters.vllm.demo import conversation_ids, run_vllm_demo, vllm_python
+from kvbm_codec.blocks import BlockSpec, kv_to_block
 from kvbm_codec.calibration.registry import Registry
+from kvbm_codec.models.registry import cache_root
+from kvbm_codec.vllm_layout import VllmCpuLayout
 
 try:
     vllm_python()
@@ -27,23 +31,51 @@ ANSWER_TOKENS = 8
 def demo(small_calibration, smollm, tmp_path_factory):
     registry = tmp_path_factory.mktemp("vllm-registry")
     Registry.from_url(registry).publish(small_calibration, promote=True)
-    return run_vllm_demo(
+    dump = registry / "primary.pt"
+    return dump, run_vllm_demo(
         paths=("native", "obj"),
         prompt_tokens=PROMPT_TOKENS,
         answer_tokens=ANSWER_TOKENS,
         registry=str(registry),
         fingerprint=small_calibration.model_fingerprint,
+        dump_primary=str(dump),
         say=lambda _: None,
     )
 
 
-def test_service_stops_cleanly(demo):
-    assert demo["service_exit_code"] == 0
+@pytest.fixture(scope="module")
+def result(demo):
+    return demo[1]
 
 
-def test_native_tier_offloads_and_restores_the_prefix(demo):
-    r = demo["native"]
-    full_chunks = demo["prompt_tokens"] // 32
+def test_engine_chunks_convert_exactly_to_the_models_kv(demo, smollm):
+    """The chunks vLLM's CPU tier holds, converted, are the Hugging Face model's KV of the same tokens
+    (float32 on both sides; only kernel rounding differs); read with untransposed keys they are not."""
+    dump, r = demo
+    primary = torch.load(dump)
+    ids = conversation_ids(cache_root() / "smollm2-135m", PROMPT_TOKENS)
+    assert len(ids) == r["prompt_tokens"]
+    kv, _ = smollm.prefill(torch.tensor([ids]), return_logits=False)
+    spec = BlockSpec(30, 32, 3, 64, "float32")
+    right, wrong = VllmCpuLayout(spec, "dt"), VllmCpuLayout(spec, "td")
+
+    def rel(layout: VllmCpuLayout, row: torch.Tensor, ref: torch.Tensor) -> float:
+        return float((layout.chunk_to_block(row) - ref).norm() / ref.norm())
+
+    for b in range(len(ids) // 32):
+        ref = kv_to_block(kv.select_tokens(torch.arange(32 * b, 32 * b + 32)), spec)
+        best = min(range(primary.shape[0]), key=lambda i: rel(right, primary[i], ref))
+        assert rel(right, primary[best], ref) < 1e-3
+        assert rel(wrong, primary[best], ref) > 0.5
+
+
+def test_service_stops_cleanly(result):
+    assert result["service_exit_code"] == 0
+
+
+def test_native_tier_offloads_and_restores_the_prefix(result):
+    r = result["native"]
+    full_chunks = result["prompt_tokens"] // 32
     svc, tier = r["service"], r["tier_counters"]
     assert svc["blocks_put"] == tier["blocks_stored"] == full_chunks
     assert tier["put_requests"] == 1  # one step's stores, one request
@@ -58,17 +90,17 @@ def test_native_tier_offloads_and_restores_the_prefix(demo):
 
 
 @pytest.mark.parametrize("path", ["native", "obj"])
-def test_restored_prefix_agrees_with_the_uncompressed_run(demo, path):
+def test_restored_prefix_agrees_with_the_uncompressed_run(result, path):
     r = demo[path]
     assert len(r["restored_answer"]) == len(r["reference_answer"]) == ANSWER_TOKENS
     # a layout mix-up or a misplaced position gives garbage KV and near-zero agreement
     assert r["teacher_forced_top1"] >= 0.6, r
 
 
-def test_stock_obj_tier_stores_in_the_vllm_bucket(demo):
-    svc = demo["obj"]["service"]
-    full_chunks = demo["prompt_tokens"] // 32
+def test_stock_obj_tier_stores_in_the_vllm_bucket(result):
+    svc = result["obj"]["service"]
+    full_chunks = result["prompt_tokens"] // 32
     assert svc["blocks_put"] == full_chunks
     assert svc["layout_refused"] == 0  # vLLM's own objects fit the bucket's bound layout
     assert svc["blocks_hit"] >= full_chunks
-    assert demo["obj"]["vllm_metrics"]["vllm:external_prefix_cache_hits"] >= 32 * (full_chunks - 1)
+    assert result["obj"]["vllm_metrics"]["vllm:external_prefix_cache_hits"] >= 32 * (full_chunks - 1)

@@ -199,6 +199,7 @@ def run_vllm_demo(
     prompt_tokens: int = 1500,
     answer_tokens: int = 32,
     stream: dict[str, int] | None = None,
+    dump_primary: str | None = None,
     registry: str | None = None,
     fingerprint: str | None = None,
     say: Callable[[str], None] = print,
@@ -233,6 +234,8 @@ def run_vllm_demo(
             }
             if stream:
                 request["stream"] = stream
+            if dump_primary and path == "native":
+                request["dump_primary"] = dump_primary
             before = svc.metrics()
             r = run_engine(request, workdir)
             r["service"] = service_counts(before, svc.metrics())

@@ -104,6 +104,12 @@ def main(request_path: str, out_path: str) -> None:
 
     out["ttft_recompute_s"], _ = gen([ids], one)
     out["answer_exact_s"], (ref,) = gen([ids], answer)
+    if req.get("dump_primary"):  # the CPU tier's chunks as the engine wrote them (layout check)
+        import torch
+
+        for tier in live_tiers():
+            tier.drain_jobs()
+            torch.save(tier._primary.clone(), req["dump_primary"])
     settle()
     out["ttft_restored_s"], _ = gen([ids], one)
     out["answer_restored_s"], (got,) = gen([ids], answer)
