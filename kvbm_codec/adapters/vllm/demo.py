@@ -249,7 +249,9 @@ def run_vllm_demo(
 
 def _report(path: str, r: dict[str, Any], say: Callable[[str], None]) -> None:
     s = r["service"]
-    name = {"native": "native tier (gRPC)", "obj": "vLLM's OBJ tier -> S3 endpoint"}[path]
+    name = {"native": "native tier (gRPC)", "obj": "vLLM's OBJ tier -> S3 endpoint", "none": "no offload"}[
+        path
+    ]
     ratio = s["raw_bytes_in"] / max(1.0, s["stored_bytes"])
     say(
         f"[{name}] kvbm-codec stored {s['blocks_put']:.0f} blocks ({s['raw_bytes_in'] / 1e6:.1f} MB fp32 -> "

@@ -71,6 +71,8 @@ def main(request_path: str, out_path: str) -> None:
     from kvbm_codec.adapters.vllm.tier import live_tiers
 
     out: dict[str, Any] = {"path": req["path"]}
+    # "none": the same engine without offloading, the baseline of the stream timings
+    ktc = None if req["path"] == "none" else KVTransferConfig(**kv_transfer_config(req))
     t0 = time.perf_counter()
     llm = LLM(
         model=req["model_dir"],
@@ -78,7 +80,7 @@ def main(request_path: str, out_path: str) -> None:
         enforce_eager=True,
         block_size=32,
         max_model_len=req.get("max_model_len", 8192),
-        kv_transfer_config=KVTransferConfig(**kv_transfer_config(req)),
+        kv_transfer_config=ktc,
         seed=0,
         disable_log_stats=False,
     )
