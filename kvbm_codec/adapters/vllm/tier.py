@@ -52,7 +52,6 @@ from vllm.v1.kv_offload.tiering.async_lookup import AsyncLookupManager
 from vllm.v1.kv_offload.tiering.base import JobResult, SecondaryTierManager, TransferJob
 
 from kvbm_codec.service.core import PutItem
-from kvbm_codec.service.errors import ServiceError
 from kvbm_codec.service.grpc_client import CodecClient
 from kvbm_codec.vllm_layout import VllmCpuLayout
 
@@ -175,7 +174,7 @@ class KvbmCodecTier(SecondaryTierManager):
         self._step_stores: list[TransferJob] = []
         self._step_loads: list[TransferJob] = []
         self._inflight: set[Future[None]] = set()
-        self._pending_store_jobs = 0
+        self._store_jobs: set[int] = set()  # store jobs submitted, result not yet taken by vLLM
         self._done: queue.SimpleQueue[JobResult] = queue.SimpleQueue()
         self._lookups = _Lookups(self)
         _LIVE.add(self)
@@ -207,12 +206,12 @@ class KvbmCodecTier(SecondaryTierManager):
         self._lookups.cleanup(req_context.req_id)
 
     def submit_store(self, job_metadata: TransferJob) -> None:
-        if self._pending_store_jobs >= self.max_pending_stores:
+        if len(self._store_jobs) >= self.max_pending_stores:
             self.counters.add(stores_dropped=1)
             self._count(STORES_DROPPED, 1)
             self._done.put(JobResult(job_metadata.job_id, success=False))
             return
-        self._pending_store_jobs += 1
+        self._store_jobs.add(job_metadata.job_id)
         self._step_stores.append(job_metadata)
 
     def submit_load(self, job_metadata: TransferJob) -> None:
@@ -230,9 +229,11 @@ class KvbmCodecTier(SecondaryTierManager):
         out: list[JobResult] = []
         while True:
             try:
-                out.append(self._done.get_nowait())
+                res = self._done.get_nowait()
             except queue.Empty:
                 return out
+            self._store_jobs.discard(res.job_id)
+            out.append(res)
 
     def drain_jobs(self) -> None:
         self._flush()
@@ -331,11 +332,9 @@ class KvbmCodecTier(SecondaryTierManager):
                 spans.append(len(job.keys))
             results = self._split(self.client.put_blocks, items)
             ok = True
-        except (ServiceError, ValueError) as e:
-            log.warning("kvbm-codec store of %d chunks failed: %s", len(items), e)
+        except Exception as e:  # every job must finish, or vLLM's drain waits forever
+            log.warning("kvbm-codec store of %d chunks failed: %s: %s", len(items), type(e).__name__, e)
             ok, results = False, []
-        finally:
-            self._pending_store_jobs -= len(jobs)
         dt = time.perf_counter() - t0
         with self._stats_lock:
             self._stats.observe_histogram(REQUEST_SECONDS, dt, (*self._label, "put"))
@@ -358,21 +357,15 @@ class KvbmCodecTier(SecondaryTierManager):
         ]
         try:
             results = self._split(self.client.get_blocks, [self.hash_of(k) for _, k, _ in flat])
-        except ServiceError as e:
-            log.warning("kvbm-codec load of %d chunks failed: %s", len(flat), e)
+            got = self._place(flat, results)
+        except Exception as e:  # every job must finish, or vLLM's drain waits forever
+            log.warning("kvbm-codec load of %d chunks failed: %s: %s", len(flat), type(e).__name__, e)
             for job in jobs:
                 self._finish(job, False, t0, 0)
             return
         with self._stats_lock:
             self._stats.observe_histogram(REQUEST_SECONDS, time.perf_counter() - t0, (*self._label, "get"))
         self.counters.add(get_requests=1)
-        got: dict[int, list[OffloadKey]] = {job.job_id: [] for job in jobs}
-        for (job, key, chunk), res in zip(flat, results, strict=True):
-            if res.status != "hit" or res.data is None:
-                continue
-            block = self.layout.spec.from_bytes(res.data)
-            self._primary[chunk].copy_(self.layout.block_to_chunk(block))
-            got[job.job_id].append(key)
         loaded = sum(len(v) for v in got.values())
         self.counters.add(blocks_loaded=loaded, blocks_missed=len(flat) - loaded)
         self._count(BLOCKS_LOADED, loaded)
@@ -382,3 +375,16 @@ class KvbmCodecTier(SecondaryTierManager):
             keys = got[job.job_id]
             ok = len(keys) == len(job.keys)
             self._finish(job, ok, t0, len(keys) * self.block_size_bytes, None if ok else keys)
+
+    def _place(
+        self, flat: list[tuple[TransferJob, OffloadKey, int]], results: list[Any]
+    ) -> dict[int, list[OffloadKey]]:
+        """Hits, converted back to vLLM's chunk layout, into their primary-tier slots; keys placed per job."""
+        got: dict[int, list[OffloadKey]] = {job.job_id: [] for job, _, _ in flat}
+        for (job, key, chunk), res in zip(flat, results, strict=True):
+            if res.status != "hit" or res.data is None:
+                continue
+            block = self.layout.spec.from_bytes(res.data)
+            self._primary[chunk].copy_(self.layout.block_to_chunk(block))
+            got[job.job_id].append(key)
+        return got
