@@ -91,7 +91,7 @@ def test_native_tier_offloads_and_restores_the_prefix(result):
 
 @pytest.mark.parametrize("path", ["native", "obj"])
 def test_restored_prefix_agrees_with_the_uncompressed_run(result, path):
-    r = demo[path]
+    r = result[path]
     assert len(r["restored_answer"]) == len(r["reference_answer"]) == ANSWER_TOKENS
     # a layout mix-up or a misplaced position gives garbage KV and near-zero agreement
     assert r["teacher_forced_top1"] >= 0.6, r
