@@ -164,6 +164,20 @@ def demo(
     codec_only: Annotated[
         bool, typer.Option(help="compress/restore in this process only, without starting the service")
     ] = False,
+    engine: Annotated[
+        str,
+        typer.Option(
+            help="`vllm`: a real vLLM (CPU) engine offloads to the service, native tier and OBJ tier "
+            "(needs scripts/bootstrap-vllm.sh; docs/vllm.md)"
+        ),
+    ] = "none",
+    engine_paths: Annotated[
+        str, typer.Option(help="with --engine vllm: native,obj (none: no offload, a baseline)")
+    ] = "native,obj",
+    prompt_tokens: Annotated[int, typer.Option(help="with --engine vllm: conversation length")] = 1500,
+    stream_requests: Annotated[
+        int, typer.Option(help="with --engine vllm: then a stream of this many distinct 256-token requests")
+    ] = 0,
 ) -> None:
     """Start the service, offload a long conversation's KV to it as KVBM blocks, onboard it, continue.
 
@@ -171,6 +185,19 @@ def demo(
     """
     lm = _load(model)
     cal = _calibration(lm, None, layer_group_size, fit_sequences)
+    if engine not in ("none", "vllm"):
+        raise typer.BadParameter(f"unknown engine {engine!r}: `vllm` or none")
+    if engine == "vllm":
+        from kvbm_codec.adapters.vllm.demo import run_vllm_demo
+
+        paths = [p for p in engine_paths.split(",") if p]
+        if not paths or any(p not in ("native", "obj", "none") for p in paths):
+            raise typer.BadParameter(f"--engine-paths takes native and/or obj, got {engine_paths!r}")
+        stream = {"requests": stream_requests, "tokens": 256, "batch": 4} if stream_requests else None
+        result = run_vllm_demo(target_cr=target_cr, paths=paths, prompt_tokens=prompt_tokens, stream=stream)
+        if result["service_exit_code"] != 0:
+            raise typer.Exit(1)
+        return
     if codec_only:
         from kvbm_codec.demos.codec import run_demo
 

@@ -26,6 +26,7 @@ from kvbm_codec.api.types import DEFAULT_MODEL
 from kvbm_codec.service.sizes import ByteSize, OptionalByteSize
 
 ENV_PREFIX = "DYN_KVBM_CODEC_"
+DEFAULT_BUCKET = f"kvbm-{DEFAULT_MODEL}"
 
 _config_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar("kvbm_codec_config", default=None)
 
@@ -75,6 +76,40 @@ class NixlConfig(_Section):
     transfer_timeout_s: float = Field(30.0, gt=0, description="Timeout of one NIXL READ/WRITE batch.")
 
 
+class BucketBinding(BaseModel):
+    """A bucket bound to one served model and one layout, so a PUT's bytes have exactly one meaning
+    (lives with the service config so both the config and the S3 front end can name it)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(
+        DEFAULT_BUCKET, pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$", description="S3 bucket name."
+    )
+    model: str = Field(DEFAULT_MODEL, description="Served model whose blocks this bucket holds.")
+    layout: Literal["FullyContiguous", "vllm-cpu"] = Field(
+        "FullyContiguous",
+        description="Layout of an object: KVBM's FullyContiguous block [1, n_layers, 2, page_size, "
+        "n_kv_heads*head_dim], or `vllm-cpu`: one chunk of vLLM's CPU offload tier (its OBJ tier's objects; "
+        "per layer, per KV head, keys [head_dim, page_size] then values [page_size, head_dim], padded to "
+        "4096 bytes).",
+    )
+    page_size: int = Field(32, gt=0, description="Tokens per block; must equal the served model's.")
+    dtype: Literal["float16", "bfloat16", "float32"] = Field(
+        "float16", description="Element type of a block."
+    )
+    max_position: int = Field(
+        32768, gt=0, description="Largest token position the RoPE position search considers for a block."
+    )
+    layout_margin: float | None = Field(
+        1.5,
+        ge=1.0,
+        description="Refuse a block that another known layout (or K/V swapped) explains this many times "
+        "better than the bound one, by PCA residual against the calibration: bytes of another layout "
+        "(docs/vllm.md). None: no check.",
+    )
+
+
+
 class S3Config(_Section):
     enabled: bool = Field(False, description="Serve the S3-compatible endpoint.")
     host: str = Field("127.0.0.1", description="Address the S3 endpoint listens on.")
@@ -91,6 +126,11 @@ class S3Config(_Section):
     require_signed_payload: bool = Field(False, description="Refuse UNSIGNED-PAYLOAD request bodies.")
     tls_cert: str | None = Field(None, description="PEM certificate: serve S3 over TLS (with tls_key).")
     tls_key: str | None = Field(None, description="PEM private key for tls_cert.")
+    buckets: list[BucketBinding] | None = Field(
+        None,
+        description="Bucket bindings (name, model, layout: FullyContiguous or vllm-cpu, ...). Default: one "
+        "KVBM bucket `kvbm-<model>` per served model.",
+    )
 
 
 class DynamoConfig(_Section):

@@ -14,13 +14,20 @@ import threading
 import time
 from dataclasses import dataclass
 
+import torch
+
 from kvbm_codec.api.blocks import BlockSpec
+from kvbm_codec.api.vllm_layout import VllmCpuLayout
+from kvbm_codec.codec.layout_check import LayoutChecker, LayoutFit
 from kvbm_codec.codec.positions import PositionEstimator, PositionSearch
 from kvbm_codec.core.service import BlockService, ServedModel
 from kvbm_codec.frontends.s3.config import BucketBinding
 from kvbm_codec.frontends.s3.errors import S3Error, no_such_bucket
 
 MAX_KEY_BYTES = 1024
+# vLLM's OBJ tier HEADs this key once at start to check the endpoint and bucket; a 404 is the
+# expected answer ("reachable, object absent"), served without touching the store.
+PROBE_KEY = "__nixl_probe__/connectivity_test"
 
 
 def sequence_hash(key: str) -> int:
@@ -44,7 +51,9 @@ class Bucket:
             )
         self.binding = binding
         self.model = model
+        self.vllm = VllmCpuLayout(spec) if binding.layout == "vllm-cpu" else None
         self._estimators: dict[str, PositionEstimator] = {}
+        self._checkers: dict[str, LayoutChecker] = {}
         self._lock = threading.Lock()
 
     @property
@@ -57,8 +66,20 @@ class Bucket:
 
     @property
     def object_bytes(self) -> int:
-        """A FullyContiguous block [1, L, 2, P, H*D] has the bytes of BlockSpec's [L, 2, P, H*D]."""
-        return self.spec.nbytes
+        """A FullyContiguous block [1, L, 2, P, H*D] has the bytes of BlockSpec's [L, 2, P, H*D]; a vLLM
+        CPU chunk is as long, padded to 4096 bytes."""
+        return self.vllm.chunk_bytes if self.vllm is not None else self.spec.nbytes
+
+    def to_block(self, data: bytes) -> torch.Tensor:
+        """An object's bytes (exactly ``object_bytes``) -> the service's block tensor [L, 2, P, H*D]."""
+        if self.vllm is not None:
+            return self.vllm.chunk_to_block(data)
+        return self.spec.from_bytes(data)
+
+    def from_block(self, block: torch.Tensor) -> bytes:
+        if self.vllm is not None:
+            return self.vllm.block_to_chunk(block).numpy().tobytes()
+        return self.spec.to_bytes(block)
 
     def estimator(self) -> PositionEstimator:
         cal = self.model.calibration
@@ -68,6 +89,54 @@ class Bucket:
                 search = PositionSearch(max_position=self.binding.max_position, alignment=self.spec.page_size)
                 est = self._estimators[cal.calibration_id] = PositionEstimator(cal, search)
             return est
+
+    def checker(self) -> LayoutChecker:
+        cal = self.model.calibration
+        with self._lock:
+            chk = self._checkers.get(cal.calibration_id)
+            if chk is None:
+                chk = self._checkers[cal.calibration_id] = LayoutChecker(cal)
+            return chk
+
+    def _score(self, block: torch.Tensor, first_position: int | None) -> float:
+        """Key plus value PCA residual, each relative to the calibration's own (lower: fits better)."""
+        s = self.spec
+        kv = block.reshape(s.n_layers, 2, s.page_size, s.n_kv_heads, s.head_dim).permute(1, 0, 3, 2, 4)
+        keys, values = kv[0].to(torch.float32), kv[1].to(torch.float32)
+        if first_position is None:
+            first_position = self.estimator().estimate(keys)
+        chk = self.checker()
+        fit: LayoutFit = chk.fit(keys, values, first_position)
+        return fit.key_residual / chk.expected[0] + fit.value_residual / chk.expected[1]
+
+    def misfit(self, data: bytes, block: torch.Tensor, first_position: int) -> str | None:
+        """Why the object ``data`` (read as ``block``) does not fit this bucket's layout, or None.
+
+        The bound reading is compared with the same bytes read in every other layout this endpoint
+        knows (KVBM FullyContiguous, vLLM CPU with keys either way round, K and V swapped), each at its
+        own recovered position: real KV fits exactly one reading well, so a block that some other
+        reading explains ``layout_margin`` times better than the bound one is refused."""
+        margin = self.binding.layout_margin
+        if margin is None:
+            return None
+        s = self.spec
+        alternatives: dict[str, torch.Tensor] = {"K and V swapped": block.flip(1)}
+        if self.vllm is not None:
+            alternatives["FullyContiguous"] = s.from_bytes(data[: s.nbytes])
+            alternatives["vllm-cpu with keys [page_size, head_dim]"] = VllmCpuLayout(s, "td").chunk_to_block(
+                data
+            )
+        elif len(data) in (s.nbytes, VllmCpuLayout(s).chunk_bytes):
+            alternatives["vllm-cpu"] = VllmCpuLayout(s).chunk_to_block(data)
+        bound = self._score(block, first_position)
+        name, best = min(((n, self._score(b, None)) for n, b in alternatives.items()), key=lambda t: t[1])
+        if bound <= margin * best:
+            return None
+        return (
+            f"the block does not fit bucket {self.name}'s {self.binding.layout} layout: read as {name} it "
+            f"fits the calibration {bound / best:.1f}x better (PCA residual {best:.1f} vs {bound:.1f}; "
+            f"limit {margin}x)"
+        )
 
 
 def resolve(service: BlockService, bindings: list[BucketBinding]) -> dict[str, Bucket]:

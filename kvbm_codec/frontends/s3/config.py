@@ -9,33 +9,11 @@ the image.
 from __future__ import annotations
 
 import os
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from kvbm_codec.api.types import DEFAULT_MODEL
-
-DEFAULT_BUCKET = "kvbm-smollm2-135m"
-
-
-class BucketBinding(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    name: str = Field(
-        DEFAULT_BUCKET, pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$", description="S3 bucket name."
-    )
-    model: str = Field(DEFAULT_MODEL, description="Served model whose blocks this bucket holds.")
-    layout: Literal["FullyContiguous"] = Field(
-        "FullyContiguous",
-        description="KVBM block layout of an object: [1, n_layers, 2, page_size, n_kv_heads*head_dim].",
-    )
-    page_size: int = Field(32, gt=0, description="Tokens per block; must equal the served model's.")
-    dtype: Literal["float16", "bfloat16", "float32"] = Field(
-        "float16", description="Element type of a block."
-    )
-    max_position: int = Field(
-        32768, gt=0, description="Largest token position the RoPE position search considers for a block."
-    )
+from kvbm_codec.service.config import BucketBinding
 
 
 class CredentialConfig(BaseModel):

@@ -43,7 +43,7 @@ from kvbm_codec.api.types import PutItem
 from kvbm_codec.codec.errors import FrameError
 from kvbm_codec.core.service import BlockService
 from kvbm_codec.frontends.s3 import checksums, chunked, sigv4
-from kvbm_codec.frontends.s3.buckets import Bucket, KeyIndex, lookup, resolve, sequence_hash
+from kvbm_codec.frontends.s3.buckets import PROBE_KEY, Bucket, KeyIndex, lookup, resolve, sequence_hash
 from kvbm_codec.frontends.s3.config import BucketBinding, S3Config
 from kvbm_codec.frontends.s3.errors import (
     S3Error,
@@ -403,6 +403,8 @@ class S3Endpoint:
     # ---- objects --------------------------------------------------------------------------------
 
     def _fetch(self, tenant: str, bucket: Bucket, key: str) -> StoredObject:
+        if key == PROBE_KEY:
+            raise no_such_key(key, "connectivity probe")
         h = sequence_hash(key)
         with self.svc.request("s3_head"):
             (res,) = self.svc.get_blocks(tenant, bucket.model.name, [h], as_frames=True)
@@ -425,7 +427,7 @@ class S3Endpoint:
             except (FrameError, InvalidBlockError) as e:
                 raise S3Error(500, "InternalError", f"stored block does not decode: {e}") from e
             self.svc.metrics.restore_seconds.labels(model=m.name).observe(time.perf_counter() - t0)
-            data = m.spec.to_bytes(block)
+            data = bucket.from_block(block)
             self.svc.metrics.raw_bytes.labels(model=m.name, direction="out").inc(len(data))
         return data
 
@@ -493,16 +495,23 @@ class S3Endpoint:
                 f"({bucket.object_bytes} bytes)"
             )
         h = sequence_hash(key)
+        block = bucket.to_block(data)
+        if not torch.isfinite(block).all():
+            raise invalid_argument("block holds NaN or Inf values")
         if position is not None:
             first = bounded_int(position, POSITION_HEADER, hi=MAX_POSITION - spec.page_size)
         else:
-            block = spec.from_bytes(data)
-            if not torch.isfinite(block).all():
-                raise invalid_argument("block holds NaN or Inf values")
             keys = block[:, 0].reshape(spec.n_layers, spec.page_size, spec.n_kv_heads, spec.head_dim)
             first = bucket.estimator().estimate(keys.permute(0, 2, 1, 3))
+        why = bucket.misfit(data, block, first)
+        if why is not None:
+            self.svc.metrics.refused.labels(reason="layout_mismatch").inc()
+            log.warning("S3 PUT %s/%s refused: %s", bucket.name, key, why)
+            raise invalid_argument(why)
         with self.svc.request("s3_put"):
-            self.svc.put_blocks(tenant, bucket.model.name, [PutItem(h, data, first_position=first)])
+            self.svc.put_blocks(
+                tenant, bucket.model.name, [PutItem(h, spec.to_bytes(block), first_position=first)]
+            )
         self.svc.metrics.transfer_bytes.labels(path="s3", direction="in").inc(len(data))
         obj = self._fetch(tenant, bucket, key)
         self.index.put(tenant, bucket.name, key, h, obj.etag, bucket.object_bytes)
@@ -657,10 +666,11 @@ class S3ServerHandle:
 def start_s3_server(service: BlockService, config: Any = None) -> S3ServerHandle:
     """Serve the S3 endpoint for ``service`` in its own thread and event loop; returns once listening."""
     if config is None or not isinstance(config, S3Config | dict):
-        # No bucket bindings given (the service config's s3 section): one bucket per served model,
+        # The service config's s3 section: its bindings, else one bucket per served model,
         # "kvbm-<model name>", in that model's block layout.
         cfg = S3Config.coerce(config if config is not None else {})
-        cfg = cfg.model_copy(update={"buckets": default_buckets(service)})
+        if getattr(config, "buckets", None) is None:
+            cfg = cfg.model_copy(update={"buckets": default_buckets(service)})
     else:
         cfg = S3Config.coerce(config)
     return S3ServerHandle(S3Endpoint(service, cfg), cfg.host).start()

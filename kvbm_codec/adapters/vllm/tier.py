@@ -1,0 +1,390 @@
+"""kvbm-codec as an out-of-tree secondary tier of vLLM's tiered KV offloading.
+
+vLLM loads it by module path (``"type": "KvbmCodecTier", "module_path":
+"kvbm_codec.adapters.vllm.tier"`` in ``secondary_tiers``, docs/vllm.md). Stores cascade from vLLM's
+CPU primary tier to the service, loads promote back into it:
+
+- Every method vLLM calls runs on the scheduler thread and returns at once. ``submit_store`` and
+  ``submit_load`` only queue the job; ``on_schedule_end`` (called once per scheduler step, after
+  vLLM's own submissions) sends that step's stores as one ``PutBlocks`` request and its loads as one
+  ``GetBlocks`` request, on a worker thread (split into ``parallel_requests`` concurrent calls so the
+  service codes the blocks on several workers). Existence lookups run on vLLM's async lookup thread,
+  one ``Contains`` per request per step.
+- Each chunk is converted exactly from vLLM's CPU page layout to the service's KVBM block
+  (``kvbm_codec/api/vllm_layout.py``) and sent with its first token position (vLLM records each key's
+  end token), so KVTC can undo RoPE. A key without a recorded position is stored exact (no position needed).
+- Backpressure: at most ``max_pending_stores`` store jobs in flight; beyond that a store fails at
+  once (vLLM keeps the chunk in its CPU tier and counts the failed cascade) instead of queueing
+  without bound. A service refusal (overload, capacity) fails the job the same way. vLLM's own
+  latency-based detector, when configured, sees each job's transfer time.
+- Object names: vLLM's own ``FileMapper`` name of the key (model, config hash, rank, group, block
+  hash), hashed to the service's 64-bit sequence hash, so two models or configs never alias.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import queue
+import threading
+import time
+import weakref
+from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.offloading.metrics import OffloadingConnectorStats
+from vllm.v1.kv_offload.base import (
+    LookupResult,
+    Medium,
+    OffloadingCounterMetadata,
+    OffloadingHistogramMetadata,
+    OffloadingMetricMetadata,
+    OffloadKey,
+    ReqContext,
+    RequestOffloadingContext,
+    ScheduleEndContext,
+)
+from vllm.v1.kv_offload.file_mapper import FileMapper
+from vllm.v1.kv_offload.tiering.async_lookup import AsyncLookupManager
+from vllm.v1.kv_offload.tiering.base import JobResult, SecondaryTierManager, TransferJob
+
+from kvbm_codec.api.types import PutItem
+from kvbm_codec.api.vllm_layout import VllmCpuLayout
+from kvbm_codec.frontends.grpc.client import CodecClient
+
+if TYPE_CHECKING:
+    from vllm.v1.kv_offload.base import OffloadingSpec
+    from vllm.v1.kv_offload.tiering.backpressure import BackpressureDetector
+
+log = logging.getLogger(__name__)
+
+M = "vllm:kv_offload_kvbm_codec_"
+BLOCKS_STORED = M + "blocks_stored"
+BLOCKS_LOADED = M + "blocks_loaded"
+BLOCKS_MISSED = M + "blocks_missed"
+RAW_BYTES = M + "raw_bytes"
+STORED_BYTES = M + "stored_bytes"
+STORES_DROPPED = M + "stores_dropped"
+JOB_FAILURES = M + "job_failures"
+REQUEST_SECONDS = M + "request_seconds"
+
+
+_LIVE: weakref.WeakSet[KvbmCodecTier] = weakref.WeakSet()
+
+
+def live_tiers() -> list[KvbmCodecTier]:
+    """The tiers alive in this process: an in-process engine's (``VLLM_ENABLE_V1_MULTIPROCESSING=0``)
+    counters for the demo and tests, which cannot reach vLLM's scheduler objects otherwise."""
+    return list(_LIVE)
+
+
+def sequence_hash(name: str) -> int:
+    """The service's u64 key for a vLLM object name (BLAKE2b: stable across processes)."""
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big")
+
+
+@dataclass
+class TierCounters:
+    """What the tier did, for tests and the demo (vLLM's metrics get the same numbers)."""
+
+    blocks_stored: int = 0
+    blocks_loaded: int = 0
+    blocks_missed: int = 0
+    raw_bytes: int = 0
+    stored_bytes: int = 0
+    stores_dropped: int = 0
+    job_failures: int = 0
+    put_requests: int = 0
+    get_requests: int = 0
+    lookups: int = 0
+    exact_for_lack_of_position: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, **kw: int) -> None:
+        with self.lock:
+            for k, v in kw.items():
+                setattr(self, k, getattr(self, k) + v)
+
+    def snapshot(self) -> dict[str, int]:
+        with self.lock:
+            return {k: v for k, v in vars(self).items() if k != "lock"}
+
+
+class _Lookups(AsyncLookupManager):
+    def __init__(self, tier: KvbmCodecTier) -> None:
+        super().__init__(tier_type=tier.tier_type)
+        self._tier = tier
+
+    def batch_lookup(self, keys: list[OffloadKey], req_context: ReqContext) -> Iterable[bool]:
+        self._tier.counters.add(lookups=len(keys))
+        return self._tier.client.contains([self._tier.hash_of(k) for k in keys])
+
+
+class KvbmCodecTier(SecondaryTierManager):
+    medium: ClassVar[Medium] = Medium.STORAGE
+
+    def __init__(
+        self,
+        offloading_spec: OffloadingSpec,
+        primary_kv_view: memoryview,
+        tier_type: str,
+        target: str = "127.0.0.1:50051",
+        model: str = "smollm2-135m",
+        tenant: str | None = None,
+        token: str | None = None,
+        key_order: str = "dt",
+        max_pending_stores: int = 8,
+        parallel_requests: int = 4,
+        timeout_s: float = 120.0,
+        backpressure_detector: BackpressureDetector | None = None,
+    ) -> None:
+        super().__init__(offloading_spec, primary_kv_view, tier_type, backpressure_detector)
+        if max_pending_stores < 1 or parallel_requests < 1:
+            raise ValueError("max_pending_stores and parallel_requests must be >= 1")
+        self.client = CodecClient(target, model=model, tenant=tenant, token=token, timeout_s=timeout_s)
+        spec = self.client.spec()
+        if key_order not in ("dt", "td"):
+            raise ValueError(f"key_order must be 'dt' or 'td', got {key_order!r}")
+        self.layout = VllmCpuLayout(spec, key_order)  # type: ignore[arg-type]
+        if self.block_size_bytes != self.layout.chunk_bytes:
+            self.client.close()
+            raise ValueError(
+                f"vLLM offload chunks are {self.block_size_bytes} B but a {spec.page_size}-token "
+                f"{spec.dtype} chunk of {model} served at {target} is {self.layout.chunk_bytes} B: "
+                "the engine's dtype, block_size or model does not match the service's"
+            )
+        n = len(primary_kv_view)
+        self._primary = torch.frombuffer(primary_kv_view, dtype=torch.uint8).view(n, self.block_size_bytes)
+        self._names = FileMapper.from_offloading_spec("", offloading_spec, parallel_agnostic=True)
+        self.max_pending_stores = max_pending_stores
+        self.counters = TierCounters()
+        self._stats = OffloadingConnectorStats()
+        self._stats_lock = threading.Lock()
+        self._label = (tier_type,)
+        # One worker: a step's PutBlocks and GetBlocks go out in submission order, never two at once
+        # from this engine (the service batches within a request).
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="kvbm-codec-tier")
+        # A step's request is split into this many concurrent calls, so the service encodes/decodes
+        # its blocks on that many of its workers instead of one after the other.
+        self._calls = ThreadPoolExecutor(parallel_requests, thread_name_prefix="kvbm-codec-call")
+        self.parallel_requests = parallel_requests
+        self._step_stores: list[TransferJob] = []
+        self._step_loads: list[TransferJob] = []
+        self._inflight: set[Future[None]] = set()
+        self._store_jobs: set[int] = set()  # store jobs submitted, result not yet taken by vLLM
+        self._done: queue.SimpleQueue[JobResult] = queue.SimpleQueue()
+        self._lookups = _Lookups(self)
+        _LIVE.add(self)
+        log.info(
+            "kvbm-codec tier: %s at %s, chunk %d B, %d primary chunks",
+            model,
+            target,
+            self.block_size_bytes,
+            n,
+        )
+
+    # ---- names -----------------------------------------------------------------------------------
+
+    def hash_of(self, key: OffloadKey) -> int:
+        return sequence_hash(self._names.get_file_name(key))
+
+    # ---- vLLM's scheduler-thread API -------------------------------------------------------------
+
+    def lookup(self, key: OffloadKey, req_context: ReqContext) -> LookupResult:
+        found = self._lookups.lookup(key, req_context)
+        if found is None:
+            return LookupResult.RETRY
+        return LookupResult.HIT if found else LookupResult.MISS
+
+    def on_new_request(self, req_context: ReqContext) -> RequestOffloadingContext:
+        return RequestOffloadingContext()
+
+    def on_request_finished(self, req_context: ReqContext) -> None:
+        self._lookups.cleanup(req_context.req_id)
+
+    def submit_store(self, job_metadata: TransferJob) -> None:
+        if len(self._store_jobs) >= self.max_pending_stores:
+            self.counters.add(stores_dropped=1)
+            self._count(STORES_DROPPED, 1)
+            self._done.put(JobResult(job_metadata.job_id, success=False))
+            return
+        self._store_jobs.add(job_metadata.job_id)
+        self._step_stores.append(job_metadata)
+
+    def submit_load(self, job_metadata: TransferJob) -> None:
+        self._step_loads.append(job_metadata)
+
+    def on_schedule_end(self, context: ScheduleEndContext) -> None:
+        self._lookups.flush()
+        self._flush()
+
+    def has_pending_work(self) -> bool:
+        return bool(self._step_stores or self._step_loads or self._inflight)
+
+    def get_finished_jobs(self) -> Iterable[JobResult]:
+        self._inflight = {f for f in self._inflight if not f.done()}
+        out: list[JobResult] = []
+        while True:
+            try:
+                res = self._done.get_nowait()
+            except queue.Empty:
+                return out
+            self._store_jobs.discard(res.job_id)
+            out.append(res)
+
+    def drain_jobs(self) -> None:
+        self._flush()
+        for f in list(self._inflight):
+            f.result()
+        self._inflight.clear()
+
+    def shutdown(self) -> None:
+        self.drain_jobs()
+        self._lookups.shutdown()
+        self._pool.shutdown(wait=True)
+        self._calls.shutdown(wait=True)
+        self.client.close()
+        self._primary = None  # type: ignore[assignment]  # releases the export so vLLM can unmap
+        log.info("kvbm-codec tier shut down: %s", self.counters.snapshot())
+
+    # ---- metrics ---------------------------------------------------------------------------------
+
+    @classmethod
+    def build_metric_definitions(cls, extra_config: dict[str, Any]) -> dict[str, OffloadingMetricMetadata]:
+        lab = ("tier",)
+        counters = {
+            BLOCKS_STORED: "Chunks stored in kvbm-codec",
+            BLOCKS_LOADED: "Chunks restored from kvbm-codec",
+            BLOCKS_MISSED: "Chunks a load asked for that kvbm-codec no longer held",
+            RAW_BYTES: "Raw KV bytes sent to kvbm-codec",
+            STORED_BYTES: "Bytes kvbm-codec keeps for them (compressed)",
+            STORES_DROPPED: "Store jobs refused because max_pending_stores were in flight",
+            JOB_FAILURES: "Store or load jobs that failed (service refusal or error)",
+        }
+        out: dict[str, OffloadingMetricMetadata] = {
+            k: OffloadingCounterMetadata(documentation=v, labelnames=lab) for k, v in counters.items()
+        }
+        out[REQUEST_SECONDS] = OffloadingHistogramMetadata(
+            documentation="Seconds per PutBlocks/GetBlocks request to kvbm-codec",
+            labelnames=("tier", "op"),
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
+        return out
+
+    def get_stats(self) -> OffloadingConnectorStats | None:
+        with self._stats_lock:
+            stats, self._stats = self._stats, OffloadingConnectorStats()
+        return None if stats.is_empty() else stats
+
+    def _count(self, name: str, value: float) -> None:
+        with self._stats_lock:
+            self._stats.increase_counter(name, value, self._label)
+
+    # ---- the worker thread -----------------------------------------------------------------------
+
+    def _flush(self) -> None:
+        stores, loads = self._step_stores, self._step_loads
+        self._step_stores, self._step_loads = [], []
+        if stores:
+            self._inflight.add(self._pool.submit(self._run_stores, stores))
+        if loads:
+            self._inflight.add(self._pool.submit(self._run_loads, loads))
+
+    def _split(self, call: Any, items: list[Any]) -> list[Any]:
+        """``call`` over ``items`` as up to ``parallel_requests`` concurrent calls, results in order."""
+        n = min(self.parallel_requests, len(items))
+        if n <= 1:
+            return list(call(items))
+        size = -(-len(items) // n)
+        parts = [self._calls.submit(call, items[i : i + size]) for i in range(0, len(items), size)]
+        return [r for f in parts for r in f.result()]
+
+    def _finish(self, job: TransferJob, ok: bool, t0: float, nbytes: int, keys: Any = None) -> None:
+        if not ok:
+            self.counters.add(job_failures=1)
+            self._count(JOB_FAILURES, 1)
+        self._done.put(JobResult(job.job_id, ok, keys, time.perf_counter() - t0, nbytes))
+
+    def _run_stores(self, jobs: list[TransferJob]) -> None:
+        t0 = time.perf_counter()
+        items: list[PutItem] = []
+        spans: list[int] = []
+        page = self.layout.spec.page_size
+        try:
+            for job in jobs:
+                for key, chunk in zip(job.keys, job.chunk_ids.tolist(), strict=True):
+                    block = self.layout.chunk_to_block(self._primary[chunk])
+                    end = job.req_context.get_offload_key_position(key)
+                    exact = end is None or end < page
+                    if exact:
+                        self.counters.add(exact_for_lack_of_position=1)
+                    items.append(
+                        PutItem(
+                            self.hash_of(key),
+                            self.layout.spec.to_bytes(block),
+                            first_position=0 if exact else int(end) - page,  # type: ignore[operator]
+                            compress=not exact,
+                        )
+                    )
+                spans.append(len(job.keys))
+            results = self._split(self.client.put_blocks, items)
+            ok = True
+        except Exception as e:  # every job must finish, or vLLM's drain waits forever
+            log.warning("kvbm-codec store of %d chunks failed: %s: %s", len(items), type(e).__name__, e)
+            ok, results = False, []
+        dt = time.perf_counter() - t0
+        with self._stats_lock:
+            self._stats.observe_histogram(REQUEST_SECONDS, dt, (*self._label, "put"))
+        if ok:
+            raw = sum(r.raw_bytes for r in results)
+            stored = sum(r.stored_bytes for r in results)
+            self.counters.add(blocks_stored=len(results), raw_bytes=raw, stored_bytes=stored, put_requests=1)
+            self._count(BLOCKS_STORED, len(results))
+            self._count(RAW_BYTES, raw)
+            self._count(STORED_BYTES, stored)
+        for job, n in zip(jobs, spans + [0] * (len(jobs) - len(spans)), strict=True):
+            self._finish(job, ok, t0, n * self.block_size_bytes)
+
+    def _run_loads(self, jobs: list[TransferJob]) -> None:
+        t0 = time.perf_counter()
+        flat = [
+            (job, key, chunk)
+            for job in jobs
+            for key, chunk in zip(job.keys, job.chunk_ids.tolist(), strict=True)
+        ]
+        try:
+            results = self._split(self.client.get_blocks, [self.hash_of(k) for _, k, _ in flat])
+            got = self._place(flat, results)
+        except Exception as e:  # every job must finish, or vLLM's drain waits forever
+            log.warning("kvbm-codec load of %d chunks failed: %s: %s", len(flat), type(e).__name__, e)
+            for job in jobs:
+                self._finish(job, False, t0, 0)
+            return
+        with self._stats_lock:
+            self._stats.observe_histogram(REQUEST_SECONDS, time.perf_counter() - t0, (*self._label, "get"))
+        self.counters.add(get_requests=1)
+        loaded = sum(len(v) for v in got.values())
+        self.counters.add(blocks_loaded=loaded, blocks_missed=len(flat) - loaded)
+        self._count(BLOCKS_LOADED, loaded)
+        if loaded < len(flat):
+            self._count(BLOCKS_MISSED, len(flat) - loaded)
+        for job in jobs:
+            keys = got[job.job_id]
+            ok = len(keys) == len(job.keys)
+            self._finish(job, ok, t0, len(keys) * self.block_size_bytes, None if ok else keys)
+
+    def _place(
+        self, flat: list[tuple[TransferJob, OffloadKey, int]], results: list[Any]
+    ) -> dict[int, list[OffloadKey]]:
+        """Hits, converted back to vLLM's chunk layout, into their primary-tier slots; keys placed per job."""
+        got: dict[int, list[OffloadKey]] = {job.job_id: [] for job, _, _ in flat}
+        for (job, key, chunk), res in zip(flat, results, strict=True):
+            if res.status != "hit" or res.data is None:
+                continue
+            block = self.layout.spec.from_bytes(res.data)
+            self._primary[chunk].copy_(self.layout.block_to_chunk(block))
+            got[job.job_id].append(key)
+        return got

