@@ -139,7 +139,7 @@ PUT_CASES: list[tuple[str, Callable[[BlockService, Blocks], PutItem], type[Servi
      CorruptBlockError, "corrupt_block", "checksum_mismatch"),
     ("frame_wrong_magic", lambda s, b: _fi(b"KVTX" + b.frames[0][4:]),
      CorruptBlockError, "corrupt_block", "bad_magic"),
-    ("frame_wrong_version", lambda s, b: _fi(_seal(*_split(b.frames[0])[2:], version=2)),
+    ("frame_wrong_version", lambda s, b: _fi(_seal(*_split(b.frames[0])[2:], version=3)),
      CorruptBlockError, "corrupt_block", "unsupported_version"),
     ("frame_unknown_flags", lambda s, b: _fi(_seal(*_split(b.frames[0])[2:], flags=4)),
      CorruptBlockError, "corrupt_block", "bad_header"),
@@ -243,6 +243,17 @@ def test_request_level_refusals(svc: BlockService, blocks: Blocks) -> None:
         _assert_serving(svc, blocks)
 
 
+# Damages that edit a JSON header apply to version-1 frames (still readable, e.g. from an older
+# store): those cases store the fixture's v1 frame; byte-level damages hit the v2 frame a put writes.
+JSON_DAMAGES = {"chunk_crc_forged_digest", "header_tokens_forged"}
+
+
+def _first_item(blocks: Blocks, damage_name: str) -> PutItem:
+    if damage_name in JSON_DAMAGES:
+        return PutItem(5, blocks.frames[0], is_frame=True)
+    return PutItem(5, blocks.raw[0])
+
+
 def _corrupt_in_store(svc: BlockService, key: BlockKey, damage: Callable[[bytes], bytes]) -> None:
     data = svc.store.get(key)
     assert data is not None
@@ -265,10 +276,10 @@ STORE_DAMAGE: list[tuple[str, Callable[[bytes], bytes], str]] = [
 def test_get_of_corrupted_stored_frame(
     svc: BlockService, blocks: Blocks, damage: tuple, as_frames: bool
 ) -> None:
-    _, fn, source = damage
+    name, fn, source = damage
     with svc.request("put"):
         svc.put_blocks(
-            TENANT, MODEL, [PutItem(5, blocks.raw[0]), PutItem(6, blocks.raw[1], first_position=32)]
+            TENANT, MODEL, [_first_item(blocks, name), PutItem(6, blocks.raw[1], first_position=32)]
         )
     key = BlockKey(TENANT, svc.model(MODEL).fingerprint, 5)
     _corrupt_in_store(svc, key, fn)
@@ -286,7 +297,7 @@ def test_get_of_corrupted_stored_frame(
 def test_stored_frame_of_unloadable_calibration(svc: BlockService, blocks: Blocks) -> None:
     """A stored frame naming a calibration this replica cannot load is refused by name, not decoded."""
     with svc.request("put"):
-        svc.put_blocks(TENANT, MODEL, [PutItem(5, blocks.raw[0])])
+        svc.put_blocks(TENANT, MODEL, [PutItem(5, blocks.frames[0], is_frame=True)])  # v1: JSON header
     key = BlockKey(TENANT, svc.model(MODEL).fingerprint, 5)
     _corrupt_in_store(svc, key, lambda f: _edit(f, lambda h: h.update(calibration_id="0123456789abcdef")))
     with pytest.raises(IncompatibleFrameError, match="0123456789abcdef"), svc.request("get"):
@@ -436,7 +447,7 @@ def test_bad_requests_over_grpc(rig: GrpcRig, blocks: Blocks) -> None:
 def test_corrupted_stored_frame_over_grpc(rig: GrpcRig, blocks: Blocks, damage: tuple) -> None:
     from kvbm_codec._proto import kvbm_codec_pb2 as pb
 
-    assert _grpc_put(rig, [_pb_block(PutItem(5, blocks.raw[0]))])[0] == grpc.StatusCode.OK
+    assert _grpc_put(rig, [_pb_block(_first_item(blocks, damage[0]))])[0] == grpc.StatusCode.OK
     key = BlockKey("default", rig.svc.model(MODEL).fingerprint, 5)  # the server's no-auth tenant
     _corrupt_in_store(rig.svc, key, damage[1])
     for encoding in (pb.ENCODING_RAW, pb.ENCODING_FRAME):
