@@ -26,8 +26,8 @@ from kvbm_codec.codec.config import CodecConfig
 from kvbm_codec.codec.kvtc import KVTCCodec
 from kvbm_codec.codec.quantize import dequantize_groups, quantize_groups
 from kvbm_codec.eval.metrics import perplexity, top1_agreement
-from kvbm_codec.eval.texts import calibration_texts
 from kvbm_codec.models.hf import CausalLM
+from kvbm_codec.texts import calibration_texts
 
 
 def _legacy_eigh(cov: torch.Tensor, k: int, oversample: int = 128, iterations: int = 4) -> tuple:

@@ -54,9 +54,9 @@ class _PeakSampler:
 
 
 def _peak_child(kind: str, kv_path: str, frame_path: str, cal_path: str, target: float, q: mp.Queue) -> None:
-    from kvbm_codec.calibration.artifact import Calibration
+    from kvbm_codec.calibration.artifact import load_calibration
 
-    cal = Calibration.load(cal_path)
+    cal = load_calibration(cal_path)
     codec = KVTCCodec(cal, target)
     kv = torch.load(kv_path, weights_only=False)
     frame = Path(frame_path).read_bytes()

@@ -20,9 +20,9 @@ import torch
 from tqdm.auto import tqdm
 
 import kvbm_codec
-from kvbm_codec.calibration.artifact import Calibration, ModelShape, allocation_name
 from kvbm_codec.codec.allocation import Allocation, ErrorTable, allocate_for_ratio
 from kvbm_codec.codec.config import CodecConfig
+from kvbm_codec.codec.params import Calibration, ModelShape, allocation_name
 from kvbm_codec.codec.pca import CovarianceAccumulator, PCABasis
 from kvbm_codec.codec.quantize import block_error_table
 from kvbm_codec.codec.rope import RotaryParams, undo_rope
@@ -193,7 +193,7 @@ def calibrate(
 def calibrate_small(lm: CalibrationModel) -> Calibration:
     """A real but small calibration (4 x 512 tokens, 6-layer bases, 8x and 20x allocations): seconds
     instead of minutes on 2 cores. The test fixtures and the fuzz corpus share it."""
-    from kvbm_codec.eval.texts import calibration_texts
+    from kvbm_codec.texts import calibration_texts
 
     return calibrate(
         lm,

@@ -12,6 +12,19 @@ import numpy as np
 import torch
 
 
+def to_features(x: torch.Tensor) -> torch.Tensor:
+    """``[layers, heads, tokens, dim]`` -> ``[tokens, layers*heads*dim]``: one PCA sample per token.
+
+    The one definition of the feature layout that calibration fits and the codec projects; the width is
+    explicit so a group with no compressed tokens still has the basis' width."""
+    return x.permute(2, 0, 1, 3).reshape(x.shape[2], x.shape[0] * x.shape[1] * x.shape[3])
+
+
+def from_features(feats: torch.Tensor, n_layers: int, n_heads: int, dim: int) -> torch.Tensor:
+    """Inverse of :func:`to_features`: ``[tokens, layers*heads*dim]`` -> ``[layers, heads, tokens, dim]``."""
+    return feats.reshape(-1, n_layers, n_heads, dim).permute(1, 2, 0, 3)
+
+
 class CovarianceAccumulator:
     """Products are taken in float32 (twice the BLAS speed) on data centred on the first batch's
     mean, which removes the large-mean cancellation that would otherwise cost float32 precision;

@@ -22,10 +22,11 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
+from kvbm_codec.api.types import DEFAULT_MODEL
 from kvbm_codec.codec.rope import RotaryParams
 from kvbm_codec.kv import KVCache
 from kvbm_codec.models.fingerprint import decoder_layers, model_fingerprint
-from kvbm_codec.models.registry import DEFAULT_MODEL, ModelSource, cache_root, resolve_model
+from kvbm_codec.models.registry import ModelSource, cache_root, resolve_model
 
 # Architectures whose attention is plain MHA/GQA/MQA with HF rotate_half RoPE applied to k_proj's output
 # (after a per-head key norm where the model has one: Qwen3, StableLM's qk_layernorm), and whose decoder

@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-DEFAULT_MODEL = "smollm2-135m"
 CACHE_DIR_ENV = "KVBM_CODEC_CACHE_DIR"
 
 
