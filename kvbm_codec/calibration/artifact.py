@@ -167,7 +167,8 @@ class Calibration:
 
     @classmethod
     def _from_parts(cls, header: dict[str, Any], t: dict[str, torch.Tensor], cal_id: str) -> Calibration:
-        config = CodecConfig.model_validate(header["config"])
+        # Artifacts from before the distortion field were all plain-MSE calibrations.
+        config = CodecConfig.model_validate({"distortion": "mse", **header["config"]})
         bases, tables = {}, {}
         for name, info in header["bases"].items():
             bases[name] = PCABasis(
