@@ -72,7 +72,8 @@ def _read(path: Path) -> str:
 
 _ACCENTS = {"'": "\u0301", "`": "\u0300", "^": "\u0302", ":": "\u0308", "~": "\u0303", ",": "\u0327"}
 _GLYPHS = {"Aq": "'", "aq": "'", "lq": "\u201c", "rq": "\u201d", "Fo": "\u00ab", "Fc": "\u00bb",
-           "ss": "\u00df", "em": "--", "en": "-", "hy": "-", "bu": "*", "co": "(c)", "oq": "'", "cq": "'", "dq": '"'}  # fmt: skip
+           "ss": "\u00df", "em": "--", "en": "-", "hy": "-", "bu": "*", "co": "(c)", "oq": "'", "cq": "'",
+           "dq": '"'}  # fmt: skip
 
 
 def _glyph(m: re.Match[str]) -> str:
