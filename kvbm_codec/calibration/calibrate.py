@@ -248,6 +248,7 @@ def calibrate(
             provenance=provenance,
             progress=progress,
             statistics=stats,
+            held_out_compressible=isinstance(texts, Mapping),
         )
 
 
@@ -294,16 +295,19 @@ def calibrate_from_kv(
     provenance: dict | None = None,
     progress: bool = True,
     statistics: ModelStatistics | None = None,
+    held_out_compressible: bool = False,
 ) -> Calibration:
     """Calibration from already-computed KV, or from covariance sums (lets sweeps reuse one set of
-    prefills, and mix corpus domains). held_out is the KV the error tables and ratios are measured on."""
+    prefills, and mix corpus domains). held_out is the KV the error tables and ratios are measured on:
+    a prefill's whole cache (sinks and window are dropped here), or, with held_out_compressible,
+    tokens already chosen (mixed_held_out)."""
     cfg = config or CodecConfig()
     shape = ModelShape(info.n_layers, info.n_kv_heads, info.key_head_dim, info.value_head_dim)  # type: ignore[attr-defined]
     rope: RotaryParams = info.rope  # type: ignore[attr-defined]
     accs = fit_kvs if isinstance(fit_kvs, dict) else accumulate(fit_kvs, cfg, rope, shape)
     metric = metric_weights(accs, cfg, shape, rope, statistics)
     bases = bases_from_accumulators(accs, cfg, shape, metric, progress)
-    val_kv = compressible(held_out, cfg)
+    val_kv = held_out if held_out_compressible else compressible(held_out, cfg)
     factors = None if metric is None else {n: f for n, (_, f) in metric.items()}
     tables = error_tables(bases, val_kv, cfg, rope, shape.n_layers, factors)
     cal = Calibration(
