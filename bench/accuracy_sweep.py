@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from kvbm_codec.calibration.artifact import Calibration
 from kvbm_codec.calibration.calibrate import (
     accumulate,
     calibrate_from_kv,
@@ -152,10 +153,16 @@ def main() -> None:
     p.add_argument("--per-domain", type=int, default=11)
     p.add_argument("--docs-fit", type=int, default=16)
     p.add_argument("--variants", default="docs16:mse,broad:mse,docs16:attention,broad:attention")
-    p.add_argument("--targets", default="8,16,20,32")
+    p.add_argument("--targets", default="8,16,20,32,64", help="allocations each calibration gets")
+    p.add_argument("--score-targets", default="", help="subset of --targets to score (default: all)")
     p.add_argument("--val", default="", help="comma list of validation set names (default: all)")
     p.add_argument("--report", action="store_true", help="score the held-out eval texts (GPL, Hamlet)")
-    p.add_argument("--save-calibrations", type=Path, default=None)
+    p.add_argument(
+        "--calibrations",
+        type=Path,
+        default=None,
+        help="save each variant's calibration here; reuse it if there",
+    )
     p.add_argument("--out", type=Path, required=True, help="JSON lines, appended")
     a = p.parse_args()
     torch.manual_seed(0)
@@ -171,11 +178,18 @@ def main() -> None:
     for variant in a.variants.split(","):
         corpus, distortion = variant.split(":")
         t0 = time.perf_counter()
-        cal = calibrate_variant(lm, state, corpus, distortion, targets)
+        saved = None if a.calibrations is None else a.calibrations / f"{corpus}-{distortion}.kvtc"
+        if saved is not None and saved.exists():
+            cal = Calibration.load(saved, expected_fingerprint=lm.info.fingerprint)
+        else:
+            cal = calibrate_variant(lm, state, corpus, distortion, targets)
+            if saved is not None:
+                cal.save(saved)
         cal_s = time.perf_counter() - t0
-        if a.save_calibrations is not None:
-            cal.save(a.save_calibrations / f"{corpus}-{distortion}.kvtc")
+        score = {float(t) for t in a.score_targets.split(",") if t} or set(targets)
         for name in cal.allocations:
+            if cal.allocations[name].meta["target_cr"] not in score:
+                continue
             codec = KVTCCodec(cal, name)
             for vname, (kv, cont, ref) in vals:
                 frame, st = codec.encode_with_stats(kv)

@@ -26,7 +26,7 @@ from kvbm_codec.eval.texts import calibration_texts
 
 CORPORA = ("broad", "pydoc")
 DEFAULT_CORPUS = "broad"
-DEFAULT_FIT_SEQUENCES = {"broad": 66, "pydoc": 16}  # broad: 11 per domain, 67.6k tokens
+DEFAULT_FIT_SEQUENCES = {"broad": 66, "pydoc": 16}  # broad: corpus.FIT_SEQUENCES (67.6k tokens)
 
 
 def corpus_texts(tokenizer: object, corpus: str) -> tuple[list[str] | dict[str, list[str]], str]:
@@ -100,6 +100,11 @@ def load_or_calibrate(
     fit_sequences = fit_sequences or DEFAULT_FIT_SEQUENCES[corpus]
     texts, corpus_name = corpus_texts(lm.tokenizer, corpus)
     key = cache_key(cfg, fit_sequences, seq_len, corpus_name)
+    fit: int | dict[str, int] = fit_sequences
+    if corpus == "broad" and fit_sequences == DEFAULT_FIT_SEQUENCES["broad"]:
+        from kvbm_codec.calibration.corpus import FIT_SEQUENCES
+
+        fit = FIT_SEQUENCES
     reg = local_registry()
     for _, manifest in reg.find(fp, cache_key=key):
         try:
@@ -122,7 +127,7 @@ def load_or_calibrate(
             lm,
             texts,
             cfg,
-            fit_sequences=fit_sequences,
+            fit_sequences=fit,
             seq_len=seq_len,
             text_source=corpus_name,
             progress=progress,

@@ -176,13 +176,6 @@ def error_tables(
     return tables
 
 
-def corpus_sequences(
-    tokenizer: object, corpus: Mapping[str, Sequence[str]], seq_len: int, per_domain: int
-) -> dict[str, list[torch.Tensor]]:
-    """per_domain sequences of seq_len tokens from each domain (a domain never spills into another)."""
-    return {d: token_sequences(tokenizer, texts, seq_len, per_domain) for d, texts in corpus.items()}
-
-
 def mixed_held_out(kvs: Sequence[KVCache], cfg: CodecConfig, tokens: int) -> KVCache:
     """About `tokens` compressible tokens, an equal contiguous slice from each domain's held-out KV:
     the allocator's error tables and ratio measurements then see every domain at the cost of one."""
@@ -213,13 +206,14 @@ def calibrate(
     config: CodecConfig | None = None,
     *,
     targets: Sequence[float] = DEFAULT_TARGETS,
-    fit_sequences: int = 16,
+    fit_sequences: int | Mapping[str, int] = 16,
     seq_len: int = 1024,
     text_source: str = "",
     progress: bool = True,
 ) -> Calibration:
     """texts: one corpus (a list of documents) or several domains ({name: documents}); with domains
-    the fit sequences are split evenly between them and the held-out tokens mix all of them."""
+    the fit sequences are split between them (evenly, or {domain: count}), each domain's next
+    sequence is held out, and the held-out tokens mix all of them."""
     cfg = config or CodecConfig()
     provenance: dict = {
         "text_source": text_source,
@@ -228,13 +222,18 @@ def calibrate(
         "distortion": cfg.distortion,
     }
     if isinstance(texts, Mapping):
-        per_domain = -(-fit_sequences // len(texts))
-        by_domain = corpus_sequences(lm.tokenizer, texts, seq_len, per_domain + 1)
-        fit = [seqs[i] for i in range(per_domain) for seqs in by_domain.values()]
-        held_kvs = [lm.prefill(seqs[per_domain], return_logits=False)[0] for seqs in by_domain.values()]
+        if isinstance(fit_sequences, Mapping):
+            counts = {d: int(fit_sequences.get(d, 0)) for d in texts}
+        else:
+            counts = dict.fromkeys(texts, -(-fit_sequences // len(texts)))
+        by_domain = {d: token_sequences(lm.tokenizer, t, seq_len, counts[d] + 1) for d, t in texts.items()}
+        fit = [s for d, seqs in by_domain.items() for s in seqs[: counts[d]]]
+        held_kvs = [lm.prefill(seqs[counts[d]], return_logits=False)[0] for d, seqs in by_domain.items()]
         held_out = mixed_held_out(held_kvs, cfg, seq_len)
-        provenance["domains"] = sorted(texts)
+        provenance["domains"] = {d: counts[d] for d in texts}
     else:
+        if isinstance(fit_sequences, Mapping):
+            raise ValueError("per-domain fit_sequences need a corpus of domains")
         seqs = token_sequences(lm.tokenizer, texts, seq_len, fit_sequences + 1)
         fit, held_out = seqs[:fit_sequences], lm.prefill(seqs[fit_sequences], return_logits=False)[0]
     provenance.update(fit_tokens=len(fit) * seq_len, held_out_tokens=int(held_out.n_tokens))
