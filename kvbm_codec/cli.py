@@ -72,7 +72,7 @@ def calibrate(
     ] = True,
 ) -> None:
     """Compute PCA bases, measured error tables and DP bit allocations for a model."""
-    from kvbm_codec.calibration.cache import DEFAULT_FIT_SEQUENCES, corpus_texts, load_or_calibrate
+    from kvbm_codec.calibration.cache import DEFAULT_FIT_SEQUENCES, corpus_texts, fit_plan, load_or_calibrate
     from kvbm_codec.calibration.calibrate import calibrate as run_calibration
 
     lm = _load(model)
@@ -87,7 +87,7 @@ def calibrate(
         cal, path, _ = load_or_calibrate(lm, cfg, corpus=corpus, fit_sequences=fit)
     else:
         texts, corpus_name = corpus_texts(lm.tokenizer, corpus)
-        cal = run_calibration(lm, texts, cfg, fit_sequences=fit, text_source=corpus_name)
+        cal = run_calibration(lm, texts, cfg, fit_sequences=fit_plan(corpus, fit), text_source=corpus_name)
         cal.save(out)
         path = out
     if registry is not None:

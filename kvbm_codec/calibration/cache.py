@@ -29,6 +29,16 @@ DEFAULT_CORPUS = "broad"
 DEFAULT_FIT_SEQUENCES = {"broad": 66, "pydoc": 16}  # broad: corpus.FIT_SEQUENCES (67.6k tokens)
 
 
+def fit_plan(corpus: str, fit_sequences: int) -> int | dict[str, int]:
+    """The broad corpus' default size is a per-domain plan (corpus.FIT_SEQUENCES); any other
+    count is split evenly between its domains."""
+    if corpus == "broad" and fit_sequences == DEFAULT_FIT_SEQUENCES["broad"]:
+        from kvbm_codec.calibration.corpus import FIT_SEQUENCES
+
+        return dict(FIT_SEQUENCES)
+    return fit_sequences
+
+
 def corpus_texts(tokenizer: object, corpus: str) -> tuple[list[str] | dict[str, list[str]], str]:
     """(texts, the name the cache key and provenance use). A broad corpus built where some domain's
     files are missing gets another name, so it never shares a cache entry with the full one."""
@@ -100,11 +110,7 @@ def load_or_calibrate(
     fit_sequences = fit_sequences or DEFAULT_FIT_SEQUENCES[corpus]
     texts, corpus_name = corpus_texts(lm.tokenizer, corpus)
     key = cache_key(cfg, fit_sequences, seq_len, corpus_name)
-    fit: int | dict[str, int] = fit_sequences
-    if corpus == "broad" and fit_sequences == DEFAULT_FIT_SEQUENCES["broad"]:
-        from kvbm_codec.calibration.corpus import FIT_SEQUENCES
-
-        fit = FIT_SEQUENCES
+    fit = fit_plan(corpus, fit_sequences)
     reg = local_registry()
     for _, manifest in reg.find(fp, cache_key=key):
         try:
