@@ -41,6 +41,7 @@ from kvbm_codec.models.hf import CausalLM
 
 SEQ = 1024
 CTX, CONT = 2048, 256
+TEXTS = Path("/tmp/kvbm-codec-texts")  # bench/fetch_texts.sh
 
 
 def build_state(lm: CausalLM, per_domain: int, docs_fit: int) -> dict:
@@ -117,33 +118,34 @@ def calibrate_variant(lm: CausalLM, state: dict, corpus: str, distortion: str, t
     )
 
 
-def val_sets(lm: CausalLM, state: dict, names: list[str], report: bool) -> list[tuple[str, tuple]]:
-    texts: dict[str, torch.Tensor] = {}
+def val_sets(lm: CausalLM, state: dict, names: list[str], report: bool) -> list[tuple[str, bool, tuple]]:
+    """(name, is_report, (kv, continuation, reference logits)) per text: validation texts (a slice of
+    every domain past its calibration tokens, the Apache licence, The Tempest; filtered by names) and,
+    with report, the held-out evaluation texts (GPL v3, Hamlet)."""
+    texts: dict[str, tuple[bool, torch.Tensor]] = {}
+
+    def tok(text: str) -> torch.Tensor:
+        return lm.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+
+    for d, info in state["domains"].items():
+        texts[d] = (False, info["val_ids"])
+    texts["apache"] = (False, tok(Path("/usr/share/common-licenses/Apache-2.0").read_text()))
+    texts["tempest"] = (False, tok((TEXTS / "tempest.txt").read_text()))
+    texts = {n: v for n, v in texts.items() if not names or n in names}
     if report:
         from importlib import resources
 
-        gpl = resources.files("kvbm_codec.data").joinpath("gpl-3.0.txt").read_text(encoding="utf-8")
-        texts["gpl"] = lm.tokenizer(gpl, add_special_tokens=False, return_tensors="pt")["input_ids"]
-        ham = Path("/tmp/kvbm-codec-texts/hamlet.txt").read_text()
-        texts["hamlet"] = lm.tokenizer(ham, add_special_tokens=False, return_tensors="pt")["input_ids"]
-    else:
-        for d, info in state["domains"].items():
-            texts[d] = info["val_ids"]
-        for name, path in (
-            ("apache", "/usr/share/common-licenses/Apache-2.0"),
-            ("tempest", "/tmp/kvbm-codec-texts/tempest.txt"),
-        ):
-            texts[name] = lm.tokenizer(Path(path).read_text(), add_special_tokens=False, return_tensors="pt")[
-                "input_ids"
-            ]
+        texts["gpl"] = (
+            True,
+            tok(resources.files("kvbm_codec.data").joinpath("gpl-3.0.txt").read_text("utf-8")),
+        )
+        texts["hamlet"] = (True, tok((TEXTS / "hamlet.txt").read_text()))
     out = []
-    for name, ids in texts.items():
-        if names and name not in names:
-            continue
+    for name, (is_report, ids) in texts.items():
         ids = ids[:, : CTX + CONT]
         ctx, cont = ids[:, :CTX], ids[:, CTX:]
         kv = lm.prefill(ctx, return_logits=False)[0]
-        out.append((name, (kv, cont, lm.logits_with_cache(kv, cont))))
+        out.append((name, is_report, (kv, cont, lm.logits_with_cache(kv, cont))))
     return out
 
 
@@ -156,7 +158,12 @@ def main() -> None:
     p.add_argument("--targets", default="8,16,20,32,64", help="allocations each calibration gets")
     p.add_argument("--score-targets", default="", help="subset of --targets to score (default: all)")
     p.add_argument("--val", default="", help="comma list of validation set names (default: all)")
-    p.add_argument("--report", action="store_true", help="score the held-out eval texts (GPL, Hamlet)")
+    p.add_argument(
+        "--report",
+        action="store_true",
+        help="also score the held-out eval texts (GPL, Hamlet) at every target",
+    )
+    p.add_argument("--own-domain", action="store_true", help="a -X corpus is scored on X's validation only")
     p.add_argument(
         "--calibrations",
         type=Path,
@@ -188,10 +195,13 @@ def main() -> None:
         cal_s = time.perf_counter() - t0
         score = {float(t) for t in a.score_targets.split(",") if t} or set(targets)
         for name in cal.allocations:
-            if cal.allocations[name].meta["target_cr"] not in score:
-                continue
+            target = cal.allocations[name].meta["target_cr"]
             codec = KVTCCodec(cal, name)
-            for vname, (kv, cont, ref) in vals:
+            for vname, is_report, (kv, cont, ref) in vals:
+                if not is_report and target not in score:
+                    continue
+                if a.own_domain and corpus.startswith("-") and not is_report and vname != corpus[1:]:
+                    continue
                 frame, st = codec.encode_with_stats(kv)
                 rec = codec.decode(frame).to(torch.float32)
                 out = lm.logits_with_cache(rec, cont)
@@ -202,7 +212,7 @@ def main() -> None:
                     "distortion": distortion,
                     "target": cal.allocations[name].meta["target_cr"],
                     "val": vname,
-                    "report": a.report,
+                    "report": is_report,
                     "achieved_cr": st.achieved_cr,
                     "achieved_cr_total": st.achieved_cr_total,
                     "ppl_ref": pr,
