@@ -74,7 +74,8 @@ def report(rows: list[dict]) -> str:
     for text in ("gpl", "hamlet"):
         out += [
             f"\n**{text}**\n",
-            "| corpus | distortion | target | achieved CR (compressed tokens) | CR incl. sinks+window | ppl | "
+            "| corpus | distortion | target | achieved CR (compressed tokens) | CR incl. sinks+window "
+            "| ppl | "
             "ppl increase | top-1 | KL |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
