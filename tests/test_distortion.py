@@ -141,3 +141,19 @@ def test_attention_calibration_round_trips_and_records_its_distortion(
     assert Calibration.load(tmp_path / "old.kvtc").config.distortion == "mse"
     with pytest.raises(ValueError):
         CodecConfig(distortion="logits")  # type: ignore[arg-type]
+
+
+def test_mixed_held_out_takes_an_equal_compressible_slice_of_each_domain() -> None:
+    from kvbm_codec.calibration.calibrate import mixed_held_out
+    from kvbm_codec.kv import KVCache
+
+    cfg = CodecConfig()
+    kvs = []
+    for i in range(3):
+        k = torch.full((2, 1, 600, 8), float(i))
+        kvs.append(KVCache(k, k.clone(), torch.arange(600)))
+    mixed = mixed_held_out(kvs, cfg, 300)
+    assert mixed.n_tokens == 300
+    assert [float(mixed.keys[0, 0, j, 0]) for j in (0, 100, 200)] == [0.0, 1.0, 2.0]
+    pos = mixed.positions
+    assert bool((pos >= cfg.sink_tokens).all()) and bool((pos < 600 - cfg.window_tokens).all())
