@@ -163,7 +163,11 @@ def main() -> None:
         action="store_true",
         help="also score the held-out eval texts (GPL, Hamlet) at every target",
     )
-    p.add_argument("--own-domain", action="store_true", help="a -X corpus is scored on X's validation only")
+    p.add_argument(
+        "--own-domain",
+        action="store_true",
+        help="a -X corpus is scored on X's validation only (never reported); others on the report only",
+    )
     p.add_argument(
         "--calibrations",
         type=Path,
@@ -185,23 +189,27 @@ def main() -> None:
     for variant in a.variants.split(","):
         corpus, distortion = variant.split(":")
         t0 = time.perf_counter()
+        score = {float(t) for t in a.score_targets.split(",") if t} or set(targets)
         saved = None if a.calibrations is None else a.calibrations / f"{corpus}-{distortion}.kvtc"
         if saved is not None and saved.exists():
             cal = Calibration.load(saved, expected_fingerprint=lm.info.fingerprint)
         else:
-            cal = calibrate_variant(lm, state, corpus, distortion, targets)
+            # leave-one-out variants are only scored on validation: calibrate only the scored targets
+            lodo = corpus.startswith("-") and a.own_domain
+            cal = calibrate_variant(lm, state, corpus, distortion, sorted(score) if lodo else targets)
             if saved is not None:
                 cal.save(saved)
         cal_s = time.perf_counter() - t0
-        score = {float(t) for t in a.score_targets.split(",") if t} or set(targets)
         for name in cal.allocations:
             target = cal.allocations[name].meta["target_cr"]
             codec = KVTCCodec(cal, name)
             for vname, is_report, (kv, cont, ref) in vals:
                 if not is_report and target not in score:
                     continue
-                if a.own_domain and corpus.startswith("-") and not is_report and vname != corpus[1:]:
+                if a.own_domain and corpus.startswith("-") and (is_report or vname != corpus[1:]):
                     continue
+                if a.own_domain and not corpus.startswith("-") and not is_report:
+                    continue  # own-domain runs score the other variants on the report texts only
                 frame, st = codec.encode_with_stats(kv)
                 rec = codec.decode(frame).to(torch.float32)
                 out = lm.logits_with_cache(rec, cont)
