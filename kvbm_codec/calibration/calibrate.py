@@ -269,13 +269,14 @@ def _statistics_hook(lm: CalibrationModel, cfg: CodecConfig) -> Iterator[ModelSt
 
 def calibrate_small(lm: CalibrationModel) -> Calibration:
     """A real but small calibration (4 x 512 tokens, 6-layer bases, 8x and 20x allocations): seconds
-    instead of minutes on 2 cores. The test fixtures and the fuzz corpus share it."""
+    instead of minutes on 2 cores. The test fixtures and the fuzz corpus share it. Plain MSE keeps it
+    independent of the model statistics (tests/test_distortion.py covers the metric path)."""
     from kvbm_codec.eval.texts import calibration_texts
 
     return calibrate(
         lm,
         calibration_texts(),
-        CodecConfig(layer_group_size=6),
+        CodecConfig(layer_group_size=6, distortion="mse"),
         targets=(8.0, 20.0),
         fit_sequences=4,
         seq_len=512,

@@ -40,11 +40,12 @@ class CodecConfig(BaseModel):
     )
     undo_rope: bool = Field(True, description="de-rotate keys before PCA (False only for ablations)")
     distortion: Literal["mse", "attention", "attention_shape"] = Field(
-        "mse",
+        "attention",
         description="what the PCA and the DP minimise: 'mse' on normalised features; 'attention': key "
         "error as attention-logit error (calibrated query energy per rotary pair) and value error after "
-        "o_proj, per-layer sensitivity from the residual stream; 'attention_shape': those weights within "
-        "each head only (calibration/statistics.py)",
+        "o_proj, per-layer sensitivity from the residual stream (the default: better than mse on validation "
+        "text, docs/benchmarks.md); 'attention_shape': those weights within each head only "
+        "(calibration/statistics.py)",
     )
 
     @field_validator("group_sizes")
