@@ -157,3 +157,26 @@ def test_mixed_held_out_takes_an_equal_compressible_slice_of_each_domain() -> No
     assert [float(mixed.keys[0, 0, j, 0]) for j in (0, 100, 200)] == [0.0, 1.0, 2.0]
     pos = mixed.positions
     assert bool((pos >= cfg.sink_tokens).all()) and bool((pos < 600 - cfg.window_tokens).all())
+
+
+@pytest.mark.slow
+def test_calibration_from_a_corpus_of_domains(smollm: CausalLM) -> None:
+    """The default path: per-domain fit counts, each domain's next sequence held out and mixed."""
+    from kvbm_codec.calibration.corpus import code_texts, docs_texts
+
+    corpus = {"docs": docs_texts(30_000), "code": code_texts(30_000)}
+    cal = calibrate(
+        smollm,
+        corpus,
+        CodecConfig(layer_group_size=6),
+        targets=(20.0,),
+        fit_sequences={"docs": 2, "code": 1},
+        seq_len=512,
+        progress=False,
+    )
+    assert cal.config.distortion == "attention"  # the default
+    assert cal.provenance["domains"] == {"docs": 2, "code": 1}
+    assert cal.provenance["fit_tokens"] == 3 * 512
+    # an equal slice of each domain's held-out compressible tokens, 512 in all
+    assert cal.provenance["held_out_tokens"] == 512
+    assert "cr20" in cal.allocations
