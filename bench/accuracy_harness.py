@@ -16,7 +16,7 @@ from pathlib import Path
 
 from kvbm_codec.bench.report import paired, summarize
 from kvbm_codec.bench.runner import SUITES, run_bench
-from kvbm_codec.calibration.artifact import Calibration
+from kvbm_codec.calibration.artifact import load_calibration
 from kvbm_codec.models.hf import CausalLM
 
 
@@ -33,7 +33,7 @@ def main() -> None:
     suite = replace(SUITES["default"], name="accuracy", lm_windows=0, task_instances=a.prompts_per_task)
     report = []
     for path in a.calibration:
-        cal = Calibration.load(path, expected_fingerprint=lm.info.fingerprint)
+        cal = load_calibration(path, expected_fingerprint=lm.info.fingerprint)
         res = run_bench(
             lm,
             suite,

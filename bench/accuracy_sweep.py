@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from kvbm_codec.calibration.artifact import Calibration
+from kvbm_codec.calibration.artifact import load_calibration, save_calibration
 from kvbm_codec.calibration.calibrate import (
     accumulate,
     calibrate_from_kv,
@@ -192,13 +192,13 @@ def main() -> None:
         score = {float(t) for t in a.score_targets.split(",") if t} or set(targets)
         saved = None if a.calibrations is None else a.calibrations / f"{corpus}-{distortion}.kvtc"
         if saved is not None and saved.exists():
-            cal = Calibration.load(saved, expected_fingerprint=lm.info.fingerprint)
+            cal = load_calibration(saved, expected_fingerprint=lm.info.fingerprint)
         else:
             # leave-one-out variants are only scored on validation: calibrate only the scored targets
             lodo = corpus.startswith("-") and a.own_domain
             cal = calibrate_variant(lm, state, corpus, distortion, sorted(score) if lodo else targets)
             if saved is not None:
-                cal.save(saved)
+                save_calibration(cal, saved)
         cal_s = time.perf_counter() - t0
         for name in cal.allocations:
             target = cal.allocations[name].meta["target_cr"]

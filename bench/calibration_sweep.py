@@ -19,8 +19,8 @@ from kvbm_codec.calibration.calibrate import calibrate_from_kv, token_sequences
 from kvbm_codec.codec.config import CodecConfig
 from kvbm_codec.codec.kvtc import KVTCCodec
 from kvbm_codec.eval.metrics import perplexity, top1_agreement
-from kvbm_codec.eval.texts import calibration_texts
 from kvbm_codec.models.hf import CausalLM
+from kvbm_codec.texts import calibration_texts
 
 
 def main() -> None:

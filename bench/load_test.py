@@ -37,11 +37,12 @@ import psutil
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from kvbm_codec.blocks import BlockSpec
-from kvbm_codec.service.core import PutItem, ServedModel
-from kvbm_codec.service.errors import ServiceError
-from kvbm_codec.service.grpc_client import CodecClient
-from kvbm_codec.service.kv_blocks import KVBlock
+from kvbm_codec.adapters.kv_blocks import KVBlock
+from kvbm_codec.api.blocks import BlockSpec
+from kvbm_codec.api.errors import ServiceError
+from kvbm_codec.api.types import PutItem
+from kvbm_codec.core.service import ServedModel
+from kvbm_codec.frontends.grpc.client import CodecClient
 
 MODEL = "smollm2-135m"
 SAMPLE_S = 0.2
@@ -464,11 +465,11 @@ def baseline_rss(server: ServerProcess, settle_s: float = 1.0) -> int:
 
 
 def _load_pool(n_blocks: int) -> tuple[list[KVBlock], ServedModel, Any]:
+    from kvbm_codec.adapters.kv_blocks import kv_blocks
     from kvbm_codec.calibration.cache import load_or_calibrate
-    from kvbm_codec.eval.texts import demo_document
     from kvbm_codec.models.hf import CausalLM
     from kvbm_codec.service.config import ModelConfig
-    from kvbm_codec.service.kv_blocks import kv_blocks
+    from kvbm_codec.texts import demo_document
 
     lm = CausalLM.load()
     cal, _, _ = load_or_calibrate(lm, progress=False)  # what `kvbm-codec serve` encodes with by default

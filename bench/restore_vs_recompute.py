@@ -3,7 +3,8 @@
 For each context length: prefill (the recompute a cache miss costs) vs KVTC decode of the same
 context's frame, measured in the same process; encode/decode MB/s of fp16 KV with torch pinned to
 one thread (per-core figures); peak RSS growth of encode and decode measured in fresh child processes.
-Usage: python bench/restore_vs_recompute.py --text FILE --contexts 2048,8192 --target-cr 20 --out J
+Usage: python bench/restore_vs_recompute.py [--model M] --text FILE --contexts 2048,8192 --target-cr 20
+       --out J
 """
 
 from __future__ import annotations
@@ -53,9 +54,9 @@ class _PeakSampler:
 
 
 def _peak_child(kind: str, kv_path: str, frame_path: str, cal_path: str, target: float, q: mp.Queue) -> None:
-    from kvbm_codec.calibration.artifact import Calibration
+    from kvbm_codec.calibration.artifact import load_calibration
 
-    cal = Calibration.load(cal_path)
+    cal = load_calibration(cal_path)
     codec = KVTCCodec(cal, target)
     kv = torch.load(kv_path, weights_only=False)
     frame = Path(frame_path).read_bytes()
@@ -89,12 +90,13 @@ def best_of(fn, n: int = 3) -> float:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--text", type=Path, required=True)
+    p.add_argument("--model", default="smollm2-135m", help="registered name or a path")
     p.add_argument("--contexts", default="2048,8192")
     p.add_argument("--target-cr", type=float, default=20.0)
     p.add_argument("--out", type=Path, default=Path("bench/results/restore_vs_recompute.json"))
     p.add_argument("--workdir", type=Path, default=Path("/tmp/kvbm-codec-bench"))
     a = p.parse_args()
-    lm = CausalLM.load()
+    lm = CausalLM.load(a.model)
     cal, cal_path, _ = load_or_calibrate(lm)
     codec = KVTCCodec(cal, a.target_cr)
     ids = lm.tokenizer(a.text.read_text(), add_special_tokens=False, return_tensors="pt")["input_ids"]

@@ -5,7 +5,7 @@ ways to encode the same KVBM blocks, each decoded and compared with the exact KV
 
 * ``known``: the true first position (what the gRPC path sends);
 * ``recovered``: the position the S3 endpoint recovers from the keys alone
-  (kvbm_codec/service/s3/positions.py), with the default calibration;
+  (kvbm_codec/codec/positions.py), with the default calibration;
 * ``post-rope``: a calibration fitted on keys *with* RoPE (``kvbm-codec calibrate --no-undo-rope``,
   bench/results/calibration_post_rope.kvtc), which needs no position for the transform; the recovered
   position is still used to keep sink tokens (positions < 4) exact.
@@ -37,23 +37,24 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
-    from kvbm_codec.blocks import BlockCodec, BlockSpec, block_positions, kv_to_block
-    from kvbm_codec.calibration.artifact import Calibration
+    from kvbm_codec.api.blocks import BlockSpec, block_positions, kv_to_block
+    from kvbm_codec.calibration.artifact import load_calibration
     from kvbm_codec.calibration.cache import load_or_calibrate
+    from kvbm_codec.codec.block import KVTCBlockCodec
     from kvbm_codec.codec.kvtc import KVTCCodec
-    from kvbm_codec.eval.texts import demo_document
+    from kvbm_codec.codec.positions import PositionEstimator, PositionSearch
     from kvbm_codec.kv import KVCache
     from kvbm_codec.models.hf import CausalLM
-    from kvbm_codec.service.s3.positions import PositionEstimator, PositionSearch
+    from kvbm_codec.texts import demo_document
 
     spec = BlockSpec(30, 32, 3, 64)
     lm = CausalLM.load()
     cal, _, _ = load_or_calibrate(lm, progress=False)
-    codecs = {"known": BlockCodec(KVTCCodec(cal, args.target_cr), spec)}
+    codecs = {"known": KVTCBlockCodec(KVTCCodec(cal, args.target_cr), spec)}
     codecs["recovered"] = codecs["known"]
     if args.post_rope.is_file():
-        post = Calibration.load(args.post_rope, expected_fingerprint=cal.model_fingerprint)
-        codecs["post-rope"] = BlockCodec(KVTCCodec(post, args.target_cr), spec)
+        post = load_calibration(args.post_rope, expected_fingerprint=cal.model_fingerprint)
+        codecs["post-rope"] = KVTCBlockCodec(KVTCCodec(post, args.target_cr), spec)
     est = PositionEstimator(cal, PositionSearch(max_position=args.max_position, alignment=spec.page_size))
     ids = lm.tokenizer(demo_document(), return_tensors="pt")["input_ids"]
     n_blocks = args.context_tokens // spec.page_size

@@ -42,15 +42,15 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
-    from kvbm_codec.blocks import BlockSpec, kv_to_block
+    from kvbm_codec.api.blocks import BlockSpec, kv_to_block
     from kvbm_codec.calibration.cache import load_or_calibrate
-    from kvbm_codec.eval.texts import demo_document
+    from kvbm_codec.core.service import BlockService, ServedModel
+    from kvbm_codec.frontends.s3 import CredentialConfig, S3Config, start_s3_server
+    from kvbm_codec.frontends.s3.nixl_obj import ObjClient, obj_params
     from kvbm_codec.models.hf import CausalLM
-    from kvbm_codec.service.core import BlockService, ServedModel
-    from kvbm_codec.service.s3 import CredentialConfig, S3Config, start_s3_server
-    from kvbm_codec.service.s3.nixl_obj import ObjClient, obj_params
     from kvbm_codec.store.memory import MemoryTier
     from kvbm_codec.store.tiered import TieredStore
+    from kvbm_codec.texts import demo_document
     from kvbm_codec.transport import NixlAgent
 
     spec = BlockSpec(30, 32, 3, 64)

@@ -22,16 +22,17 @@ from pathlib import Path
 
 import torch
 
-from kvbm_codec.blocks import BlockSpec
+from kvbm_codec.adapters.kv_blocks import kv_blocks
+from kvbm_codec.api.blocks import BlockSpec
+from kvbm_codec.api.types import PutItem
 from kvbm_codec.calibration.cache import load_or_calibrate
-from kvbm_codec.eval.texts import demo_document
+from kvbm_codec.core.service import ServedModel
+from kvbm_codec.frontends.grpc.client import CodecClient
+from kvbm_codec.frontends.grpc.server import CodecServer
 from kvbm_codec.models.hf import CausalLM
-from kvbm_codec.service.app import build_service
+from kvbm_codec.server.app import build_service
 from kvbm_codec.service.config import ModelConfig, NixlConfig, ServiceConfig
-from kvbm_codec.service.core import PutItem, ServedModel
-from kvbm_codec.service.grpc_client import CodecClient
-from kvbm_codec.service.grpc_server import CodecServer
-from kvbm_codec.service.kv_blocks import kv_blocks
+from kvbm_codec.texts import demo_document
 
 
 def _pct(xs: list[float], q: float) -> float:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from kvbm_codec.service.metrics import METRIC_NAMES, ServiceMetrics
+from kvbm_codec.core.metrics import METRIC_NAMES, ServiceMetrics
 
 _SUFFIXES = {
     "counter": ("_total", "_created"),

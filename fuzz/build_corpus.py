@@ -69,18 +69,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=default_dir())
     args = ap.parse_args()
-    from kvbm_codec.calibration.artifact import Calibration
+    from kvbm_codec.calibration.artifact import load_calibration, save_calibration
     from kvbm_codec.codec.kvtc import KVTCCodec
-    from kvbm_codec.eval.texts import calibration_texts
     from kvbm_codec.models.hf import CausalLM
+    from kvbm_codec.texts import calibration_texts
 
     lm = CausalLM.load()
     cal_file = calibration_path(args.out)
     if cal_file.exists():
-        cal = Calibration.load(cal_file, expected_fingerprint=lm.info.fingerprint)
+        cal = load_calibration(cal_file, expected_fingerprint=lm.info.fingerprint)
     else:
         cal = build_small_calibration(lm)
-        cal.save(cal_file)
+        save_calibration(cal, cal_file)
     text = calibration_texts()[7]
     ids = lm.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][:, :64]
     kv, _ = lm.prefill(ids, return_logits=False)

@@ -23,6 +23,7 @@ import google_crc32c
 import torch
 import xxhash
 
+from kvbm_codec.api.blocks import DTYPES
 from kvbm_codec.codec import frame as fr
 from kvbm_codec.codec.errors import CodecError
 from kvbm_codec.codec.kvtc import KVTCCodec
@@ -179,7 +180,7 @@ class DecodeOracle(_Oracle):
         h = frame.header
         expect = (h.layer_start, h.layer_end, h.n_tokens, h.n_kv_heads, h.key_head_dim, h.value_head_dim)
         got = (kv.layer_start, kv.layer_end, kv.n_tokens, kv.n_heads, kv.key_head_dim, kv.value_head_dim)
-        if got != expect or kv.keys.dtype != _DTYPE[h.dtype]:
+        if got != expect or kv.keys.dtype != DTYPES[h.dtype]:
             raise WrongDecodeError(
                 f"decoded KV {got} {kv.keys.dtype} contradicts its header {expect} {h.dtype}"
             )
@@ -190,6 +191,3 @@ class DecodeOracle(_Oracle):
             self.stats[f"{variant}:ok_compared"] += 1
             if kv_bytes(kv) != ref:
                 raise WrongDecodeError("a frame equal in content to a seed decoded to different KV")
-
-
-_DTYPE = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}

@@ -17,7 +17,7 @@ from pathlib import Path
 import atheris
 
 with atheris.instrument_imports(include=["kvbm_codec"]):
-    from kvbm_codec.calibration.artifact import Calibration
+    from kvbm_codec.calibration.artifact import load_calibration
     from kvbm_codec.codec import deflate, frame, kvtc, quantize  # noqa: F401  (instrumented here)
 
 from fuzz.build_corpus import calibration_path, default_dir, seeds_dir
@@ -40,7 +40,7 @@ def main(target: str) -> None:
     if not seeds:
         sys.exit(f"no seeds in {seeds_dir(root)}: run `python -m fuzz.build_corpus` first")
     if target == "decode":
-        cal = Calibration.load(calibration_path(root))
+        cal = load_calibration(calibration_path(root))
         oracle: ParseOracle | DecodeOracle = DecodeOracle(kvtc.KVTCCodec(cal, 20.0), seeds)
     else:
         oracle = ParseOracle(seeds)

@@ -9,12 +9,33 @@ from typing import Annotated
 
 import typer
 
+from kvbm_codec import __version__
 from kvbm_codec.bench.cli import bench
 from kvbm_codec.calibration.registry_cli import registry_app
+from kvbm_codec.cli_errors import ReportingTyper, set_debug
 from kvbm_codec.codec.config import CodecConfig
-from kvbm_codec.service.cli import client_app, serve
+from kvbm_codec.server.cli import client_app, serve
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+app = ReportingTyper(add_completion=False, no_args_is_help=True, help=__doc__)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"kvbm-codec {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="show tracebacks of errors")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="print the version and exit")
+    ] = False,
+) -> None:
+    """KV-cache transform coding (KVTC) as a KVBM storage tier."""
+    set_debug(debug)
+
+
 app.add_typer(registry_app, name="registry")
 app.command("bench")(bench)
 app.command("serve")(serve)
@@ -31,11 +52,11 @@ def _load(model: str):
 
 
 def _calibration(lm, calibration: Path | None, layer_group_size: int, fit_sequences: int | None):
-    from kvbm_codec.calibration.artifact import Calibration
+    from kvbm_codec.calibration.artifact import load_calibration
     from kvbm_codec.calibration.cache import load_or_calibrate
 
     if calibration is not None:
-        return Calibration.load(calibration, expected_fingerprint=lm.info.fingerprint)
+        return load_calibration(calibration, expected_fingerprint=lm.info.fingerprint)
     cal, path, fresh = load_or_calibrate(
         lm, CodecConfig(layer_group_size=layer_group_size), fit_sequences=fit_sequences
     )
@@ -72,6 +93,7 @@ def calibrate(
     ] = True,
 ) -> None:
     """Compute PCA bases, measured error tables and DP bit allocations for a model."""
+    from kvbm_codec.calibration.artifact import save_calibration
     from kvbm_codec.calibration.cache import DEFAULT_FIT_SEQUENCES, corpus_texts, fit_plan, load_or_calibrate
     from kvbm_codec.calibration.calibrate import calibrate as run_calibration
 
@@ -88,7 +110,7 @@ def calibrate(
     else:
         texts, corpus_name = corpus_texts(lm.tokenizer, corpus)
         cal = run_calibration(lm, texts, cfg, fit_sequences=fit_plan(corpus, fit), text_source=corpus_name)
-        cal.save(out)
+        save_calibration(cal, out)
         path = out
     if registry is not None:
         from kvbm_codec.calibration.registry_cli import publish_calibration
@@ -162,17 +184,20 @@ def demo(
     lm = _load(model)
     cal = _calibration(lm, None, layer_group_size, fit_sequences)
     if codec_only:
-        from kvbm_codec.eval.demo import run_demo
+        from kvbm_codec.demos.codec import run_demo
 
         run_demo(lm, cal, target_cr)
         return
-    if (
-        model != "smollm2-135m"
-        or layer_group_size != CodecConfig().layer_group_size
-        or fit_sequences is not None
-    ):
+    from kvbm_codec.models.registry import registered_names
+
+    if model not in registered_names():
+        raise typer.BadParameter(
+            f"the service demo serves a registered model ({', '.join(registered_names())}); "
+            "use --codec-only for other models"
+        )
+    if layer_group_size != CodecConfig().layer_group_size or fit_sequences is not None:
         raise typer.BadParameter("the service demo runs the embedded defaults; use --codec-only to vary them")
-    from kvbm_codec.service.demo import run_service_demo
+    from kvbm_codec.demos.offload import run_service_demo
 
     result = run_service_demo(lm, target_cr)
     if result["service_exit_code"] != 0:
@@ -186,7 +211,7 @@ def inspect(frame: Path) -> None:
     from kvbm_codec.codec.frame import inspect_frame
 
     try:
-        info = inspect_frame(frame.read_bytes())
+        info = inspect_frame(frame.read_bytes())  # a missing file: cli_errors reports it in one line
     except CodecError as e:
         typer.echo(json.dumps({"ok": False, "error": e.code, "message": str(e)}), err=True)
         raise typer.Exit(2) from e

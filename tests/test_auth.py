@@ -25,7 +25,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from kvbm_codec.service.auth import (
+from kvbm_codec.api.errors import PermissionDeniedError, UnauthenticatedError
+from kvbm_codec.frontends.grpc.auth import (
     Authenticator,
     AuthPolicy,
     PeerIdentity,
@@ -36,7 +37,6 @@ from kvbm_codec.service.auth import (
     policy_from_settings,
     server_credentials,
 )
-from kvbm_codec.service.errors import PermissionDeniedError, UnauthenticatedError
 
 TOKEN_A = "tok-A-7d1f0c9e4b2a48e1b0c3a5d6e7f80912"
 TOKEN_B = "tok-B-0a9b8c7d6e5f40312a3b4c5d6e7f8091"
@@ -365,8 +365,8 @@ def test_tls_files_errors(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def one_block(smollm) -> bytes:  # type: ignore[no-untyped-def]
-    from kvbm_codec.blocks import BlockSpec, kv_to_block
-    from kvbm_codec.eval.texts import calibration_texts
+    from kvbm_codec.api.blocks import BlockSpec, kv_to_block
+    from kvbm_codec.texts import calibration_texts
 
     ids = smollm.tokenizer(calibration_texts()[5], add_special_tokens=False, return_tensors="pt")["input_ids"]
     kv, _ = smollm.prefill(ids[:, :32], return_logits=False)
@@ -393,12 +393,13 @@ def _service_config(pki: Pki, tmp_path: Path, **auth: object):  # type: ignore[n
 def test_tenant_isolation_over_mtls(pki: Pki, small_calibration, one_block: bytes, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     import urllib.request
 
-    from kvbm_codec.blocks import BlockSpec
-    from kvbm_codec.service.app import build_service
-    from kvbm_codec.service.auth import from_config
-    from kvbm_codec.service.core import PutItem, ServedModel
-    from kvbm_codec.service.grpc_client import CodecClient, RpcFailedError
-    from kvbm_codec.service.grpc_server import CodecServer
+    from kvbm_codec.api.blocks import BlockSpec
+    from kvbm_codec.api.types import PutItem
+    from kvbm_codec.core.service import ServedModel
+    from kvbm_codec.frontends.grpc.auth import from_config
+    from kvbm_codec.frontends.grpc.client import CodecClient, RpcFailedError
+    from kvbm_codec.frontends.grpc.server import CodecServer
+    from kvbm_codec.server.app import build_service
 
     cfg = _service_config(pki, tmp_path, mode="mtls")
     creds, authenticate = from_config(cfg)
@@ -440,7 +441,7 @@ def test_tenant_isolation_over_mtls(pki: Pki, small_calibration, one_block: byte
 
 
 def test_from_config_refuses_unsafe_combinations(pki: Pki, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    from kvbm_codec.service.auth import from_config
+    from kvbm_codec.frontends.grpc.auth import from_config
     from kvbm_codec.service.config import ServiceConfig
 
     monkeypatch.delenv("KVBM_CODEC_AUTH_TOKENS", raising=False)

@@ -16,9 +16,8 @@ import pytest
 import torch
 import xxhash
 
-from kvbm_codec.blocks import BlockSpec, kv_to_block
-from kvbm_codec.service.core import BlockService, Limits, PutItem, ServedModel
-from kvbm_codec.service.errors import (
+from kvbm_codec.api.blocks import BlockSpec, kv_to_block
+from kvbm_codec.api.errors import (
     CorruptBlockError,
     IncompatibleFrameError,
     InvalidBlockRequestError,
@@ -27,6 +26,8 @@ from kvbm_codec.service.errors import (
     ServiceError,
     UnknownModelError,
 )
+from kvbm_codec.api.types import PutItem
+from kvbm_codec.core.service import BlockService, Limits, ServedModel
 from kvbm_codec.store.base import BlockKey
 from kvbm_codec.store.memory import MemoryTier
 from kvbm_codec.store.tiered import TieredStore
@@ -47,7 +48,7 @@ class Blocks:
 
 @pytest.fixture(scope="module")
 def blocks(smollm, small_calibration) -> Blocks:  # type: ignore[no-untyped-def]
-    from kvbm_codec.eval.texts import calibration_texts
+    from kvbm_codec.texts import calibration_texts
 
     ids = smollm.tokenizer(calibration_texts()[3], add_special_tokens=False, return_tensors="pt")["input_ids"]
     kv, _ = smollm.prefill(ids[:, :64], return_logits=False)
@@ -109,7 +110,7 @@ def _sub_frame(
     svc: BlockService, raw: bytes, *, tokens: int = 32, layers: int = 30, dtype: str = "float16"
 ) -> bytes:
     """A genuine frame of this model and calibration that is not one whole block of the served spec."""
-    from kvbm_codec.blocks import block_to_kv
+    from kvbm_codec.api.blocks import block_to_kv
 
     codec = svc.model(MODEL).encoder.codec
     kv = block_to_kv(SPEC.from_bytes(raw), torch.arange(32), SPEC)
@@ -326,8 +327,8 @@ class GrpcRig:
 @pytest.fixture(scope="module")
 def rig(small_calibration) -> Iterator[GrpcRig]:  # type: ignore[no-untyped-def]
     from kvbm_codec._proto import kvbm_codec_pb2_grpc as pb_grpc
+    from kvbm_codec.frontends.grpc.server import CodecServer
     from kvbm_codec.service.config import NixlConfig, ServiceConfig
-    from kvbm_codec.service.grpc_server import CodecServer
 
     cfg = ServiceConfig.load(grpc_port=0, metrics_port=None, workers=2, nixl=NixlConfig(enabled=False))
     store = TieredStore([MemoryTier(64 << 20)])
@@ -381,10 +382,12 @@ GRPC_CASES = [c for c in PUT_CASES if not c[0].startswith("hash_")]  # uint64 on
 
 @pytest.mark.parametrize("case", GRPC_CASES, ids=[c[0] for c in GRPC_CASES])
 def test_bad_put_over_grpc(rig: GrpcRig, blocks: Blocks, case: tuple) -> None:
+    from kvbm_codec.frontends.grpc.wire import status_of
+
     _, build, cls, code, fragment = case
     item = build(rig.svc, blocks)
     status, trailer, details = _grpc_put(rig, [_pb_block(PutItem(8, blocks.raw[0])), _pb_block(item)])
-    assert (status, trailer) == (getattr(grpc.StatusCode, cls.grpc_status), code)
+    assert (status, trailer) == (status_of(cls), code)
     assert fragment in details, details
     assert _stored(rig.svc) == 0
     _grpc_serving(rig, blocks)

@@ -196,8 +196,8 @@ def test_cli_takes_a_model_path_and_any_text(smollm, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
     from kvbm_codec.cli import app
-    from kvbm_codec.eval.texts import calibration_texts
     from kvbm_codec.models.registry import cache_root, resolve_model
+    from kvbm_codec.texts import calibration_texts
 
     model_dir = cache_root() / resolve_model("smollm2-135m").name  # the fixture's de-quantized copy
     assert (model_dir / "config.json").is_file()

@@ -14,7 +14,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from kvbm_codec.calibration.artifact import Calibration, CalibrationIntegrityError
+from kvbm_codec.calibration.artifact import CalibrationIntegrityError, load_calibration, save_calibration
 from kvbm_codec.calibration.calibrate import compressible, error_tables, token_sequences
 from kvbm_codec.cli import app
 from kvbm_codec.codec import frame as fr
@@ -30,10 +30,12 @@ from kvbm_codec.codec.errors import (
     ModelMismatchError,
 )
 from kvbm_codec.codec.kvtc import KVTCCodec, default_raw_mask
+from kvbm_codec.codec.params import Calibration, basis_name
+from kvbm_codec.codec.pca import to_features
 from kvbm_codec.codec.rope import undo_rope
-from kvbm_codec.eval.texts import calibration_texts
 from kvbm_codec.kv import KVCache
 from kvbm_codec.models.hf import CausalLM
+from kvbm_codec.texts import calibration_texts
 
 pytestmark = pytest.mark.slow
 CFG = CodecConfig(layer_group_size=6)
@@ -44,7 +46,7 @@ def calibration(
     small_calibration: Calibration, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[Calibration, Path]:
     path = tmp_path_factory.mktemp("cal") / "smollm.kvtc"
-    small_calibration.save(path)
+    save_calibration(small_calibration, path)
     return small_calibration, path
 
 
@@ -78,11 +80,11 @@ def test_round_trip_within_predicted_error(calibration, kv: KVCache) -> None:
         if kind == "k":
             a, b = undo_rope(a, orig.positions, cal.rope), undo_rope(b, orig.positions, cal.rope)
         for gi, (lo, hi) in enumerate(CFG.layer_groups(cal.shape.n_layers)):
-            basis = cal.bases[f"g{gi}.{kind}"]
-            fa = basis.normalise(a[lo:hi].permute(2, 0, 1, 3).reshape(a.shape[2], -1))
-            fb = basis.normalise(b[lo:hi].permute(2, 0, 1, 3).reshape(b.shape[2], -1))
+            basis = cal.bases[basis_name(gi, kind)]
+            fa = basis.normalise(to_features(a[lo:hi]))
+            fb = basis.normalise(to_features(b[lo:hi]))
             real = float(((fa - fb).double() ** 2).sum(1).mean())
-            pred = predicted[f"g{gi}.{kind}"]
+            pred = predicted[basis_name(gi, kind)]
             # fp16 output rounding and the text shift allow some slack, never a different regime.
             assert real <= 2.0 * pred + 1e-3, (kind, gi, real, pred)
     # Sinks and the recent window travel as fp16, bit-exact.
@@ -204,11 +206,11 @@ def test_other_calibration_or_model_is_refused(calibration, kv: KVCache) -> None
 
 def test_artifact_checksum_and_model_binding(calibration, tmp_path: Path) -> None:
     cal, path = calibration
-    again = Calibration.load(path, expected_fingerprint=cal.model_fingerprint)
+    again = load_calibration(path, expected_fingerprint=cal.model_fingerprint)
     assert again.calibration_id == cal.calibration_id
     assert again.allocation(20.0).allocation_id == cal.allocation(20.0).allocation_id
     with pytest.raises(ModelMismatchError):
-        Calibration.load(path, expected_fingerprint="0" * 32)
+        load_calibration(path, expected_fingerprint="0" * 32)
     raw = path.read_bytes()
     for where in (len(raw) // 3, len(raw) - 10):
         bad = bytearray(raw)
@@ -216,7 +218,7 @@ def test_artifact_checksum_and_model_binding(calibration, tmp_path: Path) -> Non
         p = tmp_path / f"bad{where}.kvtc"
         p.write_bytes(bytes(bad))
         with pytest.raises(CalibrationIntegrityError):
-            Calibration.load(p)
+            load_calibration(p)
     with pytest.raises(KeyError, match="available"):
         cal.allocation(99.0)
 

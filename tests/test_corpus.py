@@ -13,8 +13,8 @@ from kvbm_codec.calibration.corpus import (
     roff_to_text,
     tables_texts,
 )
-from kvbm_codec.eval.texts import demo_document
 from kvbm_codec.models.hf import CausalLM
+from kvbm_codec.texts import demo_document
 
 
 def test_roff_text_keeps_words_and_accents() -> None:

@@ -112,7 +112,7 @@ def test_entrypoint_and_cmd_are_real_cli(df: DockerfileParser) -> None:
 def test_exposed_ports_match_default_config(df: DockerfileParser) -> None:
     exposed = {int(p) for i in df.structure if i["instruction"] == "EXPOSE" for p in i["value"].split()}
     cfg = ServiceConfig.load(ROOT / "deploy" / "config.yaml")
-    assert {cfg.grpc_port, cfg.metrics_port} == exposed
+    assert {cfg.grpc_port, cfg.metrics_port, cfg.probes.port} == exposed
 
 
 def test_build_context_ships_what_the_install_needs() -> None:

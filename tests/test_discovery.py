@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 
-from kvbm_codec.service.discovery import (
+from kvbm_codec.cluster.discovery import (
     DynamoDiscovery,
     DynamoRegistration,
     DynamoSettings,

@@ -9,15 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvbm_codec.calibration.artifact import Calibration
+from kvbm_codec.calibration import artifact
+from kvbm_codec.calibration.artifact import load_calibration, save_calibration
 from kvbm_codec.calibration.calibrate import calibrate, token_sequences
 from kvbm_codec.calibration.statistics import feature_weights, gather_statistics
 from kvbm_codec.codec.config import CodecConfig
 from kvbm_codec.codec.kvtc import KVTCCodec
 from kvbm_codec.codec.pca import CovarianceAccumulator
-from kvbm_codec.eval.texts import calibration_texts
 from kvbm_codec.models.fingerprint import decoder_layers
 from kvbm_codec.models.hf import CausalLM
+from kvbm_codec.texts import calibration_texts
 
 
 def test_merged_accumulators_equal_one_pass() -> None:
@@ -75,9 +76,12 @@ def test_statistics_match_the_models_tensors(smollm: CausalLM) -> None:
     finally:
         h.remove()
     q = captured[0].double().reshape(-1, n_q, d)
-    expect = (q[..., : d // 2] ** 2 + q[..., d // 2 :] ** 2).mean(0)
     assert stats.tokens == ids.shape[1]
-    assert torch.allclose(stats.query_pair_energy[7], expect, rtol=1e-6)
+    assert torch.allclose(stats.query_energy[7], (q**2).mean(0), rtol=1e-6)
+    pair = ((q[..., : d // 2] ** 2 + q[..., d // 2 :] ** 2) / 2).mean(0)
+    assert torch.allclose(stats.key_weights(d)[7], torch.cat([pair, pair], -1), rtol=1e-6)
+    partial = stats.key_weights(d // 2)[7]  # partial rotary: the second half passes through
+    assert torch.allclose(partial[:, d // 2 :], (q[..., d // 2 :] ** 2).mean(0), rtol=1e-6)
     with torch.inference_mode():
         hidden = model(input_ids=ids, output_hidden_states=True).hidden_states
     assert float(stats.residual_energy[12]) == pytest.approx(
@@ -103,7 +107,7 @@ def test_statistics_match_the_models_tensors(smollm: CausalLM) -> None:
 
 @pytest.mark.slow
 def test_attention_calibration_round_trips_and_records_its_distortion(
-    smollm: CausalLM, tmp_path: Path
+    smollm: CausalLM, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cal = calibrate(
         smollm,
@@ -118,8 +122,8 @@ def test_attention_calibration_round_trips_and_records_its_distortion(
     weights = {n: t.weight for n, t in cal.error_tables.items()}
     assert len(set(weights.values())) == len(weights)  # absolute units: every basis has its own factor
     path = tmp_path / "attn.kvtc"
-    cal.save(path)
-    loaded = Calibration.load(path)
+    save_calibration(cal, path)
+    loaded = load_calibration(path)
     assert loaded.config.distortion == "attention"
     assert {n: t.weight for n, t in loaded.error_tables.items()} == pytest.approx(weights)
     ids = token_sequences(smollm.tokenizer, calibration_texts(), 512, 30)[25]
@@ -132,13 +136,16 @@ def test_attention_calibration_round_trips_and_records_its_distortion(
     assert rel < 0.5
 
     # A header written before the distortion field existed is read as a plain-MSE calibration.
-    header = loaded._header
-    loaded._header = lambda: {
-        **header(),
-        "config": {k: v for k, v in header()["config"].items() if k != "distortion"},
-    }  # type: ignore[method-assign]
-    loaded.save(tmp_path / "old.kvtc")
-    assert Calibration.load(tmp_path / "old.kvtc").config.distortion == "mse"
+    header = artifact._header
+
+    def old_header(c):
+        h = header(c)
+        return {**h, "config": {k: v for k, v in h["config"].items() if k != "distortion"}}
+
+    monkeypatch.setattr(artifact, "_header", old_header)
+    save_calibration(loaded, tmp_path / "old.kvtc")
+    monkeypatch.undo()
+    assert load_calibration(tmp_path / "old.kvtc").config.distortion == "mse"
     with pytest.raises(ValueError):
         CodecConfig(distortion="logits")  # type: ignore[arg-type]
 

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 
 from fuzz.build_corpus import calibration_path, make_seeds, seeds_dir
 from fuzz.harness import DecodeOracle, ParseOracle, WrongDecodeError, reseal, reseal_chunks
+from kvbm_codec.calibration.artifact import save_calibration
 from kvbm_codec.codec.errors import CodecError
 from kvbm_codec.codec.kvtc import KVTCCodec
 
@@ -33,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def seeds(smollm, small_calibration) -> list[bytes]:  # type: ignore[no-untyped-def]
-    from kvbm_codec.eval.texts import calibration_texts
+    from kvbm_codec.texts import calibration_texts
 
     ids = smollm.tokenizer(calibration_texts()[7], add_special_tokens=False, return_tensors="pt")["input_ids"]
     kv, _ = smollm.prefill(ids[:, :64], return_logits=False)
@@ -203,7 +204,7 @@ def test_hostile_header_values_are_codec_errors(seeds: list[bytes], decode_oracl
 def test_atheris_target_runs(tmp_path: Path, seeds: list[bytes], small_calibration) -> None:  # type: ignore[no-untyped-def]
     root = tmp_path / "fuzz"
     seeds_dir(root).mkdir(parents=True)
-    small_calibration.save(calibration_path(root))
+    save_calibration(small_calibration, calibration_path(root))
     for i, s in enumerate(seeds):
         (seeds_dir(root) / f"{i}.kvtc").write_bytes(s)
     work = tmp_path / "corpus"

@@ -12,24 +12,24 @@ import xxhash
 
 from kvbm_codec.adapters.kvbm import (
     XXH3_SEED,
-    BlockTransport,
     KvbmBlocks,
     KvbmLayout,
     KvbmTierClient,
-    ServiceTransport,
     concat_tokens,
     kv_to_kvbm,
     kvbm_to_kv,
     sequence_hashes,
 )
-from kvbm_codec.blocks import BlockCodec, BlockSpec, InvalidBlockError, kv_to_block
+from kvbm_codec.api.blocks import BlockSpec, InvalidBlockError, kv_to_block
+from kvbm_codec.api.types import BlockTransport
+from kvbm_codec.codec.block import KVTCBlockCodec
 from kvbm_codec.codec.kvtc import KVTCCodec
+from kvbm_codec.core.service import BlockService, ServedModel, ServiceTransport
 from kvbm_codec.eval.metrics import perplexity, top1_agreement
-from kvbm_codec.eval.texts import demo_conversation
 from kvbm_codec.kv import KVCache
-from kvbm_codec.service.core import BlockService, ServedModel
 from kvbm_codec.store.memory import MemoryTier
 from kvbm_codec.store.tiered import TieredStore
+from kvbm_codec.texts import demo_conversation
 
 MODEL = "smollm2-135m"
 TARGET_CR = 20.0
@@ -162,7 +162,7 @@ def test_layout_refuses_what_is_not_a_conversation(kv_1k, conversation_ids):
 
 def _direct_codec_blocks(cal, blocks: KvbmBlocks, exact_from: int) -> torch.Tensor:
     """What the codec alone makes of the same blocks, window blocks stored exactly: the bound."""
-    codec = BlockCodec(KVTCCodec(cal, TARGET_CR), blocks.spec)
+    codec = KVTCBlockCodec(KVTCCodec(cal, TARGET_CR), blocks.spec)
     out = []
     for i in range(blocks.n_blocks):
         frame, _ = codec.encode(blocks.block(i), blocks.positions(i), compress=i < exact_from)

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from kvbm_codec.blocks import BlockSpec
+from kvbm_codec.adapters.kv_blocks import kv_blocks
+from kvbm_codec.api.blocks import BlockSpec
 from kvbm_codec.calibration.registry import Registry
-from kvbm_codec.eval.texts import demo_document
-from kvbm_codec.service.core import ServedModel
-from kvbm_codec.service.kv_blocks import kv_blocks
+from kvbm_codec.core.service import ServedModel
+from kvbm_codec.texts import demo_document
 
 pytestmark = pytest.mark.slow
 

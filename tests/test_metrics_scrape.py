@@ -3,7 +3,7 @@ the workload did, and every dashboard query must return data from it.
 
 Prometheus (Debian package, installed by scripts/bootstrap.sh) runs on 127.0.0.1 with a 1 s scrape
 interval, a temporary data directory and deploy/prometheus/alerts.yml loaded as its rule file. The
-service is built from a ServiceConfig by ``kvbm_codec.service.app.build_service`` with the shared small
+service is built from a ServiceConfig by ``kvbm_codec.server.app.build_service`` with the shared small
 calibration, its registry served by ``prometheus_client`` on a free port (what ``kvbm-codec serve``
 does on ``metrics_port``). The workload drives the core directly, so the front-end-only transfer-bytes
 series is the one dashboard query allowed to be empty here; the gRPC tests cover that path.
@@ -33,11 +33,12 @@ import pytest
 import torch
 import yaml
 
-from kvbm_codec.blocks import BlockSpec, kv_to_block
-from kvbm_codec.service.app import build_service
+from kvbm_codec.api.blocks import BlockSpec, kv_to_block
+from kvbm_codec.api.errors import CorruptBlockError, OverloadedError, RequestTooLargeError
+from kvbm_codec.api.types import PutItem
+from kvbm_codec.core.service import BlockService, ServedModel
+from kvbm_codec.server.app import build_service
 from kvbm_codec.service.config import ServiceConfig
-from kvbm_codec.service.core import BlockService, PutItem, ServedModel
-from kvbm_codec.service.errors import CorruptBlockError, OverloadedError, RequestTooLargeError
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "deploy"))
@@ -50,7 +51,7 @@ MODEL = "smollm2-135m"
 TENANT = "tenant-secret-q7x3"  # must never appear on the metrics page
 JOB = "kvbm-codec"
 # Series only a network front end (gRPC/NIXL/S3) writes; the in-process workload cannot produce them.
-FRONT_END_ONLY = {"kvbm_codec_transfer_bytes_total"}
+FRONT_END_ONLY = {"kvbm_codec_transfer_bytes_total", "kvbm_codec_data_path_active"}
 
 
 # ---- static checks of the dashboard ------------------------------------------------------------------
@@ -189,7 +190,7 @@ class Done:
 @pytest.fixture(scope="module")
 def blocks(smollm, small_calibration) -> tuple[BlockSpec, list[bytes]]:
     """Eight real 32-token KV blocks of held-out text (not the calibration texts)."""
-    from kvbm_codec.eval.texts import demo_conversation
+    from kvbm_codec.texts import demo_conversation
 
     s = small_calibration.shape
     spec = BlockSpec(s.n_layers, 32, s.n_kv_heads, s.key_head_dim, "float16")
@@ -431,7 +432,7 @@ CLI = Path(sys.executable).with_name("kvbm-codec")
 def _kvbm_codec_serve(tmp: Path, cal, frame_estimate: int) -> Iterator[tuple[str, int]]:  # type: ignore[no-untyped-def]
     """`kvbm-codec serve --config` on 127.0.0.1, calibration from a registry (no model load in it)."""
     from kvbm_codec.calibration.registry import Registry
-    from kvbm_codec.service.grpc_client import CodecClient
+    from kvbm_codec.frontends.grpc.client import CodecClient
 
     Registry.from_url(tmp / "registry").publish(cal, promote=True)
     grpc_port, metrics_port = _free_port(), _free_port()
@@ -482,8 +483,8 @@ def _kvbm_codec_serve(tmp: Path, cal, frame_estimate: int) -> Iterator[tuple[str
 
 
 def _grpc_workload(target: str, blocks: list[bytes], rounds: int, pause_s: float) -> Done:
-    from kvbm_codec.service.errors import UnknownModelError
-    from kvbm_codec.service.grpc_client import CodecClient
+    from kvbm_codec.api.errors import UnknownModelError
+    from kvbm_codec.frontends.grpc.client import CodecClient
 
     done = Done()
     rng = random.Random(11)

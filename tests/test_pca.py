@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvbm_codec.codec.pca import CovarianceAccumulator
+from kvbm_codec.codec.pca import CovarianceAccumulator, from_features, to_features
 
 
 @pytest.mark.parametrize("rank", [64, 400])  # randomized path and full-eigh path
@@ -42,3 +42,12 @@ def test_head_normalisation_scales_each_head_to_unit_variance() -> None:
     per_head = z.reshape(-1, 2, 8).pow(2).mean((0, 2))
     assert torch.allclose(per_head, torch.ones(2), rtol=0.05)
     assert torch.allclose(basis.reconstruct(basis.project(x)), x, atol=1e-2)
+
+
+def test_feature_layout_is_one_vector_per_token_and_inverts() -> None:
+    x = torch.randn(3, 2, 5, 4)  # [layers, heads, tokens, dim]
+    f = to_features(x)
+    assert f.shape == (5, 3 * 2 * 4)
+    assert torch.equal(f[4, (1 * 2 + 1) * 4 + 2], x[1, 1, 4, 2])  # layer-major, then head, then dim
+    assert torch.equal(from_features(f, 3, 2, 4), x)
+    assert to_features(x[:, :, :0]).shape == (0, 24)  # an all-raw block still has the basis' width

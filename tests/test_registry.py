@@ -25,7 +25,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from kvbm_codec.calibration.artifact import Calibration, CalibrationIntegrityError
+from kvbm_codec.calibration.artifact import CalibrationIntegrityError, save_calibration
 from kvbm_codec.calibration.calibrate import token_sequences
 from kvbm_codec.calibration.registry import (
     ALLOCATIONS,
@@ -43,9 +43,10 @@ from kvbm_codec.codec import frame as fr
 from kvbm_codec.codec.config import CodecConfig
 from kvbm_codec.codec.errors import CalibrationMismatchError, ModelMismatchError
 from kvbm_codec.codec.kvtc import KVTCCodec
-from kvbm_codec.eval.texts import calibration_texts
+from kvbm_codec.codec.params import Calibration
 from kvbm_codec.kv import KVCache
 from kvbm_codec.models.hf import CausalLM
+from kvbm_codec.texts import calibration_texts
 
 pytestmark = pytest.mark.slow
 OTHER_FP = "0" * 32
@@ -63,7 +64,7 @@ def cal_v2(cal_v1: Calibration) -> Calibration:
     # A second real artifact with a distinct content id. A second calibration run costs minutes on
     # 2 shared cores; what the registry must keep apart is ids, and provenance is part of the id.
     cal = dataclasses.replace(cal_v1, provenance={**cal_v1.provenance, "recalibration": "v2"})
-    cal.save(os.devnull)
+    save_calibration(cal, os.devnull)
     assert cal.calibration_id != cal_v1.calibration_id
     return cal
 
@@ -73,8 +74,8 @@ def artifact_files(
     cal_v1: Calibration, cal_v2: Calibration, tmp_path_factory: pytest.TempPathFactory
 ) -> dict:
     d = tmp_path_factory.mktemp("artifacts")
-    cal_v1.save(d / "v1.kvtc")
-    cal_v2.save(d / "v2.kvtc")
+    save_calibration(cal_v1, d / "v1.kvtc")
+    save_calibration(cal_v2, d / "v2.kvtc")
     return {"v1": d / "v1.kvtc", "v2": d / "v2.kvtc"}
 
 
@@ -134,11 +135,11 @@ def _cli(*args: str) -> tuple[int, str]:
 
 _CHILD = r"""
 import os, signal, sys, time
-from kvbm_codec.calibration.artifact import Calibration
+from kvbm_codec.calibration.artifact import load_calibration
 from kvbm_codec.calibration.registry import Registry
 
 url, artifact, kill_at, go = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-cal = Calibration.load(artifact)
+cal = load_calibration(artifact)
 reg = Registry.from_url(url)
 
 def progress(name, done, total):

@@ -22,12 +22,12 @@ from kvbm_codec.adapters.kvbm import (
     KvbmTierClient,
     kv_to_kvbm,
 )
-from kvbm_codec.blocks import BlockSpec
+from kvbm_codec.api.blocks import BlockSpec
 from kvbm_codec.calibration.registry import Registry
-from kvbm_codec.eval.texts import demo_conversation
-from kvbm_codec.service.discovery import DynamoDiscovery, DynamoSettings
-from kvbm_codec.service.grpc_client import CodecClient
-from kvbm_codec.service.sharding import ShardedClient
+from kvbm_codec.cluster.discovery import DynamoDiscovery, DynamoSettings
+from kvbm_codec.cluster.sharding import ShardedClient
+from kvbm_codec.frontends.grpc.client import CodecClient
+from kvbm_codec.texts import demo_conversation
 
 MODEL = "smollm2-135m"
 START_TIMEOUT_S = 180  # two service processes importing torch on a busy 2-core box

@@ -19,12 +19,12 @@ from botocore.config import Config
 from botocore.credentials import Credentials
 from botocore.exceptions import ClientError
 
-from kvbm_codec.blocks import BlockSpec, kv_to_block
-from kvbm_codec.service.core import BlockService, ServedModel
-from kvbm_codec.service.s3 import BucketBinding, CredentialConfig, S3Config, sigv4, start_s3_server
-from kvbm_codec.service.s3 import chunked as aws_chunked
-from kvbm_codec.service.s3.buckets import sequence_hash
-from kvbm_codec.service.s3.server import parse_range
+from kvbm_codec.api.blocks import BlockSpec, kv_to_block
+from kvbm_codec.core.service import BlockService, ServedModel
+from kvbm_codec.frontends.s3 import BucketBinding, CredentialConfig, S3Config, sigv4, start_s3_server
+from kvbm_codec.frontends.s3 import chunked as aws_chunked
+from kvbm_codec.frontends.s3.buckets import sequence_hash
+from kvbm_codec.frontends.s3.server import parse_range
 from kvbm_codec.store.memory import MemoryTier
 from kvbm_codec.store.tiered import TieredStore
 
@@ -38,7 +38,7 @@ N_BLOCKS = 6
 
 @pytest.fixture(scope="module")
 def blocks(smollm) -> list[bytes]:
-    from kvbm_codec.eval.texts import demo_document
+    from kvbm_codec.texts import demo_document
 
     ids = smollm.tokenizer(demo_document(), return_tensors="pt")["input_ids"][:, : 32 * N_BLOCKS]
     kv, _ = smollm.prefill(ids, return_logits=False)
@@ -141,8 +141,16 @@ def _b64(v: int, width: int) -> str:
     return base64.b64encode(v.to_bytes(width, "big")).decode()
 
 
+def _s3_bytes(server, direction: str) -> float:
+    reg = server.endpoint.svc.metrics.registry
+    labels = {"path": "s3", "direction": direction}
+    return reg.get_sample_value("kvbm_codec_transfer_bytes_total", labels) or 0.0
+
+
 def test_put_get_head_range_delete_roundtrip(s3, server, blocks):
+    moved_in, moved_out = _s3_bytes(server, "in"), _s3_bytes(server, "out")
     put = s3.put_object(Bucket=BUCKET, Key="4242", Body=blocks[2])
+    assert _s3_bytes(server, "in") - moved_in == len(blocks[2])  # the dashboard's s3 series is counted
     etag = put["ETag"]
     hdr = put["ResponseMetadata"]["HTTPHeaders"]
     assert int(hdr["x-kvbm-codec-first-position"]) == 64  # recovered from the keys alone
@@ -157,6 +165,7 @@ def test_put_get_head_range_delete_roundtrip(s3, server, blocks):
     part = s3.get_object(Bucket=BUCKET, Key="4242", Range="bytes=1000-1999", IfMatch=etag)
     assert part["ContentRange"] == f"bytes 1000-1999/{SPEC.nbytes}"
     assert part["Body"].read() == data[1000:2000]
+    assert _s3_bytes(server, "out") - moved_out == 2 * SPEC.nbytes + 1000
     assert s3.get_object(Bucket=BUCKET, Key="4242", Range="bytes=-10")["Body"].read() == data[-10:]
     with pytest.raises(ClientError) as e:
         s3.get_object(Bucket=BUCKET, Key="4242", Range="bytes=0-9", IfMatch='"0123"')

@@ -14,15 +14,16 @@ import numpy as np
 import pytest
 import torch
 
-from kvbm_codec.blocks import BlockSpec, block_positions, block_to_kv, kv_to_block
+from kvbm_codec.api.blocks import BlockSpec, block_positions, block_to_kv, kv_to_block
+from kvbm_codec.api.types import PutItem
+from kvbm_codec.core.service import BlockService, ServedModel
+from kvbm_codec.frontends.s3 import BucketBinding, CredentialConfig, S3Config, start_s3_server
 from kvbm_codec.kv import KVCache
-from kvbm_codec.service.core import BlockService, PutItem, ServedModel
-from kvbm_codec.service.s3 import BucketBinding, CredentialConfig, S3Config, start_s3_server
 from kvbm_codec.store.memory import MemoryTier
 from kvbm_codec.store.tiered import TieredStore
 
 nixl_api = pytest.importorskip("nixl._api", reason="nixl is not installed")
-from kvbm_codec.service.s3.nixl_obj import ObjClient, obj_params  # noqa: E402
+from kvbm_codec.frontends.s3.nixl_obj import ObjClient, obj_params  # noqa: E402
 
 SPEC = BlockSpec(30, 32, 3, 64)
 BUCKET = "kvbm-smollm2-135m"
@@ -46,7 +47,7 @@ def contexts(smollm):
     """Two 1k-token contexts (64 blocks) from different texts, with their exact KV and continuation."""
     if (why := _obj_plugin_loads()) is not None:
         pytest.skip(why)
-    from kvbm_codec.eval.texts import demo_document
+    from kvbm_codec.texts import demo_document
 
     gpl = demo_document()
     ids = smollm.tokenizer(gpl, return_tensors="pt")["input_ids"]

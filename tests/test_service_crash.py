@@ -17,13 +17,14 @@ from pathlib import Path
 
 import pytest
 
-from kvbm_codec.blocks import BlockCodec, BlockSpec, block_positions
+from kvbm_codec.adapters.kv_blocks import kv_blocks
+from kvbm_codec.api.blocks import BlockSpec, block_positions
+from kvbm_codec.api.types import PutItem
 from kvbm_codec.calibration.registry import Registry
+from kvbm_codec.codec.block import KVTCBlockCodec
 from kvbm_codec.codec.kvtc import KVTCCodec
-from kvbm_codec.eval.texts import demo_document
-from kvbm_codec.service.core import PutItem
-from kvbm_codec.service.grpc_client import CodecClient
-from kvbm_codec.service.kv_blocks import kv_blocks
+from kvbm_codec.frontends.grpc.client import CodecClient
+from kvbm_codec.texts import demo_document
 
 MODEL = "smollm2-135m"
 KILLS = 4
@@ -117,7 +118,7 @@ def test_sigkill_never_loses_an_acknowledged_block(durable_config, smollm, small
     config, target = durable_config
     log = tmp_path / "serve.log"
     blocks = kv_blocks(smollm, demo_document(), SPEC, max_tokens=6 * SPEC.page_size)
-    codec = BlockCodec(KVTCCodec(small_calibration, 20.0), SPEC)
+    codec = KVTCBlockCodec(KVTCCodec(small_calibration, 20.0), SPEC)
     # What each block must restore to, computed by the codec itself (the service must match it exactly).
     expected = {}
     for b in blocks:

@@ -18,19 +18,21 @@ import pytest
 import torch
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from kvbm_codec.blocks import BlockSpec
-from kvbm_codec.eval.texts import demo_document
-from kvbm_codec.service.app import build_service
-from kvbm_codec.service.config import ModelConfig, NixlConfig, ServiceConfig
-from kvbm_codec.service.core import PutItem, ServedModel
-from kvbm_codec.service.errors import (
+from kvbm_codec.adapters.kv_blocks import KVBlock, kv_blocks, sequence_hashes
+from kvbm_codec.api.blocks import BlockSpec
+from kvbm_codec.api.errors import (
     InvalidBlockRequestError,
     OverloadedError,
     UnknownModelError,
 )
-from kvbm_codec.service.grpc_client import CodecClient, RpcFailedError
-from kvbm_codec.service.grpc_server import SERVICE_NAME, CodecServer
-from kvbm_codec.service.kv_blocks import KVBlock, kv_blocks, sequence_hashes
+from kvbm_codec.api.types import PutItem
+from kvbm_codec.core.service import ServedModel
+from kvbm_codec.frontends.grpc.client import CodecClient, RpcFailedError
+from kvbm_codec.frontends.grpc.server import CodecServer
+from kvbm_codec.frontends.grpc.wire import SERVICE_NAME
+from kvbm_codec.server.app import build_service
+from kvbm_codec.service.config import ModelConfig, NixlConfig, ServiceConfig
+from kvbm_codec.texts import demo_document
 
 pytestmark = pytest.mark.slow
 

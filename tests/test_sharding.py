@@ -8,17 +8,17 @@ import random
 import pytest
 import torch
 
-from kvbm_codec.adapters.kvbm import BlockTransport, ServiceTransport
-from kvbm_codec.blocks import BlockSpec
-from kvbm_codec.service.core import BlockService, PutItem, ServedModel
-from kvbm_codec.service.errors import OverloadedError
-from kvbm_codec.service.sharding import (
+from kvbm_codec.api.blocks import BlockSpec
+from kvbm_codec.api.errors import OverloadedError
+from kvbm_codec.api.types import BlockTransport, PutItem
+from kvbm_codec.cluster.sharding import (
     HashRing,
     NoReplicaError,
     ShardedClient,
     StaticMembership,
     is_replica_failure,
 )
+from kvbm_codec.core.service import BlockService, ServedModel, ServiceTransport
 from kvbm_codec.store.memory import MemoryTier
 from kvbm_codec.store.tiered import TieredStore
 
@@ -75,7 +75,7 @@ def test_ring_moves_only_what_it_must():
 def test_replica_failure_classification():
     import grpc
 
-    from kvbm_codec.service.errors import ShuttingDownError
+    from kvbm_codec.api.errors import ShuttingDownError
 
     class Rpc(grpc.RpcError):
         def __init__(self, code):

@@ -3,7 +3,8 @@
 Run ``.venv/bin/python deploy/grafana/dashboard.py`` after changing a panel and commit the JSON;
 tests/test_metrics_scrape.py checks the committed file equals this script's output, that every query
 reads only metrics the service exports, and that each query returns data from a real Prometheus
-scraping a real service. Queries filter on the ``$job`` and ``$instance`` variables; ``DATASOURCE``
+scraping a real service. Queries filter on the ``$namespace``, ``$job``, ``$pod`` and ``$instance``
+variables (and ``$model`` where the metric has a model label); ``DATASOURCE``
 is a datasource variable, so the dashboard imports into any Grafana with a Prometheus datasource.
 """
 
@@ -24,7 +25,8 @@ from grafana_foundation_sdk.models.dashboard import DashboardCursorSync, DataSou
 OUT = Path(__file__).with_name("kvbm-codec.json")
 UID = "kvbm-codec"
 DS = DataSourceRef(type_val="prometheus", uid="${datasource}")
-SEL = 'job=~"$job", instance=~"$instance"'
+SEL = 'namespace=~"$namespace", job=~"$job", pod=~"$pod", instance=~"$instance"'
+SELM = SEL + ', model=~"$model"'
 RI = "$__rate_interval"
 
 
@@ -34,13 +36,19 @@ class Q:
     legend: str
 
 
-def _q(x: str) -> str:
+def _q(x: str, sel: str = SEL) -> str:
     """Inject the dashboard's selector into each ``{}``-marked vector selector of a query."""
-    return x.replace("{}", "{" + SEL + "}").replace("{,", "{" + SEL + ",")
+    return x.replace("{}", "{" + sel + "}").replace("{,", "{" + sel + ",")
+
+
+def _qm(x: str) -> str:
+    """``_q`` for metrics with a ``model`` label: the ``$model`` variable filters them too."""
+    return _q(x, SELM)
 
 
 def hq(metric: str, q: float, by: str = "model") -> str:
-    return _q(f"histogram_quantile({q}, sum by ({by}, le) (rate({metric}_bucket{{}}[{RI}])))")
+    sel = SELM if "model" in by else SEL
+    return _q(f"histogram_quantile({q}, sum by ({by}, le) (rate({metric}_bucket{{}}[{RI}])))", sel)
 
 
 # (row, title, unit, description, queries, kind): kept as data so the tests can evaluate every query.
@@ -55,7 +63,7 @@ PANELS: list[tuple[str, str, str, str, list[Q], str]] = [
             Q(hq("kvbm_codec_compression_ratio", 0.5), "p50 {{model}}"),
             Q(hq("kvbm_codec_compression_ratio", 0.1), "p10 {{model}}"),
             Q(
-                _q(
+                _qm(
                     f"sum by (model) (rate(kvbm_codec_compression_ratio_sum{{}}[{RI}])) / "
                     f"sum by (model) (rate(kvbm_codec_compression_ratio_count{{}}[{RI}]))"
                 ),
@@ -100,8 +108,8 @@ PANELS: list[tuple[str, str, str, str, list[Q], str]] = [
         "ops",
         "Blocks stored and block lookups by result.",
         [
-            Q(_q(f"sum by (model) (rate(kvbm_codec_blocks_put_total{{}}[{RI}]))"), "put {{model}}"),
-            Q(_q(f"sum by (result) (rate(kvbm_codec_block_lookups_total{{}}[{RI}]))"), "get {{result}}"),
+            Q(_qm(f"sum by (model) (rate(kvbm_codec_blocks_put_total{{}}[{RI}]))"), "put {{model}}"),
+            Q(_qm(f"sum by (result) (rate(kvbm_codec_block_lookups_total{{}}[{RI}]))"), "get {{result}}"),
         ],
         "timeseries",
     ),
@@ -113,10 +121,10 @@ PANELS: list[tuple[str, str, str, str, list[Q], str]] = [
         "(grpc, nixl, s3).",
         [
             Q(
-                _q(f"sum by (direction) (rate(kvbm_codec_raw_bytes_total{{}}[{RI}]))"),
+                _qm(f"sum by (direction) (rate(kvbm_codec_raw_bytes_total{{}}[{RI}]))"),
                 "raw {{direction}}",
             ),
-            Q(_q(f"sum(rate(kvbm_codec_stored_bytes_total{{}}[{RI}]))"), "frames stored"),
+            Q(_qm(f"sum(rate(kvbm_codec_stored_bytes_total{{}}[{RI}]))"), "frames stored"),
             Q(
                 _q(f"sum by (path, direction) (rate(kvbm_codec_transfer_bytes_total{{}}[{RI}]))"),
                 "{{path}} {{direction}}",
@@ -196,7 +204,7 @@ PANELS: list[tuple[str, str, str, str, list[Q], str]] = [
         [
             Q(_q(f"sum by (tier) (rate(kvbm_codec_tier_evictions_total{{}}[{RI}]))"), "evicted {{tier}}"),
             Q(_q(f"sum(rate(kvbm_codec_blocks_dropped_total{{}}[{RI}]))"), "dropped (lost)"),
-            Q(_q(f"sum(rate(kvbm_codec_blocks_deleted_total{{}}[{RI}]))"), "deleted on request"),
+            Q(_qm(f"sum(rate(kvbm_codec_blocks_deleted_total{{}}[{RI}]))"), "deleted on request"),
         ],
         "timeseries",
     ),
@@ -252,12 +260,57 @@ PANELS: list[tuple[str, str, str, str, list[Q], str]] = [
         "still decode).",
         [
             Q(
-                _q("max by (instance, model, calibration_id, allocation_id, target_cr) "
-                   "(kvbm_codec_calibration_info{})"),
+                _qm("max by (instance, model, calibration_id, allocation_id, target_cr) "
+                    "(kvbm_codec_calibration_info{})"),
                 "{{instance}} {{model}} {{calibration_id}}",
             )
         ],
         "table",
+    ),
+    (
+        "Health",
+        "Data path",
+        "short",
+        "1 per pod for each data path that serves; NIXL at 0 means it is configured but fell back to "
+        "gRPC (KvbmCodecNixlFallback).",
+        [Q(_q("max by (pod, instance, path) (kvbm_codec_data_path_active{})"), "{{pod}} {{path}}")],
+        "timeseries",
+    ),
+    (
+        "Process",
+        "Memory (RSS and virtual)",
+        "bytes",
+        "Resident and virtual memory of the service process; compare RSS with the pod's memory limit "
+        "(the memory tier, NIXL staging and the process must fit under it).",
+        [
+            Q(_q("process_resident_memory_bytes{}"), "rss {{pod}}"),
+            Q(_q("process_virtual_memory_bytes{}"), "virtual {{pod}}"),
+        ],
+        "timeseries",
+    ),
+    (
+        "Process",
+        "CPU (cores)",
+        "short",
+        "CPU seconds per second used by the service process.",
+        [Q(_q(f"rate(process_cpu_seconds_total{{}}[{RI}])"), "{{pod}}")],
+        "timeseries",
+    ),
+    (
+        "Process",
+        "Open file descriptors",
+        "percentunit",
+        "Open fds as a share of the process limit; a steady climb is a leak (sockets, disk-tier files).",
+        [Q(_q("process_open_fds{} / process_max_fds{}"), "{{pod}}")],
+        "timeseries",
+    ),
+    (
+        "Process",
+        "Uptime",
+        "s",
+        "Seconds since each process started; a reset is a restart (and an empty memory tier).",
+        [Q(_q("time() - process_start_time_seconds{}"), "{{pod}}")],
+        "timeseries",
     ),
 ]  # fmt: skip
 
@@ -300,8 +353,19 @@ def build() -> dict:
         .timezone("browser")
         .tooltip(DashboardCursorSync.CROSSHAIR)
         .with_variable(db.DatasourceVariable("datasource").label("Prometheus").type("prometheus"))
-        .with_variable(_variable("job", "label_values(kvbm_codec_build_info, job)"))
-        .with_variable(_variable("instance", 'label_values(kvbm_codec_build_info{job=~"$job"}, instance)'))
+        .with_variable(_variable("namespace", "label_values(kvbm_codec_build_info, namespace)"))
+        .with_variable(_variable("job", 'label_values(kvbm_codec_build_info{namespace=~"$namespace"}, job)'))
+        .with_variable(
+            _variable("pod", 'label_values(kvbm_codec_build_info{namespace=~"$namespace", job=~"$job"}, pod)')
+        )
+        .with_variable(
+            _variable(
+                "instance",
+                'label_values(kvbm_codec_build_info{namespace=~"$namespace", job=~"$job", pod=~"$pod"}, '
+                "instance)",
+            )
+        )
+        .with_variable(_variable("model", 'label_values(kvbm_codec_calibration_info{job=~"$job"}, model)'))
     )
     row = None
     ids = iter(range(1, 1000))
@@ -339,7 +403,8 @@ def queries() -> list[tuple[str, str]]:
 
 def expand(expr: str, *, job: str = ".*", instance: str = ".*", rate_interval: str = "1m") -> str:
     """Substitute the dashboard variables as Grafana would, to run a panel query directly."""
-    return expr.replace("$__rate_interval", rate_interval).replace("$job", job).replace("$instance", instance)
+    out = expr.replace("$__rate_interval", rate_interval).replace("$job", job).replace("$instance", instance)
+    return out.replace("$namespace", ".*").replace("$pod", ".*").replace("$model", ".*")
 
 
 if __name__ == "__main__":

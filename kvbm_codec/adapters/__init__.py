@@ -1,1 +1,1 @@
-"""Adapters between engine/KVBM block layouts and the service's one block shape (`kvbm_codec.blocks`)."""
+"""Adapters between engine/KVBM block layouts and the service's one block shape (`kvbm_codec.api.blocks`)."""

@@ -4,7 +4,7 @@ Layouts are those of Dynamo's KV Block Manager (kvbm / ai-dynamo 1.6.1, ``block_
 LayoutType``); every page is ``[page_size, inner]`` with ``inner = n_kv_heads * head_dim`` (heads outer):
 
 - ``FULLY_CONTIGUOUS``: one tensor ``[n_blocks, n_layers, 2, page_size, inner]`` (outer dim 2 = K, V).
-  This is KVBM's host (G2) and disk (G3) layout, and one block of it is ``kvbm_codec.blocks``' block.
+  This is KVBM's host (G2) and disk (G3) layout, and one block of it is ``kvbm_codec.api.blocks``' block.
 - ``LAYER_SEPARATE_OUTER``: one tensor per layer, ``[2, n_blocks, page_size, inner]``
   (``LayerSeparate { outer_contiguous: true }``): vLLM's FlashAttention cache
   ``[2, num_blocks, block_size, n_kv_heads, head_dim]`` as the kvbm vLLM connector registers it.
@@ -30,15 +30,15 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import numpy as np
 import torch
 import xxhash
 
-from kvbm_codec.blocks import BlockSpec, InvalidBlockError
+from kvbm_codec.api.blocks import BlockSpec, InvalidBlockError, block_positions, blocks_to_kv, kv_to_blocks
+from kvbm_codec.api.types import BlockTransport, GetResult, PutItem, PutResult
 from kvbm_codec.kv import KVCache
-from kvbm_codec.service.core import BlockService, GetResult, PutItem, PutResult
 
 XXH3_SEED = 1337  # Dynamo's default seed for block and sequence hashes (kv router, mocker, tokens crate)
 DEFAULT_WINDOW_TOKENS = 128
@@ -142,8 +142,7 @@ class KvbmBlocks:
         return torch.stack([t[i] for t in self.tensors])
 
     def positions(self, i: int) -> torch.Tensor:
-        p = self.first_positions[i]
-        return torch.arange(p, p + self.spec.page_size, dtype=torch.int64)
+        return block_positions(self.first_positions[i], self.spec.page_size)
 
     @classmethod
     def from_canonical(
@@ -205,11 +204,8 @@ def kv_to_kvbm(
     hs = list(hashes) if hashes is not None else sequence_hashes(ids, P, seed)
     if len(hs) != n:
         raise InvalidBlockError(f"{len(hs)} sequence hashes for {n} full blocks")
-    L, H, D = spec.n_layers, spec.n_kv_heads, spec.head_dim
     full = n * P
-    k = kv.keys[:, :, :full].reshape(L, H, n, P, D)
-    v = kv.values[:, :, :full].reshape(L, H, n, P, D)
-    stacked = torch.stack([k, v]).permute(3, 1, 0, 4, 2, 5).reshape(n, L, 2, P, H * D)  # [n, L, 2, P, H*D]
+    stacked = kv_to_blocks(kv.select_tokens(torch.arange(full)), spec) if n else _no_blocks(spec)
     blocks = KvbmBlocks.from_canonical(stacked, spec, layout, hs, [i * P for i in range(n)])
     tail = kv.select_tokens(torch.arange(full, T)) if full < T else None
     return blocks, tail
@@ -217,14 +213,16 @@ def kv_to_kvbm(
 
 def kvbm_to_kv(blocks: KvbmBlocks) -> KVCache:
     """Blocks (in order) -> one KVCache in the blocks' dtype; positions from each block's first position."""
-    spec, n = blocks.spec, blocks.n_blocks
+    n = blocks.n_blocks
     if n == 0:
         raise InvalidBlockError("no blocks to turn into a KV cache")
-    L, P, H, D = spec.n_layers, spec.page_size, spec.n_kv_heads, spec.head_dim
-    c = blocks.canonical().reshape(n, L, 2, P, H, D).permute(2, 1, 4, 0, 3, 5)  # [2, L, H, n, P, D]
-    c = c.reshape(2, L, H, n * P, D)
     positions = torch.cat([blocks.positions(i) for i in range(n)])
-    return KVCache(c[0].contiguous(), c[1].contiguous(), positions, layer_start=0)
+    kv = blocks_to_kv(blocks.canonical(), positions, blocks.spec)
+    return KVCache(kv.keys.contiguous(), kv.values.contiguous(), kv.positions, layer_start=0)
+
+
+def _no_blocks(spec: BlockSpec) -> torch.Tensor:
+    return torch.empty((0, *spec.shape), dtype=spec.torch_dtype)
 
 
 def concat_tokens(a: KVCache, b: KVCache) -> KVCache:
@@ -243,51 +241,10 @@ def concat_tokens(a: KVCache, b: KVCache) -> KVCache:
 # ---- transport ----------------------------------------------------------------------------------
 
 
-@runtime_checkable
-class BlockTransport(Protocol):
-    """What the tier client needs from the service, tenant and model already bound.
-
-    Implemented by :class:`ServiceTransport` (in-process core), ``CodecClient`` (one replica over gRPC,
-    see :func:`grpc_transport`)
-    and ``kvbm_codec.service.sharding.ShardedClient`` (many replicas).
-    """
-
-    def put_blocks(self, items: Sequence[PutItem]) -> list[PutResult]: ...
-
-    def get_blocks(self, hashes: Sequence[int]) -> list[GetResult]: ...
-
-    def contains(self, hashes: Sequence[int]) -> list[bool]: ...
-
-    def delete(self, hashes: Sequence[int]) -> int: ...
-
-
-class ServiceTransport:
-    """The in-process :class:`BlockService`, through its admission control like every front end."""
-
-    def __init__(self, service: BlockService, tenant: str, model: str) -> None:
-        self.service, self.tenant, self.model = service, tenant, model
-
-    def put_blocks(self, items: Sequence[PutItem]) -> list[PutResult]:
-        with self.service.request("put"):
-            return self.service.put_blocks(self.tenant, self.model, items)
-
-    def get_blocks(self, hashes: Sequence[int]) -> list[GetResult]:
-        with self.service.request("get"):
-            return self.service.get_blocks(self.tenant, self.model, hashes)
-
-    def contains(self, hashes: Sequence[int]) -> list[bool]:
-        with self.service.request("contains"):
-            return self.service.contains(self.tenant, self.model, hashes)
-
-    def delete(self, hashes: Sequence[int]) -> int:
-        with self.service.request("delete"):
-            return self.service.delete(self.tenant, self.model, hashes)
-
-
 def grpc_transport(target: str, model: str, tenant: str | None = None, **options: Any) -> BlockTransport:
     """One replica over gRPC. ``CodecClient`` already has the transport's four methods with tenant and
     model bound at construction, so it is the transport itself (``options`` go to its constructor)."""
-    from kvbm_codec.service.grpc_client import CodecClient
+    from kvbm_codec.frontends.grpc.client import CodecClient
 
     return CodecClient(target, model=model, tenant=tenant, **options)
 
@@ -392,8 +349,7 @@ class KvbmTierClient:
             if not misses:  # still inside the leading run of hits
                 tensors.append(self.spec.from_bytes(r.data))
         n = len(tensors)
-        empty = torch.empty((0, *self.spec.shape), dtype=self.spec.torch_dtype)
-        stacked = torch.stack(tensors) if tensors else empty
+        stacked = torch.stack(tensors) if tensors else _no_blocks(self.spec)
         blocks = KvbmBlocks.from_canonical(stacked, self.spec, self.layout, hashes[:n], first_positions[:n])
         return OnboardResult(blocks, misses)
 

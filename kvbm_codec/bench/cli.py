@@ -8,11 +8,13 @@ from typing import Annotated
 
 import typer
 
+from kvbm_codec.api.types import DEFAULT_MODEL
+
 
 def bench(
     model: Annotated[
         str, typer.Option("--model", help="registered name (smollm2-135m) or a path")
-    ] = "smollm2-135m",
+    ] = DEFAULT_MODEL,
     text: Annotated[
         Path | None, typer.Option(help="UTF-8 text for ppl/top-1 windows (default: the bundled GNU GPL)")
     ] = None,
@@ -42,7 +44,7 @@ def bench(
     """Run every method on the same real KV; write the JSON, a markdown table and a Pareto PNG."""
     from kvbm_codec.bench.report import write_report
     from kvbm_codec.bench.runner import SUITES, run_bench
-    from kvbm_codec.calibration.artifact import Calibration
+    from kvbm_codec.calibration.artifact import load_calibration
     from kvbm_codec.calibration.cache import cache_dir as default_cache_dir
     from kvbm_codec.models.hf import CausalLM
 
@@ -50,7 +52,7 @@ def bench(
         raise typer.BadParameter(f"suite must be one of {', '.join(SUITES)}")
     typer.echo(f"loading model {model} ...", err=True)
     lm = CausalLM.load(model)
-    cal = Calibration.load(calibration, expected_fingerprint=lm.info.fingerprint) if calibration else None
+    cal = load_calibration(calibration, expected_fingerprint=lm.info.fingerprint) if calibration else None
     result = run_bench(
         lm,
         SUITES[suite],

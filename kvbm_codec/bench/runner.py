@@ -24,10 +24,11 @@ from kvbm_codec.bench.base import BenchContext, KVMethod, timed
 from kvbm_codec.bench.methods import build_method
 from kvbm_codec.bench.methods.pca_int import fit_post_rope_bases, load_bases, save_bases
 from kvbm_codec.bench.tasks import TASKS, make_instances, score
-from kvbm_codec.calibration.artifact import Calibration
+from kvbm_codec.calibration.artifact import load_calibration, save_calibration
+from kvbm_codec.codec.params import Calibration
 from kvbm_codec.eval.metrics import kl_divergence_mean, top1_agreement
-from kvbm_codec.eval.texts import demo_document
 from kvbm_codec.kv import KVCache
+from kvbm_codec.texts import demo_document
 
 CACHE_VERSION = "bench-v2"
 DMS_WINDOW = 64  # queries a token is judged by before leaving the delayed-eviction window
@@ -199,7 +200,7 @@ class Resources:
             return load_or_calibrate(self.lm, progress=self.progress)[0]
         from kvbm_codec.calibration.calibrate import calibrate
         from kvbm_codec.codec.config import CodecConfig
-        from kvbm_codec.eval.texts import calibration_texts
+        from kvbm_codec.texts import calibration_texts
 
         targets = sorted(
             {float(getattr(m, "target_cr", 16.0)) for m in self.methods if m.family.startswith("kvtc")}
@@ -209,7 +210,7 @@ class Resources:
         # Next to the default calibration, not in the result cache: it depends only on model and text.
         path = default_cache_dir() / "bench" / "calibrations" / f"{fp}-small-{key}.kvtc"
         if path.exists():
-            return Calibration.load(path, expected_fingerprint=fp)
+            return load_calibration(path, expected_fingerprint=fp)
         cal = calibrate(
             self.lm,
             calibration_texts(),
@@ -221,7 +222,7 @@ class Resources:
             progress=self.progress,
         )
         path.parent.mkdir(parents=True, exist_ok=True)
-        cal.save(path)
+        save_calibration(cal, path)
         return cal
 
     def incumbent_bases(self) -> Any:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvbm_codec.eval.texts import demo_document
+from kvbm_codec.texts import demo_document
 
 TASKS = ("multikey", "kvlookup", "vartrack")
 TAIL_LIMIT = 64  # must not exceed the eviction methods' protected tail (methods._eviction.TAIL)

@@ -17,12 +17,13 @@ import json
 import os
 from pathlib import Path
 
-from kvbm_codec.calibration.artifact import Calibration, CalibrationIntegrityError
+from kvbm_codec.calibration.artifact import CalibrationIntegrityError, load_calibration
 from kvbm_codec.calibration.calibrate import DEFAULT_TARGETS, CalibrationModel, calibrate
 from kvbm_codec.calibration.registry import Registry, default_root
 from kvbm_codec.codec.config import CodecConfig
 from kvbm_codec.codec.errors import CodecError
-from kvbm_codec.eval.texts import calibration_texts
+from kvbm_codec.codec.params import Calibration
+from kvbm_codec.texts import calibration_texts
 
 CORPORA = ("broad", "pydoc")
 DEFAULT_CORPUS = "broad"
@@ -124,7 +125,7 @@ def load_or_calibrate(
     cal = None
     if legacy.exists():
         try:
-            cal = Calibration.load(legacy, expected_fingerprint=fp)
+            cal = load_calibration(legacy, expected_fingerprint=fp)
         except CalibrationIntegrityError:
             legacy.unlink()
     fresh = cal is None

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import sys
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Protocol
@@ -18,10 +20,10 @@ import torch
 from tqdm.auto import tqdm
 
 import kvbm_codec
-from kvbm_codec.calibration.artifact import Calibration, ModelShape, allocation_name
 from kvbm_codec.calibration.statistics import ModelStatistics, feature_weights, gather_statistics
 from kvbm_codec.codec.allocation import Allocation, ErrorTable, allocate_for_ratio
 from kvbm_codec.codec.config import CodecConfig
+from kvbm_codec.codec.params import Calibration, ModelShape, allocation_name
 from kvbm_codec.codec.pca import CovarianceAccumulator, PCABasis
 from kvbm_codec.codec.quantize import block_error_table
 from kvbm_codec.codec.rope import RotaryParams, undo_rope
@@ -41,6 +43,29 @@ class CalibrationModel(Protocol):
     def prefill(
         self, input_ids: torch.Tensor, return_logits: bool = True
     ) -> tuple[KVCache, torch.Tensor | None]: ...
+
+
+class PhaseClock:
+    """Wall time of each calibration phase: printed as each ends (progress on a slow machine) and kept
+    in the artifact's provenance, so a slow calibration says which phase was slow."""
+
+    def __init__(self, progress: bool = True) -> None:
+        self.progress = progress
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            dt_s = time.perf_counter() - t0
+            self.seconds[name] = self.seconds.get(name, 0.0) + dt_s
+            if self.progress:
+                print(f"calibration: {name} took {dt_s:.1f} s", file=sys.stderr, flush=True)
+
+    def rounded(self) -> dict[str, float]:
+        return {k: round(v, 2) for k, v in self.seconds.items()}
 
 
 def _features(x: torch.Tensor) -> torch.Tensor:
@@ -70,21 +95,18 @@ def token_sequences(tokenizer: object, texts: Sequence[str], seq_len: int, count
 def calibration_kv(
     lm: CalibrationModel, sequences: list[torch.Tensor], progress: bool = True
 ) -> Iterator[KVCache]:
+    """The one prefill loop of calibration: every sequence's KV (all layers), one at a time, so
+    consumers (covariances here, other statistics elsewhere) stream it in bounded memory."""
     for seq in tqdm(sequences, desc="calibration: prefill", disable=not progress):
         kv, _ = lm.prefill(seq, return_logits=False)
         yield kv
 
 
-def accumulate(
-    kvs: Iterable[KVCache],
-    cfg: CodecConfig,
-    rope: RotaryParams,
-    shape: ModelShape,
-    accs: dict[str, CovarianceAccumulator] | None = None,
+def accumulate_covariances(
+    kvs: Iterable[KVCache], cfg: CodecConfig, rope: RotaryParams, shape: ModelShape
 ) -> dict[str, CovarianceAccumulator]:
-    """Covariance sums per basis; kept apart from the eigendecomposition so sums over corpus domains
-    can be merged (CovarianceAccumulator.merged) and any metric applied afterwards."""
-    accs = {} if accs is None else accs
+    """Stream KV into one covariance per basis (p x p each); no token's features are kept."""
+    accs: dict[str, CovarianceAccumulator] = {}
     groups = cfg.layer_groups(shape.n_layers)
     for full in kvs:
         kv = compressible(full, cfg)
@@ -119,15 +141,16 @@ def metric_weights(
         shape.n_kv_heads,
         cfg.distortion,
         rope.attention_scaling,
+        rope.head_dim,
     )
 
 
-def bases_from_accumulators(
+def finalize_bases(
     accs: dict[str, CovarianceAccumulator],
     cfg: CodecConfig,
     shape: ModelShape,
-    metric: dict[str, tuple[torch.Tensor, float]] | None = None,
     progress: bool = True,
+    metric: dict[str, tuple[torch.Tensor, float]] | None = None,
 ) -> dict[str, PCABasis]:
     # Features are laid out [layer, head, dim]: one normalisation run per head of each layer.
     head_dim = {"k": shape.key_head_dim, "v": shape.value_head_dim}
@@ -145,7 +168,7 @@ def fit_bases(
     kvs: Iterable[KVCache], cfg: CodecConfig, rope: RotaryParams, shape: ModelShape, progress: bool = True
 ) -> dict[str, PCABasis]:
     """Plain-MSE bases straight from KV (the metric variants go through calibrate_from_kv)."""
-    return bases_from_accumulators(accumulate(kvs, cfg, rope, shape), cfg, shape, None, progress)
+    return finalize_bases(accumulate_covariances(kvs, cfg, rope, shape), cfg, shape, progress)
 
 
 def error_tables(
@@ -215,6 +238,7 @@ def calibrate(
     the fit sequences are split between them (evenly, or {domain: count}), each domain's next
     sequence is held out, and the held-out tokens mix all of them."""
     cfg = config or CodecConfig()
+    clock = PhaseClock(progress)
     provenance: dict = {
         "text_source": text_source,
         "text_sha256": _text_digest(texts),
@@ -228,14 +252,17 @@ def calibrate(
             counts = dict.fromkeys(texts, -(-fit_sequences // len(texts)))
         by_domain = {d: token_sequences(lm.tokenizer, t, seq_len, counts[d] + 1) for d, t in texts.items()}
         fit = [s for d, seqs in by_domain.items() for s in seqs[: counts[d]]]
-        held_kvs = [lm.prefill(seqs[counts[d]], return_logits=False)[0] for d, seqs in by_domain.items()]
+        with clock.phase("held-out prefill"):
+            held_kvs = [lm.prefill(seqs[counts[d]], return_logits=False)[0] for d, seqs in by_domain.items()]
         held_out = mixed_held_out(held_kvs, cfg, seq_len)
         provenance["domains"] = {d: counts[d] for d in texts}
     else:
         if isinstance(fit_sequences, Mapping):
             raise ValueError("per-domain fit_sequences need a corpus of domains")
         seqs = token_sequences(lm.tokenizer, texts, seq_len, fit_sequences + 1)
-        fit, held_out = seqs[:fit_sequences], lm.prefill(seqs[fit_sequences], return_logits=False)[0]
+        fit = seqs[:fit_sequences]
+        with clock.phase("held-out prefill"):
+            held_out = lm.prefill(seqs[fit_sequences], return_logits=False)[0]
     provenance.update(fit_tokens=len(fit) * seq_len, held_out_tokens=int(held_out.n_tokens))
     with _statistics_hook(lm, cfg) as stats:
         return calibrate_from_kv(
@@ -248,6 +275,7 @@ def calibrate(
             progress=progress,
             statistics=stats,
             held_out_compressible=isinstance(texts, Mapping),
+            clock=clock,
         )
 
 
@@ -271,7 +299,7 @@ def calibrate_small(lm: CalibrationModel) -> Calibration:
     """A real but small calibration (4 x 512 tokens, 6-layer bases, 8x and 20x allocations): seconds
     instead of minutes on 2 cores. The test fixtures and the fuzz corpus share it. Plain MSE keeps it
     independent of the model statistics (tests/test_distortion.py covers the metric path)."""
-    from kvbm_codec.eval.texts import calibration_texts
+    from kvbm_codec.texts import calibration_texts
 
     return calibrate(
         lm,
@@ -294,6 +322,7 @@ def calibrate_from_kv(
     targets: Sequence[float] = DEFAULT_TARGETS,
     provenance: dict | None = None,
     progress: bool = True,
+    clock: PhaseClock | None = None,
     statistics: ModelStatistics | None = None,
     held_out_compressible: bool = False,
 ) -> Calibration:
@@ -301,15 +330,19 @@ def calibrate_from_kv(
     prefills, and mix corpus domains). held_out is the KV the error tables and ratios are measured on:
     a prefill's whole cache (sinks and window are dropped here), or, with held_out_compressible,
     tokens already chosen (mixed_held_out)."""
+    clock = clock or PhaseClock(progress)
     cfg = config or CodecConfig()
     shape = ModelShape(info.n_layers, info.n_kv_heads, info.key_head_dim, info.value_head_dim)  # type: ignore[attr-defined]
     rope: RotaryParams = info.rope  # type: ignore[attr-defined]
-    accs = fit_kvs if isinstance(fit_kvs, dict) else accumulate(fit_kvs, cfg, rope, shape)
+    with clock.phase("prefill + covariances"):
+        accs = fit_kvs if isinstance(fit_kvs, dict) else accumulate_covariances(fit_kvs, cfg, rope, shape)
     metric = metric_weights(accs, cfg, shape, rope, statistics)
-    bases = bases_from_accumulators(accs, cfg, shape, metric, progress)
+    with clock.phase("eigendecomposition"):
+        bases = finalize_bases(accs, cfg, shape, progress, metric)
     val_kv = held_out if held_out_compressible else compressible(held_out, cfg)
     factors = None if metric is None else {n: f for n, (_, f) in metric.items()}
-    tables = error_tables(bases, val_kv, cfg, rope, shape.n_layers, factors)
+    with clock.phase("error tables"):
+        tables = error_tables(bases, val_kv, cfg, rope, shape.n_layers, factors)
     cal = Calibration(
         model_fingerprint=info.fingerprint,  # type: ignore[attr-defined]
         model_name=info.name,  # type: ignore[attr-defined]
@@ -318,17 +351,17 @@ def calibrate_from_kv(
         config=cfg,
         bases=bases,
         error_tables=tables,
-        provenance={
-            **(provenance or {}),
-            "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "code_version": kvbm_codec.__version__,
-        },
+        provenance={**(provenance or {}), "code_version": kvbm_codec.__version__},
         calibration_id="0" * 16,
     )
-    for target in tqdm(targets, desc="calibration: bit allocation", disable=not progress):
-        cal.allocations[allocation_name(target)] = allocate_for_ratio(
-            tables, target, cfg.scale_bits, lambda a: measure_ratio(cal, a, val_kv)
-        )
+    probe = RatioProbe(cal, val_kv)
+    with clock.phase("bit allocation"):
+        for target in tqdm(targets, desc="calibration: bit allocation", disable=not progress):
+            cal.allocations[allocation_name(target)] = allocate_for_ratio(
+                tables, target, cfg.scale_bits, probe.measure
+            )
+    cal.provenance["created"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    cal.provenance["phase_seconds"] = clock.rounded()
     return cal
 
 
@@ -338,3 +371,46 @@ def measure_ratio(cal: Calibration, alloc: Allocation, kv: KVCache) -> float:
 
     data = KVTCCodec(cal, alloc).encode(kv, raw_mask=torch.zeros(kv.n_tokens, dtype=torch.bool))
     return kv.nbytes(2) / len(data)
+
+
+class _ProjectedBasis:
+    """A basis whose projection of one fixed feature matrix is already computed: `project` selects the
+    active components' columns instead of multiplying again. Only the encoder's `project` is used."""
+
+    def __init__(self, basis: PCABasis, features: torch.Tensor) -> None:
+        self._n = features.shape[0]
+        self._coeffs = basis.project(features)
+
+    def project(self, x: torch.Tensor, components: torch.Tensor | None = None) -> torch.Tensor:
+        if x.shape[0] != self._n:
+            raise ValueError("a RatioProbe only encodes the KV it was built for")
+        return self._coeffs if components is None else self._coeffs[:, components]
+
+
+class RatioProbe:
+    """Measures the ratio of many allocations on the same held-out KV, as the bisection does ~12 times
+    per target: the real encoder (quantization, packing, DEFLATE, header), with each basis's full
+    projection done once instead of once per allocation (a third of the encode time)."""
+
+    def __init__(self, cal: Calibration, kv: KVCache) -> None:
+        self.cal, self.kv = cal, kv
+        keys = undo_rope(kv.keys, kv.positions, cal.rope) if cal.config.undo_rope else kv.keys
+        self._bases: dict[str, _ProjectedBasis] = {}
+        for gi, (a, b) in enumerate(cal.config.layer_groups(cal.shape.n_layers)):
+            for kind, x in (("k", keys[a:b]), ("v", kv.values[a:b])):
+                name = cal.basis_name(gi, kind)
+                self._bases[name] = _ProjectedBasis(cal.bases[name], _features(x.to(torch.float32)))
+
+    def measure(self, alloc: Allocation) -> float:
+        from kvbm_codec.codec.kvtc import KVTCCodec
+
+        bases = self._bases
+
+        class _Codec(KVTCCodec):
+            def _basis(self, name: str, device: torch.device) -> PCABasis:
+                return bases[name]  # type: ignore[return-value]
+
+        data = _Codec(self.cal, alloc).encode(
+            self.kv, raw_mask=torch.zeros(self.kv.n_tokens, dtype=torch.bool)
+        )
+        return self.kv.nbytes(2) / len(data)

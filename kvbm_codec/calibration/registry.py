@@ -31,10 +31,11 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import kvbm_codec
-from kvbm_codec.calibration.artifact import Calibration, CalibrationIntegrityError
+from kvbm_codec.calibration.artifact import CalibrationIntegrityError, load_calibration, save_calibration
 from kvbm_codec.calibration.backends import Backend, ProgressFn
 from kvbm_codec.calibration.backends.local import LocalBackend
 from kvbm_codec.codec.errors import CodecError, ModelMismatchError
+from kvbm_codec.codec.params import Calibration
 
 MANIFEST = "manifest.json"
 ARTIFACT = "calibration.safetensors"
@@ -361,7 +362,7 @@ class Registry:
         with tempfile.TemporaryDirectory(prefix="kvbm-codec-reg-") as d:
             p = Path(d) / ARTIFACT
             p.write_bytes(blobs[ARTIFACT])
-            cal = Calibration.load(p, expected_fingerprint=fp)  # content hash + model check
+            cal = load_calibration(p, expected_fingerprint=fp)  # content hash + model check
         if cal.calibration_id != cid:
             raise CalibrationIntegrityError(f"artifact is calibration {cal.calibration_id}", where=where)
         if json.loads(blobs[ALLOCATIONS]) != _allocations_doc(cal) or json.loads(
@@ -429,7 +430,7 @@ class Registry:
         fp = _check_name("model fingerprint", cal.model_fingerprint)
         with tempfile.TemporaryDirectory(prefix="kvbm-codec-pub-") as d:
             p = Path(d) / ARTIFACT
-            cid = cal.save(p)  # also (re)computes the content-hash id
+            cid = save_calibration(cal, p)  # also (re)computes the content-hash id
             artifact = p.read_bytes()
         files = {
             ARTIFACT: artifact,

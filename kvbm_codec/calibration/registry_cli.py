@@ -14,7 +14,7 @@ from typing import Annotated, Any
 import typer
 from tqdm.auto import tqdm
 
-from kvbm_codec.calibration.artifact import Calibration
+from kvbm_codec.calibration.artifact import load_calibration
 from kvbm_codec.calibration.registry import (
     FileReferences,
     PublishResult,
@@ -23,6 +23,7 @@ from kvbm_codec.calibration.registry import (
     StaticReferences,
 )
 from kvbm_codec.codec.errors import CodecError
+from kvbm_codec.codec.params import Calibration
 
 registry_app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
@@ -32,6 +33,32 @@ RegistryOpt = Annotated[
 ]
 ModelArg = Annotated[str, typer.Argument(help="model fingerprint (see `registry list`)")]
 RefArg = Annotated[str, typer.Argument(help="'latest', a version number, or a calibration id")]
+
+
+def _open(url: str | None) -> Registry:
+    """The registry to read, refusing a URL that cannot be one (a typo would otherwise read as empty)."""
+    import os
+    import re
+
+    from kvbm_codec.cli_errors import OperatorError
+
+    raw = url if url is not None else os.environ.get("KVBM_CODEC_REGISTRY", "")
+    if raw.startswith("s3://"):
+        if not raw[len("s3://") :].split("/", 1)[0]:
+            raise OperatorError(f"registry URL {raw!r} names no bucket", "use s3://bucket/prefix")
+        return Registry.from_url(raw)
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:/", raw) and not raw.startswith("file://"):
+        raise OperatorError(
+            f"registry URL {raw!r} is not s3://bucket/prefix, file:///dir or a directory",
+            "check the scheme (s3:// has two slashes)",
+        )
+    reg = Registry.from_url(raw or None)
+    root = Path(raw[len("file://") :] if raw.startswith("file://") else raw) if raw else None
+    if root is not None and not root.is_dir():
+        raise OperatorError(
+            f"registry directory {root} does not exist", "check --registry / $KVBM_CODEC_REGISTRY for a typo"
+        )
+    return reg
 
 
 def _fail(e: CodecError) -> typer.Exit:
@@ -67,7 +94,7 @@ def list_cmd(
     registry: RegistryOpt = None,
 ) -> None:
     """One JSON line per version: id, date, whether it is latest, whether its entry still exists."""
-    reg = Registry.from_url(registry)
+    reg = _open(registry)
     try:
         for fp in [model] if model else reg.models():
             latest = reg.latest(fp)
@@ -97,7 +124,7 @@ def list_cmd(
 @registry_app.command()
 def show(model: ModelArg, ref: RefArg = "latest", registry: RegistryOpt = None) -> None:
     """Print an entry's version record and manifest (the manifest's own checksum is verified)."""
-    reg = Registry.from_url(registry)
+    reg = _open(registry)
     try:
         rec = reg.record(model, ref)
         m = reg.manifest(model, rec.calibration_id)
@@ -113,7 +140,7 @@ def verify(
     registry: RegistryOpt = None,
 ) -> None:
     """Re-check every file checksum, artifact hash and model fingerprint; exit 2 if anything fails."""
-    reg = Registry.from_url(registry)
+    reg = _open(registry)
     bad = 0
     try:
         fps = [model] if model else reg.models()
@@ -149,7 +176,7 @@ def publish(
 ) -> None:
     """Publish an existing calibration file as a new version (idempotent for an id already there)."""
     try:
-        r = publish_calibration(Calibration.load(artifact), registry, promote=promote)
+        r = publish_calibration(load_calibration(artifact), registry, promote=promote)
     except CodecError as e:
         raise _fail(e) from e
     typer.echo(json.dumps(r.__dict__))
@@ -159,7 +186,7 @@ def publish(
 def promote(model: ModelArg, ref: RefArg, registry: RegistryOpt = None) -> None:
     """Move latest to a version (new or older: this is also the rollback); the entry is verified first."""
     try:
-        ptr = Registry.from_url(registry).promote(model, int(ref) if ref.isdigit() and len(ref) < 16 else ref)
+        ptr = _open(registry).promote(model, int(ref) if ref.isdigit() and len(ref) < 16 else ref)
     except CodecError as e:
         raise _fail(e) from e
     typer.echo(json.dumps(ptr.__dict__))
@@ -184,7 +211,7 @@ def gc(
         raise typer.Exit(2)
     refs: ReferenceSource = FileReferences(referenced_ids) if referenced_ids else StaticReferences(())
     try:
-        report = Registry.from_url(registry).gc(
+        report = _open(registry).gc(
             refs, retention_days=retention_days, fingerprint=model, dry_run=dry_run
         )
     except CodecError as e:

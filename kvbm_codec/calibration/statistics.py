@@ -35,14 +35,25 @@ from kvbm_codec.codec.pca import CovarianceAccumulator
 class ModelStatistics:
     """Running sums (float64) over calibration tokens; additive across prefills and corpus domains."""
 
-    query_pair_sum: torch.Tensor  # [L, Hq, d/2]: sum of q_i^2 + q_{i+d/2}^2 (rotate-half pairs)
+    query_sq_sum: torch.Tensor  # [L, Hq, d]: sum of q_i^2 per query dim (pre-RoPE)
     residual_sum: torch.Tensor  # [L]: sum of ||h||^2 / hidden of the residual entering each layer
     tokens: int
     o_proj_gram: torch.Tensor  # [L, Hq, dv, dv]: W_o^h^T W_o^h (weights, not a running sum)
 
     @property
-    def query_pair_energy(self) -> torch.Tensor:
-        return self.query_pair_sum / max(1, self.tokens)
+    def query_energy(self) -> torch.Tensor:
+        return self.query_sq_sum / max(1, self.tokens)
+
+    def key_weights(self, rotary_dim: int) -> torch.Tensor:
+        """[L, Hq, d]: the expected squared logit change per unit de-rotated key error in each dim.
+        RoPE rotates pair (i, i + r/2) of the first r = rotary_dim dims by a position-dependent angle
+        and preserves the pair's energy, so averaged over positions both dims of a pair weigh half
+        the pair's query energy; dims past r (partial rotary) pass through and weigh their own."""
+        e = self.query_energy.clone()
+        half = rotary_dim // 2
+        pair = (e[..., :half] + e[..., half:rotary_dim]) / 2
+        e[..., :half], e[..., half:rotary_dim] = pair, pair
+        return e
 
     @property
     def residual_energy(self) -> torch.Tensor:
@@ -50,7 +61,7 @@ class ModelStatistics:
 
     def merged(self, *others: ModelStatistics) -> ModelStatistics:
         return ModelStatistics(
-            self.query_pair_sum + sum(o.query_pair_sum for o in others),
+            self.query_sq_sum + sum(o.query_sq_sum for o in others),
             self.residual_sum + sum(o.residual_sum for o in others),
             self.tokens + sum(o.tokens for o in others),
             self.o_proj_gram,
@@ -77,9 +88,9 @@ def gather_statistics(model: torch.nn.Module, n_q_heads: int, head_dim: int) -> 
     """Hooks on every layer's q_proj (queries before RoPE: pair energies are rotation invariant) and
     on every decoder layer's input (the residual stream), accumulating while the block runs."""
     layers = _attention_modules(model)
-    n_layers, half = len(layers), head_dim // 2
+    n_layers = len(layers)
     stats = ModelStatistics(
-        torch.zeros(n_layers, n_q_heads, half, dtype=torch.float64),
+        torch.zeros(n_layers, n_q_heads, head_dim, dtype=torch.float64),
         torch.zeros(n_layers, dtype=torch.float64),
         0,
         o_proj_grams(model, n_q_heads),
@@ -89,7 +100,7 @@ def gather_statistics(model: torch.nn.Module, n_q_heads: int, head_dim: int) -> 
 
         def on_query(_m: torch.nn.Module, _inp: object, out: torch.Tensor, i: int = i) -> None:
             q = out.detach().reshape(-1, n_q_heads, head_dim).to(torch.float64)
-            stats.query_pair_sum[i] += (q[..., :half] ** 2 + q[..., half:] ** 2).sum(0)
+            stats.query_sq_sum[i] += (q**2).sum(0)
             if i == 0:
                 stats.tokens += q.shape[0]
 
@@ -114,6 +125,7 @@ def feature_weights(
     n_kv_heads: int,
     mode: str,
     attention_scaling: float = 1.0,
+    rotary_dim: int | None = None,
 ) -> dict[str, tuple[torch.Tensor, float]]:
     """Per basis name ("g{i}.k" / "g{i}.v"): (diagonal metric [layers*heads*dim], scale factor).
 
@@ -122,13 +134,13 @@ def feature_weights(
     for the ``attention`` mode, and is 1 for ``attention_shape``."""
     if mode not in ("attention", "attention_shape"):
         raise ValueError(f"no feature metric for distortion {mode!r}")
-    qe = stats.query_pair_energy  # [L, Hq, half]
+    dk = stats.query_sq_sum.shape[-1]
+    qe = stats.key_weights(dk if rotary_dim is None else rotary_dim)  # [L, Hq, d]
     n_q = qe.shape[1]
     if n_q % n_kv_heads:
         raise ValueError(f"{n_q} query heads do not share {n_kv_heads} KV heads evenly")
     share = n_q // n_kv_heads
     gram = stats.o_proj_gram  # [L, Hq, dv, dv]
-    dk = 2 * qe.shape[2]
     out: dict[str, tuple[torch.Tensor, float]] = {}
     for gi, (a, b) in enumerate(layer_groups):
         v_name, k_name = f"g{gi}.v", f"g{gi}.k"
@@ -144,9 +156,8 @@ def feature_weights(
                 c_v = v_cov[off : off + dv, off : off + dv]
                 key = torch.zeros(dk, dtype=torch.float64)
                 for h in heads:
-                    pair = qe[layer, h] / 2  # each of the pair's two dims gets half its energy
                     spread = float((gram[layer, h] * c_v).sum()) if mode == "attention" else 1.0
-                    key += torch.cat([pair, pair]) * spread
+                    key += qe[layer, h] * spread
                 kw.append(key * (attention_scaling**2 / dk if mode == "attention" else 1.0) * sens)
         for name, w in ((k_name, torch.cat(kw)), (v_name, torch.cat(vw))):
             _, cov = accumulators[name].covariance()

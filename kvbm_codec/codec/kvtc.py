@@ -14,12 +14,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from kvbm_codec.calibration.artifact import Calibration
+from kvbm_codec.api.blocks import DTYPES
 from kvbm_codec.codec import frame as fr
 from kvbm_codec.codec.allocation import Allocation
 from kvbm_codec.codec.deflate import DeflateBackend, select_backend
 from kvbm_codec.codec.errors import CalibrationMismatchError, FrameHeaderError, ModelMismatchError
-from kvbm_codec.codec.pca import PCABasis
+from kvbm_codec.codec.params import Calibration
+from kvbm_codec.codec.pca import PCABasis, from_features, to_features
 from kvbm_codec.codec.quantize import (
     active_components,
     decode_coefficients,
@@ -30,7 +31,6 @@ from kvbm_codec.codec.rope import apply_rope, undo_rope
 from kvbm_codec.kv import KVCache
 
 CODEC_NAME = "kvtc"
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 @dataclass
@@ -134,8 +134,8 @@ class KVTCCodec:
     ) -> tuple[bytes, EncodeStats]:
         """raw_mask [n_tokens] bool marks tokens stored uncompressed; default: sinks + recent window."""
         self._check_shape(kv)
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}")
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}")
         cfg = self.cal.config
         if raw_mask is None:
             wt = cfg.window_tokens if window_tokens is None else window_tokens
@@ -149,7 +149,7 @@ class KVTCCodec:
         if cfg.undo_rope:
             keys_c = undo_rope(keys_c, pos_c, self.cal.rope)
         values_c = kv.values[:, :, comp_idx].to(torch.float32)
-        out_dtype = _DTYPES[dtype]
+        out_dtype = DTYPES[dtype]
         sections: list[tuple[str, bytes]] = []
         raw_names = []
         for gi, (a, b) in enumerate(self.groups):
@@ -158,8 +158,7 @@ class KVTCCodec:
             lo, hi = a - kv.layer_start, b - kv.layer_start
             for kind, x in (("k", keys_c[lo:hi]), ("v", values_c[lo:hi])):
                 name = self.cal.basis_name(gi, kind)
-                # explicit width, not -1: a block stored all-raw has 0 compressed tokens
-                feats = x.permute(2, 0, 1, 3).reshape(x.shape[2], x.shape[0] * x.shape[1] * x.shape[3])
+                feats = to_features(x)  # a block stored all-raw has 0 compressed tokens
                 active = self._active[name].to(device)
                 coeffs = self._basis(name, device).project(feats, active)
                 codes, scales = encode_coefficients(coeffs, self.alloc.blocks[name])
@@ -237,7 +236,7 @@ class KVTCCodec:
         h = f.header
         n_raw = sum(length for _, length in h.raw_token_index)
         n_comp = h.n_tokens - n_raw
-        itemsize = _DTYPES[h.dtype].itemsize
+        itemsize = DTYPES[h.dtype].itemsize
         for gi, (a, b) in enumerate(self.groups):
             if a < h.layer_start or b > h.layer_end:
                 continue
@@ -273,7 +272,7 @@ class KVTCCodec:
         raw_idx = torch.nonzero(raw_mask).flatten()
         comp_idx = torch.nonzero(~raw_mask).flatten()
         pos_c = positions[comp_idx]
-        out_dtype = _DTYPES[h.dtype]
+        out_dtype = DTYPES[h.dtype]
         n_heads, dk, dv = h.n_kv_heads, h.key_head_dim, h.value_head_dim
         for gi, (a, b) in enumerate(self.groups):
             if a < h.layer_start or b > h.layer_end:
@@ -293,7 +292,7 @@ class KVTCCodec:
                 except ValueError as e:
                     raise FrameHeaderError(f"section {name}: {e}") from e
                 feats = self._basis(name, device).reconstruct(coeffs, active[name])
-                x = feats.reshape(-1, nl, n_heads, d).permute(1, 2, 0, 3)
+                x = from_features(feats, nl, n_heads, d)
                 if kind == "k" and self.cal.config.undo_rope:
                     x = apply_rope(x, pos_c, self.cal.rope)
                 dst[:, :, comp_idx] = x.to(out_dtype)

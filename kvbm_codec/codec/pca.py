@@ -8,7 +8,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+
+
+def to_features(x: torch.Tensor) -> torch.Tensor:
+    """``[layers, heads, tokens, dim]`` -> ``[tokens, layers*heads*dim]``: one PCA sample per token.
+
+    The one definition of the feature layout that calibration fits and the codec projects; the width is
+    explicit so a group with no compressed tokens still has the basis' width."""
+    return x.permute(2, 0, 1, 3).reshape(x.shape[2], x.shape[0] * x.shape[1] * x.shape[3])
+
+
+def from_features(feats: torch.Tensor, n_layers: int, n_heads: int, dim: int) -> torch.Tensor:
+    """Inverse of :func:`to_features`: ``[tokens, layers*heads*dim]`` -> ``[layers, heads, tokens, dim]``."""
+    return feats.reshape(-1, n_layers, n_heads, dim).permute(1, 2, 0, 3)
 
 
 class CovarianceAccumulator:
@@ -113,10 +127,13 @@ def top_eigenpairs(cov: torch.Tensor, k: int, oversample: int = 128, iterations:
     Full eigh is O(p^3) and takes minutes at p = layers*heads*dim (5760 for SmolLM2) on a CPU; when
     k is well below p, randomized subspace iteration (Halko et al., as the KVTC paper's randomized
     SVD) with a final Rayleigh-Ritz step in float64 gives the same leading subspace for a fraction.
+    The full decomposition goes through numpy's LAPACK (OpenBLAS): torch's MKL build took 3-4x as
+    long on the same covariances on the AMD build machines (docs/benchmarks.md, calibration speed).
     """
     p = cov.shape[0]
     if k + oversample >= 0.75 * p:
-        return torch.linalg.eigh(cov)
+        evals, evecs = np.linalg.eigh(cov.to(torch.float64).numpy())
+        return torch.from_numpy(evals), torch.from_numpy(evecs)
     g = torch.Generator().manual_seed(0)
     c32 = cov.to(torch.float32)
     q, _ = torch.linalg.qr(c32 @ torch.randn(p, k + oversample, generator=g))

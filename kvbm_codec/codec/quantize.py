@@ -68,9 +68,14 @@ def packed_size(count: int, bits: int) -> int:
 
 def quantize_groups(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [T, n, g] -> codes uint8 [T, n, g], shift fp16 [T, n], scale fp16 [T, n]."""
+    return _quantize_in_range(x, x.amin(-1), x.amax(-1), bits)
+
+
+def _quantize_in_range(
+    x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """quantize_groups given each group's min/max, so the error tables can reuse them across widths."""
     levels = (1 << bits) - 1
-    lo = x.amin(-1)
-    hi = x.amax(-1)
     shift = lo.to(torch.float16)
     scale = ((hi - shift.to(torch.float32)) / levels).to(torch.float16)
     s32 = scale.to(torch.float32)
@@ -171,8 +176,10 @@ def block_error_table(
         x = coeffs[:, : nblk * g].reshape(n_tokens, nblk, g).to(torch.float32)
         table = np.empty((max_bits + 1, nblk), dtype=np.float64)
         table[0] = (x.to(torch.float64) ** 2).sum(-1).mean(0).numpy()
+        # min/max are the same for every width: computed once, the quantizer itself is unchanged.
+        lo, hi = x.amin(-1), x.amax(-1)
         for bits in range(1, max_bits + 1):
-            codes, shift, scale = quantize_groups(x, bits)
+            codes, shift, scale = _quantize_in_range(x, lo, hi, bits)
             err = (dequantize_groups(codes, shift, scale) - x).to(torch.float64) ** 2
             table[bits] = err.sum(-1).mean(0).numpy()
         tables[g] = table

@@ -3,7 +3,8 @@
 RoPE rotates each key by a position-dependent angle, which smears the low-rank structure PCA relies
 on; undoing it (an exact, orthonormal operation) is what lets one basis serve every position.
 The parameters are stored in the calibration artifact so decoding needs no model code.
-Convention: HF "rotate_half" (pairs (i, i + d/2)), as Llama, Mistral, Qwen use.
+Convention: HF "rotate_half" (pairs (i, i + d/2)), as Llama, Mistral, Qwen use. With partial rotary
+(Phi, StableLM) only the first `head_dim` = 2 * len(inv_freq) dims of a key rotate; the rest pass through.
 """
 
 from __future__ import annotations
@@ -36,16 +37,30 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
 
 
+def _split(keys: torch.Tensor, rope: RotaryParams) -> tuple[torch.Tensor, torch.Tensor | None]:
+    rot = rope.head_dim
+    if keys.shape[-1] < rot:
+        raise ValueError(f"keys have {keys.shape[-1]} dims, RoPE rotates {rot}")
+    if keys.shape[-1] == rot:
+        return keys.to(torch.float32), None
+    return keys[..., :rot].to(torch.float32), keys[..., rot:]
+
+
+def _join(rotated: torch.Tensor, rest: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    out = rotated if rest is None else torch.cat([rotated, rest.to(torch.float32)], dim=-1)
+    return out.to(dtype)
+
+
 def apply_rope(keys: torch.Tensor, positions: torch.Tensor, rope: RotaryParams) -> torch.Tensor:
     """keys [..., n_tokens, head_dim] without RoPE -> with RoPE."""
     cos, sin = (t.to(torch.float32) for t in rope.cos_sin(positions))
-    k = keys.to(torch.float32)
-    return (k * cos + _rotate_half(k) * sin).to(keys.dtype)
+    k, rest = _split(keys, rope)
+    return _join(k * cos + _rotate_half(k) * sin, rest, keys.dtype)
 
 
 def undo_rope(keys: torch.Tensor, positions: torch.Tensor, rope: RotaryParams) -> torch.Tensor:
     """keys [..., n_tokens, head_dim] with RoPE -> without (rotation by the negative angle)."""
     cos, sin = (t.to(torch.float32) for t in rope.cos_sin(positions))
     scale2 = rope.attention_scaling**2
-    k = keys.to(torch.float32)
-    return ((k * cos - _rotate_half(k) * sin) / scale2).to(keys.dtype)
+    k, rest = _split(keys, rope)
+    return _join((k * cos - _rotate_half(k) * sin) / scale2, rest, keys.dtype)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from kvbm_codec.calibration.artifact import Calibration
 from kvbm_codec.codec.kvtc import KVTCCodec, default_raw_mask
+from kvbm_codec.codec.params import Calibration
 from kvbm_codec.eval.metrics import kl_divergence_mean, perplexity, top1_agreement
 from kvbm_codec.kv import KVCache
 

@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,14 +22,19 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
+from kvbm_codec.api.types import DEFAULT_MODEL
 from kvbm_codec.codec.rope import RotaryParams
 from kvbm_codec.kv import KVCache
 from kvbm_codec.models.fingerprint import decoder_layers, model_fingerprint
-from kvbm_codec.models.registry import DEFAULT_MODEL, ModelSource, cache_root, resolve_model
+from kvbm_codec.models.registry import ModelSource, cache_root, resolve_model
 
-# Architectures whose attention is plain MHA/GQA with HF rotate_half RoPE applied to k_proj's output, and
-# whose decoder layers sit at model.model.layers[i].self_attn.{k,v}_proj. Others may work but are unchecked.
-SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+# Architectures whose attention is plain MHA/GQA/MQA with HF rotate_half RoPE applied to k_proj's output
+# (after a per-head key norm where the model has one: Qwen3, StableLM's qk_layernorm), and whose decoder
+# layers sit at model.model.layers[i].self_attn.{k,v}_proj. Others may work but are unchecked.
+SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi", "stablelm"})
+# Models whose partial rotary rotates the first 2 * len(inv_freq) dims of each head and passes the rest
+# through (GPT-NeoX convention), which is what codec.rope does with a short inv_freq.
+PARTIAL_ROPE_MODEL_TYPES = frozenset({"phi", "stablelm"})
 # RoPE variants whose inv_freq is fixed at load; "dynamic"/"longrope" change it with sequence length,
 # so a RotaryParams captured once would be wrong for long inputs.
 STATIC_ROPE_TYPES = frozenset({"default", "linear", "llama3", "yarn"})
@@ -55,30 +60,85 @@ class ModelInfo:
     vocab_size: int
 
 
+def _layer_list(layers: Sequence[int], n_layers: int) -> str:
+    """'all 24 layers' or 'layers 0, 6, 12' (the first 8, then a count), for error messages."""
+    if len(layers) == n_layers:
+        return f"all {n_layers} layers"
+    shown = ", ".join(str(i) for i in layers[:8])
+    more = f", ... ({len(layers)} of {n_layers})" if len(layers) > 8 else ""
+    return f"layer{'s' if len(layers) > 1 else ''} {shown}{more}"
+
+
+def _layer_type_problems(config: Any, n_layers: int) -> list[str]:
+    """Layers whose attention differs from full causal attention, named by layer.
+
+    The codec's KV layout is one [layers, heads, tokens, dim] tensor: a sliding-window layer's cache
+    holds only its window (fewer tokens than the full layers), a chunked layer's only its chunk, so
+    such a model cannot be stored without per-layer token sets; refused rather than coded wrong.
+    """
+    layer_types = list(getattr(config, "layer_types", None) or [])
+    problems: list[str] = []
+    for kind in sorted({t for t in layer_types if t != "full_attention"}):
+        idx = [i for i, t in enumerate(layer_types) if t == kind]
+        where = _layer_list(idx, n_layers)
+        if kind == "sliding_attention":
+            window = getattr(config, "sliding_window", None)
+            problems.append(
+                f"sliding-window attention (layer type 'sliding_attention', window {window}) in {where}: "
+                "their cache holds only the window"
+            )
+        elif kind == "chunked_attention":
+            problems.append(f"chunked attention (layer type 'chunked_attention') in {where}")
+        else:
+            problems.append(f"layer type {kind!r} in {where} (only 'full_attention' is supported)")
+    # With layer_types present, they alone say which layers slide (Qwen2 keeps sliding_window set even
+    # when max_window_layers leaves every layer full); without them, a set window applies everywhere.
+    window = getattr(config, "sliding_window", None)
+    if window is not None and getattr(config, "use_sliding_window", True) and not layer_types:
+        problems.append(
+            f"sliding-window attention (sliding_window={window}) in "
+            f"{_layer_list(range(n_layers), n_layers)}: their cache holds only the window"
+        )
+    return problems
+
+
+def _rope_problems(config: Any, n_layers: int) -> list[str]:
+    rope = getattr(config, "rope_parameters", None) or {}
+    if not isinstance(rope, dict):
+        return [f"rope_parameters of type {type(rope).__name__}"]
+    problems: list[str] = []
+    per_type = {k: v for k, v in rope.items() if isinstance(v, dict)}
+    if per_type:
+        # {layer type: rope params}: each kind of layer rotates keys with its own base (Gemma 3).
+        layer_types = list(getattr(config, "layer_types", None) or [])
+        parts = []
+        for kind, params in sorted(per_type.items()):
+            idx = [i for i, t in enumerate(layer_types) if t == kind]
+            parts.append(f"rope_theta {params.get('rope_theta')} for {kind} ({_layer_list(idx, n_layers)})")
+        problems.append("per-layer RoPE base: " + "; ".join(parts))
+        return problems
+    rope_type = rope.get("rope_type", "default")
+    if rope_type not in STATIC_ROPE_TYPES:
+        problems.append(f"rope_type {rope_type!r} (supported: {', '.join(sorted(STATIC_ROPE_TYPES))})")
+    partial = rope.get("partial_rotary_factor") or getattr(config, "partial_rotary_factor", None) or 1.0
+    if partial != 1.0 and getattr(config, "model_type", None) not in PARTIAL_ROPE_MODEL_TYPES:
+        problems.append(
+            f"partial rotary dims (partial_rotary_factor={partial}) in "
+            f"{_layer_list(range(n_layers), n_layers)} "
+            f"(supported for {', '.join(sorted(PARTIAL_ROPE_MODEL_TYPES))})"
+        )
+    return problems
+
+
 def unsupported_features(config: Any) -> list[str]:
     """Every reason the config is outside what the codec handles, so one error can name them all."""
     problems: list[str] = []
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         problems.append(f"model_type {model_type!r} (supported: {', '.join(sorted(SUPPORTED_MODEL_TYPES))})")
-    layer_types = getattr(config, "layer_types", None) or []
-    other_layers = sorted({t for t in layer_types if t != "full_attention"})
-    if other_layers:
-        problems.append(f"layer_types {other_layers} (only 'full_attention' is supported)")
-    # With layer_types present, they alone say which layers slide (Qwen2 keeps sliding_window set even
-    # when max_window_layers leaves every layer full); without them, a set window applies everywhere.
-    window = getattr(config, "sliding_window", None)
-    if window is not None and getattr(config, "use_sliding_window", True) and not layer_types:
-        problems.append(f"sliding_window={window} (sliding-window attention)")
-    rope = getattr(config, "rope_parameters", None) or {}
-    rope_type = rope.get("rope_type", "default") if isinstance(rope, dict) else "per-layer-type"
-    if rope_type not in STATIC_ROPE_TYPES:
-        problems.append(f"rope_type {rope_type!r} (supported: {', '.join(sorted(STATIC_ROPE_TYPES))})")
-    partial = (rope.get("partial_rotary_factor") if isinstance(rope, dict) else None) or getattr(
-        config, "partial_rotary_factor", 1.0
-    )
-    if partial not in (None, 1.0, 1):
-        problems.append(f"partial_rotary_factor={partial} (partial RoPE)")
+    n_layers = int(getattr(config, "num_hidden_layers", 0) or 0)
+    problems += _layer_type_problems(config, n_layers)
+    problems += _rope_problems(config, n_layers)
     if getattr(config, "is_encoder_decoder", False):
         problems.append("encoder-decoder architecture")
     return problems
@@ -104,6 +164,30 @@ def rotary_params(model: torch.nn.Module) -> RotaryParams:
     )
 
 
+def _attention_problems(layers: torch.nn.ModuleList, n_kv_heads: int) -> list[str]:
+    """Checks on the modules themselves: per-layer widths and per-layer rotary modules, which a config
+    may not announce, must agree with the one shape and one RotaryParams a calibration stores."""
+    problems: list[str] = []
+    attn0 = layers[0].self_attn
+    widths0 = (attn0.k_proj.out_features, attn0.v_proj.out_features)
+    odd = [
+        i
+        for i, layer in enumerate(layers)
+        if (layer.self_attn.k_proj.out_features, layer.self_attn.v_proj.out_features) != widths0
+    ]
+    if odd:
+        problems.append(
+            f"per-layer head dims: {_layer_list(odd, len(layers))} differ from layer 0's k/v widths "
+            f"{widths0} ({n_kv_heads} KV heads)"
+        )
+    own_rope = [
+        i for i, layer in enumerate(layers) if getattr(layer.self_attn, "rotary_emb", None) is not None
+    ]
+    if own_rope:
+        problems.append(f"per-layer RoPE modules in {_layer_list(own_rope, len(layers))}")
+    return problems
+
+
 def model_info(model: torch.nn.Module, name: str) -> ModelInfo:
     """Shapes are read off the projection weights, not the config, so GQA and k/v dims can't be misread."""
     config = model.config  # type: ignore[attr-defined]
@@ -111,12 +195,18 @@ def model_info(model: torch.nn.Module, name: str) -> ModelInfo:
     layers = decoder_layers(model)
     attn = layers[0].self_attn
     n_kv_heads = int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+    problems = _attention_problems(layers, n_kv_heads)
+    if problems:
+        raise UnsupportedModelError(f"unsupported model ({config.model_type}): " + "; ".join(problems))
     key_head_dim = attn.k_proj.out_features // n_kv_heads
     value_head_dim = attn.v_proj.out_features // n_kv_heads
     rope = rotary_params(model)
-    if rope.head_dim != key_head_dim:
+    partial_ok = config.model_type in PARTIAL_ROPE_MODEL_TYPES and 0 < rope.head_dim < key_head_dim
+    if rope.head_dim != key_head_dim and not partial_ok:
         raise UnsupportedModelError(
-            f"RoPE covers {rope.head_dim} of {key_head_dim} key dims (partial RoPE is unsupported)"
+            f"partial rotary dims: RoPE covers {rope.head_dim} of {key_head_dim} key dims in "
+            f"{_layer_list(range(len(layers)), len(layers))} (supported for "
+            f"{', '.join(sorted(PARTIAL_ROPE_MODEL_TYPES))})"
         )
     return ModelInfo(
         name=name,

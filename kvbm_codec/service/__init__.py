@@ -1,1 +1,1 @@
-"""The codec tier service: transport-agnostic core (core.py) and its front ends (gRPC, NIXL, S3)."""
+"""Service-wide settings and log format, read by every server-side package (config.py, logging.py)."""

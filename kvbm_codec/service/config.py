@@ -13,7 +13,7 @@ import contextvars
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -22,8 +22,10 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from kvbm_codec.api.types import DEFAULT_MODEL
+from kvbm_codec.service.sizes import ByteSize, OptionalByteSize
+
 ENV_PREFIX = "DYN_KVBM_CODEC_"
-DEFAULT_MODEL = "smollm2-135m"
 
 _config_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar("kvbm_codec_config", default=None)
 
@@ -63,13 +65,13 @@ class ModelConfig(_Section):
 class NixlConfig(_Section):
     enabled: bool = Field(True, description="Serve the NIXL data path (when the nixl library loads).")
     agent_name: str | None = Field(None, description="Server NIXL agent name; default kvbm-codec-<pid>.")
-    staging_bytes: int = Field(
+    staging_bytes: ByteSize = Field(
         256 << 20,
         gt=0,
         description="Registered host memory for NIXL transfers, split into `slot_bytes` slots; a request "
         "holds one slot, and is refused with a retry hint when none is free.",
     )
-    slot_bytes: int = Field(16 << 20, gt=0, description="Staging slot size; at least one raw block.")
+    slot_bytes: ByteSize = Field(16 << 20, gt=0, description="Staging slot size; at least one raw block.")
     transfer_timeout_s: float = Field(30.0, gt=0, description="Timeout of one NIXL READ/WRITE batch.")
 
 
@@ -99,6 +101,25 @@ class TlsConfig(_Section):
     require_client_cert: bool = Field(False, description="Refuse clients without a valid certificate.")
 
 
+class ProbesConfig(_Section):
+    port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="Plaintext HTTP port for /livez, /readyz and /prestop (kubelet probes; they work with "
+        "TLS on because they go through a loopback gRPC port); 0 picks a free one. None (the default "
+        "outside the image and chart, which use 9465) disables.",
+    )
+    stuck_after_s: float = Field(
+        60.0,
+        gt=0,
+        description="/livez fails when requests are in flight and none has finished for this long.",
+    )
+    check_timeout_s: float = Field(
+        2.0, gt=0, description="Deadline of the gRPC health call each probe makes through the server."
+    )
+
+
 class AuthConfig(_Section):
     mode: Literal["none", "token", "mtls"] = Field(
         "none", description="How a caller's tenant is established; `none` puts every caller in `tenant`."
@@ -126,7 +147,7 @@ class ServiceConfig(BaseSettings):
         description="Minimum gRPC handler threads; the server runs at least max_inflight_requests + 8 so "
         "that overload is refused by admission control (with a retry hint), not queued.",
     )
-    max_message_bytes: int = Field(
+    max_message_bytes: ByteSize = Field(
         64 << 20, gt=0, description="Largest gRPC message received or sent; larger ones are refused."
     )
     max_inflight_requests: int = Field(
@@ -146,7 +167,7 @@ class ServiceConfig(BaseSettings):
     models: list[ModelConfig] = Field(
         default_factory=lambda: [ModelConfig()], description="Models served (at least one)."
     )
-    memory_capacity_bytes: int = Field(
+    memory_capacity_bytes: ByteSize = Field(
         4 << 30,
         ge=0,
         description="Host-memory tier capacity (frames, not raw blocks). 0: no memory tier, every put "
@@ -156,7 +177,12 @@ class ServiceConfig(BaseSettings):
         "lru", description="Eviction order of the memory tier: least recently or least frequently used."
     )
     disk_path: Path | None = Field(None, description="Disk tier directory (None: no disk tier).")
-    disk_capacity_bytes: int = Field(64 << 30, gt=0, description="Disk tier capacity.")
+    disk_capacity_bytes: OptionalByteSize = Field(
+        None,
+        gt=0,
+        description="Disk tier capacity. None: 90% of the filesystem holding disk_path (in a pod, the "
+        "volume), so it follows the volume's size.",
+    )
     disk_fsync: bool = Field(
         True,
         description="fsync each disk-tier write and its directory (off: survives a process crash, "
@@ -173,6 +199,16 @@ class ServiceConfig(BaseSettings):
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Logging.")
     tls: TlsConfig = Field(default_factory=TlsConfig, description="TLS of the gRPC endpoint.")
     auth: AuthConfig = Field(default_factory=AuthConfig, description="Caller authentication.")
+    probes: ProbesConfig = Field(default_factory=ProbesConfig, description="Health probes.")
+
+    @model_validator(mode="after")
+    def _stuck_is_beyond_any_deadline(self) -> ServiceConfig:
+        if self.probes.port is not None and self.probes.stuck_after_s <= self.request_timeout_s:
+            raise ValueError(
+                f"probes.stuck_after_s ({self.probes.stuck_after_s:g}) must exceed request_timeout_s "
+                f"({self.request_timeout_s:g}): a request still within its deadline is not stuck"
+            )
+        return self
 
     @field_validator("models")
     @classmethod

@@ -7,10 +7,13 @@ never block bytes, tokens or credentials.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 
@@ -55,6 +58,52 @@ def configure(fmt: str = "json", level: str = "INFO") -> None:
     root.addHandler(handler)
     root.setLevel(level)
     root.propagate = False
+    _log_uncaught(root)
+
+
+def _log_uncaught(root: logging.Logger) -> None:
+    """Uncaught exceptions (main thread and any other) become log records: a JSON line in JSON mode,
+    so a log pipeline that parses every line keeps the crash instead of dropping a raw traceback."""
+
+    def main_hook(exc_type, exc, tb) -> None:  # type: ignore[no-untyped-def]
+        if issubclass(exc_type, KeyboardInterrupt):
+            sys.__excepthook__(exc_type, exc, tb)
+            return
+        root.critical("uncaught exception", exc_info=(exc_type, exc, tb))
+
+    def thread_hook(args: threading.ExceptHookArgs) -> None:
+        if args.exc_type is SystemExit:
+            return
+        root.error(
+            "uncaught exception in thread",
+            extra=fields(thread=args.thread.name if args.thread else None),
+            exc_info=(args.exc_type, args.exc_value, args.exc_traceback),  # type: ignore[arg-type]
+        )
+
+    sys.excepthook = main_hook
+    threading.excepthook = thread_hook
+
+
+@contextlib.contextmanager
+def heartbeat(log: logging.Logger, what: str, every_s: float = 30.0, **kw: Any) -> Iterator[None]:
+    """Log ``what`` at the start, every ``every_s`` while it runs, and at the end: a long silent step
+    (calibration at first start takes minutes) otherwise looks like a hung pod."""
+    t0 = time.monotonic()
+    done = threading.Event()
+    log.info(f"{what}: started", extra=fields(**kw))
+
+    def beat() -> None:
+        while not done.wait(every_s):
+            log.info(f"{what}: still running", extra=fields(seconds=round(time.monotonic() - t0), **kw))
+
+    t = threading.Thread(target=beat, name="kvbm-codec-heartbeat", daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        done.set()
+        t.join(1.0)
+        log.info(f"{what}: finished", extra=fields(seconds=round(time.monotonic() - t0, 1), **kw))
 
 
 def get_logger(name: str) -> logging.Logger:

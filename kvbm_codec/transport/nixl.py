@@ -48,7 +48,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -60,15 +60,11 @@ _MAX_REGION_BYTES = 1 << 62  # keeps addr + offset arithmetic inside int64 / uin
 
 
 class NixlError(Exception):
-    """Base of transport errors; ``grpc_status`` names the grpc.StatusCode a front end should use."""
-
-    grpc_status: ClassVar[str] = "INTERNAL"
+    """Base of transport errors; a front end maps each subclass to its protocol's status."""
 
 
 class NixlTransferError(NixlError):
     """nixl refused or failed a transfer (or loading a peer's metadata); carries the peer's name."""
-
-    grpc_status = "UNAVAILABLE"
 
     def __init__(self, peer: str, message: str) -> None:
         super().__init__(f"NIXL peer {peer!r}: {message}")
@@ -78,13 +74,9 @@ class NixlTransferError(NixlError):
 class NixlTimeoutError(NixlTransferError):
     """A transfer did not finish by its deadline; its handle was released (the transfer cancelled)."""
 
-    grpc_status = "DEADLINE_EXCEEDED"
-
 
 class NixlClosedError(NixlError):
     """The agent or registration was closed; no transfer was started."""
-
-    grpc_status = "UNAVAILABLE"
 
 
 @dataclass(frozen=True)

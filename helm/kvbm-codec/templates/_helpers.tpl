@@ -49,13 +49,20 @@ app.kubernetes.io/component: kv-cache-tier
 {{- end -}}
 
 {{/*
-The service config as written into the ConfigMap: .Values.config with the paths this chart mounts
-filled in (disk tier on the PVC, TLS and token secrets).
+The service config as written into the ConfigMap: .Values.config with what this chart manages filled in:
+the disk tier on the PVC (capacity 90% of the volume unless set), TLS files, the auth mode and token file.
+Only paths reach the ConfigMap; secrets stay in Secrets mounted as files.
 */}}
 {{- define "kvbm-codec.config" -}}
 {{- $cfg := deepCopy .Values.config -}}
-{{- if and .Values.persistence.enabled (not $cfg.disk_path) -}}
+{{- if .Values.persistence.enabled -}}
+{{- if not $cfg.disk_path -}}
 {{- $_ := set $cfg "disk_path" (printf "%s/disk" .Values.persistence.mountPath) -}}
+{{- end -}}
+{{- if kindIs "invalid" $cfg.disk_capacity_bytes -}}
+{{- $size := include "kvbm-codec.bytes" (dict "v" .Values.persistence.size "name" "persistence.size") | int64 -}}
+{{- $_ := set $cfg "disk_capacity_bytes" (div (mul $size 9) 10) -}}
+{{- end -}}
 {{- end -}}
 {{- if .Values.tls.secretName -}}
 {{- $tls := $cfg.tls -}}
@@ -70,6 +77,21 @@ filled in (disk tier on the PVC, TLS and token secrets).
 {{- if .Values.auth.tokenSecret.name -}}
 {{- $_ := set $cfg.auth "mode" "token" -}}
 {{- $_ := set $cfg.auth "tokens_file" (printf "%s/tokens" (include "kvbm-codec.authDir" .)) -}}
+{{- else if and .Values.tls.secretName .Values.tls.requireClientCert -}}
+{{- $_ := set $cfg.auth "mode" "mtls" -}}
 {{- end -}}
 {{- toYaml $cfg -}}
+{{- end -}}
+
+{{/* Pod labels: selector labels, Dynamo's metrics labels, user labels. */}}
+{{- define "kvbm-codec.podLabels" -}}
+{{ include "kvbm-codec.labels" . }}
+{{- if .Values.dynamoLabels.enabled }}
+nvidia.com/metrics-enabled: "true"
+nvidia.com/dynamo-namespace: {{ .Values.config.dynamo.namespace | quote }}
+nvidia.com/dynamo-component: {{ .Values.config.dynamo.component | quote }}
+{{- end }}
+{{- with .Values.podLabels }}
+{{ toYaml . }}
+{{- end }}
 {{- end -}}

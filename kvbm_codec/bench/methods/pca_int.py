@@ -20,13 +20,10 @@ from kvbm_codec.bench.base import NOMINAL_HEADER_BYTES, BenchContext, Compressed
 from kvbm_codec.calibration.calibrate import compressible, token_sequences
 from kvbm_codec.codec.config import CodecConfig
 from kvbm_codec.codec.kvtc import default_raw_mask
-from kvbm_codec.codec.pca import CovarianceAccumulator, PCABasis
-from kvbm_codec.eval.texts import calibration_texts
+from kvbm_codec.codec.params import basis_name
+from kvbm_codec.codec.pca import CovarianceAccumulator, PCABasis, from_features, to_features
 from kvbm_codec.kv import KVCache
-
-
-def _features(x: torch.Tensor) -> torch.Tensor:
-    return x.permute(2, 0, 1, 3).reshape(x.shape[2], -1)
+from kvbm_codec.texts import calibration_texts
 
 
 def fit_post_rope_bases(lm: object, cfg: CodecConfig, sequences: int, seq_len: int) -> dict[str, PCABasis]:
@@ -38,8 +35,8 @@ def fit_post_rope_bases(lm: object, cfg: CodecConfig, sequences: int, seq_len: i
         kv = compressible(kv, cfg)
         for gi, (a, b) in enumerate(cfg.layer_groups(kv.n_layers)):
             for kind, x in (("k", kv.keys[a:b]), ("v", kv.values[a:b])):
-                f = _features(x)
-                accs.setdefault(f"g{gi}.{kind}", CovarianceAccumulator(f.shape[1])).add(f)
+                f = to_features(x)
+                accs.setdefault(basis_name(gi, kind), CovarianceAccumulator(f.shape[1])).add(f)
     return {name: acc.finalize(acc.dim) for name, acc in accs.items()}
 
 
@@ -105,10 +102,10 @@ class PCAUniform(KVMethod):
         stored = NOMINAL_HEADER_BYTES + int(raw.sum()) * (kv.nbytes(2) // kv.n_tokens)
         for gi, (a, b) in enumerate(cfg.layer_groups(kv.n_layers)):
             for kind, x in (("k", kv.keys[a:b]), ("v", kv.values[a:b])):
-                name = f"g{gi}.{kind}"
+                name = basis_name(gi, kind)
                 basis = bases[name]
                 r = self.rank(basis.dim)
-                coeffs = basis.project(_features(x[:, :, comp].float()), torch.arange(r))
+                coeffs = basis.project(to_features(x[:, :, comp].float()), torch.arange(r))
                 scale = (coeffs.abs().amax(1, keepdim=True) / qmax).clamp_min(1e-8).half().float()
                 codes = (coeffs / scale).round().clamp(-qmax, qmax).to(torch.int8)
                 blocks[name] = (codes, scale, r, x.shape)
@@ -122,11 +119,11 @@ class PCAUniform(KVMethod):
         keys, values = [], []
         for gi in range(len(blocks) // 2):
             for kind, out in (("k", keys), ("v", values)):
-                codes, scale, r, shape = blocks[f"g{gi}.{kind}"]
-                feats = bases[f"g{gi}.{kind}"].reconstruct(codes.float() * scale, torch.arange(r))
+                codes, scale, r, shape = blocks[basis_name(gi, kind)]
+                feats = bases[basis_name(gi, kind)].reconstruct(codes.float() * scale, torch.arange(r))
                 nl, nh, _, d = shape
                 full = torch.empty(nl, nh, pos.shape[0], d)
-                full[:, :, comp] = feats.reshape(-1, nl, nh, d).permute(1, 2, 0, 3)
+                full[:, :, comp] = from_features(feats, nl, nh, d)
                 out.append(full)
         k, v = torch.cat(keys), torch.cat(values)
         idx = torch.nonzero(raw).flatten()

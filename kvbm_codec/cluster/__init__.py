@@ -1,0 +1,1 @@
+"""Many replicas as one tier: Dynamo discovery and client-side sharding."""

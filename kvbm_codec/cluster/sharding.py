@@ -1,0 +1,308 @@
+"""Client-side sharding of blocks over service replicas: a consistent hash ring keyed by sequence hash.
+
+Each replica owns the arcs of the ring before its virtual nodes, so adding or removing one replica moves
+only the blocks it gains or loses (about 1/N of them), and every client with the same membership routes a
+block to the same replica with no coordination. The tier is a cache: a replica that dies takes its
+blocks with it, and the client reports them as misses (the engine recomputes), never as errors and never
+as another replica's data.
+
+Membership comes from a :class:`Membership` source (``kvbm_codec.cluster.discovery.DynamoDiscovery`` in
+production, a fixed map in tests). A replica that fails a call with a transport error (UNAVAILABLE,
+connection refused, deadline) is marked dead at once and left off the ring until discovery stops listing
+it (its Dynamo lease lapses) or ``dead_retry_s`` passes; puts that failed are re-routed to the new owner.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Protocol, TypeVar
+
+import xxhash
+
+from kvbm_codec.api.errors import ServiceError, ShuttingDownError
+from kvbm_codec.api.types import BlockTransport, GetResult, PutItem, PutResult
+from kvbm_codec.service.logging import fields, get_logger
+
+log = get_logger(__name__)
+T = TypeVar("T")
+DEFAULT_VNODES = 160
+MAX_PUT_ROUNDS = 8
+
+
+class NoReplicaError(ServiceError):
+    """No live replica is known: nothing can be stored (reads are misses)."""
+
+    code = "no_replica"
+
+
+def _point(data: bytes) -> int:
+    return xxhash.xxh3_64_intdigest(data)
+
+
+class HashRing:
+    """Consistent hashing with ``vnodes`` virtual nodes per member.
+
+    Keys are re-hashed before lookup: KVBM sequence hashes are already uniform, but a caller's own keys
+    (tests, sequential ids) may not be.
+    """
+
+    def __init__(self, nodes: Iterable[str] = (), vnodes: int = DEFAULT_VNODES) -> None:
+        if vnodes <= 0:
+            raise ValueError("vnodes must be positive")
+        self.vnodes = vnodes
+        self._nodes: set[str] = set()
+        self._points: list[int] = []
+        self._owners: list[str] = []
+        for n in nodes:
+            self.add(n)
+
+    @property
+    def nodes(self) -> frozenset[str]:
+        return frozenset(self._nodes)
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+    def _rebuild(self) -> None:
+        pts = sorted((_point(f"{n}#{i}".encode()), n) for n in self._nodes for i in range(self.vnodes))
+        self._points = [p for p, _ in pts]
+        self._owners = [n for _, n in pts]
+
+    def add(self, node: str) -> None:
+        if node not in self._nodes:
+            self._nodes.add(node)
+            self._rebuild()
+
+    def remove(self, node: str) -> None:
+        if node in self._nodes:
+            self._nodes.discard(node)
+            self._rebuild()
+
+    def set_nodes(self, nodes: Iterable[str]) -> bool:
+        """Replace the membership; True if it changed."""
+        new = set(nodes)
+        if new == self._nodes:
+            return False
+        self._nodes = new
+        self._rebuild()
+        return True
+
+    def owner(self, key: int) -> str:
+        if not self._points:
+            raise NoReplicaError("the ring is empty: no live replica")
+        h = _point(struct.pack("<Q", key % 2**64))
+        i = bisect.bisect_right(self._points, h)
+        return self._owners[i % len(self._owners)]
+
+
+class Membership(Protocol):
+    """Live replicas: key -> something with a ``grpc_target`` (e.g. discovery's ``Member``)."""
+
+    def members(self) -> Mapping[str, Any]: ...
+
+
+class StaticMembership:
+    """A fixed set of replicas (no discovery): ``{key: grpc_target}``."""
+
+    def __init__(self, targets: Mapping[str, str]) -> None:
+        self.targets = dict(targets)
+
+    def members(self) -> dict[str, str]:
+        return dict(self.targets)
+
+
+def is_replica_failure(e: BaseException) -> bool:
+    """Errors that mean "this replica is gone", as opposed to refusals a live replica made on purpose
+    (overload, bad input), which are the caller's to see."""
+    if isinstance(e, ShuttingDownError | ConnectionError):
+        return True
+    status = getattr(e, "status", None)
+    if status is None and callable(getattr(e, "code", None)):  # a raw grpc.RpcError
+        try:
+            status = e.code()  # type: ignore[attr-defined]
+        except Exception:
+            return False
+    return getattr(status, "name", None) in ("UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED")
+
+
+class ShardedClient:
+    """A :class:`BlockTransport` over many replicas: each block goes to its ring owner.
+
+    ``connect(key, member)`` makes the transport for one replica (e.g. a ``CodecClient`` with the
+    tenant and model bound); transports are cached per replica and closed when it leaves.
+    """
+
+    def __init__(
+        self,
+        membership: Membership,
+        connect: Callable[[str, Any], BlockTransport],
+        *,
+        vnodes: int = DEFAULT_VNODES,
+        refresh_interval_s: float = 5.0,
+        dead_retry_s: float = 30.0,
+        failure: Callable[[BaseException], bool] = is_replica_failure,
+    ) -> None:
+        self.membership = membership
+        self.connect = connect
+        self.refresh_interval_s = refresh_interval_s
+        self.dead_retry_s = dead_retry_s
+        self.failure = failure
+        self.ring = HashRing(vnodes=vnodes)
+        self._members: dict[str, Any] = {}
+        self._transports: dict[str, BlockTransport] = {}
+        self._dead: dict[str, float] = {}  # key -> monotonic time it was marked dead
+        self._refreshed = -float("inf")
+        self._lock = threading.RLock()
+        self.failovers = 0
+
+    # ---- membership -----------------------------------------------------------------------------
+
+    def refresh(self) -> frozenset[str]:
+        """Re-read membership now; returns the live replicas on the ring."""
+        found = dict(self.membership.members())
+        now = time.monotonic()
+        with self._lock:
+            for k in list(self._dead):
+                if k not in found or now - self._dead[k] > self.dead_retry_s:
+                    del self._dead[k]
+            live = {k: m for k, m in found.items() if k not in self._dead}
+            for k in set(self._transports) - set(live):
+                self._close(k)
+            self._members = live
+            if self.ring.set_nodes(live):
+                log.info("replica set changed", extra=fields(replicas=sorted(live)))
+            self._refreshed = now
+            return self.ring.nodes
+
+    def _maybe_refresh(self) -> None:
+        if time.monotonic() - self._refreshed >= self.refresh_interval_s or not len(self.ring):
+            self.refresh()
+
+    def mark_dead(self, key: str, error: BaseException | None = None) -> None:
+        with self._lock:
+            self._dead[key] = time.monotonic()
+            self._close(key)
+            self.ring.remove(key)
+            self._members.pop(key, None)
+        self.failovers += 1
+        log.warning("replica marked dead", extra=fields(replica=key, error=str(error)[:200]))
+        self.refresh()
+
+    def _close(self, key: str) -> None:
+        t = self._transports.pop(key, None)
+        close = getattr(t, "close", None)
+        if callable(close):
+            with contextlib.suppress(Exception):
+                close()
+
+    def _transport(self, key: str) -> BlockTransport:
+        with self._lock:
+            t = self._transports.get(key)
+            if t is None:
+                t = self.connect(key, self._members[key])
+                self._transports[key] = t
+            return t
+
+    @property
+    def replicas(self) -> frozenset[str]:
+        return self.ring.nodes
+
+    def owner(self, sequence_hash: int) -> str:
+        self._maybe_refresh()
+        with self._lock:
+            return self.ring.owner(sequence_hash)
+
+    def _group(self, keys: Sequence[int]) -> dict[str, list[int]]:
+        """Request indices by owning replica (raises NoReplicaError on an empty ring)."""
+        self._maybe_refresh()
+        groups: dict[str, list[int]] = {}
+        with self._lock:
+            for i, h in enumerate(keys):
+                groups.setdefault(self.ring.owner(h), []).append(i)
+        return groups
+
+    def _on_replica(self, key: str, fn: Callable[[BlockTransport], T]) -> tuple[bool, T | None]:
+        """(ok, result); a replica failure marks it dead and returns (False, None)."""
+        try:
+            return True, fn(self._transport(key))
+        except Exception as e:
+            if not self.failure(e):
+                raise
+            self.mark_dead(key, e)
+            return False, None
+
+    # ---- BlockTransport -------------------------------------------------------------------------
+
+    def put_blocks(self, items: Sequence[PutItem]) -> list[PutResult]:
+        """Each block to its owner; blocks whose owner died are re-routed once the ring has changed.
+
+        Bounded: every retry round removes at least one replica, and there are at most MAX_PUT_ROUNDS.
+        """
+        results: dict[int, PutResult] = {}
+        pending = list(range(len(items)))
+        for _round in range(MAX_PUT_ROUNDS):
+            if not pending:
+                break
+            try:
+                groups = self._group([items[i].sequence_hash for i in pending])
+            except NoReplicaError:
+                raise NoReplicaError(f"{len(pending)} blocks not stored: no live replica") from None
+            failed: list[int] = []
+            for key, idx in groups.items():
+                sub = [pending[j] for j in idx]
+                ok, res = self._on_replica(key, lambda t, sub=sub: t.put_blocks([items[i] for i in sub]))
+                if ok and res is not None:
+                    results.update(zip(sub, res, strict=True))
+                else:
+                    failed += sub
+            pending = failed
+        if pending:
+            raise NoReplicaError(f"{len(pending)} blocks not stored: replicas kept failing")
+        return [results[i] for i in range(len(items))]
+
+    def get_blocks(self, hashes: Sequence[int]) -> list[GetResult]:
+        """Hits from live owners; a dead owner's blocks are misses (they died with it)."""
+        out: list[GetResult | None] = [None] * len(hashes)
+        try:
+            groups = self._group(hashes)
+        except NoReplicaError:
+            return [GetResult(h, "miss") for h in hashes]
+        for key, idx in groups.items():
+            ok, res = self._on_replica(key, lambda t, idx=idx: t.get_blocks([hashes[i] for i in idx]))
+            for j, i in enumerate(idx):
+                out[i] = res[j] if ok and res is not None else GetResult(hashes[i], "miss")
+        return [r if r is not None else GetResult(h, "miss") for r, h in zip(out, hashes, strict=True)]
+
+    def contains(self, hashes: Sequence[int]) -> list[bool]:
+        out = [False] * len(hashes)
+        try:
+            groups = self._group(hashes)
+        except NoReplicaError:
+            return out
+        for key, idx in groups.items():
+            ok, res = self._on_replica(key, lambda t, idx=idx: t.contains([hashes[i] for i in idx]))
+            if ok and res is not None:
+                for j, i in enumerate(idx):
+                    out[i] = bool(res[j])
+        return out
+
+    def delete(self, hashes: Sequence[int]) -> int:
+        try:
+            groups = self._group(hashes)
+        except NoReplicaError:
+            return 0
+        n = 0
+        for key, idx in groups.items():
+            ok, res = self._on_replica(key, lambda t, idx=idx: t.delete([hashes[i] for i in idx]))
+            n += int(res or 0) if ok else 0
+        return n
+
+    def close(self) -> None:
+        with self._lock:
+            for k in list(self._transports):
+                self._close(k)

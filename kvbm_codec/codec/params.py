@@ -1,0 +1,73 @@
+"""A calibration's parameters in memory: what the codec needs besides the frame.
+
+The codec reads these; ``kvbm_codec.calibration`` makes them (from a model) and stores them (the
+checked artifact file, the registry), so the codec never depends on how they were made or kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvbm_codec.codec.allocation import Allocation, ErrorTable
+from kvbm_codec.codec.config import CodecConfig
+from kvbm_codec.codec.pca import PCABasis
+from kvbm_codec.codec.rope import RotaryParams
+
+
+@dataclass
+class ModelShape:
+    n_layers: int
+    n_kv_heads: int
+    key_head_dim: int
+    value_head_dim: int
+
+
+def basis_name(group: int, kind: str) -> str:
+    """The key of layer group ``group``'s key (``kind="k"``) or value (``"v"``) basis: ``g{i}.k``."""
+    if kind not in ("k", "v"):
+        raise ValueError(f"basis kind must be 'k' or 'v', got {kind!r}")
+    return f"g{group}.{kind}"
+
+
+@dataclass
+class Calibration:
+    model_fingerprint: str
+    model_name: str
+    shape: ModelShape
+    rope: RotaryParams
+    config: CodecConfig
+    bases: dict[str, PCABasis]  # basis_name(i, "k") / basis_name(i, "v")
+    error_tables: dict[str, ErrorTable]
+    allocations: dict[str, Allocation] = field(default_factory=dict)  # "cr20" -> Allocation
+    provenance: dict[str, Any] = field(default_factory=dict)
+    calibration_id: str = ""  # sha256 prefix of the artifact's content, set when saved or loaded
+
+    def basis_name(self, group: int, kind: str) -> str:
+        return basis_name(group, kind)
+
+    def allocation(self, name_or_ratio: str | float) -> Allocation:
+        name = name_or_ratio if isinstance(name_or_ratio, str) else allocation_name(name_or_ratio)
+        if name not in self.allocations:
+            raise KeyError(
+                f"calibration {self.calibration_id} has no allocation {name!r}; "
+                f"available: {sorted(self.allocations, key=_ratio_of)}"
+            )
+        return self.allocations[name]
+
+    def allocation_by_id(self, allocation_id: str) -> Allocation | None:
+        for a in self.allocations.values():
+            if a.allocation_id == allocation_id:
+                return a
+        return None
+
+
+def allocation_name(ratio: float) -> str:
+    return f"cr{ratio:g}"
+
+
+def _ratio_of(name: str) -> float:
+    try:
+        return float(name.removeprefix("cr"))
+    except ValueError:
+        return float("inf")

@@ -1,0 +1,1 @@
+"""The transport-agnostic core: BlockService (admission, codec per served model, store, metrics)."""

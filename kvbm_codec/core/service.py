@@ -1,0 +1,365 @@
+"""The service's core, independent of any transport: put/get/contains/delete of KVBM blocks.
+
+gRPC, NIXL and S3 front ends all call this and only this. It owns admission control (a bounded number
+of requests in flight, refused with a retry hint beyond it), the codec per served model (encode with
+the current calibration, decode with whichever calibration a stored frame names), the store, and the
+metrics. It knows blocks and frames, not PCA.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from kvbm_codec.api.blocks import BlockSpec, InvalidBlockError, block_positions
+from kvbm_codec.api.codecs import BlockCodec, UnknownCodecError, get_codec
+from kvbm_codec.api.errors import (
+    CapacityError,
+    CorruptBlockError,
+    IncompatibleFrameError,
+    InvalidBlockRequestError,
+    InvalidRequestError,
+    OverloadedError,
+    RequestTooLargeError,
+    ShuttingDownError,
+    UnknownModelError,
+)
+from kvbm_codec.api.types import GetResult, PutItem, PutResult
+from kvbm_codec.codec import block as _builtin_codecs  # noqa: F401  (registers "kvtc")
+from kvbm_codec.codec import frame as fr
+from kvbm_codec.codec.errors import FrameChecksumError, FrameError, FrameSizeError
+from kvbm_codec.codec.params import Calibration
+from kvbm_codec.core.metrics import ServiceMetrics
+from kvbm_codec.store.base import BlockKey, BlockStore, BlockTooLargeError, StoreFullError
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_inflight_requests: int = 64
+    max_blocks_per_request: int = 256
+    max_frame_bytes: int = 8 << 20
+    retry_after_s: float = 0.05
+
+
+class ServedModel:
+    """One model the service compresses for: its block spec, target ratio, codec and calibrations.
+
+    ``codec`` names the registered block codec that encodes new blocks; a stored frame is decoded by
+    the codec its header names. ``lookup`` fetches an older calibration by id (from the registry) so
+    frames written before a calibration upgrade still decode; without it only the current
+    calibration's frames do.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        calibration: Calibration,
+        spec: BlockSpec,
+        target_cr: float,
+        lookup: Callable[[str], Calibration | None] | None = None,
+        *,
+        codec: str = "kvtc",
+    ) -> None:
+        self.name = name
+        self.fingerprint = calibration.model_fingerprint
+        self.spec = spec
+        self.target_cr = target_cr
+        self.calibration = calibration
+        self.codec_name = codec
+        self.encoder: BlockCodec = get_codec(codec)(calibration, spec, target_cr)
+        self._lookup = lookup
+        self._decoders: dict[tuple[str, str], BlockCodec] = {
+            (codec, calibration.calibration_id): self.encoder
+        }
+        self._lock = threading.Lock()
+
+    def decoder_for(self, calibration_id: str, codec: str | None = None) -> BlockCodec:
+        """The codec for a frame written by ``codec`` (default: this model's) with ``calibration_id``."""
+        key = (codec or self.codec_name, calibration_id)
+        with self._lock:
+            dec = self._decoders.get(key)
+        if dec is not None:
+            return dec
+        try:
+            factory = get_codec(key[0])
+        except UnknownCodecError as e:
+            raise IncompatibleFrameError(f"frame was written by codec {key[0]!r}, not served here") from e
+        if calibration_id == self.calibration.calibration_id:
+            cal: Calibration | None = self.calibration
+        else:
+            cal = self._lookup(calibration_id) if self._lookup else None
+        if cal is None or cal.model_fingerprint != self.fingerprint:
+            raise IncompatibleFrameError(
+                f"frame needs calibration {calibration_id} of model {self.name}, "
+                "which this service cannot load"
+            )
+        dec = factory(cal, self.spec, self.target_cr)  # decode follows the frame's allocation
+        with self._lock:
+            self._decoders[key] = dec
+        return dec
+
+
+@dataclass
+class _Admission:
+    limit: int
+    inflight: int = 0
+    closed: bool = False
+    lock: threading.Condition = field(default_factory=threading.Condition)
+
+
+class BlockService:
+    def __init__(
+        self,
+        models: Sequence[ServedModel],
+        store: BlockStore,
+        *,
+        limits: Limits | None = None,
+        metrics: ServiceMetrics | None = None,
+    ) -> None:
+        self.limits = limits or Limits()
+        self.store = store
+        self.metrics = metrics or ServiceMetrics()
+        self._models: dict[str, ServedModel] = {}
+        for m in models:
+            self._models[m.fingerprint] = m
+            self._models[m.name] = m
+            self.metrics.calibration_info.labels(model=m.name).info(
+                {
+                    **m.encoder.describe(),
+                    "target_cr": f"{m.target_cr:g}",
+                }
+            )
+        self.metrics.watch_tiers(store.stats)
+        self._adm = _Admission(self.limits.max_inflight_requests)
+
+    # ---- admission ------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def request(self, method: str) -> Iterator[None]:
+        """Admit one request or refuse it at once (never queue unboundedly); time and count it."""
+        a = self._adm
+        with a.lock:
+            if a.closed:
+                self.metrics.refused.labels(reason=ShuttingDownError.code).inc()
+                raise ShuttingDownError("service is draining; retry on another replica")
+            if a.inflight >= a.limit:
+                self.metrics.refused.labels(reason=OverloadedError.code).inc()
+                raise OverloadedError(
+                    f"{a.inflight} requests in flight (limit {a.limit})",
+                    retry_after_s=self.limits.retry_after_s,
+                )
+            a.inflight += 1
+        self.metrics.inflight.inc()
+        t0 = time.perf_counter()
+        code = "ok"
+        try:
+            yield
+        except Exception as e:
+            code = getattr(e, "code", "internal")
+            if code not in ("ok",) and not isinstance(e, OverloadedError | ShuttingDownError):
+                self.metrics.refused.labels(reason=code).inc()
+            raise
+        finally:
+            self.metrics.request_seconds.labels(method=method).observe(time.perf_counter() - t0)
+            self.metrics.requests.labels(method=method, code=code).inc()
+            self.metrics.inflight.dec()
+            with a.lock:
+                a.inflight -= 1
+                a.lock.notify_all()
+
+    def drain(self, timeout_s: float) -> bool:
+        """Stop admitting, wait for in-flight requests; True if all finished in time."""
+        a = self._adm
+        deadline = time.monotonic() + timeout_s
+        with a.lock:
+            a.closed = True
+            while a.inflight:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                a.lock.wait(left)
+        return True
+
+    # ---- model lookup ---------------------------------------------------------------------------
+
+    def model(self, name_or_fingerprint: str) -> ServedModel:
+        m = self._models.get(name_or_fingerprint)
+        if m is None:
+            names = sorted({m.name for m in self._models.values()})
+            raise UnknownModelError(f"model {name_or_fingerprint!r} is not served here (served: {names})")
+        return m
+
+    def models(self) -> list[ServedModel]:
+        return list({id(m): m for m in self._models.values()}.values())
+
+    def _check_count(self, n: int) -> None:
+        if n > self.limits.max_blocks_per_request:
+            raise RequestTooLargeError(
+                f"{n} blocks in one request; limit is {self.limits.max_blocks_per_request}"
+            )
+
+    # ---- operations -----------------------------------------------------------------------------
+
+    def put_blocks(self, tenant: str, model: str, items: Sequence[PutItem]) -> list[PutResult]:
+        """All-or-nothing validation: every item is encoded (or checked) before any is stored."""
+        m = self.model(model)
+        self._check_count(len(items))
+        prepared: list[tuple[BlockKey, bytes, int]] = []
+        for it in items:
+            key = self._key(tenant, m, it.sequence_hash)
+            frame = self._check_frame(m, it.data) if it.is_frame else self._encode(m, it)
+            prepared.append((key, frame, m.spec.nbytes))
+        results = []
+        for key, frame, raw in prepared:
+            try:
+                self.store.put(key, frame)
+            except StoreFullError as e:
+                raise CapacityError(str(e), retry_after_s=1.0) from e
+            except BlockTooLargeError as e:
+                raise RequestTooLargeError(str(e)) from e
+            self.metrics.blocks_put.labels(model=m.name).inc()
+            self.metrics.stored_bytes.labels(model=m.name).inc(len(frame))
+            self.metrics.compression_ratio.labels(model=m.name).observe(raw / len(frame))
+            results.append(PutResult(key.sequence_hash, len(frame), raw))
+        return results
+
+    def get_blocks(
+        self, tenant: str, model: str, hashes: Sequence[int], *, as_frames: bool = False
+    ) -> list[GetResult]:
+        m = self.model(model)
+        self._check_count(len(hashes))
+        out = []
+        for h in hashes:
+            key = self._key(tenant, m, h)
+            frame = self.store.get(key)
+            if frame is None:
+                self.metrics.block_lookups.labels(model=m.name, result="miss").inc()
+                out.append(GetResult(h, "miss"))
+                continue
+            try:
+                f = fr.read_frame(frame, max_frame_bytes=self.limits.max_frame_bytes)
+                dec = m.decoder_for(f.header.calibration_id, f.header.codec)
+                if as_frames:
+                    f.verify()
+                    hd = f.header  # served undecoded, so hold it to what a put of a frame must meet
+                    if (hd.layer_start, hd.layer_end, hd.n_tokens, hd.dtype) != (
+                        0,
+                        m.spec.n_layers,
+                        m.spec.page_size,
+                        m.spec.dtype,
+                    ):
+                        raise InvalidBlockError(f"stored frame is not one whole block of {m.spec}")
+                    data, positions = frame, tuple(fr.runs_to_positions(f.header.positions).tolist())
+                else:
+                    t0 = time.perf_counter()
+                    block, pos = dec.decode(frame)
+                    self.metrics.restore_seconds.labels(model=m.name).observe(time.perf_counter() - t0)
+                    data, positions = m.spec.to_bytes(block), tuple(pos.tolist())
+                    self.metrics.raw_bytes.labels(model=m.name, direction="out").inc(len(data))
+            except (FrameError, InvalidBlockError) as e:
+                # A stored frame that fails its checks is dropped: serving it would be wrong KV.
+                self.store.delete(key)
+                source = "store" if isinstance(e, FrameChecksumError) else "store_format"
+                self.metrics.checksum_failures.labels(source=source).inc()
+                self.metrics.block_lookups.labels(model=m.name, result="corrupt").inc()
+                out.append(GetResult(h, "corrupt"))
+                continue
+            self.metrics.block_lookups.labels(model=m.name, result="hit").inc()
+            out.append(GetResult(h, "hit", data, positions))
+        return out
+
+    def contains(self, tenant: str, model: str, hashes: Sequence[int]) -> list[bool]:
+        m = self.model(model)
+        self._check_count(len(hashes))
+        return [self.store.contains(self._key(tenant, m, h)) for h in hashes]
+
+    def delete(self, tenant: str, model: str, hashes: Sequence[int]) -> int:
+        m = self.model(model)
+        self._check_count(len(hashes))
+        n = sum(self.store.delete(self._key(tenant, m, h)) for h in hashes)
+        self.metrics.blocks_deleted.labels(model=m.name).inc(n)
+        return n
+
+    # ---- helpers --------------------------------------------------------------------------------
+
+    @staticmethod
+    def _key(tenant: str, m: ServedModel, sequence_hash: int) -> BlockKey:
+        try:
+            return BlockKey(tenant, m.fingerprint, sequence_hash)
+        except ValueError as e:
+            raise InvalidRequestError(str(e)) from e
+
+    def _encode(self, m: ServedModel, it: PutItem) -> bytes:
+        try:
+            block = m.spec.from_bytes(it.data)
+            positions = (
+                it.positions
+                if it.positions is not None
+                else block_positions(it.first_position, m.spec.page_size)
+            )
+            if not torch.isfinite(block).all():
+                raise InvalidBlockError("block holds NaN or Inf values")
+            t0 = time.perf_counter()
+            frame, _ = m.encoder.encode(block, positions, compress=it.compress)
+        except InvalidBlockError as e:
+            raise InvalidBlockRequestError(f"block {it.sequence_hash:#x}: {e}") from e
+        if len(frame) > self.limits.max_frame_bytes:  # else stored, then refused by every get
+            raise RequestTooLargeError(
+                f"block {it.sequence_hash:#x} encodes to {len(frame)} bytes, "
+                f"limit {self.limits.max_frame_bytes}"
+            )
+        self.metrics.encode_seconds.labels(model=m.name).observe(time.perf_counter() - t0)
+        self.metrics.raw_bytes.labels(model=m.name, direction="in").inc(len(it.data))
+        return frame
+
+    def _check_frame(self, m: ServedModel, data: bytes | memoryview) -> bytes:
+        """A client-compressed frame is stored only if it is intact and a whole block of this model."""
+        try:
+            f = fr.read_frame(data, max_frame_bytes=self.limits.max_frame_bytes)
+            f.verify()
+        except FrameSizeError as e:  # too big is a limit, not damage: no checksum-failure count
+            raise RequestTooLargeError(f"submitted frame refused: {e}") from e
+        except FrameError as e:
+            self.metrics.checksum_failures.labels(source="request").inc()
+            raise CorruptBlockError(f"submitted frame refused: {e}") from e
+        h = f.header
+        if h.model_fingerprint != m.fingerprint:
+            raise IncompatibleFrameError(f"frame is for model {h.model_fingerprint}, not {m.fingerprint}")
+        m.decoder_for(h.calibration_id, h.codec)
+        if (h.layer_start, h.layer_end, h.n_tokens) != (0, m.spec.n_layers, m.spec.page_size):
+            raise InvalidBlockRequestError(
+                f"frame covers layers [{h.layer_start}, {h.layer_end}) x {h.n_tokens} tokens, "
+                f"not one whole block ({m.spec.n_layers} layers x {m.spec.page_size} tokens)"
+            )
+        if h.dtype != m.spec.dtype:
+            raise InvalidBlockRequestError(f"frame dtype {h.dtype} is not the served {m.spec.dtype}")
+        return bytes(data)
+
+
+class ServiceTransport:
+    """The in-process :class:`BlockService` as a ``BlockTransport``, through its admission control
+    like every front end."""
+
+    def __init__(self, service: BlockService, tenant: str, model: str) -> None:
+        self.service, self.tenant, self.model = service, tenant, model
+
+    def put_blocks(self, items: Sequence[PutItem]) -> list[PutResult]:
+        with self.service.request("put"):
+            return self.service.put_blocks(self.tenant, self.model, items)
+
+    def get_blocks(self, hashes: Sequence[int]) -> list[GetResult]:
+        with self.service.request("get"):
+            return self.service.get_blocks(self.tenant, self.model, hashes)
+
+    def contains(self, hashes: Sequence[int]) -> list[bool]:
+        with self.service.request("contains"):
+            return self.service.contains(self.tenant, self.model, hashes)
+
+    def delete(self, hashes: Sequence[int]) -> int:
+        with self.service.request("delete"):
+            return self.service.delete(self.tenant, self.model, hashes)

@@ -1,0 +1,1 @@
+"""End-to-end demonstrations, not library code: the codec on a conversation, KVBM offload via a server."""

@@ -1,0 +1,195 @@
+"""The README's main job: start the service with its embedded defaults, then offload a real conversation's
+KV cache to it as KVBM blocks, drop it, onboard it back (gRPC bytes path and NIXL path) and continue the
+conversation from the restored cache, against the uncompressed run.
+
+The service runs as a separate process (`kvbm-codec serve`), exactly as an operator starts it, and is
+stopped with SIGTERM at the end (it drains and exits 0). Everything talks over 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kvbm_codec.adapters.kvbm import KvbmTierClient, concat_tokens, kv_to_kvbm, kvbm_to_kv
+from kvbm_codec.api.types import DEFAULT_MODEL
+from kvbm_codec.eval.continuation import compare_continuation, describe
+from kvbm_codec.texts import demo_conversation
+
+STARTUP_TIMEOUT_S = 600.0  # first start may load the GGUF model and calibrate (minutes on 2 cores)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ServiceProcess:
+    """`kvbm-codec serve` in a child process with explicit lifetime: start, wait healthy, SIGTERM."""
+
+    def __init__(self, target_cr: float, log_path: Path, model: str = DEFAULT_MODEL) -> None:
+        self.port, self.metrics_port = _free_port(), _free_port()
+        env = dict(os.environ)
+        env.update(
+            {
+                "DYN_KVBM_CODEC_HOST": "127.0.0.1",
+                "DYN_KVBM_CODEC_GRPC_PORT": str(self.port),
+                "DYN_KVBM_CODEC_METRICS_PORT": str(self.metrics_port),
+                "DYN_KVBM_CODEC_LOGGING__FORMAT": "text",
+                "DYN_KVBM_CODEC_MODELS": json.dumps([{"name": model, "target_cr": target_cr}]),
+            }
+        )
+        self.log_path = log_path
+        self._log = log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "kvbm_codec", "serve"], env=env, stdout=self._log, stderr=subprocess.STDOUT
+        )
+        self.target = f"127.0.0.1:{self.port}"
+
+    def wait_healthy(self, client: Any, timeout_s: float = STARTUP_TIMEOUT_S) -> float:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout_s:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"service exited with {self.proc.returncode}; log: {self.log_path}")
+            try:
+                if client.health() == "SERVING":
+                    return time.monotonic() - t0
+            except Exception:  # not listening yet
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"service not SERVING after {timeout_s:.0f} s; log: {self.log_path}")
+
+    def metrics(self) -> dict[str, float]:
+        """Unlabelled sums of the service's own counters, read from its real /metrics endpoint."""
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10).read()
+        out: dict[str, float] = {}
+        for line in text.decode().splitlines():
+            if line.startswith("#") or " " not in line:
+                continue
+            name, value = line.rsplit(" ", 1)
+            base = name.split("{", 1)[0]
+            out[base] = out.get(base, 0.0) + float(value)
+        return out
+
+    def stop(self, timeout_s: float = 60.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._log.close()
+        return int(self.proc.returncode)
+
+
+def run_service_demo(
+    lm: Any, target_cr: float = 20.0, answer_tokens: int = 48, say: Callable[[str], None] = print
+) -> dict[str, Any]:
+    from kvbm_codec.frontends.grpc.client import CodecClient
+
+    prompt = demo_conversation(lm.tokenizer)
+    ids = lm.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    context, last = ids[:, :-1], ids[:, -1:]
+    say(f"conversation: {ids.shape[1]} tokens (a user shares the GPL v3 and asks about it)")
+
+    logdir = Path(tempfile.mkdtemp(prefix="kvbm-codec-demo-"))
+    svc = ServiceProcess(target_cr, logdir / "serve.log", model=lm.info.name)
+    client = CodecClient(svc.target, timeout_s=120.0)
+    try:
+        say(f"starting `kvbm-codec serve` on {svc.target} (metrics :{svc.metrics_port}, log {svc.log_path})")
+        up_s = svc.wait_healthy(client)
+        spec = client.spec()
+        say(f"service SERVING after {up_s:.1f} s; block = {spec.shape} {spec.dtype} ({spec.nbytes} B)")
+
+        t0 = time.perf_counter()
+        kv, _ = lm.prefill(context, return_logits=False)
+        prefill_s = time.perf_counter() - t0
+        say(f"prefill (what a cache miss costs): {prefill_s:.2f} s")
+
+        blocks, tail = kv_to_kvbm(kv, context[0], spec)
+        tier = KvbmTierClient(client, spec)
+        t0 = time.perf_counter()
+        report = tier.offload(blocks, context_tokens=kv.n_tokens)
+        offload_s = time.perf_counter() - t0
+        tail_n = 0 if tail is None else tail.n_tokens
+        say(
+            f"offloaded {blocks.n_blocks} KVBM blocks ({report.compressed} KVTC-compressed, {report.exact} "
+            f"in the recent window kept exact; {tail_n}-token partial block stays on the GPU): "
+            f"{report.raw_bytes / 1e6:.1f} MB -> {report.stored_bytes / 1e6:.2f} MB = {report.ratio:.1f}x "
+            f"in {offload_s:.2f} s"
+        )
+        hashes, firsts = list(blocks.sequence_hashes), list(blocks.first_positions)
+        del blocks  # dropped from "GPU": from here on the KV exists only in the service
+
+        t0 = time.perf_counter()
+        onboarded = tier.onboard(hashes, firsts)
+        onboard_s = time.perf_counter() - t0
+        if not onboarded.complete:
+            raise RuntimeError(f"{len(onboarded.misses)} blocks missing after offload")
+        say(f"onboard over gRPC: {onboarded.blocks.n_blocks} blocks in {onboard_s:.2f} s")
+
+        # The same blocks over NIXL: the service WRITEs them straight into our registered buffer.
+        agent = client.nixl_agent()
+        dest = torch.zeros((len(hashes), *spec.shape), dtype=spec.torch_dtype)
+        with agent.register(dest) as reg:
+            t0 = time.perf_counter()
+            got = client.get_blocks_nixl(reg, hashes, [i * spec.nbytes for i in range(len(hashes))])
+            nixl_s = time.perf_counter() - t0
+        same = all(r.status == "hit" for r in got) and torch.equal(dest, onboarded.blocks.canonical())
+        say(f"onboard over NIXL: {len(got)} blocks in {nixl_s:.2f} s, bit-identical to the gRPC path: {same}")
+        if not same:
+            raise RuntimeError("NIXL and gRPC onboard disagree")
+
+        restored = kvbm_to_kv(onboarded.blocks)
+        if tail is not None:
+            restored = concat_tokens(restored, tail)
+        restored = restored.to(torch.float32)
+        say(
+            f"restore (onboard + decode) is {prefill_s / onboard_s:.1f}x (gRPC) / {prefill_s / nixl_s:.1f}x "
+            f"(NIXL) faster than recomputing the prefill on this CPU"
+        )
+
+        c = compare_continuation(lm, kv, restored, last, answer_tokens)
+        for line in describe(c, "onboarded cache"):
+            say(line)
+        m = svc.metrics()
+        say(
+            f"service metrics: {m.get('kvbm_codec_blocks_put_total', 0):.0f} blocks put, "
+            f"{m.get('kvbm_codec_block_lookups_total', 0):.0f} lookups, "
+            f"{m.get('kvbm_codec_transfer_bytes_total', 0) / 1e6:.1f} MB moved (gRPC + NIXL)"
+        )
+    finally:
+        client.close()
+        code = svc.stop()
+    say(f"service stopped with SIGTERM: exit code {code} (0 = drained cleanly)")
+    return {
+        "context_tokens": int(kv.n_tokens),
+        "blocks": len(hashes),
+        "target_cr": target_cr,
+        "stored_ratio": report.ratio,
+        "prefill_s": prefill_s,
+        "offload_s": offload_s,
+        "onboard_grpc_s": onboard_s,
+        "onboard_nixl_s": nixl_s,
+        "restore_speedup_grpc": prefill_s / onboard_s,
+        "restore_speedup_nixl": prefill_s / nixl_s,
+        "answer_token_match": c.answer_token_match,
+        "top1_agreement": c.top1_agreement,
+        "ppl_baseline": c.ppl_reference,
+        "ppl_codec": c.ppl_restored,
+        "service_exit_code": code,
+    }

@@ -1,0 +1,1 @@
+"""The gRPC front end: server, client, and its TLS/token authentication."""
