@@ -26,7 +26,7 @@ import torch
 
 from kvbm_codec.calibration.artifact import load_calibration, save_calibration
 from kvbm_codec.calibration.calibrate import (
-    accumulate,
+    accumulate_covariances,
     calibrate_from_kv,
     compressible,
     mixed_held_out,
@@ -55,7 +55,7 @@ def build_state(lm: CausalLM, per_domain: int, docs_fit: int) -> dict:
         seqs = token_sequences(lm.tokenizer, texts, SEQ, fit_n + 6)
         t0 = time.perf_counter()
         with gather_statistics(lm.model, n_q, lm.info.key_head_dim) as stats:
-            accs = accumulate(
+            accs = accumulate_covariances(
                 (lm.prefill(s, return_logits=False)[0] for s in seqs[:fit_n]), cfg, lm.info.rope, _shape(lm)
             )
         held = lm.prefill(seqs[fit_n], return_logits=False)[0]
@@ -72,7 +72,7 @@ def build_state(lm: CausalLM, per_domain: int, docs_fit: int) -> dict:
 
 
 def _shape(lm: CausalLM):
-    from kvbm_codec.calibration.artifact import ModelShape
+    from kvbm_codec.codec.params import ModelShape
 
     i = lm.info
     return ModelShape(i.n_layers, i.n_kv_heads, i.key_head_dim, i.value_head_dim)
