@@ -101,7 +101,13 @@ def main() -> None:
         with ctxm:
             t = time.perf_counter()
             cal = calibrate_from_kv(
-                lm.info, fit, held, CodecConfig(), targets=DEFAULT_TARGETS, progress=False, clock=clock
+                lm.info,
+                fit,
+                held,
+                CodecConfig(distortion="mse"),
+                targets=DEFAULT_TARGETS,
+                progress=False,
+                clock=clock,
             )
             total = time.perf_counter() - t
         rows = []

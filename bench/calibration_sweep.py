@@ -76,7 +76,9 @@ def main() -> None:
             lm.info,
             fit,
             held,
-            CodecConfig(layer_group_size=g, key_weight=kw, normalize_heads=bool(norm), rank_cap=rank),
+            CodecConfig(
+                layer_group_size=g, key_weight=kw, normalize_heads=bool(norm), rank_cap=rank, distortion="mse"
+            ),
             targets=[float(t) for t in a.targets.split(",")],
             progress=False,
         )

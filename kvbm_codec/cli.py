@@ -51,7 +51,7 @@ def _load(model: str):
     return CausalLM.load(model)
 
 
-def _calibration(lm, calibration: Path | None, layer_group_size: int, fit_sequences: int):
+def _calibration(lm, calibration: Path | None, layer_group_size: int, fit_sequences: int | None):
     from kvbm_codec.calibration.artifact import load_calibration
     from kvbm_codec.calibration.cache import load_or_calibrate
 
@@ -74,7 +74,15 @@ def calibrate(
     layer_group_size: Annotated[
         int, typer.Option(help="layers per PCA basis")
     ] = CodecConfig().layer_group_size,
-    fit_sequences: Annotated[int, typer.Option(help="1024-token calibration sequences for the PCA")] = 16,
+    fit_sequences: Annotated[
+        int | None, typer.Option(help="1024-token calibration sequences for the PCA (default: the corpus')")
+    ] = None,
+    corpus: Annotated[
+        str, typer.Option(help="broad (six domains, the default) or pydoc (the old one)")
+    ] = "broad",
+    distortion: Annotated[
+        str, typer.Option(help="what the codec minimises: mse, attention, attention_shape")
+    ] = CodecConfig().distortion,
     registry: Annotated[
         str | None,
         typer.Option(help="also publish into this registry (directory or s3://bucket/prefix)"),
@@ -86,18 +94,22 @@ def calibrate(
 ) -> None:
     """Compute PCA bases, measured error tables and DP bit allocations for a model."""
     from kvbm_codec.calibration.artifact import save_calibration
-    from kvbm_codec.calibration.cache import load_or_calibrate
+    from kvbm_codec.calibration.cache import DEFAULT_FIT_SEQUENCES, corpus_texts, fit_plan, load_or_calibrate
     from kvbm_codec.calibration.calibrate import calibrate as run_calibration
-    from kvbm_codec.texts import calibration_texts
 
     lm = _load(model)
-    cfg = CodecConfig(layer_group_size=layer_group_size, undo_rope=undo_rope)
+    if corpus not in DEFAULT_FIT_SEQUENCES:
+        raise typer.BadParameter(f"--corpus must be one of {', '.join(DEFAULT_FIT_SEQUENCES)}")
+    try:
+        cfg = CodecConfig(layer_group_size=layer_group_size, undo_rope=undo_rope, distortion=distortion)  # type: ignore[arg-type]
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from e
+    fit = fit_sequences or DEFAULT_FIT_SEQUENCES[corpus]
     if out is None:
-        cal, path, _ = load_or_calibrate(lm, cfg, fit_sequences=fit_sequences)
+        cal, path, _ = load_or_calibrate(lm, cfg, corpus=corpus, fit_sequences=fit)
     else:
-        cal = run_calibration(
-            lm, calibration_texts(), cfg, fit_sequences=fit_sequences, text_source="pydoc_data.topics"
-        )
+        texts, corpus_name = corpus_texts(lm.tokenizer, corpus)
+        cal = run_calibration(lm, texts, cfg, fit_sequences=fit_plan(corpus, fit), text_source=corpus_name)
         save_calibration(cal, out)
         path = out
     if registry is not None:
@@ -130,7 +142,7 @@ def eval_cmd(
     save_frames: Annotated[Path | None, typer.Option(help="directory to write the frames into")] = None,
     calibration: Annotated[Path | None, typer.Option(help="calibration file (default: local cache)")] = None,
     layer_group_size: int = CodecConfig().layer_group_size,
-    fit_sequences: int = 16,
+    fit_sequences: int | None = None,
 ) -> None:
     """Compress a context's KV, continue teacher-forced, compare with the uncompressed model."""
     from kvbm_codec.eval.run import run_eval
@@ -160,7 +172,7 @@ def demo(
     model: ModelOpt = "smollm2-135m",
     target_cr: float = 20.0,
     layer_group_size: int = CodecConfig().layer_group_size,
-    fit_sequences: int = 16,
+    fit_sequences: int | None = None,
     codec_only: Annotated[
         bool, typer.Option(help="compress/restore in this process only, without starting the service")
     ] = False,
@@ -210,7 +222,7 @@ def demo(
             f"the service demo serves a registered model ({', '.join(registered_names())}); "
             "use --codec-only for other models"
         )
-    if layer_group_size != CodecConfig().layer_group_size or fit_sequences != 16:
+    if layer_group_size != CodecConfig().layer_group_size or fit_sequences is not None:
         raise typer.BadParameter("the service demo runs the embedded defaults; use --codec-only to vary them")
     from kvbm_codec.demos.offload import run_service_demo
 

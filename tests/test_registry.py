@@ -413,14 +413,14 @@ def test_load_or_calibrate_goes_through_the_local_registry(
 
     monkeypatch.setenv("KVBM_CODEC_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("KVBM_CODEC_REGISTRY", raising=False)
-    legacy = calibration_path(smollm.info.fingerprint, CodecConfig(), 16, 1024)
+    legacy = calibration_path(smollm.info.fingerprint, CodecConfig(), 16, 1024, "pydoc_data.topics")
     legacy.parent.mkdir(parents=True)
     shutil.copy(artifact_files["v1"], legacy)  # a pre-registry cache file is imported, not recomputed
-    cal, path, fresh = load_or_calibrate(smollm, progress=False)
+    cal, path, fresh = load_or_calibrate(smollm, corpus="pydoc", progress=False)
     assert (cal.calibration_id, fresh) == (cal_v1.calibration_id, False)
     assert path.is_relative_to(tmp_path / "registry") and path.is_file()
     legacy.unlink()
-    again, path2, fresh2 = load_or_calibrate(smollm, progress=False)
+    again, path2, fresh2 = load_or_calibrate(smollm, corpus="pydoc", progress=False)
     assert (again.calibration_id, path2, fresh2) == (cal_v1.calibration_id, path, False)
     reg = Registry.from_url(tmp_path / "registry")
     assert reg.latest(smollm.info.fingerprint).calibration_id == cal_v1.calibration_id

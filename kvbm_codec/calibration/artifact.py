@@ -128,7 +128,8 @@ def load_calibration(path: str | os.PathLike[str], expected_fingerprint: str | N
 
 
 def _from_parts(header: dict[str, Any], t: dict[str, torch.Tensor], cal_id: str) -> Calibration:
-    config = CodecConfig.model_validate(header["config"])
+    # Artifacts from before the distortion field were all plain-MSE calibrations.
+    config = CodecConfig.model_validate({"distortion": "mse", **header["config"]})
     bases, tables = {}, {}
     for name, info in header["bases"].items():
         bases[name] = PCABasis(

@@ -1,5 +1,9 @@
 """Local calibration cache: calibrate once per (model, codec config, corpus), reuse afterwards.
 
+The default corpus is the broad one (calibration/corpus.py: six domains, 66 x 1024 tokens), chosen on
+validation text over the old single-domain pydoc corpus (docs/benchmarks.md, "Accuracy at 20x");
+``corpus="pydoc"`` reproduces the old calibration (16 x 1024 tokens of the CPython manual).
+
 Backed by the local calibration registry (``calibration/registry.py``): a computed calibration is
 published there with a ``cache_key`` label (a hash of the parameters that shape it), so `demo`,
 `eval` and `calibrate` reuse it and it is also versioned, checksummed and visible to
@@ -21,28 +25,66 @@ from kvbm_codec.codec.errors import CodecError
 from kvbm_codec.codec.params import Calibration
 from kvbm_codec.texts import calibration_texts
 
+CORPORA = ("broad", "pydoc")
+DEFAULT_CORPUS = "broad"
+DEFAULT_FIT_SEQUENCES = {"broad": 66, "pydoc": 16}  # broad: corpus.FIT_SEQUENCES (67.6k tokens)
+
+
+def fit_plan(corpus: str, fit_sequences: int) -> int | dict[str, int]:
+    """The broad corpus' default size is a per-domain plan (corpus.FIT_SEQUENCES); any other
+    count is split evenly between its domains."""
+    if corpus == "broad" and fit_sequences == DEFAULT_FIT_SEQUENCES["broad"]:
+        from kvbm_codec.calibration.corpus import FIT_SEQUENCES
+
+        return dict(FIT_SEQUENCES)
+    return fit_sequences
+
+
+def corpus_texts(tokenizer: object, corpus: str) -> tuple[list[str] | dict[str, list[str]], str]:
+    """(texts, the name the cache key and provenance use). A broad corpus built where some domain's
+    files are missing gets another name, so it never shares a cache entry with the full one."""
+    if corpus == "pydoc":
+        return calibration_texts(), "pydoc_data.topics"
+    if corpus == "broad":
+        from kvbm_codec.calibration.corpus import CORPUS_NAME, broad_corpus
+
+        texts = broad_corpus(tokenizer)
+        return texts, f"{CORPUS_NAME}:{','.join(sorted(texts))}"
+    raise ValueError(f"unknown calibration corpus {corpus!r}; known: {', '.join(CORPORA)}")
+
 
 def cache_dir() -> Path:
     return Path(os.environ.get("KVBM_CODEC_CACHE_DIR", Path.home() / ".cache" / "kvbm-codec"))
 
 
-def cache_key(config: CodecConfig, fit_sequences: int, seq_len: int) -> str:
+def cache_key(
+    config: CodecConfig, fit_sequences: int, seq_len: int, corpus_name: str = "pydoc_data.topics"
+) -> str:
+    cfg = json.loads(config.model_dump_json())
+    if cfg.get("distortion") == "mse":
+        cfg.pop("distortion")  # keeps the keys of calibrations cached before the field existed
     key = json.dumps(
         {
-            "config": json.loads(config.model_dump_json()),
+            "config": cfg,
             "fit": fit_sequences,
             "seq_len": seq_len,
             "targets": DEFAULT_TARGETS,
-            "corpus": "pydoc_data.topics",
+            "corpus": corpus_name,
         },
         sort_keys=True,
     )
     return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
-def calibration_path(fingerprint: str, config: CodecConfig, fit_sequences: int, seq_len: int) -> Path:
+def calibration_path(
+    fingerprint: str,
+    config: CodecConfig,
+    fit_sequences: int,
+    seq_len: int,
+    corpus_name: str = "pydoc_data.topics",
+) -> Path:
     """Where the pre-registry cache kept this calibration (still read, so old caches are reused)."""
-    h = cache_key(config, fit_sequences, seq_len)
+    h = cache_key(config, fit_sequences, seq_len, corpus_name)
     return cache_dir() / "calibrations" / f"{fingerprint}-{h}.kvtc"
 
 
@@ -54,7 +96,8 @@ def load_or_calibrate(
     lm: CalibrationModel,
     config: CodecConfig | None = None,
     *,
-    fit_sequences: int = 16,
+    corpus: str = DEFAULT_CORPUS,
+    fit_sequences: int | None = None,
     seq_len: int = 1024,
     progress: bool = True,
 ) -> tuple[Calibration, Path, bool]:
@@ -65,7 +108,10 @@ def load_or_calibrate(
     """
     cfg = config or CodecConfig()
     fp = lm.info.fingerprint  # type: ignore[attr-defined]
-    key = cache_key(cfg, fit_sequences, seq_len)
+    fit_sequences = fit_sequences or DEFAULT_FIT_SEQUENCES[corpus]
+    texts, corpus_name = corpus_texts(lm.tokenizer, corpus)
+    key = cache_key(cfg, fit_sequences, seq_len, corpus_name)
+    fit = fit_plan(corpus, fit_sequences)
     reg = local_registry()
     for _, manifest in reg.find(fp, cache_key=key):
         try:
@@ -75,7 +121,7 @@ def load_or_calibrate(
         path = reg.artifact_path(fp, cal.calibration_id)
         assert path is not None
         return cal, path, False
-    legacy = calibration_path(fp, cfg, fit_sequences, seq_len)
+    legacy = calibration_path(fp, cfg, fit_sequences, seq_len, corpus_name)
     cal = None
     if legacy.exists():
         try:
@@ -86,11 +132,11 @@ def load_or_calibrate(
     if cal is None:
         cal = calibrate(
             lm,
-            calibration_texts(),
+            texts,
             cfg,
-            fit_sequences=fit_sequences,
+            fit_sequences=fit,
             seq_len=seq_len,
-            text_source="pydoc_data.topics",
+            text_source=corpus_name,
             progress=progress,
         )
     reg.publish(cal, labels={"cache_key": key})

@@ -12,7 +12,7 @@ import datetime as dt
 import hashlib
 import sys
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Protocol
 
@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 import kvbm_codec
+from kvbm_codec.calibration.statistics import ModelStatistics, feature_weights, gather_statistics
 from kvbm_codec.codec.allocation import Allocation, ErrorTable, allocate_for_ratio
 from kvbm_codec.codec.config import CodecConfig
 from kvbm_codec.codec.params import Calibration, ModelShape, allocation_name
@@ -118,13 +119,47 @@ def accumulate_covariances(
     return accs
 
 
+def metric_weights(
+    accs: dict[str, CovarianceAccumulator],
+    cfg: CodecConfig,
+    shape: ModelShape,
+    rope: RotaryParams,
+    statistics: ModelStatistics | None,
+) -> dict[str, tuple[torch.Tensor, float]] | None:
+    """The distortion metric per basis (None for plain MSE)."""
+    if cfg.distortion == "mse":
+        return None
+    if statistics is None or statistics.tokens == 0:
+        raise ValueError(
+            f"distortion {cfg.distortion!r} needs model statistics gathered during the calibration "
+            "prefills (calibration.statistics.gather_statistics)"
+        )
+    return feature_weights(
+        statistics,
+        accs,
+        cfg.layer_groups(shape.n_layers),
+        shape.n_kv_heads,
+        cfg.distortion,
+        rope.attention_scaling,
+        rope.head_dim,
+    )
+
+
 def finalize_bases(
-    accs: dict[str, CovarianceAccumulator], cfg: CodecConfig, shape: ModelShape, progress: bool = True
+    accs: dict[str, CovarianceAccumulator],
+    cfg: CodecConfig,
+    shape: ModelShape,
+    progress: bool = True,
+    metric: dict[str, tuple[torch.Tensor, float]] | None = None,
 ) -> dict[str, PCABasis]:
     # Features are laid out [layer, head, dim]: one normalisation run per head of each layer.
     head_dim = {"k": shape.key_head_dim, "v": shape.value_head_dim}
     return {
-        name: acc.finalize(cfg.rank_cap, norm_block=head_dim[name[-1]] if cfg.normalize_heads else 0)
+        name: acc.finalize(
+            cfg.rank_cap,
+            norm_block=head_dim[name[-1]] if cfg.normalize_heads and cfg.distortion != "attention" else 0,
+            weight=None if metric is None else metric[name][0],
+        )
         for name, acc in tqdm(accs.items(), desc="calibration: eigendecomposition", disable=not progress)
     }
 
@@ -132,12 +167,20 @@ def finalize_bases(
 def fit_bases(
     kvs: Iterable[KVCache], cfg: CodecConfig, rope: RotaryParams, shape: ModelShape, progress: bool = True
 ) -> dict[str, PCABasis]:
+    """Plain-MSE bases straight from KV (the metric variants go through calibrate_from_kv)."""
     return finalize_bases(accumulate_covariances(kvs, cfg, rope, shape), cfg, shape, progress)
 
 
 def error_tables(
-    bases: dict[str, PCABasis], held_out: KVCache, cfg: CodecConfig, rope: RotaryParams, n_layers: int
+    bases: dict[str, PCABasis],
+    held_out: KVCache,
+    cfg: CodecConfig,
+    rope: RotaryParams,
+    n_layers: int,
+    factors: dict[str, float] | None = None,
 ) -> dict[str, ErrorTable]:
+    """Measured quantization error of every block, in the basis' (metric-whitened) space; factors
+    put each basis back in the metric's absolute unit so one lambda compares them."""
     keys = undo_rope(held_out.keys, held_out.positions, rope) if cfg.undo_rope else held_out.keys
     tables: dict[str, ErrorTable] = {}
     for gi, (a, b) in enumerate(cfg.layer_groups(n_layers)):
@@ -151,54 +194,117 @@ def error_tables(
                 rank=bases[name].rank,
                 tables=block_error_table(coeffs, cfg.group_sizes, cfg.max_bits),
                 residual=max(0.0, total - kept),
-                weight=cfg.key_weight if kind == "k" else 1.0,
+                weight=(cfg.key_weight if kind == "k" else 1.0) * (factors or {}).get(name, 1.0),
             )
     return tables
 
 
+def mixed_held_out(kvs: Sequence[KVCache], cfg: CodecConfig, tokens: int) -> KVCache:
+    """About `tokens` compressible tokens, an equal contiguous slice from each domain's held-out KV:
+    the allocator's error tables and ratio measurements then see every domain at the cost of one."""
+    parts = []
+    for kv in kvs:
+        c = compressible(kv, cfg)
+        take = min(c.n_tokens, max(1, tokens // len(kvs)))
+        start = (c.n_tokens - take) // 2
+        parts.append(c.select_tokens(torch.arange(start, start + take)))
+    return KVCache(
+        torch.cat([p.keys for p in parts], 2),
+        torch.cat([p.values for p in parts], 2),
+        torch.cat([p.positions for p in parts]),
+    )
+
+
+def _text_digest(texts: Sequence[str] | Mapping[str, Sequence[str]]) -> str:
+    if isinstance(texts, Mapping):
+        flat = [f"\x01{d}\x01" + "\x00".join(t) for d, t in sorted(texts.items())]
+    else:
+        flat = list(texts)
+    return hashlib.sha256("\x00".join(flat).encode()).hexdigest()
+
+
 def calibrate(
     lm: CalibrationModel,
-    texts: Sequence[str],
+    texts: Sequence[str] | Mapping[str, Sequence[str]],
     config: CodecConfig | None = None,
     *,
     targets: Sequence[float] = DEFAULT_TARGETS,
-    fit_sequences: int = 16,
+    fit_sequences: int | Mapping[str, int] = 16,
     seq_len: int = 1024,
     text_source: str = "",
     progress: bool = True,
 ) -> Calibration:
+    """texts: one corpus (a list of documents) or several domains ({name: documents}); with domains
+    the fit sequences are split between them (evenly, or {domain: count}), each domain's next
+    sequence is held out, and the held-out tokens mix all of them."""
+    cfg = config or CodecConfig()
     clock = PhaseClock(progress)
-    seqs = token_sequences(lm.tokenizer, texts, seq_len, fit_sequences + 1)
-    provenance = {
+    provenance: dict = {
         "text_source": text_source,
-        "text_sha256": hashlib.sha256("\x00".join(texts).encode()).hexdigest(),
-        "fit_tokens": fit_sequences * seq_len,
-        "held_out_tokens": seq_len,
+        "text_sha256": _text_digest(texts),
         "seq_len": seq_len,
+        "distortion": cfg.distortion,
     }
-    with clock.phase("held-out prefill"):
-        held_out, _ = lm.prefill(seqs[fit_sequences], return_logits=False)
-    return calibrate_from_kv(
-        lm.info,
-        calibration_kv(lm, seqs[:fit_sequences], progress),
-        held_out,
-        config,
-        targets=targets,
-        provenance=provenance,
-        progress=progress,
-        clock=clock,
-    )
+    if isinstance(texts, Mapping):
+        if isinstance(fit_sequences, Mapping):
+            counts = {d: int(fit_sequences.get(d, 0)) for d in texts}
+        else:
+            counts = dict.fromkeys(texts, -(-fit_sequences // len(texts)))
+        by_domain = {d: token_sequences(lm.tokenizer, t, seq_len, counts[d] + 1) for d, t in texts.items()}
+        fit = [s for d, seqs in by_domain.items() for s in seqs[: counts[d]]]
+        with clock.phase("held-out prefill"):
+            held_kvs = [lm.prefill(seqs[counts[d]], return_logits=False)[0] for d, seqs in by_domain.items()]
+        held_out = mixed_held_out(held_kvs, cfg, seq_len)
+        provenance["domains"] = {d: counts[d] for d in texts}
+    else:
+        if isinstance(fit_sequences, Mapping):
+            raise ValueError("per-domain fit_sequences need a corpus of domains")
+        seqs = token_sequences(lm.tokenizer, texts, seq_len, fit_sequences + 1)
+        fit = seqs[:fit_sequences]
+        with clock.phase("held-out prefill"):
+            held_out = lm.prefill(seqs[fit_sequences], return_logits=False)[0]
+    provenance.update(fit_tokens=len(fit) * seq_len, held_out_tokens=int(held_out.n_tokens))
+    with _statistics_hook(lm, cfg) as stats:
+        return calibrate_from_kv(
+            lm.info,
+            calibration_kv(lm, fit, progress),
+            held_out,
+            cfg,
+            targets=targets,
+            provenance=provenance,
+            progress=progress,
+            statistics=stats,
+            held_out_compressible=isinstance(texts, Mapping),
+            clock=clock,
+        )
+
+
+@contextmanager
+def _statistics_hook(lm: CalibrationModel, cfg: CodecConfig) -> Iterator[ModelStatistics | None]:
+    """Query/residual statistics gathered in the same prefills as the covariances (metric modes only)."""
+    if cfg.distortion == "mse":
+        yield None
+        return
+    model = getattr(lm, "model", None)
+    if model is None:
+        raise ValueError(
+            f"distortion {cfg.distortion!r} needs the torch model (lm.model) to gather statistics"
+        )
+    n_q = int(model.config.num_attention_heads)
+    with gather_statistics(model, n_q, lm.info.key_head_dim) as stats:  # type: ignore[attr-defined]
+        yield stats
 
 
 def calibrate_small(lm: CalibrationModel) -> Calibration:
     """A real but small calibration (4 x 512 tokens, 6-layer bases, 8x and 20x allocations): seconds
-    instead of minutes on 2 cores. The test fixtures and the fuzz corpus share it."""
+    instead of minutes on 2 cores. The test fixtures and the fuzz corpus share it. Plain MSE keeps it
+    independent of the model statistics (tests/test_distortion.py covers the metric path)."""
     from kvbm_codec.texts import calibration_texts
 
     return calibrate(
         lm,
         calibration_texts(),
-        CodecConfig(layer_group_size=6),
+        CodecConfig(layer_group_size=6, distortion="mse"),
         targets=(8.0, 20.0),
         fit_sequences=4,
         seq_len=512,
@@ -209,7 +315,7 @@ def calibrate_small(lm: CalibrationModel) -> Calibration:
 
 def calibrate_from_kv(
     info: object,
-    fit_kvs: Iterable[KVCache],
+    fit_kvs: Iterable[KVCache] | dict[str, CovarianceAccumulator],
     held_out: KVCache,
     config: CodecConfig | None = None,
     *,
@@ -217,19 +323,26 @@ def calibrate_from_kv(
     provenance: dict | None = None,
     progress: bool = True,
     clock: PhaseClock | None = None,
+    statistics: ModelStatistics | None = None,
+    held_out_compressible: bool = False,
 ) -> Calibration:
-    """Calibration from already-computed KV (lets sweeps reuse one set of prefills)."""
+    """Calibration from already-computed KV, or from covariance sums (lets sweeps reuse one set of
+    prefills, and mix corpus domains). held_out is the KV the error tables and ratios are measured on:
+    a prefill's whole cache (sinks and window are dropped here), or, with held_out_compressible,
+    tokens already chosen (mixed_held_out)."""
     clock = clock or PhaseClock(progress)
     cfg = config or CodecConfig()
     shape = ModelShape(info.n_layers, info.n_kv_heads, info.key_head_dim, info.value_head_dim)  # type: ignore[attr-defined]
     rope: RotaryParams = info.rope  # type: ignore[attr-defined]
     with clock.phase("prefill + covariances"):
-        accs = accumulate_covariances(fit_kvs, cfg, rope, shape)
+        accs = fit_kvs if isinstance(fit_kvs, dict) else accumulate_covariances(fit_kvs, cfg, rope, shape)
+    metric = metric_weights(accs, cfg, shape, rope, statistics)
     with clock.phase("eigendecomposition"):
-        bases = finalize_bases(accs, cfg, shape, progress)
-    val_kv = compressible(held_out, cfg)
+        bases = finalize_bases(accs, cfg, shape, progress, metric)
+    val_kv = held_out if held_out_compressible else compressible(held_out, cfg)
+    factors = None if metric is None else {n: f for n, (_, f) in metric.items()}
     with clock.phase("error tables"):
-        tables = error_tables(bases, val_kv, cfg, rope, shape.n_layers)
+        tables = error_tables(bases, val_kv, cfg, rope, shape.n_layers, factors)
     cal = Calibration(
         model_fingerprint=info.fingerprint,  # type: ignore[attr-defined]
         model_name=info.name,  # type: ignore[attr-defined]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -38,6 +39,14 @@ class CodecConfig(BaseModel):
         "across layers; see the layout sweep in docs/benchmarks.md)",
     )
     undo_rope: bool = Field(True, description="de-rotate keys before PCA (False only for ablations)")
+    distortion: Literal["mse", "attention", "attention_shape"] = Field(
+        "attention",
+        description="what the PCA and the DP minimise: 'mse' on normalised features; 'attention': key "
+        "error as attention-logit error (calibrated query energy per rotary pair) and value error after "
+        "o_proj, per-layer sensitivity from the residual stream (the default: better than mse on validation "
+        "text, docs/benchmarks.md); 'attention_shape': those weights within each head only "
+        "(calibration/statistics.py)",
+    )
 
     @field_validator("group_sizes")
     @classmethod

@@ -49,20 +49,60 @@ class CovarianceAccumulator:
         self._sum += xc.sum(0, dtype=torch.float64)
         self._outer += (xc.T @ xc).to(torch.float64)
 
-    def finalize(self, rank: int, norm_block: int = 0) -> PCABasis:
-        """norm_block > 0 scales each run of norm_block features (one head of one layer) to unit
-        variance first, so PCA and the bit allocation weigh every head's *relative* error alike;
-        otherwise a low-variance layer can lose all its bits while still mattering to the model."""
+    def merged(self, *others: CovarianceAccumulator) -> CovarianceAccumulator:
+        """One accumulator over the samples of all: lets calibration keep one per corpus domain and
+        fit any mix of domains (e.g. leave one out) without another prefill. Each accumulator is
+        re-centred on this one's reference mean before the sums add."""
+        out = CovarianceAccumulator(self.dim)
+        for acc in (self, *others):
+            if acc.dim != self.dim:
+                raise ValueError(f"cannot merge {acc.dim}-d statistics into {self.dim}-d ones")
+            if acc._ref is None:
+                continue
+            if out._ref is None:
+                out._ref = acc._ref.clone()
+            d = (acc._ref - out._ref).to(torch.float64)
+            s = acc._sum
+            out._outer += acc._outer + torch.outer(s, d) + torch.outer(d, s) + acc.count * torch.outer(d, d)
+            out._sum += s + acc.count * d
+            out.count += acc.count
+        return out
+
+    def covariance(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean [p], covariance [p, p]) in float64."""
         if self.count < 2:
             raise ValueError("PCA needs at least 2 calibration samples")
         assert self._ref is not None
         centred_mean = self._sum / self.count
         cov = self._outer / self.count - torch.outer(centred_mean, centred_mean)
-        mean = centred_mean + self._ref.to(torch.float64)
+        return centred_mean + self._ref.to(torch.float64), cov
+
+    def finalize(self, rank: int, norm_block: int = 0, weight: torch.Tensor | None = None) -> PCABasis:
+        """norm_block > 0 scales each run of norm_block features (one head of one layer) to unit
+        variance first, so PCA and the bit allocation weigh every head's *relative* error alike;
+        otherwise a low-variance layer can lose all its bits while still mattering to the model.
+
+        weight [p] is a diagonal distortion metric (what an error in each feature costs the model,
+        calibration/statistics.py): features are whitened by sqrt(weight) so the PCA and the
+        allocator's error tables work in the space where squared error is the model's distortion.
+        With norm_block > 0 as well, each head's weighted variance is normalised to norm_block
+        (the metric then only redistributes error within a head)."""
+        mean, cov = self.covariance()
         scale = torch.ones(self.dim, dtype=torch.float64)
-        if norm_block > 0:
-            var = cov.diagonal().reshape(-1, norm_block).mean(1).clamp_min(1e-12)
+        var_f = cov.diagonal().clamp_min(1e-12)
+        if weight is not None:
+            w = weight.to(torch.float64).clamp_min(1e-30)
+            if w.shape != (self.dim,):
+                raise ValueError(f"metric weight must have {self.dim} entries, got {tuple(w.shape)}")
+            if norm_block > 0:
+                per_head = (w * var_f).reshape(-1, norm_block).mean(1).clamp_min(1e-30)
+                scale = (per_head.repeat_interleave(norm_block) / w).sqrt()
+            else:
+                scale = w.rsqrt()
+        elif norm_block > 0:
+            var = var_f.reshape(-1, norm_block).mean(1)
             scale = var.sqrt().repeat_interleave(norm_block)
+        if weight is not None or norm_block > 0:
             cov = cov / torch.outer(scale, scale)
         rank = min(rank, self.dim)
         total_var = float(cov.diagonal().sum())

@@ -1,0 +1,63 @@
+"""Retrieval tasks at kvtc@16/kvtc@20 against fp16 with paired intervals, for a given calibration.
+
+The harness' default suite with its LM windows left out (the held-out curves cover perplexity and
+top-1) and `--prompts-per-task` retrieval prompts per task, only the rows the issue's targets need:
+
+    python bench/accuracy_harness.py --calibration broad-attention.kvtc --prompts-per-task 22 \
+        --out bench/results/accuracy_harness.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+from pathlib import Path
+
+from kvbm_codec.bench.report import paired, summarize
+from kvbm_codec.bench.runner import SUITES, run_bench
+from kvbm_codec.calibration.artifact import load_calibration
+from kvbm_codec.models.hf import CausalLM
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--calibration", type=Path, action="append", required=True)
+    p.add_argument("--prompts-per-task", type=int, default=22)
+    p.add_argument("--methods", default="fp16,kvtc@16,kvtc@20")
+    p.add_argument("--stop-after", type=float, default=None)
+    p.add_argument("--cache-dir", type=Path, default=None)
+    p.add_argument("--out", type=Path, required=True)
+    a = p.parse_args()
+    lm = CausalLM.load("smollm2-135m")
+    suite = replace(SUITES["default"], name="accuracy", lm_windows=0, task_instances=a.prompts_per_task)
+    report = []
+    for path in a.calibration:
+        cal = load_calibration(path, expected_fingerprint=lm.info.fingerprint)
+        res = run_bench(
+            lm,
+            suite,
+            methods=a.methods.split(","),
+            cache_dir=a.cache_dir,
+            calibration=cal,
+            throughput=False,
+            stop_after_s=a.stop_after,
+        ).as_dict()
+        rows = summarize(res)
+        kvtc = [m for m in res["methods"] if m.startswith("kvtc")]
+        entry = {
+            "calibration": path.name,
+            "calibration_id": cal.calibration_id,
+            "prompts": len({r["item"] for r in res["results"] if r["method"] == "fp16"}),
+            "summary": rows,
+            "paired_vs_fp16": {m: paired(res, m, "fp16") for m in kvtc},
+            "wall_s": res["wall_s"],
+        }
+        report.append(entry)
+        print(json.dumps({k: v for k, v in entry.items() if k != "summary"}, indent=1), flush=True)
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

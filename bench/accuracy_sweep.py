@@ -1,0 +1,239 @@
+"""Choose the distortion metric and the calibration corpus on VALIDATION text; then report held-out.
+
+Phase 1 (cached with --state): one pass of prefills per corpus domain (calibration/corpus.py) keeps,
+per domain, the covariance sums of every basis, the model statistics the metric needs and one
+held-out KV, so any mix of domains (all, one, all but one) calibrates without another prefill.
+Phase 2: each variant "corpus:distortion" is calibrated from those sums and scored on validation
+texts: a slice of every domain far past its calibration tokens, plus the Apache licence and The
+Tempest (the out-of-domain validation texts of docs/benchmarks.md). `--report` scores the held-out
+evaluation texts instead (GPL v3, Hamlet): run it only for variants already chosen.
+
+Corpora: docs16 = the old single-domain calibration (16 x 1024 pydoc tokens, held-out sequence 17);
+broad = every domain; -X = every domain but X (leave one domain out).
+
+    python bench/accuracy_sweep.py --state /tmp/acc_state.pt --variants docs16:mse,broad:attention \
+        --out bench/results/accuracy_sweep.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from kvbm_codec.calibration.artifact import load_calibration, save_calibration
+from kvbm_codec.calibration.calibrate import (
+    accumulate_covariances,
+    calibrate_from_kv,
+    compressible,
+    mixed_held_out,
+    token_sequences,
+)
+from kvbm_codec.calibration.corpus import CORPUS_NAME, broad_corpus
+from kvbm_codec.calibration.statistics import gather_statistics
+from kvbm_codec.codec.config import CodecConfig
+from kvbm_codec.codec.kvtc import KVTCCodec
+from kvbm_codec.eval.metrics import kl_divergence_mean, perplexity, top1_agreement
+from kvbm_codec.models.hf import CausalLM
+
+SEQ = 1024
+CTX, CONT = 2048, 256
+TEXTS = Path("/tmp/kvbm-codec-texts")  # bench/fetch_texts.sh
+
+
+def build_state(lm: CausalLM, per_domain: int, docs_fit: int) -> dict:
+    cfg = CodecConfig()  # accumulation depends only on sinks/window/rope/layer groups (not the metric)
+    corpus = broad_corpus(lm.tokenizer)
+    n_q = int(lm.model.config.num_attention_heads)
+    state: dict = {"domains": {}, "corpus": CORPUS_NAME}
+    for domain, texts in corpus.items():
+        fit_n = docs_fit if domain == "docs" else per_domain
+        # fit + 1 held-out + a gap of 2 sequences + 3 sequences of validation (2048 + 256 tokens)
+        seqs = token_sequences(lm.tokenizer, texts, SEQ, fit_n + 6)
+        t0 = time.perf_counter()
+        with gather_statistics(lm.model, n_q, lm.info.key_head_dim) as stats:
+            accs = accumulate_covariances(
+                (lm.prefill(s, return_logits=False)[0] for s in seqs[:fit_n]), cfg, lm.info.rope, _shape(lm)
+            )
+        held = lm.prefill(seqs[fit_n], return_logits=False)[0]
+        val_ids = torch.cat(seqs[fit_n + 3 : fit_n + 6], 1)[:, : CTX + CONT]
+        state["domains"][domain] = {
+            "accs": accs,
+            "stats": stats,
+            "held_out": held,
+            "val_ids": val_ids,
+            "fit_tokens": fit_n * SEQ,
+        }
+        print(f"{domain}: {fit_n} x {SEQ} fit tokens, {time.perf_counter() - t0:.0f} s", flush=True)
+    return state
+
+
+def _shape(lm: CausalLM):
+    from kvbm_codec.codec.params import ModelShape
+
+    i = lm.info
+    return ModelShape(i.n_layers, i.n_kv_heads, i.key_head_dim, i.value_head_dim)
+
+
+def corpus_parts(state: dict, corpus: str) -> list[str]:
+    names = list(state["domains"])
+    if corpus in ("docs16", "docs"):
+        return ["docs"]
+    if corpus == "broad":
+        return names
+    if corpus.startswith("-") and corpus[1:] in names:
+        return [n for n in names if n != corpus[1:]]
+    if corpus in names:
+        return [corpus]
+    raise SystemExit(f"unknown corpus {corpus!r}: docs16, broad, a domain, or -DOMAIN ({', '.join(names)})")
+
+
+def calibrate_variant(lm: CausalLM, state: dict, corpus: str, distortion: str, targets: list[float]):
+    parts = [state["domains"][d] for d in corpus_parts(state, corpus)]
+    accs = {n: parts[0]["accs"][n].merged(*(p["accs"][n] for p in parts[1:])) for n in parts[0]["accs"]}
+    stats = parts[0]["stats"].merged(*(p["stats"] for p in parts[1:]))
+    if len(parts) == 1:
+        held = compressible(parts[0]["held_out"], CodecConfig())
+    else:
+        held = mixed_held_out([p["held_out"] for p in parts], CodecConfig(), SEQ)
+    cfg = CodecConfig(distortion=distortion)  # type: ignore[arg-type]
+    return calibrate_from_kv(
+        lm.info,
+        accs,
+        held,
+        cfg,
+        targets=targets,
+        statistics=stats,
+        progress=False,
+        provenance={
+            "text_source": f"{state['corpus']}:{corpus}",
+            "domains": corpus_parts(state, corpus),
+            "fit_tokens": sum(p["fit_tokens"] for p in parts),
+            "distortion": distortion,
+        },
+        held_out_compressible=True,
+    )
+
+
+def val_sets(lm: CausalLM, state: dict, names: list[str], report: bool) -> list[tuple[str, bool, tuple]]:
+    """(name, is_report, (kv, continuation, reference logits)) per text: validation texts (a slice of
+    every domain past its calibration tokens, the Apache licence, The Tempest; filtered by names) and,
+    with report, the held-out evaluation texts (GPL v3, Hamlet)."""
+    texts: dict[str, tuple[bool, torch.Tensor]] = {}
+
+    def tok(text: str) -> torch.Tensor:
+        return lm.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+
+    for d, info in state["domains"].items():
+        texts[d] = (False, info["val_ids"])
+    texts["apache"] = (False, tok(Path("/usr/share/common-licenses/Apache-2.0").read_text()))
+    texts["tempest"] = (False, tok((TEXTS / "tempest.txt").read_text()))
+    texts = {n: v for n, v in texts.items() if not names or n in names}
+    if report:
+        from importlib import resources
+
+        texts["gpl"] = (
+            True,
+            tok(resources.files("kvbm_codec.data").joinpath("gpl-3.0.txt").read_text("utf-8")),
+        )
+        texts["hamlet"] = (True, tok((TEXTS / "hamlet.txt").read_text()))
+    out = []
+    for name, (is_report, ids) in texts.items():
+        ids = ids[:, : CTX + CONT]
+        ctx, cont = ids[:, :CTX], ids[:, CTX:]
+        kv = lm.prefill(ctx, return_logits=False)[0]
+        out.append((name, is_report, (kv, cont, lm.logits_with_cache(kv, cont))))
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--state", type=Path, required=True, help="phase-1 cache (built if missing)")
+    p.add_argument("--per-domain", type=int, default=11)
+    p.add_argument("--docs-fit", type=int, default=16)
+    p.add_argument("--variants", default="docs16:mse,broad:mse,docs16:attention,broad:attention")
+    p.add_argument("--targets", default="8,16,20,32,64", help="allocations each calibration gets")
+    p.add_argument("--score-targets", default="", help="subset of --targets to score (default: all)")
+    p.add_argument("--val", default="", help="comma list of validation set names (default: all)")
+    p.add_argument(
+        "--report",
+        action="store_true",
+        help="also score the held-out eval texts (GPL, Hamlet) at every target",
+    )
+    p.add_argument(
+        "--own-domain",
+        action="store_true",
+        help="a -X corpus is scored on X's validation only (never reported); others on the report only",
+    )
+    p.add_argument(
+        "--calibrations",
+        type=Path,
+        default=None,
+        help="save each variant's calibration here; reuse it if there",
+    )
+    p.add_argument("--out", type=Path, required=True, help="JSON lines, appended")
+    a = p.parse_args()
+    torch.manual_seed(0)
+    lm = CausalLM.load("smollm2-135m")
+    if a.state.exists():
+        state = torch.load(a.state, weights_only=False)
+    else:
+        state = build_state(lm, a.per_domain, a.docs_fit)
+        torch.save(state, a.state)
+    targets = [float(t) for t in a.targets.split(",")]
+    vals = val_sets(lm, state, [v for v in a.val.split(",") if v], a.report)
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    for variant in a.variants.split(","):
+        corpus, distortion = variant.split(":")
+        t0 = time.perf_counter()
+        score = {float(t) for t in a.score_targets.split(",") if t} or set(targets)
+        saved = None if a.calibrations is None else a.calibrations / f"{corpus}-{distortion}.kvtc"
+        if saved is not None and saved.exists():
+            cal = load_calibration(saved, expected_fingerprint=lm.info.fingerprint)
+        else:
+            # leave-one-out variants are only scored on validation: calibrate only the scored targets
+            lodo = corpus.startswith("-") and a.own_domain
+            cal = calibrate_variant(lm, state, corpus, distortion, sorted(score) if lodo else targets)
+            if saved is not None:
+                save_calibration(cal, saved)
+        cal_s = time.perf_counter() - t0
+        for name in cal.allocations:
+            target = cal.allocations[name].meta["target_cr"]
+            codec = KVTCCodec(cal, name)
+            for vname, is_report, (kv, cont, ref) in vals:
+                if not is_report and target not in score:
+                    continue
+                if a.own_domain and corpus.startswith("-") and (is_report or vname != corpus[1:]):
+                    continue
+                if a.own_domain and not corpus.startswith("-") and not is_report:
+                    continue  # own-domain runs score the other variants on the report texts only
+                frame, st = codec.encode_with_stats(kv)
+                rec = codec.decode(frame).to(torch.float32)
+                out = lm.logits_with_cache(rec, cont)
+                tgt = cont[0, 1:]
+                pr, pt = perplexity(ref[:-1], tgt), perplexity(out[:-1], tgt)
+                row = {
+                    "corpus": corpus,
+                    "distortion": distortion,
+                    "target": cal.allocations[name].meta["target_cr"],
+                    "val": vname,
+                    "report": is_report,
+                    "achieved_cr": st.achieved_cr,
+                    "achieved_cr_total": st.achieved_cr_total,
+                    "ppl_ref": pr,
+                    "ppl_increase_pct": 100 * (pt / pr - 1),
+                    "top1": top1_agreement(ref[:-1], out[:-1]),
+                    "kl": kl_divergence_mean(ref[:-1], out[:-1]),
+                    "calibrate_s": cal_s,
+                    "calibration_id": cal.calibration_id,
+                }
+                with a.out.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()

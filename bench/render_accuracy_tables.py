@@ -1,0 +1,104 @@
+"""Markdown tables for docs/benchmarks.md from bench/accuracy_sweep.py's JSON lines.
+
+python bench/render_accuracy_tables.py bench/results/accuracy_*.jsonl
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+
+def load(paths: list[str]) -> list[dict]:
+    rows: dict[tuple, dict] = {}
+    for p in paths:
+        for line in Path(p).read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                rows[(r["corpus"], r["distortion"], r["target"], r["val"])] = r  # last run wins
+    return list(rows.values())
+
+
+def validation(rows: list[dict]) -> str:
+    val = [r for r in rows if not r["report"] and not r["corpus"].startswith("-")]
+    sets = sorted({r["val"] for r in val})
+    by = defaultdict(dict)
+    for r in val:
+        by[(r["corpus"], r["distortion"], r["target"])][r["val"]] = r
+    head = "| corpus | distortion | target | " + " | ".join(f"{s}: CR / ppl / top-1" for s in sets)
+    out = [head + " | mean top-1 | mean ppl |", "|" + "---|" * (len(sets) + 5)]
+    for (corpus, dist, target), cells in sorted(by.items(), key=lambda kv: (kv[0][2], kv[0][0], kv[0][1])):
+        parts = []
+        for s in sets:
+            c = cells.get(s)
+            parts.append(
+                f"{c['achieved_cr']:.1f}x / {c['ppl_increase_pct']:+.2f}% / {100 * c['top1']:.1f}%"
+                if c
+                else "-"
+            )
+        got = list(cells.values())
+        mt = 100 * sum(c["top1"] for c in got) / len(got)
+        mp = sum(c["ppl_increase_pct"] for c in got) / len(got)
+        out.append(
+            f"| {corpus} | {dist} | {target:g}x | " + " | ".join(parts) + f" | {mt:.1f}% | {mp:+.2f}% |"
+        )
+    return "\n".join(out)
+
+
+def lodo(rows: list[dict]) -> str:
+    out = [
+        "| left out | distortion | target | on the left-out domain: CR / ppl / top-1 | broad (all domains) |",
+        "|---|---|---|---|---|",
+    ]
+    full = {
+        (r["distortion"], r["target"], r["val"]): r
+        for r in rows
+        if r["corpus"] == "broad" and not r["report"]
+    }
+    for r in sorted((r for r in rows if r["corpus"].startswith("-")), key=lambda r: (r["val"], r["target"])):
+        if r["val"] != r["corpus"][1:]:
+            continue
+        b = full.get((r["distortion"], r["target"], r["val"]))
+        fmt = lambda c: f"{c['achieved_cr']:.1f}x / {c['ppl_increase_pct']:+.2f}% / {100 * c['top1']:.1f}%"  # noqa: E731
+        out.append(
+            f"| {r['val']} | {r['distortion']} | {r['target']:g}x | {fmt(r)} | {fmt(b) if b else '-'} |"
+        )
+    return "\n".join(out)
+
+
+def report(rows: list[dict]) -> str:
+    rep = [r for r in rows if r["report"]]
+    out = []
+    for text in ("gpl", "hamlet"):
+        out += [
+            f"\n**{text}**\n",
+            "| corpus | distortion | target | achieved CR (compressed tokens) | CR incl. sinks+window "
+            "| ppl | "
+            "ppl increase | top-1 | KL |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in sorted(
+            (r for r in rep if r["val"] == text), key=lambda r: (r["corpus"], r["distortion"], r["target"])
+        ):
+            out.append(
+                f"| {r['corpus']} | {r['distortion']} | {r['target']:g}x | {r['achieved_cr']:.1f}x | "
+                f"{r['achieved_cr_total']:.1f}x | {r['ppl_ref']:.3f} | {r['ppl_increase_pct']:+.2f}% | "
+                f"{100 * r['top1']:.1f}% | {r['kl']:.4f} |"
+            )
+    return "\n".join(out)
+
+
+def main() -> None:
+    rows = load(sys.argv[1:])
+    print("## validation\n")
+    print(validation(rows))
+    print("\n## leave one domain out\n")
+    print(lodo(rows))
+    print("\n## held-out report\n")
+    print(report(rows))
+
+
+if __name__ == "__main__":
+    main()
