@@ -238,6 +238,21 @@ PANELS: list[tuple[str, str, str, str, list[Q], str]] = [
     ),
     (
         "Health",
+        "Authentication failures",
+        "reqps",
+        "Refused authentications by front end and code (unauthenticated: no or unknown token/certificate; "
+        "permission_denied: a tenant not allowed). A rise is a misconfigured client or a probe of the "
+        "service; no tenant or peer names are recorded.",
+        [
+            Q(
+                _q(f"sum by (frontend, reason) (rate(kvbm_codec_auth_failures_total{{}}[{RI}]))"),
+                "{{frontend}} {{reason}}",
+            )
+        ],
+        "timeseries",
+    ),
+    (
+        "Health",
         "Requests in flight",
         "short",
         "Requests being served now, per instance; admission control refuses beyond the configured limit.",

@@ -125,6 +125,9 @@ class ServiceMetrics:
             ["frontend", "reason"],
             registry=r,
         )
+        # Zero series from the start, so a dashboard rate or an alert sees 0 rather than "no data".
+        for reason in ("unauthenticated", "permission_denied"):
+            self.auth_failures.labels(frontend="grpc", reason=reason)
         self.inflight = Gauge(f"{p}_inflight_requests", "Requests being served now", registry=r)
         self.raw_bytes = Counter(
             f"{p}_raw_bytes",
