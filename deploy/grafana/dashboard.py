@@ -226,12 +226,13 @@ PANELS: list[tuple[str, str, str, str, list[Q], str]] = [
         "Health",
         "Refusals by reason",
         "reqps",
-        "Requests refused: overloaded (admission control), shutting_down (drain), store_full, and "
-        "every request error code.",
+        "Requests refused: overloaded (admission control), tenant_overloaded / tenant_bytes (one "
+        "tenant's own in-flight bound), shutting_down (drain), store_full, and every request error code; "
+        "by tenant class (configured tenant_classes, never tenant names).",
         [
             Q(
-                _q(f"sum by (reason) (rate(kvbm_codec_requests_refused_total{{}}[{RI}]))"),
-                "{{reason}}",
+                _q(f"sum by (reason, tenant_class) (rate(kvbm_codec_requests_refused_total{{}}[{RI}]))"),
+                "{{reason}} ({{tenant_class}})",
             )
         ],
         "timeseries",

@@ -1,7 +1,8 @@
 """Prometheus metrics of the service: the one list of names the dashboard and alerts are built on.
 
 Names follow Prometheus conventions (``_total`` counters, base units in names). Labels are bounded:
-model (a handful of configured models), tier, direction, path, reason, method, code. The standard
+model (a handful of configured models), tier, direction, path, reason, method, code, tenant_class
+(configured classes, never tenant names). The standard
 ``process_*`` metrics (RSS, CPU, fds) come from prometheus_client's ProcessCollector. Never a sequence
 hash, tenant secret or block content. Each service instance owns its own CollectorRegistry so several
 can run in one process (tests) without clashing.
@@ -15,6 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from kvbm_codec.core.fairness import UNKNOWN_CLASS
 from kvbm_codec.store.base import TierStats
 
 PREFIX = "kvbm_codec"
@@ -118,16 +120,22 @@ class ServiceMetrics:
         self.requests = Counter(
             f"{p}_requests", "Requests by method and result code", ["method", "code"], registry=r
         )
-        self.refused = Counter(f"{p}_requests_refused", "Requests refused, by reason", ["reason"], registry=r)
+        self.refused = Counter(
+            f"{p}_requests_refused",
+            "Requests refused, by reason and tenant class (configured tenant_classes; never a tenant name)",
+            ["reason", "tenant_class"],
+            registry=r,
+        )
         self.auth_failures = Counter(
             f"{p}_auth_failures",
-            "Refused authentications, by front end and stable error code (no tenant or peer names)",
-            ["frontend", "reason"],
+            "Refused authentications, by front end and stable error code (no tenant or peer names; "
+            "tenant_class is `unknown`: no tenant is established yet)",
+            ["frontend", "reason", "tenant_class"],
             registry=r,
         )
         # Zero series from the start, so a dashboard rate or an alert sees 0 rather than "no data".
         for reason in ("unauthenticated", "permission_denied"):
-            self.auth_failures.labels(frontend="grpc", reason=reason)
+            self.auth_failures.labels(frontend="grpc", reason=reason, tenant_class=UNKNOWN_CLASS)
         self.inflight = Gauge(f"{p}_inflight_requests", "Requests being served now", registry=r)
         self.raw_bytes = Counter(
             f"{p}_raw_bytes",

@@ -109,7 +109,6 @@ class BucketBinding(BaseModel):
     )
 
 
-
 class S3Config(_Section):
     enabled: bool = Field(False, description="Serve the S3-compatible endpoint.")
     host: str = Field("127.0.0.1", description="Address the S3 endpoint listens on.")
@@ -233,6 +232,18 @@ class ServiceConfig(BaseSettings):
         description="Requests one tenant may have admitted at once (0: only max_inflight_requests). "
         "Set below max_inflight_requests so one tenant cannot take every slot.",
     )
+    max_inflight_bytes_per_tenant: OptionalByteSize = Field(
+        None,
+        ge=0,
+        description="Request bytes one tenant may have admitted at once (a put's message, a get's raw "
+        "blocks); beyond it the tenant is refused RESOURCE_EXHAUSTED (reason tenant_bytes) with a retry "
+        "hint. A request larger than this alone is still admitted. None: 4 x max_message_bytes; 0: no bound.",
+    )
+    tenant_classes: dict[str, str] = Field(
+        default_factory=dict,
+        description="Tenant -> class for metric labels (tenant_class on refusals and quota use); tenants "
+        "not listed are class `default`. Metrics never carry tenant names.",
+    )
     drain_timeout_s: float = Field(
         20.0, ge=0, description="On SIGTERM, how long in-flight requests may take to finish."
     )
@@ -287,6 +298,13 @@ class ServiceConfig(BaseSettings):
                 f"({self.request_timeout_s:g}): a request still within its deadline is not stuck"
             )
         return self
+
+    @property
+    def tenant_bytes_limit(self) -> int:
+        """``max_inflight_bytes_per_tenant`` with its default resolved: four largest messages."""
+        if self.max_inflight_bytes_per_tenant is None:
+            return 4 * self.max_message_bytes
+        return self.max_inflight_bytes_per_tenant
 
     @field_validator("models")
     @classmethod

@@ -35,6 +35,7 @@ from kvbm_codec.api.errors import (
 from kvbm_codec.api.types import GetResult, PutItem
 from kvbm_codec.codec import frame as fr
 from kvbm_codec.codec.errors import FrameError
+from kvbm_codec.core.fairness import UNKNOWN_CLASS
 from kvbm_codec.core.service import BlockService, ServedModel
 from kvbm_codec.frontends.grpc.wire import (
     ERROR_CODE_KEY,
@@ -120,13 +121,19 @@ class KvbmCodecServicer(pb_grpc.KvbmCodecServicer):
 
     # ---- plumbing --------------------------------------------------------------------------------
 
-    def _run(self, method: str, context: grpc.ServicerContext, fn: Callable[[str, _Deadline], Any]) -> Any:
+    def _run(
+        self,
+        method: str,
+        context: grpc.ServicerContext,
+        fn: Callable[[str, _Deadline], Any],
+        nbytes: int = 0,
+    ) -> Any:
         t0 = time.perf_counter()
         try:
             tenant = self._tenant(context)
             deadline = _Deadline.of(context, self.cfg.request_timeout_s, self.cfg.max_deadline_s)
             deadline.check(method)
-            with self.svc.request(method, tenant):
+            with self.svc.request(method, tenant, nbytes):
                 return fn(tenant, deadline)
         except ServiceError as e:
             self._log_refusal(method, e, t0)
@@ -140,7 +147,9 @@ class KvbmCodecServicer(pb_grpc.KvbmCodecServicer):
         try:
             return self.authenticate(context)
         except ServiceError as e:  # counted here whatever the hook: an attack shows on the dashboard
-            self.svc.metrics.auth_failures.labels(frontend="grpc", reason=e.code).inc()
+            self.svc.metrics.auth_failures.labels(
+                frontend="grpc", reason=e.code, tenant_class=UNKNOWN_CLASS
+            ).inc()
             raise
 
     @staticmethod
@@ -218,7 +227,7 @@ class KvbmCodecServicer(pb_grpc.KvbmCodecServicer):
                 ]
             )
 
-        return self._run("put", context, put)
+        return self._run("put", context, put, request.ByteSize())
 
     @staticmethod
     def _inline(blocks: Sequence[pb.Block]) -> list[bytes]:
@@ -292,7 +301,7 @@ class KvbmCodecServicer(pb_grpc.KvbmCodecServicer):
             deadline.check("get")
             timer = deadline.enforce(context)
             try:
-                with self.svc.request("get", tenant):
+                with self.svc.request("get", tenant, self._get_bytes(request)):
                     yield from self._get(tenant, request, deadline)
             finally:
                 timer.cancel()
@@ -303,6 +312,16 @@ class KvbmCodecServicer(pb_grpc.KvbmCodecServicer):
             log.exception("unhandled error", extra=fields(method="get", error=type(e).__name__))
             context.set_trailing_metadata(((ERROR_CODE_KEY, "internal"),))
             context.abort(grpc.StatusCode.INTERNAL, f"internal error ({type(e).__name__})")
+
+    def _get_bytes(self, request: pb.GetBlocksRequest) -> int:
+        """Bytes a get holds at once, for per-tenant byte admission: its raw blocks, but never more
+        than one message (a stream builds one message at a time); 0 for a model not served here,
+        which ``_get`` then refuses by name."""
+        try:
+            nbytes = self.svc.model(request.model).spec.nbytes
+        except ServiceError:
+            return 0
+        return min(nbytes * len(request.sequence_hashes), self.cfg.max_message_bytes)
 
     def _get(
         self, tenant: str, request: pb.GetBlocksRequest, deadline: _Deadline
