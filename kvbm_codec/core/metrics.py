@@ -45,6 +45,9 @@ METRIC_NAMES = (
     f"{PREFIX}_tier_capacity_bytes",
     f"{PREFIX}_tier_blocks",
     f"{PREFIX}_tier_evictions_total",
+    f"{PREFIX}_tier_quota_bytes",
+    f"{PREFIX}_tier_tenant_used_bytes",
+    f"{PREFIX}_tier_tenant_max_used_bytes",
     f"{PREFIX}_blocks_dropped_total",
     f"{PREFIX}_calibration_info",
     f"{PREFIX}_build_info",
@@ -83,6 +86,44 @@ class _TierCollector(Collector):
         for s in self._source():
             evc.add_metric([s.name], s.evictions)
         yield evc
+
+
+QuotaSource = Callable[[], Iterable[tuple[str, int, dict[str, int]]]]
+
+
+class _QuotaCollector(Collector):
+    """Per-tenant quota use at scrape time, summed per tenant class (a tenant's name never becomes a
+    label): the sum, and the largest single tenant, which is what nears the per-tenant quota."""
+
+    def __init__(self, source: QuotaSource, class_of: Callable[[str], str]) -> None:
+        self._source, self._class_of = source, class_of
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        quota = GaugeMetricFamily(
+            f"{PREFIX}_tier_quota_bytes", "Per-tenant byte quota of the tier", labels=["tier"]
+        )
+        used = GaugeMetricFamily(
+            f"{PREFIX}_tier_tenant_used_bytes",
+            "Bytes the tenants of a class hold in a tier with a quota",
+            labels=["tier", "tenant_class"],
+        )
+        top = GaugeMetricFamily(
+            f"{PREFIX}_tier_tenant_max_used_bytes",
+            "Bytes held by the largest tenant of a class in a tier with a quota (compare with the quota)",
+            labels=["tier", "tenant_class"],
+        )
+        for tier, limit, usage in self._source():
+            quota.add_metric([tier], limit)
+            total: dict[str, int] = {}
+            most: dict[str, int] = {}
+            for tenant, n in usage.items():
+                c = self._class_of(tenant)
+                total[c] = total.get(c, 0) + n
+                most[c] = max(most.get(c, 0), n)
+            for c in sorted(total):
+                used.add_metric([tier, c], total[c])
+                top.add_metric([tier, c], most[c])
+        yield from (quota, used, top)
 
 
 class ServiceMetrics:
@@ -184,3 +225,6 @@ class ServiceMetrics:
 
     def watch_tiers(self, source: Callable[[], Iterable[TierStats]]) -> None:
         self.registry.register(_TierCollector(source))
+
+    def watch_quotas(self, source: QuotaSource, class_of: Callable[[str], str]) -> None:
+        self.registry.register(_QuotaCollector(source, class_of))

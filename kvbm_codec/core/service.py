@@ -145,6 +145,9 @@ class BlockService:
             self.limits.max_inflight_bytes_per_tenant,
             self.limits.tenant_classes,
         )
+        quotas = getattr(store, "quota_usage", None)
+        if quotas is not None:
+            self.metrics.watch_quotas(quotas, self._tenants.class_of)
 
     # ---- admission ------------------------------------------------------------------------------
 

@@ -201,6 +201,16 @@ class ServiceConfig(BaseSettings):
     metrics_port: int | None = Field(
         9464, ge=0, le=65535, description="Prometheus /metrics port; 0 picks a free one, None disables."
     )
+    metrics_host: str | None = Field(
+        None,
+        description="Address /metrics listens on, when it should differ from `host` (e.g. a pod-internal "
+        "or loopback address apart from the client-facing one). None: `host`.",
+    )
+    metrics_token_file: Path | None = Field(
+        None,
+        description="File holding a bearer token /metrics requires (Authorization: Bearer <token>); other "
+        "scrapes get 401 and count as auth failures (frontend metrics). None: /metrics is open.",
+    )
     workers: int = Field(
         8,
         gt=0,
@@ -271,6 +281,19 @@ class ServiceConfig(BaseSettings):
         "copy",
         description="A read hit on disk is copied up to memory and the disk copy kept (copy: reads never "
         "lose a durable block) or moved (move: frees disk space, a crash after a read loses the block).",
+    )
+    memory_quota_bytes_per_tenant: OptionalByteSize = Field(
+        None,
+        gt=0,
+        description="Frame bytes one tenant may hold in the memory tier. A put past it evicts that tenant's "
+        "own least recently used blocks from the tier (they spill to disk like any eviction), never "
+        "another tenant's. None: no quota (only the tier's capacity).",
+    )
+    disk_quota_bytes_per_tenant: OptionalByteSize = Field(
+        None,
+        gt=0,
+        description="Frame bytes one tenant may hold in the disk tier; past it that tenant's own least "
+        "recently used blocks are dropped from the tier. None: no quota.",
     )
     disk_fsync: bool = Field(
         True,

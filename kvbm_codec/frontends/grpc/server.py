@@ -170,6 +170,15 @@ class KvbmCodecServicer(pb_grpc.KvbmCodecServicer):
             raise InvalidRequestError("request names no model")
         return self.svc.model(name)
 
+    @staticmethod
+    def _dtype(m: ServedModel, dtype: str) -> None:
+        """Bytes of another element type are refused, never reinterpreted (bf16 read as fp16 is
+        wrong KV that decodes fine). Empty: a client from before the field; the served dtype."""
+        if dtype and dtype != m.spec.dtype:
+            raise InvalidRequestError(
+                f"blocks of dtype {dtype!r}; model {m.name} is served as {m.spec.dtype}"
+            )
+
     def _count(self, n: int) -> None:
         if n > self.svc.limits.max_blocks_per_request:
             raise RequestTooLargeError(
@@ -207,6 +216,7 @@ class KvbmCodecServicer(pb_grpc.KvbmCodecServicer):
     def PutBlocks(self, request: pb.PutBlocksRequest, context: grpc.ServicerContext) -> pb.PutBlocksResponse:
         def put(tenant: str, deadline: _Deadline) -> pb.PutBlocksResponse:
             m = self._model(request.model)
+            self._dtype(m, request.dtype)
             self._count(len(request.blocks))
             if request.HasField("region"):
                 payloads, path = self._nixl_read(m, request, deadline), "nixl"
@@ -326,7 +336,7 @@ class KvbmCodecServicer(pb_grpc.KvbmCodecServicer):
     def _get(
         self, tenant: str, request: pb.GetBlocksRequest, deadline: _Deadline
     ) -> Iterator[pb.GetBlocksResponse]:
-        self._model(request.model)
+        self._dtype(self._model(request.model), request.dtype)
         hashes = list(request.sequence_hashes)
         self._count(len(hashes))
         as_frames = request.encoding == pb.ENCODING_FRAME
@@ -574,10 +584,18 @@ class CodecServer:
 
     def start(self) -> CodecServer:
         if self.cfg.metrics_port is not None:
-            from prometheus_client import start_http_server
+            from kvbm_codec.service.metrics_http import read_token, start_metrics_server
 
-            self._metrics_httpd, _ = start_http_server(
-                self.cfg.metrics_port, addr=self.cfg.host, registry=self.svc.metrics.registry
+            tf = self.cfg.metrics_token_file
+            refused = self.svc.metrics.auth_failures.labels(
+                frontend="metrics", reason="unauthenticated", tenant_class=UNKNOWN_CLASS
+            )
+            self._metrics_httpd = start_metrics_server(
+                self.cfg.metrics_host or self.cfg.host,
+                self.cfg.metrics_port,
+                self.svc.metrics.registry,
+                token=read_token(tf) if tf is not None else None,
+                on_refused=refused.inc,
             )
             self.metrics_port = self._metrics_httpd.server_port
         self.server.start()
