@@ -38,7 +38,7 @@ def test_memory_quota_evicts_only_the_flooding_tenants_own_oldest_blocks(policy:
     assert {k.tenant for k, _ in evicted} == {"a"}
     assert [k.sequence_hash for k, _ in evicted] == list(range(46))  # oldest first
     assert all(tier.get(_key("b", i)) == _data("b", i) for i in range(4))
-    assert sorted(k.sequence_hash for k in tier.keys() if k.tenant == "a") == [46, 47, 48, 49]
+    assert sorted(k.sequence_hash for k in list(tier.keys()) if k.tenant == "a") == [46, 47, 48, 49]
     assert tier.tenant_usage() == {"a": 4 * BLOCK, "b": 4 * BLOCK}
     # a re-put of a held key replaces it in place, it is not counted twice
     tier.put(_key("a", 49), _data("a", 49))
@@ -93,7 +93,7 @@ def test_disk_reopen_with_a_lower_quota_keeps_each_tenants_newest(tmp_path: Path
     disk = DiskTier(tmp_path, 100 * BLOCK, fsync=False, quota_bytes=2 * BLOCK)
     assert disk.rebuild_report.over_capacity_evicted == 8
     for t in ("a", "b"):
-        assert sorted(k.sequence_hash for k in disk.keys() if k.tenant == t) == [4, 5]
+        assert sorted(k.sequence_hash for k in list(disk.keys()) if k.tenant == t) == [4, 5]
         assert disk.get(_key(t, 5)) == _data(t, 5)
     assert disk.tenant_usage() == {"a": 2 * BLOCK, "b": 2 * BLOCK}
     disk.close()
