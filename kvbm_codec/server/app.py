@@ -129,7 +129,7 @@ def limits_of(cfg: ServiceConfig) -> Limits:
         max_inflight_requests=cfg.max_inflight_requests,
         max_inflight_per_tenant=cfg.max_inflight_per_tenant,
         max_inflight_bytes_per_tenant=cfg.tenant_bytes_limit,
-        tenant_classes=dict(cfg.tenant_classes),
+        tenant_classes=dict(cfg.tenant_classes or {}),
         max_blocks_per_request=cfg.max_blocks_per_request,
         retry_after_s=cfg.retry_after_s,
     )

@@ -249,10 +249,10 @@ class ServiceConfig(BaseSettings):
         "blocks); beyond it the tenant is refused RESOURCE_EXHAUSTED (reason tenant_bytes) with a retry "
         "hint. A request larger than this alone is still admitted. None: 4 x max_message_bytes; 0: no bound.",
     )
-    tenant_classes: dict[str, str] = Field(
-        default_factory=dict,
+    tenant_classes: dict[str, str] | None = Field(
+        None,
         description="Tenant -> class for metric labels (tenant_class on refusals and quota use); tenants "
-        "not listed are class `default`. Metrics never carry tenant names.",
+        "not listed (all, when None) are class `default`. Metrics never carry tenant names.",
     )
     drain_timeout_s: float = Field(
         20.0, ge=0, description="On SIGTERM, how long in-flight requests may take to finish."
