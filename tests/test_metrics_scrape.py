@@ -313,6 +313,7 @@ def test_prometheus_scrape_agrees_with_workload(blocks, small_calibration, tmp_p
     frame_estimate = spec.nbytes // 12
     cfg = ServiceConfig(
         memory_capacity_bytes=12 * frame_estimate,  # about 1.5 rounds of 8 blocks: evictions and drops
+        memory_quota_bytes_per_tenant=12 * frame_estimate,  # one tenant: the quota panel has data
         max_inflight_requests=4,
         max_blocks_per_request=8 + 8 + 1,
         nixl={"enabled": False},
@@ -444,6 +445,7 @@ def _kvbm_codec_serve(tmp: Path, cal, frame_estimate: int) -> Iterator[tuple[str
         "workers": 4,
         "max_blocks_per_request": 17,
         "memory_capacity_bytes": 12 * frame_estimate,
+        "memory_quota_bytes_per_tenant": 12 * frame_estimate,
         "nixl": {"enabled": False},
         "auth": {"mode": "none", "tenant": TENANT},
         "logging": {"format": "json", "level": "INFO"},
