@@ -17,6 +17,7 @@ MB/s always counts raw fp16 KV bytes (what the engine moves), never compressed b
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -191,6 +192,34 @@ def codec_only(codec: KVTCBlockCodec, rb: RealBlocks, batches: Sequence[int], re
     }
 
 
+def s3_placement(cal: Calibration, rb: RealBlocks, target_cr: float, repeats: int) -> dict[str, float]:
+    """What an S3 put adds before encoding, per block, one thread: the RoPE position search (an
+    object key carries no position) and the layout check (which searches the other readings too)."""
+    from kvbm_codec.core.service import ServedModel
+    from kvbm_codec.frontends.s3.buckets import Bucket
+    from kvbm_codec.service.config import BucketBinding
+
+    s = rb.spec
+    bucket = Bucket(
+        BucketBinding(page_size=s.page_size, dtype=s.dtype), ServedModel("bench", cal, s, target_cr)
+    )
+    keys = [
+        t[:, 0].reshape(s.n_layers, s.page_size, s.n_kv_heads, s.head_dim).permute(0, 2, 1, 3)
+        for t in rb.tensors
+    ]
+    hits = 0
+    with single_thread():
+        found = [bucket.estimator().estimate(k) for k in keys]
+        hits = sum(f == int(p[0]) for f, p in zip(found, rb.positions, strict=True))
+        t_est = _best(lambda: [bucket.estimator().estimate(k) for k in keys], repeats)
+        t_fit = _best(
+            lambda: [bucket.misfit(d, t, f) for d, t, f in zip(rb.data, rb.tensors, found, strict=True)],
+            repeats,
+        )
+    n = len(keys)
+    return {"position_ms": t_est / n * 1e3, "layout_check_ms": t_fit / n * 1e3, "positions_right": hits / n}
+
+
 # ---- the service over its front ends -------------------------------------------------------------
 
 
@@ -330,7 +359,7 @@ def service_levels(
     from kvbm_codec.core.service import ServedModel
     from kvbm_codec.frontends.grpc.server import CodecServer
     from kvbm_codec.frontends.s3 import BucketBinding, CredentialConfig, S3Config, start_s3_server
-    from kvbm_codec.server.app import build_service
+    from kvbm_codec.server.app import apply_codec_threads, build_service
     from kvbm_codec.service.config import NixlConfig, ServiceConfig
 
     name = "smollm2-135m"
@@ -349,6 +378,8 @@ def service_levels(
         ),
         **overrides,
     )
+    threads_before = torch.get_num_threads()
+    apply_codec_threads(cfg)  # what `kvbm-codec serve` does at start
     svc = build_service(cfg, models=[served])
     server = CodecServer(svc, cfg).start()
     s3 = None
@@ -385,6 +416,7 @@ def service_levels(
         if s3 is not None:
             s3.stop()
         server.stop(5.0)
+        torch.set_num_threads(threads_before)
     return rows
 
 
@@ -395,7 +427,7 @@ def run_throughput(
     lm: Any, cal: Calibration, opts: ThroughputOptions, log: Callable[[str], None] = print
 ) -> dict[str, Any]:
     """Every figure of the issue in one run; the JSON keys are the report's contract."""
-    from kvbm_codec.service.config import ModelConfig
+    from kvbm_codec.service.config import ModelConfig, ServiceConfig
 
     mc = ModelConfig()
     s = cal.shape
@@ -418,6 +450,15 @@ def run_throughput(
     log(
         f"stored ratio: block {co['block_stored_ratio']:.2f}x, "
         f"whole context {co['context_stored_ratio']:.2f}x"
+    )
+    place = s3_placement(cal, rb, opts.target_cr, opts.repeats)
+    enc_ms = spec.nbytes / co["encode"][str(min(opts.batches))] / 1e3
+    place["encode_ms"] = enc_ms
+    log(
+        f"S3 placement per block: position search {place['position_ms']:.1f} ms "
+        f"({place['position_ms'] / enc_ms:.0%} of a batch-{min(opts.batches)} encode, {enc_ms:.1f} ms), "
+        f"layout check "
+        f"{place['layout_check_ms']:.1f} ms; positions recovered {place['positions_right']:.0%}"
     )
     rows = service_levels(cal, spec, rb, opts, log) if opts.paths else []
     # a request of blocks_per_client blocks is compared with the codec batch nearest below it
@@ -444,12 +485,19 @@ def run_throughput(
         "block_stored_ratio": co["block_stored_ratio"],
         "context_stored_ratio": co["context_stored_ratio"],
         "block_frame_bytes": co["block_frame_bytes"],
+        "s3_placement": place,
         "calibration_id": cal.calibration_id,
         "allocation_id": codec.codec.alloc.allocation_id,
         "target_cr": opts.target_cr,
         "blocks": opts.blocks,
         "blocks_per_client": opts.blocks_per_client,
         "torch_threads": torch.get_num_threads(),
+        "service_codec_threads": (
+            opts.service_threads
+            if opts.service_threads is not None
+            else ServiceConfig.model_fields["codec_threads"].default
+        ),
+        "cpus": len(os.sched_getaffinity(0)),
         "seconds": time.perf_counter() - t0,
     }
 
