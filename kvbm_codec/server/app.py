@@ -135,6 +135,16 @@ def limits_of(cfg: ServiceConfig) -> Limits:
     )
 
 
+def apply_codec_threads(cfg: ServiceConfig) -> None:
+    """Set the process's torch intra-op threads to ``cfg.codec_threads`` (0 keeps torch's default).
+
+    Process-wide, so only a server's entry point calls it, never a library embedding a service."""
+    if cfg.codec_threads > 0:
+        import torch
+
+        torch.set_num_threads(cfg.codec_threads)
+
+
 def build_service(cfg: ServiceConfig, models: list[ServedModel] | None = None) -> BlockService:
     """The BlockService for ``cfg``; ``models`` replaces loading cfg.models (tests, embedders)."""
     metrics = ServiceMetrics()

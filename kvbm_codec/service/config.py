@@ -217,6 +217,13 @@ class ServiceConfig(BaseSettings):
         description="Minimum gRPC handler threads; the server runs at least max_inflight_requests + 8 so "
         "that overload is refused by admission control (with a retry hint), not queued.",
     )
+    codec_threads: int = Field(
+        1,
+        ge=0,
+        description="torch intra-op threads of each encode/decode (0: torch's default, one per core). With "
+        "1, concurrent requests run on every core side by side (the codec releases the GIL in its "
+        "matmuls, DEFLATE and checksums); raise it when few clients send large batches.",
+    )
     max_message_bytes: ByteSize = Field(
         64 << 20, gt=0, description="Largest gRPC message received or sent; larger ones are refused."
     )
