@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import random
@@ -426,3 +427,35 @@ def test_load_or_calibrate_goes_through_the_local_registry(
     assert reg.latest(smollm.info.fingerprint).calibration_id == cal_v1.calibration_id
     code, out = _cli("list", "--registry", str(tmp_path / "registry"))
     assert code == 0 and json.loads(out)["latest"] is True
+
+
+def test_entry_written_before_a_config_field_existed_still_loads(
+    tmp_path: Path, cal_v1: Calibration
+) -> None:
+    """An upgrade that adds a config field must not make every older registry entry look corrupt;
+    a value that disagrees still does."""
+    reg = Registry.from_url(tmp_path)
+    fp, cid = cal_v1.model_fingerprint, cal_v1.calibration_id
+    reg.publish(cal_v1)
+    prefix = f"{fp}/{cid}"
+    good_prov = reg.backend.get(f"{prefix}/{PROVENANCE}")
+    good_manifest = reg.backend.get(f"{prefix}/{MANIFEST}")
+    assert good_prov is not None and good_manifest is not None
+
+    def rewrite(prov: dict) -> None:
+        data = json.dumps(prov, indent=2, sort_keys=True).encode()
+        manifest = EntryManifest.from_bytes(good_manifest, "test")
+        files = {**manifest.files, PROVENANCE: FileDigest(hashlib.sha256(data).hexdigest(), len(data))}
+        reg.backend.put(f"{prefix}/{PROVENANCE}", data)  # re-signed, as an older writer would have
+        reg.backend.put(f"{prefix}/{MANIFEST}", dataclasses.replace(manifest, files=files).to_bytes())
+
+    older = json.loads(good_prov)
+    del older["config"]["distortion"]  # as written before the field existed
+    rewrite(older)
+    assert Registry.from_url(tmp_path).get(fp, cid).calibration_id == cid
+
+    changed = json.loads(good_prov)
+    changed["fit_tokens"] += 1
+    rewrite(changed)
+    with pytest.raises(CalibrationIntegrityError):
+        Registry.from_url(tmp_path).get(fp, cid)

@@ -365,9 +365,9 @@ class Registry:
             cal = load_calibration(p, expected_fingerprint=fp)  # content hash + model check
         if cal.calibration_id != cid:
             raise CalibrationIntegrityError(f"artifact is calibration {cal.calibration_id}", where=where)
-        if json.loads(blobs[ALLOCATIONS]) != _allocations_doc(cal) or json.loads(
-            blobs[PROVENANCE]
-        ) != _provenance_doc(cal):
+        if not _written_by(json.loads(blobs[ALLOCATIONS]), _allocations_doc(cal)) or not _written_by(
+            json.loads(blobs[PROVENANCE]), _provenance_doc(cal)
+        ):
             raise CalibrationIntegrityError(
                 "allocation table/provenance disagree with the artifact", where=where
             )
@@ -564,6 +564,18 @@ class Registry:
                 for k in keys:
                     self.backend.delete(k)
         return report
+
+
+def _written_by(stored: Any, current: Any) -> bool:
+    """Whether a stored side document agrees with the one the artifact renders today.
+
+    Every value the entry stored must match; keys the current code adds (a config field introduced
+    since, rendered with the value the artifact's loader gives old artifacts) are not a disagreement,
+    else every upgrade that grows the config would make every registry entry look corrupt.
+    """
+    if isinstance(stored, dict) and isinstance(current, dict):
+        return all(k in current and _written_by(v, current[k]) for k, v in stored.items())
+    return bool(stored == current)
 
 
 def _allocations_doc(cal: Calibration) -> dict[str, Any]:
