@@ -200,7 +200,7 @@ def demo(
     if engine not in ("none", "vllm"):
         raise typer.BadParameter(f"unknown engine {engine!r}: `vllm` or none")
     if engine == "vllm":
-        from kvbm_codec.adapters.vllm.demo import run_vllm_demo
+        from kvbm_codec.demos.vllm import run_vllm_demo
 
         paths = [p for p in engine_paths.split(",") if p]
         if not paths or any(p not in ("native", "obj", "none") for p in paths):
