@@ -186,7 +186,7 @@ def run_vllm_demo(
             }
             if stream:
                 request["stream"] = stream
-            if dump_primary and path == "native":
+            if dump_primary and path.startswith("native"):
                 request["dump_primary"] = dump_primary
             before = svc.labelled_metrics()
             r = run_engine(request, workdir)
@@ -201,9 +201,12 @@ def run_vllm_demo(
 
 def _report(path: str, r: dict[str, Any], say: Callable[[str], None]) -> None:
     s = r["service"]
-    name = {"native": "native tier (gRPC)", "obj": "vLLM's OBJ tier -> S3 endpoint", "none": "no offload"}[
-        path
-    ]
+    name = {
+        "native": f"native tier ({r.get('tier_transport', 'grpc')})",
+        "native-grpc": "native tier (gRPC bytes)",
+        "obj": "vLLM's OBJ tier -> S3 endpoint",
+        "none": "no offload",
+    }[path]
     ratio = s["raw_bytes_in"] / max(1.0, s["stored_bytes"])
     say(
         f"[{name}] kvbm-codec stored {s['blocks_put']:.0f} blocks ({s['raw_bytes_in'] / 1e6:.1f} MB fp32 -> "
