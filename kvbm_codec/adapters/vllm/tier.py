@@ -382,10 +382,10 @@ class KvbmCodecTier(SecondaryTierManager):
                 return self._store_nixl(plan, self._staging)
             except Exception as e:  # the bytes path still works: this job and the next use it
                 self._fallback(f"NIXL store failed ({type(e).__name__}: {e})")
-        spec = self.layout.spec
+        lay = self.layout
         items = [
-            PutItem(h, spec.to_bytes(self.layout.chunk_to_block(self._primary[c])), first, compress=z)
-            for h, first, z, c in plan
+            PutItem(h, lay.spec.to_bytes(lay.chunk_to_block(self._primary[c])), first_position=f, compress=z)
+            for h, f, z, c in plan
         ]
         return self._split(self.client.put_blocks, items)
 
