@@ -38,8 +38,8 @@ def kv_transfer_config(req: dict[str, Any]) -> dict[str, Any]:
             "max_pending_stores": req.get("max_pending_stores", 8),
             # block data over NIXL when both ends have it (else gRPC bytes, logged and counted)
             "transport": "grpc" if req["path"] == "native-grpc" else "auto",
-            # one tenant per engine run: blocks a previous run stored never serve this run's cold prefill
-            "tenant": req.get("tenant") or req["path"],
+            # one namespace per engine run: blocks a previous run stored never serve this run's cold prefill
+            "namespace": req["path"] + "/",
         }
     else:
         tier = {

@@ -145,6 +145,7 @@ class KvbmCodecTier(SecondaryTierManager):
         timeout_s: float = 120.0,
         transport: str = "auto",
         nixl_staging_blocks: int = 64,
+        namespace: str = "",
         backpressure_detector: BackpressureDetector | None = None,
     ) -> None:
         super().__init__(offloading_spec, primary_kv_view, tier_type, backpressure_detector)
@@ -165,6 +166,9 @@ class KvbmCodecTier(SecondaryTierManager):
         n = len(primary_kv_view)
         self._primary = torch.frombuffer(primary_kv_view, dtype=torch.uint8).view(n, self.block_size_bytes)
         self._names = FileMapper.from_offloading_spec("", offloading_spec, parallel_agnostic=True)
+        # prefixes every object name: engines that must not share a prefix (runs compared against each
+        # other, or deployments sharing a service without auth tenants) pick different namespaces
+        self.namespace = namespace
         self.max_pending_stores = max_pending_stores
         self.counters = TierCounters()
         self._stats = OffloadingConnectorStats()
@@ -220,7 +224,7 @@ class KvbmCodecTier(SecondaryTierManager):
     # ---- names -----------------------------------------------------------------------------------
 
     def hash_of(self, key: OffloadKey) -> int:
-        return sequence_hash(self._names.get_file_name(key))
+        return sequence_hash(self.namespace + self._names.get_file_name(key))
 
     # ---- vLLM's scheduler-thread API -------------------------------------------------------------
 
