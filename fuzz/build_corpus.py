@@ -62,6 +62,14 @@ def make_seeds(codec: object, kv: object) -> dict[str, bytes]:
         "g0_f32_8tok": codec.encode(sub(list(range(24, 32)), 0, 6), none(8), dtype="float32"),
         "g1_8x_32tok": other.encode(sub(list(range(32, 64)), 6, 12), window_tokens=1),
     }
+    # version-2 block frames (binary header, implied section layout), as the service writes them
+    whole = sub(list(range(32)), 0, kv.n_layers)
+    seeds["v2_block_sinks_32tok"] = codec.encode_batch([whole], [whole.positions < 4])[0][0]
+    later = sub(list(range(32, 48)), 0, kv.n_layers)
+    seeds["v2_block_16tok"] = codec.encode_batch([later], [none(16)])[0][0]
+    seeds["v2_block_bf16_8tok"] = codec.encode_batch(
+        [sub(list(range(48, 56)), 0, kv.n_layers)], [none(8)], dtype="bfloat16"
+    )[0][0]
     return seeds
 
 

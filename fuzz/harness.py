@@ -56,7 +56,8 @@ def reseal(data: bytes) -> bytes | None:
 
 
 def reseal_chunks(data: bytes) -> bytes | None:
-    """Recompute every chunk CRC32C the header lists over the payload as it is, then the digest.
+    """Recompute every chunk CRC32C the header lists over the payload as it is, then the digest
+    (version 1 JSON headers and version 2 binary block headers alike).
 
     Returns None when the header is not JSON of the expected outline: such inputs are already
     covered, unresealed, by the parser's own checks.
@@ -68,6 +69,8 @@ def reseal_chunks(data: bytes) -> bytes | None:
         end = fr.PREFIX_BYTES + hlen
         if end > len(data) - TRAILER:
             return None
+        if version == fr.FORMAT_VERSION_BLOCK:
+            return _reseal_block_chunks(data, end)
         header = json.loads(data[fr.PREFIX_BYTES : end])
         payload = data[end:-TRAILER]
         off = 0
@@ -82,6 +85,38 @@ def reseal_chunks(data: bytes) -> bytes | None:
         body = PREFIX.pack(magic, version, flags, len(header_json)) + header_json + payload
     except _NOT_A_FRAME:
         return None
+    return body + xxhash.xxh3_128(body).digest()
+
+
+def _reseal_block_chunks(data: bytes, end: int) -> bytes | None:
+    """reseal_chunks for a version-2 (binary) header: its (compressed_size, crc32c) records follow
+    the fixed fields and one u32 raw size per stream; the chunk count of a stream is implied by its
+    raw size. None when the binary outline does not hold together."""
+    head = bytearray(data[:end])
+    payload = data[end:-TRAILER]
+    off = fr.PREFIX_BYTES + fr.BLOCK_HEADER.size
+    if off > end:
+        return None
+    n_streams = head[off - 1]
+    sizes = []
+    for i in range(n_streams):
+        at = off + i * fr.BLOCK_STREAM_SIZE.size
+        if at + fr.BLOCK_STREAM_SIZE.size > end:
+            return None
+        sizes.append(fr.BLOCK_STREAM_SIZE.unpack_from(head, at)[0])
+    off += n_streams * fr.BLOCK_STREAM_SIZE.size
+    pos = 0
+    for size in sizes:
+        for _ in range(-(-size // fr.MAX_CHUNK_BYTES)):
+            if off + fr.BLOCK_CHUNK.size > end:
+                return None
+            n, _crc = fr.BLOCK_CHUNK.unpack_from(head, off)
+            if pos + n > len(payload):
+                return None
+            fr.BLOCK_CHUNK.pack_into(head, off, n, int(google_crc32c.value(payload[pos : pos + n])))
+            pos += n
+            off += fr.BLOCK_CHUNK.size
+    body = bytes(head) + payload
     return body + xxhash.xxh3_128(body).digest()
 
 

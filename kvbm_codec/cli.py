@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from kvbm_codec import __version__
-from kvbm_codec.bench.cli import bench
+from kvbm_codec.bench.cli import bench_app
 from kvbm_codec.calibration.registry_cli import registry_app
 from kvbm_codec.cli_errors import ReportingTyper, set_debug
 from kvbm_codec.codec.config import CodecConfig
@@ -37,7 +37,7 @@ def _root(
 
 
 app.add_typer(registry_app, name="registry")
-app.command("bench")(bench)
+app.add_typer(bench_app, name="bench")
 app.command("serve")(serve)
 app.add_typer(client_app, name="client")
 

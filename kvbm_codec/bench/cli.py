@@ -1,4 +1,5 @@
-"""`kvbm-codec bench`: KVTC against every baseline on the same KV, one table and one Pareto plot."""
+"""`kvbm-codec bench`: KVTC against every baseline on the same KV, one table and one Pareto plot;
+`kvbm-codec bench throughput`: the block path's speed against the codec's and the CPU's."""
 
 from __future__ import annotations
 
@@ -10,8 +11,12 @@ import typer
 
 from kvbm_codec.api.types import DEFAULT_MODEL
 
+bench_app = typer.Typer(add_completion=False, help=__doc__)
 
+
+@bench_app.callback(invoke_without_command=True)
 def bench(
+    ctx: typer.Context,
     model: Annotated[
         str, typer.Option("--model", help="registered name (smollm2-135m) or a path")
     ] = DEFAULT_MODEL,
@@ -42,6 +47,8 @@ def bench(
     ] = None,
 ) -> None:
     """Run every method on the same real KV; write the JSON, a markdown table and a Pareto PNG."""
+    if ctx.invoked_subcommand is not None:
+        return
     from kvbm_codec.bench.report import write_report
     from kvbm_codec.bench.runner import SUITES, run_bench
     from kvbm_codec.calibration.artifact import load_calibration
@@ -66,3 +73,71 @@ def bench(
     paths = write_report(result.as_dict(), out)
     typer.echo(paths["markdown"].read_text())
     typer.echo(json.dumps({k: str(v) for k, v in paths.items()}), err=True)
+
+
+def _ints(value: str, what: str) -> tuple[int, ...]:
+    try:
+        out = tuple(int(x) for x in value.split(",") if x.strip())
+    except ValueError:
+        raise typer.BadParameter(f"{what} must be comma-separated integers, got {value!r}") from None
+    if not out:
+        raise typer.BadParameter(f"{what} is empty")
+    return out
+
+
+@bench_app.command("throughput")
+def throughput(
+    json_out: Annotated[Path | None, typer.Option("--json", help="write the figures as JSON here")] = None,
+    quick: Annotated[
+        bool, typer.Option("--quick", help="8 blocks, batches 1,8, 1-2 clients: a smoke run")
+    ] = False,
+    model: Annotated[
+        str, typer.Option("--model", help="registered name (smollm2-135m) or a path")
+    ] = DEFAULT_MODEL,
+    calibration: Annotated[
+        Path | None, typer.Option(help="KVTC calibration file (default: the one `serve` uses)")
+    ] = None,
+    blocks: Annotated[int | None, typer.Option(help="32-token blocks of context (default 64)")] = None,
+    batches: Annotated[str | None, typer.Option(help="codec batch sizes, e.g. 1,8,64")] = None,
+    clients: Annotated[str | None, typer.Option(help="service concurrency levels, e.g. 1,4,16")] = None,
+    paths: Annotated[str | None, typer.Option(help="service paths: grpc,nixl,s3 (empty: none)")] = None,
+    blocks_per_client: Annotated[
+        int | None, typer.Option(help="blocks per client request (default 8)")
+    ] = None,
+    repeats: Annotated[int | None, typer.Option(help="codec timings keep the best of this many")] = None,
+    target_cr: Annotated[float, typer.Option(help="target compression ratio")] = 20.0,
+    service_threads: Annotated[
+        int | None, typer.Option(help="torch threads of the service's codec (default: its config's)")
+    ] = None,
+) -> None:
+    """Matmul roofline, codec-only MB/s per core and service put/get MB/s, on the same real blocks."""
+    from kvbm_codec.bench.throughput import ThroughputOptions, run_throughput, write_json
+    from kvbm_codec.calibration.artifact import load_calibration
+    from kvbm_codec.calibration.cache import load_or_calibrate
+    from kvbm_codec.models.hf import CausalLM
+
+    base = ThroughputOptions.quick() if quick else ThroughputOptions()
+    given: dict[str, object] = {
+        "blocks": blocks,
+        "batches": _ints(batches, "--batches") if batches is not None else None,
+        "clients": _ints(clients, "--clients") if clients is not None else None,
+        "paths": tuple(p for p in paths.split(",") if p) if paths is not None else None,
+        "blocks_per_client": blocks_per_client,
+        "repeats": repeats,
+        "service_threads": service_threads,
+    }
+    fields = {**base.__dict__, **{k: v for k, v in given.items() if v is not None}, "target_cr": target_cr}
+    try:
+        opts = ThroughputOptions(**fields)  # type: ignore[arg-type]
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    typer.echo(f"loading model {model} ...", err=True)
+    lm = CausalLM.load(model)
+    if calibration is not None:
+        cal = load_calibration(calibration, expected_fingerprint=lm.info.fingerprint)
+    else:
+        cal, _, _ = load_or_calibrate(lm, progress=False)
+    result = run_throughput(lm, cal, opts, log=lambda line: typer.echo(line))
+    if json_out is not None:
+        write_json(result, json_out)
+        typer.echo(f"wrote {json_out}", err=True)

@@ -91,7 +91,13 @@ def served_model(mc: ModelConfig, resolved: _Resolved) -> ServedModel:
 def build_store(cfg: ServiceConfig, metrics: ServiceMetrics) -> TieredStore:
     tiers: list[Tier] = []
     if cfg.memory_capacity_bytes > 0:
-        tiers.append(MemoryTier(cfg.memory_capacity_bytes, policy=cfg.memory_policy))
+        tiers.append(
+            MemoryTier(
+                cfg.memory_capacity_bytes,
+                policy=cfg.memory_policy,
+                quota_bytes=cfg.memory_quota_bytes_per_tenant,
+            )
+        )
     elif cfg.disk_path is None:
         raise ValueError("memory_capacity_bytes = 0 (durable mode) needs a disk tier: set disk_path")
     if cfg.disk_path is not None:
@@ -99,7 +105,15 @@ def build_store(cfg: ServiceConfig, metrics: ServiceMetrics) -> TieredStore:
         from kvbm_codec.store.disk import DiskTier
 
         capacity = cfg.disk_capacity_bytes or derived_disk_capacity(cfg.disk_path)
-        tiers.append(DiskTier(cfg.disk_path, capacity, name="disk", fsync=cfg.disk_fsync))
+        tiers.append(
+            DiskTier(
+                cfg.disk_path,
+                capacity,
+                name="disk",
+                fsync=cfg.disk_fsync,
+                quota_bytes=cfg.disk_quota_bytes_per_tenant,
+            )
+        )
     return TieredStore(
         tiers,
         when_full=cfg.when_full,
@@ -114,9 +128,21 @@ def limits_of(cfg: ServiceConfig) -> Limits:
     return Limits(
         max_inflight_requests=cfg.max_inflight_requests,
         max_inflight_per_tenant=cfg.max_inflight_per_tenant,
+        max_inflight_bytes_per_tenant=cfg.tenant_bytes_limit,
+        tenant_classes=dict(cfg.tenant_classes or {}),
         max_blocks_per_request=cfg.max_blocks_per_request,
         retry_after_s=cfg.retry_after_s,
     )
+
+
+def apply_codec_threads(cfg: ServiceConfig) -> None:
+    """Set the process's torch intra-op threads to ``cfg.codec_threads`` (0 keeps torch's default).
+
+    Process-wide, so only a server's entry point calls it, never a library embedding a service."""
+    if cfg.codec_threads > 0:
+        import torch
+
+        torch.set_num_threads(cfg.codec_threads)
 
 
 def build_service(cfg: ServiceConfig, models: list[ServedModel] | None = None) -> BlockService:

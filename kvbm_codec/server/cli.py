@@ -59,7 +59,7 @@ def serve(
 ) -> None:
     """Run the gRPC service until SIGTERM/SIGINT, then drain in-flight requests and exit."""
     from kvbm_codec.frontends.grpc.server import CodecServer
-    from kvbm_codec.server.app import build_service
+    from kvbm_codec.server.app import apply_codec_threads, build_service
     from kvbm_codec.service import logging as slog
     from kvbm_codec.service.config import ServiceConfig
 
@@ -78,6 +78,7 @@ def serve(
     credentials, authenticate = security_from_config(cfg)  # before the model loads: fail fast
     if s3_port is not None:
         cfg.s3.enabled, cfg.s3.port = True, s3_port
+    apply_codec_threads(cfg)
     svc = build_service(cfg)
     server = CodecServer(svc, cfg, authenticate=authenticate, credentials=credentials).start()
     s3 = None

@@ -35,6 +35,7 @@ from kvbm_codec.api.errors import (
 from kvbm_codec.api.types import GetResult, PutItem
 from kvbm_codec.codec import frame as fr
 from kvbm_codec.codec.errors import FrameError
+from kvbm_codec.core.fairness import UNKNOWN_CLASS
 from kvbm_codec.core.service import BlockService, ServedModel
 from kvbm_codec.frontends.grpc.wire import (
     ERROR_CODE_KEY,
@@ -120,13 +121,19 @@ class KvbmCodecServicer(pb_grpc.KvbmCodecServicer):
 
     # ---- plumbing --------------------------------------------------------------------------------
 
-    def _run(self, method: str, context: grpc.ServicerContext, fn: Callable[[str, _Deadline], Any]) -> Any:
+    def _run(
+        self,
+        method: str,
+        context: grpc.ServicerContext,
+        fn: Callable[[str, _Deadline], Any],
+        nbytes: int = 0,
+    ) -> Any:
         t0 = time.perf_counter()
         try:
             tenant = self._tenant(context)
             deadline = _Deadline.of(context, self.cfg.request_timeout_s, self.cfg.max_deadline_s)
             deadline.check(method)
-            with self.svc.request(method, tenant):
+            with self.svc.request(method, tenant, nbytes):
                 return fn(tenant, deadline)
         except ServiceError as e:
             self._log_refusal(method, e, t0)
@@ -140,7 +147,9 @@ class KvbmCodecServicer(pb_grpc.KvbmCodecServicer):
         try:
             return self.authenticate(context)
         except ServiceError as e:  # counted here whatever the hook: an attack shows on the dashboard
-            self.svc.metrics.auth_failures.labels(frontend="grpc", reason=e.code).inc()
+            self.svc.metrics.auth_failures.labels(
+                frontend="grpc", reason=e.code, tenant_class=UNKNOWN_CLASS
+            ).inc()
             raise
 
     @staticmethod
@@ -160,6 +169,15 @@ class KvbmCodecServicer(pb_grpc.KvbmCodecServicer):
         if not name:
             raise InvalidRequestError("request names no model")
         return self.svc.model(name)
+
+    @staticmethod
+    def _dtype(m: ServedModel, dtype: str) -> None:
+        """Bytes of another element type are refused, never reinterpreted (bf16 read as fp16 is
+        wrong KV that decodes fine). Empty: a client from before the field; the served dtype."""
+        if dtype and dtype != m.spec.dtype:
+            raise InvalidRequestError(
+                f"blocks of dtype {dtype!r}; model {m.name} is served as {m.spec.dtype}"
+            )
 
     def _count(self, n: int) -> None:
         if n > self.svc.limits.max_blocks_per_request:
@@ -198,6 +216,7 @@ class KvbmCodecServicer(pb_grpc.KvbmCodecServicer):
     def PutBlocks(self, request: pb.PutBlocksRequest, context: grpc.ServicerContext) -> pb.PutBlocksResponse:
         def put(tenant: str, deadline: _Deadline) -> pb.PutBlocksResponse:
             m = self._model(request.model)
+            self._dtype(m, request.dtype)
             self._count(len(request.blocks))
             if request.HasField("region"):
                 payloads, path = self._nixl_read(m, request, deadline), "nixl"
@@ -218,7 +237,7 @@ class KvbmCodecServicer(pb_grpc.KvbmCodecServicer):
                 ]
             )
 
-        return self._run("put", context, put)
+        return self._run("put", context, put, request.ByteSize())
 
     @staticmethod
     def _inline(blocks: Sequence[pb.Block]) -> list[bytes]:
@@ -292,7 +311,7 @@ class KvbmCodecServicer(pb_grpc.KvbmCodecServicer):
             deadline.check("get")
             timer = deadline.enforce(context)
             try:
-                with self.svc.request("get", tenant):
+                with self.svc.request("get", tenant, self._get_bytes(request)):
                     yield from self._get(tenant, request, deadline)
             finally:
                 timer.cancel()
@@ -304,10 +323,20 @@ class KvbmCodecServicer(pb_grpc.KvbmCodecServicer):
             context.set_trailing_metadata(((ERROR_CODE_KEY, "internal"),))
             context.abort(grpc.StatusCode.INTERNAL, f"internal error ({type(e).__name__})")
 
+    def _get_bytes(self, request: pb.GetBlocksRequest) -> int:
+        """Bytes a get holds at once, for per-tenant byte admission: its raw blocks, but never more
+        than one message (a stream builds one message at a time); 0 for a model not served here,
+        which ``_get`` then refuses by name."""
+        try:
+            nbytes = self.svc.model(request.model).spec.nbytes
+        except ServiceError:
+            return 0
+        return min(nbytes * len(request.sequence_hashes), self.cfg.max_message_bytes)
+
     def _get(
         self, tenant: str, request: pb.GetBlocksRequest, deadline: _Deadline
     ) -> Iterator[pb.GetBlocksResponse]:
-        self._model(request.model)
+        self._dtype(self._model(request.model), request.dtype)
         hashes = list(request.sequence_hashes)
         self._count(len(hashes))
         as_frames = request.encoding == pb.ENCODING_FRAME
@@ -555,10 +584,18 @@ class CodecServer:
 
     def start(self) -> CodecServer:
         if self.cfg.metrics_port is not None:
-            from prometheus_client import start_http_server
+            from kvbm_codec.service.metrics_http import read_token, start_metrics_server
 
-            self._metrics_httpd, _ = start_http_server(
-                self.cfg.metrics_port, addr=self.cfg.host, registry=self.svc.metrics.registry
+            tf = self.cfg.metrics_token_file
+            refused = self.svc.metrics.auth_failures.labels(
+                frontend="metrics", reason="unauthenticated", tenant_class=UNKNOWN_CLASS
+            )
+            self._metrics_httpd = start_metrics_server(
+                self.cfg.metrics_host or self.cfg.host,
+                self.cfg.metrics_port,
+                self.svc.metrics.registry,
+                token=read_token(tf) if tf is not None else None,
+                on_refused=refused.inc,
             )
             self.metrics_port = self._metrics_httpd.server_port
         self.server.start()

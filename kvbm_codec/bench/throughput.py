@@ -1,0 +1,507 @@
+"""`kvbm-codec bench throughput`: how close the block path runs to the codec, and the codec to the CPU.
+
+Three figures measured in one process on the same real blocks (SmolLM2 KV of the held-out GPL text,
+never the calibration corpus), so their ratios mean something on a loaded or unknown machine:
+
+* the roofline: torch fp32 matmul GFLOP/s at the codec's own shapes (one thread), turned into the
+  MB/s of decoded fp16 KV it allows through the FLOP per output byte the allocation implies (every
+  kept component costs a multiply-add per feature of its basis);
+* codec-only encode/decode MB/s per core (one torch thread), for the whole context as one frame and
+  for the same tokens as batches of 1, 8, 64 blocks;
+* the service's put/get MB/s over gRPC, NIXL and S3 on 127.0.0.1 at 1, 4 and 16 clients, the server
+  in this process with its real front ends, store and admission.
+
+MB/s always counts raw fp16 KV bytes (what the engine moves), never compressed bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kvbm_codec.api.blocks import BlockSpec, block_positions, kv_to_block
+from kvbm_codec.bench.base import single_thread
+from kvbm_codec.codec.block import KVTCBlockCodec
+from kvbm_codec.codec.kvtc import KVTCCodec
+from kvbm_codec.codec.params import Calibration
+from kvbm_codec.codec.quantize import active_components
+from kvbm_codec.kv import KVCache
+
+PATHS = ("grpc", "nixl", "s3")
+_S3_KEY = ("AKKVBMBENCH", "bench-secret-key")  # a throwaway credential of the in-process endpoint
+
+
+@dataclass(frozen=True)
+class ThroughputOptions:
+    """What one run measures; the defaults are the issue's figures, ``quick()`` a smoke run for tests."""
+
+    blocks: int = 64  # 32-token blocks of context: the whole-context frame covers the same tokens
+    batches: tuple[int, ...] = (1, 8, 64)
+    clients: tuple[int, ...] = (1, 4, 16)
+    paths: tuple[str, ...] = PATHS
+    blocks_per_client: int = 8  # one put and one get of this many blocks per client (one S3 object each)
+    target_cr: float = 20.0
+    repeats: int = 3  # codec and roofline timings keep the best of this many
+    service_threads: int | None = None  # torch intra-op threads of the service (None: its config's)
+
+    @classmethod
+    def quick(cls) -> ThroughputOptions:
+        return cls(blocks=8, batches=(1, 8), clients=(1, 2), blocks_per_client=2, repeats=1)
+
+    def __post_init__(self) -> None:
+        if self.blocks < 1 or self.blocks_per_client < 1 or self.repeats < 1:
+            raise ValueError("blocks, blocks_per_client and repeats must be at least 1")
+        if not self.batches or min(self.batches) < 1 or max(self.batches) > self.blocks:
+            raise ValueError(f"batches must be in 1..blocks ({self.blocks}), got {self.batches}")
+        if not self.clients or min(self.clients) < 1 or max(self.clients) > 64:
+            raise ValueError(f"clients must be in 1..64, got {self.clients}")
+        bad = set(self.paths) - set(PATHS)
+        if bad:
+            raise ValueError(f"unknown paths {sorted(bad)}; known: {', '.join(PATHS)}")
+
+
+@dataclass
+class RealBlocks:
+    """One context's KV, whole and cut into blocks: every figure of a run is measured on these."""
+
+    kv: KVCache
+    spec: BlockSpec
+    tensors: list[torch.Tensor]
+    positions: list[torch.Tensor]
+    hashes: list[int]
+    data: list[bytes] = field(default_factory=list)
+
+    @property
+    def block_bytes(self) -> int:
+        return self.spec.nbytes
+
+
+def real_blocks(lm: Any, spec: BlockSpec, n_blocks: int) -> RealBlocks:
+    """Prefill the held-out demo text once; the whole context and its blocks share those tokens."""
+    from kvbm_codec.adapters.kvbm import sequence_hashes
+    from kvbm_codec.texts import demo_document
+
+    n = n_blocks * spec.page_size
+    ids = lm.encode(demo_document())[:, :n]
+    if ids.shape[1] < n:
+        raise ValueError(f"the demo text has only {ids.shape[1]} tokens, {n} asked")
+    kv, _ = lm.prefill(ids, return_logits=False)
+    kv = kv.to(spec.torch_dtype)  # the engine's blocks are fp16: both sides see the same values
+    tensors, positions = [], []
+    for b in range(n_blocks):
+        sub = kv.select_tokens(torch.arange(b * spec.page_size, (b + 1) * spec.page_size))
+        tensors.append(kv_to_block(sub, spec).contiguous())
+        positions.append(block_positions(b * spec.page_size, spec.page_size))
+    hashes = sequence_hashes(ids[0].tolist(), spec.page_size)
+    return RealBlocks(kv, spec, tensors, positions, hashes, [spec.to_bytes(t) for t in tensors])
+
+
+# ---- roofline ------------------------------------------------------------------------------------
+
+
+def decode_flop_per_byte(codec: KVTCCodec) -> float:
+    """FLOP of the reconstruction matmuls per byte of decoded fp16 KV at the codec's allocation."""
+    flop = out = 0
+    for name, blocks in codec.alloc.blocks.items():
+        dim = codec.cal.bases[name].dim
+        flop += 2 * int(active_components(blocks).numel()) * dim
+        out += 2 * dim
+    return flop / out
+
+
+def roofline(codec: KVTCCodec, n_tokens: int, repeats: int) -> dict[str, float]:
+    """One thread's fp32 matmul speed on exactly the reconstruction shapes the codec runs."""
+    work: list[tuple[torch.Tensor, torch.Tensor]] = []
+    flop = 0
+    g = torch.Generator().manual_seed(0)
+    for name, blocks in codec.alloc.blocks.items():
+        basis = codec.cal.bases[name].basis[:, active_components(blocks)].T.contiguous()  # [k, p]
+        coeffs = torch.randn(n_tokens, basis.shape[0], generator=g)
+        work.append((coeffs, basis))
+        flop += 2 * n_tokens * basis.shape[0] * basis.shape[1]
+    with single_thread():
+        best = _best(lambda: [c @ b for c, b in work], repeats)
+    gflops = flop / best / 1e9
+    fpb = decode_flop_per_byte(codec)
+    return {"gflops": gflops, "flop_per_byte": fpb, "implied_decode_mbps": gflops * 1e3 / fpb}
+
+
+def _best(fn: Callable[[], object], repeats: int) -> float:
+    fn()  # warm-up: first-touch allocations and lazy init are not throughput
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+# ---- codec only ----------------------------------------------------------------------------------
+
+
+def codec_only(codec: KVTCBlockCodec, rb: RealBlocks, batches: Sequence[int], repeats: int) -> dict[str, Any]:
+    """Per-core encode/decode MB/s and stored ratios, whole context vs batches of blocks."""
+    kvc = codec.codec
+    raw_ctx = rb.kv.nbytes(2)
+    with single_thread():
+        # The context frame keeps the same tokens raw as its blocks do (sinks only): no recent window.
+        ctx_frame, _ = kvc.encode_with_stats(rb.kv, window_tokens=0)
+        t_enc = _best(lambda: kvc.encode_with_stats(rb.kv, window_tokens=0), repeats)
+        t_dec = _best(lambda: kvc.decode(ctx_frame), repeats)
+        encode = {"context": raw_ctx / t_enc / 1e6}
+        decode = {"context": raw_ctx / t_dec / 1e6}
+        n = len(rb.tensors)
+        for b in batches:
+            spans = [range(s, min(n, s + b)) for s in range(0, n - n % b or n, b)]
+            used = sum(len(r) for r in spans)
+
+            def enc(spans: list[range] = spans) -> list[list[bytes]]:
+                return [
+                    [
+                        f
+                        for f, _ in codec.encode_many(
+                            [rb.tensors[i] for i in r], [rb.positions[i] for i in r], [True] * len(r)
+                        )
+                    ]
+                    for r in spans
+                ]
+
+            encoded = enc()
+            t_enc = _best(enc, repeats)
+            t_dec = _best(lambda encoded=encoded: [codec.decode_many(part) for part in encoded], repeats)
+            for out in codec.decode_many(encoded[0]):
+                if isinstance(out, Exception):
+                    raise out
+            encode[str(b)] = used * rb.block_bytes / t_enc / 1e6
+            decode[str(b)] = used * rb.block_bytes / t_dec / 1e6
+    all_frames = [f for f, _ in codec.encode_many(rb.tensors, rb.positions, [True] * len(rb.tensors))]
+    return {
+        "encode": encode,
+        "decode": decode,
+        "context_stored_ratio": raw_ctx / len(ctx_frame),
+        "block_stored_ratio": len(all_frames) * rb.block_bytes / sum(len(f) for f in all_frames),
+        "block_frame_bytes": sum(len(f) for f in all_frames) / len(all_frames),
+    }
+
+
+def s3_placement(cal: Calibration, rb: RealBlocks, target_cr: float, repeats: int) -> dict[str, float]:
+    """What an S3 put adds before encoding, per block, one thread: the RoPE position search (an
+    object key carries no position) and the layout check (which searches the other readings too)."""
+    from kvbm_codec.core.service import ServedModel
+    from kvbm_codec.frontends.s3.buckets import Bucket
+    from kvbm_codec.service.config import BucketBinding
+
+    s = rb.spec
+    bucket = Bucket(
+        BucketBinding(page_size=s.page_size, dtype=s.dtype), ServedModel("bench", cal, s, target_cr)
+    )
+    keys = [
+        t[:, 0].reshape(s.n_layers, s.page_size, s.n_kv_heads, s.head_dim).permute(0, 2, 1, 3)
+        for t in rb.tensors
+    ]
+    hits = 0
+    with single_thread():
+        found = [bucket.estimator().estimate(k) for k in keys]
+        hits = sum(f == int(p[0]) for f, p in zip(found, rb.positions, strict=True))
+        t_est = _best(lambda: [bucket.estimator().estimate(k) for k in keys], repeats)
+        t_fit = _best(
+            lambda: [bucket.misfit(d, t, f) for d, t, f in zip(rb.data, rb.tensors, found, strict=True)],
+            repeats,
+        )
+    n = len(keys)
+    return {"position_ms": t_est / n * 1e3, "layout_check_ms": t_fit / n * 1e3, "positions_right": hits / n}
+
+
+# ---- the service over its front ends -------------------------------------------------------------
+
+
+class _Level:
+    """One (path, clients) level: every client stores its own copy of the blocks, then reads it back."""
+
+    def __init__(self, targets: dict[str, Any], path: str, n_clients: int, rb: RealBlocks, per_client: int):
+        self.targets, self.path, self.n, self.rb = targets, path, n_clients, rb
+        self.idx = [
+            [(c * per_client + k) % len(rb.data) for k in range(per_client)] for c in range(n_clients)
+        ]
+        salt = 1 + 64 * (PATHS.index(path) * 65 + n_clients)  # no two levels (or clients) share a key
+        self.hashes = [
+            [(rb.hashes[i] ^ (0x9E3779B97F4A7C15 * (salt + c))) & (2**64 - 1) for i in ix]
+            for c, ix in enumerate(self.idx)
+        ]
+        self.clients: list[Any] = []
+        self.regs: list[tuple[Any, Any]] = []
+
+    def open(self) -> None:
+        for c in range(self.n):
+            if self.path == "s3":
+                self.clients.append(_s3_client(self.targets["s3"]))
+                continue
+            from kvbm_codec.frontends.grpc.client import CodecClient
+
+            client = CodecClient(
+                self.targets["grpc"], model=self.targets["model"], timeout_s=600, max_attempts=5
+            )
+            self.clients.append(client)
+            if self.path == "nixl":
+                agent = client.nixl_agent()
+                src = torch.frombuffer(
+                    bytearray(b"".join(self.rb.data[i] for i in self.idx[c])), dtype=torch.uint8
+                )
+                self.regs.append((agent.register(src), agent.register(torch.zeros_like(src))))
+        # warm-up outside the timed region: channels, and for NIXL the peers' metadata and UCX wire-up
+        for c in range(self.n):
+            self.put(c, warm=True)
+            self.get(c, warm=True)
+
+    def close(self) -> None:
+        for src, dst in self.regs:
+            src.close()
+            dst.close()
+        for c in self.clients:
+            if hasattr(c, "close"):
+                c.close()
+
+    def put(self, c: int, *, warm: bool = False) -> None:
+        from kvbm_codec.api.types import PutItem
+
+        ix = self.idx[c][:1] if warm else self.idx[c]
+        hs = [(h ^ 0xFFFF) for h in self.hashes[c][:1]] if warm else self.hashes[c]
+        ps = self.rb.spec.page_size
+        if self.path == "grpc":
+            self.clients[c].put_blocks(
+                [PutItem(h, self.rb.data[i], first_position=i * ps) for h, i in zip(hs, ix, strict=True)]
+            )
+        elif self.path == "nixl":
+            nb = self.rb.block_bytes
+            self.clients[c].put_blocks_nixl(
+                self.regs[c][0], [(h, i * ps, k * nb) for k, (h, i) in enumerate(zip(hs, ix, strict=True))]
+            )
+        else:
+            for h, i in zip(hs, ix, strict=True):
+                self.clients[c].put_object(
+                    Bucket=self.targets["bucket"], Key=f"{h:016x}", Body=self.rb.data[i]
+                )
+
+    def get(self, c: int, *, warm: bool = False) -> None:
+        hs = [(h ^ 0xFFFF) for h in self.hashes[c][:1]] if warm else self.hashes[c]
+        if self.path == "grpc":
+            got = self.clients[c].get_blocks(hs)
+            ok = all(
+                g.status == "hit" and g.data is not None and len(g.data) == self.rb.block_bytes for g in got
+            )
+        elif self.path == "nixl":
+            nb = self.rb.block_bytes
+            got = self.clients[c].get_blocks_nixl(self.regs[c][1], hs, [k * nb for k in range(len(hs))])
+            ok = all(g.status == "hit" for g in got)
+        else:
+            ok = all(
+                len(self.clients[c].get_object(Bucket=self.targets["bucket"], Key=f"{h:016x}")["Body"].read())
+                == self.rb.block_bytes
+                for h in hs
+            )
+        if not ok or len(hs) == 0:
+            raise RuntimeError(f"{self.path} get of {len(hs)} blocks did not return them all")
+
+    def run(self, op: str) -> float:
+        """Wall seconds for every client to finish one ``op`` of all its blocks, started together."""
+        fn = self.put if op == "put" else self.get
+        barrier = threading.Barrier(self.n + 1)
+        errors: list[BaseException] = []
+
+        def worker(c: int) -> None:
+            barrier.wait()
+            try:
+                fn(c)
+            except BaseException as e:  # re-raised in the caller: a failed level is no figure
+                errors.append(e)
+            barrier.wait()
+
+        threads = [threading.Thread(target=worker, args=(c,), daemon=True) for c in range(self.n)]
+        for t in threads:
+            t.start()
+        barrier.wait()
+        t0 = time.perf_counter()
+        barrier.wait()
+        dt = time.perf_counter() - t0
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        return dt
+
+
+def _s3_client(endpoint: str) -> Any:
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id=_S3_KEY[0],
+        aws_secret_access_key=_S3_KEY[1],
+        region_name="us-east-1",
+        config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}, max_pool_connections=4),
+    )
+
+
+def service_levels(
+    cal: Calibration, spec: BlockSpec, rb: RealBlocks, opts: ThroughputOptions, log: Callable[[str], None]
+) -> list[dict[str, Any]]:
+    """put/get MB/s per (path, clients), through a real server on 127.0.0.1 in this process."""
+    from kvbm_codec.core.service import ServedModel
+    from kvbm_codec.frontends.grpc.server import CodecServer
+    from kvbm_codec.frontends.s3 import BucketBinding, CredentialConfig, S3Config, start_s3_server
+    from kvbm_codec.server.app import apply_codec_threads, build_service
+    from kvbm_codec.service.config import NixlConfig, ServiceConfig
+
+    name = "smollm2-135m"
+    served = ServedModel(name, cal, spec, opts.target_cr)
+    most = max(opts.clients)
+    overrides: dict[str, Any] = {}
+    if opts.service_threads is not None:
+        overrides["codec_threads"] = opts.service_threads
+    cfg = ServiceConfig.load(
+        grpc_port=0,
+        metrics_port=None,
+        max_inflight_requests=max(64, 2 * most),
+        nixl=NixlConfig(
+            staging_bytes=2 * most * opts.blocks_per_client * spec.nbytes,
+            slot_bytes=opts.blocks_per_client * spec.nbytes,
+        ),
+        **overrides,
+    )
+    threads_before = torch.get_num_threads()
+    apply_codec_threads(cfg)  # what `kvbm-codec serve` does at start
+    svc = build_service(cfg, models=[served])
+    server = CodecServer(svc, cfg).start()
+    s3 = None
+    targets: dict[str, Any] = {"grpc": f"127.0.0.1:{server.port}", "model": name}
+    if "s3" in opts.paths:
+        binding = BucketBinding(model=name, page_size=spec.page_size, dtype=spec.dtype)
+        s3 = start_s3_server(
+            svc,
+            S3Config(
+                credentials=[CredentialConfig(access_key=_S3_KEY[0], secret_key=_S3_KEY[1], tenant="bench")],
+                buckets=[binding],
+                workers=most,
+            ),
+        )
+        targets["s3"], targets["bucket"] = s3.url, binding.name
+    rows: list[dict[str, Any]] = []
+    try:
+        for n in opts.clients:
+            for path in opts.paths:
+                if path == "nixl" and server.staging is None:
+                    log("NIXL is not available here: the nixl path is skipped")
+                    continue
+                level = _Level(targets, path, n, rb, opts.blocks_per_client)
+                try:
+                    level.open()
+                    for op in ("put", "get"):
+                        dt = level.run(op)
+                        mbps = n * opts.blocks_per_client * spec.nbytes / dt / 1e6
+                        rows.append({"path": path, "op": op, "clients": n, "mbps": mbps})
+                        log(f"  {path:4} {op} {n:2} clients: {mbps:7.2f} MB/s")
+                finally:
+                    level.close()
+    finally:
+        if s3 is not None:
+            s3.stop()
+        server.stop(5.0)
+        torch.set_num_threads(threads_before)
+    return rows
+
+
+# ---- the whole run -------------------------------------------------------------------------------
+
+
+def run_throughput(
+    lm: Any, cal: Calibration, opts: ThroughputOptions, log: Callable[[str], None] = print
+) -> dict[str, Any]:
+    """Every figure of the issue in one run; the JSON keys are the report's contract."""
+    from kvbm_codec.service.config import ModelConfig, ServiceConfig
+
+    mc = ModelConfig()
+    s = cal.shape
+    spec = BlockSpec(s.n_layers, mc.page_size, s.n_kv_heads, s.key_head_dim, mc.dtype)
+    t0 = time.perf_counter()
+    rb = real_blocks(lm, spec, opts.blocks)
+    codec = KVTCBlockCodec(KVTCCodec(cal, opts.target_cr), spec)
+    n_comp = rb.kv.n_tokens - int((rb.kv.positions < cal.config.sink_tokens).sum())
+    roof = roofline(codec.codec, n_comp, opts.repeats)
+    log(
+        f"roofline: {roof['gflops']:.1f} GFLOP/s fp32 (1 thread) at {roof['flop_per_byte']:.0f} FLOP per "
+        f"decoded byte -> {roof['implied_decode_mbps']:.1f} MB/s of fp16 KV"
+    )
+    co = codec_only(codec, rb, opts.batches, opts.repeats)
+    implied = roof["implied_decode_mbps"]
+    for op in ("encode", "decode"):
+        for k, v in co[op].items():
+            what = "whole context" if k == "context" else f"batch of {k} blocks"
+            log(f"codec {op} {what:>18}: {v:7.2f} MB/s per core  ({v / implied:.0%} of roofline)")
+    log(
+        f"stored ratio: block {co['block_stored_ratio']:.2f}x, "
+        f"whole context {co['context_stored_ratio']:.2f}x"
+    )
+    place = s3_placement(cal, rb, opts.target_cr, opts.repeats)
+    enc_ms = spec.nbytes / co["encode"][str(min(opts.batches))] / 1e3
+    place["encode_ms"] = enc_ms
+    log(
+        f"S3 placement per block: position search {place['position_ms']:.1f} ms "
+        f"({place['position_ms'] / enc_ms:.0%} of a batch-{min(opts.batches)} encode, {enc_ms:.1f} ms), "
+        f"layout check "
+        f"{place['layout_check_ms']:.1f} ms; positions recovered {place['positions_right']:.0%}"
+    )
+    rows = service_levels(cal, spec, rb, opts, log) if opts.paths else []
+    # a request of blocks_per_client blocks is compared with the codec batch nearest below it
+    ref_batch = str(max([b for b in opts.batches if b <= opts.blocks_per_client] or [min(opts.batches)]))
+    for r in rows:
+        ref = co["encode" if r["op"] == "put" else "decode"][ref_batch]
+        r["ratio_to_codec"] = r["mbps"] / ref
+        r["ratio_to_roofline"] = r["mbps"] / implied
+    if rows:
+        log(f"service (ratios to codec-only at batch {ref_batch} and to the roofline, per core):")
+        for r in rows:
+            log(
+                f"  {r['path']:4} {r['op']} {r['clients']:2} clients: {r['mbps']:7.2f} MB/s  "
+                f"{r['ratio_to_codec']:.0%} of codec, {r['ratio_to_roofline']:.0%} of roofline"
+            )
+    return {
+        "roofline_gflops": roof["gflops"],
+        "roofline_flop_per_byte": roof["flop_per_byte"],
+        "roofline_decode_mbps": implied,
+        "codec_encode_mbps_per_core": co["encode"],
+        "codec_decode_mbps_per_core": co["decode"],
+        "service": rows,
+        "service_reference_batch": int(ref_batch),
+        "block_stored_ratio": co["block_stored_ratio"],
+        "context_stored_ratio": co["context_stored_ratio"],
+        "block_frame_bytes": co["block_frame_bytes"],
+        "s3_placement": place,
+        "calibration_id": cal.calibration_id,
+        "allocation_id": codec.codec.alloc.allocation_id,
+        "target_cr": opts.target_cr,
+        "blocks": opts.blocks,
+        "blocks_per_client": opts.blocks_per_client,
+        "torch_threads": torch.get_num_threads(),
+        "service_codec_threads": (
+            opts.service_threads
+            if opts.service_threads is not None
+            else ServiceConfig.model_fields["codec_threads"].default
+        ),
+        "cpus": len(os.sched_getaffinity(0)),
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def write_json(result: dict[str, Any], out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")

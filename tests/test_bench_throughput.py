@@ -1,0 +1,55 @@
+"""`kvbm-codec bench throughput --quick`: one real run (model KV, codec, gRPC/NIXL/S3 servers on
+127.0.0.1) whose JSON carries every figure the issue names. Values are checked for sanity (finite,
+positive, every path and op present, ratios in the range real frames give), never against timings."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from kvbm_codec.cli import app
+
+KEYS = (
+    "roofline_gflops",
+    "codec_encode_mbps_per_core",
+    "codec_decode_mbps_per_core",
+    "service",
+    "block_stored_ratio",
+    "context_stored_ratio",
+)
+
+
+def test_quick_throughput_json_has_every_figure(small_calibration, tmp_path: Path) -> None:
+    from kvbm_codec.calibration.artifact import save_calibration
+
+    cal_path = tmp_path / "small.kvtc"
+    save_calibration(small_calibration, cal_path)
+    out = tmp_path / "throughput.json"
+    res = CliRunner().invoke(
+        app, ["bench", "throughput", "--quick", "--calibration", str(cal_path), "--json", str(out)]
+    )
+    assert res.exit_code == 0, res.output
+    data = json.loads(out.read_text())
+    for k in KEYS:
+        assert k in data, k
+    assert math.isfinite(data["roofline_gflops"]) and data["roofline_gflops"] > 0
+    for op in ("codec_encode_mbps_per_core", "codec_decode_mbps_per_core"):
+        assert set(data[op]) == {"context", "1", "8"}
+        assert all(math.isfinite(v) and v > 0 for v in data[op].values())
+    seen = {(r["path"], r["op"], r["clients"]) for r in data["service"]}
+    paths = {r["path"] for r in data["service"]}
+    assert {"grpc", "s3"} <= paths  # nixl too where the library loads
+    assert seen == {(p, op, n) for p in paths for op in ("put", "get") for n in (1, 2)}
+    assert all(math.isfinite(r["mbps"]) and r["mbps"] > 0 for r in data["service"])
+    # lossy frames of real KV compress; a block carries more overhead than the whole context
+    assert 1.5 < data["block_stored_ratio"] <= data["context_stored_ratio"] * 1.05
+    assert "roofline" in res.output and "of codec" in res.output
+
+
+def test_throughput_options_are_bounded() -> None:
+    res = CliRunner().invoke(app, ["bench", "throughput", "--quick", "--batches", "1,99", "--paths", ""])
+    assert res.exit_code != 0
+    assert "batches" in res.output
