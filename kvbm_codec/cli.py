@@ -184,7 +184,10 @@ def demo(
         ),
     ] = "none",
     engine_paths: Annotated[
-        str, typer.Option(help="with --engine vllm: native,obj (none: no offload, a baseline)")
+        str,
+        typer.Option(
+            help="with --engine vllm: native,obj (native-grpc: the tier without NIXL; none: no offload)"
+        ),
     ] = "native,obj",
     prompt_tokens: Annotated[int, typer.Option(help="with --engine vllm: conversation length")] = 1500,
     stream_requests: Annotated[
@@ -200,11 +203,13 @@ def demo(
     if engine not in ("none", "vllm"):
         raise typer.BadParameter(f"unknown engine {engine!r}: `vllm` or none")
     if engine == "vllm":
-        from kvbm_codec.adapters.vllm.demo import run_vllm_demo
+        from kvbm_codec.demos.vllm import run_vllm_demo
 
         paths = [p for p in engine_paths.split(",") if p]
-        if not paths or any(p not in ("native", "obj", "none") for p in paths):
-            raise typer.BadParameter(f"--engine-paths takes native and/or obj, got {engine_paths!r}")
+        if not paths or any(p not in ("native", "native-grpc", "obj", "none") for p in paths):
+            raise typer.BadParameter(
+                f"--engine-paths takes native, native-grpc, obj and/or none, got {engine_paths!r}"
+            )
         stream = {"requests": stream_requests, "tokens": 256, "batch": 4} if stream_requests else None
         result = run_vllm_demo(target_cr=target_cr, paths=paths, prompt_tokens=prompt_tokens, stream=stream)
         if result["service_exit_code"] != 0:

@@ -9,10 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvbm_codec.adapters.vllm.demo import conversation_ids, run_vllm_demo, vllm_python
 from kvbm_codec.api.blocks import BlockSpec, kv_to_block
 from kvbm_codec.api.vllm_layout import VllmCpuLayout
 from kvbm_codec.calibration.registry import Registry
+from kvbm_codec.demos.vllm import conversation_ids, run_vllm_demo, vllm_python
 from kvbm_codec.models.registry import cache_root
 
 try:

@@ -53,8 +53,30 @@ class VllmCpuLayout:
                 f"({self.chunk_bytes} padded), got {n}"
             )
 
-    def chunk_to_block(self, chunk: torch.Tensor | bytes | bytearray | memoryview) -> torch.Tensor:
-        """Chunk bytes (uint8 tensor or buffer, padded or not) -> block [L, 2, P, H*D] in the spec's dtype."""
+    def _chunk_parts(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of a chunk's payload: keys and values as [L, H, P, D] (keys strided when "dt")."""
+        s = self.spec
+        x = flat[: self.payload_bytes].view(s.torch_dtype).view(s.n_layers, s.n_kv_heads, 2, -1)
+        if self.key_order == "dt":
+            k = x[:, :, 0].view(s.n_layers, s.n_kv_heads, s.head_dim, s.page_size).transpose(2, 3)
+        else:
+            k = x[:, :, 0].view(s.n_layers, s.n_kv_heads, s.page_size, s.head_dim)
+        return k, x[:, :, 1].view(s.n_layers, s.n_kv_heads, s.page_size, s.head_dim)
+
+    def _block_parts(self, block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of a block [L, 2, P, H*D]: keys and values as [L, H, P, D]."""
+        s = self.spec
+        kv = block.reshape(s.n_layers, 2, s.page_size, s.n_kv_heads, s.head_dim).permute(0, 1, 3, 2, 4)
+        return kv[:, 0], kv[:, 1]
+
+    def chunk_to_block(
+        self, chunk: torch.Tensor | bytes | bytearray | memoryview, *, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Chunk bytes (uint8 tensor or buffer, padded or not) -> block [L, 2, P, H*D] in the spec's dtype.
+
+        ``out``: a contiguous block tensor to write into (e.g. a registered NIXL staging slot), so
+        the conversion is the only copy.
+        """
         s = self.spec
         raw = (
             chunk.reshape(-1)
@@ -62,27 +84,37 @@ class VllmCpuLayout:
             else torch.frombuffer(bytearray(chunk), dtype=torch.uint8)
         )
         self._check_len(raw.numel())
-        x = raw[: self.payload_bytes].view(s.torch_dtype).reshape(s.n_layers, s.n_kv_heads, 2, -1)
-        if self.key_order == "dt":
-            k = x[:, :, 0].reshape(s.n_layers, s.n_kv_heads, s.head_dim, s.page_size).transpose(2, 3)
-        else:
-            k = x[:, :, 0].reshape(s.n_layers, s.n_kv_heads, s.page_size, s.head_dim)
-        v = x[:, :, 1].reshape(s.n_layers, s.n_kv_heads, s.page_size, s.head_dim)
-        kv = torch.stack([k, v], dim=1)  # [L, 2, H, P, D]
-        return kv.permute(0, 1, 3, 2, 4).reshape(s.shape).contiguous()
+        if out is None:
+            out = torch.empty(s.shape, dtype=s.torch_dtype)
+        s.check(out)
+        if not out.is_contiguous():
+            raise ValueError("out must be a contiguous block tensor")
+        k, v = self._chunk_parts(raw)
+        ok, ov = self._block_parts(out)
+        ok.copy_(k)
+        ov.copy_(v)
+        return out
 
-    def block_to_chunk(self, block: torch.Tensor, *, padded: bool = True) -> torch.Tensor:
-        """Block [L, 2, P, H*D] -> chunk bytes as a uint8 tensor (zero-padded to ``chunk_bytes``)."""
+    def block_to_chunk(
+        self, block: torch.Tensor, *, padded: bool = True, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Block [L, 2, P, H*D] -> chunk bytes as a uint8 tensor (zero-padded to ``chunk_bytes``).
+
+        ``out``: a uint8 tensor of ``chunk_bytes`` (or the payload's bytes without padding) to write
+        into, e.g. the engine's own primary-tier slot: the conversion is then the only copy.
+        """
         s = self.spec
         s.check(block)
-        kv = block.reshape(s.n_layers, 2, s.page_size, s.n_kv_heads, s.head_dim).permute(0, 1, 3, 2, 4)
-        k, v = kv[:, 0], kv[:, 1]  # [L, H, P, D]
-        if self.key_order == "dt":
-            k = k.transpose(2, 3)
-        x = torch.stack([k.reshape(s.n_layers, s.n_kv_heads, -1), v.reshape(s.n_layers, s.n_kv_heads, -1)], 2)
-        payload = x.contiguous().view(torch.uint8).reshape(-1)
-        if not padded or self.chunk_bytes == self.payload_bytes:
-            return payload
-        out = torch.zeros(self.chunk_bytes, dtype=torch.uint8)
-        out[: self.payload_bytes] = payload
-        return out
+        if out is None:
+            out = torch.empty(self.chunk_bytes if padded else self.payload_bytes, dtype=torch.uint8)
+        if out.dtype != torch.uint8 or not out.is_contiguous():
+            raise ValueError("out must be a contiguous uint8 tensor")
+        flat = out.view(-1)
+        self._check_len(flat.numel())
+        k, v = self._chunk_parts(flat)
+        bk, bv = self._block_parts(block)
+        k.copy_(bk)
+        v.copy_(bv)
+        if flat.numel() > self.payload_bytes:
+            flat[self.payload_bytes :].zero_()
+        return flat

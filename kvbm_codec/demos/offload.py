@@ -31,17 +31,30 @@ from kvbm_codec.texts import demo_conversation
 STARTUP_TIMEOUT_S = 600.0  # first start may load the GGUF model and calibrate (minutes on 2 cores)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
 class ServiceProcess:
-    """`kvbm-codec serve` in a child process with explicit lifetime: start, wait healthy, SIGTERM."""
+    """`kvbm-codec serve` in a child process with explicit lifetime: start, wait healthy, SIGTERM.
 
-    def __init__(self, target_cr: float, log_path: Path, model: str = DEFAULT_MODEL) -> None:
-        self.port, self.metrics_port = _free_port(), _free_port()
+    Configured through the environment only (``DYN_KVBM_CODEC_*``, which the service reads over its
+    defaults), so every demo starts the service the same way; ``models`` replaces the one-model
+    default entry and ``settings`` adds further variables (e.g. the S3 endpoint's buckets).
+    """
+
+    def __init__(
+        self,
+        target_cr: float,
+        log_path: Path,
+        model: str = DEFAULT_MODEL,
+        *,
+        models: list[dict[str, Any]] | None = None,
+        settings: dict[str, str] | None = None,
+    ) -> None:
+        self.port, self.metrics_port = free_port(), free_port()
         env = dict(os.environ)
         env.update(
             {
@@ -49,7 +62,9 @@ class ServiceProcess:
                 "DYN_KVBM_CODEC_GRPC_PORT": str(self.port),
                 "DYN_KVBM_CODEC_METRICS_PORT": str(self.metrics_port),
                 "DYN_KVBM_CODEC_LOGGING__FORMAT": "text",
-                "DYN_KVBM_CODEC_MODELS": json.dumps([{"name": model, "target_cr": target_cr}]),
+                "DYN_KVBM_CODEC_MODELS": json.dumps(models or [{"name": model, "target_cr": target_cr}]),
+                "PYTHONUNBUFFERED": "1",
+                **(settings or {}),
             }
         )
         self.log_path = log_path
@@ -72,16 +87,23 @@ class ServiceProcess:
             time.sleep(0.5)
         raise TimeoutError(f"service not SERVING after {timeout_s:.0f} s; log: {self.log_path}")
 
-    def metrics(self) -> dict[str, float]:
-        """Unlabelled sums of the service's own counters, read from its real /metrics endpoint."""
+    def labelled_metrics(self) -> dict[str, float]:
+        """The service's own series, read from its real /metrics endpoint, keyed by name and labels."""
         text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10).read()
         out: dict[str, float] = {}
         for line in text.decode().splitlines():
             if line.startswith("#") or " " not in line:
                 continue
             name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+        return out
+
+    def metrics(self) -> dict[str, float]:
+        """Unlabelled sums of the service's own counters."""
+        out: dict[str, float] = {}
+        for name, value in self.labelled_metrics().items():
             base = name.split("{", 1)[0]
-            out[base] = out.get(base, 0.0) + float(value)
+            out[base] = out.get(base, 0.0) + value
         return out
 
     def stop(self, timeout_s: float = 60.0) -> int:

@@ -1,7 +1,8 @@
 """One vLLM (CPU) engine run of the engine demo and tests; runs in the vLLM environment (.venv-vllm).
 
 ``python -m kvbm_codec.adapters.vllm.engine REQUEST.json OUT.json``. The request names the offload
-path ("native": the kvbm-codec tier over gRPC; "obj": vLLM's stock OBJ tier against the S3 endpoint),
+path ("native": the kvbm-codec tier, block data over NIXL where both ends have it; "native-grpc":
+the same tier with block data in gRPC messages; "obj": vLLM's stock OBJ tier against the S3 endpoint),
 the service, the prompt's token ids and what to measure. The engine runs in this process
 (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so the native tier's counters are readable. The sequence:
 
@@ -29,12 +30,16 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 def kv_transfer_config(req: dict[str, Any]) -> dict[str, Any]:
     """The exact ``kv_transfer_config`` of each path (docs/vllm.md shows the same)."""
-    if req["path"] == "native":
+    if req["path"] in ("native", "native-grpc"):
         tier = {
             "type": "KvbmCodecTier",
             "module_path": "kvbm_codec.adapters.vllm.tier",
             "target": req["target"],
             "max_pending_stores": req.get("max_pending_stores", 8),
+            # block data over NIXL when both ends have it (else gRPC bytes, logged and counted)
+            "transport": "grpc" if req["path"] == "native-grpc" else "auto",
+            # one namespace per engine run: blocks a previous run stored never serve this run's cold prefill
+            "namespace": req["path"] + "/",
         }
     else:
         tier = {
@@ -137,6 +142,7 @@ def main(request_path: str, out_path: str) -> None:
     for tier in live_tiers():
         tier.drain_jobs()
         out["tier_counters"] = tier.counters.snapshot()
+        out["tier_transport"] = tier.transport
     try:
         out["vllm_metrics"] = {
             m.name: getattr(m, "value", None)

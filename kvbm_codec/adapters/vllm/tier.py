@@ -70,6 +70,8 @@ STORED_BYTES = M + "stored_bytes"
 STORES_DROPPED = M + "stores_dropped"
 JOB_FAILURES = M + "job_failures"
 REQUEST_SECONDS = M + "request_seconds"
+NIXL_BLOCKS = M + "nixl_blocks"
+TRANSPORT_FALLBACKS = M + "transport_fallbacks"
 
 
 _LIVE: weakref.WeakSet[KvbmCodecTier] = weakref.WeakSet()
@@ -101,6 +103,8 @@ class TierCounters:
     get_requests: int = 0
     lookups: int = 0
     exact_for_lack_of_position: int = 0
+    nixl_blocks: int = 0
+    transport_fallbacks: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, **kw: int) -> None:
@@ -139,6 +143,9 @@ class KvbmCodecTier(SecondaryTierManager):
         max_pending_stores: int = 8,
         parallel_requests: int = 4,
         timeout_s: float = 120.0,
+        transport: str = "auto",
+        nixl_staging_blocks: int = 64,
+        namespace: str = "",
         backpressure_detector: BackpressureDetector | None = None,
     ) -> None:
         super().__init__(offloading_spec, primary_kv_view, tier_type, backpressure_detector)
@@ -159,6 +166,9 @@ class KvbmCodecTier(SecondaryTierManager):
         n = len(primary_kv_view)
         self._primary = torch.frombuffer(primary_kv_view, dtype=torch.uint8).view(n, self.block_size_bytes)
         self._names = FileMapper.from_offloading_spec("", offloading_spec, parallel_agnostic=True)
+        # prefixes every object name: engines that must not share a prefix (runs compared against each
+        # other, or deployments sharing a service without auth tenants) pick different namespaces
+        self.namespace = namespace
         self.max_pending_stores = max_pending_stores
         self.counters = TierCounters()
         self._stats = OffloadingConnectorStats()
@@ -177,19 +187,44 @@ class KvbmCodecTier(SecondaryTierManager):
         self._store_jobs: set[int] = set()  # store jobs submitted, result not yet taken by vLLM
         self._done: queue.SimpleQueue[JobResult] = queue.SimpleQueue()
         self._lookups = _Lookups(self)
+        if transport not in ("auto", "nixl", "grpc"):
+            raise ValueError(f"transport must be 'auto', 'nixl' or 'grpc', got {transport!r}")
+        self._staging: _NixlStaging | None = None
+        if transport != "grpc":
+            try:
+                self._staging = _NixlStaging(self.client, spec, nixl_staging_blocks)
+            except Exception as e:
+                if transport == "nixl":
+                    self.client.close()
+                    raise
+                self._fallback(f"NIXL unavailable ({type(e).__name__}: {e})")
         _LIVE.add(self)
         log.info(
-            "kvbm-codec tier: %s at %s, chunk %d B, %d primary chunks",
+            "kvbm-codec tier: %s at %s, chunk %d B, %d primary chunks, block data over %s",
             model,
             target,
             self.block_size_bytes,
             n,
+            "NIXL" if self._staging is not None else "gRPC",
         )
+
+    def _fallback(self, why: str) -> None:
+        """From here on block bytes go in gRPC messages; said once in the log, counted every time."""
+        if self._staging is not None:
+            self._staging.close()
+            self._staging = None
+        self.counters.add(transport_fallbacks=1)
+        self._count(TRANSPORT_FALLBACKS, 1)
+        log.warning("kvbm-codec tier: block data falls back to gRPC bytes: %s", why)
+
+    @property
+    def transport(self) -> str:
+        return "nixl" if self._staging is not None else "grpc"
 
     # ---- names -----------------------------------------------------------------------------------
 
     def hash_of(self, key: OffloadKey) -> int:
-        return sequence_hash(self._names.get_file_name(key))
+        return sequence_hash(self.namespace + self._names.get_file_name(key))
 
     # ---- vLLM's scheduler-thread API -------------------------------------------------------------
 
@@ -246,6 +281,8 @@ class KvbmCodecTier(SecondaryTierManager):
         self._lookups.shutdown()
         self._pool.shutdown(wait=True)
         self._calls.shutdown(wait=True)
+        if self._staging is not None:
+            self._staging.close()
         self.client.close()
         self._primary = None  # type: ignore[assignment]  # releases the export so vLLM can unmap
         log.info("kvbm-codec tier shut down: %s", self.counters.snapshot())
@@ -263,6 +300,8 @@ class KvbmCodecTier(SecondaryTierManager):
             STORED_BYTES: "Bytes kvbm-codec keeps for them (compressed)",
             STORES_DROPPED: "Store jobs refused because max_pending_stores were in flight",
             JOB_FAILURES: "Store or load jobs that failed (service refusal or error)",
+            NIXL_BLOCKS: "Chunks whose bytes moved over NIXL (the rest went in gRPC messages)",
+            TRANSPORT_FALLBACKS: "Times the tier fell back from NIXL to gRPC bytes",
         }
         out: dict[str, OffloadingMetricMetadata] = {
             k: OffloadingCounterMetadata(documentation=v, labelnames=lab) for k, v in counters.items()
@@ -310,30 +349,23 @@ class KvbmCodecTier(SecondaryTierManager):
 
     def _run_stores(self, jobs: list[TransferJob]) -> None:
         t0 = time.perf_counter()
-        items: list[PutItem] = []
+        plan: list[tuple[int, int, bool, int]] = []  # (hash, first position, compress, primary chunk)
         spans: list[int] = []
         page = self.layout.spec.page_size
         try:
             for job in jobs:
                 for key, chunk in zip(job.keys, job.chunk_ids.tolist(), strict=True):
-                    block = self.layout.chunk_to_block(self._primary[chunk])
                     end = job.req_context.get_offload_key_position(key)
                     exact = end is None or end < page
                     if exact:
                         self.counters.add(exact_for_lack_of_position=1)
-                    items.append(
-                        PutItem(
-                            self.hash_of(key),
-                            self.layout.spec.to_bytes(block),
-                            first_position=0 if exact else int(end) - page,  # type: ignore[operator]
-                            compress=not exact,
-                        )
-                    )
+                    first = 0 if exact else int(end) - page  # type: ignore[operator]
+                    plan.append((self.hash_of(key), first, not exact, chunk))
                 spans.append(len(job.keys))
-            results = self._split(self.client.put_blocks, items)
+            results = self._store(plan)
             ok = True
         except Exception as e:  # every job must finish, or vLLM's drain waits forever
-            log.warning("kvbm-codec store of %d chunks failed: %s: %s", len(items), type(e).__name__, e)
+            log.warning("kvbm-codec store of %d chunks failed: %s: %s", len(plan), type(e).__name__, e)
             ok, results = False, []
         dt = time.perf_counter() - t0
         with self._stats_lock:
@@ -348,6 +380,42 @@ class KvbmCodecTier(SecondaryTierManager):
         for job, n in zip(jobs, spans + [0] * (len(jobs) - len(spans)), strict=True):
             self._finish(job, ok, t0, n * self.block_size_bytes)
 
+    def _store(self, plan: list[tuple[int, int, bool, int]]) -> list[Any]:
+        if self._staging is not None:
+            try:
+                return self._store_nixl(plan, self._staging)
+            except Exception as e:  # the bytes path still works: this job and the next use it
+                self._fallback(f"NIXL store failed ({type(e).__name__}: {e})")
+        lay = self.layout
+        items = [
+            PutItem(h, lay.spec.to_bytes(lay.chunk_to_block(self._primary[c])), first_position=f, compress=z)
+            for h, f, z, c in plan
+        ]
+        return self._split(self.client.put_blocks, items)
+
+    def _store_nixl(self, plan: list[tuple[int, int, bool, int]], st: _NixlStaging) -> list[Any]:
+        """Chunks re-laid straight into the registered staging buffer; the service READs them."""
+        out: list[Any] = [None] * len(plan)
+        for w in range(0, len(plan), st.n_blocks):
+            window = list(enumerate(plan[w : w + st.n_blocks]))
+            for i, (_, _, _, chunk) in window:
+                self.layout.chunk_to_block(self._primary[chunk], out=st.block(i))
+            for compress in (True, False):  # keep_exact is per request
+                part = [(i, h, first) for i, (h, first, z, _) in window if z == compress]
+                if not part:
+                    continue
+                res = self._split(
+                    lambda p, c=compress: self.client.put_blocks_nixl(
+                        st.reg, [(h, f, i * st.block_bytes) for i, h, f in p], keep_exact=not c
+                    ),
+                    part,
+                )
+                for (i, _, _), r in zip(part, res, strict=True):
+                    out[w + i] = r
+            self.counters.add(nixl_blocks=len(window))
+            self._count(NIXL_BLOCKS, len(window))
+        return out
+
     def _run_loads(self, jobs: list[TransferJob]) -> None:
         t0 = time.perf_counter()
         flat = [
@@ -356,8 +424,7 @@ class KvbmCodecTier(SecondaryTierManager):
             for key, chunk in zip(job.keys, job.chunk_ids.tolist(), strict=True)
         ]
         try:
-            results = self._split(self.client.get_blocks, [self.hash_of(k) for _, k, _ in flat])
-            got = self._place(flat, results)
+            got = self._load(flat)
         except Exception as e:  # every job must finish, or vLLM's drain waits forever
             log.warning("kvbm-codec load of %d chunks failed: %s: %s", len(flat), type(e).__name__, e)
             for job in jobs:
@@ -376,15 +443,58 @@ class KvbmCodecTier(SecondaryTierManager):
             ok = len(keys) == len(job.keys)
             self._finish(job, ok, t0, len(keys) * self.block_size_bytes, None if ok else keys)
 
-    def _place(
-        self, flat: list[tuple[TransferJob, OffloadKey, int]], results: list[Any]
-    ) -> dict[int, list[OffloadKey]]:
-        """Hits, converted back to vLLM's chunk layout, into their primary-tier slots; keys placed per job."""
+    def _load(self, flat: list[tuple[TransferJob, OffloadKey, int]]) -> dict[int, list[OffloadKey]]:
+        """Hits, converted back to vLLM's chunk layout, into their primary-tier slots; keys placed per job.
+
+        A step's loads go as ONE GetBlocks (per staging window): the service decodes all of them in
+        one batched codec call, which beats splitting them over concurrent calls on a few cores.
+        """
         got: dict[int, list[OffloadKey]] = {job.job_id: [] for job, _, _ in flat}
-        for (job, key, chunk), res in zip(flat, results, strict=True):
+        hashes = [self.hash_of(k) for _, k, _ in flat]
+        if self._staging is not None:
+            st = self._staging
+            try:
+                for w in range(0, len(flat), st.n_blocks):
+                    part = flat[w : w + st.n_blocks]
+                    res = self.client.get_blocks_nixl(
+                        st.reg, hashes[w : w + len(part)], [i * st.block_bytes for i in range(len(part))]
+                    )
+                    for i, ((job, key, chunk), r) in enumerate(zip(part, res, strict=True)):
+                        if r.status == "hit":
+                            self.layout.block_to_chunk(st.block(i), out=self._primary[chunk])
+                            got[job.job_id].append(key)
+                    self.counters.add(nixl_blocks=len(part))
+                    self._count(NIXL_BLOCKS, len(part))
+                return got
+            except Exception as e:  # retried over the bytes path (a load is idempotent)
+                self._fallback(f"NIXL load failed ({type(e).__name__}: {e})")
+                got = {job.job_id: [] for job, _, _ in flat}
+        for (job, key, chunk), res in zip(flat, self.client.get_blocks(hashes), strict=True):
             if res.status != "hit" or res.data is None:
                 continue
-            block = self.layout.spec.from_bytes(res.data)
-            self._primary[chunk].copy_(self.layout.block_to_chunk(block))
+            self.layout.block_to_chunk(self.layout.spec.from_bytes(res.data), out=self._primary[chunk])
             got[job.job_id].append(key)
         return got
+
+
+class _NixlStaging:
+    """A buffer of ``n_blocks`` service blocks registered with the client's NIXL agent: the service
+    READs stores out of it and WRITEs loads into it (UCX; cma between processes of one host), so block
+    bytes never travel inside gRPC messages. vLLM's chunks need re-laying anyway (a different layout),
+    and that one copy goes straight into / out of this buffer."""
+
+    def __init__(self, client: CodecClient, spec: Any, n_blocks: int) -> None:
+        if n_blocks < 1:
+            raise ValueError("nixl_staging_blocks must be >= 1")
+        if not client.stats().nixl_enabled:
+            raise RuntimeError("the service does not serve NIXL ([nixl] enabled = false or no nixl library)")
+        self.spec, self.n_blocks, self.block_bytes = spec, n_blocks, spec.nbytes
+        self.buf = torch.empty((n_blocks, spec.nbytes), dtype=torch.uint8)
+        self.reg = client.nixl_agent().register(self.buf)
+
+    def block(self, i: int) -> torch.Tensor:
+        return self.buf[i].view(self.spec.torch_dtype).view(self.spec.shape)
+
+    def close(self) -> None:
+        if not self.reg.closed:
+            self.reg.close()

