@@ -37,10 +37,8 @@ from xml.sax.saxutils import escape
 import torch
 from aiohttp import web
 
-from kvbm_codec.api.blocks import InvalidBlockError
 from kvbm_codec.api.errors import ServiceError
 from kvbm_codec.api.types import PutItem
-from kvbm_codec.codec.errors import FrameError
 from kvbm_codec.core.service import BlockService
 from kvbm_codec.frontends.s3 import checksums, chunked, sigv4
 from kvbm_codec.frontends.s3.buckets import PROBE_KEY, Bucket, KeyIndex, lookup, resolve, sequence_hash
@@ -86,6 +84,7 @@ class StoredObject:
     etag: str
     frame: bytes
     sequence_hash: int
+    data: bytes | None = None  # the object's bytes, decoded from this frame (None for a HEAD)
 
 
 def _xml(body: str, status: int = 200) -> web.Response:
@@ -395,41 +394,29 @@ class S3Endpoint:
     def _live(self, tenant: str, bucket: Bucket, hashes: list[int]) -> list[bool]:
         out: list[bool] = []
         step = self.svc.limits.max_blocks_per_request
-        with self.svc.request("s3_list"):
-            for i in range(0, len(hashes), step):
-                out += self.svc.contains(tenant, bucket.model.name, hashes[i : i + step])
+        for i in range(0, len(hashes), step):
+            out += self.svc.contains(tenant, bucket.model.name, hashes[i : i + step], method="s3_list")
         return out
 
     # ---- objects --------------------------------------------------------------------------------
 
-    def _fetch(self, tenant: str, bucket: Bucket, key: str) -> StoredObject:
+    def _fetch(self, tenant: str, bucket: Bucket, key: str, decode: bool = False) -> StoredObject:
+        """The stored frame (its MD5 is the ETag) and, for a GET, the block the core decoded from
+        that same frame in the same call, so the bytes served always match the ETag."""
         if key == PROBE_KEY:
             raise no_such_key(key, "connectivity probe")
         h = sequence_hash(key)
-        with self.svc.request("s3_head"):
-            (res,) = self.svc.get_blocks(tenant, bucket.model.name, [h], as_frames=True)
-        if res.status != "hit" or res.data is None:
+        name = bucket.model.name
+        if decode:
+            (res,) = self.svc.get_blocks(tenant, name, [h], with_frames=True, method="s3_get")
+        else:
+            (res,) = self.svc.get_blocks(tenant, name, [h], as_frames=True, method="s3_head")
+        frame = res.frame if decode else res.data
+        if res.status != "hit" or res.data is None or frame is None:
             why = "its stored frame failed verification and was dropped" if res.status == "corrupt" else ""
             raise no_such_key(key, why)
-        frame = bytes(res.data)
-        return StoredObject(f'"{hashlib.md5(frame).hexdigest()}"', frame, h)
-
-    def _decode(self, bucket: Bucket, obj: StoredObject) -> bytes:
-        """The frame just fetched (so the bytes match the ETag already chosen), decoded to a block."""
-        from kvbm_codec.codec import frame as fr
-
-        m = bucket.model
-        with self.svc.request("s3_get"):
-            try:
-                cal_id = fr.read_frame(obj.frame).header.calibration_id
-                t0 = time.perf_counter()
-                block, _ = m.decoder_for(cal_id).decode(obj.frame)
-            except (FrameError, InvalidBlockError) as e:
-                raise S3Error(500, "InternalError", f"stored block does not decode: {e}") from e
-            self.svc.metrics.restore_seconds.labels(model=m.name).observe(time.perf_counter() - t0)
-            data = bucket.from_block(block)
-            self.svc.metrics.raw_bytes.labels(model=m.name, direction="out").inc(len(data))
-        return data
+        data = bucket.from_block(bucket.spec.from_bytes(res.data)) if decode else None
+        return StoredObject(f'"{hashlib.md5(frame).hexdigest()}"', bytes(frame), h, data)
 
     def _conditions(self, req: web.Request, etag: str) -> None:
         im = req.headers.get("If-Match")
@@ -451,7 +438,7 @@ class S3Endpoint:
         self, req: web.Request, verified: sigv4.Verified, bucket: Bucket, key: str
     ) -> web.StreamResponse:
         tenant = verified.credential.tenant
-        obj: StoredObject = await self._run(self._fetch, tenant, bucket, key)
+        obj: StoredObject = await self._run(self._fetch, tenant, bucket, key, req.method != "HEAD")
         self._conditions(req, obj.etag)
         size = bucket.object_bytes
         entry = self.index.get(tenant, bucket.name, key)
@@ -465,7 +452,8 @@ class S3Endpoint:
         rng = parse_range(req.headers["Range"], size) if "Range" in req.headers else None
         if req.method == "HEAD":
             return web.Response(status=200, headers={**headers, "Content-Length": str(size)})
-        data = await self._run(self._decode, bucket, obj)
+        data = obj.data
+        assert data is not None  # decoded by _fetch for every GET
         sent = self.svc.metrics.transfer_bytes.labels(path="s3", direction="out")  # the dashboard's s3 series
         if rng is None:
             if req.headers.get("x-amz-checksum-mode", "").lower() == "enabled":
@@ -508,10 +496,12 @@ class S3Endpoint:
             self.svc.metrics.refused.labels(reason="layout_mismatch").inc()
             log.warning("S3 PUT %s/%s refused: %s", bucket.name, key, why)
             raise invalid_argument(why)
-        with self.svc.request("s3_put"):
-            self.svc.put_blocks(
-                tenant, bucket.model.name, [PutItem(h, spec.to_bytes(block), first_position=first)]
-            )
+        self.svc.put_blocks(
+            tenant,
+            bucket.model.name,
+            [PutItem(h, spec.to_bytes(block), first_position=first)],
+            method="s3_put",
+        )
         self.svc.metrics.transfer_bytes.labels(path="s3", direction="in").inc(len(data))
         obj = self._fetch(tenant, bucket, key)
         self.index.put(tenant, bucket.name, key, h, obj.etag, bucket.object_bytes)
@@ -542,8 +532,7 @@ class S3Endpoint:
         h = sequence_hash(key)
 
         def delete() -> None:
-            with self.svc.request("s3_delete"):
-                self.svc.delete(tenant, bucket.model.name, [h])
+            self.svc.delete(tenant, bucket.model.name, [h], method="s3_delete")
 
         await self._run(delete)
         self.index.remove(tenant, bucket.name, [key])
