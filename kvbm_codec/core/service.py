@@ -12,7 +12,7 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TypeVar
 
 import torch
@@ -49,6 +49,12 @@ class Limits:
     max_blocks_per_request: int = 256
     max_frame_bytes: int = 8 << 20
     retry_after_s: float = 0.05
+
+    @classmethod
+    def of(cls, source: object) -> Limits:
+        """The limits named like a field of ``source`` (the service config), defaults for the rest:
+        the config fields are the one list of names, never copied field by field."""
+        return cls(**{f.name: getattr(source, f.name) for f in fields(cls) if hasattr(source, f.name)})
 
 
 class ServedModel:

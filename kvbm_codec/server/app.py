@@ -110,15 +110,6 @@ def build_store(cfg: ServiceConfig, metrics: ServiceMetrics) -> TieredStore:
     )
 
 
-def limits_of(cfg: ServiceConfig) -> Limits:
-    return Limits(
-        max_inflight_requests=cfg.max_inflight_requests,
-        max_inflight_per_tenant=cfg.max_inflight_per_tenant,
-        max_blocks_per_request=cfg.max_blocks_per_request,
-        retry_after_s=cfg.retry_after_s,
-    )
-
-
 def build_service(cfg: ServiceConfig, models: list[ServedModel] | None = None) -> BlockService:
     """The BlockService for ``cfg``; ``models`` replaces loading cfg.models (tests, embedders)."""
     metrics = ServiceMetrics()
@@ -128,4 +119,4 @@ def build_service(cfg: ServiceConfig, models: list[ServedModel] | None = None) -
     from kvbm_codec import __version__
 
     metrics.build_info.info({"version": __version__})
-    return BlockService(models, store, limits=limits_of(cfg), metrics=metrics)
+    return BlockService(models, store, limits=Limits.of(cfg), metrics=metrics)

@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 
+from kvbm_codec.api.types import DEFAULT_MODEL
 from kvbm_codec.cli_errors import host_port, set_json
 
 
@@ -127,7 +128,7 @@ def _fail(e: Exception) -> None:
 @client_app.command("put")
 def client_put(
     target: TargetOpt = "127.0.0.1:50151",
-    model: ModelOpt = "smollm2-135m",
+    model: ModelOpt = DEFAULT_MODEL,
     text: TextOpt = None,
     max_tokens: TokensOpt = 512,
     tenant: TenantOpt = None,
@@ -169,7 +170,7 @@ def client_put(
 @client_app.command("get")
 def client_get(
     target: TargetOpt = "127.0.0.1:50151",
-    model: ModelOpt = "smollm2-135m",
+    model: ModelOpt = DEFAULT_MODEL,
     text: TextOpt = None,
     max_tokens: TokensOpt = 512,
     tenant: TenantOpt = None,
