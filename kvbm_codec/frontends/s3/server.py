@@ -145,7 +145,8 @@ class S3Endpoint:
             for c in config.credentials
         ]
         self.verifier = sigv4.Verifier(creds, config.region, config.max_skew_s)
-        self.buckets = resolve(service, config.buckets)
+        bindings = config.buckets if config.buckets is not None else default_buckets(service)
+        self.buckets = resolve(service, bindings)
         for b in self.buckets.values():
             if b.object_bytes > config.max_object_bytes:
                 raise ValueError(f"bucket {b.name}: a block ({b.object_bytes} B) exceeds max_object_bytes")
@@ -617,7 +618,7 @@ class S3ServerHandle:
             tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             tls.minimum_version = ssl.TLSVersion.TLSv1_2
             tls.load_cert_chain(cfg.tls_cert, cfg.tls_key)
-        site = web.TCPSite(self._runner, self.host, cfg.port, ssl_context=tls)
+        site = web.TCPSite(self._runner, self.host, cfg.port or 0, ssl_context=tls)
         await site.start()
         server = site._server
         assert server is not None
@@ -652,16 +653,14 @@ class S3ServerHandle:
         self.endpoint.pool.shutdown(wait=False, cancel_futures=True)
 
 
-def start_s3_server(service: BlockService, config: Any = None) -> S3ServerHandle:
-    """Serve the S3 endpoint for ``service`` in its own thread and event loop; returns once listening."""
-    if config is None or not isinstance(config, S3Config | dict):
-        # The service config's s3 section: its bindings, else one bucket per served model,
-        # "kvbm-<model name>", in that model's block layout.
-        cfg = S3Config.coerce(config if config is not None else {})
-        if getattr(config, "buckets", None) is None:
-            cfg = cfg.model_copy(update={"buckets": default_buckets(service)})
-    else:
-        cfg = S3Config.coerce(config)
+def start_s3_server(service: BlockService, config: S3Config | dict[str, Any] | None = None) -> S3ServerHandle:
+    """Serve the S3 endpoint for ``service`` in its own thread and event loop; returns once listening.
+
+    ``config`` is the service config's ``s3`` section (or a dict of it). Without bucket bindings,
+    one bucket per served model, "kvbm-<model name>", in that model's block layout."""
+    cfg = config if isinstance(config, S3Config) else S3Config(**(config or {}))
+    if cfg.buckets is None:
+        cfg = cfg.model_copy(update={"buckets": default_buckets(service)})
     return S3ServerHandle(S3Endpoint(service, cfg), cfg.host).start()
 
 
