@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
-from pydantic.json_schema import SkipJsonSchema
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -142,8 +141,12 @@ class S3Config(_Section):
         None, ge=0, le=65535, description="S3 endpoint port (0: any free port; None: disabled in `serve`)."
     )
     region: str = Field("us-east-1", description="Region clients sign for.")
-    # not a chart value: keys come from the environment (a Secret), see _env_credentials
-    credentials: SkipJsonSchema[list[CredentialConfig]] = Field(default_factory=_env_credentials)
+    credentials: list[CredentialConfig] | None = Field(
+        None,
+        validate_default=True,
+        description="Accepted SigV4 keys. None: KVBM_CODEC_S3_ACCESS_KEY / _SECRET_KEY / _TENANT from the "
+        "environment (the chart fills them from s3.credentialsSecret); never put keys in a config file.",
+    )
     buckets: list[BucketBinding] | None = Field(
         None,
         description="Bucket bindings (name, model, layout: FullyContiguous or vllm-cpu, ...). Default: one "
@@ -185,6 +188,11 @@ class S3Config(_Section):
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls_cert and tls_key go together")
         return self
+
+    @field_validator("credentials")
+    @classmethod
+    def _from_env(cls, v: list[CredentialConfig] | None) -> list[CredentialConfig]:
+        return _env_credentials() if v is None else v
 
     @field_validator("buckets")
     @classmethod

@@ -142,7 +142,7 @@ class S3Endpoint:
         self.cfg = config
         creds = [
             sigv4.Credential(c.access_key, c.secret_key.get_secret_value(), c.tenant or c.access_key)
-            for c in config.credentials
+            for c in config.credentials or []
         ]
         self.verifier = sigv4.Verifier(creds, config.region, config.max_skew_s)
         bindings = config.buckets if config.buckets is not None else default_buckets(service)
