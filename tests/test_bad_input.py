@@ -273,9 +273,7 @@ def test_get_of_corrupted_stored_frame(
     svc: BlockService, blocks: Blocks, damage: tuple, as_frames: bool
 ) -> None:
     name, fn, source = damage
-    svc.put_blocks(
-        TENANT, MODEL, [_first_item(blocks, name), PutItem(6, blocks.raw[1], first_position=32)]
-    )
+    svc.put_blocks(TENANT, MODEL, [_first_item(blocks, name), PutItem(6, blocks.raw[1], first_position=32)])
     key = BlockKey(TENANT, svc.model(MODEL).fingerprint, 5)
     _corrupt_in_store(svc, key, fn)
     got = svc.get_blocks(TENANT, MODEL, [5, 6], as_frames=as_frames)
