@@ -4,7 +4,12 @@ The harness' default suite with its LM windows left out (the held-out curves cov
 top-1) and `--prompts-per-task` retrieval prompts per task, only the rows the issue's targets need:
 
     python bench/accuracy_harness.py --calibration broad-attention.kvtc --prompts-per-task 22 \
-        --out bench/results/accuracy_harness.json
+        --cache-dir /tmp/acc-harness --out bench/results/accuracy_harness.json
+
+With --cache-dir every (method, prompt) row is kept as it finishes, so a run stopped by its timeout
+resumes where it stopped, and a later run with more --methods (the baselines a Pareto claim needs)
+computes only the new rows; --report-dir then writes the harness' full report (bench.md with the
+paired comparisons against the ratio-matched KVTC row, dominance in bench.json, the Pareto plot).
 """
 
 from __future__ import annotations
@@ -14,10 +19,19 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from kvbm_codec.bench.report import paired, summarize
+from kvbm_codec.bench.report import paired, summarize, write_report
 from kvbm_codec.bench.runner import SUITES, run_bench
 from kvbm_codec.calibration.artifact import load_calibration
 from kvbm_codec.models.hf import CausalLM
+
+
+def _prefill_rate(res: dict) -> float | None:
+    """Prompt tokens per second of the prefills this run computed (cached prompts have none): the
+    figure calibration time scales with, measured under the same load."""
+    tokens = {r["item"]: r["context_tokens"] for r in res["results"] if r["method"] == "fp16"}
+    done = [t for t in res["item_timings"] if "prefill_s" in t]
+    secs = sum(t["prefill_s"] for t in done)
+    return sum(tokens[t["item"]] for t in done) / secs if secs else None
 
 
 def main() -> None:
@@ -27,6 +41,7 @@ def main() -> None:
     p.add_argument("--methods", default="fp16,kvtc@16,kvtc@20")
     p.add_argument("--stop-after", type=float, default=None)
     p.add_argument("--cache-dir", type=Path, default=None)
+    p.add_argument("--report-dir", type=Path, default=None, help="also write bench.md/json/png here")
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args()
     lm = CausalLM.load("smollm2-135m")
@@ -52,7 +67,11 @@ def main() -> None:
             "summary": rows,
             "paired_vs_fp16": {m: paired(res, m, "fp16") for m in kvtc},
             "wall_s": res["wall_s"],
+            "load_average": res["load_average"],
+            "prefill_tokens_per_s": _prefill_rate(res),
         }
+        if a.report_dir is not None:
+            write_report(res, a.report_dir / cal.calibration_id)
         report.append(entry)
         print(json.dumps({k: v for k, v in entry.items() if k != "summary"}, indent=1), flush=True)
     a.out.parent.mkdir(parents=True, exist_ok=True)

@@ -431,7 +431,9 @@ def summarize(
         "server_counted": {
             "put_ok": delta("kvbm_codec_requests_total", method="put", code="ok"),
             "get_ok": delta("kvbm_codec_requests_total", method="get", code="ok"),
-            "refused_overloaded": delta("kvbm_codec_requests_refused_total", reason="overloaded"),
+            "refused_overloaded": delta(
+                "kvbm_codec_requests_refused_total", reason="overloaded", tenant_class="default"
+            ),
             "evictions": delta("kvbm_codec_tier_evictions_total", tier="memory"),
         },
     }

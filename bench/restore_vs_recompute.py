@@ -4,7 +4,12 @@ For each context length: prefill (the recompute a cache miss costs) vs KVTC deco
 context's frame, measured in the same process; encode/decode MB/s of fp16 KV with torch pinned to
 one thread (per-core figures); peak RSS growth of encode and decode measured in fresh child processes.
 Usage: python bench/restore_vs_recompute.py [--model M] --text FILE --contexts 2048,8192 --target-cr 20
-       --out J
+       --out J [--calibration-id ID] [--restore-only]
+
+--calibration-id takes a calibration already in the local registry (`kvbm-codec registry list`), so a
+model whose default calibration is not cached yet is measured without first computing one (an hour
+for a 0.5B model on a loaded 2-core machine). --restore-only skips the per-core throughput and the
+peak-memory children when only restore vs recompute is wanted.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from kvbm_codec.calibration.cache import load_or_calibrate
+from kvbm_codec.calibration.cache import load_or_calibrate, local_registry
 from kvbm_codec.codec.kvtc import KVTCCodec
 from kvbm_codec.models.hf import CausalLM
 
@@ -87,6 +92,26 @@ def best_of(fn, n: int = 3) -> float:
     return min(times)
 
 
+def _per_core_and_memory(
+    codec: KVTCCodec, kv, frame: bytes, workdir: Path, n: int, cal_path: str, target: float
+) -> dict[str, float]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    enc1 = best_of(lambda: codec.encode(kv), 2)
+    dec1 = best_of(lambda: codec.decode(frame), 2)
+    torch.set_num_threads(threads)
+    kv_path, frame_path = workdir / f"kv{n}.pt", workdir / f"frame{n}.kvtc"
+    torch.save(kv, kv_path)
+    frame_path.write_bytes(frame)
+    fp16_mb = kv.nbytes(2) / 1e6
+    return {
+        "encode_mb_s_per_core": fp16_mb / enc1,
+        "decode_mb_s_per_core": fp16_mb / dec1,
+        "encode_peak_rss_mb": peak_mb("encode", str(kv_path), str(frame_path), cal_path, target),
+        "decode_peak_rss_mb": peak_mb("decode", str(kv_path), str(frame_path), cal_path, target),
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--text", type=Path, required=True)
@@ -95,9 +120,18 @@ def main() -> None:
     p.add_argument("--target-cr", type=float, default=20.0)
     p.add_argument("--out", type=Path, default=Path("bench/results/restore_vs_recompute.json"))
     p.add_argument("--workdir", type=Path, default=Path("/tmp/kvbm-codec-bench"))
+    p.add_argument("--calibration-id", default=None, help="a calibration in the local registry")
+    p.add_argument("--restore-only", action="store_true", help="skip per-core throughput and memory")
     a = p.parse_args()
     lm = CausalLM.load(a.model)
-    cal, cal_path, _ = load_or_calibrate(lm)
+    if a.calibration_id is None:
+        cal, cal_path, _ = load_or_calibrate(lm)
+    else:
+        reg = local_registry()
+        cal = reg.get(lm.info.fingerprint, a.calibration_id)
+        found = reg.artifact_path(lm.info.fingerprint, a.calibration_id)
+        assert found is not None  # the local registry always has a file
+        cal_path = found
     codec = KVTCCodec(cal, a.target_cr)
     ids = lm.tokenizer(a.text.read_text(), add_special_tokens=False, return_tensors="pt")["input_ids"]
     a.workdir.mkdir(parents=True, exist_ok=True)
@@ -112,32 +146,20 @@ def main() -> None:
         prefill_s = time.perf_counter() - t0
         frame = codec.encode(kv)
         restore_s = best_of(lambda: codec.decode(frame))  # noqa: B023
-        torch.set_num_threads(1)
-        enc1 = best_of(lambda: codec.encode(kv), 2)  # noqa: B023
-        dec1 = best_of(lambda: codec.decode(frame), 2)  # noqa: B023
-        torch.set_num_threads(threads)
-        kv_path, frame_path = a.workdir / f"kv{n}.pt", a.workdir / f"frame{n}.kvtc"
-        torch.save(kv, kv_path)
-        frame_path.write_bytes(frame)
-        fp16_mb = kv.nbytes(2) / 1e6
         row = {
             "context_tokens": n,
             "target_cr": a.target_cr,
+            "calibration_id": cal.calibration_id,
             "threads": threads,
+            "load_average_1m": psutil.getloadavg()[0],
             "prefill_s": prefill_s,
             "restore_s": restore_s,
             "restore_speedup": prefill_s / restore_s,
-            "fp16_mb": fp16_mb,
+            "fp16_mb": kv.nbytes(2) / 1e6,
             "frame_mb": len(frame) / 1e6,
-            "encode_mb_s_per_core": fp16_mb / enc1,
-            "decode_mb_s_per_core": fp16_mb / dec1,
-            "encode_peak_rss_mb": peak_mb(
-                "encode", str(kv_path), str(frame_path), str(cal_path), a.target_cr
-            ),
-            "decode_peak_rss_mb": peak_mb(
-                "decode", str(kv_path), str(frame_path), str(cal_path), a.target_cr
-            ),
         }
+        if not a.restore_only:
+            row.update(_per_core_and_memory(codec, kv, frame, a.workdir, n, str(cal_path), a.target_cr))
         rows.append(row)
         print(json.dumps(row), flush=True)
     a.out.parent.mkdir(parents=True, exist_ok=True)

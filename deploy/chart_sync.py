@@ -145,6 +145,7 @@ def values_schema() -> dict[str, Any]:
         "scratch": strict({"tmpSizeLimit": QUANTITY, "cacheSizeLimit": QUANTITY}),
         "tls": strict({"secretName": STR, "requireClientCert": BOOL}),
         "auth": strict({"tokenSecret": strict({"name": STR, "key": STR}), "allowUnauthenticated": BOOL}),
+        "metricsAuth": strict({"tokenSecret": strict({"name": STR, "key": STR})}),
         "s3": strict({"credentialsSecret": strict({"name": STR, "accessKeyKey": STR, "secretKeyKey": STR})}),
         "probes": strict(
             {"startup": _kubelet_probe(), "liveness": _kubelet_probe(), "readiness": _kubelet_probe()}

@@ -30,6 +30,7 @@ def exposed_series() -> dict[str, str]:
     """Every series name the service can expose -> the METRIC_NAMES family it belongs to."""
     m = ServiceMetrics()
     m.watch_tiers(lambda: [])
+    m.watch_quotas(lambda: [], lambda _tenant: "default")
     out: dict[str, str] = {}
     for fam in m.registry.collect():
         family = fam.name + {"counter": "_total", "info": "_info"}.get(fam.type, "")

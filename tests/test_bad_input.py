@@ -213,7 +213,7 @@ def test_bad_put_is_refused_and_nothing_stored(svc: BlockService, blocks: Blocks
     assert svc.contains(TENANT, MODEL, [8]) == [False]
     if 0 <= item.sequence_hash < 2**64:
         assert svc.contains(TENANT, MODEL, [item.sequence_hash]) == [False]
-    assert svc.metrics.refused.labels(reason=code)._value.get() == 1
+    assert svc.metrics.refused.labels(reason=code, tenant_class="default")._value.get() == 1
     _assert_serving(svc, blocks)
 
 

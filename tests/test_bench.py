@@ -113,6 +113,21 @@ def test_items_are_interleaved_across_measures() -> None:
     assert [i.kind for i in interleave(items)] == ["lm", "multikey", "vartrack"] * 2
 
 
+def test_a_tasks_only_suite_needs_no_lm_text() -> None:
+    """bench/accuracy_harness.py runs the default suite with lm_windows=0: no window is cut (and
+    the text is not even tokenized); a suite that asks for windows still refuses a too-short text."""
+    from dataclasses import replace
+
+    from kvbm_codec.bench.runner import lm_items
+
+    def tokenizer(text: str, **_: object) -> dict[str, torch.Tensor]:
+        return {"input_ids": torch.zeros(1, len(text.split()), dtype=torch.long)}
+
+    assert lm_items(tokenizer, "", replace(SUITES["default"], lm_windows=0)) == []
+    with pytest.raises(ValueError, match="one window needs"):
+        lm_items(tokenizer, "too short", SUITES["default"])
+
+
 @pytest.fixture(scope="module")
 def quick_run(smollm, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict[str, Path], Path]:
     tmp = tmp_path_factory.mktemp("bench")

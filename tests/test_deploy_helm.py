@@ -476,3 +476,34 @@ def test_helm_test_hook_checks_every_replica() -> None:
     assert len(urls) == 4 and all(u.endswith(":9465/readyz") for u in urls)
     assert urls[3].startswith("http://kvbm-codec-3.kvbm-codec-headless.dynamo.svc")
     assert pod["spec"]["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def test_metrics_token_secret_reaches_the_pod_and_both_monitors(tmp_path: Path) -> None:
+    """metricsAuth.tokenSecret: the token is mounted as a file the config names (never in the
+    ConfigMap), and the ServiceMonitor and PodMonitor scrape with the same Secret."""
+    values = _merge(
+        SECURE,
+        {
+            "metricsAuth": {"tokenSecret": {"name": "kvbm-metrics", "key": "tok"}},
+            "serviceMonitor": {"enabled": True},
+            "podMonitor": {"enabled": True},
+        },
+    )
+    docs = _render(values)
+    cfg = _config(docs, tmp_path)
+    assert cfg.metrics_token_file == Path("/etc/kvbm-codec/metrics-auth/token")
+    pod = _pod(docs)
+    vol = next(v for v in pod["volumes"] if v["name"] == "metrics-auth")
+    assert vol["secret"]["secretName"] == "kvbm-metrics"
+    assert vol["secret"]["items"] == [{"key": "tok", "path": "token"}]
+    mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+    assert mounts["metrics-auth"] == "/etc/kvbm-codec/metrics-auth"
+    (sm,) = _kind(docs, "ServiceMonitor")
+    (pm,) = _kind(docs, "PodMonitor")
+    for ep in (sm["spec"]["endpoints"][0], pm["spec"]["podMetricsEndpoints"][0]):
+        want = {"type": "Bearer", "credentials": {"name": "kvbm-metrics", "key": "tok"}}
+        assert ep["authorization"] == want
+    assert "kvbm-metrics" not in _kind(docs, "ConfigMap")[0]["data"]["config.yaml"]
+    plain = _render(_merge(SECURE, {"serviceMonitor": {"enabled": True}}))
+    assert "authorization" not in _kind(plain, "ServiceMonitor")[0]["spec"]["endpoints"][0]
+    assert _config(plain, tmp_path).metrics_token_file is None

@@ -99,7 +99,8 @@ def test_item10_grpc_auth_failures_are_counted(served, blocks, monkeypatch):  # 
             assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
         ch.close()
         n = svc.metrics.registry.get_sample_value(
-            "kvbm_codec_auth_failures_total", {"frontend": "grpc", "reason": "unauthenticated"}
+            "kvbm_codec_auth_failures_total",
+            {"frontend": "grpc", "reason": "unauthenticated", "tenant_class": "unknown"},
         )
         assert n == 2
     finally:

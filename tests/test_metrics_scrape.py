@@ -109,13 +109,14 @@ def _free_port() -> int:
 class Prom:
     """A Prometheus process on 127.0.0.1 and its HTTP API."""
 
-    def __init__(self, tmp: Path, target: str) -> None:
+    def __init__(self, tmp: Path, target: str, jobs: list[dict] | None = None) -> None:
+        """``jobs``: scrape configs instead of the one plain job of ``target``."""
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cfg = {
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s", "scrape_timeout": "900ms"},
             "rule_files": [str(ROOT / "deploy" / "prometheus" / "alerts.yml")],
-            "scrape_configs": [{"job_name": JOB, "static_configs": [{"targets": [target]}]}],
+            "scrape_configs": jobs or [{"job_name": JOB, "static_configs": [{"targets": [target]}]}],
         }
         (tmp / "prometheus.yml").write_text(yaml.safe_dump(cfg))
         self.log = (tmp / "prometheus.log").open("wb")
@@ -313,6 +314,7 @@ def test_prometheus_scrape_agrees_with_workload(blocks, small_calibration, tmp_p
     frame_estimate = spec.nbytes // 12
     cfg = ServiceConfig(
         memory_capacity_bytes=12 * frame_estimate,  # about 1.5 rounds of 8 blocks: evictions and drops
+        memory_quota_bytes_per_tenant=12 * frame_estimate,  # one tenant: the quota panel has data
         max_inflight_requests=4,
         max_blocks_per_request=8 + 8 + 1,
         nixl={"enabled": False},
@@ -444,6 +446,7 @@ def _kvbm_codec_serve(tmp: Path, cal, frame_estimate: int) -> Iterator[tuple[str
         "workers": 4,
         "max_blocks_per_request": 17,
         "memory_capacity_bytes": 12 * frame_estimate,
+        "memory_quota_bytes_per_tenant": 12 * frame_estimate,
         "nixl": {"enabled": False},
         "auth": {"mode": "none", "tenant": TENANT},
         "logging": {"format": "json", "level": "INFO"},
@@ -590,3 +593,55 @@ def test_prometheus_scrapes_kvbm_codec_serve(blocks, small_calibration, tmp_path
             _check_labels_bounded(prom, metrics_port, done)
         finally:
             prom.close()
+
+
+# ---- /metrics behind a bearer token -------------------------------------------------------------------
+
+
+@pytest.mark.skipif(PROMETHEUS is None, reason="prometheus is not installed (scripts/bootstrap.sh)")
+def test_metrics_token_scrape_with_and_without_the_token(tmp_path: Path) -> None:
+    """A real Prometheus with the token (a credentials file, as a ServiceMonitor's Secret) scrapes;
+    the same target without it is refused (up 0) and every refusal is counted, with no tenant name."""
+    from kvbm_codec.core.metrics import ServiceMetrics
+    from kvbm_codec.service.metrics_http import read_token, start_metrics_server
+
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cr3t-metrics-token-2f9\n")
+    m = ServiceMetrics()
+    refused = m.auth_failures.labels(frontend="metrics", reason="unauthenticated", tenant_class="unknown")
+    httpd = start_metrics_server(
+        "127.0.0.1", 0, m.registry, token=read_token(token_file), on_refused=refused.inc
+    )
+    target = f"127.0.0.1:{httpd.server_port}"
+    url = f"http://{target}/metrics"
+    prom = Prom(
+        tmp_path,
+        target,
+        jobs=[
+            {
+                "job_name": "with-token",
+                "authorization": {"type": "Bearer", "credentials_file": str(token_file)},
+                "static_configs": [{"targets": [target]}],
+            },
+            {"job_name": "without-token", "static_configs": [{"targets": [target]}]},
+        ],
+    )
+    try:
+        for bad in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Bearer \u00e9"}):
+            req = urllib.request.Request(url, headers=bad)
+            with pytest.raises(urllib.error.HTTPError) as e:
+                urllib.request.urlopen(req, timeout=5)
+            assert e.value.code == 401 and "Bearer" in e.value.headers["WWW-Authenticate"]
+        ok = urllib.request.Request(url, headers={"Authorization": "Bearer s3cr3t-metrics-token-2f9"})
+        with urllib.request.urlopen(ok, timeout=5) as r:
+            assert r.status == 200 and b"kvbm_codec_auth_failures_total" in r.read()
+        prom.wait_ready()
+        _wait_for(prom, 'up{job="with-token"}', 1.0)
+        _wait_for(prom, 'up{job="without-token"}', 0.0)
+        _wait_for(
+            prom, 'count(kvbm_codec_auth_failures_total{job="with-token", frontend="metrics"} >= 4)', 1.0
+        )
+    finally:
+        prom.close()
+        httpd.shutdown()
+        httpd.server_close()

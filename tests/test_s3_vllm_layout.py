@@ -79,7 +79,9 @@ def _stored(server) -> int:
 
 
 def _refused(server) -> float:
-    return server.endpoint.svc.metrics.refused.labels(reason="layout_mismatch")._value.get()
+    return server.endpoint.svc.metrics.refused.labels(
+        reason="layout_mismatch", tenant_class="default"
+    )._value.get()
 
 
 def test_layout_roundtrip_is_exact_permutation(blocks):

@@ -226,7 +226,7 @@ def test_overload_is_refused_with_retry_hint(served, blocks):
         # With retries on, gRPC's retry policy waits the server's hint and replays: hold the only
         # slot until the first refusal is counted, then free it; the call must succeed.
         refused = lambda: r.svc.metrics.registry.get_sample_value(  # noqa: E731
-            "kvbm_codec_requests_refused_total", {"reason": "overloaded"}
+            "kvbm_codec_requests_refused_total", {"reason": "overloaded", "tenant_class": "default"}
         )
         before = refused()
         hold = r.svc.request("hold")
@@ -242,7 +242,7 @@ def test_overload_is_refused_with_retry_hint(served, blocks):
         assert refused() > before and answer == [[False]]
         assert (
             r.svc.metrics.registry.get_sample_value(
-                "kvbm_codec_requests_refused_total", {"reason": "overloaded"}
+                "kvbm_codec_requests_refused_total", {"reason": "overloaded", "tenant_class": "default"}
             )
             >= 1
         )

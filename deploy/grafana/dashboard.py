@@ -189,6 +189,26 @@ PANELS: list[tuple[str, str, str, str, list[Q], str]] = [
     ),
     (
         "Store",
+        "Tenant quota use",
+        "bytes",
+        "With per-tenant quotas (memory_quota_bytes_per_tenant, disk_quota_bytes_per_tenant): bytes held "
+        "per tier by each tenant class, by its largest tenant, and the per-tenant quota. A tenant at its "
+        "quota evicts only its own oldest blocks. No tenant names: classes from tenant_classes.",
+        [
+            Q(
+                _q("sum by (tier, tenant_class) (kvbm_codec_tier_tenant_used_bytes{})"),
+                "{{tier}} {{tenant_class}} (all)",
+            ),
+            Q(
+                _q("max by (tier, tenant_class) (kvbm_codec_tier_tenant_max_used_bytes{})"),
+                "{{tier}} {{tenant_class}} (largest tenant)",
+            ),
+            Q(_q("max by (tier) (kvbm_codec_tier_quota_bytes{})"), "quota per tenant {{tier}}"),
+        ],
+        "timeseries",
+    ),
+    (
+        "Store",
         "Blocks held per tier",
         "short",
         "Blocks (frames) each tier holds.",
@@ -226,12 +246,13 @@ PANELS: list[tuple[str, str, str, str, list[Q], str]] = [
         "Health",
         "Refusals by reason",
         "reqps",
-        "Requests refused: overloaded (admission control), shutting_down (drain), store_full, and "
-        "every request error code.",
+        "Requests refused: overloaded (admission control), tenant_overloaded / tenant_bytes (one "
+        "tenant's own in-flight bound), shutting_down (drain), store_full, and every request error code; "
+        "by tenant class (configured tenant_classes, never tenant names).",
         [
             Q(
-                _q(f"sum by (reason) (rate(kvbm_codec_requests_refused_total{{}}[{RI}]))"),
-                "{{reason}}",
+                _q(f"sum by (reason, tenant_class) (rate(kvbm_codec_requests_refused_total{{}}[{RI}]))"),
+                "{{reason}} ({{tenant_class}})",
             )
         ],
         "timeseries",

@@ -294,6 +294,9 @@ class KvbmTierClient:
             raise ValueError("window_tokens must be >= 0 and max_blocks_per_call > 0")
         self.transport = transport
         self.spec = spec
+        bind = getattr(transport, "bind_dtype", None)
+        if bind is not None:  # a wire transport carries the dtype so the server can refuse a mismatch
+            bind(spec.dtype)
         self.layout = layout
         self.window_tokens = window_tokens
         self.max_blocks_per_call = max_blocks_per_call

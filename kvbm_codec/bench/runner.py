@@ -126,6 +126,8 @@ def _ids_key(*parts: torch.Tensor) -> str:
 
 
 def lm_items(tokenizer: Any, text: str, suite: Suite) -> list[Item]:
+    if suite.lm_windows == 0:  # a tasks-only suite (bench/accuracy_harness.py)
+        return []
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
     span = suite.lm_context_tokens + suite.lm_continuation_tokens
     n = min(suite.lm_windows, int(ids.shape[1]) // span)

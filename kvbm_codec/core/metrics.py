@@ -1,7 +1,8 @@
 """Prometheus metrics of the service: the one list of names the dashboard and alerts are built on.
 
 Names follow Prometheus conventions (``_total`` counters, base units in names). Labels are bounded:
-model (a handful of configured models), tier, direction, path, reason, method, code. The standard
+model (a handful of configured models), tier, direction, path, reason, method, code, tenant_class
+(configured classes, never tenant names). The standard
 ``process_*`` metrics (RSS, CPU, fds) come from prometheus_client's ProcessCollector. Never a sequence
 hash, tenant secret or block content. Each service instance owns its own CollectorRegistry so several
 can run in one process (tests) without clashing.
@@ -15,6 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from kvbm_codec.core.fairness import UNKNOWN_CLASS
 from kvbm_codec.store.base import TierStats
 
 PREFIX = "kvbm_codec"
@@ -43,6 +45,9 @@ METRIC_NAMES = (
     f"{PREFIX}_tier_capacity_bytes",
     f"{PREFIX}_tier_blocks",
     f"{PREFIX}_tier_evictions_total",
+    f"{PREFIX}_tier_quota_bytes",
+    f"{PREFIX}_tier_tenant_used_bytes",
+    f"{PREFIX}_tier_tenant_max_used_bytes",
     f"{PREFIX}_blocks_dropped_total",
     f"{PREFIX}_calibration_info",
     f"{PREFIX}_build_info",
@@ -83,6 +88,44 @@ class _TierCollector(Collector):
         yield evc
 
 
+QuotaSource = Callable[[], Iterable[tuple[str, int, dict[str, int]]]]
+
+
+class _QuotaCollector(Collector):
+    """Per-tenant quota use at scrape time, summed per tenant class (a tenant's name never becomes a
+    label): the sum, and the largest single tenant, which is what nears the per-tenant quota."""
+
+    def __init__(self, source: QuotaSource, class_of: Callable[[str], str]) -> None:
+        self._source, self._class_of = source, class_of
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        quota = GaugeMetricFamily(
+            f"{PREFIX}_tier_quota_bytes", "Per-tenant byte quota of the tier", labels=["tier"]
+        )
+        used = GaugeMetricFamily(
+            f"{PREFIX}_tier_tenant_used_bytes",
+            "Bytes the tenants of a class hold in a tier with a quota",
+            labels=["tier", "tenant_class"],
+        )
+        top = GaugeMetricFamily(
+            f"{PREFIX}_tier_tenant_max_used_bytes",
+            "Bytes held by the largest tenant of a class in a tier with a quota (compare with the quota)",
+            labels=["tier", "tenant_class"],
+        )
+        for tier, limit, usage in self._source():
+            quota.add_metric([tier], limit)
+            total: dict[str, int] = {}
+            most: dict[str, int] = {}
+            for tenant, n in usage.items():
+                c = self._class_of(tenant)
+                total[c] = total.get(c, 0) + n
+                most[c] = max(most.get(c, 0), n)
+            for c in sorted(total):
+                used.add_metric([tier, c], total[c])
+                top.add_metric([tier, c], most[c])
+        yield from (quota, used, top)
+
+
 class ServiceMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = self.registry = registry or CollectorRegistry()
@@ -118,16 +161,22 @@ class ServiceMetrics:
         self.requests = Counter(
             f"{p}_requests", "Requests by method and result code", ["method", "code"], registry=r
         )
-        self.refused = Counter(f"{p}_requests_refused", "Requests refused, by reason", ["reason"], registry=r)
+        self.refused = Counter(
+            f"{p}_requests_refused",
+            "Requests refused, by reason and tenant class (configured tenant_classes; never a tenant name)",
+            ["reason", "tenant_class"],
+            registry=r,
+        )
         self.auth_failures = Counter(
             f"{p}_auth_failures",
-            "Refused authentications, by front end and stable error code (no tenant or peer names)",
-            ["frontend", "reason"],
+            "Refused authentications, by front end and stable error code (no tenant or peer names; "
+            "tenant_class is `unknown`: no tenant is established yet)",
+            ["frontend", "reason", "tenant_class"],
             registry=r,
         )
         # Zero series from the start, so a dashboard rate or an alert sees 0 rather than "no data".
         for reason in ("unauthenticated", "permission_denied"):
-            self.auth_failures.labels(frontend="grpc", reason=reason)
+            self.auth_failures.labels(frontend="grpc", reason=reason, tenant_class=UNKNOWN_CLASS)
         self.inflight = Gauge(f"{p}_inflight_requests", "Requests being served now", registry=r)
         self.raw_bytes = Counter(
             f"{p}_raw_bytes",
@@ -176,3 +225,6 @@ class ServiceMetrics:
 
     def watch_tiers(self, source: Callable[[], Iterable[TierStats]]) -> None:
         self.registry.register(_TierCollector(source))
+
+    def watch_quotas(self, source: QuotaSource, class_of: Callable[[str], str]) -> None:
+        self.registry.register(_QuotaCollector(source, class_of))

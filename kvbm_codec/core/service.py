@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import TypeVar
 
@@ -46,15 +46,18 @@ T = TypeVar("T")
 class Limits:
     max_inflight_requests: int = 64
     max_inflight_per_tenant: int = 0  # 0: only the global bound; else one tenant's share of it
+    max_inflight_bytes_per_tenant: int = 0  # 0: no bound on one tenant's request bytes in flight
     max_blocks_per_request: int = 256
     max_frame_bytes: int = 8 << 20
     retry_after_s: float = 0.05
+    tenant_classes: Mapping[str, str] = field(default_factory=dict)  # tenant -> metric class
 
     @classmethod
-    def of(cls, source: object) -> Limits:
-        """The limits named like a field of ``source`` (the service config), defaults for the rest:
-        the config fields are the one list of names, never copied field by field."""
-        return cls(**{f.name: getattr(source, f.name) for f in fields(cls) if hasattr(source, f.name)})
+    def of(cls, source: object, **other: object) -> Limits:
+        """The limits named like a field of ``source`` (the service config), ``other`` for those the
+        config names differently, defaults for the rest: no field-by-field copy to keep in step."""
+        named = {f.name: getattr(source, f.name) for f in fields(cls) if hasattr(source, f.name)}
+        return cls(**{**named, **other})  # type: ignore[arg-type]
 
 
 class ServedModel:
@@ -147,41 +150,52 @@ class BlockService:
             )
         self.metrics.watch_tiers(store.stats)
         self._adm = _Admission(self.limits.max_inflight_requests)
-        self._tenants = TenantAdmission(self.limits.max_inflight_per_tenant)
+        self._tenants = TenantAdmission(
+            self.limits.max_inflight_per_tenant,
+            self.limits.max_inflight_bytes_per_tenant,
+            self.limits.tenant_classes,
+        )
+        quotas = getattr(store, "quota_usage", None)
+        if quotas is not None:
+            self.metrics.watch_quotas(quotas, self._tenants.class_of)
 
     # ---- admission ------------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def request(self, method: str, tenant: str | None = None) -> Iterator[None]:
+    def request(self, method: str, tenant: str | None = None, nbytes: int = 0) -> Iterator[None]:
         """Admit one request or refuse it at once (never queue unboundedly); time and count it.
 
         Every verb enters this itself, so no front end can forget it or admit twice; it stays public
         so a test (or an operator tool) can hold slots. The one point where per-tenant policy
-        (``core.fairness``) is applied: with ``tenant``, that tenant's own bound is checked first."""
+        (``core.fairness``) is applied: with ``tenant``, that tenant's own bounds apply first,
+        requests in flight and, with ``nbytes`` (the request's payload size, when the caller knows
+        it), bytes in flight."""
+        cls = self._tenants.class_of(tenant)
         if tenant is not None:
-            held = self._tenants.try_enter(tenant)
-            if held is not None:
-                self.metrics.refused.labels(reason="tenant_overloaded").inc()
-                raise OverloadedError(
-                    f"{held} requests in flight for this tenant (limit {self._tenants.limit})",
-                    retry_after_s=self.limits.retry_after_s,
-                )
+            refusal = self._tenants.try_enter(tenant, nbytes)
+            if refusal is not None:
+                self.metrics.refused.labels(reason=refusal.reason, tenant_class=cls).inc()
+                raise OverloadedError(refusal.message, retry_after_s=self.limits.retry_after_s)
         try:
-            with self._admit(method):
+            with self._admit(method, cls):
                 yield
         finally:
             if tenant is not None:
-                self._tenants.leave(tenant)
+                self._tenants.leave(tenant, nbytes)
+
+    def tenant_class(self, tenant: str | None) -> str:
+        """The metric class of ``tenant`` (front ends label their own refusals with it)."""
+        return self._tenants.class_of(tenant)
 
     @contextlib.contextmanager
-    def _admit(self, method: str) -> Iterator[None]:
+    def _admit(self, method: str, cls: str) -> Iterator[None]:
         a = self._adm
         with a.lock:
             if a.closed:
-                self.metrics.refused.labels(reason=ShuttingDownError.code).inc()
+                self.metrics.refused.labels(reason=ShuttingDownError.code, tenant_class=cls).inc()
                 raise ShuttingDownError("service is draining; retry on another replica")
             if a.inflight >= a.limit:
-                self.metrics.refused.labels(reason=OverloadedError.code).inc()
+                self.metrics.refused.labels(reason=OverloadedError.code, tenant_class=cls).inc()
                 raise OverloadedError(
                     f"{a.inflight} requests in flight (limit {a.limit})",
                     retry_after_s=self.limits.retry_after_s,
@@ -195,7 +209,7 @@ class BlockService:
         except Exception as e:
             code = getattr(e, "code", "internal")
             if code not in ("ok",) and not isinstance(e, OverloadedError | ShuttingDownError):
-                self.metrics.refused.labels(reason=code).inc()
+                self.metrics.refused.labels(reason=code, tenant_class=cls).inc()
             raise
         finally:
             self.metrics.request_seconds.labels(method=method).observe(time.perf_counter() - t0)
@@ -249,13 +263,14 @@ class BlockService:
         items: Sequence[PutItem] | Callable[[ServedModel], Sequence[PutItem]],
         *,
         method: str = "put",
+        nbytes: int = 0,
     ) -> list[PutResult]:
         """All-or-nothing validation: every item is encoded (or checked) before any is stored.
 
         ``items`` may be a function of the served model, called once admitted: a front end whose
         blocks arrive by a transfer (a NIXL READ into staging) fetches them inside the request's
         admission, so the transfer is bounded, timed and counted with it."""
-        with self.request(method, tenant):
+        with self.request(method, tenant, nbytes):
             m = self.model(model)
             got = items(m) if callable(items) else items
             return self._put(tenant, m, got)
@@ -289,6 +304,7 @@ class BlockService:
         as_frames: bool = False,
         before_batch: Callable[[], None] | None = None,
         method: str = "get",
+        nbytes: int = 0,
     ) -> Iterator[T]:
         """A get served in batches, admitted from the first batch until the last is handed on (or
         the stream is closed): a streaming front end holds one slot for the stream's whole life.
@@ -297,7 +313,7 @@ class BlockService:
         sends (a protobuf message, a NIXL WRITE); it runs inside the admission, so its failures count
         under their codes like the core's own. ``before_batch`` may refuse the next batch (a passed
         deadline)."""
-        with self.request(method, tenant):
+        with self.request(method, tenant, nbytes):
             m = self.model(model)
             self.check_count(len(hashes))
             n = batch_size(m) if callable(batch_size) else batch_size

@@ -91,7 +91,13 @@ def served_model(mc: ModelConfig, resolved: _Resolved) -> ServedModel:
 def build_store(cfg: ServiceConfig, metrics: ServiceMetrics) -> TieredStore:
     tiers: list[Tier] = []
     if cfg.memory_capacity_bytes > 0:
-        tiers.append(MemoryTier(cfg.memory_capacity_bytes, policy=cfg.memory_policy))
+        tiers.append(
+            MemoryTier(
+                cfg.memory_capacity_bytes,
+                policy=cfg.memory_policy,
+                quota_bytes=cfg.memory_quota_bytes_per_tenant,
+            )
+        )
     elif cfg.disk_path is None:
         raise ValueError("memory_capacity_bytes = 0 (durable mode) needs a disk tier: set disk_path")
     if cfg.disk_path is not None:
@@ -99,7 +105,15 @@ def build_store(cfg: ServiceConfig, metrics: ServiceMetrics) -> TieredStore:
         from kvbm_codec.store.disk import DiskTier
 
         capacity = cfg.disk_capacity_bytes or derived_disk_capacity(cfg.disk_path)
-        tiers.append(DiskTier(cfg.disk_path, capacity, name="disk", fsync=cfg.disk_fsync))
+        tiers.append(
+            DiskTier(
+                cfg.disk_path,
+                capacity,
+                name="disk",
+                fsync=cfg.disk_fsync,
+                quota_bytes=cfg.disk_quota_bytes_per_tenant,
+            )
+        )
     return TieredStore(
         tiers,
         when_full=cfg.when_full,
@@ -119,4 +133,13 @@ def build_service(cfg: ServiceConfig, models: list[ServedModel] | None = None) -
     from kvbm_codec import __version__
 
     metrics.build_info.info({"version": __version__})
-    return BlockService(models, store, limits=Limits.of(cfg), metrics=metrics)
+    return BlockService(
+        models,
+        store,
+        limits=Limits.of(
+            cfg,
+            max_inflight_bytes_per_tenant=cfg.tenant_bytes_limit,
+            tenant_classes=dict(cfg.tenant_classes or {}),
+        ),
+        metrics=metrics,
+    )

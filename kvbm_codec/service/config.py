@@ -272,6 +272,16 @@ class ServiceConfig(BaseSettings):
     metrics_port: int | None = Field(
         9464, ge=0, le=65535, description="Prometheus /metrics port; 0 picks a free one, None disables."
     )
+    metrics_host: str | None = Field(
+        None,
+        description="Address /metrics listens on, when it should differ from `host` (e.g. a pod-internal "
+        "or loopback address apart from the client-facing one). None: `host`.",
+    )
+    metrics_token_file: Path | None = Field(
+        None,
+        description="File holding a bearer token /metrics requires (Authorization: Bearer <token>); other "
+        "scrapes get 401 and count as auth failures (frontend metrics). None: /metrics is open.",
+    )
     workers: int = Field(
         8,
         gt=0,
@@ -303,6 +313,18 @@ class ServiceConfig(BaseSettings):
         description="Requests one tenant may have admitted at once (0: only max_inflight_requests). "
         "Set below max_inflight_requests so one tenant cannot take every slot.",
     )
+    max_inflight_bytes_per_tenant: OptionalByteSize = Field(
+        None,
+        ge=0,
+        description="Request bytes one tenant may have admitted at once (a put's message, a get's raw "
+        "blocks); beyond it the tenant is refused RESOURCE_EXHAUSTED (reason tenant_bytes) with a retry "
+        "hint. A request larger than this alone is still admitted. None: 4 x max_message_bytes; 0: no bound.",
+    )
+    tenant_classes: dict[str, str] | None = Field(
+        None,
+        description="Tenant -> class for metric labels (tenant_class on refusals and quota use); tenants "
+        "not listed (all, when None) are class `default`. Metrics never carry tenant names.",
+    )
     drain_timeout_s: float = Field(
         20.0, ge=0, description="On SIGTERM, how long in-flight requests may take to finish."
     )
@@ -331,6 +353,19 @@ class ServiceConfig(BaseSettings):
         description="A read hit on disk is copied up to memory and the disk copy kept (copy: reads never "
         "lose a durable block) or moved (move: frees disk space, a crash after a read loses the block).",
     )
+    memory_quota_bytes_per_tenant: OptionalByteSize = Field(
+        None,
+        gt=0,
+        description="Frame bytes one tenant may hold in the memory tier. A put past it evicts that tenant's "
+        "own least recently used blocks from the tier (they spill to disk like any eviction), never "
+        "another tenant's. None: no quota (only the tier's capacity).",
+    )
+    disk_quota_bytes_per_tenant: OptionalByteSize = Field(
+        None,
+        gt=0,
+        description="Frame bytes one tenant may hold in the disk tier; past it that tenant's own least "
+        "recently used blocks are dropped from the tier. None: no quota.",
+    )
     disk_fsync: bool = Field(
         True,
         description="fsync each disk-tier write and its directory (off: survives a process crash, "
@@ -357,6 +392,13 @@ class ServiceConfig(BaseSettings):
                 f"({self.request_timeout_s:g}): a request still within its deadline is not stuck"
             )
         return self
+
+    @property
+    def tenant_bytes_limit(self) -> int:
+        """``max_inflight_bytes_per_tenant`` with its default resolved: four largest messages."""
+        if self.max_inflight_bytes_per_tenant is None:
+            return 4 * self.max_message_bytes
+        return self.max_inflight_bytes_per_tenant
 
     @field_validator("models")
     @classmethod

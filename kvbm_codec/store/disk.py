@@ -66,6 +66,7 @@ from kvbm_codec.store.base import (
     StoreFullError,
     TierStats,
 )
+from kvbm_codec.store.quota import TenantQuota
 
 log = logging.getLogger(__name__)
 
@@ -164,8 +165,16 @@ def _is_shard(name: str) -> bool:
 
 class DiskTier:
     def __init__(
-        self, path: str | Path, capacity_bytes: int, name: str = "disk", *, fsync: bool = True
+        self,
+        path: str | Path,
+        capacity_bytes: int,
+        name: str = "disk",
+        *,
+        fsync: bool = True,
+        quota_bytes: int | None = None,
     ) -> None:
+        """``quota_bytes``: per-tenant bytes (``store.quota``); over it a put drops its own tenant's
+        least recently used blocks, and a reopen with a lower quota trims each tenant to it."""
         if capacity_bytes <= 0:
             raise ValueError("capacity_bytes must be positive")
         self.name = name
@@ -186,6 +195,7 @@ class DiskTier:
         self._used = 0
         self._evictions = 0
         self._corrupt = 0
+        self._quota = TenantQuota(quota_bytes, name) if quota_bytes is not None else None
         self._closed = False
         self._dirs: set[Path] = set()
         self._seq = itertools.count()
@@ -255,12 +265,26 @@ class DiskTier:
                             continue
                         found.append((mtime, key, size))
         found.sort(key=lambda t: t[0])
+        over = 0
         for _, key, size in found:
             self._index[key] = size
             self._used += size
-        over = 0
+            if self._quota is not None:
+                self._quota.add(key, size)
+        while self._quota is not None and (
+            heavy := [t for t, n in self._quota.usage().items() if n > self._quota.limit]
+        ):  # quota lowered since last run: each tenant keeps its most recent blocks
+            k = self._quota.oldest(heavy[0])
+            self._quota.remove(k)
+            self._used -= self._index.pop(k)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path_of(k))
+            over += 1
+            changed.add(str(self.path_of(k).parent))
         while self._used > self.capacity_bytes:  # capacity lowered since last run, or a crash mid-evict
             k, size = self._index.popitem(last=False)
+            if self._quota is not None:
+                self._quota.remove(k)
             self._used -= size
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path_of(k))
@@ -342,6 +366,8 @@ class DiskTier:
             raise BlockTooLargeError(
                 f"{len(data)} B block exceeds tier {self.name} ({self.capacity_bytes} B)"
             )
+        if self._quota is not None:
+            self._quota.check(len(data))
         self._check_open()
         final = self.path_of(key)
         tmp = self._write_temp(key, data, final)  # the slow part, outside the lock
@@ -360,22 +386,21 @@ class DiskTier:
                 old = self._index.pop(key, None)
                 if old is not None:
                     self._used -= old
+                q = self._quota
+                if q is not None:
+                    q.remove(key)
+                    while q.over(key.tenant, len(data)):  # own blocks first: never another's
+                        k = q.oldest(key.tenant)
+                        q.remove(k)
+                        self._evict(k, self._index.pop(k), keep, victims)
+                    q.add(key, len(data))
                 self._index[key] = len(data)
                 self._used += len(data)
                 while self._used > self.capacity_bytes:
                     k, size = self._index.popitem(last=False)
-                    self._used -= size
-                    self._evictions += 1
-                    p = self.path_of(k)
-                    if keep is not None:
-                        try:
-                            keep.append((k, self._read_checked(p, k)))
-                        except (_BadFile, FileNotFoundError) as e:
-                            self._corrupt += 1
-                            log.warning("tier %s: evicted block %s was damaged, dropped: %s", self.name, k, e)
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(p)
-                    victims.append((k, size))
+                    if q is not None:
+                        q.remove(k)
+                    self._evict(k, size, keep, victims)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
@@ -383,6 +408,37 @@ class DiskTier:
         if self.fsync:
             _fsync_dir(final.parent)  # makes the rename (and so the put) durable before we return
         return victims
+
+    def _evict(
+        self,
+        k: BlockKey,
+        size: int,
+        keep: list[tuple[BlockKey, bytes]] | None,
+        victims: list[tuple[BlockKey, int]],
+    ) -> None:
+        """Remove one block already taken out of the index (lock held), reading it back first when
+        the caller spills evictions onward."""
+        self._used -= size
+        self._evictions += 1
+        p = self.path_of(k)
+        if keep is not None:
+            try:
+                keep.append((k, self._read_checked(p, k)))
+            except (_BadFile, FileNotFoundError) as e:
+                self._corrupt += 1
+                log.warning("tier %s: evicted block %s was damaged, dropped: %s", self.name, k, e)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(p)
+        victims.append((k, size))
+
+    def _forget(self, key: BlockKey) -> int | None:
+        """Drop ``key`` from the index and the quota (lock held); its size, or None if absent."""
+        size = self._index.pop(key, None)
+        if size is not None:
+            self._used -= size
+            if self._quota is not None:
+                self._quota.remove(key)
+        return size
 
     def _read_checked(self, path: Path, key: BlockKey, *, touch: bool = False) -> bytes:
         with open(path, "rb", buffering=0) as f:
@@ -412,6 +468,8 @@ class DiskTier:
             if key not in self._index:
                 return None
             self._index.move_to_end(key)
+            if self._quota is not None:
+                self._quota.touch(key)
         path = self.path_of(key)
         try:
             data = self._read_checked(path, key, touch=True)
@@ -419,7 +477,7 @@ class DiskTier:
             # Evicted or deleted since the lookup (a miss), or removed behind our back (forget it).
             with self._lock:
                 if key in self._index and not path.exists():
-                    self._used -= self._index.pop(key)
+                    self._forget(key)
             return None
         except _BadFile as e:
             self._drop_damaged(key, path, e.stat)
@@ -436,9 +494,7 @@ class DiskTier:
             if seen is not None and (now.st_ino, now.st_dev) != (seen.st_ino, seen.st_dev):
                 return  # a concurrent put already replaced the damaged file with a good one
             os.unlink(path)
-            size = self._index.pop(key, None)
-            if size is not None:
-                self._used -= size
+            self._forget(key)
         if self.fsync:
             _fsync_dir(path.parent)
 
@@ -451,10 +507,8 @@ class DiskTier:
         path = self.path_of(key)
         with self._lock:
             self._check_open()
-            size = self._index.pop(key, None)
-            if size is None:
+            if self._forget(key) is None:
                 return False
-            self._used -= size
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
         if self.fsync:
@@ -470,6 +524,15 @@ class DiskTier:
         with self._lock:
             return max(self._index.values(), default=0)
 
+    @property
+    def quota_bytes(self) -> int | None:
+        return self._quota.limit if self._quota is not None else None
+
+    def tenant_usage(self) -> dict[str, int]:
+        """Bytes per tenant in this tier (empty without a quota): for the quota metrics."""
+        with self._lock:
+            return self._quota.usage() if self._quota is not None else {}
+
     def stats(self) -> TierStats:
         with self._lock:
             return TierStats(
@@ -483,6 +546,8 @@ class DiskTier:
                 return
             self._closed = True
             self._index.clear()
+            if self._quota is not None:
+                self._quota.clear()
         with contextlib.suppress(OSError):
             os.close(self._lock_fd)
 

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from typing import Literal
 
 from kvbm_codec.store.base import BlockKey, BlockTooLargeError, TierStats
+from kvbm_codec.store.quota import TenantQuota
 
 EvictionPolicy = Literal["lru", "lfu"]
 
@@ -69,7 +70,16 @@ class _LfuOrder:
 
 
 class MemoryTier:
-    def __init__(self, capacity_bytes: int, name: str = "memory", *, policy: EvictionPolicy = "lru") -> None:
+    def __init__(
+        self,
+        capacity_bytes: int,
+        name: str = "memory",
+        *,
+        policy: EvictionPolicy = "lru",
+        quota_bytes: int | None = None,
+    ) -> None:
+        """``quota_bytes``: per-tenant bytes (``store.quota``); over it a put evicts its own tenant's
+        least recently used blocks (by recency also under LFU: the tenant's oldest first)."""
         if capacity_bytes <= 0:
             raise ValueError("capacity_bytes must be positive")
         if policy not in ("lru", "lfu"):
@@ -82,6 +92,7 @@ class MemoryTier:
         self._lfu = _LfuOrder() if policy == "lfu" else None
         self._used = 0
         self._evictions = 0
+        self._quota = TenantQuota(quota_bytes, name) if quota_bytes is not None else None
         self._lock = threading.Lock()
 
     def _touch(self, key: BlockKey) -> None:
@@ -89,24 +100,49 @@ class MemoryTier:
             self._lfu.touch(key)
         else:
             self._items.move_to_end(key)
+        if self._quota is not None:
+            self._quota.touch(key)
 
     def _pop_victim(self) -> tuple[BlockKey, bytes]:
         if self._lfu is not None:
             k = self._lfu.victim()
             self._lfu.remove(k)
-            return k, self._items.pop(k)
-        return self._items.popitem(last=False)
+            v = self._items.pop(k)
+        else:
+            k, v = self._items.popitem(last=False)
+        if self._quota is not None:
+            self._quota.remove(k)
+        return k, v
+
+    def _evict_own(self, tenant: str, incoming: int, evicted: list[tuple[BlockKey, bytes]]) -> None:
+        """Evict ``tenant``'s oldest blocks until ``incoming`` more bytes fit its quota: first, so
+        the capacity eviction after it never takes another tenant's block for this tenant's excess."""
+        q = self._quota
+        while q is not None and q.over(tenant, incoming):
+            k = q.oldest(tenant)
+            q.remove(k)
+            v = self._items.pop(k)
+            if self._lfu is not None:
+                self._lfu.remove(k)
+            self._used -= len(v)
+            self._evictions += 1
+            evicted.append((k, v))
 
     def put(self, key: BlockKey, data: bytes) -> list[tuple[BlockKey, bytes]]:
         if len(data) > self.capacity_bytes:
             raise BlockTooLargeError(
                 f"{len(data)} B block exceeds tier {self.name} ({self.capacity_bytes} B)"
             )
+        if self._quota is not None:
+            self._quota.check(len(data))
         evicted: list[tuple[BlockKey, bytes]] = []
         with self._lock:
             old = self._items.pop(key, None)
             if old is not None:
                 self._used -= len(old)
+                if self._quota is not None:
+                    self._quota.remove(key)
+            self._evict_own(key.tenant, len(data), evicted)
             # An overwritten key keeps its place in the LFU order (and gains an access) while the
             # others are evicted around it, so it can never be its own victim.
             while self._used + len(data) > self.capacity_bytes:
@@ -119,6 +155,8 @@ class MemoryTier:
                 evicted.append((k, v))
             self._items[key] = data
             self._used += len(data)
+            if self._quota is not None:
+                self._quota.add(key, len(data))
             self._touch(key)
         return evicted
 
@@ -140,6 +178,8 @@ class MemoryTier:
                 return False
             if self._lfu is not None:
                 self._lfu.remove(key)
+            if self._quota is not None:
+                self._quota.remove(key)
             self._used -= len(v)
             return True
 
@@ -159,6 +199,15 @@ class MemoryTier:
         with self._lock:
             return max(map(len, self._items.values()), default=0)
 
+    @property
+    def quota_bytes(self) -> int | None:
+        return self._quota.limit if self._quota is not None else None
+
+    def tenant_usage(self) -> dict[str, int]:
+        """Bytes per tenant in this tier (empty without a quota): for the quota metrics."""
+        with self._lock:
+            return self._quota.usage() if self._quota is not None else {}
+
     def stats(self) -> TierStats:
         with self._lock:
             return TierStats(self.name, self._used, self.capacity_bytes, len(self._items), self._evictions)
@@ -169,3 +218,5 @@ class MemoryTier:
             if self._lfu is not None:
                 self._lfu = _LfuOrder()
             self._used = 0
+            if self._quota is not None:
+                self._quota.clear()

@@ -24,6 +24,10 @@ A damaged block found on read is removed, reported through ``on_corrupt`` and se
   (tiers - 1) x the largest block early, but it never drops a block because of the configured
   capacities. Overwriting an existing key is checked the same way (its old size is not credited).
 
+Per-tenant quotas (``store.quota``) live in the tiers: a put past its tenant's quota in a tier evicts
+that tenant's own oldest blocks there first, which spill down or drop like any eviction, under either
+``when_full`` (they are the putting tenant's own blocks, so ``refuse`` does not protect them).
+
 A lower tier whose medium is full below its configured capacity (``StoreFullError`` from a real
 disk) cannot take a spilled block; the block goes on down the chain or, past the end, is dropped
 and reported like any other drop, whatever ``when_full`` says: that is a fault, not the policy.
@@ -158,6 +162,15 @@ class TieredStore:
 
     def stats(self) -> list[TierStats]:
         return [t.stats() for t in self.tiers]
+
+    def quota_usage(self) -> list[tuple[str, int, dict[str, int]]]:
+        """(tier, per-tenant quota, bytes per tenant) for each tier with a quota (``store.quota``)."""
+        out = []
+        for t in self.tiers:
+            limit = getattr(t, "quota_bytes", None)
+            if limit is not None:
+                out.append((t.name, int(limit), t.tenant_usage()))  # type: ignore[attr-defined]
+        return out
 
     def counters(self) -> StoreCounters:
         with self._lock:

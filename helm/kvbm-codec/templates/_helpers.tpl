@@ -44,6 +44,7 @@ app.kubernetes.io/component: kv-cache-tier
 {{/* Where secrets and the cache are mounted; the config file points at these paths. */}}
 {{- define "kvbm-codec.tlsDir" -}}/etc/kvbm-codec/tls{{- end -}}
 {{- define "kvbm-codec.authDir" -}}/etc/kvbm-codec/auth{{- end -}}
+{{- define "kvbm-codec.metricsAuthDir" -}}/etc/kvbm-codec/metrics-auth{{- end -}}
 {{- define "kvbm-codec.cacheDir" -}}
 {{- if .Values.persistence.enabled -}}{{ .Values.persistence.mountPath }}/cache{{- else -}}/var/cache/kvbm-codec{{- end -}}
 {{- end -}}
@@ -79,6 +80,9 @@ Only paths reach the ConfigMap; secrets stay in Secrets mounted as files.
 {{- $_ := set $cfg.auth "tokens_file" (printf "%s/tokens" (include "kvbm-codec.authDir" .)) -}}
 {{- else if and .Values.tls.secretName .Values.tls.requireClientCert -}}
 {{- $_ := set $cfg.auth "mode" "mtls" -}}
+{{- end -}}
+{{- if .Values.metricsAuth.tokenSecret.name -}}
+{{- $_ := set $cfg "metrics_token_file" (printf "%s/token" (include "kvbm-codec.metricsAuthDir" .)) -}}
 {{- end -}}
 {{- toYaml $cfg -}}
 {{- end -}}

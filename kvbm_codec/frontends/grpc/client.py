@@ -124,8 +124,10 @@ class CodecClient:
         max_message_bytes: int = 64 << 20,
         max_attempts: int = 4,
         batch_blocks: int | None = None,
+        dtype: str | None = None,
     ) -> None:
         self.model = model
+        self.dtype = dtype  # element type of the raw blocks this client sends and expects
         self.timeout_s = timeout_s
         self.batch_blocks = batch_blocks
         opts: list[tuple[str, Any]] = [
@@ -156,6 +158,13 @@ class CodecClient:
         self.metadata = tuple(md)
         self._spec: BlockSpec | None = None
         self._agent: Any = None
+
+    def bind_dtype(self, dtype: str) -> None:
+        """Declare the element type of the blocks this client carries (the KVBM tier client does,
+        from its spec); sent with every put and get so the server refuses a mismatch."""
+        if self.dtype is not None and self.dtype != dtype:
+            raise ValueError(f"client already carries {self.dtype} blocks, not {dtype}")
+        self.dtype = dtype
 
     def close(self) -> None:
         self.channel.close()
@@ -232,7 +241,10 @@ class CodecClient:
                 b = self._block_msg(items[i])
                 b.data = bytes(items[i].data)
                 blocks.append(b)
-            resp = self._call(self.stub.PutBlocks, pb.PutBlocksRequest(model=self.model, blocks=blocks))
+            resp = self._call(
+                self.stub.PutBlocks,
+                pb.PutBlocksRequest(model=self.model, blocks=blocks, dtype=self.dtype or ""),
+            )
             out += [PutResult(x.sequence_hash, x.stored_bytes, x.raw_bytes) for x in resp.results]
         return out
 
@@ -247,6 +259,7 @@ class CodecClient:
                 sequence_hashes=[hashes[i] for i in r],
                 encoding=pb.ENCODING_FRAME if as_frames else pb.ENCODING_RAW,
                 batch_size=batch_size,
+                dtype=self.dtype or "",
             )
             try:
                 for msg in self.stub.GetBlocks(req, timeout=self.timeout_s, metadata=self.metadata):
@@ -321,7 +334,8 @@ class CodecClient:
                 b.nixl.nbytes = spec.nbytes
                 blocks.append(b)
             resp = self._call(
-                self.stub.PutBlocks, pb.PutBlocksRequest(model=self.model, blocks=blocks, region=region)
+                self.stub.PutBlocks,
+                pb.PutBlocksRequest(model=self.model, blocks=blocks, region=region, dtype=self.dtype or ""),
             )
             out += [PutResult(x.sequence_hash, x.stored_bytes, x.raw_bytes) for x in resp.results]
         return out
@@ -343,6 +357,7 @@ class CodecClient:
                 batch_size=batch_size,
                 region=region,
                 nixl_offsets=[offsets[i] for i in r],
+                dtype=self.dtype or "",
             )
             try:
                 for msg in self.stub.GetBlocks(req, timeout=self.timeout_s, metadata=self.metadata):

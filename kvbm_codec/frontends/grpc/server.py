@@ -32,6 +32,7 @@ from kvbm_codec.api.errors import (
     ServiceError,
 )
 from kvbm_codec.api.types import GetResult, LookupResult, PutItem
+from kvbm_codec.core.fairness import UNKNOWN_CLASS
 from kvbm_codec.core.service import BlockService, ServedModel
 from kvbm_codec.frontends.grpc.wire import (
     ERROR_CODE_KEY,
@@ -117,7 +118,12 @@ class KvbmCodecServicer(pb_grpc.KvbmCodecServicer):
 
     # ---- plumbing --------------------------------------------------------------------------------
 
-    def _run(self, method: str, context: grpc.ServicerContext, fn: Callable[[str, _Deadline], Any]) -> Any:
+    def _run(
+        self,
+        method: str,
+        context: grpc.ServicerContext,
+        fn: Callable[[str, _Deadline], Any],
+    ) -> Any:
         t0 = time.perf_counter()
         try:
             tenant = self._tenant(context)
@@ -136,7 +142,9 @@ class KvbmCodecServicer(pb_grpc.KvbmCodecServicer):
         try:
             return self.authenticate(context)
         except ServiceError as e:  # counted here whatever the hook: an attack shows on the dashboard
-            self.svc.metrics.auth_failures.labels(frontend="grpc", reason=e.code).inc()
+            self.svc.metrics.auth_failures.labels(
+                frontend="grpc", reason=e.code, tenant_class=UNKNOWN_CLASS
+            ).inc()
             raise
 
     @staticmethod
@@ -151,6 +159,15 @@ class KvbmCodecServicer(pb_grpc.KvbmCodecServicer):
                 detail=e.message[:200],
             ),
         )
+
+    @staticmethod
+    def _dtype(m: ServedModel, dtype: str) -> None:
+        """Bytes of another element type are refused, never reinterpreted (bf16 read as fp16 is
+        wrong KV that decodes fine). Empty: a client from before the field; the served dtype."""
+        if dtype and dtype != m.spec.dtype:
+            raise InvalidRequestError(
+                f"blocks of dtype {dtype!r}; model {m.name} is served as {m.spec.dtype}"
+            )
 
     # ---- puts ------------------------------------------------------------------------------------
 
@@ -185,6 +202,7 @@ class KvbmCodecServicer(pb_grpc.KvbmCodecServicer):
             path = "nixl" if request.HasField("region") else "grpc"
 
             def items(m: ServedModel) -> list[PutItem]:  # called by the core once admitted
+                self._dtype(m, request.dtype)
                 self.svc.check_count(len(request.blocks))
                 if path == "nixl":
                     payloads = self._nixl_read(m, request, deadline)
@@ -197,7 +215,7 @@ class KvbmCodecServicer(pb_grpc.KvbmCodecServicer):
                 deadline.check("encoding")
                 return out
 
-            results = self.svc.put_blocks(tenant, request.model, items)
+            results = self.svc.put_blocks(tenant, request.model, items, nbytes=request.ByteSize())
             return pb.PutBlocksResponse(
                 results=[
                     pb.PutResult(
@@ -292,6 +310,16 @@ class KvbmCodecServicer(pb_grpc.KvbmCodecServicer):
             context.set_trailing_metadata(((ERROR_CODE_KEY, "internal"),))
             context.abort(grpc.StatusCode.INTERNAL, f"internal error ({type(e).__name__})")
 
+    def _get_bytes(self, request: pb.GetBlocksRequest) -> int:
+        """Bytes a get holds at once, for per-tenant byte admission: its raw blocks, but never more
+        than one message (a stream builds one message at a time); 0 for a model not served here,
+        which ``_get`` then refuses by name."""
+        try:
+            nbytes = self.svc.model(request.model).spec.nbytes
+        except ServiceError:
+            return 0
+        return min(nbytes * len(request.sequence_hashes), self.cfg.max_message_bytes)
+
     def _get(
         self, tenant: str, request: pb.GetBlocksRequest, deadline: _Deadline
     ) -> Iterator[pb.GetBlocksResponse]:
@@ -311,6 +339,7 @@ class KvbmCodecServicer(pb_grpc.KvbmCodecServicer):
             remote = self._region(request.region)
 
         def batch_size(m: ServedModel) -> int:
+            self._dtype(m, request.dtype)  # called once admitted, with the served model
             # one streamed message must fit max_message_bytes: a raw block is spec.nbytes (+ positions
             # and framing), so cap the batch instead of failing mid-stream with no error trailer
             per_block = m.spec.nbytes + 16 * m.spec.page_size + 64
@@ -346,6 +375,7 @@ class KvbmCodecServicer(pb_grpc.KvbmCodecServicer):
                 batch_size=batch_size,
                 as_frames=as_frames,
                 before_batch=before_batch,
+                nbytes=self._get_bytes(request),
             )
 
     @staticmethod
@@ -544,10 +574,18 @@ class CodecServer:
 
     def start(self) -> CodecServer:
         if self.cfg.metrics_port is not None:
-            from prometheus_client import start_http_server
+            from kvbm_codec.service.metrics_http import read_token, start_metrics_server
 
-            self._metrics_httpd, _ = start_http_server(
-                self.cfg.metrics_port, addr=self.cfg.host, registry=self.svc.metrics.registry
+            tf = self.cfg.metrics_token_file
+            refused = self.svc.metrics.auth_failures.labels(
+                frontend="metrics", reason="unauthenticated", tenant_class=UNKNOWN_CLASS
+            )
+            self._metrics_httpd = start_metrics_server(
+                self.cfg.metrics_host or self.cfg.host,
+                self.cfg.metrics_port,
+                self.svc.metrics.registry,
+                token=read_token(tf) if tf is not None else None,
+                on_refused=refused.inc,
             )
             self.metrics_port = self._metrics_httpd.server_port
         self.server.start()

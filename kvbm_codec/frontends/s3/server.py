@@ -39,6 +39,7 @@ from aiohttp import web
 
 from kvbm_codec.api.errors import ServiceError
 from kvbm_codec.api.types import PutItem
+from kvbm_codec.core.fairness import UNKNOWN_CLASS
 from kvbm_codec.core.service import BlockService
 from kvbm_codec.frontends.s3 import checksums, chunked, sigv4
 from kvbm_codec.frontends.s3.buckets import PROBE_KEY, Bucket, KeyIndex, lookup, resolve, sequence_hash
@@ -233,7 +234,9 @@ class S3Endpoint:
                 req.method, raw_path, req.rel_url.raw_query_string, lambda n: req.headers.getall(n, []), query
             )
         except S3Error as e:
-            self.svc.metrics.auth_failures.labels(frontend="s3", reason=e.code).inc()
+            self.svc.metrics.auth_failures.labels(
+                frontend="s3", reason=e.code, tenant_class=UNKNOWN_CLASS
+            ).inc()
             raise
         tenant = verified.credential.tenant
         bucket_name, key = split_path(raw_path)
@@ -494,7 +497,9 @@ class S3Endpoint:
             first = bucket.estimator().estimate(keys.permute(0, 2, 1, 3))
         why = bucket.misfit(data, block, first)
         if why is not None:
-            self.svc.metrics.refused.labels(reason="layout_mismatch").inc()
+            self.svc.metrics.refused.labels(
+                reason="layout_mismatch", tenant_class=self.svc.tenant_class(tenant)
+            ).inc()
             log.warning("S3 PUT %s/%s refused: %s", bucket.name, key, why)
             raise invalid_argument(why)
         self.svc.put_blocks(
@@ -502,6 +507,7 @@ class S3Endpoint:
             bucket.model.name,
             [PutItem(h, spec.to_bytes(block), first_position=first)],
             method="s3_put",
+            nbytes=len(data),
         )
         self.svc.metrics.transfer_bytes.labels(path="s3", direction="in").inc(len(data))
         obj = self._fetch(tenant, bucket, key)
