@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from kvbm_codec import __version__
+from kvbm_codec.api.types import DEFAULT_MODEL
 from kvbm_codec.bench.cli import bench_app
 from kvbm_codec.calibration.registry_cli import registry_app
 from kvbm_codec.cli_errors import ReportingTyper, set_debug
@@ -41,7 +42,7 @@ app.add_typer(bench_app, name="bench")
 app.command("serve")(serve)
 app.add_typer(client_app, name="client")
 
-ModelOpt = Annotated[str, typer.Option("--model", help="registered name (smollm2-135m) or a path")]
+ModelOpt = Annotated[str, typer.Option("--model", help=f"registered name ({DEFAULT_MODEL}) or a path")]
 
 
 def _load(model: str):
@@ -69,7 +70,7 @@ def _calibration(lm, calibration: Path | None, layer_group_size: int, fit_sequen
 
 @app.command()
 def calibrate(
-    model: ModelOpt = "smollm2-135m",
+    model: ModelOpt = DEFAULT_MODEL,
     out: Annotated[Path | None, typer.Option(help="write here instead of the local cache")] = None,
     layer_group_size: Annotated[
         int, typer.Option(help="layers per PCA basis")
@@ -134,7 +135,7 @@ def calibrate(
 @app.command("eval")
 def eval_cmd(
     text: Annotated[Path, typer.Option(help="any UTF-8 text file (held out from calibration)")],
-    model: ModelOpt = "smollm2-135m",
+    model: ModelOpt = DEFAULT_MODEL,
     target_cr: Annotated[list[float], typer.Option(help="repeat for a curve")] = [20.0],  # noqa: B006
     context_tokens: int = 2048,
     continuation_tokens: int = 256,
@@ -169,7 +170,7 @@ def eval_cmd(
 
 @app.command()
 def demo(
-    model: ModelOpt = "smollm2-135m",
+    model: ModelOpt = DEFAULT_MODEL,
     target_cr: float = 20.0,
     layer_group_size: int = CodecConfig().layer_group_size,
     fit_sequences: int | None = None,

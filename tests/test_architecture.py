@@ -185,3 +185,53 @@ def test_the_contract_and_kv_layout_import_nothing_above_them() -> None:
 def test_demos_are_not_imported_by_the_library() -> None:
     users = {src for src, dsts in package_graph().items() if "demos" in dsts}
     assert users <= {"cli"}, f"only the CLI may start a demo; {sorted(users)} import demos/"
+
+
+# What a front end (and the data-path transport) may not touch: the core's store, its private key
+# builder, its admission context manager (each verb admits itself), and frame parsing (the core
+# parses each frame once; a front end that parses again is doing the core's work).
+EDGE_PACKAGES = ("frontends", "transport")
+EDGE_FORBIDDEN_ATTRS = {"store", "_key", "request", "decoder_for", "encoder"}
+EDGE_FORBIDDEN_MODULES = {"kvbm_codec.codec.frame", "kvbm_codec.store"}
+
+
+def _edge_violations(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    out = []
+    for node in ast.walk(tree):
+        # `x.store`, `svc._key(...)`; `.request` only off the service (`svc`/`service`/`core`):
+        # HTTP client objects have a `.request` of their own
+        if isinstance(node, ast.Attribute) and node.attr in EDGE_FORBIDDEN_ATTRS:
+            base = node.value
+            owner = base.attr if isinstance(base, ast.Attribute) else getattr(base, "id", "")
+            if node.attr != "request" or owner in {"svc", "service", "core"}:
+                out.append(f"{path.relative_to(ROOT)}:{node.lineno} .{node.attr}")
+    for name in _imports(path):
+        if any(name == m or name.startswith(m + ".") for m in EDGE_FORBIDDEN_MODULES):
+            out.append(f"{path.relative_to(ROOT)} imports {name}")
+    return out
+
+
+def test_front_ends_only_call_core_verbs() -> None:
+    bad = [
+        v for pkg in EDGE_PACKAGES for p in sorted((ROOT / pkg).rglob("*.py")) for v in _edge_violations(p)
+    ]
+    assert not bad, f"front ends reaching into the core (use a BlockService verb): {bad}"
+
+
+def test_the_edge_check_sees_a_reach_into_the_core() -> None:
+    probe = ROOT / "frontends" / "_architecture_probe.py"
+    assert not probe.exists()
+    probe.write_text(
+        "from kvbm_codec.codec import frame as fr\n"
+        "def f(self, svc, k):\n"
+        "    with svc.request('get'):\n"
+        "        return fr.read_frame(self.svc.store.get(svc._key(k)))\n",
+        encoding="utf-8",
+    )
+    try:
+        got = " ".join(_edge_violations(probe))
+    finally:
+        probe.unlink()
+    for what in (".store", "._key", ".request", "kvbm_codec.codec.frame"):
+        assert what in got, (what, got)

@@ -191,14 +191,11 @@ def _stored(svc: BlockService) -> int:
 
 def _assert_serving(svc: BlockService, b: Blocks) -> None:
     """A good put and get right after a refusal: the refusal left no state behind."""
-    with svc.request("put"):
-        svc.put_blocks(TENANT, MODEL, [PutItem(100, b.raw[1], first_position=32)])
-    with svc.request("get"):
-        (got,) = svc.get_blocks(TENANT, MODEL, [100])
+    svc.put_blocks(TENANT, MODEL, [PutItem(100, b.raw[1], first_position=32)])
+    (got,) = svc.get_blocks(TENANT, MODEL, [100])
     assert got.status == "hit" and got.positions == tuple(range(32, 64))
     assert SPEC.from_bytes(got.data).isfinite().all()
-    with svc.request("delete"):
-        assert svc.delete(TENANT, MODEL, [100]) == 1
+    assert svc.delete(TENANT, MODEL, [100]) == 1
 
 
 @pytest.mark.parametrize("case", PUT_CASES, ids=[c[0] for c in PUT_CASES])
@@ -207,16 +204,15 @@ def test_bad_put_is_refused_and_nothing_stored(svc: BlockService, blocks: Blocks
     item = build(svc, blocks)
     good = PutItem(8, blocks.raw[0])  # a valid block in the same batch is not stored either
     before = _stored(svc)
-    with pytest.raises(cls) as info, svc.request("put"):
+    with pytest.raises(cls) as info:
         svc.put_blocks(TENANT, MODEL, [good, item])
     err = info.value
     assert type(err) is cls and err.code == code
     assert fragment in err.message, err.message
     assert _stored(svc) == before == 0
-    with svc.request("contains"):
-        assert svc.contains(TENANT, MODEL, [8]) == [False]
-        if 0 <= item.sequence_hash < 2**64:
-            assert svc.contains(TENANT, MODEL, [item.sequence_hash]) == [False]
+    assert svc.contains(TENANT, MODEL, [8]) == [False]
+    if 0 <= item.sequence_hash < 2**64:
+        assert svc.contains(TENANT, MODEL, [item.sequence_hash]) == [False]
     assert svc.metrics.refused.labels(reason=code, tenant_class="default")._value.get() == 1
     _assert_serving(svc, blocks)
 
@@ -236,7 +232,7 @@ def test_request_level_refusals(svc: BlockService, blocks: Blocks) -> None:
         (lambda: svc.delete(TENANT, MODEL, [-5]), InvalidRequestError, "invalid_request"),
     ]  # fmt: skip
     for call, cls, code in cases:
-        with pytest.raises(cls) as info, svc.request("op"):
+        with pytest.raises(cls) as info:
             call()
         assert info.value.code == code
         assert _stored(svc) == 0
@@ -277,30 +273,24 @@ def test_get_of_corrupted_stored_frame(
     svc: BlockService, blocks: Blocks, damage: tuple, as_frames: bool
 ) -> None:
     name, fn, source = damage
-    with svc.request("put"):
-        svc.put_blocks(
-            TENANT, MODEL, [_first_item(blocks, name), PutItem(6, blocks.raw[1], first_position=32)]
-        )
+    svc.put_blocks(TENANT, MODEL, [_first_item(blocks, name), PutItem(6, blocks.raw[1], first_position=32)])
     key = BlockKey(TENANT, svc.model(MODEL).fingerprint, 5)
     _corrupt_in_store(svc, key, fn)
-    with svc.request("get"):
-        got = svc.get_blocks(TENANT, MODEL, [5, 6], as_frames=as_frames)
+    got = svc.get_blocks(TENANT, MODEL, [5, 6], as_frames=as_frames)
     assert [g.status for g in got] == ["corrupt", "hit"]
     assert got[0].data is None  # never a byte of the damaged frame, decoded or not
     assert not svc.store.contains(key)  # dropped, so the next get is a clean miss
     assert svc.metrics.checksum_failures.labels(source=source)._value.get() == 1
-    with svc.request("get"):
-        assert [g.status for g in svc.get_blocks(TENANT, MODEL, [5, 6])] == ["miss", "hit"]
+    assert [g.status for g in svc.get_blocks(TENANT, MODEL, [5, 6])] == ["miss", "hit"]
     _assert_serving(svc, blocks)
 
 
 def test_stored_frame_of_unloadable_calibration(svc: BlockService, blocks: Blocks) -> None:
     """A stored frame naming a calibration this replica cannot load is refused by name, not decoded."""
-    with svc.request("put"):
-        svc.put_blocks(TENANT, MODEL, [PutItem(5, blocks.frames[0], is_frame=True)])  # v1: JSON header
+    svc.put_blocks(TENANT, MODEL, [PutItem(5, blocks.frames[0], is_frame=True)])  # v1: JSON header
     key = BlockKey(TENANT, svc.model(MODEL).fingerprint, 5)
     _corrupt_in_store(svc, key, lambda f: _edit(f, lambda h: h.update(calibration_id="0123456789abcdef")))
-    with pytest.raises(IncompatibleFrameError, match="0123456789abcdef"), svc.request("get"):
+    with pytest.raises(IncompatibleFrameError, match="0123456789abcdef"):
         svc.get_blocks(TENANT, MODEL, [5])
     assert svc.store.contains(key)  # kept: intact, and a replica with that calibration can serve it
     _assert_serving(svc, blocks)
@@ -313,7 +303,7 @@ def test_put_that_encodes_over_the_frame_limit_is_refused(small_calibration, blo
         TieredStore([MemoryTier(64 << 20)]),
         limits=Limits(max_frame_bytes=256 << 10),
     )
-    with pytest.raises(RequestTooLargeError, match="encodes to"), svc.request("put"):
+    with pytest.raises(RequestTooLargeError, match="encodes to"):
         svc.put_blocks(TENANT, MODEL, [PutItem(9, blocks.raw[0], compress=False)])
     assert _stored(svc) == 0
     _assert_serving(svc, blocks)
@@ -321,10 +311,8 @@ def test_put_that_encodes_over_the_frame_limit_is_refused(small_calibration, blo
 
 def test_uncompressed_block_round_trips_exactly(svc: BlockService, blocks: Blocks) -> None:
     """compress=False stores every token raw (0 compressed tokens): once a RuntimeError in the encoder."""
-    with svc.request("put"):
-        svc.put_blocks(TENANT, MODEL, [PutItem(9, blocks.raw[1], first_position=32, compress=False)])
-    with svc.request("get"):
-        (got,) = svc.get_blocks(TENANT, MODEL, [9])
+    svc.put_blocks(TENANT, MODEL, [PutItem(9, blocks.raw[1], first_position=32, compress=False)])
+    (got,) = svc.get_blocks(TENANT, MODEL, [9])
     assert got.status == "hit" and got.data == blocks.raw[1]
 
 

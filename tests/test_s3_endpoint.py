@@ -445,18 +445,19 @@ def test_botocore_presigned_get(server, s3, blocks):
 
 
 def test_started_from_the_service_config_section(server, monkeypatch):
-    """`kvbm-codec serve` passes its config's s3 section (host/port only): credentials come from the
-    environment, and each served model gets its bucket; without credentials it refuses to start."""
-    from types import SimpleNamespace
+    """`kvbm-codec serve` passes its config's s3 section as it is: credentials come from the
+    environment (read when the config loads), and each served model gets its bucket; without
+    credentials it refuses to start."""
+    from kvbm_codec.service.config import ServiceConfig
 
     svc = server.endpoint.svc
-    section = SimpleNamespace(enabled=True, host="127.0.0.1", port=0)
+    s3 = {"enabled": True, "host": "127.0.0.1", "port": 0}
     monkeypatch.delenv("KVBM_CODEC_S3_ACCESS_KEY", raising=False)
     with pytest.raises(ValueError, match="KVBM_CODEC_S3_ACCESS_KEY"):
-        start_s3_server(svc, section)
+        start_s3_server(svc, ServiceConfig.load(s3=s3).s3)
     monkeypatch.setenv("KVBM_CODEC_S3_ACCESS_KEY", "AKFROMENV")
     monkeypatch.setenv("KVBM_CODEC_S3_SECRET_KEY", "secret-from-env")
-    handle = start_s3_server(svc, section)
+    handle = start_s3_server(svc, ServiceConfig.load(s3=s3).s3)
     try:
         names = [b["Name"] for b in _client(handle, "AKFROMENV", "secret-from-env").list_buckets()["Buckets"]]
         assert names == [BUCKET]

@@ -127,12 +127,10 @@ def test_nixl_obj_roundtrip_and_continuation(smollm, contexts, served):
     # The reference: the same codec given the true positions (what the gRPC path sends).
     ref_svc = make_service()
     items = [PutItem(k, buffers[i].tobytes(), first_position=(i % 32) * 32) for i, k in enumerate(keys)]
-    with ref_svc.request("put"):
-        ref_svc.put_blocks("kvbm", "smollm2-135m", items[:32])
-        ref_svc.put_blocks("kvbm", "smollm2-135m", items[32:])
-    with ref_svc.request("get"):
-        ref = [r.data for r in ref_svc.get_blocks("kvbm", "smollm2-135m", keys[:32])]
-        ref += [r.data for r in ref_svc.get_blocks("kvbm", "smollm2-135m", keys[32:])]
+    ref_svc.put_blocks("kvbm", "smollm2-135m", items[:32])
+    ref_svc.put_blocks("kvbm", "smollm2-135m", items[32:])
+    ref = [r.data for r in ref_svc.get_blocks("kvbm", "smollm2-135m", keys[:32])]
+    ref += [r.data for r in ref_svc.get_blocks("kvbm", "smollm2-135m", keys[32:])]
     same = sum(a == b for a, b in zip(got, ref, strict=True))
     print(f"blocks identical to the known-position path: {same}/{len(got)} (identical = position recovered)")
 

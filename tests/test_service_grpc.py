@@ -403,3 +403,28 @@ def test_serve_subprocess_stops_cleanly_on_sigterm(tmp_path, small_calibration, 
     assert proc.returncode == 0, rest
     stopped = [json.loads(x) for x in rest.splitlines() if x.startswith("{") and '"stopped"' in x]
     assert stopped and stopped[0]["drained"] is True
+
+
+def test_a_get_parses_each_frame_once(running, blocks, monkeypatch):
+    """Parse and verify once: the core reads each stored frame's header and digest and hands the
+    parsed frame to the codec, through the core's verb and through a streamed gRPC get alike."""
+    from kvbm_codec.codec import frame as fr
+
+    n = 5
+    with running.client() as c:
+        c.put_blocks(_items(blocks[:n]))
+    hashes = [b.sequence_hash for b in blocks[:n]]
+    real = fr.read_frame
+    calls = [0]
+
+    def counting(*a, **kw):  # type: ignore[no-untyped-def]
+        calls[0] += 1
+        return real(*a, **kw)
+
+    monkeypatch.setattr(fr, "read_frame", counting)
+    got = running.svc.get_blocks("default", MODEL, hashes)
+    assert [g.status for g in got] == ["hit"] * n and calls[0] == n
+    calls[0] = 0
+    with running.client() as c:
+        got = c.get_blocks(hashes, batch_size=2)  # three streamed batches
+    assert [g.status for g in got] == ["hit"] * n and calls[0] == n

@@ -23,7 +23,7 @@ from kvbm_codec.api.codecs import (
     get_codec,
     register_codec,
 )
-from kvbm_codec.api.types import DEFAULT_MODEL, BlockTransport, GetResult, PutItem, PutResult
+from kvbm_codec.api.types import DEFAULT_MODEL, BlockTransport, GetResult, LookupResult, PutItem, PutResult
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -34,6 +34,7 @@ __all__ = [
     "BlockTransport",
     "GetResult",
     "InvalidBlockError",
+    "LookupResult",
     "PutItem",
     "PutResult",
     "UnknownCodecError",

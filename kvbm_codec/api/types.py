@@ -43,6 +43,20 @@ class GetResult:
     status: str  # "hit" | "miss" | "corrupt" (a damaged stored frame: dropped, counts as a miss)
     data: bytes | None = None  # raw block bytes, or the frame when frames were asked for
     positions: tuple[int, ...] = ()
+    frame: bytes | None = None  # with ``with_frames``: the stored frame ``data`` was decoded from
+
+
+@dataclass(frozen=True)
+class LookupResult:
+    """What the store holds under one hash, read from the frame header alone (nothing decoded)."""
+
+    sequence_hash: int
+    stored: bool
+    stored_bytes: int = 0
+    raw_bytes: int = 0
+    calibration_id: str = ""
+    positions: tuple[int, ...] = ()
+    layers: tuple[int, int] = (0, 0)
 
 
 @runtime_checkable

@@ -18,7 +18,7 @@ bench_app = typer.Typer(add_completion=False, help=__doc__)
 def bench(
     ctx: typer.Context,
     model: Annotated[
-        str, typer.Option("--model", help="registered name (smollm2-135m) or a path")
+        str, typer.Option("--model", help=f"registered name ({DEFAULT_MODEL}) or a path")
     ] = DEFAULT_MODEL,
     text: Annotated[
         Path | None, typer.Option(help="UTF-8 text for ppl/top-1 windows (default: the bundled GNU GPL)")

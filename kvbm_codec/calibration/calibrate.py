@@ -23,8 +23,8 @@ import kvbm_codec
 from kvbm_codec.calibration.statistics import ModelStatistics, feature_weights, gather_statistics
 from kvbm_codec.codec.allocation import Allocation, ErrorTable, allocate_for_ratio
 from kvbm_codec.codec.config import CodecConfig
-from kvbm_codec.codec.params import Calibration, ModelShape, allocation_name
-from kvbm_codec.codec.pca import CovarianceAccumulator, PCABasis
+from kvbm_codec.codec.params import Calibration, ModelShape, allocation_name, basis_name
+from kvbm_codec.codec.pca import CovarianceAccumulator, PCABasis, to_features
 from kvbm_codec.codec.quantize import block_error_table
 from kvbm_codec.codec.rope import RotaryParams, undo_rope
 from kvbm_codec.kv import KVCache
@@ -68,11 +68,6 @@ class PhaseClock:
         return {k: round(v, 2) for k, v in self.seconds.items()}
 
 
-def _features(x: torch.Tensor) -> torch.Tensor:
-    """[layers, heads, tokens, dim] -> [tokens, layers*heads*dim] (one vector per token)."""
-    return x.permute(2, 0, 1, 3).reshape(x.shape[2], -1)
-
-
 def compressible(kv: KVCache, cfg: CodecConfig) -> KVCache:
     """The tokens KVTC would compress: no sinks, no recent window."""
     n = kv.n_tokens
@@ -113,8 +108,8 @@ def accumulate_covariances(
         keys = undo_rope(kv.keys, kv.positions, rope) if cfg.undo_rope else kv.keys
         for gi, (a, b) in enumerate(groups):
             for kind, x in (("k", keys[a:b]), ("v", kv.values[a:b])):
-                f = _features(x)
-                name = f"g{gi}.{kind}"
+                f = to_features(x)
+                name = basis_name(gi, kind)
                 accs.setdefault(name, CovarianceAccumulator(f.shape[1])).add(f)
     return accs
 
@@ -185,8 +180,8 @@ def error_tables(
     tables: dict[str, ErrorTable] = {}
     for gi, (a, b) in enumerate(cfg.layer_groups(n_layers)):
         for kind, x in (("k", keys[a:b]), ("v", held_out.values[a:b])):
-            name = f"g{gi}.{kind}"
-            f = _features(x)
+            name = basis_name(gi, kind)
+            f = to_features(x)
             coeffs = bases[name].project(f)
             total = float((bases[name].normalise(f) ** 2).sum(1).mean())
             kept = float((coeffs.to(torch.float64) ** 2).sum(1).mean())
@@ -399,7 +394,7 @@ class RatioProbe:
         for gi, (a, b) in enumerate(cal.config.layer_groups(cal.shape.n_layers)):
             for kind, x in (("k", keys[a:b]), ("v", kv.values[a:b])):
                 name = cal.basis_name(gi, kind)
-                self._bases[name] = _ProjectedBasis(cal.bases[name], _features(x.to(torch.float32)))
+                self._bases[name] = _ProjectedBasis(cal.bases[name], to_features(x.to(torch.float32)))
 
     def measure(self, alloc: Allocation) -> float:
         from kvbm_codec.codec.kvtc import KVTCCodec

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvbm_codec.codec.params import basis_name
 from kvbm_codec.codec.pca import CovarianceAccumulator
 
 
@@ -143,7 +144,7 @@ def feature_weights(
     gram = stats.o_proj_gram  # [L, Hq, dv, dv]
     out: dict[str, tuple[torch.Tensor, float]] = {}
     for gi, (a, b) in enumerate(layer_groups):
-        v_name, k_name = f"g{gi}.v", f"g{gi}.k"
+        v_name, k_name = basis_name(gi, "v"), basis_name(gi, "k")
         _, v_cov = accumulators[v_name].covariance()
         dv = gram.shape[-1]
         kw, vw = [], []

@@ -12,7 +12,8 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import TypeVar
 
 import torch
 
@@ -29,14 +30,16 @@ from kvbm_codec.api.errors import (
     ShuttingDownError,
     UnknownModelError,
 )
-from kvbm_codec.api.types import GetResult, PutItem, PutResult
+from kvbm_codec.api.types import GetResult, LookupResult, PutItem, PutResult
 from kvbm_codec.codec import block as _builtin_codecs  # noqa: F401  (registers "kvtc")
 from kvbm_codec.codec import frame as fr
 from kvbm_codec.codec.errors import FrameChecksumError, FrameError, FrameSizeError
 from kvbm_codec.codec.params import Calibration
 from kvbm_codec.core.fairness import TenantAdmission
 from kvbm_codec.core.metrics import ServiceMetrics
-from kvbm_codec.store.base import BlockKey, BlockStore, BlockTooLargeError, StoreFullError
+from kvbm_codec.store.base import BlockKey, BlockStore, BlockTooLargeError, StoreFullError, TierStats
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,13 @@ class Limits:
     max_frame_bytes: int = 8 << 20
     retry_after_s: float = 0.05
     tenant_classes: Mapping[str, str] = field(default_factory=dict)  # tenant -> metric class
+
+    @classmethod
+    def of(cls, source: object, **other: object) -> Limits:
+        """The limits named like a field of ``source`` (the service config), ``other`` for those the
+        config names differently, defaults for the rest: no field-by-field copy to keep in step."""
+        named = {f.name: getattr(source, f.name) for f in fields(cls) if hasattr(source, f.name)}
+        return cls(**{**named, **other})  # type: ignore[arg-type]
 
 
 class ServedModel:
@@ -154,8 +164,12 @@ class BlockService:
     @contextlib.contextmanager
     def request(self, method: str, tenant: str | None = None, nbytes: int = 0) -> Iterator[None]:
         """Admit one request or refuse it at once (never queue unboundedly); time and count it.
-        With ``tenant``, that tenant's own bounds apply first (``core.fairness``): requests in flight
-        and, with ``nbytes`` (the request's payload size, when the caller knows it), bytes in flight."""
+
+        Every verb enters this itself, so no front end can forget it or admit twice; it stays public
+        so a test (or an operator tool) can hold slots. The one point where per-tenant policy
+        (``core.fairness``) is applied: with ``tenant``, that tenant's own bounds apply first,
+        requests in flight and, with ``nbytes`` (the request's payload size, when the caller knows
+        it), bytes in flight."""
         cls = self._tenants.class_of(tenant)
         if tenant is not None:
             refusal = self._tenants.try_enter(tenant, nbytes)
@@ -221,6 +235,8 @@ class BlockService:
     # ---- model lookup ---------------------------------------------------------------------------
 
     def model(self, name_or_fingerprint: str) -> ServedModel:
+        if not name_or_fingerprint:
+            raise InvalidRequestError("request names no model")
         m = self._models.get(name_or_fingerprint)
         if m is None:
             names = sorted({m.name for m in self._models.values()})
@@ -230,18 +246,144 @@ class BlockService:
     def models(self) -> list[ServedModel]:
         return list({id(m): m for m in self._models.values()}.values())
 
-    def _check_count(self, n: int) -> None:
+    def check_count(self, n: int) -> None:
+        """Refuse a request of more than ``max_blocks_per_request`` blocks (a front end may call it
+        before moving any bytes, e.g. before a NIXL READ)."""
         if n > self.limits.max_blocks_per_request:
             raise RequestTooLargeError(
                 f"{n} blocks in one request; limit is {self.limits.max_blocks_per_request}"
             )
 
-    # ---- operations -----------------------------------------------------------------------------
+    # ---- verbs: each admits, times and counts itself under its ``method`` label ------------------
 
-    def put_blocks(self, tenant: str, model: str, items: Sequence[PutItem]) -> list[PutResult]:
-        """All-or-nothing validation: every item is encoded (or checked) before any is stored."""
-        m = self.model(model)
-        self._check_count(len(items))
+    def put_blocks(
+        self,
+        tenant: str,
+        model: str,
+        items: Sequence[PutItem] | Callable[[ServedModel], Sequence[PutItem]],
+        *,
+        method: str = "put",
+        nbytes: int = 0,
+    ) -> list[PutResult]:
+        """All-or-nothing validation: every item is encoded (or checked) before any is stored.
+
+        ``items`` may be a function of the served model, called once admitted: a front end whose
+        blocks arrive by a transfer (a NIXL READ into staging) fetches them inside the request's
+        admission, so the transfer is bounded, timed and counted with it."""
+        with self.request(method, tenant, nbytes):
+            m = self.model(model)
+            got = items(m) if callable(items) else items
+            return self._put(tenant, m, got)
+
+    def get_blocks(
+        self,
+        tenant: str,
+        model: str,
+        hashes: Sequence[int],
+        *,
+        as_frames: bool = False,
+        with_frames: bool = False,
+        method: str = "get",
+    ) -> list[GetResult]:
+        """Raw blocks (or, ``as_frames``, the verified stored frames undecoded). ``with_frames`` also
+        returns each decoded block's frame: an S3 GET names the object by the frame's digest, and
+        this way the bytes it serves come from the frame it named, parsed once."""
+        with self.request(method, tenant):
+            m = self.model(model)
+            self.check_count(len(hashes))
+            return self._get(tenant, m, hashes, as_frames, with_frames)
+
+    def get_stream(
+        self,
+        tenant: str,
+        model: str,
+        hashes: Sequence[int],
+        each: Callable[[int, list[GetResult]], T],
+        *,
+        batch_size: Callable[[ServedModel], int] | int | None = None,
+        as_frames: bool = False,
+        before_batch: Callable[[], None] | None = None,
+        method: str = "get",
+        nbytes: int = 0,
+    ) -> Iterator[T]:
+        """A get served in batches, admitted from the first batch until the last is handed on (or
+        the stream is closed): a streaming front end holds one slot for the stream's whole life.
+
+        ``each(start, results)`` turns one batch (the hashes from ``start``) into what the front end
+        sends (a protobuf message, a NIXL WRITE); it runs inside the admission, so its failures count
+        under their codes like the core's own. ``before_batch`` may refuse the next batch (a passed
+        deadline)."""
+        with self.request(method, tenant, nbytes):
+            m = self.model(model)
+            self.check_count(len(hashes))
+            n = batch_size(m) if callable(batch_size) else batch_size
+            n = max(1, n or len(hashes))
+            for start in range(0, len(hashes), n):
+                if before_batch is not None:
+                    before_batch()
+                yield each(start, self._get(tenant, m, hashes[start : start + n], as_frames))
+
+    def lookup(
+        self, tenant: str, model: str, hashes: Sequence[int], *, method: str = "lookup"
+    ) -> list[LookupResult]:
+        """What is stored under each hash, from the frame header alone (nothing is decoded). A frame
+        whose header or digest fails reads as not stored: a get would drop it."""
+        with self.request(method, tenant):
+            m = self.model(model)
+            self.check_count(len(hashes))
+            out = []
+            for h in hashes:
+                frame = self.store.get(self._key(tenant, m, h))
+                try:
+                    lim = self.limits.max_frame_bytes
+                    hd = None if frame is None else fr.read_frame(frame, max_frame_bytes=lim).header
+                except FrameError:
+                    hd = None
+                if frame is None or hd is None:
+                    out.append(LookupResult(h, False, raw_bytes=m.spec.nbytes))
+                    continue
+                out.append(
+                    LookupResult(
+                        h,
+                        True,
+                        stored_bytes=len(frame),
+                        raw_bytes=m.spec.nbytes,
+                        calibration_id=hd.calibration_id,
+                        positions=tuple(fr.runs_to_positions(hd.positions).tolist()),
+                        layers=(hd.layer_start, hd.layer_end),
+                    )
+                )
+            return out
+
+    def contains(
+        self, tenant: str, model: str, hashes: Sequence[int], *, method: str = "contains"
+    ) -> list[bool]:
+        with self.request(method, tenant):
+            m = self.model(model)
+            self.check_count(len(hashes))
+            return [self.store.contains(self._key(tenant, m, h)) for h in hashes]
+
+    def delete(self, tenant: str, model: str, hashes: Sequence[int], *, method: str = "delete") -> int:
+        with self.request(method, tenant):
+            m = self.model(model)
+            self.check_count(len(hashes))
+            n = sum(self.store.delete(self._key(tenant, m, h)) for h in hashes)
+            self.metrics.blocks_deleted.labels(model=m.name).inc(n)
+            return n
+
+    def tier_stats(self, tenant: str | None = None, *, method: str = "stats") -> list[TierStats]:
+        """Occupancy of each tier, for a status call (admitted like any request)."""
+        with self.request(method, tenant):
+            return list(self.store.stats())
+
+    def close(self) -> None:
+        """Close the store (after :meth:`drain`): flushes what the disk tier holds."""
+        self.store.close()
+
+    # ---- the work behind the verbs (already admitted) ------------------------------------------
+
+    def _put(self, tenant: str, m: ServedModel, items: Sequence[PutItem]) -> list[PutResult]:
+        self.check_count(len(items))
         keys = [self._key(tenant, m, it.sequence_hash) for it in items]
         frames: dict[int, bytes] = {
             i: self._check_frame(m, it.data) for i, it in enumerate(items) if it.is_frame
@@ -262,15 +404,15 @@ class BlockService:
             results.append(PutResult(key.sequence_hash, len(frame), raw))
         return results
 
-    def get_blocks(
-        self, tenant: str, model: str, hashes: Sequence[int], *, as_frames: bool = False
+    def _get(
+        self, tenant: str, m: ServedModel, hashes: Sequence[int], as_frames: bool, with_frames: bool = False
     ) -> list[GetResult]:
-        m = self.model(model)
-        self._check_count(len(hashes))
         out: list[GetResult | None] = [None] * len(hashes)
-        pending: dict[int, tuple[BlockKey, bytes, fr.Frame, BlockCodec]] = {}
+        pending: dict[int, tuple[fr.Frame, BlockCodec]] = {}
+        keys: dict[int, BlockKey] = {}
+        stored: dict[int, bytes] = {}
         for i, h in enumerate(hashes):
-            key = self._key(tenant, m, h)
+            key = keys[i] = self._key(tenant, m, h)
             frame = self.store.get(key)
             if frame is None:
                 self.metrics.block_lookups.labels(model=m.name, result="miss").inc()
@@ -292,33 +434,49 @@ class BlockService:
                     positions = tuple(fr.runs_to_positions(f.header.positions).tolist())
                     out[i] = self._hit(m, h, frame, positions)
                 else:
-                    pending[i] = (key, frame, f, dec)
+                    pending[i] = (f, dec)
+                    stored[i] = frame
             except (FrameError, InvalidBlockError) as e:
                 out[i] = self._corrupt(m, key, h, e)
+        for i, res in self._decode_pending(m, pending).items():
+            h = hashes[i]
+            if isinstance(res, Exception):
+                out[i] = self._corrupt(m, keys[i], h, res)
+            else:
+                out[i] = self._hit(m, h, *res, frame=stored[i] if with_frames else None)
+        return [r for r in out if r is not None]
+
+    def _decode_pending(
+        self, m: ServedModel, pending: dict[int, tuple[fr.Frame, BlockCodec]]
+    ) -> dict[int, tuple[bytes, tuple[int, ...]] | Exception]:
+        """Parsed frames decoded in one batched call per codec: raw bytes and positions, or the
+        error of a frame that failed its checks while decoding."""
         by_codec: dict[int, list[int]] = {}
-        for i, (_, _, _, dec) in pending.items():
+        for i, (_, dec) in pending.items():
             by_codec.setdefault(id(dec), []).append(i)
+        done: dict[int, tuple[bytes, tuple[int, ...]] | Exception] = {}
         for idx in by_codec.values():
-            dec = pending[idx[0]][3]
+            dec = pending[idx[0]][1]
             t0 = time.perf_counter()
-            decoded = dec.decode_many([pending[i][2] for i in idx])  # one batched codec call
+            decoded = dec.decode_many([pending[i][0] for i in idx])
             per_block = (time.perf_counter() - t0) / len(idx)
             for i, res in zip(idx, decoded, strict=True):
-                key, h = pending[i][0], hashes[i]
                 if isinstance(res, FrameError | InvalidBlockError):
-                    out[i] = self._corrupt(m, key, h, res)
+                    done[i] = res
                     continue
                 if isinstance(res, Exception):
                     raise res
                 self.metrics.restore_seconds.labels(model=m.name).observe(per_block)
                 data = m.spec.to_bytes(res[0])
                 self.metrics.raw_bytes.labels(model=m.name, direction="out").inc(len(data))
-                out[i] = self._hit(m, h, data, tuple(res[1].tolist()))
-        return [r for r in out if r is not None]
+                done[i] = (data, tuple(res[1].tolist()))
+        return done
 
-    def _hit(self, m: ServedModel, h: int, data: bytes, positions: tuple[int, ...]) -> GetResult:
+    def _hit(
+        self, m: ServedModel, h: int, data: bytes, positions: tuple[int, ...], frame: bytes | None = None
+    ) -> GetResult:
         self.metrics.block_lookups.labels(model=m.name, result="hit").inc()
-        return GetResult(h, "hit", data, positions)
+        return GetResult(h, "hit", data, positions, frame)
 
     def _corrupt(self, m: ServedModel, key: BlockKey, h: int, e: Exception) -> GetResult:
         """A stored frame that fails its checks is dropped: serving it would be wrong KV."""
@@ -327,18 +485,6 @@ class BlockService:
         self.metrics.checksum_failures.labels(source=source).inc()
         self.metrics.block_lookups.labels(model=m.name, result="corrupt").inc()
         return GetResult(h, "corrupt")
-
-    def contains(self, tenant: str, model: str, hashes: Sequence[int]) -> list[bool]:
-        m = self.model(model)
-        self._check_count(len(hashes))
-        return [self.store.contains(self._key(tenant, m, h)) for h in hashes]
-
-    def delete(self, tenant: str, model: str, hashes: Sequence[int]) -> int:
-        m = self.model(model)
-        self._check_count(len(hashes))
-        n = sum(self.store.delete(self._key(tenant, m, h)) for h in hashes)
-        self.metrics.blocks_deleted.labels(model=m.name).inc(n)
-        return n
 
     # ---- helpers --------------------------------------------------------------------------------
 
@@ -411,24 +557,20 @@ class BlockService:
 
 
 class ServiceTransport:
-    """The in-process :class:`BlockService` as a ``BlockTransport``, through its admission control
-    like every front end."""
+    """The in-process :class:`BlockService` as a ``BlockTransport``: tenant and model bound, nothing
+    else (each verb admits itself)."""
 
     def __init__(self, service: BlockService, tenant: str, model: str) -> None:
         self.service, self.tenant, self.model = service, tenant, model
 
     def put_blocks(self, items: Sequence[PutItem]) -> list[PutResult]:
-        with self.service.request("put"):
-            return self.service.put_blocks(self.tenant, self.model, items)
+        return self.service.put_blocks(self.tenant, self.model, items)
 
     def get_blocks(self, hashes: Sequence[int]) -> list[GetResult]:
-        with self.service.request("get"):
-            return self.service.get_blocks(self.tenant, self.model, hashes)
+        return self.service.get_blocks(self.tenant, self.model, hashes)
 
     def contains(self, hashes: Sequence[int]) -> list[bool]:
-        with self.service.request("contains"):
-            return self.service.contains(self.tenant, self.model, hashes)
+        return self.service.contains(self.tenant, self.model, hashes)
 
     def delete(self, hashes: Sequence[int]) -> int:
-        with self.service.request("delete"):
-            return self.service.delete(self.tenant, self.model, hashes)
+        return self.service.delete(self.tenant, self.model, hashes)

@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 
-from kvbm_codec.codec.kvtc import KVTCCodec
 from kvbm_codec.codec.params import Calibration
 from kvbm_codec.eval.continuation import compare_continuation, describe
+from kvbm_codec.eval.run import round_trip
 from kvbm_codec.texts import demo_conversation
 
 
@@ -26,13 +26,8 @@ def run_demo(
     prefill_s = time.perf_counter() - t0
     say(f"prefill (recompute) of the context: {prefill_s:.2f} s")
 
-    codec = KVTCCodec(cal, target_cr)
-    t0 = time.perf_counter()
-    frame, stats = codec.encode_with_stats(kv)
-    encode_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    restored = codec.decode(frame)
-    restore_s = time.perf_counter() - t0
+    rt = round_trip(cal, target_cr, kv)
+    stats, restored, encode_s, restore_s = rt.stats, rt.restored, rt.encode_s, rt.restore_s
     cr = stats.achieved_cr
     say(
         f"KVTC target {target_cr:g}x: frame {stats.frame_bytes / 1e6:.2f} MB for "

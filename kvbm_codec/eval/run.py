@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from kvbm_codec.codec.kvtc import KVTCCodec, default_raw_mask
+from kvbm_codec.codec.kvtc import EncodeStats, KVTCCodec, default_raw_mask
 from kvbm_codec.codec.params import Calibration
 from kvbm_codec.eval.metrics import kl_divergence_mean, perplexity, top1_agreement
 from kvbm_codec.kv import KVCache
@@ -51,6 +51,28 @@ def relative_mse(ref: torch.Tensor, test: torch.Tensor) -> float:
     return float(((test.to(torch.float64) - ref) ** 2).sum() / (ref**2).sum().clamp_min(1e-30))
 
 
+@dataclass
+class RoundTrip:
+    """One context through the codec and back, timed: what the eval and the demo both report."""
+
+    codec: KVTCCodec
+    frame: bytes
+    stats: EncodeStats
+    restored: KVCache
+    encode_s: float
+    restore_s: float
+
+
+def round_trip(cal: Calibration, target_cr: float, kv: KVCache) -> RoundTrip:
+    codec = KVTCCodec(cal, target_cr)
+    t0 = time.perf_counter()
+    frame, stats = codec.encode_with_stats(kv)
+    encode_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    restored = codec.decode(frame)
+    return RoundTrip(codec, frame, stats, restored, encode_s, time.perf_counter() - t0)
+
+
 def timed_prefill(lm: object, ids: torch.Tensor) -> tuple[KVCache, float]:
     t0 = time.perf_counter()
     kv, _ = lm.prefill(ids, return_logits=False)  # type: ignore[attr-defined]
@@ -74,13 +96,9 @@ def run_eval(
     ctx, cont = ids[:, :context_tokens], ids[:, context_tokens:need]
     kv, prefill_s = timed_prefill(lm, ctx)
 
-    codec = KVTCCodec(cal, target_cr)
-    t0 = time.perf_counter()
-    frame, stats = codec.encode_with_stats(kv)
-    encode_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    restored = codec.decode(frame)
-    restore_s = time.perf_counter() - t0
+    rt = round_trip(cal, target_cr, kv)
+    codec, frame, stats, restored = rt.codec, rt.frame, rt.stats, rt.restored
+    encode_s, restore_s = rt.encode_s, rt.restore_s
     if save_frames is not None:
         save_frames.mkdir(parents=True, exist_ok=True)
         (save_frames / f"context{context_tokens}-cr{target_cr:g}.kvtc").write_bytes(frame)

@@ -124,17 +124,6 @@ def build_store(cfg: ServiceConfig, metrics: ServiceMetrics) -> TieredStore:
     )
 
 
-def limits_of(cfg: ServiceConfig) -> Limits:
-    return Limits(
-        max_inflight_requests=cfg.max_inflight_requests,
-        max_inflight_per_tenant=cfg.max_inflight_per_tenant,
-        max_inflight_bytes_per_tenant=cfg.tenant_bytes_limit,
-        tenant_classes=dict(cfg.tenant_classes or {}),
-        max_blocks_per_request=cfg.max_blocks_per_request,
-        retry_after_s=cfg.retry_after_s,
-    )
-
-
 def apply_codec_threads(cfg: ServiceConfig) -> None:
     """Set the process's torch intra-op threads to ``cfg.codec_threads`` (0 keeps torch's default).
 
@@ -154,4 +143,13 @@ def build_service(cfg: ServiceConfig, models: list[ServedModel] | None = None) -
     from kvbm_codec import __version__
 
     metrics.build_info.info({"version": __version__})
-    return BlockService(models, store, limits=limits_of(cfg), metrics=metrics)
+    return BlockService(
+        models,
+        store,
+        limits=Limits.of(
+            cfg,
+            max_inflight_bytes_per_tenant=cfg.tenant_bytes_limit,
+            tenant_classes=dict(cfg.tenant_classes or {}),
+        ),
+        metrics=metrics,
+    )

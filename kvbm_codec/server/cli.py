@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from enum import StrEnum
@@ -10,6 +11,7 @@ from typing import Annotated
 
 import typer
 
+from kvbm_codec.api.types import DEFAULT_MODEL
 from kvbm_codec.cli_errors import host_port, set_json
 
 
@@ -125,10 +127,32 @@ def _fail(e: Exception) -> None:
     raise typer.Exit(2) from e
 
 
+@contextlib.contextmanager
+def _session(  # type: ignore[no-untyped-def]
+    target: str,
+    model: str,
+    tenant: str | None,
+    token: str | None,
+    root_cert: Path | None,
+    text: Path | None,
+    max_tokens: int,
+):
+    """(client, block spec, the text's blocks) for the client commands that work on a text's KV; a
+    service refusal inside ends the command with its JSON error (exit 2)."""
+    from kvbm_codec.api.errors import ServiceError
+
+    with _client(target, model, tenant, token, root_cert) as c:
+        try:
+            spec, blocks = _local_blocks(c, model, text, max_tokens)
+            yield c, spec, blocks
+        except ServiceError as e:
+            _fail(e)
+
+
 @client_app.command("put")
 def client_put(
     target: TargetOpt = "127.0.0.1:50151",
-    model: ModelOpt = "smollm2-135m",
+    model: ModelOpt = DEFAULT_MODEL,
     text: TextOpt = None,
     max_tokens: TokensOpt = 512,
     tenant: TenantOpt = None,
@@ -136,19 +160,13 @@ def client_put(
     root_cert: RootCertOpt = None,
 ) -> None:
     """Prefill the text with the real model, cut its KV into KVBM blocks, store them."""
-    from kvbm_codec.api.errors import ServiceError
     from kvbm_codec.api.types import PutItem
 
-    with _client(target, model, tenant, token, root_cert) as c:
-        try:
-            spec, blocks = _local_blocks(c, model, text, max_tokens)
-            t0 = time.perf_counter()
-            res = c.put_blocks(
-                [PutItem(b.sequence_hash, b.data, first_position=b.first_position) for b in blocks]
-            )
-            dt = time.perf_counter() - t0
-        except ServiceError as e:
-            _fail(e)
+    with _session(target, model, tenant, token, root_cert, text, max_tokens) as (c, spec, blocks):
+        t0 = time.perf_counter()
+        items = [PutItem(b.sequence_hash, b.data, first_position=b.first_position) for b in blocks]
+        res = c.put_blocks(items)
+        dt = time.perf_counter() - t0
     stored = sum(r.stored_bytes for r in res)
     raw = sum(r.raw_bytes for r in res)
     typer.echo(
@@ -170,7 +188,7 @@ def client_put(
 @client_app.command("get")
 def client_get(
     target: TargetOpt = "127.0.0.1:50151",
-    model: ModelOpt = "smollm2-135m",
+    model: ModelOpt = DEFAULT_MODEL,
     text: TextOpt = None,
     max_tokens: TokensOpt = 512,
     tenant: TenantOpt = None,
@@ -178,18 +196,12 @@ def client_get(
     root_cert: RootCertOpt = None,
 ) -> None:
     """Fetch the text's blocks back; report hits, compression ratio and error against the real KV."""
-    from kvbm_codec.api.errors import ServiceError
-
-    with _client(target, model, tenant, token, root_cert) as c:
-        try:
-            spec, blocks = _local_blocks(c, model, text, max_tokens)
-            hashes = [b.sequence_hash for b in blocks]
-            t0 = time.perf_counter()
-            got = c.get_blocks(hashes)
-            dt = time.perf_counter() - t0
-            look = c.lookup(hashes)
-        except ServiceError as e:
-            _fail(e)
+    with _session(target, model, tenant, token, root_cert, text, max_tokens) as (c, spec, blocks):
+        hashes = [b.sequence_hash for b in blocks]
+        t0 = time.perf_counter()
+        got = c.get_blocks(hashes)
+        dt = time.perf_counter() - t0
+        look = c.lookup(hashes)
     errs = []
     for b, g in zip(blocks, got, strict=True):
         if g.data is None:

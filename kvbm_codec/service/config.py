@@ -10,10 +10,11 @@ values and their documentation are generated from this model; an undocumented kn
 from __future__ import annotations
 
 import contextvars
+import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -109,27 +110,97 @@ class BucketBinding(BaseModel):
     )
 
 
+class CredentialConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    access_key: str = Field(min_length=3, max_length=128)
+    secret_key: SecretStr
+    tenant: str | None = Field(None, description="Tenant of this key's objects (default: the access key).")
+
+
+def _env_credentials() -> list[CredentialConfig]:
+    """S3 keys come from the environment (KVBM_CODEC_S3_ACCESS_KEY / _SECRET_KEY / _TENANT; the chart
+    fills them from a Secret), never from a config file in the image."""
+    ak, sk = os.environ.get("KVBM_CODEC_S3_ACCESS_KEY"), os.environ.get("KVBM_CODEC_S3_SECRET_KEY")
+    if not ak or not sk:
+        return []
+    return [
+        CredentialConfig(
+            access_key=ak, secret_key=SecretStr(sk), tenant=os.environ.get("KVBM_CODEC_S3_TENANT")
+        )
+    ]
+
+
 class S3Config(_Section):
+    """The S3-compatible endpoint: the service config's ``s3`` section and the front end's settings,
+    one class (``frontends/s3`` takes this section as it is)."""
+
     enabled: bool = Field(False, description="Serve the S3-compatible endpoint.")
     host: str = Field("127.0.0.1", description="Address the S3 endpoint listens on.")
-    port: int | None = Field(None, ge=0, le=65535, description="S3 endpoint port (None: disabled).")
-    body_timeout_s: float = Field(
-        30.0, gt=0, description="A request body must arrive within this (then RequestTimeout)."
+    port: int | None = Field(
+        None, ge=0, le=65535, description="S3 endpoint port (0: any free port; None: disabled in `serve`)."
     )
-    idle_timeout_s: float = Field(
-        60.0, gt=0, description="An idle keep-alive connection is closed after this."
+    region: str = Field("us-east-1", description="Region clients sign for.")
+    credentials: list[CredentialConfig] | None = Field(
+        None,
+        validate_default=True,
+        description="Accepted SigV4 keys. None: KVBM_CODEC_S3_ACCESS_KEY / _SECRET_KEY / _TENANT from the "
+        "environment (the chart fills them from s3.credentialsSecret); never put keys in a config file.",
     )
-    max_uploads_per_tenant: int = Field(
-        32, gt=0, description="Open multipart uploads per tenant (SlowDown beyond)."
-    )
-    require_signed_payload: bool = Field(False, description="Refuse UNSIGNED-PAYLOAD request bodies.")
-    tls_cert: str | None = Field(None, description="PEM certificate: serve S3 over TLS (with tls_key).")
-    tls_key: str | None = Field(None, description="PEM private key for tls_cert.")
     buckets: list[BucketBinding] | None = Field(
         None,
         description="Bucket bindings (name, model, layout: FullyContiguous or vllm-cpu, ...). Default: one "
         "KVBM bucket `kvbm-<model>` per served model.",
     )
+    max_object_bytes: int = Field(
+        64 << 20, gt=0, description="Largest request body accepted (EntityTooLarge beyond)."
+    )
+    max_uploads: int = Field(256, gt=0, description="Multipart uploads open at once (SlowDown beyond).")
+    upload_ttl_s: float = Field(
+        3600.0, gt=0, description="An unfinished multipart upload is dropped after this."
+    )
+    max_skew_s: float = Field(
+        900.0, gt=0, description="Largest accepted clock difference of a signed request."
+    )
+    workers: int = Field(4, gt=0, description="Threads doing encode/decode (off the event loop).")
+    max_uploads_per_tenant: int = Field(
+        32,
+        gt=0,
+        description="Multipart uploads one tenant may hold open (SlowDown beyond; others unaffected).",
+    )
+    max_index_keys_per_tenant: int = Field(
+        1_000_000, gt=0, description="Listing-index entries kept per tenant (oldest dropped beyond)."
+    )
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="A request body must arrive within this (RequestTimeout, connection closed)."
+    )
+    idle_timeout_s: float = Field(
+        60.0, gt=0, description="A keep-alive connection with no request for this long is closed."
+    )
+    require_signed_payload: bool = Field(
+        False, description="Refuse UNSIGNED-PAYLOAD bodies: every body byte must be covered by a signature."
+    )
+    tls_cert: str | None = Field(None, description="PEM certificate: serve S3 over TLS (with tls_key).")
+    tls_key: str | None = Field(None, description="PEM private key for tls_cert.")
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> S3Config:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key go together")
+        return self
+
+    @field_validator("credentials")
+    @classmethod
+    def _from_env(cls, v: list[CredentialConfig] | None) -> list[CredentialConfig]:
+        return _env_credentials() if v is None else v
+
+    @field_validator("buckets")
+    @classmethod
+    def _unique(cls, v: list[BucketBinding] | None) -> list[BucketBinding] | None:
+        names = [b.name for b in v or []]
+        if len(set(names)) != len(names):
+            raise ValueError(f"bucket names must be unique, got {names}")
+        return v
 
 
 class DynamoConfig(_Section):

@@ -1,6 +1,6 @@
 """gRPC front end of the service: protobuf <-> BlockService, errors -> gRPC status, NIXL data path.
 
-Every RPC runs inside ``svc.request(method)`` (admission control, latency, counts). A ServiceError
+Each RPC calls one core verb, which admits, times and counts it (``method`` label). A ServiceError
 becomes the gRPC status ``wire.status_of`` maps its code to, with the message as details and, in
 trailing metadata, the stable code (``kvbm-error-code``) and any retry hint (``retry-after-ms``, and
 ``grpc-retry-pushback-ms``, which gRPC's own retry policy obeys; ``-1`` there tells it not to retry a
@@ -29,12 +29,9 @@ from kvbm_codec._proto import kvbm_codec_pb2 as pb
 from kvbm_codec._proto import kvbm_codec_pb2_grpc as pb_grpc
 from kvbm_codec.api.errors import (
     InvalidRequestError,
-    RequestTooLargeError,
     ServiceError,
 )
-from kvbm_codec.api.types import GetResult, PutItem
-from kvbm_codec.codec import frame as fr
-from kvbm_codec.codec.errors import FrameError
+from kvbm_codec.api.types import GetResult, LookupResult, PutItem
 from kvbm_codec.core.fairness import UNKNOWN_CLASS
 from kvbm_codec.core.service import BlockService, ServedModel
 from kvbm_codec.frontends.grpc.wire import (
@@ -126,15 +123,13 @@ class KvbmCodecServicer(pb_grpc.KvbmCodecServicer):
         method: str,
         context: grpc.ServicerContext,
         fn: Callable[[str, _Deadline], Any],
-        nbytes: int = 0,
     ) -> Any:
         t0 = time.perf_counter()
         try:
             tenant = self._tenant(context)
             deadline = _Deadline.of(context, self.cfg.request_timeout_s, self.cfg.max_deadline_s)
             deadline.check(method)
-            with self.svc.request(method, tenant, nbytes):
-                return fn(tenant, deadline)
+            return fn(tenant, deadline)
         except ServiceError as e:
             self._log_refusal(method, e, t0)
             abort(context, e)
@@ -165,11 +160,6 @@ class KvbmCodecServicer(pb_grpc.KvbmCodecServicer):
             ),
         )
 
-    def _model(self, name: str) -> ServedModel:
-        if not name:
-            raise InvalidRequestError("request names no model")
-        return self.svc.model(name)
-
     @staticmethod
     def _dtype(m: ServedModel, dtype: str) -> None:
         """Bytes of another element type are refused, never reinterpreted (bf16 read as fp16 is
@@ -177,12 +167,6 @@ class KvbmCodecServicer(pb_grpc.KvbmCodecServicer):
         if dtype and dtype != m.spec.dtype:
             raise InvalidRequestError(
                 f"blocks of dtype {dtype!r}; model {m.name} is served as {m.spec.dtype}"
-            )
-
-    def _count(self, n: int) -> None:
-        if n > self.svc.limits.max_blocks_per_request:
-            raise RequestTooLargeError(
-                f"{n} blocks in one request; limit is {self.svc.limits.max_blocks_per_request}"
             )
 
     # ---- puts ------------------------------------------------------------------------------------
@@ -215,19 +199,23 @@ class KvbmCodecServicer(pb_grpc.KvbmCodecServicer):
 
     def PutBlocks(self, request: pb.PutBlocksRequest, context: grpc.ServicerContext) -> pb.PutBlocksResponse:
         def put(tenant: str, deadline: _Deadline) -> pb.PutBlocksResponse:
-            m = self._model(request.model)
-            self._dtype(m, request.dtype)
-            self._count(len(request.blocks))
-            if request.HasField("region"):
-                payloads, path = self._nixl_read(m, request, deadline), "nixl"
-            else:
-                payloads, path = self._inline(request.blocks), "grpc"
-            items = [self._item(m, b, d) for b, d in zip(request.blocks, payloads, strict=True)]
-            deadline.check("encoding")
-            results = self.svc.put_blocks(tenant, request.model, items)
-            self.svc.metrics.transfer_bytes.labels(path=path, direction="in").inc(
-                sum(len(d) for d in payloads)
-            )
+            path = "nixl" if request.HasField("region") else "grpc"
+
+            def items(m: ServedModel) -> list[PutItem]:  # called by the core once admitted
+                self._dtype(m, request.dtype)
+                self.svc.check_count(len(request.blocks))
+                if path == "nixl":
+                    payloads = self._nixl_read(m, request, deadline)
+                else:
+                    payloads = self._inline(request.blocks)
+                self.svc.metrics.transfer_bytes.labels(path=path, direction="in").inc(
+                    sum(len(d) for d in payloads)
+                )
+                out = [self._item(m, b, d) for b, d in zip(request.blocks, payloads, strict=True)]
+                deadline.check("encoding")
+                return out
+
+            results = self.svc.put_blocks(tenant, request.model, items, nbytes=request.ByteSize())
             return pb.PutBlocksResponse(
                 results=[
                     pb.PutResult(
@@ -237,7 +225,7 @@ class KvbmCodecServicer(pb_grpc.KvbmCodecServicer):
                 ]
             )
 
-        return self._run("put", context, put, request.ByteSize())
+        return self._run("put", context, put)
 
     @staticmethod
     def _inline(blocks: Sequence[pb.Block]) -> list[bytes]:
@@ -302,8 +290,8 @@ class KvbmCodecServicer(pb_grpc.KvbmCodecServicer):
     def GetBlocks(
         self, request: pb.GetBlocksRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.GetBlocksResponse]:
-        # A generator cannot return through _run; collect the admitted work as a list of messages is
-        # not an option (that is what streaming avoids), so admission wraps the generator body.
+        # A generator cannot return through _run (streaming is what avoids collecting every message
+        # first); the core's get_stream keeps the request admitted until the last batch is sent.
         t0 = time.perf_counter()
         try:
             tenant = self._tenant(context)
@@ -311,8 +299,7 @@ class KvbmCodecServicer(pb_grpc.KvbmCodecServicer):
             deadline.check("get")
             timer = deadline.enforce(context)
             try:
-                with self.svc.request("get", tenant, self._get_bytes(request)):
-                    yield from self._get(tenant, request, deadline)
+                yield from self._get(tenant, request, deadline)
             finally:
                 timer.cancel()
         except ServiceError as e:
@@ -336,9 +323,7 @@ class KvbmCodecServicer(pb_grpc.KvbmCodecServicer):
     def _get(
         self, tenant: str, request: pb.GetBlocksRequest, deadline: _Deadline
     ) -> Iterator[pb.GetBlocksResponse]:
-        self._dtype(self._model(request.model), request.dtype)
         hashes = list(request.sequence_hashes)
-        self._count(len(hashes))
         as_frames = request.encoding == pb.ENCODING_FRAME
         if request.encoding not in (pb.ENCODING_UNSPECIFIED, pb.ENCODING_RAW, pb.ENCODING_FRAME):
             raise InvalidRequestError(f"unknown encoding {request.encoding}")
@@ -352,31 +337,46 @@ class KvbmCodecServicer(pb_grpc.KvbmCodecServicer):
                     f"{len(request.nixl_offsets)} nixl_offsets for {len(hashes)} hashes; need one per hash"
                 )
             remote = self._region(request.region)
-        batch = request.batch_size or self.cfg.get_batch_size
-        # one streamed message must fit max_message_bytes: a raw block is spec.nbytes (+ positions and
-        # framing), so cap the batch instead of failing mid-stream with no error trailer
-        per_block = (
-            self._model(request.model).spec.nbytes + 16 * self._model(request.model).spec.page_size + 64
-        )
-        batch = max(1, min(batch, (self.cfg.max_message_bytes - 1024) // per_block))
+
+        def batch_size(m: ServedModel) -> int:
+            self._dtype(m, request.dtype)  # called once admitted, with the served model
+            # one streamed message must fit max_message_bytes: a raw block is spec.nbytes (+ positions
+            # and framing), so cap the batch instead of failing mid-stream with no error trailer
+            per_block = m.spec.nbytes + 16 * m.spec.page_size + 64
+            want = request.batch_size or self.cfg.get_batch_size
+            return max(1, min(want, (self.cfg.max_message_bytes - 1024) // per_block))
+
         encoding = pb.ENCODING_FRAME if as_frames else pb.ENCODING_RAW
         with contextlib.ExitStack() as stack:
-            slot = stack.enter_context(self._staging().slot()) if nixl else None
-            for start in range(0, len(hashes), batch):
+            slots: list[Any] = []
+
+            def before_batch() -> None:  # inside the admission: a staging refusal counts like others
                 deadline.check("decoding")
-                got = self.svc.get_blocks(
-                    tenant, request.model, hashes[start : start + batch], as_frames=as_frames
-                )
+                if nixl and not slots:
+                    slots.append(stack.enter_context(self._staging().slot()))
+
+            def send(start: int, got: list[GetResult]) -> pb.GetBlocksResponse:
                 moved = sum(len(g.data) for g in got if g.data is not None)
                 if nixl:
-                    offsets = list(request.nixl_offsets[start : start + batch])
-                    out = self._nixl_write(remote, got, offsets, slot, deadline)
+                    offsets = list(request.nixl_offsets[start : start + len(got)])
+                    out = self._nixl_write(remote, got, offsets, slots[0], deadline)
                 else:
                     out = [self._result(g, encoding) for g in got]
                 self.svc.metrics.transfer_bytes.labels(path="nixl" if nixl else "grpc", direction="out").inc(
                     moved
                 )
-                yield pb.GetBlocksResponse(blocks=out)
+                return pb.GetBlocksResponse(blocks=out)
+
+            yield from self.svc.get_stream(
+                tenant,
+                request.model,
+                hashes,
+                send,
+                batch_size=batch_size,
+                as_frames=as_frames,
+                before_batch=before_batch,
+                nbytes=self._get_bytes(request),
+            )
 
     @staticmethod
     def _status(g: GetResult) -> int:
@@ -420,7 +420,6 @@ class KvbmCodecServicer(pb_grpc.KvbmCodecServicer):
 
     def Contains(self, request: pb.HashesRequest, context: grpc.ServicerContext) -> pb.ContainsResponse:
         def run(tenant: str, _d: _Deadline) -> pb.ContainsResponse:
-            self._model(request.model)
             present = self.svc.contains(tenant, request.model, list(request.sequence_hashes))
             return pb.ContainsResponse(present=present)
 
@@ -428,33 +427,24 @@ class KvbmCodecServicer(pb_grpc.KvbmCodecServicer):
 
     def Lookup(self, request: pb.HashesRequest, context: grpc.ServicerContext) -> pb.LookupResponse:
         def run(tenant: str, _d: _Deadline) -> pb.LookupResponse:
-            m = self._model(request.model)
-            hashes = list(request.sequence_hashes)
-            self._count(len(hashes))
-            return pb.LookupResponse(entries=[self._lookup(tenant, m, h) for h in hashes])
+            found = self.svc.lookup(tenant, request.model, list(request.sequence_hashes))
+            return pb.LookupResponse(entries=[self._entry(r) for r in found])
 
         return self._run("lookup", context, run)
 
-    def _lookup(self, tenant: str, m: ServedModel, h: int) -> pb.LookupEntry:
-        key = BlockService._key(tenant, m, h)
-        e = pb.LookupEntry(sequence_hash=h, raw_bytes=m.spec.nbytes)
-        frame = self.svc.store.get(key) if self.svc.store.contains(key) else None
-        if frame is None:
-            return e
-        try:  # header and whole-frame digest only; nothing is decoded
-            hdr = fr.read_frame(frame, max_frame_bytes=self.svc.limits.max_frame_bytes).header
-        except FrameError:
-            return e  # damaged: GetBlocks will drop it; it is not "stored" in any useful sense
-        e.stored = True
-        e.stored_bytes = len(frame)
-        e.calibration_id = hdr.calibration_id
-        e.positions.extend(fr.runs_to_positions(hdr.positions).tolist())
-        e.layers.start, e.layers.end = hdr.layer_start, hdr.layer_end
+    @staticmethod
+    def _entry(r: LookupResult) -> pb.LookupEntry:
+        e = pb.LookupEntry(sequence_hash=r.sequence_hash, raw_bytes=r.raw_bytes)
+        if r.stored:
+            e.stored = True
+            e.stored_bytes = r.stored_bytes
+            e.calibration_id = r.calibration_id
+            e.positions.extend(r.positions)
+            e.layers.start, e.layers.end = r.layers
         return e
 
     def Delete(self, request: pb.HashesRequest, context: grpc.ServicerContext) -> pb.DeleteResponse:
         def run(tenant: str, _d: _Deadline) -> pb.DeleteResponse:
-            self._model(request.model)
             return pb.DeleteResponse(
                 deleted=self.svc.delete(tenant, request.model, list(request.sequence_hashes))
             )
@@ -462,7 +452,7 @@ class KvbmCodecServicer(pb_grpc.KvbmCodecServicer):
         return self._run("delete", context, run)
 
     def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.StatsResponse:
-        def run(_tenant: str, _d: _Deadline) -> pb.StatsResponse:
+        def run(tenant: str, _d: _Deadline) -> pb.StatsResponse:
             models = [
                 pb.ModelInfo(
                     name=m.name,
@@ -486,7 +476,7 @@ class KvbmCodecServicer(pb_grpc.KvbmCodecServicer):
                     blocks=s.blocks,
                     evictions=s.evictions,
                 )
-                for s in self.svc.store.stats()
+                for s in self.svc.tier_stats(tenant)
             ]
             return pb.StatsResponse(
                 models=models,
@@ -643,7 +633,7 @@ class CodecServer:
             grace = self.cfg.drain_timeout_s if grace_s is None else grace_s
             self.server.stop(max(0.0, grace - (time.monotonic() - t0))).wait()
             try:
-                self.svc.store.close()
+                self.svc.close()
             finally:
                 if self.staging is not None:
                     self.staging.close()

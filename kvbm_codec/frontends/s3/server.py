@@ -37,10 +37,8 @@ from xml.sax.saxutils import escape
 import torch
 from aiohttp import web
 
-from kvbm_codec.api.blocks import InvalidBlockError
 from kvbm_codec.api.errors import ServiceError
 from kvbm_codec.api.types import PutItem
-from kvbm_codec.codec.errors import FrameError
 from kvbm_codec.core.fairness import UNKNOWN_CLASS
 from kvbm_codec.core.service import BlockService
 from kvbm_codec.frontends.s3 import checksums, chunked, sigv4
@@ -87,6 +85,7 @@ class StoredObject:
     etag: str
     frame: bytes
     sequence_hash: int
+    data: bytes | None = None  # the object's bytes, decoded from this frame (None for a HEAD)
 
 
 def _xml(body: str, status: int = 200) -> web.Response:
@@ -144,10 +143,11 @@ class S3Endpoint:
         self.cfg = config
         creds = [
             sigv4.Credential(c.access_key, c.secret_key.get_secret_value(), c.tenant or c.access_key)
-            for c in config.credentials
+            for c in config.credentials or []
         ]
         self.verifier = sigv4.Verifier(creds, config.region, config.max_skew_s)
-        self.buckets = resolve(service, config.buckets)
+        bindings = config.buckets if config.buckets is not None else default_buckets(service)
+        self.buckets = resolve(service, bindings)
         for b in self.buckets.values():
             if b.object_bytes > config.max_object_bytes:
                 raise ValueError(f"bucket {b.name}: a block ({b.object_bytes} B) exceeds max_object_bytes")
@@ -398,41 +398,29 @@ class S3Endpoint:
     def _live(self, tenant: str, bucket: Bucket, hashes: list[int]) -> list[bool]:
         out: list[bool] = []
         step = self.svc.limits.max_blocks_per_request
-        with self.svc.request("s3_list"):
-            for i in range(0, len(hashes), step):
-                out += self.svc.contains(tenant, bucket.model.name, hashes[i : i + step])
+        for i in range(0, len(hashes), step):
+            out += self.svc.contains(tenant, bucket.model.name, hashes[i : i + step], method="s3_list")
         return out
 
     # ---- objects --------------------------------------------------------------------------------
 
-    def _fetch(self, tenant: str, bucket: Bucket, key: str) -> StoredObject:
+    def _fetch(self, tenant: str, bucket: Bucket, key: str, decode: bool = False) -> StoredObject:
+        """The stored frame (its MD5 is the ETag) and, for a GET, the block the core decoded from
+        that same frame in the same call, so the bytes served always match the ETag."""
         if key == PROBE_KEY:
             raise no_such_key(key, "connectivity probe")
         h = sequence_hash(key)
-        with self.svc.request("s3_head"):
-            (res,) = self.svc.get_blocks(tenant, bucket.model.name, [h], as_frames=True)
-        if res.status != "hit" or res.data is None:
+        name = bucket.model.name
+        if decode:
+            (res,) = self.svc.get_blocks(tenant, name, [h], with_frames=True, method="s3_get")
+        else:
+            (res,) = self.svc.get_blocks(tenant, name, [h], as_frames=True, method="s3_head")
+        frame = res.frame if decode else res.data
+        if res.status != "hit" or res.data is None or frame is None:
             why = "its stored frame failed verification and was dropped" if res.status == "corrupt" else ""
             raise no_such_key(key, why)
-        frame = bytes(res.data)
-        return StoredObject(f'"{hashlib.md5(frame).hexdigest()}"', frame, h)
-
-    def _decode(self, bucket: Bucket, obj: StoredObject) -> bytes:
-        """The frame just fetched (so the bytes match the ETag already chosen), decoded to a block."""
-        from kvbm_codec.codec import frame as fr
-
-        m = bucket.model
-        with self.svc.request("s3_get"):
-            try:
-                cal_id = fr.read_frame(obj.frame).header.calibration_id
-                t0 = time.perf_counter()
-                block, _ = m.decoder_for(cal_id).decode(obj.frame)
-            except (FrameError, InvalidBlockError) as e:
-                raise S3Error(500, "InternalError", f"stored block does not decode: {e}") from e
-            self.svc.metrics.restore_seconds.labels(model=m.name).observe(time.perf_counter() - t0)
-            data = bucket.from_block(block)
-            self.svc.metrics.raw_bytes.labels(model=m.name, direction="out").inc(len(data))
-        return data
+        data = bucket.from_block(bucket.spec.from_bytes(res.data)) if decode else None
+        return StoredObject(f'"{hashlib.md5(frame).hexdigest()}"', bytes(frame), h, data)
 
     def _conditions(self, req: web.Request, etag: str) -> None:
         im = req.headers.get("If-Match")
@@ -454,7 +442,7 @@ class S3Endpoint:
         self, req: web.Request, verified: sigv4.Verified, bucket: Bucket, key: str
     ) -> web.StreamResponse:
         tenant = verified.credential.tenant
-        obj: StoredObject = await self._run(self._fetch, tenant, bucket, key)
+        obj: StoredObject = await self._run(self._fetch, tenant, bucket, key, req.method != "HEAD")
         self._conditions(req, obj.etag)
         size = bucket.object_bytes
         entry = self.index.get(tenant, bucket.name, key)
@@ -468,7 +456,8 @@ class S3Endpoint:
         rng = parse_range(req.headers["Range"], size) if "Range" in req.headers else None
         if req.method == "HEAD":
             return web.Response(status=200, headers={**headers, "Content-Length": str(size)})
-        data = await self._run(self._decode, bucket, obj)
+        data = obj.data
+        assert data is not None  # decoded by _fetch for every GET
         sent = self.svc.metrics.transfer_bytes.labels(path="s3", direction="out")  # the dashboard's s3 series
         if rng is None:
             if req.headers.get("x-amz-checksum-mode", "").lower() == "enabled":
@@ -513,10 +502,13 @@ class S3Endpoint:
             ).inc()
             log.warning("S3 PUT %s/%s refused: %s", bucket.name, key, why)
             raise invalid_argument(why)
-        with self.svc.request("s3_put", tenant, len(data)):
-            self.svc.put_blocks(
-                tenant, bucket.model.name, [PutItem(h, spec.to_bytes(block), first_position=first)]
-            )
+        self.svc.put_blocks(
+            tenant,
+            bucket.model.name,
+            [PutItem(h, spec.to_bytes(block), first_position=first)],
+            method="s3_put",
+            nbytes=len(data),
+        )
         self.svc.metrics.transfer_bytes.labels(path="s3", direction="in").inc(len(data))
         obj = self._fetch(tenant, bucket, key)
         self.index.put(tenant, bucket.name, key, h, obj.etag, bucket.object_bytes)
@@ -547,8 +539,7 @@ class S3Endpoint:
         h = sequence_hash(key)
 
         def delete() -> None:
-            with self.svc.request("s3_delete"):
-                self.svc.delete(tenant, bucket.model.name, [h])
+            self.svc.delete(tenant, bucket.model.name, [h], method="s3_delete")
 
         await self._run(delete)
         self.index.remove(tenant, bucket.name, [key])
@@ -633,7 +624,7 @@ class S3ServerHandle:
             tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             tls.minimum_version = ssl.TLSVersion.TLSv1_2
             tls.load_cert_chain(cfg.tls_cert, cfg.tls_key)
-        site = web.TCPSite(self._runner, self.host, cfg.port, ssl_context=tls)
+        site = web.TCPSite(self._runner, self.host, cfg.port or 0, ssl_context=tls)
         await site.start()
         server = site._server
         assert server is not None
@@ -668,16 +659,14 @@ class S3ServerHandle:
         self.endpoint.pool.shutdown(wait=False, cancel_futures=True)
 
 
-def start_s3_server(service: BlockService, config: Any = None) -> S3ServerHandle:
-    """Serve the S3 endpoint for ``service`` in its own thread and event loop; returns once listening."""
-    if config is None or not isinstance(config, S3Config | dict):
-        # The service config's s3 section: its bindings, else one bucket per served model,
-        # "kvbm-<model name>", in that model's block layout.
-        cfg = S3Config.coerce(config if config is not None else {})
-        if getattr(config, "buckets", None) is None:
-            cfg = cfg.model_copy(update={"buckets": default_buckets(service)})
-    else:
-        cfg = S3Config.coerce(config)
+def start_s3_server(service: BlockService, config: S3Config | dict[str, Any] | None = None) -> S3ServerHandle:
+    """Serve the S3 endpoint for ``service`` in its own thread and event loop; returns once listening.
+
+    ``config`` is the service config's ``s3`` section (or a dict of it). Without bucket bindings,
+    one bucket per served model, "kvbm-<model name>", in that model's block layout."""
+    cfg = config if isinstance(config, S3Config) else S3Config(**(config or {}))
+    if cfg.buckets is None:
+        cfg = cfg.model_copy(update={"buckets": default_buckets(service)})
     return S3ServerHandle(S3Endpoint(service, cfg), cfg.host).start()
 
 
