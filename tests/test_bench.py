@@ -177,9 +177,10 @@ def test_quick_suite_end_to_end(quick_run) -> None:
     assert 1.9 < s["fp8"]["ratio"] < 2.0
     assert s["kvtc@16"]["ratio"] > s["kivi4"]["ratio"] > s["fp8"]["ratio"]
     assert s["kvtc@64"]["ratio"] > s["kvtc@16"]["ratio"]
-    # Stacking KVTC on eviction adds to eviction's saving (little at these short contexts: the 132 raw
-    # sink + window tokens are most of what survives a 4x eviction of ~500-800 tokens).
-    assert s["kvtc@16+tova@4"]["ratio"] > s["tova@4"]["ratio"] * 1.2
+    # Stacking KVTC on eviction adds to eviction's saving (little at these short contexts: the raw
+    # sinks and the window, rounded up to whole 32-token blocks as the block codec the service serves
+    # keeps them, are most of what survives a 4x eviction of ~500-800 tokens; measured 1.15x).
+    assert s["kvtc@16+tova@4"]["ratio"] > s["tova@4"]["ratio"] * 1.1
     for row in s.values():
         assert 0.0 <= row["top1"] <= 1.0 and row["ppl_increase_pct"] > -50
         assert row["encode_mbps_core"] > 0 and row["decode_mbps_core"] > 0
