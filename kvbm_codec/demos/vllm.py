@@ -157,7 +157,7 @@ def run_vllm_demo(
     dump_primary: str | None = None,
     registry: str | None = None,
     fingerprint: str | None = None,
-    obj_io_threads: int = 16,
+    obj_io_threads: int = 32,
     say: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     from kvbm_codec.models.registry import cache_root

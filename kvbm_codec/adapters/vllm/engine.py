@@ -47,7 +47,7 @@ def kv_transfer_config(req: dict[str, Any]) -> dict[str, Any]:
             "prefix": "kv",
             # NIXL I/O threads, i.e. GETs in flight at once: the endpoint decodes concurrent GETs
             # as one batch, so more of them in flight restore a prefix in fewer, larger decodes
-            "io_threads": req.get("obj_io_threads", 16),
+            "io_threads": req.get("obj_io_threads", 32),
             "store_config": {
                 "bucket": req["bucket"],
                 "endpoint_override": req["s3_url"],
