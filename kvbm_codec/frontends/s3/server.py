@@ -12,7 +12,10 @@ for as long as the object is not replaced. It is not the MD5 of the uploaded bod
 what is kept), as S3's own ETags are not for multipart or KMS-encrypted objects.
 
 aiohttp runs in its own thread and event loop; encode, decode and the position search run on a
-small thread pool so one slow block never stalls the loop.
+small thread pool so one slow block never stalls the loop. Concurrent GETs, HEADs and PUTs of one
+tenant's bucket are served in batches (``coalesce.Coalescer``): one core call, one batched decode
+or encode, for the requests that arrive while a batch of that bucket runs or within
+``coalesce_window_s``; each request is still answered with its own bytes, ETag and errors.
 """
 
 from __future__ import annotations
