@@ -9,10 +9,11 @@ is wrong on every token):
 * Absolute (``energy``): the calibration normalises every feature (per-head scale) so that its own
   KV carries a known energy per token, the sum of the PCA's eigenvalues and residual variance. Real
   KV of the model read in the bound layout (keys de-rotated at their position) carries about that
-  (0.7-2.6x, held-out text, default calibration); bytes read in any other layout or with K and V
-  swapped do not: the keys' energy is 5-16x (values read as keys, scrambled head dims, another
-  engine's order), the values' 7-70x where they are not values (docs/vllm.md has the table). A
-  block whose keys or values exceed a fixed multiple is refused. The median over the sampled tokens
+  (0.65-1.2x on held-out text with the default calibration); bytes read in any other layout or with
+  K and V swapped do not: the keys' energy is 13.6-15.6x (values read as keys, scrambled head dims,
+  another engine's order; 4.9x or more with a tiny test calibration), the values' 7-73x where they
+  are not values (docs/vllm.md has the table). A block whose keys or values exceed a configured
+  multiple (``layout_energy_limit``) is refused. The median over the sampled tokens
   is used, so one outlier token (an attention sink at position 0) does not move it.
 * Relative (``score``, optional): the bound reading's PCA residual compared with every other reading
   the bucket knows (``buckets.Bucket.misfit_many``). It misses a K/V swap often (values read as keys

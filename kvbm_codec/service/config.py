@@ -106,7 +106,8 @@ class BucketBinding(BaseModel):
         gt=1.0,
         description="Refuse a block whose keys or values, read in the bound layout, carry more than this "
         "many times the normalised energy per token of the calibration's own KV (median of the sampled "
-        "tokens): bytes of another layout or K/V swapped measure 5-70x, real KV 0.7-2.6x (docs/vllm.md). "
+        "tokens): real KV measures 0.65-1.2x, another layout's or K/V-swapped keys 13.6x or more with the "
+        "default calibration (docs/vllm.md). "
         "None: no absolute check.",
     )
     layout_margin: float | None = Field(
