@@ -29,6 +29,7 @@ from kvbm_codec.codec.params import Calibration
 from kvbm_codec.codec.pca import PCABasis, from_features, to_features
 from kvbm_codec.codec.quantize import (
     active_components,
+    code_segments,
     decode_coefficients,
     decode_coefficients_batch,
     encode_coefficients,
@@ -455,6 +456,7 @@ class KVTCCodec:
                     per_block[i].append((f"g{gi}.raw", _tensor_bytes(rk[i]) + _tensor_bytes(rv[i])))
         backend = self._backend(device)
         n_raw = n_tokens - n_comp
+        cuts = (self._codes_cuts(ls, le, n_comp),)
         results = []
         for i, kv in enumerate(kvs):
             header = fr.FrameHeader(
@@ -482,10 +484,27 @@ class KVTCCodec:
                 header,
                 [b"".join(streams.get(st, [])) for st in fr.BLOCK_STREAMS[: 3 if n_raw else 2]],
                 backend=backend,
+                cuts=cuts,
             )
             raw_est = written.sections[2].compressed_size if n_raw else 0
             results.append((data, EncodeStats(len(data), raw_est, n_comp, n_raw, kv.nbytes(2))))
         return results
+
+    def _codes_cuts(self, ls: int, le: int, n_comp: int) -> list[int]:
+        """Offsets in a v2 codes stream where the code width changes: DEFLATE block boundaries.
+
+        One Huffman table fitted to every width of a block's codes at once measured 11.6% larger than
+        a table per run of one width (docs/format.md, "Entropy stage of small frames")."""
+        cuts, off, prev = [], 0, None
+        for gi, (a, b) in enumerate(self.groups):
+            if a < ls or b > le:
+                continue
+            for kind in ("k", "v"):
+                for nbytes, bits in code_segments(self.alloc.blocks[self.cal.basis_name(gi, kind)], n_comp):
+                    if prev is not None and bits != prev:
+                        cuts.append(off)
+                    off, prev = off + nbytes, bits
+        return cuts
 
     def decode_batch(
         self, frames: Sequence[bytes | memoryview | fr.Frame], device: str | torch.device = "cpu"
