@@ -29,13 +29,16 @@ from kvbm_codec.calibration.calibrate import (
     accumulate_covariances,
     calibrate_from_kv,
     compressible,
+    metric_weights,
     mixed_held_out,
     token_sequences,
 )
 from kvbm_codec.calibration.corpus import CORPUS_NAME, broad_corpus
+from kvbm_codec.calibration.sensitivity import measure_layer_sensitivity, sensitivity_factors
 from kvbm_codec.calibration.statistics import gather_statistics
 from kvbm_codec.codec.config import CodecConfig
 from kvbm_codec.codec.kvtc import KVTCCodec
+from kvbm_codec.codec.params import allocation_name
 from kvbm_codec.eval.metrics import kl_divergence_mean, perplexity, top1_agreement
 from kvbm_codec.models.hf import CausalLM
 
@@ -66,6 +69,8 @@ def build_state(lm: CausalLM, per_domain: int, docs_fit: int) -> dict:
             "held_out": held,
             "val_ids": val_ids,
             "fit_tokens": fit_n * SEQ,
+            # token ids of the fit and held-out sequences: a sensitivity probe reruns the model on them
+            "fit_ids": torch.cat(seqs[: fit_n + 1], 0),
         }
         print(f"{domain}: {fit_n} x {SEQ} fit tokens, {time.perf_counter() - t0:.0f} s", flush=True)
     return state
@@ -91,7 +96,26 @@ def corpus_parts(state: dict, corpus: str) -> list[str]:
     raise SystemExit(f"unknown corpus {corpus!r}: docs16, broad, a domain, or -DOMAIN ({', '.join(names)})")
 
 
-def calibrate_variant(lm: CausalLM, state: dict, corpus: str, distortion: str, targets: list[float]):
+def parse_distortion(distortion: str) -> tuple[str, float | None, float, float]:
+    """'attention', 'mse', ... as CodecConfig has them; 'measured[@POWER][/KEY_WEIGHT]': the attention
+    metric with per-layer, per-kind factors measured end to end (calibration/sensitivity.py) at the
+    analytic calibration's 20x allocation, damped by POWER; 'attention/KW' or 'mse/KW': key_weight KW."""
+    name, _, kw = distortion.partition("/")
+    key_weight = float(kw) if kw else 1.0
+    if name.startswith("measured"):
+        _, _, power = name.partition("@")
+        return "attention", float(power) if power else 1.0, key_weight, 20.0
+    return name, None, key_weight, 20.0
+
+
+def calibrate_variant(
+    lm: CausalLM,
+    state: dict,
+    corpus: str,
+    distortion: str,
+    targets: list[float],
+    probe_cache: Path | None = None,
+):
     parts = [state["domains"][d] for d in corpus_parts(state, corpus)]
     accs = {n: parts[0]["accs"][n].merged(*(p["accs"][n] for p in parts[1:])) for n in parts[0]["accs"]}
     stats = parts[0]["stats"].merged(*(p["stats"] for p in parts[1:]))
@@ -99,7 +123,18 @@ def calibrate_variant(lm: CausalLM, state: dict, corpus: str, distortion: str, t
         held = compressible(parts[0]["held_out"], CodecConfig())
     else:
         held = mixed_held_out([p["held_out"] for p in parts], CodecConfig(), SEQ)
-    cfg = CodecConfig(distortion=distortion)  # type: ignore[arg-type]
+    mode, power, key_weight, probe_cr = parse_distortion(distortion)
+    cfg = CodecConfig(distortion=mode, key_weight=key_weight)  # type: ignore[arg-type]
+    provenance = {
+        "text_source": f"{state['corpus']}:{corpus}",
+        "domains": corpus_parts(state, corpus),
+        "fit_tokens": sum(p["fit_tokens"] for p in parts),
+        "distortion": distortion,
+    }
+    if power is not None:
+        measured = _probe(lm, state, corpus, accs, held, stats, probe_cr, probe_cache)
+        stats = stats.with_sensitivity(sensitivity_factors(measured, power))
+        provenance["layer_sensitivity"] = {"power": power, "probe_cr": probe_cr}
     return calibrate_from_kv(
         lm.info,
         accs,
@@ -108,14 +143,33 @@ def calibrate_variant(lm: CausalLM, state: dict, corpus: str, distortion: str, t
         targets=targets,
         statistics=stats,
         progress=False,
-        provenance={
-            "text_source": f"{state['corpus']}:{corpus}",
-            "domains": corpus_parts(state, corpus),
-            "fit_tokens": sum(p["fit_tokens"] for p in parts),
-            "distortion": distortion,
-        },
+        provenance=provenance,
         held_out_compressible=True,
     )
+
+
+def _probe(lm, state, corpus, accs, held, stats, probe_cr: float, cache: Path | None) -> dict:
+    """Per-layer sensitivity of the corpus' analytic attention calibration at probe_cr, measured on the
+    held-out calibration sequence of every domain in the corpus (never on validation text)."""
+    if cache is not None and cache.exists():
+        return torch.load(cache)
+    cfg = CodecConfig(distortion="attention")
+    base = calibrate_from_kv(
+        lm.info, accs, held, cfg, targets=[probe_cr], statistics=stats, progress=False,
+        held_out_compressible=True,
+    )  # fmt: skip
+    shape = _shape(lm)
+    metric = metric_weights(accs, cfg, shape, lm.info.rope, stats)
+    assert metric is not None
+    probes = [state["domains"][d]["fit_ids"][-1:] for d in corpus_parts(state, corpus)]
+    t0 = time.perf_counter()
+    measured = measure_layer_sensitivity(
+        lm, KVTCCodec(base, allocation_name(probe_cr)), metric, cfg.layer_groups(shape.n_layers), probes
+    )
+    print(f"sensitivity probe ({len(probes)} sequences): {time.perf_counter() - t0:.0f} s", flush=True)
+    if cache is not None:
+        torch.save(measured, cache)
+    return measured
 
 
 def val_sets(lm: CausalLM, state: dict, names: list[str], report: bool) -> list[tuple[str, bool, tuple]]:
@@ -190,13 +244,15 @@ def main() -> None:
         corpus, distortion = variant.split(":")
         t0 = time.perf_counter()
         score = {float(t) for t in a.score_targets.split(",") if t} or set(targets)
-        saved = None if a.calibrations is None else a.calibrations / f"{corpus}-{distortion}.kvtc"
+        tag = f"{corpus}-{distortion.replace('/', '_kw')}"
+        saved = None if a.calibrations is None else a.calibrations / f"{tag}.kvtc"
+        probe = None if a.calibrations is None else a.calibrations / f"{corpus}-probe.pt"
         if saved is not None and saved.exists():
             cal = load_calibration(saved, expected_fingerprint=lm.info.fingerprint)
         else:
             # leave-one-out variants are only scored on validation: calibrate only the scored targets
             lodo = corpus.startswith("-") and a.own_domain
-            cal = calibrate_variant(lm, state, corpus, distortion, sorted(score) if lodo else targets)
+            cal = calibrate_variant(lm, state, corpus, distortion, sorted(score) if lodo else targets, probe)
             if saved is not None:
                 save_calibration(cal, saved)
         cal_s = time.perf_counter() - t0
