@@ -154,17 +154,26 @@ def _probe(lm, state, corpus, accs, held, stats, probe_cr: float, cache: Path | 
     if cache is not None and cache.exists():
         return torch.load(cache)
     cfg = CodecConfig(distortion="attention")
-    base = calibrate_from_kv(
-        lm.info, accs, held, cfg, targets=[probe_cr], statistics=stats, progress=False,
-        held_out_compressible=True,
-    )  # fmt: skip
+    analytic = None if cache is None else cache.parent / f"{corpus}-attention.kvtc"
+    if analytic is not None and analytic.exists():  # the same recipe, already calibrated by the sweep
+        base = load_calibration(analytic, expected_fingerprint=lm.info.fingerprint)
+    else:
+        base = calibrate_from_kv(
+            lm.info, accs, held, cfg, targets=[probe_cr], statistics=stats, progress=False,
+            held_out_compressible=True,
+        )  # fmt: skip
     shape = _shape(lm)
     metric = metric_weights(accs, cfg, shape, lm.info.rope, stats)
     assert metric is not None
     probes = [state["domains"][d]["fit_ids"][-1:] for d in corpus_parts(state, corpus)]
     t0 = time.perf_counter()
     measured = measure_layer_sensitivity(
-        lm, KVTCCodec(base, allocation_name(probe_cr)), metric, cfg.layer_groups(shape.n_layers), probes
+        lm,
+        KVTCCodec(base, allocation_name(probe_cr)),
+        metric,
+        cfg.layer_groups(shape.n_layers),
+        probes,
+        continuation=128,
     )
     print(f"sensitivity probe ({len(probes)} sequences): {time.perf_counter() - t0:.0f} s", flush=True)
     if cache is not None:
@@ -172,7 +181,9 @@ def _probe(lm, state, corpus, accs, held, stats, probe_cr: float, cache: Path | 
     return measured
 
 
-def val_sets(lm: CausalLM, state: dict, names: list[str], report: bool) -> list[tuple[str, bool, tuple]]:
+def val_sets(
+    lm: CausalLM, state: dict, names: list[str], report: bool, cache: Path | None = None
+) -> list[tuple[str, bool, tuple]]:
     """(name, is_report, (kv, continuation, reference logits)) per text: validation texts (a slice of
     every domain past its calibration tokens, the Apache licence, The Tempest; filtered by names) and,
     with report, the held-out evaluation texts (GPL v3, Hamlet)."""
@@ -198,8 +209,16 @@ def val_sets(lm: CausalLM, state: dict, names: list[str], report: bool) -> list[
     for name, (is_report, ids) in texts.items():
         ids = ids[:, : CTX + CONT]
         ctx, cont = ids[:, :CTX], ids[:, CTX:]
-        kv = lm.prefill(ctx, return_logits=False)[0]
-        out.append((name, is_report, (kv, cont, lm.logits_with_cache(kv, cont))))
+        saved = None if cache is None else cache / f"{name}-{CTX}-{CONT}.pt"
+        if saved is not None and saved.exists():
+            kv, ref = torch.load(saved, weights_only=False)
+        else:
+            kv = lm.prefill(ctx, return_logits=False)[0]
+            ref = lm.logits_with_cache(kv, cont)
+            if saved is not None:
+                saved.parent.mkdir(parents=True, exist_ok=True)
+                torch.save((kv, ref), saved)
+        out.append((name, is_report, (kv, cont, ref)))
     return out
 
 
@@ -228,7 +247,15 @@ def main() -> None:
         default=None,
         help="save each variant's calibration here; reuse it if there",
     )
-    p.add_argument("--out", type=Path, required=True, help="JSON lines, appended")
+    p.add_argument(
+        "--val-cache",
+        type=Path,
+        default=None,
+        help="keep each text's exact KV and logits here (reruns skip the prefills)",
+    )
+    p.add_argument(
+        "--out", type=Path, required=True, help="JSON lines, appended; rows already there are skipped"
+    )
     a = p.parse_args()
     torch.manual_seed(0)
     lm = CausalLM.load("smollm2-135m")
@@ -238,8 +265,14 @@ def main() -> None:
         state = build_state(lm, a.per_domain, a.docs_fit)
         torch.save(state, a.state)
     targets = [float(t) for t in a.targets.split(",")]
-    vals = val_sets(lm, state, [v for v in a.val.split(",") if v], a.report)
+    vals = val_sets(lm, state, [v for v in a.val.split(",") if v], a.report, a.val_cache)
     a.out.parent.mkdir(parents=True, exist_ok=True)
+    done = set()
+    if a.out.exists():  # a run stopped by its timeout resumes at the first row it did not write
+        for line in a.out.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                done.add((r["calibration_id"], r["target"], r["val"]))
     for variant in a.variants.split(","):
         corpus, distortion = variant.split(":")
         t0 = time.perf_counter()
@@ -266,6 +299,8 @@ def main() -> None:
                     continue
                 if a.own_domain and not corpus.startswith("-") and not is_report:
                     continue  # own-domain runs score the other variants on the report texts only
+                if (cal.calibration_id, target, vname) in done:
+                    continue
                 frame, st = codec.encode_with_stats(kv)
                 rec = codec.decode(frame).to(torch.float32)
                 out = lm.logits_with_cache(rec, cont)
