@@ -173,7 +173,7 @@ def _probe(lm, state, corpus, accs, held, stats, probe_cr: float, cache: Path | 
         metric,
         cfg.layer_groups(shape.n_layers),
         probes,
-        continuation=128,
+        continuation=64,
     )
     print(f"sensitivity probe ({len(probes)} sequences): {time.perf_counter() - t0:.0f} s", flush=True)
     if cache is not None:

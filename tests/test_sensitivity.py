@@ -60,8 +60,8 @@ def test_sensitivity_factors_normalise_and_floor() -> None:
 def test_probe_measures_each_layers_real_cost(smollm: CausalLM) -> None:
     info = smollm.info
     shape = ModelShape(info.n_layers, info.n_kv_heads, info.key_head_dim, info.value_head_dim)
-    cfg = CodecConfig(layer_group_size=10, distortion="attention")
-    seqs = token_sequences(smollm.tokenizer, calibration_texts(), 384, 3)
+    cfg = CodecConfig(layer_group_size=6, distortion="attention")
+    seqs = token_sequences(smollm.tokenizer, calibration_texts(), 320, 3)
     n_q = int(smollm.model.config.num_attention_heads)
     from kvbm_codec.calibration.calibrate import accumulate_covariances
 
@@ -76,13 +76,13 @@ def test_probe_measures_each_layers_real_cost(smollm: CausalLM) -> None:
     probe = seqs[2]
     codec = KVTCCodec(cal, 20.0)
     measured = measure_layer_sensitivity(
-        smollm, codec, metric, cfg.layer_groups(info.n_layers), [probe], continuation=96
+        smollm, codec, metric, cfg.layer_groups(info.n_layers), [probe], continuation=48
     )
     kl, pred = measured["kl"], measured["predicted"]
     assert kl.shape == pred.shape == (info.n_layers, 2)
     assert bool((pred > 0).all()) and bool((kl > 0).all())
     # every layer's error at once costs about the sum of the single-layer costs
-    ctx, cont = probe[:, :-96], probe[:, -96:]
+    ctx, cont = probe[:, :-48], probe[:, -48:]
     kv = smollm.prefill(ctx, return_logits=False)[0]
     whole = kl_divergence_mean(
         smollm.logits_with_cache(kv, cont),
