@@ -76,6 +76,17 @@ def build_state(lm: CausalLM, per_domain: int, docs_fit: int) -> dict:
     return state
 
 
+def texts_only_state(lm: CausalLM, per_domain: int, docs_fit: int) -> dict:
+    """The token ids build_state would keep, without its prefills: enough to score calibrations
+    already saved in --calibrations on the domain slices (the same ids, so the same rows)."""
+    state: dict = {"domains": {}, "corpus": CORPUS_NAME}
+    for domain, texts in broad_corpus(lm.tokenizer).items():
+        fit_n = docs_fit if domain == "docs" else per_domain
+        seqs = token_sequences(lm.tokenizer, texts, SEQ, fit_n + 6)
+        state["domains"][domain] = {"val_ids": torch.cat(seqs[fit_n + 3 : fit_n + 6], 1)[:, : CTX + CONT]}
+    return state
+
+
 def _shape(lm: CausalLM):
     from kvbm_codec.codec.params import ModelShape
 
@@ -227,6 +238,11 @@ def main() -> None:
     p.add_argument("--state", type=Path, required=True, help="phase-1 cache (built if missing)")
     p.add_argument("--per-domain", type=int, default=11)
     p.add_argument("--docs-fit", type=int, default=16)
+    p.add_argument(
+        "--texts-only",
+        action="store_true",
+        help="no phase-1 prefills: only the validation slices (variants must be in --calibrations)",
+    )
     p.add_argument("--variants", default="docs16:mse,broad:mse,docs16:attention,broad:attention")
     p.add_argument("--targets", default="8,16,20,32,64", help="allocations each calibration gets")
     p.add_argument("--score-targets", default="", help="subset of --targets to score (default: all)")
@@ -261,6 +277,8 @@ def main() -> None:
     lm = CausalLM.load("smollm2-135m")
     if a.state.exists():
         state = torch.load(a.state, weights_only=False)
+    elif a.texts_only:
+        state = texts_only_state(lm, a.per_domain, a.docs_fit)
     else:
         state = build_state(lm, a.per_domain, a.docs_fit)
         torch.save(state, a.state)
