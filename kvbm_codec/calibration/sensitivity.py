@@ -76,13 +76,15 @@ def measure_layer_sensitivity(
     layer_groups: Sequence[tuple[int, int]],
     probes: Sequence[torch.Tensor],
     continuation: int = 256,
+    layers: Sequence[int] | None = None,
 ) -> dict[str, torch.Tensor]:
     """KL per (layer, kind) of each layer's decoded error alone, summed over probe sequences, the
     metric's predicted cost of the same errors, and their ratio (the sensitivity factor, [L, 2]).
 
     Each probe [1, T] is split into a context (compressed with `codec`) and the last `continuation`
     tokens (scored). The errors are measured on the compressible tokens only: sinks and the window
-    are stored exactly, so a probe sees what a restored cache gives the model."""
+    are stored exactly, so a probe sees what a restored cache gives the model. `layers` limits the
+    probe to some layers (the others' entries are NaN)."""
     n_layers = None
     kl = pred = None
     for ids in probes:
@@ -94,7 +96,7 @@ def measure_layer_sensitivity(
             n_layers = kv.n_layers
             kl = torch.zeros(n_layers, 2, dtype=torch.float64)
             pred = torch.zeros(n_layers, 2, dtype=torch.float64)
-        for layer in range(n_layers):
+        for layer in range(n_layers) if layers is None else layers:
             for ki, kind in enumerate(("k", "v")):
                 out = lm.logits_with_cache(_replaced(kv, rec, layer, kind), cont)
                 kl[layer, ki] += kl_divergence_mean(ref, out)
@@ -102,6 +104,9 @@ def measure_layer_sensitivity(
         pred += predicted_cost(metric, layer_groups, err)
     if kl is None or pred is None:
         raise ValueError("no probe sequences")
+    if layers is not None:
+        skipped = [i for i in range(kl.shape[0]) if i not in set(layers)]
+        kl[skipped] = float("nan")
     return {"kl": kl, "predicted": pred, "factor": kl.clamp_min(0) / pred.clamp_min(1e-30)}
 
 
@@ -111,6 +116,8 @@ def sensitivity_factors(
     """[L, 2] factors for ``ModelStatistics.layer_sensitivity``: the measured ratio, normalised to a
     geometric mean of 1 (only ratios between layers and kinds matter to one lambda), clamped from below
     (a layer whose probe KL is lost in the noise must not become free) and damped by `power`."""
+    if bool(measured["factor"].isnan().any()):
+        raise ValueError("sensitivity factors need every layer probed")
     f = measured["factor"].clamp_min(1e-30)
     f = f / f.log().mean().exp()
     return f.clamp_min(floor) ** power
