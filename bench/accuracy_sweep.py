@@ -47,13 +47,19 @@ CTX, CONT = 2048, 256
 TEXTS = Path("/tmp/kvbm-codec-texts")  # bench/fetch_texts.sh
 
 
-def build_state(lm: CausalLM, per_domain: int, docs_fit: int) -> dict:
+def build_state(lm: CausalLM, per_domain: int, docs_fit: int, only: list[str] | None = None) -> dict:
+    """Phase 1. With `only`, just those domains are prefilled (the others keep their validation
+    ids, so their slices can still score calibrations saved earlier), and the state is partial."""
     cfg = CodecConfig()  # accumulation depends only on sinks/window/rope/layer groups (not the metric)
     corpus = broad_corpus(lm.tokenizer)
     n_q = int(lm.model.config.num_attention_heads)
-    state: dict = {"domains": {}, "corpus": CORPUS_NAME}
+    state: dict = {"domains": {}, "corpus": CORPUS_NAME, "val_only": {}}
     for domain, texts in corpus.items():
         fit_n = docs_fit if domain == "docs" else per_domain
+        if only and domain not in only:
+            seqs = token_sequences(lm.tokenizer, texts, SEQ, fit_n + 6)
+            state["val_only"][domain] = torch.cat(seqs[fit_n + 3 : fit_n + 6], 1)[:, : CTX + CONT]
+            continue
         # fit + 1 held-out + a gap of 2 sequences + 3 sequences of validation (2048 + 256 tokens)
         seqs = token_sequences(lm.tokenizer, texts, SEQ, fit_n + 6)
         t0 = time.perf_counter()
@@ -127,6 +133,8 @@ def calibrate_variant(
     targets: list[float],
     probe_cache: Path | None = None,
 ):
+    if state.get("val_only") and corpus not in state["domains"] and corpus not in ("docs16", "docs"):
+        raise SystemExit(f"corpus {corpus!r} needs domains this partial state did not prefill")
     parts = [state["domains"][d] for d in corpus_parts(state, corpus)]
     accs = {n: parts[0]["accs"][n].merged(*(p["accs"][n] for p in parts[1:])) for n in parts[0]["accs"]}
     stats = parts[0]["stats"].merged(*(p["stats"] for p in parts[1:]))
@@ -205,6 +213,8 @@ def val_sets(
 
     for d, info in state["domains"].items():
         texts[d] = (False, info["val_ids"])
+    for d, ids in state.get("val_only", {}).items():
+        texts[d] = (False, ids)
     texts["apache"] = (False, tok(Path("/usr/share/common-licenses/Apache-2.0").read_text()))
     texts["tempest"] = (False, tok((TEXTS / "tempest.txt").read_text()))
     texts = {n: v for n, v in texts.items() if not names or n in names}
@@ -238,6 +248,7 @@ def main() -> None:
     p.add_argument("--state", type=Path, required=True, help="phase-1 cache (built if missing)")
     p.add_argument("--per-domain", type=int, default=11)
     p.add_argument("--docs-fit", type=int, default=16)
+    p.add_argument("--domains", default="", help="phase 1: prefill only these domains (default: all)")
     p.add_argument(
         "--texts-only",
         action="store_true",
@@ -280,7 +291,7 @@ def main() -> None:
     elif a.texts_only:
         state = texts_only_state(lm, a.per_domain, a.docs_fit)
     else:
-        state = build_state(lm, a.per_domain, a.docs_fit)
+        state = build_state(lm, a.per_domain, a.docs_fit, [d for d in a.domains.split(",") if d])
         torch.save(state, a.state)
     targets = [float(t) for t in a.targets.split(",")]
     vals = val_sets(lm, state, [v for v in a.val.split(",") if v], a.report, a.val_cache)
