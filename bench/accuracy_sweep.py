@@ -18,6 +18,7 @@ broad = every domain; -X = every domain but X (leave one domain out).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -230,7 +231,9 @@ def val_sets(
     for name, (is_report, ids) in texts.items():
         ids = ids[:, : CTX + CONT]
         ctx, cont = ids[:, :CTX], ids[:, CTX:]
-        saved = None if cache is None else cache / f"{name}-{CTX}-{CONT}.pt"
+        # keyed by the tokens themselves: a slice cut with another --per-domain is another file
+        digest = hashlib.sha256(ids.numpy().tobytes()).hexdigest()[:12]
+        saved = None if cache is None else cache / f"{name}-{CTX}-{CONT}-{digest}.pt"
         if saved is not None and saved.exists():
             kv, ref = torch.load(saved, weights_only=False)
         else:
