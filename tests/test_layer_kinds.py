@@ -206,3 +206,14 @@ def test_layer_with_other_head_dims_is_refused_by_layer() -> None:
     model.model.layers[2].self_attn.k_proj = torch.nn.Linear(64, 2 * 32, bias=False)
     with pytest.raises(UnsupportedModelError, match=r"per-layer head dims: layer 2 differ"):
         CausalLM(model, None, "tiny", Path("in-process"))
+
+
+def test_layer_with_its_own_rotary_module_is_refused_by_layer() -> None:
+    """A per-layer RoPE base need not be announced in the config: a layer carrying its own rotary
+    module (older Llama/Mistral code, remote-code models) would rotate with a base the calibration's
+    one RotaryParams does not hold, so it is refused by layer."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(_config(LlamaConfig, head_dim=16))
+    model.model.layers[1].self_attn.rotary_emb = type(model.model.rotary_emb)(model.config)
+    with pytest.raises(UnsupportedModelError, match=r"per-layer RoPE modules in layer 1\b"):
+        CausalLM(model, None, "tiny", Path("in-process"))
