@@ -10,7 +10,12 @@ shared machine hits every variant alike), each timed in wall and CPU seconds:
   attention/MLP, final norm or LM head);
 - ``kv_only+stats``: with the attention-statistics hooks of the default distortion;
 - ``kv_only+stats+cov``: plus the covariance accumulation: the calibration's whole fit step;
-- ``kv_only@1thread``: ``kv_only`` with one torch thread (CPU-seconds per token at 1 vs 2 threads).
+- ``kv_only@2threads``: ``kv_only`` with two torch threads.
+
+Every other variant runs on ``--threads`` (default 1) torch threads: on a machine shared with other
+jobs a descheduled OpenMP thread leaves its partner spinning at the barrier, which inflates the
+CPU-seconds of multi-threaded runs by an amount that varies with the load; one thread keeps the
+CPU-seconds comparable between variants (and is what an idle 2-core machine's wall time divides).
 
     python bench/calibration_prefill.py --rounds 4 --out bench/results/calibration_prefill.json
 """
@@ -41,8 +46,10 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--rounds", type=int, default=4, help="sequences; every variant runs once on each")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of every variant but @2threads")
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args()
+    torch.set_num_threads(a.threads)
     lm = CausalLM.load(a.model)
     info = lm.info
     seqs = token_sequences(lm.tokenizer, broad_corpus(lm.tokenizer)["docs"], SEQ, a.rounds)
@@ -57,8 +64,8 @@ def main() -> None:
             if cov:
                 accumulate_covariances([kv], cfg, info.rope, shape)
 
-    def one_thread(s: torch.Tensor) -> None:
-        torch.set_num_threads(1)
+    def two_threads(s: torch.Tensor) -> None:
+        torch.set_num_threads(2)
         try:
             lm.prefill_kv(s)
         finally:
@@ -70,7 +77,7 @@ def main() -> None:
         "kv_only": lm.prefill_kv,
         "kv_only+stats": lambda s: stats_run(s, False),
         "kv_only+stats+cov": lambda s: stats_run(s, True),
-        "kv_only@1thread": one_thread,
+        "kv_only@2threads": two_threads,
     }
     lm.prefill_kv(seqs[0][:, :64])  # warm-up: first-call allocations
     rows: dict[str, list[tuple[float, float]]] = {k: [] for k in variants}
