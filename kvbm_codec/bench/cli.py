@@ -109,6 +109,9 @@ def throughput(
     service_threads: Annotated[
         int | None, typer.Option(help="torch threads of the service's codec (default: its config's)")
     ] = None,
+    s3_window: Annotated[
+        float | None, typer.Option(help="the S3 endpoint's coalesce_window_s (default: its config's)")
+    ] = None,
 ) -> None:
     """Matmul roofline, codec-only MB/s per core and service put/get MB/s, on the same real blocks."""
     from kvbm_codec.bench.throughput import ThroughputOptions, run_throughput, write_json
@@ -125,6 +128,7 @@ def throughput(
         "blocks_per_client": blocks_per_client,
         "repeats": repeats,
         "service_threads": service_threads,
+        "s3_window_s": s3_window,
     }
     fields = {**base.__dict__, **{k: v for k, v in given.items() if v is not None}, "target_cr": target_cr}
     try:

@@ -21,6 +21,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,7 @@ class ThroughputOptions:
     target_cr: float = 20.0
     repeats: int = 3  # codec and roofline timings keep the best of this many
     service_threads: int | None = None  # torch intra-op threads of the service (None: its config's)
+    s3_window_s: float | None = None  # the S3 endpoint's coalesce_window_s (None: its config's)
 
     @classmethod
     def quick(cls) -> ThroughputOptions:
@@ -192,9 +194,13 @@ def codec_only(codec: KVTCBlockCodec, rb: RealBlocks, batches: Sequence[int], re
     }
 
 
-def s3_placement(cal: Calibration, rb: RealBlocks, target_cr: float, repeats: int) -> dict[str, float]:
+def s3_placement(
+    cal: Calibration, rb: RealBlocks, target_cr: float, repeats: int, batch: int
+) -> dict[str, float]:
     """What an S3 put adds before encoding, per block, one thread: the RoPE position search (an
-    object key carries no position) and the layout check (which searches the other readings too)."""
+    object key carries no position) and the layout check (which searches the other readings too),
+    for one block alone and for ``batch`` blocks placed together (what the endpoint does with
+    concurrent PUTs)."""
     from kvbm_codec.core.service import ServedModel
     from kvbm_codec.frontends.s3.buckets import Bucket
     from kvbm_codec.service.config import BucketBinding
@@ -203,21 +209,31 @@ def s3_placement(cal: Calibration, rb: RealBlocks, target_cr: float, repeats: in
     bucket = Bucket(
         BucketBinding(page_size=s.page_size, dtype=s.dtype), ServedModel("bench", cal, s, target_cr)
     )
-    keys = [
-        t[:, 0].reshape(s.n_layers, s.page_size, s.n_kv_heads, s.head_dim).permute(0, 2, 1, 3)
-        for t in rb.tensors
-    ]
-    hits = 0
+    n = len(rb.tensors)
+    spans = [range(i, min(i + batch, n)) for i in range(0, n, batch)]
     with single_thread():
-        found = [bucket.estimator().estimate(k) for k in keys]
-        hits = sum(f == int(p[0]) for f, p in zip(found, rb.positions, strict=True))
-        t_est = _best(lambda: [bucket.estimator().estimate(k) for k in keys], repeats)
+        placed = [p for r in spans for p in bucket.place([rb.tensors[i] for i in r], [None] * len(r))]
+        hits = sum(p.position == int(t[0]) for p, t in zip(placed, rb.positions, strict=True))
+        t_one = _best(lambda: [bucket.place([t], [None]) for t in rb.tensors], repeats)
+        t_est = _best(
+            lambda: [bucket.place([rb.tensors[i] for i in r], [None] * len(r)) for r in spans], repeats
+        )
         t_fit = _best(
-            lambda: [bucket.misfit(d, t, f) for d, t, f in zip(rb.data, rb.tensors, found, strict=True)],
+            lambda: [
+                bucket.misfit_many(
+                    [rb.data[i] for i in r], [rb.tensors[i] for i in r], [placed[i] for i in r]
+                )
+                for r in spans
+            ],
             repeats,
         )
-    n = len(keys)
-    return {"position_ms": t_est / n * 1e3, "layout_check_ms": t_fit / n * 1e3, "positions_right": hits / n}
+    return {
+        "batch": batch,
+        "position_ms": t_est / n * 1e3,
+        "position_ms_batch1": t_one / n * 1e3,
+        "layout_check_ms": t_fit / n * 1e3,
+        "positions_right": hits / n,
+    }
 
 
 # ---- the service over its front ends -------------------------------------------------------------
@@ -238,11 +254,15 @@ class _Level:
         ]
         self.clients: list[Any] = []
         self.regs: list[tuple[Any, Any]] = []
+        # an S3 client sends its objects concurrently, one request each (as vLLM's OBJ tier and
+        # NIXL's OBJ backend do from their I/O threads): the endpoint may serve them as one batch
+        self.pools: list[ThreadPoolExecutor] = []
 
     def open(self) -> None:
         for c in range(self.n):
             if self.path == "s3":
-                self.clients.append(_s3_client(self.targets["s3"]))
+                self.clients.append(_s3_client(self.targets["s3"], per_client=len(self.idx[c])))
+                self.pools.append(ThreadPoolExecutor(len(self.idx[c]), thread_name_prefix="bench-s3"))
                 continue
             from kvbm_codec.frontends.grpc.client import CodecClient
 
@@ -262,6 +282,8 @@ class _Level:
             self.get(c, warm=True)
 
     def close(self) -> None:
+        for pool in self.pools:
+            pool.shutdown(wait=True)
         for src, dst in self.regs:
             src.close()
             dst.close()
@@ -285,10 +307,13 @@ class _Level:
                 self.regs[c][0], [(h, i * ps, k * nb) for k, (h, i) in enumerate(zip(hs, ix, strict=True))]
             )
         else:
-            for h, i in zip(hs, ix, strict=True):
-                self.clients[c].put_object(
-                    Bucket=self.targets["bucket"], Key=f"{h:016x}", Body=self.rb.data[i]
+            bucket, client, data = self.targets["bucket"], self.clients[c], self.rb.data
+            list(
+                self.pools[c].map(
+                    lambda hi: client.put_object(Bucket=bucket, Key=f"{hi[0]:016x}", Body=data[hi[1]]),
+                    list(zip(hs, ix, strict=True)),
                 )
+            )
 
     def get(self, c: int, *, warm: bool = False) -> None:
         hs = [(h ^ 0xFFFF) for h in self.hashes[c][:1]] if warm else self.hashes[c]
@@ -302,11 +327,11 @@ class _Level:
             got = self.clients[c].get_blocks_nixl(self.regs[c][1], hs, [k * nb for k in range(len(hs))])
             ok = all(g.status == "hit" for g in got)
         else:
-            ok = all(
-                len(self.clients[c].get_object(Bucket=self.targets["bucket"], Key=f"{h:016x}")["Body"].read())
-                == self.rb.block_bytes
-                for h in hs
+            bucket, client = self.targets["bucket"], self.clients[c]
+            sizes = self.pools[c].map(
+                lambda h: len(client.get_object(Bucket=bucket, Key=f"{h:016x}")["Body"].read()), hs
             )
+            ok = all(n == self.rb.block_bytes for n in sizes)
         if not ok or len(hs) == 0:
             raise RuntimeError(f"{self.path} get of {len(hs)} blocks did not return them all")
 
@@ -338,7 +363,7 @@ class _Level:
         return dt
 
 
-def _s3_client(endpoint: str) -> Any:
+def _s3_client(endpoint: str, per_client: int) -> Any:
     import boto3
     from botocore.config import Config
 
@@ -348,7 +373,12 @@ def _s3_client(endpoint: str) -> Any:
         aws_access_key_id=_S3_KEY[0],
         aws_secret_access_key=_S3_KEY[1],
         region_name="us-east-1",
-        config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}, max_pool_connections=4),
+        config=Config(
+            s3={"addressing_style": "path"},
+            retries={"max_attempts": 1},
+            max_pool_connections=max(4, per_client),
+            read_timeout=600,
+        ),
     )
 
 
@@ -392,6 +422,7 @@ def service_levels(
                 credentials=[CredentialConfig(access_key=_S3_KEY[0], secret_key=_S3_KEY[1], tenant="bench")],
                 buckets=[binding],
                 workers=most,
+                **({} if opts.s3_window_s is None else {"coalesce_window_s": opts.s3_window_s}),
             ),
         )
         targets["s3"], targets["bucket"] = s3.url, binding.name
@@ -406,10 +437,21 @@ def service_levels(
                 try:
                     level.open()
                     for op in ("put", "get"):
+                        ep = s3.endpoint if s3 is not None else None
+                        lane = None if ep is None else (ep.writes if op == "put" else ep.reads)
+                        before = lane.stats() if lane is not None else None
                         dt = level.run(op)
                         mbps = n * opts.blocks_per_client * spec.nbytes / dt / 1e6
-                        rows.append({"path": path, "op": op, "clients": n, "mbps": mbps})
-                        log(f"  {path:4} {op} {n:2} clients: {mbps:7.2f} MB/s")
+                        row: dict[str, Any] = {"path": path, "op": op, "clients": n, "mbps": mbps}
+                        extra = ""
+                        if path == "s3" and lane is not None and before is not None:
+                            after = lane.stats()  # objects per core call: the coalescer's batches
+                            row["s3_blocks_per_batch"] = (after.items - before.items) / max(
+                                1, after.batches - before.batches
+                            )
+                            extra = f"  ({row['s3_blocks_per_batch']:.1f} objects per batch)"
+                        rows.append(row)
+                        log(f"  {path:4} {op} {n:2} clients: {mbps:7.2f} MB/s{extra}")
                 finally:
                     level.close()
     finally:
@@ -451,18 +493,20 @@ def run_throughput(
         f"stored ratio: block {co['block_stored_ratio']:.2f}x, "
         f"whole context {co['context_stored_ratio']:.2f}x"
     )
-    place = s3_placement(cal, rb, opts.target_cr, opts.repeats)
-    enc_ms = spec.nbytes / co["encode"][str(min(opts.batches))] / 1e3
-    place["encode_ms"] = enc_ms
-    log(
-        f"S3 placement per block: position search {place['position_ms']:.1f} ms "
-        f"({place['position_ms'] / enc_ms:.0%} of a batch-{min(opts.batches)} encode, {enc_ms:.1f} ms), "
-        f"layout check "
-        f"{place['layout_check_ms']:.1f} ms; positions recovered {place['positions_right']:.0%}"
-    )
-    rows = service_levels(cal, spec, rb, opts, log) if opts.paths else []
     # a request of blocks_per_client blocks is compared with the codec batch nearest below it
     ref_batch = str(max([b for b in opts.batches if b <= opts.blocks_per_client] or [min(opts.batches)]))
+    place = s3_placement(cal, rb, opts.target_cr, opts.repeats, int(ref_batch))
+    enc_ms = spec.nbytes / co["encode"][ref_batch] / 1e3
+    place["encode_ms"] = enc_ms
+    put_ms = enc_ms + place["position_ms"] + place["layout_check_ms"]
+    place["position_share_of_put"] = place["position_ms"] / put_ms
+    log(
+        f"S3 placement per block, batches of {ref_batch}: position search {place['position_ms']:.1f} ms "
+        f"(alone: {place['position_ms_batch1']:.1f} ms), layout check {place['layout_check_ms']:.1f} ms, "
+        f"encode {enc_ms:.1f} ms: the search is {place['position_share_of_put']:.0%} of a put's codec work; "
+        f"positions recovered {place['positions_right']:.0%}"
+    )
+    rows = service_levels(cal, spec, rb, opts, log) if opts.paths else []
     for r in rows:
         ref = co["encode" if r["op"] == "put" else "decode"][ref_batch]
         r["ratio_to_codec"] = r["mbps"] / ref

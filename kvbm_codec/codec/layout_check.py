@@ -7,71 +7,82 @@ KV. Real KV of the calibrated model, read in the bound layout and de-rotated at 
 explained by the calibrated PCA bases: little of its (normalised) energy falls outside the leading
 components. Bytes read in the wrong layout are not: their residual is about twice as large or more
 (docs/vllm.md has the measurements). The bucket compares the bound reading of a block with every
-other reading it knows (``buckets.Bucket.misfit``); a relative test holds for a small calibration
-(whose own data already leaves more residual) as well as for a large one.
+other reading it knows (``buckets.Bucket.misfit_many``); a relative test holds for a small
+calibration (whose own data already leaves more residual) as well as for a large one.
+
+The residual is a per-token average, so it is measured on a few evenly spaced tokens of each block
+(``sample_tokens``): a wrong reading is worse on every token, and the cost is a fraction of the
+block's encode. The key residual at the recovered position is the one the position search
+(``positions.PositionEstimator``) already computed; only the values are projected here.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from kvbm_codec.codec.params import Calibration
-from kvbm_codec.codec.rope import undo_rope
+from kvbm_codec.codec.pca import to_features
 
 
-@dataclass(frozen=True)
-class LayoutFit:
-    key_residual: float  # fraction of normalised key energy outside the leading components
-    value_residual: float
+def sample_tokens(page_size: int, n: int) -> torch.Tensor:
+    """``n`` evenly spaced token indices of a block (all of them when ``n >= page_size``)."""
+    if n >= page_size:
+        return torch.arange(page_size, dtype=torch.int64)
+    return torch.linspace(0, page_size - 1, n).round().to(torch.int64).unique()
 
-    @property
-    def worst(self) -> float:
-        return max(self.key_residual, self.value_residual)
+
+class ResidualBases:
+    """One kind (keys or values) of the calibration's bases, truncated to their leading ``rank``
+    components: the PCA residual of many blocks' tokens in one matmul per layer group."""
+
+    def __init__(self, cal: Calibration, kind: str, rank: int) -> None:
+        s = cal.shape
+        self.groups: list[tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        tail = total = 0.0
+        for gi, (a, b) in enumerate(cal.config.layer_groups(s.n_layers)):
+            basis = cal.bases[cal.basis_name(gi, kind)]
+            r = min(rank, basis.rank)
+            self.groups.append((a, b, basis.mean, basis.scale, basis.basis[:, :r].contiguous()))
+            eig = basis.eigenvalues.to(torch.float64)
+            tail += float(eig[r:].sum()) + basis.residual_variance
+            total += float(eig.sum()) + basis.residual_variance
+        # The fraction calibration KV itself leaves outside the leading components (from the PCA's own
+        # eigenvalues): a block is judged relative to it, so the bound holds for any calibration size.
+        self.expected = tail / max(total, 1e-30)
+
+    def residual(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, L, H, D] (float32; T tokens of any number of blocks, token-major so that a token's
+        features are one contiguous row) -> per token (energy outside the leading components, total
+        energy), both of the normalised features, float64 [T]."""
+        res = torch.zeros(x.shape[0], dtype=torch.float64)
+        tot = torch.zeros(x.shape[0], dtype=torch.float64)
+        for a, b, mean, scale, basis in self.groups:
+            xn = (to_features(x[:, a:b].permute(1, 2, 0, 3)) - mean) / scale
+            e = (xn * xn).sum(-1).to(torch.float64)
+            p = (xn @ basis).square().sum(-1).to(torch.float64)
+            res += e - p
+            tot += e
+        return res, tot
 
 
 class LayoutChecker:
     """Thread-safe (read-only after construction)."""
 
-    def __init__(self, cal: Calibration, rank: int = 128) -> None:
+    def __init__(self, cal: Calibration, rank: int = 128, tokens: int = 8) -> None:
         self.cal = cal
-        s = cal.shape
-        self._groups: list[tuple[int, int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]] = []
-        expected: dict[str, list[tuple[float, float]]] = {"k": [], "v": []}
-        for gi, (a, b) in enumerate(cal.config.layer_groups(s.n_layers)):
-            per_kind = []
-            for kind in ("k", "v"):
-                basis = cal.bases[cal.basis_name(gi, kind)]
-                r = min(rank, basis.rank)
-                per_kind.append((basis.mean, basis.scale, basis.basis[:, :r].contiguous()))
-                eig = basis.eigenvalues.to(torch.float64)
-                tail = float(eig[r:].sum()) + basis.residual_variance
-                expected[kind].append((tail, float(eig.sum()) + basis.residual_variance))
-            self._groups.append((a, b, per_kind))
-        # The fraction calibration KV itself leaves outside the leading components (from the PCA's own
-        # eigenvalues): a block is judged relative to it, so the bound holds for any calibration size.
-        self.expected = tuple(
-            sum(t for t, _ in expected[kind]) / max(sum(a for _, a in expected[kind]), 1e-30)
-            for kind in ("k", "v")
-        )
+        self.tokens = tokens
+        self.keys = ResidualBases(cal, "k", rank)
+        self.values = ResidualBases(cal, "v", rank)
+        self.expected = (self.keys.expected, self.values.expected)
 
-    def fit(self, keys: torch.Tensor, values: torch.Tensor, first_position: int) -> LayoutFit:
-        """keys/values [L, H, P, D] as the engine stores them (keys with RoPE)."""
-        k = keys.to(torch.float32)
-        if self.cal.config.undo_rope:
-            pos = torch.arange(first_position, first_position + k.shape[2], dtype=torch.int64)
-            k = undo_rope(k, pos, self.cal.rope)
-        v = values.to(torch.float32)
-        out = []
-        for idx, x_all in enumerate((k, v)):
-            res = tot = 0.0
-            for a, b, kinds in self._groups:
-                mean, scale, basis = kinds[idx]
-                x = x_all[a:b].permute(2, 0, 1, 3).reshape(x_all.shape[2], -1)
-                xn = (x - mean) / scale
-                e = float((xn * xn).sum())
-                res += e - float(((xn @ basis) ** 2).sum())
-                tot += e
-            out.append(res / max(tot, 1e-30))
-        return LayoutFit(out[0], out[1])
+    def value_fractions(self, values: torch.Tensor) -> torch.Tensor:
+        """values [N, L, P, H, D] of N blocks (the block's own order) -> [N] residual fractions."""
+        n, _, page, _, _ = values.shape
+        tok = sample_tokens(page, self.tokens)
+        x = values[:, :, tok].to(torch.float32).transpose(1, 2).flatten(0, 1)  # [N*T, L, H, D]
+        res, tot = self.values.residual(x)
+        return res.reshape(n, -1).sum(1) / tot.reshape(n, -1).sum(1).clamp_min(1e-30)
+
+    def score(self, key_fraction: torch.Tensor, value_fraction: torch.Tensor) -> torch.Tensor:
+        """Key plus value residual, each relative to the calibration's own (lower: fits better)."""
+        return key_fraction / self.expected[0] + value_fraction / self.expected[1]

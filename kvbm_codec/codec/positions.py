@@ -1,29 +1,36 @@
-"""Recover a KVBM block's first token position from its keys, because an S3 object key carries none.
+"""Recover KVBM blocks' first token positions from their keys, because an S3 object key carries none.
 
 KVTC undoes RoPE on keys before PCA, which needs each token's absolute position; KVBM names an object
 by its sequence hash only. Encoding with a wrong position does not misplace anything (the frame
 stores the position used and decoding re-applies exactly that rotation), it only costs accuracy: the
 de-rotated keys no longer look like the calibration's. So the position is estimated as the one whose
-inverse rotation makes the block look most like the calibrated pre-RoPE statistics:
+inverse rotation makes the block look most like the calibrated pre-RoPE statistics, for a whole
+batch of blocks at once (the S3 endpoint places a batch of concurrent PUTs together):
 
 1. Coarse, over every candidate (multiples of the page size: KVBM blocks start at page boundaries):
-   pre-RoPE keys have a strongly non-zero mean. The block's keys, de-rotated by their offset within
+   pre-RoPE keys have a strongly non-zero mean. A block's keys, de-rotated by their offset within
    the block, are the pre-RoPE keys rotated by the unknown start p, so their mean is the calibrated
-   mean rotated by p. The fit of every p reduces to ``sum_j C_j cos(p w_j) + S_j sin(p w_j)`` over the
-   head_dim/2 RoPE frequencies: a few thousand candidates cost microseconds.
-2. Fine, over the best few: the PCA residual (energy outside the leading components of the
-   calibrated key bases) of the block de-rotated at each candidate; the smallest wins.
+   mean rotated by p. The fit of every p reduces to ``sum_j C_j cos(p w_j) + S_j sin(p w_j)`` over
+   the head_dim/2 RoPE frequencies: one [N, D/2] x [D/2, candidates] matmul per table (cos, sin,
+   precomputed) scores every candidate of every block of the batch.
+2. Fine, over each block's best few: the PCA residual (energy outside the leading components of
+   the calibrated key bases) of the block de-rotated at each candidate, on a few evenly spaced
+   tokens of the block (the residual is a per-token average; the right position's is several times
+   smaller than its neighbours', docs/benchmarks.md), all blocks and candidates in one matmul per
+   layer group; the smallest wins. The residual at the winner is returned with it: the layout
+   check (``layout_check``) needs exactly that figure, so it is not computed twice.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
+from kvbm_codec.codec.layout_check import ResidualBases, sample_tokens
 from kvbm_codec.codec.params import Calibration
-from kvbm_codec.codec.pca import to_features
-from kvbm_codec.codec.rope import undo_rope
+from kvbm_codec.codec.rope import RotaryParams
 
 
 @dataclass(frozen=True)
@@ -32,6 +39,13 @@ class PositionSearch:
     alignment: int = 32  # KVBM blocks start at multiples of the page size
     refine_top: int = 4  # candidates re-scored with the PCA residual
     residual_rank: int = 128  # leading components that count as "explained"
+    refine_tokens: int = 8  # tokens of a block (evenly spaced) the residual is measured on
+
+
+@dataclass(frozen=True)
+class Placement:
+    position: int
+    key_residual: float  # fraction of normalised key energy outside the leading components, there
 
 
 class PositionEstimator:
@@ -41,52 +55,124 @@ class PositionEstimator:
         self.cal = cal
         self.search = search or PositionSearch()
         s = cal.shape
-        self._inv = cal.rope.inv_freq.to(torch.float64)  # [D/2]
         groups = cal.config.layer_groups(s.n_layers)
         means, scales = [], []
-        self._groups: list[tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
         for gi, (a, b) in enumerate(groups):
             basis = cal.bases[cal.basis_name(gi, "k")]
             means.append(basis.mean.reshape(b - a, s.n_kv_heads, s.key_head_dim))
             scales.append(basis.scale.reshape(b - a, s.n_kv_heads, s.key_head_dim))
-            r = min(self.search.residual_rank, basis.rank)
-            self._groups.append((a, b, basis.mean, basis.scale, basis.basis[:, :r].contiguous()))
-        self._mean = torch.cat(means).to(torch.float64)  # [L, H, D] pre-RoPE key mean
-        self._w = self._mean / torch.cat(scales).to(torch.float64) ** 2  # inverse-variance weights
+        self.bases = ResidualBases(cal, "k", self.search.residual_rank)
+        mean = torch.cat(means).to(torch.float64)  # [L, H, D] pre-RoPE key mean
+        self._w = mean / torch.cat(scales).to(torch.float64) ** 2  # inverse-variance weights
+        inv = cal.rope.inv_freq.to(torch.float64)  # [D/2]
+        ang = self.candidates().to(torch.float64)[:, None] * inv[None, :]  # [C, D/2]
+        self._cos_t, self._sin_t = ang.cos().T.contiguous(), ang.sin().T.contiguous()  # [D/2, C]
+        self._weights: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def candidates(self) -> torch.Tensor:
         return torch.arange(0, self.search.max_position, self.search.alignment, dtype=torch.int64)
 
-    def coarse_scores(self, keys: torch.Tensor) -> torch.Tensor:
-        """keys [L, H, P, D] with RoPE -> fit of every candidate start (higher is better)."""
-        n_tokens = keys.shape[2]
-        offsets = torch.arange(n_tokens, dtype=torch.int64)
-        z = undo_rope(keys.to(torch.float32), offsets, self.cal.rope).to(torch.float64).mean(2)
-        half = z.shape[-1] // 2
-        a, b = z[..., :half], z[..., half:]
-        wa, wb = self._w[..., :half], self._w[..., half:]
-        # <R(-p) z, w> per frequency j: cos(p w_j) (a wa + b wb) + sin(p w_j) (b wa - a wb)
-        c = (a * wa + b * wb).sum((0, 1))
-        s = (b * wa - a * wb).sum((0, 1))
-        ang = self.candidates().to(torch.float64)[:, None] * self._inv[None, :]
-        return ang.cos() @ c + ang.sin() @ s
+    def _coarse_weights(self, n_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Wc, Ws [L*P*H, D] such that for a block's keys k (rotate-half halves ka, kb) the sums of
+        k Wc and k Ws over layers, tokens and heads, each half added to the other, are c and s below.
 
-    def residual(self, keys: torch.Tensor, first_position: int) -> float:
-        """Energy of the de-rotated, normalised keys outside the leading PCA components."""
-        pos = torch.arange(first_position, first_position + keys.shape[2], dtype=torch.int64)
-        k = undo_rope(keys.to(torch.float32), pos, self.cal.rope)
-        total = 0.0
-        for a, b, mean, scale, basis in self._groups:
-            x = to_features(k[a:b])
-            xn = (x - mean) / scale
-            total += float((xn * xn).sum() - ((xn @ basis) ** 2).sum())
-        return total
+        They fold three linear steps into one product: undoing each key's rotation by its offset in
+        the block (undo_rope's (k cos - rotate_half(k) sin) / scale^2), the mean over the block's
+        tokens, and the inverse-variance weights of the fit below."""
+        w = self._weights.get(n_tokens)
+        if w is None:
+            cos, sin = (t.to(torch.float64) for t in self.cal.rope.cos_sin(torch.arange(n_tokens)))
+            half = self._cos_t.shape[0]
+            scale2 = self.cal.rope.attention_scaling**2
+            ct = (cos[:, :half] / (n_tokens * scale2))[None, :, None, :]  # [1, P, 1, D/2]
+            st = (sin[:, :half] / (n_tokens * scale2))[None, :, None, :]
+            wa, wb = self._w[:, None, :, :half], self._w[:, None, :, half : 2 * half]  # [L, 1, H, D/2]
+            w1, w2 = ct * wa - st * wb, st * wa + ct * wb  # [L, P, H, D/2]
+            rest = torch.zeros(*w1.shape[:-1], self._w.shape[-1] - 2 * half, dtype=torch.float64)
+            wc = torch.cat([w1, w2, rest], -1).reshape(-1, self._w.shape[-1])  # [L*P*H, D]: c = sum(k wc)
+            ws = torch.cat([-w2, w1, rest], -1).reshape(-1, self._w.shape[-1])  # s = sum(k ws)
+            w = (wc.to(torch.float32), ws.to(torch.float32))
+            self._weights[n_tokens] = w  # one entry per page size: benign if two threads race here
+        return w
+
+    def coarse_scores(self, keys: torch.Tensor) -> torch.Tensor:
+        """keys [N, L, P, H, D] with RoPE (the block's own order) -> [N, candidates] fit of every
+        start (higher is better).
+
+        The de-rotated block mean z rotated back by p fits the calibrated mean best where
+        <R(-p) z, w> peaks; per frequency j that is cos(p w_j) c_j + sin(p w_j) s_j with
+        c = a wa + b wb and s = b wa - a wb (a, b: z's rotate-half halves), summed over layers and heads.
+        """
+        wc, ws = self._coarse_weights(keys.shape[2])
+        n, dim = keys.shape[0], keys.shape[-1]
+        half = self._cos_t.shape[0]
+        k = keys.to(torch.float32).reshape(n, -1, dim)  # [N, L*P*H, D]
+        rc, rs = (k * wc).sum(1), (k * ws).sum(1)  # [N, D]; a partial rotary's other dims weigh 0
+        c = (rc[:, :half] + rc[:, half : 2 * half]).to(torch.float64)  # [N, D/2]
+        s = (rs[:, :half] + rs[:, half : 2 * half]).to(torch.float64)
+        return c @ self._cos_t + s @ self._sin_t
+
+    def key_residuals(self, keys: torch.Tensor, starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """keys [N, L, P, H, D] with RoPE, candidate first positions [N, K] -> (residual energy,
+        total energy) [N, K] of the normalised keys de-rotated at each, on the sampled tokens."""
+        n, layers, page, heads, dim = keys.shape
+        k_cands = starts.shape[1]
+        tok = sample_tokens(page, self.search.refine_tokens)
+        x = keys[:, :, tok].to(torch.float32).transpose(1, 2)[:, None]  # [N, 1, T, L, H, D]
+        if self.cal.config.undo_rope:
+            pos = starts[:, :, None] + tok[None, None, :]  # [N, K, T]: every candidate of every token
+            x = _derotate(x, pos, self.cal.rope)  # [N, K, T, L, H, D], the candidates broadcast
+        else:
+            x = x.expand(n, k_cands, tok.numel(), layers, heads, dim)
+        x = x.reshape(-1, layers, heads, dim)
+        res, tot = self.bases.residual(x)
+        return res.reshape(n, k_cands, -1).sum(2), tot.reshape(n, k_cands, -1).sum(2)
+
+    def place_many(self, keys: torch.Tensor, refine_top: int | None = None) -> list[Placement]:
+        """Most likely first positions of N blocks whose keys [N, L, P, H, D] carry RoPE, with the key
+        residual fraction at each (``refine_top`` overrides the search's candidates per block)."""
+        n = keys.shape[0]
+        if n == 0:
+            return []
+        if not self.cal.config.undo_rope:
+            return self.at(keys, [0] * n)
+        scores = self.coarse_scores(keys)
+        k = min(refine_top or self.search.refine_top, scores.shape[1])
+        starts = self.candidates()[torch.topk(scores, k, dim=1).indices]  # [N, K]
+        res, tot = self.key_residuals(keys, starts)
+        best = res.argmin(1)
+        rows = torch.arange(n)
+        frac = res[rows, best] / tot[rows, best].clamp_min(1e-30)
+        return [Placement(int(p), float(f)) for p, f in zip(starts[rows, best], frac, strict=True)]
+
+    def at(self, keys: torch.Tensor, positions: Sequence[int]) -> list[Placement]:
+        """The key residual fractions of N blocks at given first positions (a client sent them)."""
+        if keys.shape[0] == 0:
+            return []
+        starts = torch.tensor(list(positions), dtype=torch.int64)[:, None]
+        res, tot = self.key_residuals(keys, starts)
+        frac = res[:, 0] / tot[:, 0].clamp_min(1e-30)
+        return [Placement(int(p), float(f)) for p, f in zip(positions, frac, strict=True)]
 
     def estimate(self, keys: torch.Tensor) -> int:
-        """Most likely first position of a block whose keys [L, H, P, D] carry RoPE."""
-        if not self.cal.config.undo_rope:
-            return 0
-        scores = self.coarse_scores(keys)
-        top = torch.topk(scores, min(self.search.refine_top, scores.numel())).indices
-        cands = self.candidates()[top].tolist()
-        return min(cands, key=lambda p: self.residual(keys, int(p)))
+        """Most likely first position of one block whose keys [L, P, H, D] carry RoPE."""
+        return self.place_many(keys[None])[0].position
+
+
+def _derotate(x: torch.Tensor, positions: torch.Tensor, rope: RotaryParams) -> torch.Tensor:
+    """rope.undo_rope for token-major keys x [..., L, H, D] at positions broadcast against x's
+    leading dims (so every candidate start of a block is de-rotated without copying the keys
+    first): the same rotation (rotate-half pairs (i, i + rot/2), only the rotary dims, divided by
+    attention_scaling^2), written out per half so no rotate_half copy is made."""
+    cos, sin = rope.cos_sin(positions.reshape(-1))  # float64 [M, rot], both halves equal
+    rot = rope.head_dim
+    half = rot // 2
+    shape = (*positions.shape, 1, 1, half)
+    scale2 = rope.attention_scaling**2
+    c = (cos[:, :half] / scale2).to(torch.float32).reshape(shape)
+    s = (sin[:, :half] / scale2).to(torch.float32).reshape(shape)
+    k1, k2 = x[..., :half], x[..., half:rot]
+    parts = [k1 * c + k2 * s, k2 * c - k1 * s]
+    if rot < x.shape[-1]:
+        parts.append(x[..., rot:].expand(*torch.broadcast_shapes(x.shape[:-1], shape[:-1]), -1))
+    return torch.cat(parts, dim=-1)

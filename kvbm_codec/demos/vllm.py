@@ -91,6 +91,9 @@ def service_counts(before: dict[str, float], after: dict[str, float]) -> dict[st
         ("raw_bytes_in", "kvbm_codec_raw_bytes_total", {"direction": "in"}),
         ("stored_bytes", "kvbm_codec_stored_bytes_total", {}),
         ("layout_refused", "kvbm_codec_requests_refused_total", {"reason": "layout_mismatch"}),
+        # core calls of the S3 endpoint: each serves a batch of concurrent GETs (PUTs) as one decode (encode)
+        ("s3_get_calls", "kvbm_codec_requests_total", {"method": "s3_get"}),
+        ("s3_put_calls", "kvbm_codec_requests_total", {"method": "s3_put"}),
     ]:
         d[key] = _sum(after, prefix, **labels) - _sum(before, prefix, **labels)
     return d
@@ -154,6 +157,7 @@ def run_vllm_demo(
     dump_primary: str | None = None,
     registry: str | None = None,
     fingerprint: str | None = None,
+    obj_io_threads: int = 32,
     say: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     from kvbm_codec.models.registry import cache_root
@@ -183,6 +187,7 @@ def run_vllm_demo(
                 "bucket": VLLM_BUCKET,
                 "access_key": svc.access_key,
                 "secret_key": svc.secret_key,
+                "obj_io_threads": obj_io_threads,
             }
             if stream:
                 request["stream"] = stream
@@ -213,6 +218,11 @@ def _report(path: str, r: dict[str, Any], say: Callable[[str], None]) -> None:
         f"{s['stored_bytes'] / 1e6:.2f} MB: {ratio:.1f}x of fp32, {ratio / 2:.1f}x of fp16), "
         f"restored {s['blocks_hit']:.0f} blocks; {s['layout_refused']:.0f} refused for layout"
     )
+    if path == "obj" and s["s3_get_calls"]:
+        say(
+            f"[{name}] S3 endpoint: {s['s3_put_calls']:.0f} batched encodes for the PUTs, "
+            f"{s['s3_get_calls']:.0f} batched decodes for the GETs"
+        )
     speed = r["ttft_recompute_s"] / max(1e-9, r["ttft_restored_s"])
     say(
         f"[{name}] time to first token: recomputed {r['ttft_recompute_s']:.2f} s, restored "

@@ -163,6 +163,25 @@ class S3Config(_Section):
         900.0, gt=0, description="Largest accepted clock difference of a signed request."
     )
     workers: int = Field(4, gt=0, description="Threads doing encode/decode (off the event loop).")
+    coalesce_window_s: float = Field(
+        0.002,
+        ge=0.0,
+        le=0.1,
+        description="Concurrent GETs (or PUTs) of one tenant's bucket are served as one batch (one batched "
+        "decode or encode): the first request of an idle bucket waits this long for others to join "
+        "(0: none; requests that arrive while a batch runs always join the next one).",
+    )
+    max_batch_blocks: int = Field(
+        32, gt=0, le=4096, description="Most objects one batch serves (and at most max_blocks_per_request)."
+    )
+    batches_in_flight: int = Field(
+        2, gt=0, le=64, description="Batches of one tenant's bucket running at once (at most `workers`)."
+    )
+    max_queued_per_bucket: int = Field(
+        1024,
+        gt=0,
+        description="Requests of one tenant's bucket waiting for a batch; beyond this SlowDown at once.",
+    )
     max_uploads_per_tenant: int = Field(
         32,
         gt=0,
@@ -187,6 +206,8 @@ class S3Config(_Section):
     def _tls_pair(self) -> S3Config:
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls_cert and tls_key go together")
+        if self.max_queued_per_bucket < self.max_batch_blocks:
+            raise ValueError("max_queued_per_bucket must be at least max_batch_blocks")
         return self
 
     @field_validator("credentials")

@@ -45,6 +45,9 @@ def kv_transfer_config(req: dict[str, Any]) -> dict[str, Any]:
         tier = {
             "type": "obj",
             "prefix": "kv",
+            # NIXL I/O threads, i.e. GETs in flight at once: the endpoint decodes concurrent GETs
+            # as one batch, so more of them in flight restore a prefix in fewer, larger decodes
+            "io_threads": req.get("obj_io_threads", 32),
             "store_config": {
                 "bucket": req["bucket"],
                 "endpoint_override": req["s3_url"],

