@@ -57,11 +57,7 @@ def main() -> None:
     fit = []
     with gather_statistics(lm.model, n_q, info.key_head_dim):
         for s in seqs:
-            fit.append(
-                _timed(
-                    lambda s=s: accumulate_covariances([lm.prefill_kv(s)], cfg, info.rope, shape)
-                )
-            )
+            fit.append(_timed(lambda s=s: accumulate_covariances([lm.prefill_kv(s)], cfg, info.rope, shape)))
     load1 = os.getloadavg()[0]
 
     def per_seq(rows: list[tuple[float, float]]) -> dict[str, float]:
