@@ -111,3 +111,28 @@ def test_v2_writer_refuses_what_it_cannot_describe() -> None:
     assert not fr.block_header_fits(h)
     assert fr.block_header_fits(h.model_copy(update={"positions": [(7, 4)]}))
     assert not fr.block_header_fits(h.model_copy(update={"positions": [(7, 4)], "calibration_id": "xyz"}))
+
+
+def test_block_allocation_is_sized_on_block_frames(blocks, small_calibration) -> None:  # type: ignore[no-untyped-def]
+    """Calibration bisects a per-page-size allocation on v2 block frames of its held-out KV (every
+    block frame pays its own header and entropy tables), and the block codec serves it."""
+    _, items = blocks
+    cal = small_calibration
+    alloc = cal.block_allocation(20.0, 32)
+    assert alloc is not None and alloc.meta["page_tokens"] == 32.0
+    assert alloc.meta["calibration_cr"] >= 20.0
+    assert alloc.allocation_id != cal.allocation(20.0).allocation_id
+    assert cal.block_allocation(20.0, 16) is None  # no such page size calibrated: context allocation
+    spec = blocks[0].spec
+    served = KVTCBlockCodec.create(cal, spec, 20.0)
+    assert served.codec.alloc is alloc
+    ctx_alloc = KVTCBlockCodec(KVTCCodec(cal, 20.0), spec)
+    args = ([b for b, _ in items[1:]], [p for _, p in items[1:]], [True] * (len(items) - 1))
+    # (which of the two is smaller depends on the calibration: this small one's 380 held-out tokens
+    # carried a ~4 KB v1 header in its context frames, so there blocks were the cheaper frames)
+    assert all(
+        fr.read_frame(f).header.allocation_id == alloc.allocation_id for f, _ in served.encode_many(*args)
+    )
+    # frames of either allocation decode with the served codec (the frame names its allocation)
+    for f, _ in ctx_alloc.encode_many(*args):
+        assert not isinstance(served.decode_many([f])[0], Exception)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import zlib
 
 import google_crc32c
@@ -22,6 +23,7 @@ from kvbm_codec.codec.deflate import (
     gpu_available,
     inflate_chunks,
     select_backend,
+    stdlib_inflate,
 )
 
 SIZES = [0, 1, 1000, MAX_CHUNK_BYTES - 1, MAX_CHUNK_BYTES, MAX_CHUNK_BYTES + 1, 3 * MAX_CHUNK_BYTES + 17]
@@ -101,6 +103,34 @@ def test_stdlib_zlib_chunks_inflate_with_isal() -> None:
 def test_round_trip_property(data: bytes, level: int) -> None:
     chunks, payload = deflate_chunks(data, level)
     assert inflate_chunks(chunks, payload) == data
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.binary(max_size=3 * MAX_CHUNK_BYTES // 2), st.lists(st.integers(-5, 2 * MAX_CHUNK_BYTES), max_size=12)
+)
+def test_cuts_keep_one_plain_stream_per_chunk(data: bytes, cuts: list[int]) -> None:
+    """Block boundaries anywhere (even outside the data, or on a chunk edge) change no byte read back,
+    and each chunk stays one raw-DEFLATE stream that another inflater reads whole."""
+    chunks, payload = deflate_chunks(data, DEFAULT_LEVEL, cuts)
+    assert [c.raw_size for c in chunks] == [c.raw_size for c in deflate_chunks(data)[0]]
+    assert inflate_chunks(chunks, payload) == data
+    off = 0
+    out = b""
+    for c in chunks:
+        out += stdlib_inflate(payload[off : off + c.compressed_size])
+        off += c.compressed_size
+    assert out == data
+
+
+def test_cuts_at_changes_of_statistics_shrink_the_stream() -> None:
+    """Two halves with different symbol sets: a table each beats one table for the mixture."""
+    rng = random.Random(1)
+    a = bytes(rng.choice(b"abcd") for _ in range(20_000))
+    b = bytes(rng.choice(b"0123456789ABCDEFGHIJ") for _ in range(20_000))
+    plain = deflate_chunks(a + b)[1]
+    cut = deflate_chunks(a + b, DEFAULT_LEVEL, [len(a)])[1]
+    assert len(cut) < len(plain)
 
 
 def test_crc_mismatch_names_chunk() -> None:

@@ -149,9 +149,17 @@ def _best(fn: Callable[[], object], repeats: int) -> float:
 # ---- codec only ----------------------------------------------------------------------------------
 
 
-def codec_only(codec: KVTCBlockCodec, rb: RealBlocks, batches: Sequence[int], repeats: int) -> dict[str, Any]:
-    """Per-core encode/decode MB/s and stored ratios, whole context vs batches of blocks."""
-    kvc = codec.codec
+def codec_only(
+    codec: KVTCBlockCodec,
+    rb: RealBlocks,
+    batches: Sequence[int],
+    repeats: int,
+    context: KVTCCodec | None = None,
+) -> dict[str, Any]:
+    """Per-core encode/decode MB/s and stored ratios, whole context vs batches of blocks. ``codec`` is
+    the block codec the service serves (its allocation sized on block frames when the calibration has
+    one); ``context`` the whole-context codec at the same target (default: the block codec's own)."""
+    kvc = context or codec.codec
     raw_ctx = rb.kv.nbytes(2)
     with single_thread():
         # The context frame keeps the same tokens raw as its blocks do (sinks only): no recent window.
@@ -185,7 +193,12 @@ def codec_only(codec: KVTCBlockCodec, rb: RealBlocks, batches: Sequence[int], re
             encode[str(b)] = used * rb.block_bytes / t_enc / 1e6
             decode[str(b)] = used * rb.block_bytes / t_dec / 1e6
     all_frames = [f for f, _ in codec.encode_many(rb.tensors, rb.positions, [True] * len(rb.tensors))]
+    same = KVTCBlockCodec(KVTCCodec(kvc.cal, kvc.alloc), codec.spec)  # blocks at the context allocation
+    same_frames = [f for f, _ in same.encode_many(rb.tensors, rb.positions, [True] * len(rb.tensors))]
     return {
+        "block_stored_ratio_context_allocation": len(same_frames)
+        * rb.block_bytes
+        / sum(len(f) for f in same_frames),
         "encode": encode,
         "decode": decode,
         "context_stored_ratio": raw_ctx / len(ctx_frame),
@@ -476,22 +489,24 @@ def run_throughput(
     spec = BlockSpec(s.n_layers, mc.page_size, s.n_kv_heads, s.key_head_dim, mc.dtype)
     t0 = time.perf_counter()
     rb = real_blocks(lm, spec, opts.blocks)
-    codec = KVTCBlockCodec(KVTCCodec(cal, opts.target_cr), spec)
+    codec = KVTCBlockCodec.create(cal, spec, opts.target_cr)  # what the service encodes blocks with
+    context = KVTCCodec(cal, opts.target_cr)
     n_comp = rb.kv.n_tokens - int((rb.kv.positions < cal.config.sink_tokens).sum())
     roof = roofline(codec.codec, n_comp, opts.repeats)
     log(
         f"roofline: {roof['gflops']:.1f} GFLOP/s fp32 (1 thread) at {roof['flop_per_byte']:.0f} FLOP per "
         f"decoded byte -> {roof['implied_decode_mbps']:.1f} MB/s of fp16 KV"
     )
-    co = codec_only(codec, rb, opts.batches, opts.repeats)
+    co = codec_only(codec, rb, opts.batches, opts.repeats, context)
     implied = roof["implied_decode_mbps"]
     for op in ("encode", "decode"):
         for k, v in co[op].items():
             what = "whole context" if k == "context" else f"batch of {k} blocks"
             log(f"codec {op} {what:>18}: {v:7.2f} MB/s per core  ({v / implied:.0%} of roofline)")
     log(
-        f"stored ratio: block {co['block_stored_ratio']:.2f}x, "
-        f"whole context {co['context_stored_ratio']:.2f}x"
+        f"stored ratio: block {co['block_stored_ratio']:.2f}x (allocation {codec.codec.alloc.allocation_id}; "
+        f"{co['block_stored_ratio_context_allocation']:.2f}x at the context allocation), "
+        f"whole context {co['context_stored_ratio']:.2f}x (allocation {context.alloc.allocation_id})"
     )
     # a request of blocks_per_client blocks is compared with the codec batch nearest below it
     ref_batch = str(max([b for b in opts.batches if b <= opts.blocks_per_client] or [min(opts.batches)]))
@@ -528,10 +543,12 @@ def run_throughput(
         "service_reference_batch": int(ref_batch),
         "block_stored_ratio": co["block_stored_ratio"],
         "context_stored_ratio": co["context_stored_ratio"],
+        "block_stored_ratio_context_allocation": co["block_stored_ratio_context_allocation"],
         "block_frame_bytes": co["block_frame_bytes"],
         "s3_placement": place,
         "calibration_id": cal.calibration_id,
         "allocation_id": codec.codec.alloc.allocation_id,
+        "context_allocation_id": context.alloc.allocation_id,
         "target_cr": opts.target_cr,
         "blocks": opts.blocks,
         "blocks_per_client": opts.blocks_per_client,

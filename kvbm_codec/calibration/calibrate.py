@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -23,13 +23,24 @@ import kvbm_codec
 from kvbm_codec.calibration.statistics import ModelStatistics, feature_weights, gather_statistics
 from kvbm_codec.codec.allocation import Allocation, ErrorTable, allocate_for_ratio
 from kvbm_codec.codec.config import CodecConfig
-from kvbm_codec.codec.params import Calibration, ModelShape, allocation_name, basis_name
+from kvbm_codec.codec.params import (
+    Calibration,
+    ModelShape,
+    allocation_name,
+    basis_name,
+    block_allocation_name,
+)
 from kvbm_codec.codec.pca import CovarianceAccumulator, PCABasis, to_features
 from kvbm_codec.codec.quantize import block_error_table
 from kvbm_codec.codec.rope import RotaryParams, undo_rope
 from kvbm_codec.kv import KVCache
 
+if TYPE_CHECKING:
+    from kvbm_codec.codec.kvtc import KVTCCodec
+
 DEFAULT_TARGETS = (4.0, 8.0, 16.0, 20.0, 32.0, 64.0)
+DEFAULT_BLOCK_TOKENS = (32,)
+"""Page sizes that get allocations sized on their block frames (KVBM's and the service's default)."""
 
 
 class CalibrationModel(Protocol):
@@ -226,6 +237,7 @@ def calibrate(
     seq_len: int = 1024,
     text_source: str = "",
     progress: bool = True,
+    block_tokens: Sequence[int] = DEFAULT_BLOCK_TOKENS,
 ) -> Calibration:
     """texts: one corpus (a list of documents) or several domains ({name: documents}); with domains
     the fit sequences are split between them (evenly, or {domain: count}), each domain's next
@@ -269,6 +281,7 @@ def calibrate(
             statistics=stats,
             held_out_compressible=isinstance(texts, Mapping),
             clock=clock,
+            block_tokens=block_tokens,
         )
 
 
@@ -318,11 +331,13 @@ def calibrate_from_kv(
     clock: PhaseClock | None = None,
     statistics: ModelStatistics | None = None,
     held_out_compressible: bool = False,
+    block_tokens: Sequence[int] = (),
 ) -> Calibration:
     """Calibration from already-computed KV, or from covariance sums (lets sweeps reuse one set of
     prefills, and mix corpus domains). held_out is the KV the error tables and ratios are measured on:
     a prefill's whole cache (sinks and window are dropped here), or, with held_out_compressible,
-    tokens already chosen (mixed_held_out)."""
+    tokens already chosen (mixed_held_out). block_tokens: page sizes whose block frames get their own
+    allocation per target (``block_allocations``)."""
     clock = clock or PhaseClock(progress)
     cfg = config or CodecConfig()
     shape = ModelShape(info.n_layers, info.n_kv_heads, info.key_head_dim, info.value_head_dim)  # type: ignore[attr-defined]
@@ -353,9 +368,31 @@ def calibrate_from_kv(
             cal.allocations[allocation_name(target)] = allocate_for_ratio(
                 tables, target, cfg.scale_bits, probe.measure
             )
+        block_allocations(cal, val_kv, targets, block_tokens, progress)
     cal.provenance["created"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     cal.provenance["phase_seconds"] = clock.rounded()
     return cal
+
+
+def block_allocations(
+    cal: Calibration,
+    held_out: KVCache,
+    targets: Sequence[float],
+    block_tokens: Sequence[int],
+    progress: bool = False,
+) -> None:
+    """Add to ``cal`` an allocation per (target, page size) bisected on block frames of the held-out
+    KV, so that a compressed block, not a whole context, meets the target: every block frame pays its
+    own header and entropy-coder tables. Same error tables, same lambda search as the context
+    allocations; only the measured ratio differs. A page size the held-out KV cannot fill is skipped."""
+    for page in block_tokens:
+        if held_out.n_tokens < page:
+            continue
+        probe = BlockRatioProbe(cal, held_out, page)
+        for target in tqdm(targets, desc=f"calibration: {page}-token block allocation", disable=not progress):
+            alloc = allocate_for_ratio(cal.error_tables, target, cal.config.scale_bits, probe.measure)
+            alloc.meta["page_tokens"] = float(page)
+            cal.allocations[block_allocation_name(target, page)] = alloc
 
 
 def measure_ratio(cal: Calibration, alloc: Allocation, kv: KVCache) -> float:
@@ -366,20 +403,6 @@ def measure_ratio(cal: Calibration, alloc: Allocation, kv: KVCache) -> float:
     return kv.nbytes(2) / len(data)
 
 
-class _ProjectedBasis:
-    """A basis whose projection of one fixed feature matrix is already computed: `project` selects the
-    active components' columns instead of multiplying again. Only the encoder's `project` is used."""
-
-    def __init__(self, basis: PCABasis, features: torch.Tensor) -> None:
-        self._n = features.shape[0]
-        self._coeffs = basis.project(features)
-
-    def project(self, x: torch.Tensor, components: torch.Tensor | None = None) -> torch.Tensor:
-        if x.shape[0] != self._n:
-            raise ValueError("a RatioProbe only encodes the KV it was built for")
-        return self._coeffs if components is None else self._coeffs[:, components]
-
-
 class RatioProbe:
     """Measures the ratio of many allocations on the same held-out KV, as the bisection does ~12 times
     per target: the real encoder (quantization, packing, DEFLATE, header), with each basis's full
@@ -388,22 +411,56 @@ class RatioProbe:
     def __init__(self, cal: Calibration, kv: KVCache) -> None:
         self.cal, self.kv = cal, kv
         keys = undo_rope(kv.keys, kv.positions, cal.rope) if cal.config.undo_rope else kv.keys
-        self._bases: dict[str, _ProjectedBasis] = {}
+        self.coeffs: dict[str, torch.Tensor] = {}
         for gi, (a, b) in enumerate(cal.config.layer_groups(cal.shape.n_layers)):
             for kind, x in (("k", keys[a:b]), ("v", kv.values[a:b])):
                 name = cal.basis_name(gi, kind)
-                self._bases[name] = _ProjectedBasis(cal.bases[name], to_features(x.to(torch.float32)))
+                self.coeffs[name] = cal.bases[name].project(to_features(x.to(torch.float32)))
 
-    def measure(self, alloc: Allocation) -> float:
+    def codec(self, alloc: Allocation) -> KVTCCodec:
+        """The real encoder at ``alloc`` whose projection is a column selection of the stored one:
+        it only encodes the KV this probe was built for (in its token order)."""
         from kvbm_codec.codec.kvtc import KVTCCodec
 
-        bases = self._bases
+        coeffs = self.coeffs
 
         class _Codec(KVTCCodec):
-            def _basis(self, name: str, device: torch.device) -> PCABasis:
-                return bases[name]  # type: ignore[return-value]
+            def _coefficients(self, name: str, feats: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+                if feats.shape[0] != coeffs[name].shape[0]:
+                    raise ValueError("a RatioProbe only encodes the KV it was built for")
+                return coeffs[name][:, self._active[name]]
 
-        data = _Codec(self.cal, alloc).encode(
-            self.kv, raw_mask=torch.zeros(self.kv.n_tokens, dtype=torch.bool)
-        )
+        return _Codec(self.cal, alloc)
+
+    def measure(self, alloc: Allocation) -> float:
+        data = self.codec(alloc).encode(self.kv, raw_mask=torch.zeros(self.kv.n_tokens, dtype=torch.bool))
         return self.kv.nbytes(2) / len(data)
+
+
+class BlockRatioProbe:
+    """RatioProbe for block frames: the held-out tokens cut into ``page_tokens``-token blocks, every
+    token compressed, encoded by the batched block encoder (format v2) as the service stores them;
+    the ratio is fp16 bytes over the sum of the frames. Each basis' projection is done once."""
+
+    def __init__(self, cal: Calibration, kv: KVCache, page_tokens: int) -> None:
+        n_blocks = kv.n_tokens // page_tokens
+        if n_blocks < 1:
+            raise ValueError(f"{kv.n_tokens} held-out tokens cannot fill one {page_tokens}-token block")
+        kv = kv.select_tokens(torch.arange(n_blocks * page_tokens))
+        self.cal, self.kv = cal, kv
+        self._probe = RatioProbe(cal, kv)
+        # the blocks are consecutive slices, so the batched encoder's token order (block-major) is the
+        # held-out order the projections were computed in; positions only fill the headers
+        self.blocks = [
+            KVCache(
+                kv.keys[:, :, i * page_tokens : (i + 1) * page_tokens],
+                kv.values[:, :, i * page_tokens : (i + 1) * page_tokens],
+                torch.arange(i * page_tokens, (i + 1) * page_tokens),
+            )
+            for i in range(n_blocks)
+        ]
+        self.masks = [torch.zeros(page_tokens, dtype=torch.bool)] * n_blocks
+
+    def measure(self, alloc: Allocation) -> float:
+        frames = self._probe.codec(alloc).encode_batch(self.blocks, self.masks)
+        return self.kv.nbytes(2) / sum(len(f) for f, _ in frames)

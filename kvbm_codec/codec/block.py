@@ -33,10 +33,13 @@ class KVTCBlockCodec:
 
     @classmethod
     def create(cls, params: object, spec: BlockSpec, target_cr: float) -> KVTCBlockCodec:
-        """The registry's factory: ``params`` is the calibration the frames name."""
+        """The registry's factory: ``params`` is the calibration the frames name. Blocks are encoded
+        with the allocation sized on block frames of the spec's page size when the calibration has one
+        (a block frame stores a little less than a whole-context frame at the same allocation)."""
         if not isinstance(params, Calibration):
             raise TypeError(f"the kvtc codec needs a Calibration, got {type(params).__name__}")
-        return cls(KVTCCodec(params, target_cr), spec)
+        alloc = params.block_allocation(target_cr, spec.page_size)
+        return cls(KVTCCodec(params, target_cr if alloc is None else alloc), spec)
 
     def describe(self) -> dict[str, str]:
         return {
@@ -78,18 +81,20 @@ class KVTCBlockCodec:
         self, frames: Sequence[bytes | memoryview | fr.Frame], device: str | torch.device = "cpu"
     ) -> list[tuple[torch.Tensor, torch.Tensor] | Exception]:
         out: list[tuple[torch.Tensor, torch.Tensor] | Exception] = []
-        for kv in self.codec.decode_batch(frames, device=device):
-            if isinstance(kv, Exception):
-                out.append(kv)
-            elif (
-                kv.n_tokens != self.spec.page_size or kv.layer_start != 0 or kv.n_layers != self.spec.n_layers
-            ):
+        for res in self.codec.decode_batch_blocks(frames, device=device):
+            if isinstance(res, Exception):
+                out.append(res)
+                continue
+            kv = res.kv
+            if kv.n_tokens != self.spec.page_size or kv.layer_start != 0 or kv.n_layers != self.spec.n_layers:
                 out.append(
                     InvalidBlockError(
                         f"frame holds {kv.n_tokens} tokens of layers [{kv.layer_start}, {kv.layer_end}), "
                         f"not a whole block of {self.spec}"
                     )
                 )
+            elif res.block is not None and res.block.shape == self.spec.shape:
+                out.append((res.block.to(self.spec.torch_dtype), kv.positions))
             else:
                 out.append((kv_to_block(kv, self.spec), kv.positions))
         return out

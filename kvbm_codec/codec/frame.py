@@ -490,19 +490,21 @@ def encode_block_frame(
     level: int = DEFAULT_LEVEL,
     backend: DeflateBackend | None = None,
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+    cuts: Sequence[Sequence[int]] = (),
 ) -> tuple[bytes, FrameHeader]:
     """One v2 frame from 1-3 streams (named ``BLOCK_STREAMS`` in order), each DEFLATEd in 64 KiB
-    chunks. Raises ValueError when ``header`` does not fit v2 (``block_header_fits``)."""
+    chunks; ``cuts[i]`` are stream i's DEFLATE block boundaries (``deflate_chunks``), a choice of the
+    writer that no reader sees. Raises ValueError when ``header`` does not fit v2 (``block_header_fits``)."""
     if header.sections:
         raise ValueError("header.sections must be empty: the writer derives them")
     fields = _pack_block_fields(header, len(streams))
     backend = backend or IsalDeflate()
     sections, payloads, sizes, records = [], [], [], []
-    for name, data in zip(BLOCK_STREAMS, streams, strict=False):
+    for i, (name, data) in enumerate(zip(BLOCK_STREAMS, streams, strict=False)):
         view = _byte_view(data)
         if len(view) > _MAX_U32:
             raise FrameSizeError(f"stream {name} is {len(view)} bytes, v2 limit {_MAX_U32}")
-        infos, payload = backend.deflate(view, level)
+        infos, payload = backend.deflate(view, level, cuts[i] if i < len(cuts) else ())
         sections.append(SectionHeader(name=name, raw_size=len(view), chunks=infos))
         payloads.append(payload)
         sizes.append(BLOCK_STREAM_SIZE.pack(len(view)))

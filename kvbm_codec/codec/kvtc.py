@@ -26,21 +26,33 @@ from kvbm_codec.codec.errors import (
     ModelMismatchError,
 )
 from kvbm_codec.codec.params import Calibration
-from kvbm_codec.codec.pca import PCABasis, from_features, to_features
+from kvbm_codec.codec.pca import PCABasis, from_features
 from kvbm_codec.codec.quantize import (
     active_components,
+    code_segments,
     decode_coefficients,
     decode_coefficients_batch,
     encode_coefficients,
     encode_coefficients_batch,
     stream_sizes,
 )
-from kvbm_codec.codec.rope import apply_rope, undo_rope
+from kvbm_codec.codec.rope import rope_tables, rotate
 from kvbm_codec.kv import KVCache
 
 CODEC_NAME = "kvtc"
 _Parsed = tuple[int, fr.Frame, Allocation, dict[str, bytes | memoryview]]
 """(index in the batch, verified frame, its allocation, its sections by name)."""
+
+
+@dataclass(frozen=True)
+class _Weights:
+    """One basis' matrices at one allocation, sliced to its active components and with the per-feature
+    scale folded in, built once per codec: the per-call column gather and the separate scale pass
+    used to cost as much as a third of the matmul at block sizes."""
+
+    mean: torch.Tensor  # [p]
+    enc: torch.Tensor  # [p, k]: basis[:, active] / scale, so coeffs = (x - mean) @ enc
+    dec: torch.Tensor  # [k, p]: (basis[:, active] * scale).T, so x = mean + coeffs @ dec
 
 
 @dataclass
@@ -84,6 +96,7 @@ class KVTCCodec:
         self._device_bases: dict[tuple[str, str], PCABasis] = {}
         self._allocs_by_id: dict[str, Allocation] = {self.alloc.allocation_id: self.alloc}
         self._alloc_id = self.alloc.allocation_id
+        self._weights_cache: dict[tuple[str, str, str], _Weights] = {}
 
     def _basis(self, name: str, device: torch.device) -> PCABasis:
         if device.type == "cpu":
@@ -103,6 +116,46 @@ class KVTCCodec:
     @staticmethod
     def _backend(device: torch.device) -> DeflateBackend:
         return select_backend(prefer_gpu=device.type == "cuda")
+
+    # ---- the math both frame versions share, so their values agree bit for bit -------------------
+
+    def _weights(self, name: str, alloc: Allocation, alloc_id: str, device: torch.device) -> _Weights:
+        key = (alloc_id, name, str(device))
+        w = self._weights_cache.get(key)
+        if w is None:  # a race builds the same matrices twice; either copy is right
+            b = self._basis(name, device)
+            cols = b.basis[:, active_components(alloc.blocks[name]).to(b.basis.device)]
+            scale = b.scale[:, None]
+            w = _Weights(b.mean.contiguous(), (cols / scale).contiguous(), (cols * scale).T.contiguous())
+            self._weights_cache[key] = w
+        return w
+
+    def _coefficients(self, name: str, feats: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Feature rows [n, p] (float32, this call's own buffer: changed in place) -> the active
+        coefficients [n, k] of this codec's allocation; keys are de-rotated first."""
+        if name.endswith(".k") and self.cal.config.undo_rope:
+            feats = self._rope(feats, positions, inverse=True)
+        w = self._weights(name, self.alloc, self._alloc_id, feats.device)
+        return feats.sub_(w.mean) @ w.enc
+
+    def _features(
+        self, name: str, coeffs: torch.Tensor, positions: torch.Tensor, alloc: Allocation, alloc_id: str
+    ) -> torch.Tensor:
+        """Inverse of ``_coefficients``: [n, k] -> feature rows [n, p] float32, keys re-rotated."""
+        w = self._weights(name, alloc, alloc_id, coeffs.device)
+        feats = torch.addmm(w.mean, coeffs, w.dec)
+        if name.endswith(".k") and self.cal.config.undo_rope:
+            feats = self._rope(feats, positions, inverse=False)
+        return feats
+
+    def _rope(self, feats: torch.Tensor, positions: torch.Tensor, *, inverse: bool) -> torch.Tensor:
+        """RoPE on feature rows: viewed [n, layers * heads, head_dim], one table row per token."""
+        d = self.cal.shape.key_head_dim
+        cos, sin = rope_tables(positions, self.cal.rope, inverse=inverse)
+        x = feats.view(feats.shape[0], feats.shape[1] // d, d)
+        return rotate(x, cos[:, None], sin[:, None], self.cal.rope.head_dim, inverse=inverse).view(
+            feats.shape
+        )
 
     # ---- encode ----------------------------------------------------------------------------------
 
@@ -157,10 +210,8 @@ class KVTCCodec:
         raw_idx = torch.nonzero(raw_mask).flatten()
         comp_idx = torch.nonzero(~raw_mask).flatten()
         pos_c = kv.positions.to(device)[comp_idx]
-        keys_c = kv.keys[:, :, comp_idx].to(torch.float32)
-        if cfg.undo_rope:
-            keys_c = undo_rope(keys_c, pos_c, self.cal.rope)
-        values_c = kv.values[:, :, comp_idx].to(torch.float32)
+        keys_c = kv.keys[:, :, comp_idx]
+        values_c = kv.values[:, :, comp_idx]
         out_dtype = DTYPES[dtype]
         sections: list[tuple[str, bytes]] = []
         raw_names = []
@@ -170,9 +221,8 @@ class KVTCCodec:
             lo, hi = a - kv.layer_start, b - kv.layer_start
             for kind, x in (("k", keys_c[lo:hi]), ("v", values_c[lo:hi])):
                 name = self.cal.basis_name(gi, kind)
-                feats = to_features(x)  # a block stored all-raw has 0 compressed tokens
-                active = self._active[name].to(device)
-                coeffs = self._basis(name, device).project(feats, active)
+                # a block stored all-raw has 0 compressed tokens
+                coeffs = self._coefficients(name, _feature_rows(x), pos_c)
                 codes, scales = encode_coefficients(coeffs, self.alloc.blocks[name])
                 sections += [(f"{name}.codes", codes), (f"{name}.scales", scales)]
             if raw_idx.numel():
@@ -310,7 +360,6 @@ class KVTCCodec:
         f = self._open(data)
         h = f.header
         alloc = self._allocation_for(f)
-        active = {n: active_components(bl).to(device) for n, bl in alloc.blocks.items()}
         sections = self._sections(f, alloc, backend)
         positions = fr.runs_to_positions(h.positions)
         raw_mask = fr.runs_to_mask(h.raw_token_index, h.n_tokens)
@@ -320,6 +369,7 @@ class KVTCCodec:
         raw_idx = torch.nonzero(raw_mask).flatten()
         comp_idx = torch.nonzero(~raw_mask).flatten()
         pos_c = positions[comp_idx]
+        comp_run = _as_slice(comp_idx)
         out_dtype = DTYPES[h.dtype]
         n_heads, dk, dv = h.n_kv_heads, h.key_head_dim, h.value_head_dim
         for gi, (a, b) in enumerate(self.groups):
@@ -339,11 +389,12 @@ class KVTCCodec:
                     ).to(device)
                 except ValueError as e:
                     raise FrameHeaderError(f"section {name}: {e}") from e
-                feats = self._basis(name, device).reconstruct(coeffs, active[name])
+                feats = self._features(name, coeffs, pos_c, alloc, h.allocation_id)
                 x = from_features(feats, nl, n_heads, d)
-                if kind == "k" and self.cal.config.undo_rope:
-                    x = apply_rope(x, pos_c, self.cal.rope)
-                dst[:, :, comp_idx] = x.to(out_dtype)
+                if comp_run is not None:
+                    dst[:, :, comp_run].copy_(x)
+                else:
+                    dst[:, :, comp_idx] = x.to(out_dtype)
             if raw_idx.numel():
                 raw = sections[f"g{gi}.raw"]
                 n_k = nl * n_heads * raw_idx.numel() * dk
@@ -403,7 +454,6 @@ class KVTCCodec:
         raw_run: tuple[int, int] | None,
         dtype: str,
     ) -> list[tuple[bytes, EncodeStats]]:
-        cfg = self.cal.config
         n = len(kvs)
         device = kvs[0].keys.device
         mask = torch.zeros(n_tokens, dtype=torch.bool)
@@ -412,36 +462,26 @@ class KVTCCodec:
         comp_idx = torch.nonzero(~mask).flatten().to(device)
         raw_idx = torch.nonzero(mask).flatten().to(device)
         n_comp = int(comp_idx.numel())
-        keys = torch.stack([kv.keys for kv in kvs])  # [N, L, H, T, d]
-        values = torch.stack([kv.values for kv in kvs])
+        comp_run = _as_slice(comp_idx)
         positions = torch.stack([kv.positions.to(device) for kv in kvs])  # [N, T]
-        if n_comp != n_tokens:
-            keys_c, values_c, pos_c = (
-                keys[:, :, :, comp_idx],
-                values[:, :, :, comp_idx],
-                positions[:, comp_idx],
-            )
-        else:
-            keys_c, values_c, pos_c = keys, values, positions
-
-        # [N, L, H, Tc, d] -> [L, H, N*Tc, d]: the token axis is blocks x tokens, one matmul for all
-        def tokens_last(x: torch.Tensor) -> torch.Tensor:
-            return x.permute(1, 2, 0, 3, 4).reshape(x.shape[1], x.shape[2], n * n_comp, x.shape[4])
-
-        kc = tokens_last(keys_c).to(torch.float32)
-        if cfg.undo_rope:
-            kc = undo_rope(kc, pos_c.reshape(-1), self.cal.rope)
-        vc = tokens_last(values_c).to(torch.float32)
+        pos_c = positions[:, comp_idx].reshape(-1)
         out_dtype = DTYPES[dtype]
         per_block: list[list[tuple[str, bytes]]] = [[] for _ in range(n)]
         for gi, (a, b) in enumerate(self.groups):
             if a < ls or b > le:
                 continue
             lo, hi = a - ls, b - ls
-            for kind, x in (("k", kc[lo:hi]), ("v", vc[lo:hi])):
+            for kind in ("k", "v"):
                 name = self.cal.basis_name(gi, kind)
-                active = self._active[name].to(device)
-                coeffs = self._basis(name, device).project(to_features(x), active)
+                # feature rows of all N blocks, block-major (the order positions and frames use),
+                # gathered straight from each cache in one converting copy per block
+                parts = [(kv.keys if kind == "k" else kv.values)[lo:hi] for kv in kvs]
+                nl, nh, _, d = parts[0].shape
+                rows = torch.empty(n, n_comp, nl, nh, d, dtype=torch.float32, device=device)
+                for i, x in enumerate(parts):
+                    src = x[:, :, comp_run] if comp_run is not None else x[:, :, comp_idx]
+                    rows[i].copy_(src.permute(2, 0, 1, 3))
+                coeffs = self._coefficients(name, rows.view(n * n_comp, nl * nh * d), pos_c)
                 codes, scales = encode_coefficients_batch(coeffs, self.alloc.blocks[name], n)
                 for i in range(n):
                     per_block[i] += [
@@ -449,12 +489,13 @@ class KVTCCodec:
                         (f"{name}.scales", scales[i].tobytes()),
                     ]
             if raw_idx.numel():
-                rk = keys[:, lo:hi][:, :, :, raw_idx].to(out_dtype).cpu().contiguous()
-                rv = values[:, lo:hi][:, :, :, raw_idx].to(out_dtype).cpu().contiguous()
-                for i in range(n):
-                    per_block[i].append((f"g{gi}.raw", _tensor_bytes(rk[i]) + _tensor_bytes(rv[i])))
+                for i, kv in enumerate(kvs):
+                    rk = kv.keys[lo:hi][:, :, raw_idx].to(out_dtype).cpu().contiguous()
+                    rv = kv.values[lo:hi][:, :, raw_idx].to(out_dtype).cpu().contiguous()
+                    per_block[i].append((f"g{gi}.raw", _tensor_bytes(rk) + _tensor_bytes(rv)))
         backend = self._backend(device)
         n_raw = n_tokens - n_comp
+        cuts = (self._codes_cuts(ls, le, n_comp),)
         results = []
         for i, kv in enumerate(kvs):
             header = fr.FrameHeader(
@@ -482,10 +523,27 @@ class KVTCCodec:
                 header,
                 [b"".join(streams.get(st, [])) for st in fr.BLOCK_STREAMS[: 3 if n_raw else 2]],
                 backend=backend,
+                cuts=cuts,
             )
             raw_est = written.sections[2].compressed_size if n_raw else 0
             results.append((data, EncodeStats(len(data), raw_est, n_comp, n_raw, kv.nbytes(2))))
         return results
+
+    def _codes_cuts(self, ls: int, le: int, n_comp: int) -> list[int]:
+        """Offsets in a v2 codes stream where the code width changes: DEFLATE block boundaries.
+
+        One Huffman table fitted to every width of a block's codes at once measured 11.6% larger than
+        a table per run of one width (docs/format.md, "Entropy stage of small frames")."""
+        cuts, off, prev = [], 0, None
+        for gi, (a, b) in enumerate(self.groups):
+            if a < ls or b > le:
+                continue
+            for kind in ("k", "v"):
+                for nbytes, bits in code_segments(self.alloc.blocks[self.cal.basis_name(gi, kind)], n_comp):
+                    if prev is not None and bits != prev:
+                        cuts.append(off)
+                    off, prev = off + nbytes, bits
+        return cuts
 
     def decode_batch(
         self, frames: Sequence[bytes | memoryview | fr.Frame], device: str | torch.device = "cpu"
@@ -493,15 +551,23 @@ class KVTCCodec:
         """N frames -> N caches, or the error that refused each one (one damaged frame spoils no
         other). Each frame is parsed and verified once; version-2 frames of the same shape share one
         dequantization pass, one reconstruction matmul per basis and one RoPE pass."""
+        return [r if isinstance(r, CodecError) else r.kv for r in self.decode_batch_blocks(frames, device)]
+
+    def decode_batch_blocks(
+        self, frames: Sequence[bytes | memoryview | fr.Frame], device: str | torch.device = "cpu"
+    ) -> list[DecodedBlock | CodecError]:
+        """``decode_batch``, each result also in the block layout [layers, 2, tokens, heads * dim]
+        when keys and values are equally wide: the decoder writes that layout directly and the
+        cache's keys/values are views of it, so a block costs no second copy."""
         device = torch.device(device)
         backend = self._backend(device)
-        out: list[KVCache | CodecError | None] = [None] * len(frames)
+        out: list[DecodedBlock | CodecError | None] = [None] * len(frames)
         groups: dict[tuple[object, ...], list[_Parsed]] = {}
         for i, data in enumerate(frames):
             try:
                 f = self._open(data)
                 if f.version != fr.FORMAT_VERSION_BLOCK:
-                    out[i] = self.decode(f, device)
+                    out[i] = DecodedBlock(self.decode(f, device), None)
                     continue
                 alloc = self._allocation_for(f)
                 secs = self._sections(f, alloc, backend)
@@ -510,24 +576,24 @@ class KVTCCodec:
                 continue
             h = f.header
             runs = tuple(h.raw_token_index)
-            key = (alloc.allocation_id, h.layer_start, h.layer_end, h.n_tokens, runs, h.dtype)
+            key = (h.allocation_id, h.layer_start, h.layer_end, h.n_tokens, runs, h.dtype)
             groups.setdefault(key, []).append((i, f, alloc, secs))
         for items in groups.values():
             try:
-                kvs = self._decode_group(items, device)
+                decoded = self._decode_group(items, device)
             except FrameError as e:
                 for i, *_ in items:
                     out[i] = e
                 continue
-            for (i, *_), kv in zip(items, kvs, strict=True):
-                out[i] = kv
+            for (i, *_), d in zip(items, decoded, strict=True):
+                out[i] = d
         return [r for r in out if r is not None]
 
     def _decode_group(
         self,
         items: list[_Parsed],
         device: torch.device,
-    ) -> list[KVCache]:
+    ) -> list[DecodedBlock]:
         h = items[0][1].header
         alloc = items[0][2]
         n = len(items)
@@ -535,12 +601,20 @@ class KVTCCodec:
         comp_idx = torch.nonzero(~raw_mask).flatten().to(device)
         raw_idx = torch.nonzero(raw_mask).flatten().to(device)
         n_comp = int(comp_idx.numel())
+        comp_run = _as_slice(comp_idx)
         positions = torch.stack([fr.runs_to_positions(f.header.positions) for _, f, _, _ in items]).to(device)
         pos_c = positions[:, comp_idx].reshape(-1)
         out_dtype = DTYPES[h.dtype]
-        nh, dk, dv, nl_all = h.n_kv_heads, h.key_head_dim, h.value_head_dim, h.n_layers
-        keys = torch.empty(n, nl_all, nh, h.n_tokens, dk, dtype=out_dtype, device=device)
-        values = torch.empty(n, nl_all, nh, h.n_tokens, dv, dtype=out_dtype, device=device)
+        nh, dk, dv, nl_all, nt = h.n_kv_heads, h.key_head_dim, h.value_head_dim, h.n_layers, h.n_tokens
+        # token-major inside each layer ([N, L, T, H, d]) is the feature rows' own order, so each
+        # basis lands with one converting copy; with dk == dv keys and values share the block layout
+        if dk == dv:
+            buf: torch.Tensor | None = torch.empty(n, nl_all, 2, nt, nh, dk, dtype=out_dtype, device=device)
+            keys, values = buf[:, :, 0], buf[:, :, 1]
+        else:
+            buf = None
+            keys = torch.empty(n, nl_all, nt, nh, dk, dtype=out_dtype, device=device)
+            values = torch.empty(n, nl_all, nt, nh, dv, dtype=out_dtype, device=device)
         for gi, (a, b) in enumerate(self.groups):
             if a < h.layer_start or b > h.layer_end:
                 continue
@@ -553,22 +627,58 @@ class KVTCCodec:
                     coeffs = decode_coefficients_batch(codes, scales, alloc.blocks[name], n_comp).to(device)
                 except ValueError as e:
                     raise FrameHeaderError(f"section {name}: {e}") from e
-                active = active_components(alloc.blocks[name]).to(device)
-                x = from_features(self._basis(name, device).reconstruct(coeffs, active), nl, nh, d)
-                if kind == "k" and self.cal.config.undo_rope:
-                    x = apply_rope(x, pos_c, self.cal.rope)
-                # [nl, H, N*Tc, d] -> [N, nl, H, Tc, d]
-                x = x.reshape(nl, nh, n, n_comp, d).permute(2, 0, 1, 3, 4)
-                dst[:, lo : lo + nl, :, comp_idx] = x.to(out_dtype)
+                feats = self._features(name, coeffs, pos_c, alloc, h.allocation_id)
+                x = feats.view(n, n_comp, nl, nh, d).transpose(1, 2)  # [N, nl, Tc, H, d]
+                if comp_run is not None:
+                    dst[:, lo : lo + nl, comp_run].copy_(x)
+                else:
+                    dst[:, lo : lo + nl, comp_idx] = x.to(out_dtype)
             if raw_idx.numel():
                 nr = int(raw_idx.numel())
                 n_k, n_v = nl * nh * nr * dk, nl * nh * nr * dv
                 for j, (*_, s) in enumerate(items):
                     arr = np.frombuffer(s[f"g{gi}.raw"], dtype=_np_dtype(out_dtype))
                     t = torch.from_numpy(arr.copy()).view(out_dtype).to(device)
-                    keys[j, lo : lo + nl, :, raw_idx] = t[:n_k].reshape(nl, nh, nr, dk)
-                    values[j, lo : lo + nl, :, raw_idx] = t[n_k : n_k + n_v].reshape(nl, nh, nr, dv)
-        return [KVCache(keys[j], values[j], positions[j], layer_start=h.layer_start) for j in range(n)]
+                    # raw sections hold [layers, heads, tokens, dim]
+                    keys[j, lo : lo + nl, raw_idx] = t[:n_k].reshape(nl, nh, nr, dk).transpose(1, 2)
+                    values[j, lo : lo + nl, raw_idx] = (
+                        t[n_k : n_k + n_v].reshape(nl, nh, nr, dv).transpose(1, 2)
+                    )
+        out = []
+        for j in range(n):
+            kv = KVCache(
+                keys[j].transpose(1, 2), values[j].transpose(1, 2), positions[j], layer_start=h.layer_start
+            )
+            out.append(DecodedBlock(kv, None if buf is None else buf[j].view(nl_all, 2, nt, nh * dk)))
+        return out
+
+
+@dataclass(frozen=True)
+class DecodedBlock:
+    """One decoded frame: its cache, and the same values in the block layout when the decoder wrote
+    them that way (``block`` shares memory with ``kv``)."""
+
+    kv: KVCache
+    block: torch.Tensor | None
+
+
+def _feature_rows(x: torch.Tensor) -> torch.Tensor:
+    """[layers, heads, tokens, dim] (any dtype) -> a fresh float32 [tokens, layers * heads * dim]:
+    the PCA feature layout (``pca.to_features``) in one converting copy."""
+    nl, nh, nt, d = x.shape
+    rows = torch.empty(nt, nl, nh, d, dtype=torch.float32, device=x.device)
+    rows.copy_(x.permute(2, 0, 1, 3))
+    return rows.view(nt, nl * nh * d)
+
+
+def _as_slice(idx: torch.Tensor) -> slice | None:
+    """``idx`` as a slice when it is one ascending run (a copy then beats an index gather/scatter)."""
+    if idx.numel() == 0:
+        return slice(0, 0)
+    first, last = int(idx[0]), int(idx[-1])
+    if last - first + 1 == idx.numel() and bool((idx[1:] > idx[:-1]).all()):
+        return slice(first, last + 1)
+    return None
 
 
 def _stream_of(section: str) -> str:

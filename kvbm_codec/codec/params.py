@@ -55,6 +55,12 @@ class Calibration:
             )
         return self.allocations[name]
 
+    def block_allocation(self, ratio: float, page_tokens: int) -> Allocation | None:
+        """The allocation sized on ``page_tokens``-token block frames for ``ratio``, or None when this
+        calibration has none (it predates them, or was made for other page sizes): the block codec then
+        uses the whole-context allocation, whose blocks store a few % below the target."""
+        return self.allocations.get(block_allocation_name(ratio, page_tokens))
+
     def allocation_by_id(self, allocation_id: str) -> Allocation | None:
         for a in self.allocations.values():
             if a.allocation_id == allocation_id:
@@ -66,8 +72,13 @@ def allocation_name(ratio: float) -> str:
     return f"cr{ratio:g}"
 
 
+def block_allocation_name(ratio: float, page_tokens: int) -> str:
+    """``cr20@p32``: the allocation whose ``page_tokens``-token block frames meet ``ratio``."""
+    return f"{allocation_name(ratio)}@p{page_tokens}"
+
+
 def _ratio_of(name: str) -> float:
     try:
-        return float(name.removeprefix("cr"))
+        return float(name.removeprefix("cr").split("@", 1)[0])
     except ValueError:
         return float("inf")

@@ -130,6 +130,15 @@ def stream_sizes(blocks: list[Block], n_tokens: int) -> tuple[int, int]:
     return codes, scales
 
 
+def code_segments(blocks: list[Block], n_tokens: int) -> list[tuple[int, int]]:
+    """(bytes, bits) of each run of equal-width groups in the codes stream, in stream order: where
+    the code statistics change, so the entropy stage can start fresh tables there."""
+    return [
+        (packed_size(s * c * n_tokens, bits), bits)
+        for _, s, bits, c in _runs([b for b in blocks if b.bits > 0])
+    ]
+
+
 def decode_coefficients(codes: bytes, scales: bytes, blocks: list[Block], n_tokens: int) -> torch.Tensor:
     """Inverse of encode_coefficients -> [T, n_active] float32. Stream sizes are checked exactly."""
     active = [b for b in blocks if b.bits > 0]

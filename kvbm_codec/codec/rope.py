@@ -32,35 +32,53 @@ class RotaryParams:
         return emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+def rope_tables(
+    positions: torch.Tensor, rope: RotaryParams, *, inverse: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 cos/sin of one half of the rotary dims, [n_tokens, head_dim // 2]: the halves of
+    ``cos_sin`` are equal, so half the table does. ``inverse`` folds undo's 1 / scaling^2 in."""
+    inv = rope.inv_freq.to(device=positions.device, dtype=torch.float64)
+    freqs = positions.to(torch.float64)[:, None] * inv[None, :]
+    a = rope.attention_scaling / rope.attention_scaling**2 if inverse else rope.attention_scaling
+    return (freqs.cos() * a).to(torch.float32), (freqs.sin() * a).to(torch.float32)
 
 
-def _split(keys: torch.Tensor, rope: RotaryParams) -> tuple[torch.Tensor, torch.Tensor | None]:
-    rot = rope.head_dim
-    if keys.shape[-1] < rot:
-        raise ValueError(f"keys have {keys.shape[-1]} dims, RoPE rotates {rot}")
-    if keys.shape[-1] == rot:
-        return keys.to(torch.float32), None
-    return keys[..., :rot].to(torch.float32), keys[..., rot:]
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rot: int, *, inverse: bool) -> torch.Tensor:
+    """RoPE (or its inverse) of float32 ``x [..., dim]`` whose first ``rot`` dims rotate, with tables
+    already shaped to broadcast against ``x[..., :rot // 2]``: works on any layout (the codec's
+    feature rows as well as [layers, heads, tokens, dim]) with the same per-element arithmetic, so
+    every path that rotates gets bit-identical values. Half-width products, no rotate_half copy."""
+    h = rot // 2
+    x1, x2 = x[..., :h], x[..., h:rot]
+    out = torch.empty_like(x)
+    o1, o2 = out[..., :h], out[..., h:rot]
+    torch.mul(x1, cos, out=o1)
+    torch.mul(x2, cos, out=o2)
+    if inverse:  # rotation by the negative angle
+        o1.addcmul_(x2, sin)
+        o2.addcmul_(x1, sin, value=-1.0)
+    else:
+        o1.addcmul_(x2, sin, value=-1.0)
+        o2.addcmul_(x1, sin)
+    if rot < x.shape[-1]:
+        out[..., rot:] = x[..., rot:]
+    return out
 
 
-def _join(rotated: torch.Tensor, rest: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    out = rotated if rest is None else torch.cat([rotated, rest.to(torch.float32)], dim=-1)
-    return out.to(dtype)
+def _check(keys: torch.Tensor, rope: RotaryParams) -> None:
+    if keys.shape[-1] < rope.head_dim:
+        raise ValueError(f"keys have {keys.shape[-1]} dims, RoPE rotates {rope.head_dim}")
 
 
 def apply_rope(keys: torch.Tensor, positions: torch.Tensor, rope: RotaryParams) -> torch.Tensor:
     """keys [..., n_tokens, head_dim] without RoPE -> with RoPE."""
-    cos, sin = (t.to(torch.float32) for t in rope.cos_sin(positions))
-    k, rest = _split(keys, rope)
-    return _join(k * cos + _rotate_half(k) * sin, rest, keys.dtype)
+    _check(keys, rope)
+    cos, sin = rope_tables(positions, rope, inverse=False)
+    return rotate(keys.to(torch.float32), cos, sin, rope.head_dim, inverse=False).to(keys.dtype)
 
 
 def undo_rope(keys: torch.Tensor, positions: torch.Tensor, rope: RotaryParams) -> torch.Tensor:
     """keys [..., n_tokens, head_dim] with RoPE -> without (rotation by the negative angle)."""
-    cos, sin = (t.to(torch.float32) for t in rope.cos_sin(positions))
-    scale2 = rope.attention_scaling**2
-    k, rest = _split(keys, rope)
-    return _join((k * cos - _rotate_half(k) * sin) / scale2, rest, keys.dtype)
+    _check(keys, rope)
+    cos, sin = rope_tables(positions, rope, inverse=True)
+    return rotate(keys.to(torch.float32), cos, sin, rope.head_dim, inverse=True).to(keys.dtype)
