@@ -45,16 +45,15 @@ BLOCK_PROBE_BLOCKS = 64  # block frames a block allocation's ratio is measured o
 
 
 class CalibrationModel(Protocol):
-    """What calibration needs of a model: a tokenizer, its shape, and a prefill returning KV."""
+    """What calibration needs of a model: a tokenizer, its shape, and a prefill returning only KV
+    (no logits: calibration never reads them, and the work after the last layer's KV is skipped)."""
 
     tokenizer: object
 
     @property
     def info(self) -> object: ...
 
-    def prefill(
-        self, input_ids: torch.Tensor, return_logits: bool = True
-    ) -> tuple[KVCache, torch.Tensor | None]: ...
+    def prefill_kv(self, input_ids: torch.Tensor) -> KVCache: ...
 
 
 class PhaseClock:
@@ -105,8 +104,7 @@ def calibration_kv(
     """The one prefill loop of calibration: every sequence's KV (all layers), one at a time, so
     consumers (covariances here, other statistics elsewhere) stream it in bounded memory."""
     for seq in tqdm(sequences, desc="calibration: prefill", disable=not progress):
-        kv, _ = lm.prefill(seq, return_logits=False)
-        yield kv
+        yield lm.prefill_kv(seq)
 
 
 def accumulate_covariances(
@@ -261,7 +259,7 @@ def calibrate(
         by_domain = {d: token_sequences(lm.tokenizer, t, seq_len, counts[d] + 1) for d, t in texts.items()}
         fit = [s for d, seqs in by_domain.items() for s in seqs[: counts[d]]]
         with clock.phase("held-out prefill"):
-            held_kvs = [lm.prefill(seqs[counts[d]], return_logits=False)[0] for d, seqs in by_domain.items()]
+            held_kvs = [lm.prefill_kv(seqs[counts[d]]) for d, seqs in by_domain.items()]
         held_out = mixed_held_out(held_kvs, cfg, seq_len)
         provenance["domains"] = {d: counts[d] for d in texts}
     else:
@@ -270,7 +268,7 @@ def calibrate(
         seqs = token_sequences(lm.tokenizer, texts, seq_len, fit_sequences + 1)
         fit = seqs[:fit_sequences]
         with clock.phase("held-out prefill"):
-            held_out = lm.prefill(seqs[fit_sequences], return_logits=False)[0]
+            held_out = lm.prefill_kv(seqs[fit_sequences])
     provenance.update(fit_tokens=len(fit) * seq_len, held_out_tokens=int(held_out.n_tokens))
     with _statistics_hook(lm, cfg) as stats:
         return calibrate_from_kv(
