@@ -18,6 +18,7 @@ broad = every domain; -X = every domain but X (leave one domain out).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -29,13 +30,16 @@ from kvbm_codec.calibration.calibrate import (
     accumulate_covariances,
     calibrate_from_kv,
     compressible,
+    metric_weights,
     mixed_held_out,
     token_sequences,
 )
 from kvbm_codec.calibration.corpus import CORPUS_NAME, broad_corpus
+from kvbm_codec.calibration.sensitivity import measure_layer_sensitivity, sensitivity_factors
 from kvbm_codec.calibration.statistics import gather_statistics
 from kvbm_codec.codec.config import CodecConfig
 from kvbm_codec.codec.kvtc import KVTCCodec
+from kvbm_codec.codec.params import allocation_name
 from kvbm_codec.eval.metrics import kl_divergence_mean, perplexity, top1_agreement
 from kvbm_codec.models.hf import CausalLM
 
@@ -44,13 +48,19 @@ CTX, CONT = 2048, 256
 TEXTS = Path("/tmp/kvbm-codec-texts")  # bench/fetch_texts.sh
 
 
-def build_state(lm: CausalLM, per_domain: int, docs_fit: int) -> dict:
+def build_state(lm: CausalLM, per_domain: int, docs_fit: int, only: list[str] | None = None) -> dict:
+    """Phase 1. With `only`, just those domains are prefilled (the others keep their validation
+    ids, so their slices can still score calibrations saved earlier), and the state is partial."""
     cfg = CodecConfig()  # accumulation depends only on sinks/window/rope/layer groups (not the metric)
     corpus = broad_corpus(lm.tokenizer)
     n_q = int(lm.model.config.num_attention_heads)
-    state: dict = {"domains": {}, "corpus": CORPUS_NAME}
+    state: dict = {"domains": {}, "corpus": CORPUS_NAME, "val_only": {}}
     for domain, texts in corpus.items():
         fit_n = docs_fit if domain == "docs" else per_domain
+        if only and domain not in only:
+            seqs = token_sequences(lm.tokenizer, texts, SEQ, fit_n + 6)
+            state["val_only"][domain] = torch.cat(seqs[fit_n + 3 : fit_n + 6], 1)[:, : CTX + CONT]
+            continue
         # fit + 1 held-out + a gap of 2 sequences + 3 sequences of validation (2048 + 256 tokens)
         seqs = token_sequences(lm.tokenizer, texts, SEQ, fit_n + 6)
         t0 = time.perf_counter()
@@ -66,8 +76,21 @@ def build_state(lm: CausalLM, per_domain: int, docs_fit: int) -> dict:
             "held_out": held,
             "val_ids": val_ids,
             "fit_tokens": fit_n * SEQ,
+            # token ids of the fit and held-out sequences: a sensitivity probe reruns the model on them
+            "fit_ids": torch.cat(seqs[: fit_n + 1], 0),
         }
         print(f"{domain}: {fit_n} x {SEQ} fit tokens, {time.perf_counter() - t0:.0f} s", flush=True)
+    return state
+
+
+def texts_only_state(lm: CausalLM, per_domain: int, docs_fit: int) -> dict:
+    """The token ids build_state would keep, without its prefills: enough to score calibrations
+    already saved in --calibrations on the domain slices (the same ids, so the same rows)."""
+    state: dict = {"domains": {}, "corpus": CORPUS_NAME}
+    for domain, texts in broad_corpus(lm.tokenizer).items():
+        fit_n = docs_fit if domain == "docs" else per_domain
+        seqs = token_sequences(lm.tokenizer, texts, SEQ, fit_n + 6)
+        state["domains"][domain] = {"val_ids": torch.cat(seqs[fit_n + 3 : fit_n + 6], 1)[:, : CTX + CONT]}
     return state
 
 
@@ -91,7 +114,28 @@ def corpus_parts(state: dict, corpus: str) -> list[str]:
     raise SystemExit(f"unknown corpus {corpus!r}: docs16, broad, a domain, or -DOMAIN ({', '.join(names)})")
 
 
-def calibrate_variant(lm: CausalLM, state: dict, corpus: str, distortion: str, targets: list[float]):
+def parse_distortion(distortion: str) -> tuple[str, float | None, float, float]:
+    """'attention', 'mse', ... as CodecConfig has them; 'measured[@POWER][/KEY_WEIGHT]': the attention
+    metric with per-layer, per-kind factors measured end to end (calibration/sensitivity.py) at the
+    analytic calibration's 20x allocation, damped by POWER; 'attention/KW' or 'mse/KW': key_weight KW."""
+    name, _, kw = distortion.partition("/")
+    key_weight = float(kw) if kw else 1.0
+    if name.startswith("measured"):
+        _, _, power = name.partition("@")
+        return "attention", float(power) if power else 1.0, key_weight, 20.0
+    return name, None, key_weight, 20.0
+
+
+def calibrate_variant(
+    lm: CausalLM,
+    state: dict,
+    corpus: str,
+    distortion: str,
+    targets: list[float],
+    probe_cache: Path | None = None,
+):
+    if state.get("val_only") and corpus not in state["domains"] and corpus not in ("docs16", "docs"):
+        raise SystemExit(f"corpus {corpus!r} needs domains this partial state did not prefill")
     parts = [state["domains"][d] for d in corpus_parts(state, corpus)]
     accs = {n: parts[0]["accs"][n].merged(*(p["accs"][n] for p in parts[1:])) for n in parts[0]["accs"]}
     stats = parts[0]["stats"].merged(*(p["stats"] for p in parts[1:]))
@@ -99,7 +143,18 @@ def calibrate_variant(lm: CausalLM, state: dict, corpus: str, distortion: str, t
         held = compressible(parts[0]["held_out"], CodecConfig())
     else:
         held = mixed_held_out([p["held_out"] for p in parts], CodecConfig(), SEQ)
-    cfg = CodecConfig(distortion=distortion)  # type: ignore[arg-type]
+    mode, power, key_weight, probe_cr = parse_distortion(distortion)
+    cfg = CodecConfig(distortion=mode, key_weight=key_weight)  # type: ignore[arg-type]
+    provenance = {
+        "text_source": f"{state['corpus']}:{corpus}",
+        "domains": corpus_parts(state, corpus),
+        "fit_tokens": sum(p["fit_tokens"] for p in parts),
+        "distortion": distortion,
+    }
+    if power is not None:
+        measured = _probe(lm, state, corpus, accs, held, stats, probe_cr, probe_cache)
+        stats = stats.with_sensitivity(sensitivity_factors(measured, power))
+        provenance["layer_sensitivity"] = {"power": power, "probe_cr": probe_cr}
     return calibrate_from_kv(
         lm.info,
         accs,
@@ -108,17 +163,47 @@ def calibrate_variant(lm: CausalLM, state: dict, corpus: str, distortion: str, t
         targets=targets,
         statistics=stats,
         progress=False,
-        provenance={
-            "text_source": f"{state['corpus']}:{corpus}",
-            "domains": corpus_parts(state, corpus),
-            "fit_tokens": sum(p["fit_tokens"] for p in parts),
-            "distortion": distortion,
-        },
+        provenance=provenance,
         held_out_compressible=True,
     )
 
 
-def val_sets(lm: CausalLM, state: dict, names: list[str], report: bool) -> list[tuple[str, bool, tuple]]:
+def _probe(lm, state, corpus, accs, held, stats, probe_cr: float, cache: Path | None) -> dict:
+    """Per-layer sensitivity of the corpus' analytic attention calibration at probe_cr, measured on the
+    held-out calibration sequence of every domain in the corpus (never on validation text)."""
+    if cache is not None and cache.exists():
+        return torch.load(cache)
+    cfg = CodecConfig(distortion="attention")
+    analytic = None if cache is None else cache.parent / f"{corpus}-attention.kvtc"
+    if analytic is not None and analytic.exists():  # the same recipe, already calibrated by the sweep
+        base = load_calibration(analytic, expected_fingerprint=lm.info.fingerprint)
+    else:
+        base = calibrate_from_kv(
+            lm.info, accs, held, cfg, targets=[probe_cr], statistics=stats, progress=False,
+            held_out_compressible=True,
+        )  # fmt: skip
+    shape = _shape(lm)
+    metric = metric_weights(accs, cfg, shape, lm.info.rope, stats)
+    assert metric is not None
+    probes = [state["domains"][d]["fit_ids"][-1:] for d in corpus_parts(state, corpus)]
+    t0 = time.perf_counter()
+    measured = measure_layer_sensitivity(
+        lm,
+        KVTCCodec(base, allocation_name(probe_cr)),
+        metric,
+        cfg.layer_groups(shape.n_layers),
+        probes,
+        continuation=64,
+    )
+    print(f"sensitivity probe ({len(probes)} sequences): {time.perf_counter() - t0:.0f} s", flush=True)
+    if cache is not None:
+        torch.save(measured, cache)
+    return measured
+
+
+def val_sets(
+    lm: CausalLM, state: dict, names: list[str], report: bool, cache: Path | None = None
+) -> list[tuple[str, bool, tuple]]:
     """(name, is_report, (kv, continuation, reference logits)) per text: validation texts (a slice of
     every domain past its calibration tokens, the Apache licence, The Tempest; filtered by names) and,
     with report, the held-out evaluation texts (GPL v3, Hamlet)."""
@@ -129,6 +214,8 @@ def val_sets(lm: CausalLM, state: dict, names: list[str], report: bool) -> list[
 
     for d, info in state["domains"].items():
         texts[d] = (False, info["val_ids"])
+    for d, ids in state.get("val_only", {}).items():
+        texts[d] = (False, ids)
     texts["apache"] = (False, tok(Path("/usr/share/common-licenses/Apache-2.0").read_text()))
     texts["tempest"] = (False, tok((TEXTS / "tempest.txt").read_text()))
     texts = {n: v for n, v in texts.items() if not names or n in names}
@@ -144,8 +231,18 @@ def val_sets(lm: CausalLM, state: dict, names: list[str], report: bool) -> list[
     for name, (is_report, ids) in texts.items():
         ids = ids[:, : CTX + CONT]
         ctx, cont = ids[:, :CTX], ids[:, CTX:]
-        kv = lm.prefill(ctx, return_logits=False)[0]
-        out.append((name, is_report, (kv, cont, lm.logits_with_cache(kv, cont))))
+        # keyed by the tokens themselves: a slice cut with another --per-domain is another file
+        digest = hashlib.sha256(ids.numpy().tobytes()).hexdigest()[:12]
+        saved = None if cache is None else cache / f"{name}-{CTX}-{CONT}-{digest}.pt"
+        if saved is not None and saved.exists():
+            kv, ref = torch.load(saved, weights_only=False)
+        else:
+            kv = lm.prefill(ctx, return_logits=False)[0]
+            ref = lm.logits_with_cache(kv, cont)
+            if saved is not None:
+                saved.parent.mkdir(parents=True, exist_ok=True)
+                torch.save((kv, ref), saved)
+        out.append((name, is_report, (kv, cont, ref)))
     return out
 
 
@@ -154,6 +251,12 @@ def main() -> None:
     p.add_argument("--state", type=Path, required=True, help="phase-1 cache (built if missing)")
     p.add_argument("--per-domain", type=int, default=11)
     p.add_argument("--docs-fit", type=int, default=16)
+    p.add_argument("--domains", default="", help="phase 1: prefill only these domains (default: all)")
+    p.add_argument(
+        "--texts-only",
+        action="store_true",
+        help="no phase-1 prefills: only the validation slices (variants must be in --calibrations)",
+    )
     p.add_argument("--variants", default="docs16:mse,broad:mse,docs16:attention,broad:attention")
     p.add_argument("--targets", default="8,16,20,32,64", help="allocations each calibration gets")
     p.add_argument("--score-targets", default="", help="subset of --targets to score (default: all)")
@@ -174,29 +277,47 @@ def main() -> None:
         default=None,
         help="save each variant's calibration here; reuse it if there",
     )
-    p.add_argument("--out", type=Path, required=True, help="JSON lines, appended")
+    p.add_argument(
+        "--val-cache",
+        type=Path,
+        default=None,
+        help="keep each text's exact KV and logits here (reruns skip the prefills)",
+    )
+    p.add_argument(
+        "--out", type=Path, required=True, help="JSON lines, appended; rows already there are skipped"
+    )
     a = p.parse_args()
     torch.manual_seed(0)
     lm = CausalLM.load("smollm2-135m")
     if a.state.exists():
         state = torch.load(a.state, weights_only=False)
+    elif a.texts_only:
+        state = texts_only_state(lm, a.per_domain, a.docs_fit)
     else:
-        state = build_state(lm, a.per_domain, a.docs_fit)
+        state = build_state(lm, a.per_domain, a.docs_fit, [d for d in a.domains.split(",") if d])
         torch.save(state, a.state)
     targets = [float(t) for t in a.targets.split(",")]
-    vals = val_sets(lm, state, [v for v in a.val.split(",") if v], a.report)
+    vals = val_sets(lm, state, [v for v in a.val.split(",") if v], a.report, a.val_cache)
     a.out.parent.mkdir(parents=True, exist_ok=True)
+    done = set()
+    if a.out.exists():  # a run stopped by its timeout resumes at the first row it did not write
+        for line in a.out.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                done.add((r["calibration_id"], r["target"], r["val"]))
     for variant in a.variants.split(","):
         corpus, distortion = variant.split(":")
         t0 = time.perf_counter()
         score = {float(t) for t in a.score_targets.split(",") if t} or set(targets)
-        saved = None if a.calibrations is None else a.calibrations / f"{corpus}-{distortion}.kvtc"
+        tag = f"{corpus}-{distortion.replace('/', '_kw')}"
+        saved = None if a.calibrations is None else a.calibrations / f"{tag}.kvtc"
+        probe = None if a.calibrations is None else a.calibrations / f"{corpus}-probe.pt"
         if saved is not None and saved.exists():
             cal = load_calibration(saved, expected_fingerprint=lm.info.fingerprint)
         else:
             # leave-one-out variants are only scored on validation: calibrate only the scored targets
             lodo = corpus.startswith("-") and a.own_domain
-            cal = calibrate_variant(lm, state, corpus, distortion, sorted(score) if lodo else targets)
+            cal = calibrate_variant(lm, state, corpus, distortion, sorted(score) if lodo else targets, probe)
             if saved is not None:
                 save_calibration(cal, saved)
         cal_s = time.perf_counter() - t0
@@ -210,6 +331,8 @@ def main() -> None:
                     continue
                 if a.own_domain and not corpus.startswith("-") and not is_report:
                     continue  # own-domain runs score the other variants on the report texts only
+                if (cal.calibration_id, target, vname) in done:
+                    continue
                 frame, st = codec.encode_with_stats(kv)
                 rec = codec.decode(frame).to(torch.float32)
                 out = lm.logits_with_cache(rec, cont)

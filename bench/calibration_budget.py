@@ -3,8 +3,8 @@
 Calibration time is dominated by its prefills (docs/benchmarks.md, "Calibration speed"), so the
 2-minute target and the corpus size trade directly. This measures, on the real model and the
 default corpus' first sequences, the CPU-seconds and wall seconds of (a) a plain 1024-token prefill
-and (b) the calibration's own fit step (prefill with the attention-aware statistics hooks, plus the
-covariance accumulation), and projects the fit + held-out prefill phase for a plan of sequences
+and (b) the calibration's own fit step (the KV-only prefill with the attention-aware statistics hooks,
+plus the covariance accumulation), and projects the fit + held-out prefill phase for a plan of sequences
 onto an idle machine (CPU-seconds / cores). CPU-seconds are what a loaded machine does not inflate
 much; the wall times are printed with the load average they were measured under.
 
@@ -57,13 +57,7 @@ def main() -> None:
     fit = []
     with gather_statistics(lm.model, n_q, info.key_head_dim):
         for s in seqs:
-            fit.append(
-                _timed(
-                    lambda s=s: accumulate_covariances(
-                        [lm.prefill(s, return_logits=False)[0]], cfg, info.rope, shape
-                    )
-                )
-            )
+            fit.append(_timed(lambda s=s: accumulate_covariances([lm.prefill_kv(s)], cfg, info.rope, shape)))
     load1 = os.getloadavg()[0]
 
     def per_seq(rows: list[tuple[float, float]]) -> dict[str, float]:

@@ -1,6 +1,8 @@
 """Markdown tables for docs/benchmarks.md from bench/accuracy_sweep.py's JSON lines.
 
-python bench/render_accuracy_tables.py bench/results/accuracy_*.jsonl
+python bench/render_accuracy_tables.py [--sets=apache,tempest,...] bench/results/accuracy_*.jsonl
+
+--sets: the validation texts the ablation table averages over (a variant missing any is left out).
 """
 
 from __future__ import annotations
@@ -43,6 +45,30 @@ def validation(rows: list[dict]) -> str:
         mp = sum(c["ppl_increase_pct"] for c in got) / len(got)
         out.append(
             f"| {corpus} | {dist} | {target:g}x | " + " | ".join(parts) + f" | {mt:.1f}% | {mp:+.2f}% |"
+        )
+    return "\n".join(out)
+
+
+def ablation(rows: list[dict], sets: list[str]) -> str:
+    """Means over the validation texts every variant was scored on, one row per target and variant:
+    the ablation at a glance (corpus x distortion, or any later variant)."""
+    val = [r for r in rows if not r["report"] and not r["corpus"].startswith("-") and r["val"] in sets]
+    by = defaultdict(dict)
+    for r in val:
+        by[(r["target"], r["corpus"], r["distortion"])][r["val"]] = r
+    out = [
+        "| target | corpus | distortion | mean CR | mean ppl increase | mean top-1 | mean KL | texts |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for (target, corpus, dist), cells in sorted(by.items()):
+        got = [cells[s] for s in sets if s in cells]
+        if len(got) < len(sets):
+            continue  # only variants scored on every text compare fairly
+        n = len(got)
+        out.append(
+            f"| {target:g}x | {corpus} | {dist} | {sum(c['achieved_cr'] for c in got) / n:.1f}x | "
+            f"{sum(c['ppl_increase_pct'] for c in got) / n:+.2f}% | "
+            f"{100 * sum(c['top1'] for c in got) / n:.1f}% | {sum(c['kl'] for c in got) / n:.4f} | {n} |"
         )
     return "\n".join(out)
 
@@ -91,9 +117,15 @@ def report(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    rows = load(sys.argv[1:])
+    args = sys.argv[1:]
+    sets = ["apache", "tempest", "code", "dialogue", "multilingual"]
+    if args and args[0].startswith("--sets="):
+        sets = args.pop(0).split("=", 1)[1].split(",")
+    rows = load(args)
     print("## validation\n")
     print(validation(rows))
+    print(f"\n## ablation (means over {', '.join(sets)})\n")
+    print(ablation(rows, sets))
     print("\n## leave one domain out\n")
     print(lodo(rows))
     print("\n## held-out report\n")

@@ -108,6 +108,33 @@ def test_allocate_for_ratio_meets_target_with_a_real_measure(coeffs: torch.Tenso
         allocate_for_ratio(tables, 1e9, 32, lambda a: 1.0)
 
 
+def test_a_warm_started_bisection_finds_as_good_an_allocation_in_fewer_encodes(coeffs: torch.Tensor) -> None:
+    """Block allocations start from their context allocation's lambda: the bracket around it must
+    still hold the answer when the guess is off (far above, far below), and meet the target."""
+    tables = {"x": ErrorTable(coeffs.shape[1], block_error_table(coeffs, SIZES, 8))}
+    reference_bits = 16 * coeffs.shape[1]
+    calls = [0]
+
+    def nominal_ratio(a: Allocation) -> float:
+        calls[0] += 1
+        return reference_bits / max(1, a.bits_per_token(32))
+
+    for target in (2.0, 4.0, 8.0):
+        calls[0] = 0
+        cold = allocate_for_ratio(tables, target, 32, nominal_ratio)
+        cold_calls = calls[0]
+        for guess in (cold.meta["lambda"] * 1.1, cold.meta["lambda"] * 1e4, cold.meta["lambda"] * 1e-4):
+            calls[0] = 0
+            warm = allocate_for_ratio(tables, target, 32, nominal_ratio, near=guess)
+            assert nominal_ratio(warm) >= target
+            # the same rate to the bisection's precision (lambda within 0.01 decades -> bits within a few)
+            assert abs(warm.bits_per_token(32) - cold.bits_per_token(32)) <= 0.02 * cold.bits_per_token(32)
+            if guess == cold.meta["lambda"] * 1.1:
+                assert calls[0] < cold_calls
+    with pytest.raises(ValueError, match="no allocation reaches"):
+        allocate_for_ratio(tables, 1e9, 32, lambda a: 1.0, near=1e-3)
+
+
 def test_allocation_json_round_trip_and_id(coeffs: torch.Tensor) -> None:
     tables = {"x": ErrorTable(coeffs.shape[1], block_error_table(coeffs, SIZES, 8))}
     a = allocate(tables, 1e-2, 32)

@@ -54,6 +54,7 @@ def blocks(smollm, small_calibration) -> Blocks:  # type: ignore[no-untyped-def]
     kv, _ = smollm.prefill(ids[:, :64], return_logits=False)
     raw = [SPEC.to_bytes(kv_to_block(kv.select_tokens(torch.arange(i, i + 32)), SPEC)) for i in (0, 32)]
     model = ServedModel(MODEL, small_calibration, SPEC, 20.0)
+
     # Version-1 frames (JSON header), which a client may still submit: the cases below edit their
     # headers. Damage to compact version-2 frames is covered in tests/test_block_frames.py.
     def v1(r: bytes, i: int) -> bytes:

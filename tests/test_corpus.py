@@ -9,6 +9,7 @@ from kvbm_codec.calibration.corpus import (
     DOMAINS,
     broad_corpus,
     code_texts,
+    dialogue_texts,
     docs_texts,
     roff_to_text,
     tables_texts,
@@ -44,6 +45,10 @@ def test_broad_corpus_has_every_domain_and_no_evaluation_text(smollm: CausalLM) 
     assert {"docs", "code", "dialogue", "tables"} <= set(corpus) <= set(DOMAINS)
     dialogue = corpus["dialogue"][0]
     assert dialogue.startswith("<|im_start|>system") and "<|im_start|>assistant" in dialogue
+    # nothing process-dependent: difflib's defaults once put memory addresses in the signatures
+    full = dialogue_texts(smollm.tokenizer)
+    assert any("difflib.HtmlDiff(" in t for t in full)
+    assert not any(" at 0x" in t for t in full)
     gpl_line = demo_document().splitlines()[10].strip()
     for domain, texts in corpus.items():
         assert texts, domain

@@ -125,6 +125,25 @@ def test_supported_layer_kind_derotates_and_round_trips(feature: str) -> None:
     assert (ref.softmax(-1) - got.softmax(-1)).abs().max() < 0.05
 
 
+@pytest.mark.parametrize("feature", sorted(SUPPORTED))
+def test_kv_only_prefill_matches_full_prefill(feature: str) -> None:
+    """Calibration's KV-only prefill stops after the last layer's cache update; in every supported
+    architecture that update comes after the keys are normed and rotated, so the KV is bit-identical
+    (two chunks: the second sees the cache the first left) and the last layer's MLP never runs."""
+    lm = _lm(SUPPORTED[feature]())
+    ids = torch.randint(0, VOCAB, (1, 96), generator=torch.Generator().manual_seed(2))
+    ran: list[int] = []
+    h = lm.model.model.layers[-1].mlp.register_forward_hook(lambda *_: ran.append(1))
+    try:
+        fast = lm.prefill_kv(ids, chunk_size=64)
+        assert not ran
+        full, _ = lm.prefill(ids, chunk_size=64, return_logits=False)
+    finally:
+        h.remove()
+    assert len(ran) == 2
+    assert torch.equal(fast.keys, full.keys) and torch.equal(fast.values, full.values)
+
+
 REFUSED = {
     "sliding-window-layers": (
         lambda: _config(Qwen2Config, use_sliding_window=True, sliding_window=16, max_window_layers=1),
@@ -186,4 +205,15 @@ def test_layer_with_other_head_dims_is_refused_by_layer() -> None:
     model = AutoModelForCausalLM.from_config(_config(LlamaConfig, head_dim=16))
     model.model.layers[2].self_attn.k_proj = torch.nn.Linear(64, 2 * 32, bias=False)
     with pytest.raises(UnsupportedModelError, match=r"per-layer head dims: layer 2 differ"):
+        CausalLM(model, None, "tiny", Path("in-process"))
+
+
+def test_layer_with_its_own_rotary_module_is_refused_by_layer() -> None:
+    """A per-layer RoPE base need not be announced in the config: a layer carrying its own rotary
+    module (older Llama/Mistral code, remote-code models) would rotate with a base the calibration's
+    one RotaryParams does not hold, so it is refused by layer."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(_config(LlamaConfig, head_dim=16))
+    model.model.layers[1].self_attn.rotary_emb = type(model.model.rotary_emb)(model.config)
+    with pytest.raises(UnsupportedModelError, match=r"per-layer RoPE modules in layer 1\b"):
         CausalLM(model, None, "tiny", Path("in-process"))

@@ -84,6 +84,59 @@ def test_prefill_shapes_and_chunking(
     torch.testing.assert_close(last, logits[-1:], atol=1e-4, rtol=1e-4)
 
 
+def _count_calls(modules: dict[str, torch.nn.Module]) -> tuple[dict[str, int], list]:
+    calls = dict.fromkeys(modules, 0)
+    handles = [
+        m.register_forward_hook(lambda _m, _i, _o, n=n: calls.__setitem__(n, calls[n] + 1))
+        for n, m in modules.items()
+    ]
+    return calls, handles
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("chunk_size", [1024, 40])
+def test_prefill_kv_is_bit_identical_and_skips_the_tail(
+    smollm: CausalLM, ids: tuple[torch.Tensor, torch.Tensor], chunk_size: int
+) -> None:
+    """Calibration's KV-only prefill: the same KV and the same attention statistics, bit for bit, as
+    the full prefill, while the last layer's MLP and o_proj, the final norm and the LM head never run."""
+    from kvbm_codec.calibration.statistics import gather_statistics
+
+    context, _ = ids
+    model = smollm.model
+    last = model.model.layers[-1]
+    tail = {
+        "mlp": last.mlp,
+        "o_proj": last.self_attn.o_proj,
+        "norm": model.model.norm,
+        "lm_head": model.lm_head,
+    }
+    runs = []
+    for kv_only in (False, True):
+        calls, handles = _count_calls(tail)
+        try:
+            with gather_statistics(model, int(model.config.num_attention_heads), 64) as stats:
+                if kv_only:
+                    kv = smollm.prefill_kv(context, chunk_size=chunk_size)
+                else:
+                    kv = smollm.prefill(context, chunk_size=chunk_size, return_logits=False)[0]
+        finally:
+            for h in handles:
+                h.remove()
+        runs.append((kv, stats, calls))
+    (full, s_full, c_full), (fast, s_fast, c_fast) = runs
+    chunks = -(-context.shape[1] // chunk_size)
+    assert c_full == dict.fromkeys(tail, chunks) and c_fast == dict.fromkeys(tail, 0)
+    assert torch.equal(fast.keys, full.keys) and torch.equal(fast.values, full.values)
+    assert torch.equal(fast.positions, full.positions) and fast.layer_start == 0
+    assert s_fast.tokens == s_full.tokens == context.shape[1]
+    assert torch.equal(s_fast.query_sq_sum, s_full.query_sq_sum)
+    assert torch.equal(s_fast.residual_sum, s_full.residual_sum)
+    # The cache stays usable: a continuation from it is the full prefill's continuation.
+    cont = ids[1]
+    assert torch.equal(smollm.logits_with_cache(fast, cont), smollm.logits_with_cache(full, cont))
+
+
 @pytest.mark.slow
 def test_rope_matches_model(smollm: CausalLM, ids: tuple[torch.Tensor, torch.Tensor]) -> None:
     """undo_rope(cache keys) must be exactly what layer 0's k_proj produced, else PCA sees rotated keys."""

@@ -107,6 +107,8 @@ def test_qwen_kv_is_the_models_own(qwen: CausalLM) -> None:
         torch.testing.assert_close(undo_rope(kv.keys[i], kv.positions, rope), k_pre, atol=2e-4, rtol=1e-4)
         torch.testing.assert_close(apply_rope(k_pre, kv.positions, rope), kv.keys[i], atol=2e-4, rtol=1e-4)
         torch.testing.assert_close(kv.values[i], v, atol=0, rtol=0)
+    fast = qwen.prefill_kv(ids)  # calibration's prefill: the same KV, bit for bit
+    assert torch.equal(fast.keys, kv.keys) and torch.equal(fast.values, kv.values)
     got = qwen.logits_with_cache(kv, cont)
     with torch.inference_mode():
         full = qwen.model(input_ids=torch.cat([ids, cont], 1), use_cache=False).logits[0].float()

@@ -429,9 +429,7 @@ def test_load_or_calibrate_goes_through_the_local_registry(
     assert code == 0 and json.loads(out)["latest"] is True
 
 
-def test_entry_written_before_a_config_field_existed_still_loads(
-    tmp_path: Path, cal_v1: Calibration
-) -> None:
+def test_entry_written_before_a_config_field_existed_still_loads(tmp_path: Path, cal_v1: Calibration) -> None:
     """An upgrade that adds a config field must not make every older registry entry look corrupt;
     a value that disagrees still does."""
     reg = Registry.from_url(tmp_path)

@@ -40,20 +40,20 @@ if TYPE_CHECKING:
 
 DEFAULT_TARGETS = (4.0, 8.0, 16.0, 20.0, 32.0, 64.0)
 DEFAULT_BLOCK_TOKENS = (32,)
+BLOCK_PROBE_BLOCKS = 64  # block frames a block allocation's ratio is measured on
 """Page sizes that get allocations sized on their block frames (KVBM's and the service's default)."""
 
 
 class CalibrationModel(Protocol):
-    """What calibration needs of a model: a tokenizer, its shape, and a prefill returning KV."""
+    """What calibration needs of a model: a tokenizer, its shape, and a prefill returning only KV
+    (no logits: calibration never reads them, and the work after the last layer's KV is skipped)."""
 
     tokenizer: object
 
     @property
     def info(self) -> object: ...
 
-    def prefill(
-        self, input_ids: torch.Tensor, return_logits: bool = True
-    ) -> tuple[KVCache, torch.Tensor | None]: ...
+    def prefill_kv(self, input_ids: torch.Tensor) -> KVCache: ...
 
 
 class PhaseClock:
@@ -104,8 +104,7 @@ def calibration_kv(
     """The one prefill loop of calibration: every sequence's KV (all layers), one at a time, so
     consumers (covariances here, other statistics elsewhere) stream it in bounded memory."""
     for seq in tqdm(sequences, desc="calibration: prefill", disable=not progress):
-        kv, _ = lm.prefill(seq, return_logits=False)
-        yield kv
+        yield lm.prefill_kv(seq)
 
 
 def accumulate_covariances(
@@ -260,7 +259,7 @@ def calibrate(
         by_domain = {d: token_sequences(lm.tokenizer, t, seq_len, counts[d] + 1) for d, t in texts.items()}
         fit = [s for d, seqs in by_domain.items() for s in seqs[: counts[d]]]
         with clock.phase("held-out prefill"):
-            held_kvs = [lm.prefill(seqs[counts[d]], return_logits=False)[0] for d, seqs in by_domain.items()]
+            held_kvs = [lm.prefill_kv(seqs[counts[d]]) for d, seqs in by_domain.items()]
         held_out = mixed_held_out(held_kvs, cfg, seq_len)
         provenance["domains"] = {d: counts[d] for d in texts}
     else:
@@ -269,7 +268,7 @@ def calibrate(
         seqs = token_sequences(lm.tokenizer, texts, seq_len, fit_sequences + 1)
         fit = seqs[:fit_sequences]
         with clock.phase("held-out prefill"):
-            held_out = lm.prefill(seqs[fit_sequences], return_logits=False)[0]
+            held_out = lm.prefill_kv(seqs[fit_sequences])
     provenance.update(fit_tokens=len(fit) * seq_len, held_out_tokens=int(held_out.n_tokens))
     with _statistics_hook(lm, cfg) as stats:
         return calibrate_from_kv(
@@ -392,7 +391,10 @@ def block_allocations(
             continue
         probe = BlockRatioProbe(cal, held_out, page)
         for target in tqdm(targets, desc=f"calibration: {page}-token block allocation", disable=not progress):
-            alloc = allocate_for_ratio(cal.error_tables, target, cal.config.scale_bits, probe.measure)
+            context = cal.allocations.get(allocation_name(target))
+            near = context.meta.get("lambda") if context is not None else None
+            bits = cal.config.scale_bits
+            alloc = allocate_for_ratio(cal.error_tables, target, bits, probe.measure, near=near)
             alloc.meta["page_tokens"] = float(page)
             cal.allocations[block_allocation_name(target, page)] = alloc
 
@@ -444,11 +446,17 @@ class BlockRatioProbe:
     token compressed, encoded by the batched block encoder (format v2) as the service stores them;
     the ratio is fp16 bytes over the sum of the frames. Each basis' projection is done once."""
 
-    def __init__(self, cal: Calibration, kv: KVCache, page_tokens: int) -> None:
+    def __init__(
+        self, cal: Calibration, kv: KVCache, page_tokens: int, max_blocks: int = BLOCK_PROBE_BLOCKS
+    ) -> None:
         n_blocks = kv.n_tokens // page_tokens
         if n_blocks < 1:
             raise ValueError(f"{kv.n_tokens} held-out tokens cannot fill one {page_tokens}-token block")
-        kv = kv.select_tokens(torch.arange(n_blocks * page_tokens))
+        # evenly spaced blocks (every held-out domain keeps its share): the ratio of a few thousand
+        # tokens is as exact as the bisection needs, at a fraction of the encodes
+        chosen = torch.linspace(0, n_blocks - 1, min(n_blocks, max_blocks)).round().to(torch.int64).unique()
+        n_blocks = len(chosen)
+        kv = kv.select_tokens((chosen[:, None] * page_tokens + torch.arange(page_tokens)).flatten())
         self.cal, self.kv = cal, kv
         self._probe = RatioProbe(cal, kv)
         # the blocks are consecutive slices, so the batched encoder's token order (block-major) is the

@@ -211,9 +211,7 @@ def gc(
         raise typer.Exit(2)
     refs: ReferenceSource = FileReferences(referenced_ids) if referenced_ids else StaticReferences(())
     try:
-        report = _open(registry).gc(
-            refs, retention_days=retention_days, fingerprint=model, dry_run=dry_run
-        )
+        report = _open(registry).gc(refs, retention_days=retention_days, fingerprint=model, dry_run=dry_run)
     except CodecError as e:
         raise _fail(e) from e
     typer.echo(

@@ -40,6 +40,9 @@ class ModelStatistics:
     residual_sum: torch.Tensor  # [L]: sum of ||h||^2 / hidden of the residual entering each layer
     tokens: int
     o_proj_gram: torch.Tensor  # [L, Hq, dv, dv]: W_o^h^T W_o^h (weights, not a running sum)
+    # [L, 2] (keys, values): measured end-to-end factors (calibration/sensitivity.py) that replace the
+    # residual-energy heuristic's layer and key/value weighting; None keeps the analytic metric.
+    layer_sensitivity: torch.Tensor | None = None
 
     @property
     def query_energy(self) -> torch.Tensor:
@@ -66,7 +69,11 @@ class ModelStatistics:
             self.residual_sum + sum(o.residual_sum for o in others),
             self.tokens + sum(o.tokens for o in others),
             self.o_proj_gram,
+            self.layer_sensitivity,
         )
+
+    def with_sensitivity(self, factors: torch.Tensor | None) -> ModelStatistics:
+        return ModelStatistics(self.query_sq_sum, self.residual_sum, self.tokens, self.o_proj_gram, factors)
 
 
 def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -150,16 +157,19 @@ def feature_weights(
         kw, vw = [], []
         for li, layer in enumerate(range(a, b)):
             sens = 1.0 / float(stats.residual_energy[layer]) if mode == "attention" else 1.0
+            sk = sv = 1.0
+            if stats.layer_sensitivity is not None:
+                sk, sv = (float(x) for x in stats.layer_sensitivity[layer])
             for k in range(n_kv_heads):
                 heads = range(k * share, (k + 1) * share)
-                vw.append(sum(gram[layer, h].diagonal() for h in heads) * sens)
+                vw.append(sum(gram[layer, h].diagonal() for h in heads) * sens * sv)
                 off = (li * n_kv_heads + k) * dv
                 c_v = v_cov[off : off + dv, off : off + dv]
                 key = torch.zeros(dk, dtype=torch.float64)
                 for h in heads:
                     spread = float((gram[layer, h] * c_v).sum()) if mode == "attention" else 1.0
                     key += qe[layer, h] * spread
-                kw.append(key * (attention_scaling**2 / dk if mode == "attention" else 1.0) * sens)
+                kw.append(key * (attention_scaling**2 / dk if mode == "attention" else 1.0) * sens * sk)
         for name, w in ((k_name, torch.cat(kw)), (v_name, torch.cat(vw))):
             _, cov = accumulators[name].covariance()
             factor = float((w * cov.diagonal().clamp_min(1e-12)).mean())

@@ -8,12 +8,13 @@ measurements must not be polluted by the model's own rounding.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -310,6 +311,29 @@ def _write_cache(model: Any, tokenizer: Any, cache_dir: Path, marker: dict[str, 
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+class _KVComplete(Exception):
+    """Raised out of the forward pass once the last layer has stored this chunk's keys and values."""
+
+
+class _KVOnlyCache(DynamicCache):
+    """A DynamicCache that ends the forward pass right after the last layer's update: what would follow
+    (that layer's attention scores, o_proj and MLP, the final norm, the LM head) feeds no cache entry.
+    Every earlier operation runs unchanged, so the stored KV, and any hook that fires before it
+    (queries, residual inputs), see bit-identical tensors."""
+
+    def __init__(self, last_layer: int) -> None:
+        super().__init__()
+        self._last_layer = last_layer
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        out = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        if layer_idx == self._last_layer:
+            raise _KVComplete
+        return out
+
+
 class CausalLM:
     """A loaded model plus the facts the codec needs; forward passes are batch 1, float32, no grad."""
 
@@ -363,6 +387,23 @@ class CausalLM:
         than its last position, and transformers' causal mask is index-based on the cache, which is
         exactly right for it (every cached token is in the past of every new one).
         """
+        chunks: list[torch.Tensor] = []
+        for ids, positions, last in self._chunks(input_ids, first_position, chunk_size):
+            out = self.model(
+                input_ids=ids,
+                position_ids=positions,
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=0 if return_logits else 1,
+            )
+            if return_logits or last:
+                chunks.append(out.logits[0].to(torch.float32))
+        return torch.cat(chunks) if return_logits else chunks[-1]
+
+    def _chunks(
+        self, input_ids: torch.Tensor, first_position: int, chunk_size: int
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, bool]]:
+        """(ids [1, c], position_ids [1, c], is the last chunk) on the model's device."""
         if input_ids.dim() != 2 or input_ids.shape[0] != 1:
             raise ValueError(f"input_ids must be [1, T], got {tuple(input_ids.shape)}")
         n = int(input_ids.shape[1])
@@ -370,21 +411,10 @@ class CausalLM:
             raise ValueError("input_ids is empty")
         device = next(self.model.parameters()).device
         input_ids = input_ids.to(device)
-        chunks: list[torch.Tensor] = []
         for start in range(0, n, chunk_size):
             end = min(start + chunk_size, n)
             positions = torch.arange(first_position + start, first_position + end, device=device)[None]
-            keep = 0 if return_logits else 1
-            out = self.model(
-                input_ids=input_ids[:, start:end],
-                position_ids=positions,
-                cache=cache,
-                use_cache=True,
-                logits_to_keep=keep,
-            )
-            if return_logits or end == n:
-                chunks.append(out.logits[0].to(torch.float32))
-        return torch.cat(chunks) if return_logits else chunks[-1]
+            yield input_ids[:, start:end], positions, end == n
 
     def prefill(
         self, input_ids: torch.Tensor, *, chunk_size: int = DEFAULT_CHUNK, return_logits: bool = True
@@ -400,6 +430,28 @@ class CausalLM:
             logits = self._run(input_ids, cache, 0, chunk_size, return_logits)
         positions = torch.arange(int(input_ids.shape[1]), dtype=torch.int64)
         return kv_from_dynamic_cache(cache, positions), logits
+
+    def prefill_kv(self, input_ids: torch.Tensor, *, chunk_size: int = DEFAULT_CHUNK) -> KVCache:
+        """The prompt's KV cache and nothing else, bit-identical to prefill's: calibration's prefill.
+
+        Each chunk's forward pass stops once the last layer has stored its keys and values (see
+        _KVOnlyCache), which skips that layer's attention, o_proj and MLP, the final norm and the LM
+        head. Forward hooks on anything before the last layer's cache update still fire.
+        """
+        cache = _KVOnlyCache(self.info.n_layers - 1)
+        with torch.inference_mode():
+            for ids, positions, _ in self._chunks(input_ids, 0, chunk_size):
+                with contextlib.suppress(_KVComplete):
+                    self.model(
+                        input_ids=ids, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1
+                    )
+        kv = kv_from_dynamic_cache(cache, torch.arange(int(input_ids.shape[1]), dtype=torch.int64))
+        if kv.n_layers != self.info.n_layers or kv.n_tokens != input_ids.shape[1]:
+            raise RuntimeError(
+                f"KV-only prefill stored {kv.n_layers} layers x {kv.n_tokens} tokens, "
+                f"expected {self.info.n_layers} x {int(input_ids.shape[1])}"
+            )
+        return kv
 
     def _check_cache(self, kv: KVCache) -> None:
         info = self.info

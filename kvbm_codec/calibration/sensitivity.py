@@ -1,0 +1,123 @@
+"""Per-layer sensitivity measured end to end: what a layer's real codec error costs the model's output.
+
+The attention-aware metric (statistics.py) prices an error in one layer from first-order local
+arguments: the logit error a key error makes, the o_proj image of a value error, and the residual
+energy entering the layer. It cannot see what happens downstream (a layer whose attention output
+the later layers amplify or wash out), and its key/value exchange rate rests on an approximation
+(a logit error moves the output by about ``delta * W_o (v - o)``). This probe measures both instead:
+for each layer and for keys and values separately it restores a calibration context with only that
+layer's keys (or values) replaced by their decoded version at a given allocation, runs a
+continuation on it and takes the KL divergence of the next-token distributions against the exact
+cache. Divided by the metric's own prediction of that error's cost, it gives one factor per
+(layer, kind) that puts the metric in units of output KL; ``ModelStatistics.layer_sensitivity``
+carries it into ``feature_weights``.
+
+Small errors add up nearly independently across layers (KL is locally quadratic and the cross terms
+between layers average out), so single-layer probes at the codec's real error level are a fair
+estimate of each layer's share. The probe runs on calibration sequences only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import torch
+
+from kvbm_codec.codec.kvtc import KVTCCodec
+from kvbm_codec.codec.params import basis_name
+from kvbm_codec.codec.pca import to_features
+from kvbm_codec.eval.metrics import kl_divergence_mean
+from kvbm_codec.kv import KVCache
+
+
+class ProbeModel(Protocol):
+    def prefill(
+        self, input_ids: torch.Tensor, *, return_logits: bool = True
+    ) -> tuple[KVCache, torch.Tensor]: ...
+
+    def logits_with_cache(self, cache: KVCache, input_ids: torch.Tensor) -> torch.Tensor: ...
+
+
+def _replaced(kv: KVCache, rec: KVCache, layer: int, kind: str) -> KVCache:
+    keys, values = kv.keys, kv.values
+    if kind == "k":
+        keys = keys.clone()
+        keys[layer] = rec.keys[layer]
+    else:
+        values = values.clone()
+        values[layer] = rec.values[layer]
+    return KVCache(keys, values, kv.positions, kv.layer_start)
+
+
+def predicted_cost(
+    metric: dict[str, tuple[torch.Tensor, float]],
+    layer_groups: Sequence[tuple[int, int]],
+    error: KVCache,
+) -> torch.Tensor:
+    """[L, 2] (keys, values): the metric's cost of `error` per token, in its absolute unit.
+
+    Keys may be compared with RoPE applied: the key metric weighs both dims of a rotary pair alike,
+    so a pair rotation leaves the weighted energy unchanged."""
+    out = torch.zeros(error.n_layers, 2, dtype=torch.float64)
+    for gi, (a, b) in enumerate(layer_groups):
+        for ki, (kind, x) in enumerate((("k", error.keys[a:b]), ("v", error.values[a:b]))):
+            w, factor = metric[basis_name(gi, kind)]
+            sq = to_features(x.to(torch.float64)) ** 2  # [tokens, layers*heads*dim]
+            per = (sq.mean(0) * w * factor).reshape(b - a, -1).sum(1)
+            out[a:b, ki] = per
+    return out
+
+
+def measure_layer_sensitivity(
+    lm: ProbeModel,
+    codec: KVTCCodec,
+    metric: dict[str, tuple[torch.Tensor, float]],
+    layer_groups: Sequence[tuple[int, int]],
+    probes: Sequence[torch.Tensor],
+    continuation: int = 256,
+    layers: Sequence[int] | None = None,
+) -> dict[str, torch.Tensor]:
+    """KL per (layer, kind) of each layer's decoded error alone, summed over probe sequences, the
+    metric's predicted cost of the same errors, and their ratio (the sensitivity factor, [L, 2]).
+
+    Each probe [1, T] is split into a context (compressed with `codec`) and the last `continuation`
+    tokens (scored). The errors are measured on the compressible tokens only: sinks and the window
+    are stored exactly, so a probe sees what a restored cache gives the model. `layers` limits the
+    probe to some layers (the others' entries are NaN)."""
+    n_layers = None
+    kl = pred = None
+    for ids in probes:
+        ctx, cont = ids[:, :-continuation], ids[:, -continuation:]
+        kv = lm.prefill(ctx, return_logits=False)[0]
+        ref = lm.logits_with_cache(kv, cont)
+        rec = codec.decode(codec.encode(kv)).to(torch.float32)
+        if n_layers is None:
+            n_layers = kv.n_layers
+            kl = torch.zeros(n_layers, 2, dtype=torch.float64)
+            pred = torch.zeros(n_layers, 2, dtype=torch.float64)
+        for layer in range(n_layers) if layers is None else layers:
+            for ki, kind in enumerate(("k", "v")):
+                out = lm.logits_with_cache(_replaced(kv, rec, layer, kind), cont)
+                kl[layer, ki] += kl_divergence_mean(ref, out)
+        err = KVCache(rec.keys - kv.keys, rec.values - kv.values, kv.positions)
+        pred += predicted_cost(metric, layer_groups, err)
+    if kl is None or pred is None:
+        raise ValueError("no probe sequences")
+    if layers is not None:
+        skipped = [i for i in range(kl.shape[0]) if i not in set(layers)]
+        kl[skipped] = float("nan")
+    return {"kl": kl, "predicted": pred, "factor": kl.clamp_min(0) / pred.clamp_min(1e-30)}
+
+
+def sensitivity_factors(
+    measured: dict[str, torch.Tensor], power: float = 1.0, floor: float = 0.05
+) -> torch.Tensor:
+    """[L, 2] factors for ``ModelStatistics.layer_sensitivity``: the measured ratio, normalised to a
+    geometric mean of 1 (only ratios between layers and kinds matter to one lambda), clamped from below
+    (a layer whose probe KL is lost in the noise must not become free) and damped by `power`."""
+    if bool(measured["factor"].isnan().any()):
+        raise ValueError("sensitivity factors need every layer probed")
+    f = measured["factor"].clamp_min(1e-30)
+    f = f / f.log().mean().exp()
+    return f.clamp_min(floor) ** power

@@ -1,0 +1,104 @@
+"""The per-layer sensitivity probe: the metric's predicted cost is laid out per layer and kind and is
+RoPE-invariant, a real probe finds every layer's decoded error costs the model something, the
+single-layer costs add up to about the cost of all layers at once, and the measured factors change
+the metric the calibration uses."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kvbm_codec.calibration.calibrate import token_sequences
+from kvbm_codec.calibration.sensitivity import (
+    measure_layer_sensitivity,
+    predicted_cost,
+    sensitivity_factors,
+)
+from kvbm_codec.calibration.statistics import feature_weights, gather_statistics
+from kvbm_codec.codec.kvtc import KVTCCodec
+from kvbm_codec.codec.params import ModelShape
+from kvbm_codec.eval.metrics import kl_divergence_mean
+from kvbm_codec.kv import KVCache
+from kvbm_codec.models.hf import CausalLM
+from kvbm_codec.texts import calibration_texts
+
+
+def test_predicted_cost_is_per_layer_and_kind_and_rotation_invariant() -> None:
+    # one group of 2 layers, 1 head, dim 4: weights [layer, head, dim] flattened, factor 2
+    wk = torch.tensor([1.0, 3.0, 1.0, 3.0, 2.0, 5.0, 2.0, 5.0], dtype=torch.float64)
+    wv = torch.ones(8, dtype=torch.float64)
+    metric = {"g0.k": (wk, 2.0), "g0.v": (wv, 1.0)}
+    keys = torch.zeros(2, 1, 3, 4)
+    keys[1, 0, :, 1] = 1.0  # layer 1, dim 1 (weight 5) on every token
+    values = torch.zeros(2, 1, 3, 4)
+    values[0, 0, 0, :] = 3.0  # layer 0, one token of three, all dims
+    cost = predicted_cost(metric, [(0, 2)], KVCache(keys, values, torch.arange(3)))
+    assert cost[:, 0].tolist() == pytest.approx([0.0, 5.0 * 2.0])
+    assert cost[:, 1].tolist() == pytest.approx([4 * 9.0 / 3, 0.0])
+    # rotating a rotary pair (dims 1 and 3 here) leaves the weighted key energy unchanged
+    a = 0.7
+    rot = keys.clone()
+    rot[1, 0, :, 1], rot[1, 0, :, 3] = math.cos(a), math.sin(a)
+    assert predicted_cost(metric, [(0, 2)], KVCache(rot, values, torch.arange(3)))[1, 0] == pytest.approx(
+        10.0
+    )
+
+
+def test_sensitivity_factors_normalise_and_floor() -> None:
+    measured = {"factor": torch.tensor([[4.0, 1.0], [1e-9, 1.0]], dtype=torch.float64)}
+    f = sensitivity_factors(measured, floor=0.05)
+    assert float(f.min()) == pytest.approx(0.05)  # a lost-in-the-noise layer does not become free
+    assert float(f[0, 0] / f[0, 1]) == pytest.approx(4.0)
+    half = sensitivity_factors(measured, power=0.5, floor=0.0)
+    assert float(half[0, 0] / half[0, 1]) == pytest.approx(2.0)
+
+
+@pytest.mark.slow
+def test_probe_measures_each_layers_real_cost(smollm: CausalLM, small_calibration) -> None:
+    """On the shared small calibration (its 20x allocation), with the attention metric from one
+    probe prefill's statistics."""
+    from kvbm_codec.calibration.calibrate import accumulate_covariances
+
+    info = smollm.info
+    shape = ModelShape(info.n_layers, info.n_kv_heads, info.key_head_dim, info.value_head_dim)
+    cfg = small_calibration.config
+    probe = token_sequences(smollm.tokenizer, calibration_texts(), 320, 6)[5]  # past its 4 fit sequences
+    n_q = int(smollm.model.config.num_attention_heads)
+    with gather_statistics(smollm.model, n_q, info.key_head_dim) as stats:
+        accs = accumulate_covariances([smollm.prefill(probe, return_logits=False)[0]], cfg, info.rope, shape)
+    groups = cfg.layer_groups(info.n_layers)
+    metric = feature_weights(stats, accs, groups, info.n_kv_heads, "attention", info.rope.attention_scaling)
+    codec = KVTCCodec(small_calibration, 20.0)
+    some = [0, 7, 15, 29]  # four layers keep the test in seconds; production probes all of them
+    measured = measure_layer_sensitivity(smollm, codec, metric, groups, [probe], continuation=48, layers=some)
+    kl, pred = measured["kl"], measured["predicted"]
+    assert kl.shape == pred.shape == (info.n_layers, 2)
+    assert bool((pred > 0).all()) and bool((kl[some] > 0).all())
+    assert bool(kl[1].isnan().all())
+    with pytest.raises(ValueError, match="every layer"):
+        sensitivity_factors(measured)
+    # those layers' errors at once cost about the sum of their single-layer costs
+    ctx, cont = probe[:, :-48], probe[:, -48:]
+    kv = smollm.prefill(ctx, return_logits=False)[0]
+    rec = codec.decode(codec.encode(kv)).to(torch.float32)
+    keys, values = kv.keys.clone(), kv.values.clone()
+    keys[some], values[some] = rec.keys[some], rec.values[some]
+    together = kl_divergence_mean(
+        smollm.logits_with_cache(kv, cont),
+        smollm.logits_with_cache(KVCache(keys, values, kv.positions), cont),
+    )
+    assert 0.5 < float(kl[some].sum()) / together < 2.0
+    # the factors reach the metric: scaling one layer's keys scales exactly that layer's key weights
+    f = torch.ones(info.n_layers, 2, dtype=torch.float64)
+    f[3, 0] = 10.0
+    scaled = feature_weights(
+        stats.with_sensitivity(f), accs, groups, info.n_kv_heads, "attention", info.rope.attention_scaling
+    )
+    (wp, fp), (ws, fs) = metric["g0.k"], scaled["g0.k"]
+    ratio = (ws * fs) / (wp * fp)
+    width = info.n_kv_heads * info.key_head_dim
+    assert torch.allclose(ratio[3 * width : 4 * width], torch.full((width,), 10.0, dtype=torch.float64))
+    assert torch.allclose(ratio[:width], torch.ones(width, dtype=torch.float64))
+    assert torch.allclose(scaled["g0.v"][0] * scaled["g0.v"][1], metric["g0.v"][0] * metric["g0.v"][1])
