@@ -14,6 +14,7 @@ from kvbm_codec.api.blocks import BlockSpec, kv_to_block
 from kvbm_codec.api.vllm_layout import VllmCpuLayout
 from kvbm_codec.core.service import BlockService, ServedModel
 from kvbm_codec.frontends.s3 import BucketBinding, CredentialConfig, S3Config, start_s3_server
+from kvbm_codec.frontends.s3.buckets import Bucket
 from kvbm_codec.store.memory import MemoryTier
 from kvbm_codec.store.tiered import TieredStore
 
@@ -32,16 +33,21 @@ def _key(i: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def blocks(smollm) -> list[torch.Tensor]:
+def kv(smollm):
     from kvbm_codec.texts import demo_document
 
     n = 32 * (FIRST_BLOCK + N_BLOCKS)
     ids = smollm.tokenizer(demo_document(), return_tensors="pt")["input_ids"][:, :n]
-    kv, _ = smollm.prefill(ids, return_logits=False)
-    return [
-        kv_to_block(kv.select_tokens(torch.arange(b * 32, (b + 1) * 32)), SPEC)
-        for b in range(FIRST_BLOCK, FIRST_BLOCK + N_BLOCKS)
-    ]
+    return smollm.prefill(ids, return_logits=False)[0]
+
+
+def _block(kv, b: int) -> torch.Tensor:
+    return kv_to_block(kv.select_tokens(torch.arange(b * 32, (b + 1) * 32)), SPEC)
+
+
+@pytest.fixture(scope="module")
+def blocks(kv) -> list[torch.Tensor]:
+    return [_block(kv, b) for b in range(FIRST_BLOCK, FIRST_BLOCK + N_BLOCKS)]
 
 
 @pytest.fixture(scope="module")
@@ -126,8 +132,9 @@ def test_probe_object_is_absent(s3):
             lambda b: VllmCpuLayout(SPEC, "td").block_to_chunk(b).numpy().tobytes(),
         ),  # keys untransposed
         (KVBM_BUCKET, lambda b: SPEC.to_bytes(b.flip(1).contiguous())),  # K and V swapped
+        (VLLM_BUCKET, lambda b: VllmCpuLayout(SPEC).block_to_chunk(b.flip(1).contiguous()).numpy().tobytes()),
     ],
-    ids=["kvbm-to-vllm", "vllm-to-kvbm", "vllm-keys-td", "kv-swapped"],
+    ids=["kvbm-to-vllm", "vllm-to-kvbm", "vllm-keys-td", "kv-swapped", "vllm-kv-swapped"],
 )
 def test_block_in_the_wrong_layout_is_refused_and_counted(server, s3, blocks, bucket, make):
     before_stored, before_refused = _stored(server), _refused(server)
@@ -144,3 +151,55 @@ def test_block_in_the_wrong_layout_is_refused_and_counted(server, s3, blocks, bu
 def test_right_layout_accepted_in_kvbm_bucket_too(server, s3, blocks):
     r = s3.put_object(Bucket=KVBM_BUCKET, Key="1234", Body=SPEC.to_bytes(blocks[2]))
     assert r["ResponseMetadata"]["HTTPHeaders"]["x-kvbm-codec-first-position"] == str(32 * (FIRST_BLOCK + 2))
+
+
+def _chunk(b: torch.Tensor, key_order: str = "dt") -> bytes:
+    return VllmCpuLayout(SPEC, key_order).block_to_chunk(b).numpy().tobytes()  # type: ignore[arg-type]
+
+
+# (bucket layout, right layout?, the object's bytes from a block)
+CASES = [
+    ("FullyContiguous", True, SPEC.to_bytes),
+    ("vllm-cpu", True, _chunk),
+    ("vllm-cpu", False, SPEC.to_bytes),
+    ("FullyContiguous", False, _chunk),
+    ("FullyContiguous", False, lambda b: SPEC.to_bytes(b.flip(1).contiguous())),
+    ("vllm-cpu", False, lambda b: _chunk(b.flip(1).contiguous())),
+    ("vllm-cpu", False, lambda b: _chunk(b, "td")),
+]
+
+
+def _check(bucket: Bucket, blocks: list[torch.Tensor], make, given: list[int | None]) -> list[str | None]:
+    data = [make(b) for b in blocks]
+    tensors = [bucket.to_block(d) for d in data]
+    return bucket.misfit_many(data, tensors, bucket.place(tensors, given))
+
+
+@pytest.mark.parametrize("known_position", [False, True], ids=["searched", "given"])
+def test_every_wrong_reading_of_every_block_is_refused(small_calibration, kv, blocks, known_position):
+    """The endpoint's own path (place, then the check) on the blocks past the sinks and on the first
+    block (attention sinks at positions 0-3, the largest normalised energy of real KV): every wrong
+    layout refused, every right one accepted, whether the position is searched or sent."""
+    model = ServedModel("smollm2-135m", small_calibration, SPEC, 20.0)
+    every = [_block(kv, 0), *blocks]
+    starts = [0, *(32 * (FIRST_BLOCK + i) for i in range(len(blocks)))]
+    given: list[int | None] = list(starts) if known_position else [None] * len(every)
+    for layout, right, make in CASES:
+        bucket = Bucket(BucketBinding(name="check", layout=layout, max_position=4096), model)
+        why = _check(bucket, every, make, given)
+        if right:
+            assert why == [None] * len(every), (layout, why)
+        else:
+            assert all(w is not None and "does not fit" in w and "energy" in w for w in why), (layout, why)
+
+
+def test_relative_check_still_names_the_better_reading(small_calibration, blocks):
+    """With only the optional relative test on (``layout_margin``), a vLLM chunk sent to a KVBM
+    bucket is refused as fitting vLLM's reading better, and a right block is accepted."""
+    model = ServedModel("smollm2-135m", small_calibration, SPEC, 20.0)
+    bucket = Bucket(
+        BucketBinding(name="check", max_position=4096, layout_energy_limit=None, layout_margin=1.5), model
+    )
+    assert _check(bucket, blocks, SPEC.to_bytes, [None] * len(blocks)) == [None] * len(blocks)
+    why = _check(bucket, blocks, _chunk, [None] * len(blocks))
+    assert all(w is not None and "read as vllm-cpu" in w for w in why), why

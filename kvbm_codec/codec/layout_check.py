@@ -3,16 +3,24 @@
 An object's bytes have only the meaning its bucket binding gives them: a PUT of the right length but
 another engine's layout (vLLM's CPU pages sent to a KVBM bucket, or the reverse, or K and V
 swapped) would otherwise be compressed and stored as if it fit, and every GET would return garbage
-KV. Real KV of the calibrated model, read in the bound layout and de-rotated at its position, is
-explained by the calibrated PCA bases: little of its (normalised) energy falls outside the leading
-components. Bytes read in the wrong layout are not: their residual is about twice as large or more
-(docs/vllm.md has the measurements). The bucket compares the bound reading of a block with every
-other reading it knows (``buckets.Bucket.misfit_many``); a relative test holds for a small
-calibration (whose own data already leaves more residual) as well as for a large one.
+KV. Two tests, both on a few evenly spaced tokens of each block (``sample_tokens``; a wrong reading
+is wrong on every token):
 
-The residual is a per-token average, so it is measured on a few evenly spaced tokens of each block
-(``sample_tokens``): a wrong reading is worse on every token, and the cost is a fraction of the
-block's encode. The key residual at the recovered position is the one the position search
+* Absolute (``energy``): the calibration normalises every feature (per-head scale) so that its own
+  KV carries a known energy per token, the sum of the PCA's eigenvalues and residual variance. Real
+  KV of the model read in the bound layout (keys de-rotated at their position) carries about that
+  (0.65-1.2x on held-out text with the default calibration); bytes read in any other layout or with
+  K and V swapped do not: the keys' energy is 13.6-15.6x (values read as keys, scrambled head dims,
+  another engine's order; 4.9x or more with a tiny test calibration), the values' 7-73x where they
+  are not values (docs/vllm.md has the table). A block whose keys or values exceed a configured
+  multiple (``layout_energy_limit``) is refused. The median over the sampled tokens
+  is used, so one outlier token (an attention sink at position 0) does not move it.
+* Relative (``score``, optional): the bound reading's PCA residual compared with every other reading
+  the bucket knows (``buckets.Bucket.misfit_many``). It misses a K/V swap often (values read as keys
+  still lie mostly in the key subspace: the residual *fraction* is as small as real keys'), so it is
+  off by default; it names the reading that fits better when enabled.
+
+The key figures at the recovered position are the ones the position search
 (``positions.PositionEstimator``) already computed; only the values are projected here.
 """
 
@@ -29,6 +37,12 @@ def sample_tokens(page_size: int, n: int) -> torch.Tensor:
     if n >= page_size:
         return torch.arange(page_size, dtype=torch.int64)
     return torch.linspace(0, page_size - 1, n).round().to(torch.int64).unique()
+
+
+def energy(token_energy: torch.Tensor, expected: float) -> torch.Tensor:
+    """[..., T] normalised energy of each sampled token -> [...] the median token's, relative to the
+    calibration's ``expected`` (about 1 for real KV read in the right layout)."""
+    return token_energy.median(-1).values / expected
 
 
 class ResidualBases:
@@ -49,6 +63,8 @@ class ResidualBases:
         # The fraction calibration KV itself leaves outside the leading components (from the PCA's own
         # eigenvalues): a block is judged relative to it, so the bound holds for any calibration size.
         self.expected = tail / max(total, 1e-30)
+        # The normalised energy of one token of calibration KV (all its features, every layer group).
+        self.energy = max(total, 1e-30)
 
     def residual(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, L, H, D] (float32; T tokens of any number of blocks, token-major so that a token's
@@ -77,11 +93,18 @@ class LayoutChecker:
 
     def value_fractions(self, values: torch.Tensor) -> torch.Tensor:
         """values [N, L, P, H, D] of N blocks (the block's own order) -> [N] residual fractions."""
+        return self.value_stats(values)[0]
+
+    def value_stats(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """values [N, L, P, H, D] of N blocks (the block's own order) -> ([N] residual fractions,
+        [N] energies: median over the sampled tokens of the normalised energy relative to the
+        calibration's, ``energy``)."""
         n, _, page, _, _ = values.shape
         tok = sample_tokens(page, self.tokens)
         x = values[:, :, tok].to(torch.float32).transpose(1, 2).flatten(0, 1)  # [N*T, L, H, D]
         res, tot = self.values.residual(x)
-        return res.reshape(n, -1).sum(1) / tot.reshape(n, -1).sum(1).clamp_min(1e-30)
+        res, tot = res.reshape(n, -1), tot.reshape(n, -1)
+        return res.sum(1) / tot.sum(1).clamp_min(1e-30), energy(tot, self.values.energy)
 
     def score(self, key_fraction: torch.Tensor, value_fraction: torch.Tensor) -> torch.Tensor:
         """Key plus value residual, each relative to the calibration's own (lower: fits better)."""

@@ -17,8 +17,9 @@ batch of blocks at once (the S3 endpoint places a batch of concurrent PUTs toget
    the calibrated key bases) of the block de-rotated at each candidate, on a few evenly spaced
    tokens of the block (the residual is a per-token average; the right position's is several times
    smaller than its neighbours', docs/benchmarks.md), all blocks and candidates in one matmul per
-   layer group; the smallest wins. The residual at the winner is returned with it: the layout
-   check (``layout_check``) needs exactly that figure, so it is not computed twice.
+   layer group; the smallest wins. The residual and the keys' normalised energy at the winner are
+   returned with it: the layout check (``layout_check``) needs exactly those figures, so they are
+   not computed twice.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvbm_codec.codec.layout_check import ResidualBases, sample_tokens
+from kvbm_codec.codec.layout_check import ResidualBases, energy, sample_tokens
 from kvbm_codec.codec.params import Calibration
 from kvbm_codec.codec.rope import RotaryParams
 
@@ -46,6 +47,8 @@ class PositionSearch:
 class Placement:
     position: int
     key_residual: float  # fraction of normalised key energy outside the leading components, there
+    # median sampled token's normalised key energy there, relative to the calibration's (layout_check)
+    key_energy: float = float("nan")
 
 
 class PositionEstimator:
@@ -112,9 +115,12 @@ class PositionEstimator:
         s = (rs[:, :half] + rs[:, half : 2 * half]).to(torch.float64)
         return c @ self._cos_t + s @ self._sin_t
 
-    def key_residuals(self, keys: torch.Tensor, starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def key_residuals(
+        self, keys: torch.Tensor, starts: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """keys [N, L, P, H, D] with RoPE, candidate first positions [N, K] -> (residual energy,
-        total energy) [N, K] of the normalised keys de-rotated at each, on the sampled tokens."""
+        total energy, the median token's energy relative to the calibration's) [N, K] of the
+        normalised keys de-rotated at each, on the sampled tokens."""
         n, layers, page, heads, dim = keys.shape
         k_cands = starts.shape[1]
         tok = sample_tokens(page, self.search.refine_tokens)
@@ -126,7 +132,8 @@ class PositionEstimator:
             x = x.expand(n, k_cands, tok.numel(), layers, heads, dim)
         x = x.reshape(-1, layers, heads, dim)
         res, tot = self.bases.residual(x)
-        return res.reshape(n, k_cands, -1).sum(2), tot.reshape(n, k_cands, -1).sum(2)
+        tot = tot.reshape(n, k_cands, -1)
+        return res.reshape(n, k_cands, -1).sum(2), tot.sum(2), energy(tot, self.bases.energy)
 
     def place_many(self, keys: torch.Tensor, refine_top: int | None = None) -> list[Placement]:
         """Most likely first positions of N blocks whose keys [N, L, P, H, D] carry RoPE, with the key
@@ -139,20 +146,25 @@ class PositionEstimator:
         scores = self.coarse_scores(keys)
         k = min(refine_top or self.search.refine_top, scores.shape[1])
         starts = self.candidates()[torch.topk(scores, k, dim=1).indices]  # [N, K]
-        res, tot = self.key_residuals(keys, starts)
+        res, tot, en = self.key_residuals(keys, starts)
         best = res.argmin(1)
         rows = torch.arange(n)
         frac = res[rows, best] / tot[rows, best].clamp_min(1e-30)
-        return [Placement(int(p), float(f)) for p, f in zip(starts[rows, best], frac, strict=True)]
+        return [
+            Placement(int(p), float(f), float(e))
+            for p, f, e in zip(starts[rows, best], frac, en[rows, best], strict=True)
+        ]
 
     def at(self, keys: torch.Tensor, positions: Sequence[int]) -> list[Placement]:
         """The key residual fractions of N blocks at given first positions (a client sent them)."""
         if keys.shape[0] == 0:
             return []
         starts = torch.tensor(list(positions), dtype=torch.int64)[:, None]
-        res, tot = self.key_residuals(keys, starts)
+        res, tot, en = self.key_residuals(keys, starts)
         frac = res[:, 0] / tot[:, 0].clamp_min(1e-30)
-        return [Placement(int(p), float(f)) for p, f in zip(positions, frac, strict=True)]
+        return [
+            Placement(int(p), float(f), float(e)) for p, f, e in zip(positions, frac, en[:, 0], strict=True)
+        ]
 
     def estimate(self, keys: torch.Tensor) -> int:
         """Most likely first position of one block whose keys [L, P, H, D] carry RoPE."""

@@ -101,12 +101,22 @@ class BucketBinding(BaseModel):
     max_position: int = Field(
         32768, gt=0, description="Largest token position the RoPE position search considers for a block."
     )
+    layout_energy_limit: float | None = Field(
+        4.0,
+        gt=1.0,
+        description="Refuse a block whose keys or values, read in the bound layout, carry more than this "
+        "many times the normalised energy per token of the calibration's own KV (median of the sampled "
+        "tokens): real KV measures 0.65-1.2x, another layout's or K/V-swapped keys 13.6x or more with the "
+        "default calibration (docs/vllm.md). "
+        "None: no absolute check.",
+    )
     layout_margin: float | None = Field(
-        1.5,
+        None,
         ge=1.0,
-        description="Refuse a block that another known layout (or K/V swapped) explains this many times "
-        "better than the bound one, by PCA residual against the calibration: bytes of another layout "
-        "(docs/vllm.md). None: no check.",
+        description="Also refuse a block that another known layout (or K/V swapped) explains this many times "
+        "better than the bound one, by PCA residual against the calibration (searches every other reading: "
+        "costs about a third of a put's encode, and misses K/V swaps the absolute test catches; "
+        "docs/vllm.md). None: no relative check.",
     )
 
 

@@ -139,13 +139,17 @@ class Bucket:
         for i, p in zip(search, est.place_many(keys[search]), strict=True):
             out[i] = p
         at = [int(g) for g in given if g is not None]
-        if self.binding.layout_margin is None:  # no layout check: the residual would go unused
+        if not self.checks_layout:  # the residual and energy would go unused
             placed = [Placement(p, float("nan")) for p in at]
         else:
             placed = est.at(keys[known], at)
         for i, p in zip(known, placed, strict=True):
             out[i] = p
         return [p for p in out if p is not None]
+
+    @property
+    def checks_layout(self) -> bool:
+        return self.binding.layout_energy_limit is not None or self.binding.layout_margin is not None
 
     def _readings(self, data: bytes) -> dict[str, torch.Tensor]:
         """The same bytes read in every other layout this endpoint knows (K and V swapped aside:
@@ -167,12 +171,15 @@ class Bucket:
         """Why each object (``data``, read as ``blocks``, placed at ``placed``) does not fit this
         bucket's layout, or None; the whole batch scored at once.
 
-        The bound reading is compared with the same bytes read in every other layout this endpoint
-        knows (KVBM FullyContiguous, vLLM CPU with keys either way round, K and V swapped), each at its
-        own recovered position: real KV fits exactly one reading well, so a block that some other
-        reading explains ``layout_margin`` times better than the bound one is refused. The bound
-        reading's key residual is the position search's own (``placed``)."""
-        if self.binding.layout_margin is None:
+        Absolute test (``layout_energy_limit``): the bound reading's keys (at the recovered position;
+        the search's own figure, ``placed``) and values must carry about the normalised energy per
+        token of the calibration's own KV; any other layout's bytes, or K and V swapped, carry 5x or
+        more (docs/vllm.md). Relative test (``layout_margin``, off by default): the bound reading
+        is compared with the same bytes read in every other layout this endpoint knows (KVBM
+        FullyContiguous, vLLM CPU with keys either way round, K and V swapped), each at its own
+        recovered position, and a block that some other reading explains ``layout_margin`` times
+        better is refused; it runs only on blocks the absolute test let through."""
+        if not self.checks_layout:
             return [None] * len(blocks)
         c = CHECK_CHUNK
         return [
@@ -184,13 +191,49 @@ class Bucket:
     def _misfit(
         self, data: Sequence[bytes], blocks: Sequence[torch.Tensor], placed: Sequence[Placement]
     ) -> list[str | None]:
+        chk = self.checker()
+        values = self._part(blocks, 1)
+        value_frac, value_energy = chk.value_stats(values)
+        out: list[str | None] = [None] * len(blocks)
+        limit = self.binding.layout_energy_limit
+        if limit is not None:
+            for i, p in enumerate(placed):
+                k, v = p.key_energy, float(value_energy[i])
+                if not (k <= limit and v <= limit):  # a NaN (no figure) refuses too
+                    part, x = ("keys", k) if not k <= limit else ("values", v)
+                    out[i] = (
+                        f"the block does not fit bucket {self.name}'s {self.binding.layout} layout: read "
+                        f"so, its {part} carry {x:.1f}x the calibration's normalised energy per token "
+                        f"(limit {limit}x)"
+                    )
+        rest = [i for i, w in enumerate(out) if w is None]
+        if self.binding.layout_margin is not None and rest:
+            why = self._relative(
+                [data[i] for i in rest],
+                [blocks[i] for i in rest],
+                [placed[i] for i in rest],
+                values[rest],
+                value_frac[rest],
+            )
+            for i, w in zip(rest, why, strict=True):
+                out[i] = w
+        return out
+
+    def _relative(
+        self,
+        data: Sequence[bytes],
+        blocks: Sequence[torch.Tensor],
+        placed: Sequence[Placement],
+        values: torch.Tensor,
+        value_frac: torch.Tensor,
+    ) -> list[str | None]:
         margin = self.binding.layout_margin
         assert margin is not None
         chk = self.checker()
         n = len(blocks)
-        keys, values = self._part(blocks, 0), self._part(blocks, 1)
+        keys = self._part(blocks, 0)
         key_frac = torch.tensor([p.key_residual for p in placed], dtype=torch.float64)
-        bound = chk.score(key_frac, chk.value_fractions(values))
+        bound = chk.score(key_frac, value_frac)
         readings = [self._readings(d) for d in data]
         names = ["K and V swapped", *readings[0]]
         other = [r[name] for name in names[1:] for r in readings]  # reading-major: [A-1 readings x N]
