@@ -35,12 +35,12 @@ from kvbm_codec.calibration.calibrate import (
     token_sequences,
 )
 from kvbm_codec.calibration.corpus import CORPUS_NAME, broad_corpus
-from kvbm_codec.calibration.sensitivity import measure_layer_sensitivity, sensitivity_factors
 from kvbm_codec.calibration.statistics import gather_statistics
 from kvbm_codec.codec.config import CodecConfig
 from kvbm_codec.codec.kvtc import KVTCCodec
 from kvbm_codec.codec.params import allocation_name
 from kvbm_codec.eval.metrics import kl_divergence_mean, perplexity, top1_agreement
+from kvbm_codec.eval.sensitivity import measure_layer_sensitivity, sensitivity_factors
 from kvbm_codec.models.hf import CausalLM
 
 SEQ = 1024
@@ -116,7 +116,7 @@ def corpus_parts(state: dict, corpus: str) -> list[str]:
 
 def parse_distortion(distortion: str) -> tuple[str, float | None, float, float]:
     """'attention', 'mse', ... as CodecConfig has them; 'measured[@POWER][/KEY_WEIGHT]': the attention
-    metric with per-layer, per-kind factors measured end to end (calibration/sensitivity.py) at the
+    metric with per-layer, per-kind factors measured end to end (eval/sensitivity.py) at the
     analytic calibration's 20x allocation, damped by POWER; 'attention/KW' or 'mse/KW': key_weight KW."""
     name, _, kw = distortion.partition("/")
     key_weight = float(kw) if kw else 1.0

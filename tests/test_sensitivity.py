@@ -11,15 +11,15 @@ import pytest
 import torch
 
 from kvbm_codec.calibration.calibrate import token_sequences
-from kvbm_codec.calibration.sensitivity import (
-    measure_layer_sensitivity,
-    predicted_cost,
-    sensitivity_factors,
-)
 from kvbm_codec.calibration.statistics import feature_weights, gather_statistics
 from kvbm_codec.codec.kvtc import KVTCCodec
 from kvbm_codec.codec.params import ModelShape
 from kvbm_codec.eval.metrics import kl_divergence_mean
+from kvbm_codec.eval.sensitivity import (
+    measure_layer_sensitivity,
+    predicted_cost,
+    sensitivity_factors,
+)
 from kvbm_codec.kv import KVCache
 from kvbm_codec.models.hf import CausalLM
 from kvbm_codec.texts import calibration_texts

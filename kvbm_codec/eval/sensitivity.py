@@ -1,6 +1,6 @@
 """Per-layer sensitivity measured end to end: what a layer's real codec error costs the model's output.
 
-The attention-aware metric (statistics.py) prices an error in one layer from first-order local
+The attention-aware metric (calibration/statistics.py) prices an error in one layer from first-order local
 arguments: the logit error a key error makes, the o_proj image of a value error, and the residual
 energy entering the layer. It cannot see what happens downstream (a layer whose attention output
 the later layers amplify or wash out), and its key/value exchange rate rests on an approximation
