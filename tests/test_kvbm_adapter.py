@@ -23,7 +23,6 @@ from kvbm_codec.adapters.kvbm import (
 from kvbm_codec.api.blocks import BlockSpec, InvalidBlockError, kv_to_block
 from kvbm_codec.api.types import BlockTransport
 from kvbm_codec.codec.block import KVTCBlockCodec
-from kvbm_codec.codec.kvtc import KVTCCodec
 from kvbm_codec.core.service import BlockService, ServedModel, ServiceTransport
 from kvbm_codec.eval.metrics import perplexity, top1_agreement
 from kvbm_codec.kv import KVCache
@@ -161,8 +160,9 @@ def test_layout_refuses_what_is_not_a_conversation(kv_1k, conversation_ids):
 
 
 def _direct_codec_blocks(cal, blocks: KvbmBlocks, exact_from: int) -> torch.Tensor:
-    """What the codec alone makes of the same blocks, window blocks stored exactly: the bound."""
-    codec = KVTCBlockCodec(KVTCCodec(cal, TARGET_CR), blocks.spec)
+    """What the codec alone makes of the same blocks, window blocks stored exactly: the bound. Built as
+    the service builds its block codec (the allocation sized on block frames when there is one)."""
+    codec = KVTCBlockCodec.create(cal, blocks.spec, TARGET_CR)
     out = []
     for i in range(blocks.n_blocks):
         frame, _ = codec.encode(blocks.block(i), blocks.positions(i), compress=i < exact_from)
