@@ -6,10 +6,12 @@ one thread (per-core figures); peak RSS growth of encode and decode measured in 
 Usage: python bench/restore_vs_recompute.py [--model M] --text FILE --contexts 2048,8192 --target-cr 20
        --out J [--calibration-id ID] [--restore-only]
 
---calibration-id takes a calibration already in the local registry (`kvbm-codec registry list`), so a
+--calibration-id takes calibrations already in the local registry (`kvbm-codec registry list`), so a
 model whose default calibration is not cached yet is measured without first computing one (an hour
-for a 0.5B model on a loaded 2-core machine). --restore-only skips the per-core throughput and the
-peak-memory children when only restore vs recompute is wanted.
+for a 0.5B model on a loaded 2-core machine). Several ids, comma-separated, are each restored from
+the same prefill: one recompute time, one row per calibration, so calibrations compare side by side
+on the same KV. --restore-only skips the per-core throughput and the peak-memory children when only
+restore vs recompute is wanted.
 """
 
 from __future__ import annotations
@@ -120,19 +122,20 @@ def main() -> None:
     p.add_argument("--target-cr", type=float, default=20.0)
     p.add_argument("--out", type=Path, default=Path("bench/results/restore_vs_recompute.json"))
     p.add_argument("--workdir", type=Path, default=Path("/tmp/kvbm-codec-bench"))
-    p.add_argument("--calibration-id", default=None, help="a calibration in the local registry")
+    p.add_argument("--calibration-id", default=None, help="local registry ids, comma-separated")
     p.add_argument("--restore-only", action="store_true", help="skip per-core throughput and memory")
     a = p.parse_args()
     lm = CausalLM.load(a.model)
     if a.calibration_id is None:
         cal, cal_path, _ = load_or_calibrate(lm)
+        cals = [(cal, cal_path)]
     else:
         reg = local_registry()
-        cal = reg.get(lm.info.fingerprint, a.calibration_id)
-        found = reg.artifact_path(lm.info.fingerprint, a.calibration_id)
-        assert found is not None  # the local registry always has a file
-        cal_path = found
-    codec = KVTCCodec(cal, a.target_cr)
+        cals = []
+        for cid in a.calibration_id.split(","):
+            found = reg.artifact_path(lm.info.fingerprint, cid)
+            assert found is not None  # the local registry always has a file
+            cals.append((reg.get(lm.info.fingerprint, cid), found))
     ids = lm.tokenizer(a.text.read_text(), add_special_tokens=False, return_tensors="pt")["input_ids"]
     a.workdir.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -144,24 +147,26 @@ def main() -> None:
         t0 = time.perf_counter()
         kv, _ = lm.prefill(ctx, return_logits=False)
         prefill_s = time.perf_counter() - t0
-        frame = codec.encode(kv)
-        restore_s = best_of(lambda: codec.decode(frame))  # noqa: B023
-        row = {
-            "context_tokens": n,
-            "target_cr": a.target_cr,
-            "calibration_id": cal.calibration_id,
-            "threads": threads,
-            "load_average_1m": psutil.getloadavg()[0],
-            "prefill_s": prefill_s,
-            "restore_s": restore_s,
-            "restore_speedup": prefill_s / restore_s,
-            "fp16_mb": kv.nbytes(2) / 1e6,
-            "frame_mb": len(frame) / 1e6,
-        }
-        if not a.restore_only:
-            row.update(_per_core_and_memory(codec, kv, frame, a.workdir, n, str(cal_path), a.target_cr))
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        for cal, cal_path in cals:
+            codec = KVTCCodec(cal, a.target_cr)
+            frame = codec.encode(kv)
+            restore_s = best_of(lambda: codec.decode(frame))  # noqa: B023
+            row = {
+                "context_tokens": n,
+                "target_cr": a.target_cr,
+                "calibration_id": cal.calibration_id,
+                "threads": threads,
+                "load_average_1m": psutil.getloadavg()[0],
+                "prefill_s": prefill_s,
+                "restore_s": restore_s,
+                "restore_speedup": prefill_s / restore_s,
+                "fp16_mb": kv.nbytes(2) / 1e6,
+                "frame_mb": len(frame) / 1e6,
+            }
+            if not a.restore_only:
+                row.update(_per_core_and_memory(codec, kv, frame, a.workdir, n, str(cal_path), a.target_cr))
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(rows, indent=2))
 
