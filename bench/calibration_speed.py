@@ -1,10 +1,17 @@
-"""Calibration speed, before vs after, side by side in one process on the same prefills.
+"""Calibration speed of the default recipe, before vs after, side by side in one process on the same KV.
 
-"before" is the previous pipeline: torch (MKL) eigh, error tables recomputing each group's min/max for
-every code width, and a full encode (projection included) per bisection step; "after" is the current
-one. Both fit the same KV (one set of prefills, timed once), then each calibration is scored on a
-held-out text at every target, so any change in quality shows next to the change in time.
-Usage: python bench/calibration_speed.py [--model M] --text FILE --out bench/results/calibration_speed.json
+Both pipelines see the same prefills (the default broad corpus, attention-aware distortion, context
+and 32-token block allocations): each fit sequence is prefilled once with the statistics hooks, and
+its KV is streamed into both pipelines' covariance accumulators, each timed. Then each pipeline's
+eigendecomposition, error tables and bit allocation run and are timed, and both calibrations are
+scored on a validation text at every allocation, so any change in quality shows next to the change
+in time. "before" is the previous pipeline: torch's general ``x.T @ x`` for the covariance products
+and a cold lambda bisection (from [1e-12, 1e12]) for every context allocation; "after" is the
+current one (numpy's symmetric ``a.T @ a``; bisection started from the nominal-ratio lambda).
+
+Usage: python bench/calibration_speed.py [--model M] [--per-domain N] --text FILE --out J
+(--per-domain N fits N sequences per domain instead of the default plan: the phases after the
+prefill cost the same at any fit size, the covariance accumulation scales with it).
 """
 
 from __future__ import annotations
@@ -13,120 +20,183 @@ import argparse
 import contextlib
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-import numpy as np
+import psutil
 import torch
 
 import kvbm_codec.calibration.calibrate as calib
-import kvbm_codec.codec.pca as pca
-from kvbm_codec.calibration.calibrate import DEFAULT_TARGETS, calibrate_from_kv, token_sequences
+from kvbm_codec.calibration.cache import corpus_texts
+from kvbm_codec.calibration.corpus import FIT_SEQUENCES
+from kvbm_codec.calibration.statistics import gather_statistics
+from kvbm_codec.codec.allocation import allocate_for_ratio
 from kvbm_codec.codec.config import CodecConfig
 from kvbm_codec.codec.kvtc import KVTCCodec
-from kvbm_codec.codec.quantize import dequantize_groups, quantize_groups
-from kvbm_codec.eval.metrics import perplexity, top1_agreement
+from kvbm_codec.codec.params import Calibration, ModelShape, allocation_name
+from kvbm_codec.codec.pca import CovarianceAccumulator
+from kvbm_codec.eval.metrics import kl_divergence_mean, perplexity, top1_agreement
 from kvbm_codec.models.hf import CausalLM
-from kvbm_codec.texts import calibration_texts
 
 
-def _legacy_eigh(cov: torch.Tensor, k: int, oversample: int = 128, iterations: int = 4) -> tuple:
-    return torch.linalg.eigh(cov)
+class _TorchProductAccumulator(CovarianceAccumulator):
+    """The previous accumulator: the same centring and float64 sums, torch's general matmul."""
+
+    def add(self, x: torch.Tensor) -> None:
+        x32 = x.reshape(-1, self.dim).to(torch.float32)
+        if self._ref is None:
+            self._ref = x32.mean(0)
+        xc = x32 - self._ref
+        self.count += xc.shape[0]
+        self._sum += xc.sum(0, dtype=torch.float64)
+        self._outer += (xc.T @ xc).to(torch.float64)
 
 
-def _legacy_error_table(coeffs: torch.Tensor, group_sizes: tuple[int, ...], max_bits: int) -> dict:
-    n_tokens, rank = coeffs.shape
-    tables = {}
-    for g in group_sizes:
-        nblk = rank // g
-        if nblk == 0:
-            continue
-        x = coeffs[:, : nblk * g].reshape(n_tokens, nblk, g).to(torch.float32)
-        table = np.empty((max_bits + 1, nblk), dtype=np.float64)
-        table[0] = (x.to(torch.float64) ** 2).sum(-1).mean(0).numpy()
-        for bits in range(1, max_bits + 1):
-            codes, shift, scale = quantize_groups(x, bits)
-            err = (dequantize_groups(codes, shift, scale) - x).to(torch.float64) ** 2
-            table[bits] = err.sum(-1).mean(0).numpy()
-        tables[g] = table
-    return tables
-
-
-class _LegacyProbe:
-    def __init__(self, cal: object, kv: object) -> None:
-        self.cal, self.kv = cal, kv
-
-    def measure(self, alloc: object) -> float:
-        return calib.measure_ratio(self.cal, alloc, self.kv)  # type: ignore[arg-type]
+def _cold_context_allocations(
+    cal: Calibration, probe: calib.RatioProbe, targets: Sequence[float], progress: bool = False
+) -> None:
+    for target in targets:
+        cal.allocations[allocation_name(target)] = allocate_for_ratio(
+            cal.error_tables, target, cal.config.scale_bits, probe.measure
+        )
 
 
 @contextlib.contextmanager
 def legacy() -> Iterator[None]:
-    saved = (pca.top_eigenpairs, calib.block_error_table, calib.RatioProbe)
-    pca.top_eigenpairs, calib.block_error_table, calib.RatioProbe = (  # type: ignore[assignment]
-        _legacy_eigh,
-        _legacy_error_table,
-        _LegacyProbe,
-    )
+    saved = (calib.CovarianceAccumulator, calib.context_allocations)
+    calib.CovarianceAccumulator = _TorchProductAccumulator  # type: ignore[misc]
+    calib.context_allocations = _cold_context_allocations
     try:
         yield
     finally:
-        pca.top_eigenpairs, calib.block_error_table, calib.RatioProbe = saved  # type: ignore[assignment]
+        calib.CovarianceAccumulator, calib.context_allocations = saved  # type: ignore[misc]
+
+
+@contextlib.contextmanager
+def counting_encodes(counter: dict[str, int]) -> Iterator[None]:
+    """Counts the probes' real encodes (the bisection steps)."""
+    saved = (calib.RatioProbe.measure, calib.BlockRatioProbe.measure)
+
+    def wrap(fn, key):  # type: ignore[no-untyped-def]
+        def measured(self, alloc):  # type: ignore[no-untyped-def]
+            counter[key] = counter.get(key, 0) + 1
+            return fn(self, alloc)
+
+        return measured
+
+    calib.RatioProbe.measure = wrap(saved[0], "context")  # type: ignore[method-assign]
+    calib.BlockRatioProbe.measure = wrap(saved[1], "block")  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        calib.RatioProbe.measure, calib.BlockRatioProbe.measure = saved  # type: ignore[method-assign]
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--text", type=Path, required=True, help="held-out text (not the calibration corpus)")
-    p.add_argument("--fit-sequences", type=int, default=16)
+    p.add_argument("--text", type=Path, required=True, help="validation text (not a calibration text)")
+    p.add_argument("--per-domain", type=int, default=None, help="fit sequences per domain (default: plan)")
+    p.add_argument("--context", type=int, default=2048)
+    p.add_argument("--continuation", type=int, default=256)
     p.add_argument("--out", type=Path, default=Path("bench/results/calibration_speed.json"))
     a = p.parse_args()
     lm = CausalLM.load(a.model)
-    seqs = token_sequences(lm.tokenizer, calibration_texts(), 1024, a.fit_sequences + 1)
+    info, cfg = lm.info, CodecConfig()
+    shape = ModelShape(info.n_layers, info.n_kv_heads, info.key_head_dim, info.value_head_dim)
+    texts, corpus_name = corpus_texts(lm.tokenizer, "broad")
+    assert isinstance(texts, dict)
+    counts = {d: (a.per_domain if a.per_domain is not None else FIT_SEQUENCES[d]) for d in texts}
+    by_domain = {d: calib.token_sequences(lm.tokenizer, t, 1024, counts[d] + 1) for d, t in texts.items()}
+    fit = [s for d, seqs in by_domain.items() for s in seqs[: counts[d]]]
+    load = [psutil.getloadavg()[0]]
+
     t0 = time.perf_counter()
-    fit = [lm.prefill(s, return_logits=False)[0] for s in seqs[: a.fit_sequences]]
-    held = lm.prefill(seqs[a.fit_sequences], return_logits=False)[0]
+    held = calib.mixed_held_out([lm.prefill_kv(seqs[counts[d]]) for d, seqs in by_domain.items()], cfg, 1024)
     prefill_s = time.perf_counter() - t0
-    print(json.dumps({"prefill_s": round(prefill_s, 1), "sequences": a.fit_sequences + 1}), flush=True)
+    accs: dict[str, dict] = {"before": {}, "after": {}}
+    cov_s = {"before": 0.0, "after": 0.0}
+    n_q = int(lm.model.config.num_attention_heads)
+    with gather_statistics(lm.model, n_q, info.key_head_dim) as stats:
+        for i, seq in enumerate(fit):
+            t0 = time.perf_counter()
+            kv = lm.prefill_kv(seq)
+            prefill_s += time.perf_counter() - t0
+            order = ("before", "after") if i % 2 == 0 else ("after", "before")  # drift hits both alike
+            for label in order:
+                ctx = legacy() if label == "before" else contextlib.nullcontext()
+                t0 = time.perf_counter()
+                with ctx:
+                    calib.accumulate_covariances([kv], cfg, info.rope, shape, into=accs[label])
+                cov_s[label] += time.perf_counter() - t0
+            if i % 10 == 0:
+                load.append(psutil.getloadavg()[0])
+    print(json.dumps({"prefills": len(fit) + len(texts), "prefill_s": round(prefill_s, 1), "cov_s": cov_s}))
 
     ids = lm.tokenizer(a.text.read_text(), add_special_tokens=False, return_tensors="pt")["input_ids"]
-    ctx, cont = ids[:, :2048], ids[:, 2048 : 2048 + 256]
-    kv = lm.prefill(ctx, return_logits=False)[0]
-    ref = lm.logits_with_cache(kv, cont)
+    ctx_ids = ids[:, : a.context]
+    cont = ids[:, a.context : a.context + a.continuation]
+    if cont.shape[1] < 16:
+        raise SystemExit(f"{a.text} has {ids.shape[1]} tokens: too few for a {a.context}-token context")
+    ref_kv = lm.prefill_kv(ctx_ids)
+    ref = lm.logits_with_cache(ref_kv, cont)
 
-    report: dict = {"model": a.model, "prefill_s": prefill_s, "runs": {}}
+    report: dict = {
+        "model": a.model,
+        "corpus": corpus_name,
+        "fit_sequences": len(fit),
+        "prefill_s": prefill_s,
+        "validation_text": a.text.name,
+        "continuation_tokens": int(cont.shape[1]),
+        "threads": torch.get_num_threads(),
+        "runs": {},
+    }
     for label in ("before", "after"):
-        ctxm = legacy() if label == "before" else contextlib.nullcontext()
+        ctx = legacy() if label == "before" else contextlib.nullcontext()
         clock = calib.PhaseClock(progress=False)
-        with ctxm:
+        encodes: dict[str, int] = {}
+        with ctx, counting_encodes(encodes):
             t = time.perf_counter()
-            cal = calibrate_from_kv(
-                lm.info,
-                fit,
+            cal = calib.calibrate_from_kv(
+                info,
+                accs[label],
                 held,
-                CodecConfig(distortion="mse"),
-                targets=DEFAULT_TARGETS,
+                cfg,
                 progress=False,
                 clock=clock,
+                statistics=stats,
+                held_out_compressible=True,
+                block_tokens=calib.DEFAULT_BLOCK_TOKENS,
             )
             total = time.perf_counter() - t
+        load.append(psutil.getloadavg()[0])
         rows = []
-        for name in cal.allocations:
+        for name, alloc in cal.allocations.items():
             codec = KVTCCodec(cal, name)
-            frame, st = codec.encode_with_stats(kv)
+            frame, st = codec.encode_with_stats(ref_kv)
             out = lm.logits_with_cache(codec.decode(frame).to(torch.float32), cont)
             pr, pt = perplexity(ref[:-1], cont[0, 1:]), perplexity(out[:-1], cont[0, 1:])
             rows.append(
                 {
                     "allocation": name,
-                    "allocation_id": cal.allocations[name].allocation_id,
+                    "allocation_id": alloc.allocation_id,
+                    "lambda": alloc.meta.get("lambda"),
+                    "calibration_cr": round(alloc.meta.get("calibration_cr", 0.0), 3),
                     "achieved_cr": round(st.achieved_cr, 2),
                     "ppl_increase_pct": round(100 * (pt / pr - 1), 2),
                     "top1": round(top1_agreement(ref[:-1], out[:-1]), 4),
+                    "kl": round(kl_divergence_mean(ref[:-1], out[:-1]), 4),
                 }
             )
-        report["runs"][label] = {"non_prefill_s": total, "phases": clock.rounded(), "eval": rows}
+        report["runs"][label] = {
+            "covariance_s": cov_s[label],
+            "after_prefill_s": total,
+            "phases": clock.rounded(),
+            "probe_encodes": encodes,
+            "eval": rows,
+        }
         print(json.dumps({label: report["runs"][label]}), flush=True)
+    report["load_average_1m"] = load
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(report, indent=2))
 

@@ -429,6 +429,40 @@ def test_load_or_calibrate_goes_through_the_local_registry(
     assert code == 0 and json.loads(out)["latest"] is True
 
 
+def test_default_recipe_is_used_whatever_latest_points_at(
+    smollm: CausalLM,
+    cal_v1: Calibration,
+    cal_v2: Calibration,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`eval`, `demo`, `bench` and a registry-less `serve` encode with the calibration of the current
+    default recipe (found by its cache key), not with the local registry's `latest`: a machine whose
+    first calibration was an older recipe keeps `latest` on it until someone promotes, and a user
+    must still get the default. A registry that has no default-recipe entry recomputes it."""
+    from kvbm_codec.calibration.cache import DEFAULT_CORPUS, DEFAULT_FIT_SEQUENCES, cache_key, corpus_texts
+    from kvbm_codec.calibration.cache import load_or_calibrate
+    from kvbm_codec.server.app import resolve_calibration
+    from kvbm_codec.service.config import ModelConfig
+
+    monkeypatch.setenv("KVBM_CODEC_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("KVBM_CODEC_REGISTRY", raising=False)
+    fp = smollm.info.fingerprint
+    reg = Registry.from_url(tmp_path / "registry")
+    old_key = cache_key(CodecConfig(distortion="mse"), 16, 1024, "pydoc_data.topics")
+    reg.publish(cal_v2, promote=True, labels={"cache_key": old_key})  # an older recipe is latest
+    _, corpus_name = corpus_texts(smollm.tokenizer, DEFAULT_CORPUS)
+    key = cache_key(CodecConfig(), DEFAULT_FIT_SEQUENCES[DEFAULT_CORPUS], 1024, corpus_name)
+    reg.publish(cal_v1, labels={"cache_key": key})  # stands in for the default recipe's entry
+    assert reg.latest(fp).calibration_id == cal_v2.calibration_id
+
+    cal, _, fresh = load_or_calibrate(smollm, progress=False)
+    assert (cal.calibration_id, fresh) == (cal_v1.calibration_id, False)
+    served = resolve_calibration(ModelConfig(name="smollm2-135m", calibration="latest"))
+    assert served.calibration.calibration_id == cal_v1.calibration_id
+    assert reg.latest(fp).calibration_id == cal_v2.calibration_id  # loading never moves latest
+
+
 def test_entry_written_before_a_config_field_existed_still_loads(tmp_path: Path, cal_v1: Calibration) -> None:
     """An upgrade that adds a config field must not make every older registry entry look corrupt;
     a value that disagrees still does."""
