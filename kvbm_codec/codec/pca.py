@@ -29,8 +29,8 @@ class CovarianceAccumulator:
     """Products are taken in float32 (twice the BLAS speed) on data centred on the first batch's
     mean, which removes the large-mean cancellation that would otherwise cost float32 precision;
     the running sums are float64. The product goes through numpy: its ``a.T @ a`` is a symmetric
-    rank-k update (BLAS ``syrk``, half the multiplications of torch's general ``x.T @ x``), 1.7x
-    faster per calibration sequence (docs/benchmarks.md, calibration speed)."""
+    rank-k update (BLAS ``syrk``, half the multiplications of torch's general ``x.T @ x``; 1.8x
+    faster on one calibration sequence's features, docs/benchmarks.md "Calibration speed")."""
 
     def __init__(self, dim: int) -> None:
         self.dim = dim
