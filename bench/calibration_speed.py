@@ -42,14 +42,9 @@ from kvbm_codec.models.hf import CausalLM
 class _TorchProductAccumulator(CovarianceAccumulator):
     """The previous accumulator: the same centring and float64 sums, torch's general matmul."""
 
-    def add(self, x: torch.Tensor) -> None:
-        x32 = x.reshape(-1, self.dim).to(torch.float32)
-        if self._ref is None:
-            self._ref = x32.mean(0)
-        xc = x32 - self._ref
-        self.count += xc.shape[0]
-        self._sum += xc.sum(0, dtype=torch.float64)
-        self._outer += (xc.T @ xc).to(torch.float64)
+    @staticmethod
+    def _gram(xc: torch.Tensor) -> torch.Tensor:
+        return (xc.T @ xc).to(torch.float64)
 
 
 def _cold_context_allocations(

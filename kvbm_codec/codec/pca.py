@@ -49,8 +49,12 @@ class CovarianceAccumulator:
         xc = x32 - self._ref
         self.count += xc.shape[0]
         self._sum += xc.sum(0, dtype=torch.float64)
+        self._outer += self._gram(xc)
+
+    @staticmethod
+    def _gram(xc: torch.Tensor) -> torch.Tensor:
         a = xc.detach().cpu().numpy()
-        self._outer += torch.from_numpy(a.T @ a)
+        return torch.from_numpy(a.T @ a)
 
     def merged(self, *others: CovarianceAccumulator) -> CovarianceAccumulator:
         """One accumulator over the samples of all: lets calibration keep one per corpus domain and
