@@ -439,9 +439,14 @@ def test_default_recipe_is_used_whatever_latest_points_at(
     """`eval`, `demo`, `bench` and a registry-less `serve` encode with the calibration of the current
     default recipe (found by its cache key), not with the local registry's `latest`: a machine whose
     first calibration was an older recipe keeps `latest` on it until someone promotes, and a user
-    must still get the default. A registry that has no default-recipe entry recomputes it."""
-    from kvbm_codec.calibration.cache import DEFAULT_CORPUS, DEFAULT_FIT_SEQUENCES, cache_key, corpus_texts
-    from kvbm_codec.calibration.cache import load_or_calibrate
+    must still get the default."""
+    from kvbm_codec.calibration.cache import (
+        DEFAULT_CORPUS,
+        DEFAULT_FIT_SEQUENCES,
+        cache_key,
+        corpus_texts,
+        load_or_calibrate,
+    )
     from kvbm_codec.server.app import resolve_calibration
     from kvbm_codec.service.config import ModelConfig
 
