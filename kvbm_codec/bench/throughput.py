@@ -53,6 +53,8 @@ class ThroughputOptions:
     repeats: int = 3  # codec and roofline timings keep the best of this many
     service_threads: int | None = None  # torch intra-op threads of the service (None: its config's)
     s3_window_s: float | None = None  # the S3 endpoint's coalesce_window_s (None: its config's)
+    scaling_clients: tuple[int, ...] = ()  # levels of the pinned-service 1-core vs all-cores run (none: skip)
+    scaling_rounds: int = 2  # that run's alternating rounds (best of each level is kept)
 
     @classmethod
     def quick(cls) -> ThroughputOptions:
@@ -65,6 +67,10 @@ class ThroughputOptions:
             raise ValueError(f"batches must be in 1..blocks ({self.blocks}), got {self.batches}")
         if not self.clients or min(self.clients) < 1 or max(self.clients) > 64:
             raise ValueError(f"clients must be in 1..64, got {self.clients}")
+        if self.scaling_clients and (min(self.scaling_clients) < 1 or max(self.scaling_clients) > 64):
+            raise ValueError(f"scaling clients must be in 1..64, got {self.scaling_clients}")
+        if self.scaling_rounds < 1:
+            raise ValueError("scaling_rounds must be at least 1")
         bad = set(self.paths) - set(PATHS)
         if bad:
             raise ValueError(f"unknown paths {sorted(bad)}; known: {', '.join(PATHS)}")
@@ -533,7 +539,11 @@ def run_throughput(
                 f"  {r['path']:4} {r['op']} {r['clients']:2} clients: {r['mbps']:7.2f} MB/s  "
                 f"{r['ratio_to_codec']:.0%} of codec, {r['ratio_to_roofline']:.0%} of roofline"
             )
+    scaling = None
+    if opts.scaling_clients:
+        scaling = _scaling(cal, spec, rb, opts, log)
     return {
+        "core_scaling": scaling,
         "roofline_gflops": roof["gflops"],
         "roofline_flop_per_byte": roof["flop_per_byte"],
         "roofline_decode_mbps": implied,
@@ -561,6 +571,37 @@ def run_throughput(
         "cpus": len(os.sched_getaffinity(0)),
         "seconds": time.perf_counter() - t0,
     }
+
+
+def _scaling(
+    cal: Calibration, spec: BlockSpec, rb: RealBlocks, opts: ThroughputOptions, log: Callable[[str], None]
+) -> dict[str, Any] | None:
+    """The service as its own process on one core, then on every core this process may use."""
+    from kvbm_codec.bench.scaling import core_scaling
+
+    cores = sorted(os.sched_getaffinity(0))
+    paths = [p for p in opts.paths or ("grpc", "nixl") if p != "s3"]
+    if len(cores) < 2 or not paths:
+        log("core scaling needs 2+ cores and the grpc or nixl path: skipped")
+        return None
+    log(f"core scaling: `kvbm-codec serve` pinned to core {cores[0]}, then to cores {cores}")
+    res = core_scaling(
+        cal,
+        spec,
+        rb,
+        core_sets=[cores[:1], cores],
+        clients=opts.scaling_clients,
+        paths=paths,
+        blocks_per_client=opts.blocks_per_client,
+        target_cr=opts.target_cr,
+        rounds=opts.scaling_rounds,
+        log=log,
+    )
+    for r in res["ratios"]:
+        what = f"{r['path']:4} {r['op']} {r['clients']:2} clients"
+        log(f"  {what}: {len(cores)} cores / 1 core = {r['ratio']:.2f}x")
+    log(f"  all levels summed: {res['sum_ratio']:.2f}x")
+    return res
 
 
 def write_json(result: dict[str, Any], out: Path) -> None:

@@ -326,6 +326,13 @@ class ServiceConfig(BaseSettings):
         "1, concurrent requests run on every core side by side (the codec releases the GIL in its "
         "matmuls, DEFLATE and checksums); raise it when few clients send large batches.",
     )
+    batch_threads: int = Field(
+        0,
+        ge=0,
+        description="Threads one request's batch of blocks may be split across, its own included, while "
+        "cores are idle (a single client's batch then uses every core; under load nothing is split). "
+        "0: one per core this process may run on; 1: never split.",
+    )
     max_message_bytes: ByteSize = Field(
         64 << 20, gt=0, description="Largest gRPC message received or sent; larger ones are refused."
     )
