@@ -17,7 +17,7 @@ from typing import TypeVar
 
 import torch
 
-from kvbm_codec.api.blocks import BlockSpec, InvalidBlockError, block_positions
+from kvbm_codec.api.blocks import BlockSpec, InvalidBlockError, all_finite, block_positions
 from kvbm_codec.api.codecs import BlockCodec, UnknownCodecError, get_codec
 from kvbm_codec.api.errors import (
     CapacityError,
@@ -521,7 +521,7 @@ class BlockService:
                     if it.positions is not None
                     else block_positions(it.first_position, m.spec.page_size)
                 )
-                if not torch.isfinite(block).all():
+                if not all_finite(block):
                     raise InvalidBlockError("block holds NaN or Inf values")
             except InvalidBlockError as e:
                 raise InvalidBlockRequestError(f"block {it.sequence_hash:#x}: {e}") from e
