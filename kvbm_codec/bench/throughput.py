@@ -542,6 +542,14 @@ def run_throughput(
     scaling = None
     if opts.scaling_clients:
         scaling = _scaling(cal, spec, rb, opts, log)
+    if scaling is not None:  # the service in its own process, against the same codec-only figure
+        for r in scaling["rows"]:
+            r["ratio_to_codec"] = r["mbps"] / co["encode" if r["op"] == "put" else "decode"][ref_batch]
+        log(f"pinned `serve` on every core, ratios to codec-only at batch {ref_batch} (per core):")
+        for r in scaling["rows"]:
+            if r["cores"] == max(x["cores"] for x in scaling["rows"]):
+                what = f"{r['path']:4} {r['op']} {r['clients']:2} clients"
+                log(f"  {what}: {r['mbps']:7.2f} MB/s  {r['ratio_to_codec']:.0%} of codec")
     return {
         "core_scaling": scaling,
         "roofline_gflops": roof["gflops"],
