@@ -27,12 +27,11 @@ from kvbm_codec.codec.errors import (
     ModelMismatchError,
 )
 from kvbm_codec.codec.params import Calibration
-from kvbm_codec.codec.pca import PCABasis, from_features
+from kvbm_codec.codec.pca import PCABasis
 from kvbm_codec.codec.quantize import (
     Tiling,
     active_components,
     code_segments,
-    decode_coefficients,
     dequantize_batch_into,
     encode_coefficients,
     encode_coefficients_batch,
@@ -44,8 +43,12 @@ CODEC_NAME = "kvtc"
 _Parsed = tuple[int, fr.Frame, Allocation, dict[str, bytes | memoryview]]
 """(index in the batch, verified frame, its allocation, its sections by name)."""
 _SCATTER_BLOCKS = 8
-"""Blocks of decoded feature rows re-rotated and converted at a time (~2 MB of rows at SmolLM2's
-widths): small enough to stay in cache between the two, measured fastest of 1, 2, 4, 8 blocks."""
+"""Blocks of feature rows gathered, de-rotated and centred at a time by the batched encoder (~2 MB of
+rows at SmolLM2's widths): small enough to stay in cache between the steps."""
+_SCATTER_ROWS = 256
+"""Decoded feature rows re-rotated and converted at a time (8 blocks of 32 tokens, ~2 MB of rows at
+SmolLM2's widths): small enough to stay in cache between the two; measured fastest of 1, 2, 4 and 8
+blocks' worth."""
 _LAYOUTS_KEPT = 64
 """Section layouts remembered per codec (one per frame shape seen: blocks have one or two); bounded,
 since a hostile client could send frames of many shapes."""
@@ -153,16 +156,6 @@ class KVTCCodec:
             feats = self._rope(feats, positions, inverse=True)
         w = self._weights(name, self.alloc, self._alloc_id, feats.device)
         return feats.sub_(w.mean) @ w.enc
-
-    def _features(
-        self, name: str, coeffs: torch.Tensor, positions: torch.Tensor, alloc: Allocation, alloc_id: str
-    ) -> torch.Tensor:
-        """Inverse of ``_coefficients``: [n, k] -> feature rows [n, p] float32, keys re-rotated."""
-        w = self._weights(name, alloc, alloc_id, coeffs.device)
-        feats = torch.addmm(w.mean, coeffs, w.dec)
-        if name.endswith(".k") and self.cal.config.undo_rope:
-            feats = self._rope(feats, positions, inverse=False)
-        return feats
 
     def _rope(self, feats: torch.Tensor, positions: torch.Tensor, *, inverse: bool) -> torch.Tensor:
         """RoPE on feature rows, in place (they are the caller's own buffer): viewed
@@ -396,29 +389,32 @@ class KVTCCodec:
         comp_run = _as_slice(comp_idx)
         out_dtype = DTYPES[h.dtype]
         n_heads, dk, dv = h.n_kv_heads, h.key_head_dim, h.value_head_dim
+        n_comp = int(comp_idx.numel())
+        scratch = _Scratch()
+        rope = self.cal.config.undo_rope
+        cos, sin = rope_tables(pos_c, self.cal.rope, inverse=False) if rope else (None, None)
         for gi, (a, b) in enumerate(self.groups):
             if a < h.layer_start or b > h.layer_end:
                 continue
             nl = b - a
             keys = torch.empty(nl, n_heads, h.n_tokens, dk, dtype=out_dtype, device=device)
             values = torch.empty(nl, n_heads, h.n_tokens, dv, dtype=out_dtype, device=device)
-            for kind, dst, d in (("k", keys, dk), ("v", values, dv)):
+            for kind, dst in (("k", keys), ("v", values)):
                 name = self.cal.basis_name(gi, kind)
+                tiling = self._tiling(name, alloc, h.allocation_id)
+                coeffs = scratch.take("coeffs", (n_comp, tiling.n_active), torch.device("cpu"))
+                codes = np.frombuffer(sections[f"{name}.codes"], dtype=np.uint8)[None]
+                scales = np.frombuffer(sections[f"{name}.scales"], dtype=np.uint8)[None]
                 try:
-                    coeffs = decode_coefficients(
-                        sections[f"{name}.codes"],
-                        sections[f"{name}.scales"],
-                        alloc.blocks[name],
-                        int(comp_idx.numel()),
-                    ).to(device)
+                    dequantize_batch_into(codes, scales, tiling, n_comp, coeffs)
                 except ValueError as e:
                     raise FrameHeaderError(f"section {name}: {e}") from e
-                feats = self._features(name, coeffs, pos_c, alloc, h.allocation_id)
-                x = from_features(feats, nl, n_heads, d)
-                if comp_run is not None:
-                    dst[:, :, comp_run].copy_(x)
-                else:
-                    dst[:, :, comp_idx] = x.to(out_dtype)
+                w = self._weights(name, alloc, h.allocation_id, device)
+                feats = scratch.take("feats", (n_comp, w.dec.shape[1]), device)
+                torch.addmm(w.mean, coeffs.to(device), w.dec, out=feats)
+                tables = (cos, sin) if kind == "k" and rope else None
+                # [layers, heads, T, d] seen as [layers, T, heads, d]: the rows' own order
+                self._scatter(feats, tables, [dst.transpose(1, 2)], n_comp, comp_run, comp_idx, scratch)
             if raw_idx.numel():
                 raw = sections[f"g{gi}.raw"]
                 n_k = nl * n_heads * raw_idx.numel() * dk
@@ -731,29 +727,31 @@ class KVTCCodec:
         comp_idx: torch.Tensor,
         scratch: _Scratch,
     ) -> None:
-        """Feature rows [N * Tc, layers * heads * d] (block-major) into each block's [layers, T, H, d],
-        keys re-rotated on the way (``tables``: cos/sin per row), a few blocks at a time: the rotated
-        rows of a slice stay in cache until they are converted into the output, where rotating the
-        whole batch first cost a third of the matmul."""
+        """Feature rows [N * Tc, layers * heads * d] (block-major) into each block's [layers, T, H, d]
+        (any strides), keys re-rotated on the way (``tables``: cos/sin per row), ``_SCATTER_ROWS`` rows
+        at a time: the rotated rows of a slice stay in cache until they are converted into the output,
+        where rotating the whole batch first cost a third of the matmul."""
         nl, _, nh, d = dst[0].shape
-        rows = feats.view(len(dst), n_comp, nl, nh, d)
-        for b0 in range(0, len(dst), _SCATTER_BLOCKS):
-            b1 = min(len(dst), b0 + _SCATTER_BLOCKS)
-            src = rows[b0:b1]
+        total = len(dst) * n_comp
+        for r0 in range(0, total, _SCATTER_ROWS):
+            r1 = min(total, r0 + _SCATTER_ROWS)
+            src = feats[r0:r1]
             if tables is not None:
                 cos, sin = tables
                 assert cos is not None and sin is not None
-                r0, r1 = b0 * n_comp, b1 * n_comp
-                rot = scratch.take("rope", ((b1 - b0) * n_comp, nl * nh, d), feats.device)
-                x = feats[r0:r1].view(-1, nl * nh, d)
+                rot = scratch.take("rope", (r1 - r0, nl * nh, d), feats.device)
+                x = src.view(-1, nl * nh, d)
                 rotate(x, cos[r0:r1, None], sin[r0:r1, None], self.cal.rope.head_dim, inverse=False, out=rot)
-                src = rot.view(b1 - b0, n_comp, nl, nh, d)
-            for j in range(b0, b1):
-                x = src[j - b0].transpose(0, 1)  # [nl, Tc, H, d]
+                src = rot.view(r1 - r0, -1)
+            # the slice's rows as (block, token range) pieces
+            for j in range(r0 // n_comp, (r1 - 1) // n_comp + 1):
+                t0, t1 = max(r0, j * n_comp) - j * n_comp, min(r1, (j + 1) * n_comp) - j * n_comp
+                a = j * n_comp + t0 - r0
+                x = src[a : a + t1 - t0].view(t1 - t0, nl, nh, d).transpose(0, 1)  # [nl, t, H, d]
                 if comp_run is not None:
-                    dst[j][:, comp_run].copy_(x)
+                    dst[j][:, comp_run.start + t0 : comp_run.start + t1].copy_(x)
                 else:
-                    dst[j][:, comp_idx] = x.to(dst[j].dtype)
+                    dst[j][:, comp_idx[t0:t1]] = x.to(dst[j].dtype)
 
 
 @dataclass(frozen=True)

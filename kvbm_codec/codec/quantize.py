@@ -304,10 +304,12 @@ def dequantize_batch_into(
         nbytes = packed_size(m, bits)
         c = _unpack_rows(codes[:, cpos : cpos + nbytes], m, bits)
         cpos += nbytes
-        sb = np.ascontiguousarray(scales[:, spos : spos + count * n_tokens * 4]).view(np.float16)
+        # writable C-order copies only where needed: torch refuses to wrap read-only frame bytes silently
+        sb = np.require(scales[:, spos : spos + count * n_tokens * 4], requirements=("C", "W"))
         spos += count * n_tokens * 4
-        ss = torch.from_numpy(sb).reshape(n, 2, count, n_tokens).to(torch.float32)
-        c_t = torch.from_numpy(np.ascontiguousarray(c)).reshape(n, count, size, n_tokens).permute(0, 3, 1, 2)
+        ss = torch.from_numpy(sb.view(np.float16)).reshape(n, 2, count, n_tokens).to(torch.float32)
+        c_t = torch.from_numpy(np.require(c, requirements=("C", "W")))
+        c_t = c_t.reshape(n, count, size, n_tokens).permute(0, 3, 1, 2)
         dst = out[:, col : col + size * count].view(n, n_tokens, count, size)
         col += size * count
         torch.mul(c_t, ss[:, 1].transpose(1, 2)[..., None], out=dst)
