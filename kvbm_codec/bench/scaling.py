@@ -104,21 +104,24 @@ class PinnedService:
         self._log.close()
 
 
+Level = Callable[[dict[str, Any], str, int], Any]
+"""(targets, path, clients) -> a level with ``open()``, ``run(op)`` (seconds) and ``close()``: the
+throughput bench's own clients, handed in so that both benches drive the service the same way."""
+
+
 def _levels(
     svc: PinnedService,
-    rb: Any,
+    level_of: Level,
     spec: BlockSpec,
     clients: Sequence[int],
     paths: Sequence[str],
     per_client: int,
 ) -> Iterator[tuple[tuple[str, str, int], float]]:
     """((path, op, clients), MB/s) of each level against one running service, in a fixed order."""
-    from kvbm_codec.bench.throughput import _Level
-
     targets = {"grpc": svc.target, "model": svc.model}
     for n in clients:
         for path in paths:
-            level = _Level(targets, path, n, rb, per_client)
+            level = level_of(targets, path, n)
             try:
                 level.open()
                 for op in ("put", "get"):
@@ -130,7 +133,7 @@ def _levels(
 def core_scaling(
     cal: Calibration,
     spec: BlockSpec,
-    rb: Any,
+    level_of: Level,
     *,
     core_sets: Sequence[Sequence[int]],
     clients: Sequence[int],
@@ -160,7 +163,8 @@ def core_scaling(
                 svc = PinnedService(registry, cal, spec, target_cr, cores, settings, log_path)
                 try:
                     svc.wait_serving()
-                    for (path, op, n), mbps in _levels(svc, rb, spec, clients, paths, blocks_per_client):
+                    levels = _levels(svc, level_of, spec, clients, paths, blocks_per_client)
+                    for (path, op, n), mbps in levels:
                         key = (len(cores), path, op, n)
                         best[key] = max(best.get(key, 0.0), mbps)
                         what = f"round {rnd + 1}, {len(cores)} core(s): {path:4} {op} {n:2} clients"

@@ -596,7 +596,7 @@ def _scaling(
     res = core_scaling(
         cal,
         spec,
-        rb,
+        lambda targets, path, n: _Level(targets, path, n, rb, opts.blocks_per_client),
         core_sets=[cores[:1], cores],
         clients=opts.scaling_clients,
         paths=paths,
