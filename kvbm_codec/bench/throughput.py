@@ -125,8 +125,8 @@ def decode_flop_per_byte(codec: KVTCCodec) -> float:
     return flop / out
 
 
-def roofline(codec: KVTCCodec, n_tokens: int, repeats: int) -> dict[str, float]:
-    """One thread's fp32 matmul speed on exactly the reconstruction shapes the codec runs."""
+def roofline_work(codec: KVTCCodec, n_tokens: int) -> tuple[Callable[[], object], int]:
+    """The reconstruction matmuls of ``n_tokens`` tokens at the codec's shapes, and their FLOP."""
     work: list[tuple[torch.Tensor, torch.Tensor]] = []
     flop = 0
     g = torch.Generator().manual_seed(0)
@@ -135,8 +135,14 @@ def roofline(codec: KVTCCodec, n_tokens: int, repeats: int) -> dict[str, float]:
         coeffs = torch.randn(n_tokens, basis.shape[0], generator=g)
         work.append((coeffs, basis))
         flop += 2 * n_tokens * basis.shape[0] * basis.shape[1]
+    return (lambda: [c @ b for c, b in work]), flop
+
+
+def roofline(codec: KVTCCodec, n_tokens: int, repeats: int) -> dict[str, float]:
+    """One thread's fp32 matmul speed on exactly the reconstruction shapes the codec runs."""
+    run, flop = roofline_work(codec, n_tokens)
     with single_thread():
-        best = _best(lambda: [c @ b for c, b in work], repeats)
+        best = _best(run, repeats)
     gflops = flop / best / 1e9
     fpb = decode_flop_per_byte(codec)
     return {"gflops": gflops, "flop_per_byte": fpb, "implied_decode_mbps": gflops * 1e3 / fpb}
