@@ -112,6 +112,10 @@ def throughput(
     s3_window: Annotated[
         float | None, typer.Option(help="the S3 endpoint's coalesce_window_s (default: its config's)")
     ] = None,
+    batch_threads: Annotated[
+        int | None,
+        typer.Option(help="the service's batch_threads; 1 never splits a request's batch (default: config)"),
+    ] = None,
     scaling_clients: Annotated[
         str | None,
         typer.Option(help="also run `serve` pinned to 1 core vs all cores at these client levels, e.g. 4,16"),
@@ -138,6 +142,7 @@ def throughput(
         "s3_window_s": s3_window,
         "scaling_clients": _ints(scaling_clients, "--scaling-clients") if scaling_clients else None,
         "scaling_rounds": scaling_rounds,
+        "batch_threads": batch_threads,
     }
     fields = {**base.__dict__, **{k: v for k, v in given.items() if v is not None}, "target_cr": target_cr}
     try:

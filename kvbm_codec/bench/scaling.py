@@ -142,6 +142,7 @@ def core_scaling(
     target_cr: float,
     rounds: int,
     log: Callable[[str], None],
+    batch_threads: int | None = None,
 ) -> dict[str, Any]:
     """put/get MB/s of a pinned service per (cores, path, clients), best of ``rounds``, and each
     level's ratio of the largest core set to the smallest."""
@@ -153,6 +154,8 @@ def core_scaling(
         "DYN_KVBM_CODEC_NIXL__STAGING_BYTES": str(2 * most * blocks_per_client * spec.nbytes),
         "DYN_KVBM_CODEC_NIXL__SLOT_BYTES": str(blocks_per_client * spec.nbytes),
     }
+    if batch_threads is not None:
+        settings["DYN_KVBM_CODEC_BATCH_THREADS"] = str(batch_threads)
     best: dict[tuple[int, str, str, int], float] = {}
     with tempfile.TemporaryDirectory(prefix="kvbm-codec-scaling-") as d:
         registry = Path(d) / "registry"

@@ -52,6 +52,7 @@ class ThroughputOptions:
     target_cr: float = 20.0
     repeats: int = 3  # codec and roofline timings keep the best of this many
     service_threads: int | None = None  # torch intra-op threads of the service (None: its config's)
+    batch_threads: int | None = None  # the service's batch_threads (None: its config's, one per core)
     s3_window_s: float | None = None  # the S3 endpoint's coalesce_window_s (None: its config's)
     scaling_clients: tuple[int, ...] = ()  # levels of the pinned-service 1-core vs all-cores run (none: skip)
     scaling_rounds: int = 2  # that run's alternating rounds (best of each level is kept)
@@ -423,6 +424,8 @@ def service_levels(
     overrides: dict[str, Any] = {}
     if opts.service_threads is not None:
         overrides["codec_threads"] = opts.service_threads
+    if opts.batch_threads is not None:
+        overrides["batch_threads"] = opts.batch_threads
     cfg = ServiceConfig.load(
         grpc_port=0,
         metrics_port=None,
@@ -582,6 +585,11 @@ def run_throughput(
             if opts.service_threads is not None
             else ServiceConfig.model_fields["codec_threads"].default
         ),
+        "service_batch_threads": (
+            opts.batch_threads
+            if opts.batch_threads is not None
+            else ServiceConfig.model_fields["batch_threads"].default
+        ),
         "cpus": len(os.sched_getaffinity(0)),
         "seconds": time.perf_counter() - t0,
     }
@@ -609,6 +617,7 @@ def _scaling(
         blocks_per_client=opts.blocks_per_client,
         target_cr=opts.target_cr,
         rounds=opts.scaling_rounds,
+        batch_threads=opts.batch_threads,
         log=log,
     )
     for r in res["ratios"]:
