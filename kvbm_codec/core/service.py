@@ -52,7 +52,7 @@ class Limits:
     max_frame_bytes: int = 8 << 20
     retry_after_s: float = 0.05
     tenant_classes: Mapping[str, str] = field(default_factory=dict)  # tenant -> metric class
-    batch_threads: int = 0  # threads one request's batch may be split across; 0: one per core
+    batch_threads: int = 1  # threads one request's batch may be split across; 1: never, 0: one per core
 
     @classmethod
     def of(cls, source: object, **other: object) -> Limits:

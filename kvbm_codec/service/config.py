@@ -327,11 +327,12 @@ class ServiceConfig(BaseSettings):
         "matmuls, DEFLATE and checksums); raise it when few clients send large batches.",
     )
     batch_threads: int = Field(
-        0,
+        1,
         ge=0,
         description="Threads one request's batch of blocks may be split across, its own included, while "
-        "cores are idle (a single client's batch then uses every core; under load nothing is split). "
-        "0: one per core this process may run on; 1: never split.",
+        "this process runs fewer codec calls than that (under load nothing is split). 1 (default): never "
+        "split; 0: one per core this process may run on. Splitting measured slower on a shared 2-core "
+        "machine (the splitter cannot see other processes' load); try 0 on dedicated cores.",
     )
     max_message_bytes: ByteSize = Field(
         64 << 20, gt=0, description="Largest gRPC message received or sent; larger ones are refused."
