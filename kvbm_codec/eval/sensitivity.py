@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 import torch
+from tqdm.auto import tqdm
 
 from kvbm_codec.codec.kvtc import KVTCCodec
 from kvbm_codec.codec.params import basis_name
@@ -96,7 +97,9 @@ def measure_layer_sensitivity(
             n_layers = kv.n_layers
             kl = torch.zeros(n_layers, 2, dtype=torch.float64)
             pred = torch.zeros(n_layers, 2, dtype=torch.float64)
-        for layer in range(n_layers) if layers is None else layers:
+        for layer in tqdm(
+            range(n_layers) if layers is None else layers, desc="sensitivity probe", leave=False
+        ):
             for ki, kind in enumerate(("k", "v")):
                 out = lm.logits_with_cache(_replaced(kv, rec, layer, kind), cont)
                 kl[layer, ki] += kl_divergence_mean(ref, out)
