@@ -28,6 +28,8 @@ from tqdm.auto import tqdm
 
 from kvbm_codec.calibration.artifact import load_calibration, save_calibration
 from kvbm_codec.calibration.calibrate import (
+    PROBE_CONTINUATION,
+    PROBE_CR,
     accumulate_covariances,
     calibrate_from_kv,
     compressible,
@@ -36,12 +38,16 @@ from kvbm_codec.calibration.calibrate import (
     token_sequences,
 )
 from kvbm_codec.calibration.corpus import CORPUS_NAME, broad_corpus
+from kvbm_codec.calibration.sensitivity import (
+    combine_measurements,
+    measure_layer_sensitivity,
+    sensitivity_factors,
+)
 from kvbm_codec.calibration.statistics import gather_statistics
 from kvbm_codec.codec.config import CodecConfig
 from kvbm_codec.codec.kvtc import KVTCCodec
 from kvbm_codec.codec.params import allocation_name
 from kvbm_codec.eval.metrics import kl_divergence_mean, perplexity, top1_agreement
-from kvbm_codec.eval.sensitivity import measure_layer_sensitivity, sensitivity_factors
 from kvbm_codec.models.hf import CausalLM
 
 SEQ = 1024
@@ -136,14 +142,14 @@ def corpus_parts(state: dict, corpus: str) -> list[str]:
 
 def parse_distortion(distortion: str) -> tuple[str, float | None, float, float]:
     """'attention', 'mse', ... as CodecConfig has them; 'measured[@POWER][/KEY_WEIGHT]': the attention
-    metric with per-layer, per-kind factors measured end to end (eval/sensitivity.py) at the
+    metric with per-layer, per-kind factors measured end to end (calibration/sensitivity.py) at the
     analytic calibration's 20x allocation, damped by POWER; 'attention/KW' or 'mse/KW': key_weight KW."""
     name, _, kw = distortion.partition("/")
     key_weight = float(kw) if kw else 1.0
     if name.startswith("measured"):
         _, _, power = name.partition("@")
-        return "attention", float(power) if power else 1.0, key_weight, 20.0
-    return name, None, key_weight, 20.0
+        return "attention", float(power) if power else 1.0, key_weight, PROBE_CR
+    return name, None, key_weight, PROBE_CR
 
 
 def calibrate_variant(
@@ -165,6 +171,8 @@ def calibrate_variant(
         held = mixed_held_out([p["held_out"] for p in parts], CodecConfig(), SEQ)
     mode, power, key_weight, probe_cr = parse_distortion(distortion)
     cfg = CodecConfig(distortion=mode, key_weight=key_weight)  # type: ignore[arg-type]
+    if power is not None:  # the same recipe as calibrate() with this config (the artifact says so)
+        cfg = cfg.model_copy(update={"layer_sensitivity": "measured", "sensitivity_power": power})
     provenance = {
         "text_source": f"{state['corpus']}:{corpus}",
         "domains": corpus_parts(state, corpus),
@@ -216,14 +224,12 @@ def _probe(lm, state, corpus, accs, held, stats, probe_cr: float, cache: Path | 
         if part is not None and part.exists():
             parts.append(torch.load(part))
             continue
-        m = measure_layer_sensitivity(lm, codec, metric, groups, [ids], continuation=64)
+        m = measure_layer_sensitivity(lm, codec, metric, groups, [ids], continuation=PROBE_CONTINUATION)
         parts.append(m)
         if part is not None:
             torch.save(m, part)
         print(f"sensitivity probe {i + 1}/{len(probes)}: {time.perf_counter() - t0:.0f} s", flush=True)
-    kl = sum(m["kl"] for m in parts)
-    pred = sum(m["predicted"] for m in parts)
-    measured = {"kl": kl, "predicted": pred, "factor": kl.clamp_min(0) / pred.clamp_min(1e-30)}
+    measured = combine_measurements(parts)
     if cache is not None:
         torch.save(measured, cache)
     return measured

@@ -11,15 +11,15 @@ import pytest
 import torch
 
 from kvbm_codec.calibration.calibrate import token_sequences
-from kvbm_codec.calibration.statistics import feature_weights, gather_statistics
-from kvbm_codec.codec.kvtc import KVTCCodec
-from kvbm_codec.codec.params import ModelShape
-from kvbm_codec.eval.metrics import kl_divergence_mean
-from kvbm_codec.eval.sensitivity import (
+from kvbm_codec.calibration.sensitivity import (
     measure_layer_sensitivity,
     predicted_cost,
     sensitivity_factors,
 )
+from kvbm_codec.calibration.statistics import feature_weights, gather_statistics
+from kvbm_codec.codec.kvtc import KVTCCodec
+from kvbm_codec.codec.params import ModelShape
+from kvbm_codec.eval.metrics import kl_divergence_mean
 from kvbm_codec.kv import KVCache
 from kvbm_codec.models.hf import CausalLM
 from kvbm_codec.texts import calibration_texts
@@ -102,3 +102,60 @@ def test_probe_measures_each_layers_real_cost(smollm: CausalLM, small_calibratio
     assert torch.allclose(ratio[3 * width : 4 * width], torch.full((width,), 10.0, dtype=torch.float64))
     assert torch.allclose(ratio[:width], torch.ones(width, dtype=torch.float64))
     assert torch.allclose(scaled["g0.v"][0] * scaled["g0.v"][1], metric["g0.v"][0] * metric["g0.v"][1])
+
+
+def test_measured_sensitivity_is_a_recipe_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A measured calibration never shares a cache entry with an analytic one, the analytic default keeps
+    the key calibrations cached before the fields existed had, and a metric-less config is refused."""
+    import json
+
+    from pydantic import BaseModel
+
+    from kvbm_codec.calibration.cache import cache_key
+    from kvbm_codec.codec.config import CodecConfig
+
+    with pytest.raises(ValueError, match="needs distortion 'attention'"):
+        CodecConfig(distortion="mse", layer_sensitivity="measured")
+    configs = (
+        CodecConfig(),
+        CodecConfig(layer_sensitivity="measured"),
+        CodecConfig(layer_sensitivity="measured", sensitivity_power=0.5),
+    )
+    keys = [cache_key(c, 66, 1024, "broad") for c in configs]
+    assert len(set(keys)) == 3
+    new_fields = {"layer_sensitivity", "sensitivity_power"}
+
+    def before_the_fields(self: CodecConfig, **kw: object) -> str:
+        return json.dumps(
+            {k: v for k, v in json.loads(BaseModel.model_dump_json(self)).items() if k not in new_fields}
+        )
+
+    monkeypatch.setattr(CodecConfig, "model_dump_json", before_the_fields)
+    assert cache_key(CodecConfig(), 66, 1024, "broad") == keys[0]
+
+
+@pytest.mark.slow
+def test_calibrate_runs_the_probe_when_asked(smollm: CausalLM, tmp_path, capsys) -> None:
+    """layer_sensitivity='measured' inside calibrate(): the probe runs on the held-out calibration sequence
+    (its phase is timed and shown), every layer gets a factor from a real, non-zero KL, the factors differ
+    between layers, and the artifact keeps both the recipe and the factors."""
+    from kvbm_codec.calibration.artifact import load_calibration, save_calibration
+    from kvbm_codec.calibration.calibrate import calibrate
+    from kvbm_codec.codec.config import CodecConfig
+
+    cfg = CodecConfig(layer_group_size=6, layer_sensitivity="measured")
+    cal = calibrate(
+        smollm, calibration_texts(), cfg, targets=(20.0,), fit_sequences=3, seq_len=448, progress=True
+    )
+    assert "calibration: sensitivity probe took" in capsys.readouterr().err
+    prov = cal.provenance["layer_sensitivity"]
+    factors, kl = torch.tensor(prov["factors"]), torch.tensor(prov["probe_kl"])
+    n = smollm.info.n_layers
+    assert factors.shape == kl.shape == (n, 2) and prov["probe_sequences"] == 1
+    assert bool((kl > 0).all())  # every layer's decoded error moves the output
+    assert float(factors.min()) >= 0.05 - 1e-4  # the floor
+    assert float(factors.max() / factors.min()) > 2  # the local metric does not price layers alike
+    assert "cr20" in cal.allocations
+    save_calibration(cal, tmp_path / "measured.kvtc")
+    again = load_calibration(tmp_path / "measured.kvtc")
+    assert again.config.layer_sensitivity == "measured" and again.provenance["layer_sensitivity"] == prov

@@ -63,6 +63,8 @@ def cache_key(
     cfg = json.loads(config.model_dump_json())
     if cfg.get("distortion") == "mse":
         cfg.pop("distortion")  # keeps the keys of calibrations cached before the field existed
+    if cfg.get("layer_sensitivity") == "analytic" and cfg.get("sensitivity_power") == 1.0:
+        del cfg["layer_sensitivity"], cfg["sensitivity_power"]  # likewise
     key = json.dumps(
         {
             "config": cfg,
