@@ -170,7 +170,7 @@ def calibrate_variant(
     else:
         held = mixed_held_out([p["held_out"] for p in parts], CodecConfig(), SEQ)
     mode, power, key_weight, probe_cr = parse_distortion(distortion)
-    cfg = CodecConfig(distortion=mode, key_weight=key_weight)  # type: ignore[arg-type]
+    cfg = CodecConfig(distortion=mode, key_weight=key_weight, layer_sensitivity="analytic")  # type: ignore[arg-type]
     if power is not None:  # the same recipe as calibrate() with this config (the artifact says so)
         cfg = cfg.model_copy(update={"layer_sensitivity": "measured", "sensitivity_power": power})
     provenance = {
@@ -201,7 +201,7 @@ def _probe(lm, state, corpus, accs, held, stats, probe_cr: float, cache: Path | 
     held-out calibration sequence of every domain in the corpus (never on validation text)."""
     if cache is not None and cache.exists():
         return torch.load(cache)
-    cfg = CodecConfig(distortion="attention")
+    cfg = CodecConfig(distortion="attention", layer_sensitivity="analytic")
     analytic = None if cache is None else cache.parent / f"{corpus}-attention.kvtc"
     if analytic is not None and analytic.exists():  # the same recipe, already calibrated by the sweep
         base = load_calibration(analytic, expected_fingerprint=lm.info.fingerprint)
