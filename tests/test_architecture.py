@@ -1,8 +1,9 @@
 """The package layering the folders claim, checked from the source: every import, including those
 inside functions (a lazy import is still a dependency), between kvbm_codec's top-level packages.
 
-Fails on any loop between two top-level packages (or modules: ``kv``, ``api``, ``texts``, ``cli``)
-and on each edge the architecture forbids (docs/architecture.md).
+Fails on any loop between two top-level packages (or modules: ``kv``, ``api``, ``texts``, ``cli``),
+on any loop between two modules (files) inside a package, and on each edge the architecture forbids
+(docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -165,6 +166,26 @@ def test_no_loop_between_top_level_packages() -> None:
         for c in loops
     }
     assert not loops, f"import loops between packages: {detail}"
+
+
+def module_graph() -> dict[str, dict[str, set[str]]]:
+    """module -> imported module, between files; a package's ``__init__`` is left out as a target,
+    since it only hands on what its modules define (a submodule importing its own package's face
+    is not a dependency on its siblings)."""
+    paths = _modules()
+    modules = {_module_name(p) for p in paths if p.name != "__init__.py"}
+    graph: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
+    for path in paths:
+        src = _module_name(path)
+        for name in _imports(path):
+            if name in modules and name != src:
+                graph[src][name].add(src)
+    return graph
+
+
+def test_no_loop_between_modules() -> None:
+    loops = _cycles(module_graph())
+    assert not loops, f"import loops between modules (a lazy import counts): {loops}"
 
 
 @pytest.mark.parametrize("edge", sorted(FORBIDDEN), ids=lambda e: f"{e[0]}->{e[1]}")

@@ -396,8 +396,8 @@ def test_tenant_isolation_over_mtls(pki: Pki, small_calibration, one_block: byte
     from kvbm_codec.api.blocks import BlockSpec
     from kvbm_codec.api.types import PutItem
     from kvbm_codec.core.service import ServedModel
-    from kvbm_codec.frontends.grpc.auth import from_config
     from kvbm_codec.frontends.grpc.client import CodecClient, RpcFailedError
+    from kvbm_codec.frontends.grpc.security import from_config
     from kvbm_codec.frontends.grpc.server import CodecServer
     from kvbm_codec.server.app import build_service
 
@@ -441,7 +441,7 @@ def test_tenant_isolation_over_mtls(pki: Pki, small_calibration, one_block: byte
 
 
 def test_from_config_refuses_unsafe_combinations(pki: Pki, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    from kvbm_codec.frontends.grpc.auth import from_config
+    from kvbm_codec.frontends.grpc.security import from_config
     from kvbm_codec.service.config import ServiceConfig
 
     monkeypatch.delenv("KVBM_CODEC_AUTH_TOKENS", raising=False)

@@ -17,12 +17,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import boto3
 import grpc
 import pytest
+from _s3_client import path_style_client
 from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
-from botocore.config import Config
 from botocore.credentials import Credentials
 from test_service_grpc import MODEL, SPEC, _cfg, _items, blocks, served  # noqa: F401
 
@@ -135,14 +134,7 @@ def test_flood_from_one_tenant_leaves_the_other_served_and_refusals_on_the_flood
             ch, _streams = _unread_streams(r.target, items[0].sequence_hash, 8)  # held, never read
             assert _wait(lambda: r.refused("flood").get("tenant_overloaded", 0) >= 4)  # 4 in, 4 refused
             socks = [_stalled_upload(s3.port) for _ in range(3)]
-            spam = boto3.client(
-                "s3",
-                endpoint_url=s3.url,
-                aws_access_key_id=AK,
-                aws_secret_access_key=SK,
-                region_name="us-east-1",
-                config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}),
-            )
+            spam = path_style_client(s3.url, AK, SK)
             slowdown = 0
             for i in range(10):
                 try:

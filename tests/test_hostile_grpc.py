@@ -16,7 +16,7 @@ from test_service_grpc import MODEL, SPEC, Running, _items, blocks, served  # no
 from kvbm_codec._proto import kvbm_codec_pb2 as pb
 from kvbm_codec._proto import kvbm_codec_pb2_grpc as pb_grpc
 from kvbm_codec.api.errors import OverloadedError
-from kvbm_codec.frontends.grpc import auth as grpc_auth
+from kvbm_codec.frontends.grpc import security as grpc_security
 from kvbm_codec.frontends.grpc.client import RpcFailedError
 
 
@@ -109,7 +109,7 @@ def test_item10_grpc_auth_failures_are_counted(served, blocks, monkeypatch):  # 
 
 def test_item11_mtls_subject_allow_list_and_exact_loopback(pki: Pki, tmp_path) -> None:  # noqa: F811
     cfg = _service_config(pki, tmp_path, mode="mtls", cert_tenants={"tenant-a": "tenant-a"})
-    creds, authenticate = grpc_auth.from_config(cfg)
+    creds, authenticate = grpc_security.from_config(cfg)
     assert authenticate is not None
     with whoami_server(authenticate, creds) as target:
         assert _call(target, _client(pki.tenant_a, trust=pki.server))[0] == "tenant-a"
@@ -120,9 +120,9 @@ def test_item11_mtls_subject_allow_list_and_exact_loopback(pki: Pki, tmp_path) -
             grpc.StatusCode.PERMISSION_DENIED,
             grpc.StatusCode.UNAVAILABLE,
         )
-    assert grpc_auth._is_loopback("127.0.0.1") and grpc_auth._is_loopback("::1")
+    assert grpc_security._is_loopback("127.0.0.1") and grpc_security._is_loopback("::1")
     for host in ("127.example.com", "127.0.0.1.nip.io", "0.0.0.0"):
-        assert not grpc_auth._is_loopback(host), host
+        assert not grpc_security._is_loopback(host), host
 
 
 def test_item12_nixl_region_naming_the_servers_own_agent_is_refused(served, blocks):  # noqa: F811

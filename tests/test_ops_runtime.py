@@ -37,8 +37,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from kvbm_codec._proto import kvbm_codec_pb2 as pb
 from kvbm_codec._proto import kvbm_codec_pb2_grpc as pb_grpc
 from kvbm_codec.api.errors import ServiceError
-from kvbm_codec.frontends.grpc.auth import from_config
 from kvbm_codec.frontends.grpc.client import CodecClient
+from kvbm_codec.frontends.grpc.security import from_config
 from kvbm_codec.frontends.grpc.server import CodecServer
 from kvbm_codec.server.app import build_service
 from kvbm_codec.service import probes

@@ -12,10 +12,9 @@ import asyncio
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-import boto3
 import pytest
 import torch
-from botocore.config import Config
+from _s3_client import path_style_client
 from botocore.exceptions import ClientError
 
 from kvbm_codec.api.blocks import BlockSpec, kv_to_block
@@ -196,19 +195,8 @@ def server(small_calibration):
 
 
 def _client(server):
-    return boto3.client(
-        "s3",
-        endpoint_url=server.url,
-        aws_access_key_id=AK,
-        aws_secret_access_key=SK,
-        region_name="us-east-1",
-        config=Config(
-            s3={"addressing_style": "path"},
-            retries={"max_attempts": 1},
-            read_timeout=300,  # a bounded wait: every request is answered (or fails) within it
-            max_pool_connections=16,
-        ),
-    )
+    # read_timeout: a bounded wait; every request is answered (or fails) within it
+    return path_style_client(server.url, AK, SK, read_timeout=300, max_pool_connections=16)
 
 
 def _together(fns):

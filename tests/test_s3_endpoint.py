@@ -8,14 +8,13 @@ import base64
 import datetime as dt
 import hashlib
 
-import boto3
 import pytest
 import torch
 import urllib3
+from _s3_client import path_style_client
 from awscrt import checksums as crt
 from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
-from botocore.config import Config
 from botocore.credentials import Credentials
 from botocore.exceptions import ClientError
 
@@ -68,14 +67,7 @@ def server(small_calibration):
 
 
 def _client(server, ak: str = AK, sk: str = SK):
-    return boto3.client(
-        "s3",
-        endpoint_url=server.url,
-        aws_access_key_id=ak,
-        aws_secret_access_key=sk,
-        region_name=REGION,
-        config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}),
-    )
+    return path_style_client(server.url, ak, sk, REGION)
 
 
 @pytest.fixture(scope="module")
@@ -428,14 +420,7 @@ def test_object_keys_and_ranges():
 
 def test_botocore_presigned_get(server, s3, blocks):
     s3.put_object(Bucket=BUCKET, Key="presigned", Body=blocks[1])
-    v4 = boto3.client(
-        "s3",
-        endpoint_url=server.url,
-        aws_access_key_id=AK,
-        aws_secret_access_key=SK,
-        region_name=REGION,
-        config=Config(signature_version="s3v4", s3={"addressing_style": "path"}),
-    )
+    v4 = path_style_client(server.url, AK, SK, REGION, signature_version="s3v4")
     url = v4.generate_presigned_url("get_object", Params={"Bucket": BUCKET, "Key": "presigned"}, ExpiresIn=60)
     r = urllib3.PoolManager(retries=False).request("GET", url)
     assert r.status == 200 and len(r.data) == SPEC.nbytes

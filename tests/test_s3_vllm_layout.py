@@ -4,10 +4,9 @@ same layout; bytes of another layout are refused and counted, nothing stored."""
 
 from __future__ import annotations
 
-import boto3
 import pytest
 import torch
-from botocore.config import Config
+from _s3_client import path_style_client
 from botocore.exceptions import ClientError
 
 from kvbm_codec.api.blocks import BlockSpec, kv_to_block
@@ -70,14 +69,7 @@ def server(small_calibration):
 
 @pytest.fixture(scope="module")
 def s3(server):
-    return boto3.client(
-        "s3",
-        endpoint_url=server.url,
-        aws_access_key_id=AK,
-        aws_secret_access_key=SK,
-        region_name="us-east-1",
-        config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}),
-    )
+    return path_style_client(server.url, AK, SK)
 
 
 def _stored(server) -> int:

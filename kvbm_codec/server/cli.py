@@ -75,7 +75,7 @@ def serve(
     slog.configure(cfg.logging.format, cfg.logging.level)
     log = slog.get_logger("kvbm_codec.service")
     log.info("starting", extra=slog.fields(models=[m.name for m in cfg.models], config=str(config or "")))
-    from kvbm_codec.frontends.grpc.auth import from_config as security_from_config
+    from kvbm_codec.frontends.grpc.security import from_config as security_from_config
 
     credentials, authenticate = security_from_config(cfg)  # before the model loads: fail fast
     if s3_port is not None:
