@@ -447,3 +447,17 @@ def test_corrupted_stored_frame_over_grpc(rig: GrpcRig, blocks: Blocks, damage: 
         assert msg.blocks[0].WhichOneof("payload") is None
     assert _stored(rig.svc) == 0
     _grpc_serving(rig, blocks)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_non_finite_values_are_found_by_their_bits_in_every_dtype(dtype: torch.dtype) -> None:
+    """The put path's NaN/Inf check reads exponent bits; extremes that are finite must pass."""
+    from kvbm_codec.api.blocks import all_finite
+
+    fi = torch.finfo(dtype)
+    ok = torch.tensor([fi.max, -fi.max, fi.tiny, fi.tiny / 4, 0.0, -0.0, 1.0]).to(dtype)
+    assert all_finite(ok) and all_finite(ok[:0])
+    for bad in (float("inf"), float("-inf"), float("nan"), -float("nan")):
+        x = torch.randn(2, 3, 5).to(dtype)
+        x[1, 2, 4] = bad
+        assert not all_finite(x) and not all_finite(x.transpose(0, 2)), bad

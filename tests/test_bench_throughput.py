@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 from typer.testing import CliRunner
@@ -29,7 +30,11 @@ def test_quick_throughput_json_has_every_figure(small_calibration, tmp_path: Pat
     save_calibration(small_calibration, cal_path)
     out = tmp_path / "throughput.json"
     res = CliRunner().invoke(
-        app, ["bench", "throughput", "--quick", "--calibration", str(cal_path), "--json", str(out)]
+        app,
+        [
+            *("bench", "throughput", "--quick", "--calibration", str(cal_path), "--json", str(out)),
+            *("--scaling-clients", "2", "--scaling-rounds", "1"),
+        ],
     )
     assert res.exit_code == 0, res.output
     data = json.loads(out.read_text())
@@ -47,6 +52,18 @@ def test_quick_throughput_json_has_every_figure(small_calibration, tmp_path: Pat
     # lossy frames of real KV compress; a block carries more overhead than the whole context
     assert 1.5 < data["block_stored_ratio"] <= data["context_stored_ratio"] * 1.05
     assert "roofline" in res.output and "of codec" in res.output
+    # `kvbm-codec serve` as its own process, pinned to one core, then to every core (2+ cores only)
+    sc = data["core_scaling"]
+    if len(os.sched_getaffinity(0)) < 2:
+        assert sc is None
+        return
+    cores = {r["cores"] for r in sc["rows"]}
+    assert cores == {1, len(os.sched_getaffinity(0))}
+    assert {(r["path"], r["op"], r["clients"]) for r in sc["rows"]} == {
+        (p, op, 2) for p in paths - {"s3"} for op in ("put", "get")
+    }
+    assert all(math.isfinite(r["mbps"]) and r["mbps"] > 0 and r["ratio_to_codec"] > 0 for r in sc["rows"])
+    assert len(sc["ratios"]) == len(sc["rows"]) // 2 and all(r["ratio"] > 0 for r in sc["ratios"])
 
 
 def test_throughput_options_are_bounded() -> None:

@@ -1,4 +1,5 @@
-"""Quantizer and byte packing: exact inverse streams, explicit refusals."""
+"""Quantizer, byte packing and the rotation: exact inverse streams, explicit refusals, and the batched
+decoder's buffer-reusing paths bit-identical to the plain ones."""
 
 from __future__ import annotations
 
@@ -10,12 +11,16 @@ from hypothesis import strategies as st
 
 from kvbm_codec.codec.quantize import (
     Block,
+    Tiling,
     decode_coefficients,
+    decode_coefficients_batch,
+    dequantize_batch_into,
     encode_coefficients,
     pack_codes,
     quantize_groups,
     unpack_codes,
 )
+from kvbm_codec.codec.rope import rotate, rotate_
 
 
 @settings(max_examples=200, deadline=None)
@@ -58,3 +63,40 @@ def test_stream_round_trip_and_size_check() -> None:
 def test_values_beyond_fp16_range_are_refused() -> None:
     with pytest.raises(ValueError, match="fp16 range"):
         encode_coefficients(torch.tensor([[1e6, 0.0]]), [Block(0, 2, 4)])
+
+
+def test_batched_dequantization_is_the_per_frame_one_bit_for_bit() -> None:
+    """The batched decoder writes each run straight into its columns; the values must be exactly
+    those of ``decode_coefficients`` (one product and one sum per code, in the same order)."""
+    blocks = [Block(0, 4, 8), Block(4, 4, 3), Block(8, 8, 0), Block(16, 16, 2), Block(32, 8, 1)]
+    active = [*range(8), *range(16, 40)]
+    g = torch.Generator().manual_seed(3)
+    frames = [torch.randn(29, 40, generator=g)[:, active] * (i + 1) for i in range(5)]
+    streams = [encode_coefficients(x, blocks) for x in frames]
+    codes = np.stack([np.frombuffer(c, dtype=np.uint8) for c, _ in streams])
+    scales = np.stack([np.frombuffer(s, dtype=np.uint8) for _, s in streams])
+    tiling = Tiling.of(blocks)
+    out = torch.full((5 * 29, tiling.n_active), float("nan"))
+    dequantize_batch_into(codes, scales, tiling, 29, out)
+    ref = torch.cat([decode_coefficients(c, s, blocks, 29) for c, s in streams])
+    assert torch.equal(out, ref) and torch.equal(decode_coefficients_batch(codes, scales, blocks, 29), ref)
+    assert tiling.stream_sizes(29) == (codes.shape[1], scales.shape[1])
+    with pytest.raises(ValueError, match="allocation needs"):
+        dequantize_batch_into(codes[:, :-1], scales, tiling, 29, out)
+    with pytest.raises(ValueError, match="output must be"):
+        dequantize_batch_into(codes, scales, tiling, 29, out[:-1])
+
+
+@pytest.mark.parametrize("inverse", [False, True])
+def test_rotation_in_place_or_into_a_buffer_is_the_same_rotation(inverse: bool) -> None:
+    """``rotate_`` and ``rotate(out=...)`` (the codec's reused buffers) give ``rotate``'s values
+    bit for bit, partial rotary dims (passed through) included."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(37, 6, 24, generator=g) * 50
+    cos, sin = torch.randn(37, 1, 8, generator=g), torch.randn(37, 1, 8, generator=g)
+    ref = rotate(x, cos, sin, 16, inverse=inverse)
+    buf = torch.full_like(x, float("nan"))
+    assert rotate(x, cos, sin, 16, inverse=inverse, out=buf) is buf and torch.equal(buf, ref)
+    same = x.clone()
+    assert rotate_(same, cos, sin, 16, inverse=inverse) is same and torch.equal(same, ref)
+    assert torch.equal(ref[..., 16:], x[..., 16:])

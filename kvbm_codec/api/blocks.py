@@ -22,6 +22,26 @@ DTYPES: dict[str, torch.dtype] = {
 }
 
 
+_EXPONENT = {
+    torch.float16: (torch.int16, 0x7FFF, 0x7C00),
+    torch.bfloat16: (torch.int16, 0x7FFF, 0x7F80),
+    torch.float32: (torch.int32, 0x7FFFFFFF, 0x7F800000),
+}
+"""Per dtype: the integer view, the mask clearing the sign, and the all-ones exponent (Inf/NaN)."""
+
+
+def all_finite(block: torch.Tensor) -> bool:
+    """No NaN or Inf in ``block``, read from the bit patterns: a value is Inf or NaN exactly when its
+    exponent bits are all ones, so the largest pattern without its sign bit decides. ``isfinite``
+    on fp16 converts every element and took ~1 ms per 737 KB block, a tenth of its encode."""
+    view = _EXPONENT.get(block.dtype)
+    if view is None or block.numel() == 0:
+        return bool(torch.isfinite(block).all())
+    as_int, magnitude, exponent = view
+    bits = block.contiguous().view(as_int)
+    return int(torch.bitwise_and(bits, magnitude).max()) < exponent
+
+
 class InvalidBlockError(ValueError):
     """The bytes or tensor handed in are not a block of the declared spec."""
 

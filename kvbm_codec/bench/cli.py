@@ -112,6 +112,17 @@ def throughput(
     s3_window: Annotated[
         float | None, typer.Option(help="the S3 endpoint's coalesce_window_s (default: its config's)")
     ] = None,
+    batch_threads: Annotated[
+        int | None,
+        typer.Option(help="the service's batch_threads; 1 never splits a request's batch (default: config)"),
+    ] = None,
+    scaling_clients: Annotated[
+        str | None,
+        typer.Option(help="also run `serve` pinned to 1 core vs all cores at these client levels, e.g. 4,16"),
+    ] = None,
+    scaling_rounds: Annotated[
+        int | None, typer.Option(help="alternating rounds of that run (best per level kept)")
+    ] = None,
 ) -> None:
     """Matmul roofline, codec-only MB/s per core and service put/get MB/s, on the same real blocks."""
     from kvbm_codec.bench.throughput import ThroughputOptions, run_throughput, write_json
@@ -129,6 +140,9 @@ def throughput(
         "repeats": repeats,
         "service_threads": service_threads,
         "s3_window_s": s3_window,
+        "scaling_clients": _ints(scaling_clients, "--scaling-clients") if scaling_clients else None,
+        "scaling_rounds": scaling_rounds,
+        "batch_threads": batch_threads,
     }
     fields = {**base.__dict__, **{k: v for k, v in given.items() if v is not None}, "target_cr": target_cr}
     try:

@@ -52,7 +52,10 @@ class ThroughputOptions:
     target_cr: float = 20.0
     repeats: int = 3  # codec and roofline timings keep the best of this many
     service_threads: int | None = None  # torch intra-op threads of the service (None: its config's)
+    batch_threads: int | None = None  # the service's batch_threads (None: its config's, one per core)
     s3_window_s: float | None = None  # the S3 endpoint's coalesce_window_s (None: its config's)
+    scaling_clients: tuple[int, ...] = ()  # levels of the pinned-service 1-core vs all-cores run (none: skip)
+    scaling_rounds: int = 2  # that run's alternating rounds (best of each level is kept)
 
     @classmethod
     def quick(cls) -> ThroughputOptions:
@@ -65,6 +68,10 @@ class ThroughputOptions:
             raise ValueError(f"batches must be in 1..blocks ({self.blocks}), got {self.batches}")
         if not self.clients or min(self.clients) < 1 or max(self.clients) > 64:
             raise ValueError(f"clients must be in 1..64, got {self.clients}")
+        if self.scaling_clients and (min(self.scaling_clients) < 1 or max(self.scaling_clients) > 64):
+            raise ValueError(f"scaling clients must be in 1..64, got {self.scaling_clients}")
+        if self.scaling_rounds < 1:
+            raise ValueError("scaling_rounds must be at least 1")
         bad = set(self.paths) - set(PATHS)
         if bad:
             raise ValueError(f"unknown paths {sorted(bad)}; known: {', '.join(PATHS)}")
@@ -119,8 +126,8 @@ def decode_flop_per_byte(codec: KVTCCodec) -> float:
     return flop / out
 
 
-def roofline(codec: KVTCCodec, n_tokens: int, repeats: int) -> dict[str, float]:
-    """One thread's fp32 matmul speed on exactly the reconstruction shapes the codec runs."""
+def roofline_work(codec: KVTCCodec, n_tokens: int) -> tuple[Callable[[], object], int]:
+    """The reconstruction matmuls of ``n_tokens`` tokens at the codec's shapes, and their FLOP."""
     work: list[tuple[torch.Tensor, torch.Tensor]] = []
     flop = 0
     g = torch.Generator().manual_seed(0)
@@ -129,8 +136,14 @@ def roofline(codec: KVTCCodec, n_tokens: int, repeats: int) -> dict[str, float]:
         coeffs = torch.randn(n_tokens, basis.shape[0], generator=g)
         work.append((coeffs, basis))
         flop += 2 * n_tokens * basis.shape[0] * basis.shape[1]
+    return (lambda: [c @ b for c, b in work]), flop
+
+
+def roofline(codec: KVTCCodec, n_tokens: int, repeats: int) -> dict[str, float]:
+    """One thread's fp32 matmul speed on exactly the reconstruction shapes the codec runs."""
+    run, flop = roofline_work(codec, n_tokens)
     with single_thread():
-        best = _best(lambda: [c @ b for c, b in work], repeats)
+        best = _best(run, repeats)
     gflops = flop / best / 1e9
     fpb = decode_flop_per_byte(codec)
     return {"gflops": gflops, "flop_per_byte": fpb, "implied_decode_mbps": gflops * 1e3 / fpb}
@@ -411,6 +424,8 @@ def service_levels(
     overrides: dict[str, Any] = {}
     if opts.service_threads is not None:
         overrides["codec_threads"] = opts.service_threads
+    if opts.batch_threads is not None:
+        overrides["batch_threads"] = opts.batch_threads
     cfg = ServiceConfig.load(
         grpc_port=0,
         metrics_port=None,
@@ -533,7 +548,19 @@ def run_throughput(
                 f"  {r['path']:4} {r['op']} {r['clients']:2} clients: {r['mbps']:7.2f} MB/s  "
                 f"{r['ratio_to_codec']:.0%} of codec, {r['ratio_to_roofline']:.0%} of roofline"
             )
+    scaling = None
+    if opts.scaling_clients:
+        scaling = _scaling(cal, spec, rb, opts, log)
+    if scaling is not None:  # the service in its own process, against the same codec-only figure
+        for r in scaling["rows"]:
+            r["ratio_to_codec"] = r["mbps"] / co["encode" if r["op"] == "put" else "decode"][ref_batch]
+        log(f"pinned `serve` on every core, ratios to codec-only at batch {ref_batch} (per core):")
+        for r in scaling["rows"]:
+            if r["cores"] == max(x["cores"] for x in scaling["rows"]):
+                what = f"{r['path']:4} {r['op']} {r['clients']:2} clients"
+                log(f"  {what}: {r['mbps']:7.2f} MB/s  {r['ratio_to_codec']:.0%} of codec")
     return {
+        "core_scaling": scaling,
         "roofline_gflops": roof["gflops"],
         "roofline_flop_per_byte": roof["flop_per_byte"],
         "roofline_decode_mbps": implied,
@@ -558,9 +585,46 @@ def run_throughput(
             if opts.service_threads is not None
             else ServiceConfig.model_fields["codec_threads"].default
         ),
+        "service_batch_threads": (
+            opts.batch_threads
+            if opts.batch_threads is not None
+            else ServiceConfig.model_fields["batch_threads"].default
+        ),
         "cpus": len(os.sched_getaffinity(0)),
         "seconds": time.perf_counter() - t0,
     }
+
+
+def _scaling(
+    cal: Calibration, spec: BlockSpec, rb: RealBlocks, opts: ThroughputOptions, log: Callable[[str], None]
+) -> dict[str, Any] | None:
+    """The service as its own process on one core, then on every core this process may use."""
+    from kvbm_codec.bench.scaling import core_scaling
+
+    cores = sorted(os.sched_getaffinity(0))
+    paths = [p for p in opts.paths or ("grpc", "nixl") if p != "s3"]
+    if len(cores) < 2 or not paths:
+        log("core scaling needs 2+ cores and the grpc or nixl path: skipped")
+        return None
+    log(f"core scaling: `kvbm-codec serve` pinned to core {cores[0]}, then to cores {cores}")
+    res = core_scaling(
+        cal,
+        spec,
+        lambda targets, path, n: _Level(targets, path, n, rb, opts.blocks_per_client),
+        core_sets=[cores[:1], cores],
+        clients=opts.scaling_clients,
+        paths=paths,
+        blocks_per_client=opts.blocks_per_client,
+        target_cr=opts.target_cr,
+        rounds=opts.scaling_rounds,
+        batch_threads=opts.batch_threads,
+        log=log,
+    )
+    for r in res["ratios"]:
+        what = f"{r['path']:4} {r['op']} {r['clients']:2} clients"
+        log(f"  {what}: {len(cores)} cores / 1 core = {r['ratio']:.2f}x")
+    log(f"  all levels summed: {res['sum_ratio']:.2f}x")
+    return res
 
 
 def write_json(result: dict[str, Any], out: Path) -> None:

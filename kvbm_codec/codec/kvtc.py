@@ -8,6 +8,7 @@ caller can use layer 0 before the last layer is decoded (iter_decode).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -26,22 +27,31 @@ from kvbm_codec.codec.errors import (
     ModelMismatchError,
 )
 from kvbm_codec.codec.params import Calibration
-from kvbm_codec.codec.pca import PCABasis, from_features
+from kvbm_codec.codec.pca import PCABasis
 from kvbm_codec.codec.quantize import (
+    Tiling,
     active_components,
     code_segments,
-    decode_coefficients,
-    decode_coefficients_batch,
+    dequantize_batch_into,
     encode_coefficients,
     encode_coefficients_batch,
-    stream_sizes,
 )
-from kvbm_codec.codec.rope import rope_tables, rotate
+from kvbm_codec.codec.rope import rope_tables, rotate, rotate_
 from kvbm_codec.kv import KVCache
 
 CODEC_NAME = "kvtc"
 _Parsed = tuple[int, fr.Frame, Allocation, dict[str, bytes | memoryview]]
 """(index in the batch, verified frame, its allocation, its sections by name)."""
+_SCATTER_BLOCKS = 8
+"""Blocks of feature rows gathered, de-rotated and centred at a time by the batched encoder (~2 MB of
+rows at SmolLM2's widths): small enough to stay in cache between the steps."""
+_SCATTER_ROWS = 256
+"""Decoded feature rows re-rotated and converted at a time (8 blocks of 32 tokens, ~2 MB of rows at
+SmolLM2's widths): small enough to stay in cache between the two; measured fastest of 1, 2, 4 and 8
+blocks' worth."""
+_LAYOUTS_KEPT = 64
+"""Section layouts remembered per codec (one per frame shape seen: blocks have one or two); bounded,
+since a hostile client could send frames of many shapes."""
 
 
 @dataclass(frozen=True)
@@ -97,6 +107,8 @@ class KVTCCodec:
         self._allocs_by_id: dict[str, Allocation] = {self.alloc.allocation_id: self.alloc}
         self._alloc_id = self.alloc.allocation_id
         self._weights_cache: dict[tuple[str, str, str], _Weights] = {}
+        self._tilings: dict[tuple[str, str], Tiling] = {}
+        self._layouts: dict[tuple[object, ...], list[tuple[str, int]]] = {}
 
     def _basis(self, name: str, device: torch.device) -> PCABasis:
         if device.type == "cpu":
@@ -130,6 +142,13 @@ class KVTCCodec:
             self._weights_cache[key] = w
         return w
 
+    def _tiling(self, name: str, alloc: Allocation, alloc_id: str) -> Tiling:
+        key = (alloc_id, name)
+        t = self._tilings.get(key)
+        if t is None:
+            t = self._tilings[key] = Tiling.of(alloc.blocks[name])
+        return t
+
     def _coefficients(self, name: str, feats: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Feature rows [n, p] (float32, this call's own buffer: changed in place) -> the active
         coefficients [n, k] of this codec's allocation; keys are de-rotated first."""
@@ -138,24 +157,14 @@ class KVTCCodec:
         w = self._weights(name, self.alloc, self._alloc_id, feats.device)
         return feats.sub_(w.mean) @ w.enc
 
-    def _features(
-        self, name: str, coeffs: torch.Tensor, positions: torch.Tensor, alloc: Allocation, alloc_id: str
-    ) -> torch.Tensor:
-        """Inverse of ``_coefficients``: [n, k] -> feature rows [n, p] float32, keys re-rotated."""
-        w = self._weights(name, alloc, alloc_id, coeffs.device)
-        feats = torch.addmm(w.mean, coeffs, w.dec)
-        if name.endswith(".k") and self.cal.config.undo_rope:
-            feats = self._rope(feats, positions, inverse=False)
-        return feats
-
     def _rope(self, feats: torch.Tensor, positions: torch.Tensor, *, inverse: bool) -> torch.Tensor:
-        """RoPE on feature rows: viewed [n, layers * heads, head_dim], one table row per token."""
+        """RoPE on feature rows, in place (they are the caller's own buffer): viewed
+        [n, layers * heads, head_dim], one table row per token."""
         d = self.cal.shape.key_head_dim
         cos, sin = rope_tables(positions, self.cal.rope, inverse=inverse)
         x = feats.view(feats.shape[0], feats.shape[1] // d, d)
-        return rotate(x, cos[:, None], sin[:, None], self.cal.rope.head_dim, inverse=inverse).view(
-            feats.shape
-        )
+        rotate_(x, cos[:, None], sin[:, None], self.cal.rope.head_dim, inverse=inverse)
+        return feats
 
     # ---- encode ----------------------------------------------------------------------------------
 
@@ -303,6 +312,11 @@ class KVTCCodec:
         allocated (a forged header with valid checksums could otherwise ask for terabytes); version 2
         frames do not repeat it: this *is* their section table."""
         n_raw = sum(length for _, length in h.raw_token_index)
+        key = (h.allocation_id, h.layer_start, h.layer_end, h.n_tokens, n_raw, h.dtype, h.n_kv_heads,
+               h.key_head_dim, h.value_head_dim)  # fmt: skip
+        known = self._layouts.get(key)
+        if known is not None:
+            return known
         n_comp = h.n_tokens - n_raw
         itemsize = DTYPES[h.dtype].itemsize
         out: list[tuple[str, int]] = []
@@ -311,11 +325,14 @@ class KVTCCodec:
                 continue
             for kind in ("k", "v"):
                 name = self.cal.basis_name(gi, kind)
-                codes, scales = stream_sizes(alloc.blocks[name], n_comp)
+                codes, scales = self._tiling(name, alloc, h.allocation_id).stream_sizes(n_comp)
                 out += [(f"{name}.codes", codes), (f"{name}.scales", scales)]
             if n_raw:
                 raw = (b - a) * h.n_kv_heads * n_raw * (h.key_head_dim + h.value_head_dim) * itemsize
                 out.append((f"g{gi}.raw", raw))
+        if len(self._layouts) >= _LAYOUTS_KEPT:
+            self._layouts.clear()  # a flood of odd shapes: start over rather than grow
+        self._layouts[key] = out
         return out
 
     def _sections(
@@ -372,29 +389,32 @@ class KVTCCodec:
         comp_run = _as_slice(comp_idx)
         out_dtype = DTYPES[h.dtype]
         n_heads, dk, dv = h.n_kv_heads, h.key_head_dim, h.value_head_dim
+        n_comp = int(comp_idx.numel())
+        scratch = _Scratch()
+        rope = self.cal.config.undo_rope
+        cos, sin = rope_tables(pos_c, self.cal.rope, inverse=False) if rope else (None, None)
         for gi, (a, b) in enumerate(self.groups):
             if a < h.layer_start or b > h.layer_end:
                 continue
             nl = b - a
             keys = torch.empty(nl, n_heads, h.n_tokens, dk, dtype=out_dtype, device=device)
             values = torch.empty(nl, n_heads, h.n_tokens, dv, dtype=out_dtype, device=device)
-            for kind, dst, d in (("k", keys, dk), ("v", values, dv)):
+            for kind, dst in (("k", keys), ("v", values)):
                 name = self.cal.basis_name(gi, kind)
+                tiling = self._tiling(name, alloc, h.allocation_id)
+                coeffs = scratch.take("coeffs", (n_comp, tiling.n_active), torch.device("cpu"))
+                codes = np.frombuffer(sections[f"{name}.codes"], dtype=np.uint8)[None]
+                scales = np.frombuffer(sections[f"{name}.scales"], dtype=np.uint8)[None]
                 try:
-                    coeffs = decode_coefficients(
-                        sections[f"{name}.codes"],
-                        sections[f"{name}.scales"],
-                        alloc.blocks[name],
-                        int(comp_idx.numel()),
-                    ).to(device)
+                    dequantize_batch_into(codes, scales, tiling, n_comp, coeffs)
                 except ValueError as e:
                     raise FrameHeaderError(f"section {name}: {e}") from e
-                feats = self._features(name, coeffs, pos_c, alloc, h.allocation_id)
-                x = from_features(feats, nl, n_heads, d)
-                if comp_run is not None:
-                    dst[:, :, comp_run].copy_(x)
-                else:
-                    dst[:, :, comp_idx] = x.to(out_dtype)
+                w = self._weights(name, alloc, h.allocation_id, device)
+                feats = scratch.take("feats", (n_comp, w.dec.shape[1]), device)
+                torch.addmm(w.mean, coeffs.to(device), w.dec, out=feats)
+                tables = (cos, sin) if kind == "k" and rope else None
+                # [layers, heads, T, d] seen as [layers, T, heads, d]: the rows' own order
+                self._scatter(feats, tables, [dst.transpose(1, 2)], n_comp, comp_run, comp_idx, scratch)
             if raw_idx.numel():
                 raw = sections[f"g{gi}.raw"]
                 n_k = nl * n_heads * raw_idx.numel() * dk
@@ -467,6 +487,9 @@ class KVTCCodec:
         pos_c = positions[:, comp_idx].reshape(-1)
         out_dtype = DTYPES[dtype]
         per_block: list[list[tuple[str, bytes]]] = [[] for _ in range(n)]
+        scratch = _Scratch()
+        rope = self.cal.config.undo_rope
+        tables = rope_tables(pos_c, self.cal.rope, inverse=True) if rope else None
         for gi, (a, b) in enumerate(self.groups):
             if a < ls or b > le:
                 continue
@@ -477,11 +500,11 @@ class KVTCCodec:
                 # gathered straight from each cache in one converting copy per block
                 parts = [(kv.keys if kind == "k" else kv.values)[lo:hi] for kv in kvs]
                 nl, nh, _, d = parts[0].shape
-                rows = torch.empty(n, n_comp, nl, nh, d, dtype=torch.float32, device=device)
-                for i, x in enumerate(parts):
-                    src = x[:, :, comp_run] if comp_run is not None else x[:, :, comp_idx]
-                    rows[i].copy_(src.permute(2, 0, 1, 3))
-                coeffs = self._coefficients(name, rows.view(n * n_comp, nl * nh * d), pos_c)
+                rows = scratch.take("rows", (n * n_comp, nl * nh * d), device)
+                w = self._weights(name, self.alloc, self._alloc_id, device)
+                sources = [x[:, :, comp_run] if comp_run is not None else x[:, :, comp_idx] for x in parts]
+                self._gather(sources, rows, tables if kind == "k" else None, w.mean, scratch)
+                coeffs = rows @ w.enc
                 codes, scales = encode_coefficients_batch(coeffs, self.alloc.blocks[name], n)
                 for i in range(n):
                     per_block[i] += [
@@ -606,33 +629,44 @@ class KVTCCodec:
         pos_c = positions[:, comp_idx].reshape(-1)
         out_dtype = DTYPES[h.dtype]
         nh, dk, dv, nl_all, nt = h.n_kv_heads, h.key_head_dim, h.value_head_dim, h.n_layers, h.n_tokens
-        # token-major inside each layer ([N, L, T, H, d]) is the feature rows' own order, so each
-        # basis lands with one converting copy; with dk == dv keys and values share the block layout
+        # one output tensor per block (a block-sized allocation the allocator reuses; one tensor for
+        # the batch was fresh pages, first-touched by the copies, every call), each [L, T, H, d]
+        # token-major inside each layer: the feature rows' own order. With dk == dv keys and values
+        # share the block layout [L, 2, T, H, d].
         if dk == dv:
-            buf: torch.Tensor | None = torch.empty(n, nl_all, 2, nt, nh, dk, dtype=out_dtype, device=device)
-            keys, values = buf[:, :, 0], buf[:, :, 1]
+            blocks: list[torch.Tensor] | None = [
+                torch.empty(nl_all, 2, nt, nh, dk, dtype=out_dtype, device=device) for _ in range(n)
+            ]
+            keys, values = [b[:, 0] for b in blocks], [b[:, 1] for b in blocks]
         else:
-            buf = None
-            keys = torch.empty(n, nl_all, nt, nh, dk, dtype=out_dtype, device=device)
-            values = torch.empty(n, nl_all, nt, nh, dv, dtype=out_dtype, device=device)
+            blocks = None
+            keys = [torch.empty(nl_all, nt, nh, dk, dtype=out_dtype, device=device) for _ in range(n)]
+            values = [torch.empty(nl_all, nt, nh, dv, dtype=out_dtype, device=device) for _ in range(n)]
+        scratch = _Scratch()
+        rope = self.cal.config.undo_rope
+        cos, sin = rope_tables(pos_c, self.cal.rope, inverse=False) if rope else (None, None)
         for gi, (a, b) in enumerate(self.groups):
             if a < h.layer_start or b > h.layer_end:
                 continue
             nl, lo = b - a, a - h.layer_start
-            for kind, dst, d in (("k", keys, dk), ("v", values, dv)):
+            for kind, dst in (("k", keys), ("v", values)):
                 name = self.cal.basis_name(gi, kind)
                 codes = np.stack([np.frombuffer(s[f"{name}.codes"], dtype=np.uint8) for *_, s in items])
                 scales = np.stack([np.frombuffer(s[f"{name}.scales"], dtype=np.uint8) for *_, s in items])
+                tiling = self._tiling(name, alloc, h.allocation_id)
+                coeffs = scratch.take("coeffs", (n * n_comp, tiling.n_active), torch.device("cpu"))
                 try:
-                    coeffs = decode_coefficients_batch(codes, scales, alloc.blocks[name], n_comp).to(device)
+                    dequantize_batch_into(codes, scales, tiling, n_comp, coeffs)
                 except ValueError as e:
                     raise FrameHeaderError(f"section {name}: {e}") from e
-                feats = self._features(name, coeffs, pos_c, alloc, h.allocation_id)
-                x = feats.view(n, n_comp, nl, nh, d).transpose(1, 2)  # [N, nl, Tc, H, d]
-                if comp_run is not None:
-                    dst[:, lo : lo + nl, comp_run].copy_(x)
-                else:
-                    dst[:, lo : lo + nl, comp_idx] = x.to(out_dtype)
+                w = self._weights(name, alloc, h.allocation_id, device)
+                # the whole batch in one matmul (a smaller one repacks the basis per call)
+                feats = scratch.take("feats", (n * n_comp, w.dec.shape[1]), device)
+                torch.addmm(w.mean, coeffs.to(device), w.dec, out=feats)
+                tables = (cos, sin) if kind == "k" and rope else None
+                self._scatter(
+                    feats, tables, [t[lo : lo + nl] for t in dst], n_comp, comp_run, comp_idx, scratch
+                )
             if raw_idx.numel():
                 nr = int(raw_idx.numel())
                 n_k, n_v = nl * nh * nr * dk, nl * nh * nr * dv
@@ -640,8 +674,8 @@ class KVTCCodec:
                     arr = np.frombuffer(s[f"g{gi}.raw"], dtype=_np_dtype(out_dtype))
                     t = torch.from_numpy(arr.copy()).view(out_dtype).to(device)
                     # raw sections hold [layers, heads, tokens, dim]
-                    keys[j, lo : lo + nl, raw_idx] = t[:n_k].reshape(nl, nh, nr, dk).transpose(1, 2)
-                    values[j, lo : lo + nl, raw_idx] = (
+                    keys[j][lo : lo + nl, raw_idx] = t[:n_k].reshape(nl, nh, nr, dk).transpose(1, 2)
+                    values[j][lo : lo + nl, raw_idx] = (
                         t[n_k : n_k + n_v].reshape(nl, nh, nr, dv).transpose(1, 2)
                     )
         out = []
@@ -649,8 +683,75 @@ class KVTCCodec:
             kv = KVCache(
                 keys[j].transpose(1, 2), values[j].transpose(1, 2), positions[j], layer_start=h.layer_start
             )
-            out.append(DecodedBlock(kv, None if buf is None else buf[j].view(nl_all, 2, nt, nh * dk)))
+            out.append(DecodedBlock(kv, None if blocks is None else blocks[j].view(nl_all, 2, nt, nh * dk)))
         return out
+
+    def _gather(
+        self,
+        sources: list[torch.Tensor],
+        rows: torch.Tensor,
+        tables: tuple[torch.Tensor, torch.Tensor] | None,
+        mean: torch.Tensor,
+        scratch: _Scratch,
+    ) -> None:
+        """Each block's [layers, heads, Tc, d] into float32 feature rows [N * Tc, layers * heads * d]
+        (block-major), de-rotated (``tables``: cos/sin per row) and centred, a few blocks at a time so
+        each slice is rotated and centred while it is still in cache: the same operations, in the
+        same order, as ``_coefficients`` applies to the whole batch."""
+        nl, nh, n_comp, d = sources[0].shape
+        view = rows.view(len(sources), n_comp, nl, nh, d)
+        for b0 in range(0, len(sources), _SCATTER_BLOCKS):
+            b1 = min(len(sources), b0 + _SCATTER_BLOCKS)
+            r0, r1 = b0 * n_comp, b1 * n_comp
+            into = (
+                view[b0:b1]
+                if tables is None
+                else scratch.take("gather", (b1 - b0, n_comp, nl, nh, d), rows.device)
+            )
+            for i in range(b0, b1):
+                into[i - b0].copy_(sources[i].permute(2, 0, 1, 3))
+            if tables is not None:
+                cos, sin = tables
+                out = rows[r0:r1].view(-1, nl * nh, d)
+                x = into.view(-1, nl * nh, d)
+                rotate(x, cos[r0:r1, None], sin[r0:r1, None], self.cal.rope.head_dim, inverse=True, out=out)
+            rows[r0:r1].sub_(mean)
+
+    def _scatter(
+        self,
+        feats: torch.Tensor,
+        tables: tuple[torch.Tensor | None, torch.Tensor | None] | None,
+        dst: list[torch.Tensor],
+        n_comp: int,
+        comp_run: slice | None,
+        comp_idx: torch.Tensor,
+        scratch: _Scratch,
+    ) -> None:
+        """Feature rows [N * Tc, layers * heads * d] (block-major) into each block's [layers, T, H, d]
+        (any strides), keys re-rotated on the way (``tables``: cos/sin per row), ``_SCATTER_ROWS`` rows
+        at a time: the rotated rows of a slice stay in cache until they are converted into the output,
+        where rotating the whole batch first cost a third of the matmul."""
+        nl, _, nh, d = dst[0].shape
+        total = len(dst) * n_comp
+        for r0 in range(0, total, _SCATTER_ROWS):
+            r1 = min(total, r0 + _SCATTER_ROWS)
+            src = feats[r0:r1]
+            if tables is not None:
+                cos, sin = tables
+                assert cos is not None and sin is not None
+                rot = scratch.take("rope", (r1 - r0, nl * nh, d), feats.device)
+                x = src.view(-1, nl * nh, d)
+                rotate(x, cos[r0:r1, None], sin[r0:r1, None], self.cal.rope.head_dim, inverse=False, out=rot)
+                src = rot.view(r1 - r0, -1)
+            # the slice's rows as (block, token range) pieces
+            for j in range(r0 // n_comp, (r1 - 1) // n_comp + 1):
+                t0, t1 = max(r0, j * n_comp) - j * n_comp, min(r1, (j + 1) * n_comp) - j * n_comp
+                a = j * n_comp + t0 - r0
+                x = src[a : a + t1 - t0].view(t1 - t0, nl, nh, d).transpose(0, 1)  # [nl, t, H, d]
+                if comp_run is not None:
+                    dst[j][:, comp_run.start + t0 : comp_run.start + t1].copy_(x)
+                else:
+                    dst[j][:, comp_idx[t0:t1]] = x.to(dst[j].dtype)
 
 
 @dataclass(frozen=True)
@@ -660,6 +761,22 @@ class DecodedBlock:
 
     kv: KVCache
     block: torch.Tensor | None
+
+
+class _Scratch:
+    """float32 buffers one batched call reuses for every basis, by role: a fresh multi-MB tensor per
+    basis cost the decoder more in first-touch page faults than the arithmetic done in it."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[tuple[str, str], torch.Tensor] = {}
+
+    def take(self, role: str, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        n = math.prod(shape)
+        key = (role, str(device))
+        buf = self._bufs.get(key)
+        if buf is None or buf.numel() < n:
+            buf = self._bufs[key] = torch.empty(n, dtype=torch.float32, device=device)
+        return buf[:n].view(shape)
 
 
 def _feature_rows(x: torch.Tensor) -> torch.Tensor:

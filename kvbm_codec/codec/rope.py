@@ -43,14 +43,24 @@ def rope_tables(
     return (freqs.cos() * a).to(torch.float32), (freqs.sin() * a).to(torch.float32)
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rot: int, *, inverse: bool) -> torch.Tensor:
+def rotate(
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    rot: int,
+    *,
+    inverse: bool,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """RoPE (or its inverse) of float32 ``x [..., dim]`` whose first ``rot`` dims rotate, with tables
     already shaped to broadcast against ``x[..., :rot // 2]``: works on any layout (the codec's
     feature rows as well as [layers, heads, tokens, dim]) with the same per-element arithmetic, so
-    every path that rotates gets bit-identical values. Half-width products, no rotate_half copy."""
+    every path that rotates gets bit-identical values. Half-width products, no rotate_half copy.
+    ``out`` (x's shape, float32, not overlapping x): where the result goes, e.g. a buffer the caller
+    reuses; default a new tensor."""
     h = rot // 2
     x1, x2 = x[..., :h], x[..., h:rot]
-    out = torch.empty_like(x)
+    out = torch.empty_like(x) if out is None else out
     o1, o2 = out[..., :h], out[..., h:rot]
     torch.mul(x1, cos, out=o1)
     torch.mul(x2, cos, out=o2)
@@ -63,6 +73,26 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rot: int, *, i
     if rot < x.shape[-1]:
         out[..., rot:] = x[..., rot:]
     return out
+
+
+def rotate_(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rot: int, *, inverse: bool
+) -> torch.Tensor:
+    """``rotate`` in place on ``x`` (which it returns), bit for bit the same values: the same kernels
+    on the same operands in the same order, only with a half-width temporary instead of a second
+    full-size tensor. The codec's feature rows are its own buffers; a fresh full-size output cost
+    the decoder more in first-touch page faults than the rotation's arithmetic."""
+    h = rot // 2
+    x1, x2 = x[..., :h], x[..., h:rot]
+    o1 = torch.mul(x1, cos)
+    if inverse:  # rotation by the negative angle
+        o1.addcmul_(x2, sin)
+        x2.mul_(cos).addcmul_(x1, sin, value=-1.0)
+    else:
+        o1.addcmul_(x2, sin, value=-1.0)
+        x2.mul_(cos).addcmul_(x1, sin)
+    x1.copy_(o1)
+    return x
 
 
 def _check(keys: torch.Tensor, rope: RotaryParams) -> None:

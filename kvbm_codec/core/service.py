@@ -17,7 +17,7 @@ from typing import TypeVar
 
 import torch
 
-from kvbm_codec.api.blocks import BlockSpec, InvalidBlockError, block_positions
+from kvbm_codec.api.blocks import BlockSpec, InvalidBlockError, all_finite, block_positions
 from kvbm_codec.api.codecs import BlockCodec, UnknownCodecError, get_codec
 from kvbm_codec.api.errors import (
     CapacityError,
@@ -37,6 +37,7 @@ from kvbm_codec.codec.errors import FrameChecksumError, FrameError, FrameSizeErr
 from kvbm_codec.codec.params import Calibration
 from kvbm_codec.core.fairness import TenantAdmission
 from kvbm_codec.core.metrics import ServiceMetrics
+from kvbm_codec.core.parallel import BatchSplitter, available_cores
 from kvbm_codec.store.base import BlockKey, BlockStore, BlockTooLargeError, StoreFullError, TierStats
 
 T = TypeVar("T")
@@ -51,6 +52,7 @@ class Limits:
     max_frame_bytes: int = 8 << 20
     retry_after_s: float = 0.05
     tenant_classes: Mapping[str, str] = field(default_factory=dict)  # tenant -> metric class
+    batch_threads: int = 1  # threads one request's batch may be split across; 1: never, 0: one per core
 
     @classmethod
     def of(cls, source: object, **other: object) -> Limits:
@@ -150,6 +152,7 @@ class BlockService:
             )
         self.metrics.watch_tiers(store.stats)
         self._adm = _Admission(self.limits.max_inflight_requests)
+        self._split = BatchSplitter(self.limits.batch_threads or available_cores())
         self._tenants = TenantAdmission(
             self.limits.max_inflight_per_tenant,
             self.limits.max_inflight_bytes_per_tenant,
@@ -378,6 +381,7 @@ class BlockService:
 
     def close(self) -> None:
         """Close the store (after :meth:`drain`): flushes what the disk tier holds."""
+        self._split.close()
         self.store.close()
 
     # ---- the work behind the verbs (already admitted) ------------------------------------------
@@ -457,8 +461,18 @@ class BlockService:
         done: dict[int, tuple[bytes, tuple[int, ...]] | Exception] = {}
         for idx in by_codec.values():
             dec = pending[idx[0]][1]
+
+            def decode(
+                frames: Sequence[fr.Frame], dec: BlockCodec = dec
+            ) -> list[tuple[bytes, tuple[int, ...]] | Exception]:
+                # the block's bytes are made in the part too: that copy runs on the part's core
+                return [
+                    r if isinstance(r, Exception) else (m.spec.to_bytes(r[0]), tuple(r[1].tolist()))
+                    for r in dec.decode_many(frames)
+                ]
+
             t0 = time.perf_counter()
-            decoded = dec.decode_many([pending[i][0] for i in idx])
+            decoded = self._split.map(decode, [pending[i][0] for i in idx])
             per_block = (time.perf_counter() - t0) / len(idx)
             for i, res in zip(idx, decoded, strict=True):
                 if isinstance(res, FrameError | InvalidBlockError):
@@ -467,9 +481,8 @@ class BlockService:
                 if isinstance(res, Exception):
                     raise res
                 self.metrics.restore_seconds.labels(model=m.name).observe(per_block)
-                data = m.spec.to_bytes(res[0])
-                self.metrics.raw_bytes.labels(model=m.name, direction="out").inc(len(data))
-                done[i] = (data, tuple(res[1].tolist()))
+                self.metrics.raw_bytes.labels(model=m.name, direction="out").inc(len(res[0]))
+                done[i] = res
         return done
 
     def _hit(
@@ -508,15 +521,21 @@ class BlockService:
                     if it.positions is not None
                     else block_positions(it.first_position, m.spec.page_size)
                 )
-                if not torch.isfinite(block).all():
+                if not all_finite(block):
                     raise InvalidBlockError("block holds NaN or Inf values")
             except InvalidBlockError as e:
                 raise InvalidBlockRequestError(f"block {it.sequence_hash:#x}: {e}") from e
             blocks.append(block)
             positions.append(pos)
         t0 = time.perf_counter()
+        work = list(zip(blocks, positions, [it.compress for _, it in items], strict=True))
+
+        def encode(part: Sequence[tuple[torch.Tensor, torch.Tensor, bool]]) -> list[tuple[bytes, object]]:
+            b, p, c = zip(*part, strict=True) if part else ((), (), ())
+            return list(m.encoder.encode_many(list(b), list(p), list(c)))
+
         try:
-            encoded = m.encoder.encode_many(blocks, positions, [it.compress for _, it in items])
+            encoded = self._split.map(encode, work)
         except InvalidBlockError as e:
             raise InvalidBlockRequestError(str(e)) from e
         per_block = (time.perf_counter() - t0) / len(items)

@@ -326,6 +326,14 @@ class ServiceConfig(BaseSettings):
         "1, concurrent requests run on every core side by side (the codec releases the GIL in its "
         "matmuls, DEFLATE and checksums); raise it when few clients send large batches.",
     )
+    batch_threads: int = Field(
+        1,
+        ge=0,
+        description="Threads one request's batch of blocks may be split across, its own included, while "
+        "this process runs fewer codec calls than that (under load nothing is split). 1 (default): never "
+        "split; 0: one per core this process may run on. Splitting measured slower on a shared 2-core "
+        "machine (the splitter cannot see other processes' load); try 0 on dedicated cores.",
+    )
     max_message_bytes: ByteSize = Field(
         64 << 20, gt=0, description="Largest gRPC message received or sent; larger ones are refused."
     )

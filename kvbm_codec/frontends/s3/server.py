@@ -40,6 +40,7 @@ from xml.sax.saxutils import escape
 import torch
 from aiohttp import web
 
+from kvbm_codec.api.blocks import all_finite
 from kvbm_codec.api.errors import InvalidBlockRequestError, RequestTooLargeError, ServiceError
 from kvbm_codec.api.types import PutItem
 from kvbm_codec.core.fairness import UNKNOWN_CLASS
@@ -556,7 +557,7 @@ class S3Endpoint:
         blocks: dict[int, torch.Tensor] = {}
         for i, job in enumerate(jobs):
             block = bucket.to_block(job.data)
-            if not torch.isfinite(block).all():
+            if not all_finite(block):
                 answers[i] = invalid_argument("block holds NaN or Inf values")
             else:
                 blocks[i] = block

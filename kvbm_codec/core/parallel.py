@@ -1,0 +1,96 @@
+"""One request's batch of blocks split across the cores the rest of the service leaves idle.
+
+Each request's codec work runs on its front end's handler thread. Under many clients that keeps every
+core busy, but a single client's batch used one core while the other idled: a 1-client gRPC put of 8
+blocks measured 40-51% of the one-core codec, while 4 clients reached 100% (docs/benchmarks.md). The
+codec releases the GIL in its matmuls, DEFLATE and checksums, so parts of one batch encoded or decoded
+on separate threads run side by side. A part is handed to a helper only while fewer codec parts run in
+the process than ``threads``: under load every request already has a core, and splitting then would
+only shrink the batches (a batched call costs less per block than its halves do).
+
+Splitting never changes a frame or a decoded block: the batched codec's output for a block does not
+depend on the batch it came in (``tests/test_block_frames.py::test_batch_equals_single_calls``).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its affinity mask, which ``taskset`` and cgroups narrow)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # no affinity API on this platform
+        return max(1, os.cpu_count() or 1)
+
+
+class BatchSplitter:
+    """Runs ``fn`` over contiguous parts of a batch: the first part on the calling thread, the others
+    on helper threads taken only when idle (never waited for). ``threads`` bounds the codec parts
+    running at once through this splitter, the caller's own included; 1 never splits."""
+
+    def __init__(self, threads: int, *, min_part: int = 1) -> None:
+        if threads < 1 or min_part < 1:
+            raise ValueError(f"threads ({threads}) and min_part ({min_part}) must be at least 1")
+        self.threads = threads
+        self.min_part = min_part
+        self._busy = 0
+        self._lock = threading.Lock()
+        self._pool = (
+            ThreadPoolExecutor(threads - 1, thread_name_prefix="kvbm-codec-split") if threads > 1 else None
+        )
+
+    def busy(self) -> int:
+        """Codec parts running now (a test and the metrics may read it)."""
+        with self._lock:
+            return self._busy
+
+    def map(self, fn: Callable[[Sequence[T]], list[R]], items: Sequence[T]) -> list[R]:
+        """``fn(items)``, computed as ``fn`` of up to ``threads`` contiguous parts, concatenated in order.
+
+        Every part has finished when this returns or raises (no work outlives the request); the first
+        failure, in part order, is raised."""
+        n = len(items)
+        with self._lock:
+            idle = self.threads - self._busy - 1
+            parts = max(1, min(1 + max(0, idle), n // self.min_part))
+            self._busy += parts
+        try:
+            if parts == 1 or self._pool is None:
+                return fn(items)
+            bounds = [n * i // parts for i in range(parts + 1)]
+            futures: list[Future[list[R]]] = [
+                self._pool.submit(fn, items[bounds[i] : bounds[i + 1]]) for i in range(1, parts)
+            ]
+            try:
+                first: list[R] | BaseException = fn(items[bounds[0] : bounds[1]])
+            except BaseException as e:  # the helpers' parts still finish before this is raised
+                first = e
+            rest = []
+            errors: list[BaseException] = [first] if isinstance(first, BaseException) else []
+            for fut in futures:
+                try:
+                    rest.append(fut.result())
+                except BaseException as e:
+                    errors.append(e)
+            if errors:
+                raise errors[0]
+            out = list(first)  # type: ignore[arg-type]
+            for part in rest:
+                out += part
+            return out
+        finally:
+            with self._lock:
+                self._busy -= parts
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
