@@ -24,9 +24,12 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from kvbm_codec.calibration.artifact import load_calibration, save_calibration
 from kvbm_codec.calibration.calibrate import (
+    PROBE_CONTINUATION,
+    PROBE_CR,
     accumulate_covariances,
     calibrate_from_kv,
     compressible,
@@ -35,50 +38,73 @@ from kvbm_codec.calibration.calibrate import (
     token_sequences,
 )
 from kvbm_codec.calibration.corpus import CORPUS_NAME, broad_corpus
+from kvbm_codec.calibration.sensitivity import (
+    combine_measurements,
+    measure_layer_sensitivity,
+    sensitivity_factors,
+)
 from kvbm_codec.calibration.statistics import gather_statistics
 from kvbm_codec.codec.config import CodecConfig
 from kvbm_codec.codec.kvtc import KVTCCodec
 from kvbm_codec.codec.params import allocation_name
 from kvbm_codec.eval.metrics import kl_divergence_mean, perplexity, top1_agreement
-from kvbm_codec.eval.sensitivity import measure_layer_sensitivity, sensitivity_factors
 from kvbm_codec.models.hf import CausalLM
 
 SEQ = 1024
 CTX, CONT = 2048, 256
 TEXTS = Path("/tmp/kvbm-codec-texts")  # bench/fetch_texts.sh
+PROBE_SEQUENCES = 0  # --probe-sequences: held-out sequences a probe measures (first N domains; 0 = all)
 
 
-def build_state(lm: CausalLM, per_domain: int, docs_fit: int, only: list[str] | None = None) -> dict:
+def build_state(
+    lm: CausalLM, per_domain: int, docs_fit: int, only: list[str] | None = None, parts: Path | None = None
+) -> dict:
     """Phase 1. With `only`, just those domains are prefilled (the others keep their validation
-    ids, so their slices can still score calibrations saved earlier), and the state is partial."""
+    ids, so their slices can still score calibrations saved earlier), and the state is partial.
+    With `parts`, each domain is saved there as soon as it is done and reused by a later run whose
+    token ids match, so a run stopped by its timeout loses at most one domain's prefills."""
     cfg = CodecConfig()  # accumulation depends only on sinks/window/rope/layer groups (not the metric)
     corpus = broad_corpus(lm.tokenizer)
     n_q = int(lm.model.config.num_attention_heads)
     state: dict = {"domains": {}, "corpus": CORPUS_NAME, "val_only": {}}
     for domain, texts in corpus.items():
         fit_n = docs_fit if domain == "docs" else per_domain
-        if only and domain not in only:
-            seqs = token_sequences(lm.tokenizer, texts, SEQ, fit_n + 6)
-            state["val_only"][domain] = torch.cat(seqs[fit_n + 3 : fit_n + 6], 1)[:, : CTX + CONT]
-            continue
         # fit + 1 held-out + a gap of 2 sequences + 3 sequences of validation (2048 + 256 tokens)
         seqs = token_sequences(lm.tokenizer, texts, SEQ, fit_n + 6)
+        val_ids = torch.cat(seqs[fit_n + 3 : fit_n + 6], 1)[:, : CTX + CONT]
+        if only and domain not in only:
+            state["val_only"][domain] = val_ids
+            continue
+        # token ids of the fit and held-out sequences: a sensitivity probe reruns the model on them
+        fit_ids = torch.cat(seqs[: fit_n + 1], 0)
+        part = None if parts is None else parts / f"{domain}.pt"
+        if part is not None and part.exists():
+            saved = torch.load(part, weights_only=False)
+            if torch.equal(saved["fit_ids"], fit_ids) and torch.equal(saved["val_ids"], val_ids):
+                state["domains"][domain] = saved
+                print(f"{domain}: reused {part}", flush=True)
+                continue
         t0 = time.perf_counter()
         with gather_statistics(lm.model, n_q, lm.info.key_head_dim) as stats:
             accs = accumulate_covariances(
-                (lm.prefill(s, return_logits=False)[0] for s in seqs[:fit_n]), cfg, lm.info.rope, _shape(lm)
+                tqdm((lm.prefill_kv(s) for s in seqs[:fit_n]), total=fit_n, desc=f"{domain}: prefill"),
+                cfg,
+                lm.info.rope,
+                _shape(lm),
             )
-        held = lm.prefill(seqs[fit_n], return_logits=False)[0]
-        val_ids = torch.cat(seqs[fit_n + 3 : fit_n + 6], 1)[:, : CTX + CONT]
+        held = lm.prefill_kv(seqs[fit_n])
         state["domains"][domain] = {
             "accs": accs,
             "stats": stats,
             "held_out": held,
             "val_ids": val_ids,
             "fit_tokens": fit_n * SEQ,
-            # token ids of the fit and held-out sequences: a sensitivity probe reruns the model on them
-            "fit_ids": torch.cat(seqs[: fit_n + 1], 0),
+            "fit_ids": fit_ids,
         }
+        if part is not None:
+            part.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(state["domains"][domain], part.with_suffix(".tmp"))
+            part.with_suffix(".tmp").replace(part)
         print(f"{domain}: {fit_n} x {SEQ} fit tokens, {time.perf_counter() - t0:.0f} s", flush=True)
     return state
 
@@ -116,14 +142,14 @@ def corpus_parts(state: dict, corpus: str) -> list[str]:
 
 def parse_distortion(distortion: str) -> tuple[str, float | None, float, float]:
     """'attention', 'mse', ... as CodecConfig has them; 'measured[@POWER][/KEY_WEIGHT]': the attention
-    metric with per-layer, per-kind factors measured end to end (eval/sensitivity.py) at the
+    metric with per-layer, per-kind factors measured end to end (calibration/sensitivity.py) at the
     analytic calibration's 20x allocation, damped by POWER; 'attention/KW' or 'mse/KW': key_weight KW."""
     name, _, kw = distortion.partition("/")
     key_weight = float(kw) if kw else 1.0
     if name.startswith("measured"):
         _, _, power = name.partition("@")
-        return "attention", float(power) if power else 1.0, key_weight, 20.0
-    return name, None, key_weight, 20.0
+        return "attention", float(power) if power else 1.0, key_weight, PROBE_CR
+    return name, None, key_weight, PROBE_CR
 
 
 def calibrate_variant(
@@ -144,7 +170,9 @@ def calibrate_variant(
     else:
         held = mixed_held_out([p["held_out"] for p in parts], CodecConfig(), SEQ)
     mode, power, key_weight, probe_cr = parse_distortion(distortion)
-    cfg = CodecConfig(distortion=mode, key_weight=key_weight)  # type: ignore[arg-type]
+    cfg = CodecConfig(distortion=mode, key_weight=key_weight, layer_sensitivity="analytic")  # type: ignore[arg-type]
+    if power is not None:  # the same recipe as calibrate() with this config (the artifact says so)
+        cfg = cfg.model_copy(update={"layer_sensitivity": "measured", "sensitivity_power": power})
     provenance = {
         "text_source": f"{state['corpus']}:{corpus}",
         "domains": corpus_parts(state, corpus),
@@ -173,7 +201,7 @@ def _probe(lm, state, corpus, accs, held, stats, probe_cr: float, cache: Path | 
     held-out calibration sequence of every domain in the corpus (never on validation text)."""
     if cache is not None and cache.exists():
         return torch.load(cache)
-    cfg = CodecConfig(distortion="attention")
+    cfg = CodecConfig(distortion="attention", layer_sensitivity="analytic")
     analytic = None if cache is None else cache.parent / f"{corpus}-attention.kvtc"
     if analytic is not None and analytic.exists():  # the same recipe, already calibrated by the sweep
         base = load_calibration(analytic, expected_fingerprint=lm.info.fingerprint)
@@ -186,16 +214,22 @@ def _probe(lm, state, corpus, accs, held, stats, probe_cr: float, cache: Path | 
     metric = metric_weights(accs, cfg, shape, lm.info.rope, stats)
     assert metric is not None
     probes = [state["domains"][d]["fit_ids"][-1:] for d in corpus_parts(state, corpus)]
+    probes = probes[: PROBE_SEQUENCES or None]
+    codec = KVTCCodec(base, allocation_name(probe_cr))
+    groups = cfg.layer_groups(shape.n_layers)
     t0 = time.perf_counter()
-    measured = measure_layer_sensitivity(
-        lm,
-        KVTCCodec(base, allocation_name(probe_cr)),
-        metric,
-        cfg.layer_groups(shape.n_layers),
-        probes,
-        continuation=64,
-    )
-    print(f"sensitivity probe ({len(probes)} sequences): {time.perf_counter() - t0:.0f} s", flush=True)
+    parts = []
+    for i, ids in enumerate(probes):  # one cached file per sequence: a stopped run resumes at the next one
+        part = None if cache is None else cache.with_name(f"{cache.stem}-{i}.pt")
+        if part is not None and part.exists():
+            parts.append(torch.load(part))
+            continue
+        m = measure_layer_sensitivity(lm, codec, metric, groups, [ids], continuation=PROBE_CONTINUATION)
+        parts.append(m)
+        if part is not None:
+            torch.save(m, part)
+        print(f"sensitivity probe {i + 1}/{len(probes)}: {time.perf_counter() - t0:.0f} s", flush=True)
+    measured = combine_measurements(parts)
     if cache is not None:
         torch.save(measured, cache)
     return measured
@@ -286,7 +320,15 @@ def main() -> None:
     p.add_argument(
         "--out", type=Path, required=True, help="JSON lines, appended; rows already there are skipped"
     )
+    p.add_argument(
+        "--probe-sequences",
+        type=int,
+        default=0,
+        help="measured variants: probe only the first N domains' held-out sequences (0 = all)",
+    )
     a = p.parse_args()
+    global PROBE_SEQUENCES
+    PROBE_SEQUENCES = a.probe_sequences
     torch.manual_seed(0)
     lm = CausalLM.load("smollm2-135m")
     if a.state.exists():
@@ -294,7 +336,8 @@ def main() -> None:
     elif a.texts_only:
         state = texts_only_state(lm, a.per_domain, a.docs_fit)
     else:
-        state = build_state(lm, a.per_domain, a.docs_fit, [d for d in a.domains.split(",") if d])
+        only = [d for d in a.domains.split(",") if d]
+        state = build_state(lm, a.per_domain, a.docs_fit, only, a.state.with_suffix(".parts"))
         torch.save(state, a.state)
     targets = [float(t) for t in a.targets.split(",")]
     vals = val_sets(lm, state, [v for v in a.val.split(",") if v], a.report, a.val_cache)

@@ -30,7 +30,7 @@ def validation(rows: list[dict]) -> str:
     for r in val:
         by[(r["corpus"], r["distortion"], r["target"])][r["val"]] = r
     head = "| corpus | distortion | target | " + " | ".join(f"{s}: CR / ppl / top-1" for s in sets)
-    out = [head + " | mean top-1 | mean ppl |", "|" + "---|" * (len(sets) + 5)]
+    out = [head + " | mean top-1 | mean ppl | mean KL |", "|" + "---|" * (len(sets) + 6)]
     for (corpus, dist, target), cells in sorted(by.items(), key=lambda kv: (kv[0][2], kv[0][0], kv[0][1])):
         parts = []
         for s in sets:
@@ -43,8 +43,11 @@ def validation(rows: list[dict]) -> str:
         got = list(cells.values())
         mt = 100 * sum(c["top1"] for c in got) / len(got)
         mp = sum(c["ppl_increase_pct"] for c in got) / len(got)
+        mk = sum(c["kl"] for c in got) / len(got)
         out.append(
-            f"| {corpus} | {dist} | {target:g}x | " + " | ".join(parts) + f" | {mt:.1f}% | {mp:+.2f}% |"
+            f"| {corpus} | {dist} | {target:g}x | "
+            + " | ".join(parts)
+            + f" | {mt:.1f}% | {mp:+.2f}% | {mk:.4f} |"
         )
     return "\n".join(out)
 
@@ -75,7 +78,8 @@ def ablation(rows: list[dict], sets: list[str]) -> str:
 
 def lodo(rows: list[dict]) -> str:
     out = [
-        "| left out | distortion | target | on the left-out domain: CR / ppl / top-1 | broad (all domains) |",
+        "| left out | distortion | target | on the left-out domain: CR / ppl / top-1 / KL "
+        "| broad (all domains): CR / ppl / top-1 / KL |",
         "|---|---|---|---|---|",
     ]
     full = {
@@ -87,7 +91,10 @@ def lodo(rows: list[dict]) -> str:
         if r["val"] != r["corpus"][1:]:
             continue
         b = full.get((r["distortion"], r["target"], r["val"]))
-        fmt = lambda c: f"{c['achieved_cr']:.1f}x / {c['ppl_increase_pct']:+.2f}% / {100 * c['top1']:.1f}%"  # noqa: E731
+        fmt = lambda c: (  # noqa: E731
+            f"{c['achieved_cr']:.1f}x / {c['ppl_increase_pct']:+.2f}% / "
+            f"{100 * c['top1']:.1f}% / {c['kl']:.4f}"
+        )
         out.append(
             f"| {r['val']} | {r['distortion']} | {r['target']:g}x | {fmt(r)} | {fmt(b) if b else '-'} |"
         )

@@ -84,6 +84,12 @@ def calibrate(
     distortion: Annotated[
         str, typer.Option(help="what the codec minimises: mse, attention, attention_shape")
     ] = CodecConfig().distortion,
+    layer_sensitivity: Annotated[
+        str,
+        typer.Option(
+            help="analytic, or measured: probe each layer's real codec error end to end (slower calibration)"
+        ),
+    ] = CodecConfig().layer_sensitivity,
     registry: Annotated[
         str | None,
         typer.Option(help="also publish into this registry (directory or s3://bucket/prefix)"),
@@ -102,7 +108,12 @@ def calibrate(
     if corpus not in DEFAULT_FIT_SEQUENCES:
         raise typer.BadParameter(f"--corpus must be one of {', '.join(DEFAULT_FIT_SEQUENCES)}")
     try:
-        cfg = CodecConfig(layer_group_size=layer_group_size, undo_rope=undo_rope, distortion=distortion)  # type: ignore[arg-type]
+        cfg = CodecConfig(
+            layer_group_size=layer_group_size,
+            undo_rope=undo_rope,
+            distortion=distortion,  # type: ignore[arg-type]
+            layer_sensitivity=layer_sensitivity,  # type: ignore[arg-type]
+        )
     except ValueError as e:
         raise typer.BadParameter(str(e)) from e
     fit = fit_sequences or DEFAULT_FIT_SEQUENCES[corpus]

@@ -112,7 +112,7 @@ def test_attention_calibration_round_trips_and_records_its_distortion(
     cal = calibrate(
         smollm,
         calibration_texts(),
-        CodecConfig(layer_group_size=6, distortion="attention"),
+        CodecConfig(layer_group_size=6, distortion="attention", layer_sensitivity="analytic"),
         targets=(20.0,),
         fit_sequences=2,
         seq_len=512,
@@ -146,6 +146,22 @@ def test_attention_calibration_round_trips_and_records_its_distortion(
     save_calibration(loaded, tmp_path / "old.kvtc")
     monkeypatch.undo()
     assert load_calibration(tmp_path / "old.kvtc").config.distortion == "mse"
+    # and one written before the layer_sensitivity field as an analytic one (not today's default)
+    new_fields = {"layer_sensitivity", "sensitivity_power"}
+
+    def older_header(c):
+        h = header(c)
+        return {**h, "config": {k: v for k, v in h["config"].items() if k not in new_fields}}
+
+    monkeypatch.setattr(artifact, "_header", older_header)
+    save_calibration(loaded, tmp_path / "older.kvtc")
+    monkeypatch.undo()
+    older = load_calibration(tmp_path / "older.kvtc").config
+    assert (older.distortion, older.layer_sensitivity, older.sensitivity_power) == (
+        "attention",
+        "analytic",
+        1.0,
+    )
     with pytest.raises(ValueError):
         CodecConfig(distortion="logits")  # type: ignore[arg-type]
 
@@ -167,8 +183,12 @@ def test_mixed_held_out_takes_an_equal_compressible_slice_of_each_domain() -> No
 
 
 @pytest.mark.slow
-def test_calibration_from_a_corpus_of_domains(smollm: CausalLM) -> None:
-    """The default path: per-domain fit counts, each domain's next sequence held out and mixed."""
+def test_calibration_from_a_corpus_of_domains(
+    smollm: CausalLM, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The default path: per-domain fit counts, each domain's next sequence held out and mixed, and the
+    sensitivity probe run on each domain's held-out sequence (a timed phase, shown), every layer getting
+    a factor from a real, non-zero output KL; the artifact keeps the recipe and the factors."""
     from kvbm_codec.calibration.corpus import code_texts, docs_texts
 
     corpus = {"docs": docs_texts(30_000), "code": code_texts(30_000)}
@@ -179,9 +199,20 @@ def test_calibration_from_a_corpus_of_domains(smollm: CausalLM) -> None:
         targets=(20.0,),
         fit_sequences={"docs": 2, "code": 1},
         seq_len=512,
-        progress=False,
+        progress=True,
     )
+    assert "calibration: sensitivity probe took" in capsys.readouterr().err
     assert cal.config.distortion == "attention"  # the default
+    prov = cal.provenance["layer_sensitivity"]
+    factors, kl = torch.tensor(prov["factors"]), torch.tensor(prov["probe_kl"])
+    assert factors.shape == kl.shape == (smollm.info.n_layers, 2) and prov["probe_sequences"] == 2
+    assert bool((kl > 0).all())  # every layer's decoded error moves the output
+    assert float(factors.min()) >= 0.05**0.5 - 1e-4  # the floor, square-rooted by the default power
+    assert float(factors.max() / factors.min()) > 2  # the local metric does not price layers alike
+    save_calibration(cal, tmp_path / "default.kvtc")
+    again = load_calibration(tmp_path / "default.kvtc")
+    assert (again.config.layer_sensitivity, again.config.sensitivity_power) == ("measured", 0.5)
+    assert again.provenance["layer_sensitivity"] == prov
     assert cal.provenance["domains"] == {"docs": 2, "code": 1}
     assert cal.provenance["fit_tokens"] == 3 * 512
     # an equal slice of each domain's held-out compressible tokens, 512 in all

@@ -11,15 +11,15 @@ import pytest
 import torch
 
 from kvbm_codec.calibration.calibrate import token_sequences
-from kvbm_codec.calibration.statistics import feature_weights, gather_statistics
-from kvbm_codec.codec.kvtc import KVTCCodec
-from kvbm_codec.codec.params import ModelShape
-from kvbm_codec.eval.metrics import kl_divergence_mean
-from kvbm_codec.eval.sensitivity import (
+from kvbm_codec.calibration.sensitivity import (
     measure_layer_sensitivity,
     predicted_cost,
     sensitivity_factors,
 )
+from kvbm_codec.calibration.statistics import feature_weights, gather_statistics
+from kvbm_codec.codec.kvtc import KVTCCodec
+from kvbm_codec.codec.params import ModelShape
+from kvbm_codec.eval.metrics import kl_divergence_mean
 from kvbm_codec.kv import KVCache
 from kvbm_codec.models.hf import CausalLM
 from kvbm_codec.texts import calibration_texts
@@ -102,3 +102,39 @@ def test_probe_measures_each_layers_real_cost(smollm: CausalLM, small_calibratio
     assert torch.allclose(ratio[3 * width : 4 * width], torch.full((width,), 10.0, dtype=torch.float64))
     assert torch.allclose(ratio[:width], torch.ones(width, dtype=torch.float64))
     assert torch.allclose(scaled["g0.v"][0] * scaled["g0.v"][1], metric["g0.v"][0] * metric["g0.v"][1])
+
+
+def test_measured_sensitivity_is_a_recipe_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default (attention metric, measured sensitivity, power 0.5) and its variants never share a cache
+    entry; an analytic calibration keeps the key it had before the fields existed; metrics without a layer
+    scale stay analytic, and asking them for a measured one is refused."""
+    import json
+
+    from pydantic import BaseModel
+
+    from kvbm_codec.calibration.cache import cache_key
+    from kvbm_codec.codec.config import CodecConfig
+
+    default = CodecConfig()
+    assert (default.layer_sensitivity, default.sensitivity_power) == ("measured", 0.5)
+    assert CodecConfig(distortion="mse").layer_sensitivity == "analytic"
+    assert CodecConfig(distortion="attention_shape").layer_sensitivity == "analytic"
+    with pytest.raises(ValueError, match="needs distortion 'attention'"):
+        CodecConfig(distortion="mse", layer_sensitivity="measured")
+    configs = (
+        default,
+        CodecConfig(sensitivity_power=1.0),
+        CodecConfig(layer_sensitivity="analytic"),
+        CodecConfig(distortion="mse"),
+    )
+    keys = [cache_key(c, 66, 1024, "broad") for c in configs]
+    assert len(set(keys)) == 4
+    new_fields = {"layer_sensitivity", "sensitivity_power"}
+
+    def before_the_fields(self: CodecConfig, **kw: object) -> str:
+        d = json.loads(BaseModel.model_dump_json(self))
+        return json.dumps({k: v for k, v in d.items() if k not in new_fields})
+
+    monkeypatch.setattr(CodecConfig, "model_dump_json", before_the_fields)
+    for cfg, key in zip(configs[2:], keys[2:], strict=True):
+        assert cache_key(cfg, 66, 1024, "broad") == key

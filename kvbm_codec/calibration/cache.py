@@ -63,6 +63,9 @@ def cache_key(
     cfg = json.loads(config.model_dump_json())
     if cfg.get("distortion") == "mse":
         cfg.pop("distortion")  # keeps the keys of calibrations cached before the field existed
+    if cfg.get("layer_sensitivity") == "analytic":  # likewise (the power only applies to measured)
+        cfg.pop("layer_sensitivity")
+        cfg.pop("sensitivity_power", None)
     key = json.dumps(
         {
             "config": cfg,

@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, cast
 
 import torch
 from tqdm.auto import tqdm
@@ -266,6 +266,7 @@ def calibrate(
         with clock.phase("held-out prefill"):
             held_kvs = [lm.prefill_kv(seqs[counts[d]]) for d, seqs in by_domain.items()]
         held_out = mixed_held_out(held_kvs, cfg, seq_len)
+        probe_ids = [seqs[counts[d]] for d, seqs in by_domain.items()]
         provenance["domains"] = {d: counts[d] for d in texts}
     else:
         if isinstance(fit_sequences, Mapping):
@@ -275,20 +276,91 @@ def calibrate(
         with clock.phase("held-out prefill"):
             held_out = lm.prefill_kv(seqs[fit_sequences])
     provenance.update(fit_tokens=len(fit) * seq_len, held_out_tokens=int(held_out.n_tokens))
+    common = {
+        "targets": targets,
+        "provenance": provenance,
+        "progress": progress,
+        "held_out_compressible": isinstance(texts, Mapping),
+        "clock": clock,
+        "block_tokens": block_tokens,
+    }
     with _statistics_hook(lm, cfg) as stats:
-        return calibrate_from_kv(
-            lm.info,
-            calibration_kv(lm, fit, progress),
-            held_out,
-            cfg,
-            targets=targets,
-            provenance=provenance,
+        if cfg.layer_sensitivity == "analytic":
+            return calibrate_from_kv(
+                lm.info, calibration_kv(lm, fit, progress), held_out, cfg, statistics=stats, **common
+            )  # type: ignore[arg-type]
+        # measured: the probe needs the sums first, and must run with no statistics hook attached
+        with clock.phase("prefill + covariances"):
+            shape = _model_shape(lm.info)
+            accs = accumulate_covariances(calibration_kv(lm, fit, progress), cfg, lm.info.rope, shape)  # type: ignore[attr-defined]
+    assert stats is not None  # the config refuses 'measured' without the attention metric
+    probes = probe_ids if isinstance(texts, Mapping) else [seqs[fit_sequences]]
+    with clock.phase("sensitivity probe"):
+        stats, measured = measured_sensitivity(
+            lm, accs, held_out, cfg, stats, probes, held_out_compressible=isinstance(texts, Mapping),
             progress=progress,
-            statistics=stats,
-            held_out_compressible=isinstance(texts, Mapping),
-            clock=clock,
-            block_tokens=block_tokens,
+        )  # fmt: skip
+    provenance["layer_sensitivity"] = {
+        "probe_cr": PROBE_CR,
+        "probe_sequences": len(probes),
+        "continuation": PROBE_CONTINUATION,
+        "factors": [[round(float(x), 4) for x in row] for row in stats.layer_sensitivity],  # type: ignore[union-attr]
+        "probe_kl": [[float(x) for x in row] for row in measured["kl"]],
+    }
+    return calibrate_from_kv(lm.info, accs, held_out, cfg, statistics=stats, **common)  # type: ignore[arg-type]
+
+
+PROBE_CR = 20.0
+"""The allocation whose decoded error the sensitivity probe measures (the default ratio)."""
+PROBE_CONTINUATION = 64
+"""Tokens scored after each probe context: the last ones of every held-out calibration sequence."""
+
+
+def measured_sensitivity(
+    lm: CalibrationModel,
+    accs: dict[str, CovarianceAccumulator],
+    held_out: KVCache,
+    cfg: CodecConfig,
+    stats: ModelStatistics,
+    probes: Sequence[torch.Tensor],
+    *,
+    held_out_compressible: bool,
+    progress: bool = True,
+) -> tuple[ModelStatistics, dict[str, torch.Tensor]]:
+    """``stats`` with measured per-layer factors (``CodecConfig.layer_sensitivity="measured"``): the
+    analytic metric's own calibration at PROBE_CR is built from the same sums, each probe sequence's
+    context is restored with one layer's keys or values decoded at a time (calibration/sensitivity.py),
+    and the output KL over the metric's predicted cost, damped by ``cfg.sensitivity_power``, rescales
+    that layer's weights. Probe sequences are held-out calibration text, never evaluation text."""
+    from kvbm_codec.calibration.sensitivity import ProbeModel, measure_layer_sensitivity, sensitivity_factors
+    from kvbm_codec.codec.kvtc import KVTCCodec
+
+    if not hasattr(lm, "logits_with_cache"):
+        raise ValueError(
+            "layer_sensitivity='measured' needs a model that scores continuations (logits_with_cache)"
         )
+    analytic = cfg.model_copy(update={"layer_sensitivity": "analytic", "sensitivity_power": 1.0})
+    shape = _model_shape(lm.info)
+    base = calibrate_from_kv(
+        lm.info, accs, held_out, analytic, targets=[PROBE_CR], statistics=stats, progress=False,
+        held_out_compressible=held_out_compressible,
+    )  # fmt: skip
+    metric = metric_weights(accs, analytic, shape, lm.info.rope, stats)  # type: ignore[attr-defined]
+    assert metric is not None
+    measured = measure_layer_sensitivity(
+        cast(ProbeModel, lm),
+        KVTCCodec(base, allocation_name(PROBE_CR)),
+        metric,
+        analytic.layer_groups(shape.n_layers),
+        probes,
+        continuation=PROBE_CONTINUATION,
+        progress=progress,
+    )
+    return stats.with_sensitivity(sensitivity_factors(measured, cfg.sensitivity_power)), measured
+
+
+def _model_shape(info: object) -> ModelShape:
+    return ModelShape(info.n_layers, info.n_kv_heads, info.key_head_dim, info.value_head_dim)  # type: ignore[attr-defined]
 
 
 @contextmanager

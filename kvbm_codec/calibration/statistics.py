@@ -40,7 +40,7 @@ class ModelStatistics:
     residual_sum: torch.Tensor  # [L]: sum of ||h||^2 / hidden of the residual entering each layer
     tokens: int
     o_proj_gram: torch.Tensor  # [L, Hq, dv, dv]: W_o^h^T W_o^h (weights, not a running sum)
-    # [L, 2] (keys, values): measured end-to-end factors (eval/sensitivity.py) that replace the
+    # [L, 2] (keys, values): measured end-to-end factors (calibration/sensitivity.py) that replace the
     # residual-energy heuristic's layer and key/value weighting; None keeps the analytic metric.
     layer_sensitivity: torch.Tensor | None = None
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 PAPER_GROUP_SIZES = (1, 16, 64, 256, 1024)
 
@@ -47,6 +47,39 @@ class CodecConfig(BaseModel):
         "text, docs/benchmarks.md); 'attention_shape': those weights within each head only "
         "(calibration/statistics.py)",
     )
+    layer_sensitivity: Literal["analytic", "measured"] = Field(
+        "measured",
+        description="how the metric weighs layers and keys against values: 'analytic' from local "
+        "first-order arguments; 'measured': calibration probes each layer's real codec error end to end "
+        "(output KL on held-out calibration text) and rescales the metric per layer and kind "
+        "(calibration/sensitivity.py). The default with distortion 'attention' (lower KL than 'analytic' "
+        "on every validation text, docs/benchmarks.md); the other metrics are always 'analytic'",
+    )
+    sensitivity_power: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="measured factors are raised to this power (1: as measured; 0.5, the default, "
+        "square-roots them: better than 1 on validation text)",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _analytic_unless_attention(cls, data: object) -> object:
+        """The measured default rescales the attention metric; mse and attention_shape have no layer
+        scale to rescale, so they stay analytic unless asked otherwise (and then are refused)."""
+        attention = isinstance(data, dict) and data.get("distortion", "attention") == "attention"
+        if isinstance(data, dict) and not attention and "layer_sensitivity" not in data:
+            return {**data, "layer_sensitivity": "analytic"}
+        return data
+
+    @model_validator(mode="after")
+    def _sensitivity_needs_a_metric(self) -> CodecConfig:
+        if self.layer_sensitivity == "measured" and self.distortion != "attention":
+            raise ValueError(
+                "layer_sensitivity='measured' rescales a metric: it needs distortion 'attention'"
+            )
+        return self
 
     @field_validator("group_sizes")
     @classmethod

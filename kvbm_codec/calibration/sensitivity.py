@@ -14,7 +14,9 @@ carries it into ``feature_weights``.
 
 Small errors add up nearly independently across layers (KL is locally quadratic and the cross terms
 between layers average out), so single-layer probes at the codec's real error level are a fair
-estimate of each layer's share. The probe runs on calibration sequences only.
+estimate of each layer's share. The probe runs on calibration sequences only (the held-out sequence
+of each corpus domain), so it is a calibration step (``CodecConfig.layer_sensitivity="measured"``,
+run by ``calibrate.measured_sensitivity``) and knows nothing of the evaluation code.
 """
 
 from __future__ import annotations
@@ -23,20 +25,29 @@ from collections.abc import Sequence
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from kvbm_codec.codec.kvtc import KVTCCodec
 from kvbm_codec.codec.params import basis_name
 from kvbm_codec.codec.pca import to_features
-from kvbm_codec.eval.metrics import kl_divergence_mean
 from kvbm_codec.kv import KVCache
 
 
 class ProbeModel(Protocol):
-    def prefill(
-        self, input_ids: torch.Tensor, *, return_logits: bool = True
-    ) -> tuple[KVCache, torch.Tensor]: ...
+    """What the probe needs of a model: calibration's KV-only prefill, and teacher-forced logits."""
+
+    def prefill_kv(self, input_ids: torch.Tensor) -> KVCache: ...
 
     def logits_with_cache(self, cache: KVCache, input_ids: torch.Tensor) -> torch.Tensor: ...
+
+
+def output_kl(ref: torch.Tensor, out: torch.Tensor) -> float:
+    """Mean KL(P_ref || P_out) in nats over positions, in float64: a single layer's codec error moves a
+    49k-way softmax by far less than float32 resolves."""
+    log_p = F.log_softmax(ref.to(torch.float64), dim=-1)
+    log_q = F.log_softmax(out.to(torch.float64), dim=-1)
+    return float(F.kl_div(log_q, log_p, log_target=True, reduction="sum") / ref.shape[0])
 
 
 def _replaced(kv: KVCache, rec: KVCache, layer: int, kind: str) -> KVCache:
@@ -77,6 +88,7 @@ def measure_layer_sensitivity(
     probes: Sequence[torch.Tensor],
     continuation: int = 256,
     layers: Sequence[int] | None = None,
+    progress: bool = False,
 ) -> dict[str, torch.Tensor]:
     """KL per (layer, kind) of each layer's decoded error alone, summed over probe sequences, the
     metric's predicted cost of the same errors, and their ratio (the sensitivity factor, [L, 2]).
@@ -85,28 +97,45 @@ def measure_layer_sensitivity(
     tokens (scored). The errors are measured on the compressible tokens only: sinks and the window
     are stored exactly, so a probe sees what a restored cache gives the model. `layers` limits the
     probe to some layers (the others' entries are NaN)."""
-    n_layers = None
-    kl = pred = None
-    for ids in probes:
-        ctx, cont = ids[:, :-continuation], ids[:, -continuation:]
-        kv = lm.prefill(ctx, return_logits=False)[0]
-        ref = lm.logits_with_cache(kv, cont)
-        rec = codec.decode(codec.encode(kv)).to(torch.float32)
-        if n_layers is None:
-            n_layers = kv.n_layers
-            kl = torch.zeros(n_layers, 2, dtype=torch.float64)
-            pred = torch.zeros(n_layers, 2, dtype=torch.float64)
-        for layer in range(n_layers) if layers is None else layers:
-            for ki, kind in enumerate(("k", "v")):
-                out = lm.logits_with_cache(_replaced(kv, rec, layer, kind), cont)
-                kl[layer, ki] += kl_divergence_mean(ref, out)
-        err = KVCache(rec.keys - kv.keys, rec.values - kv.values, kv.positions)
-        pred += predicted_cost(metric, layer_groups, err)
-    if kl is None or pred is None:
+    if not probes:
         raise ValueError("no probe sequences")
-    if layers is not None:
-        skipped = [i for i in range(kl.shape[0]) if i not in set(layers)]
-        kl[skipped] = float("nan")
+    return combine_measurements(
+        [_probe_one(lm, codec, metric, layer_groups, ids, continuation, layers, progress) for ids in probes]
+    )
+
+
+def _probe_one(
+    lm: ProbeModel,
+    codec: KVTCCodec,
+    metric: dict[str, tuple[torch.Tensor, float]],
+    layer_groups: Sequence[tuple[int, int]],
+    ids: torch.Tensor,
+    continuation: int,
+    layers: Sequence[int] | None,
+    progress: bool,
+) -> dict[str, torch.Tensor]:
+    if ids.shape[1] <= continuation:
+        raise ValueError(
+            f"a {ids.shape[1]}-token probe leaves no context before {continuation} scored tokens"
+        )
+    ctx, cont = ids[:, :-continuation], ids[:, -continuation:]
+    kv = lm.prefill_kv(ctx)
+    ref = lm.logits_with_cache(kv, cont)
+    rec = codec.decode(codec.encode(kv)).to(torch.float32)
+    kl = torch.full((kv.n_layers, 2), float("nan"), dtype=torch.float64)
+    chosen = range(kv.n_layers) if layers is None else layers
+    for layer in tqdm(chosen, desc="calibration: sensitivity probe", disable=not progress):
+        for ki, kind in enumerate(("k", "v")):
+            kl[layer, ki] = output_kl(ref, lm.logits_with_cache(_replaced(kv, rec, layer, kind), cont))
+    err = KVCache(rec.keys - kv.keys, rec.values - kv.values, kv.positions)
+    return {"kl": kl, "predicted": predicted_cost(metric, layer_groups, err)}
+
+
+def combine_measurements(parts: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Probes of several sequences (measured together, or one at a time and cached) as one: KL and
+    predicted cost are sums over sequences, the factor their ratio."""
+    kl = torch.stack([p["kl"] for p in parts]).sum(0)
+    pred = torch.stack([p["predicted"] for p in parts]).sum(0)
     return {"kl": kl, "predicted": pred, "factor": kl.clamp_min(0) / pred.clamp_min(1e-30)}
 
 
