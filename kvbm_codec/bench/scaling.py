@@ -12,96 +12,35 @@ shared machine hits both sides alike.
 
 from __future__ import annotations
 
-import json
 import os
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from kvbm_codec.api.blocks import BlockSpec
 from kvbm_codec.codec.params import Calibration
+from kvbm_codec.frontends.grpc.client import CodecClient
+from kvbm_codec.server.process import ServiceProcess
 
 STARTUP_TIMEOUT_S = 120.0
-STOP_TIMEOUT_S = 60.0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class PinnedService:
-    """`kvbm-codec serve` on ``cores``, serving ``cal`` from a registry directory; configured through
-    the environment (``DYN_KVBM_CODEC_*``) as an operator would."""
-
-    def __init__(
-        self, registry: Path, cal: Calibration, spec: BlockSpec, target_cr: float, cores: Sequence[int],
-        settings: dict[str, str], log_path: Path,
-    ) -> None:  # fmt: skip
-        self.port = _free_port()
-        model = {
-            "name": cal.model_name or "model",
-            "fingerprint": cal.model_fingerprint,
-            "registry": str(registry),
-            "calibration": cal.calibration_id,
-            "target_cr": target_cr,
-            "page_size": spec.page_size,
-            "dtype": spec.dtype,
-        }
-        env = {
-            **os.environ,
-            "DYN_KVBM_CODEC_HOST": "127.0.0.1",
-            "DYN_KVBM_CODEC_GRPC_PORT": str(self.port),
-            "DYN_KVBM_CODEC_METRICS_PORT": "0",
-            "DYN_KVBM_CODEC_LOGGING__FORMAT": "text",
-            "DYN_KVBM_CODEC_MODELS": json.dumps([model]),
-            **settings,
-        }
-        self.model = model["name"]
-        self.cores = tuple(cores)
-        self.log_path = log_path
-        self._log = log_path.open("wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kvbm_codec", "serve"],
-            env=env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            preexec_fn=lambda: os.sched_setaffinity(0, self.cores),  # before exec: no threads yet
-        )
-        self.target = f"127.0.0.1:{self.port}"
-
-    def wait_serving(self, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
-        from kvbm_codec.frontends.grpc.client import CodecClient
-
-        deadline = time.monotonic() + timeout_s
-        with CodecClient(self.target, model=self.model, timeout_s=5.0) as client:
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"service exited with {self.proc.returncode}; log: {self.log_path}")
-                try:
-                    if client.health() == "SERVING":
-                        return
-                except Exception:  # not listening yet
-                    pass
-                time.sleep(0.25)
-        raise TimeoutError(f"service not SERVING after {timeout_s:.0f} s; log: {self.log_path}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self._log.close()
+def pinned_service(
+    registry: Path, cal: Calibration, spec: BlockSpec, target_cr: float, cores: Sequence[int],
+    settings: dict[str, str], log_path: Path,
+) -> ServiceProcess:  # fmt: skip
+    """`kvbm-codec serve` on ``cores``, serving ``cal`` from a registry directory."""
+    model = {
+        "name": cal.model_name or "model",
+        "fingerprint": cal.model_fingerprint,
+        "registry": str(registry),
+        "calibration": cal.calibration_id,
+        "target_cr": target_cr,
+        "page_size": spec.page_size,
+        "dtype": spec.dtype,
+    }
+    return ServiceProcess(target_cr, log_path, models=[model], settings=settings, cores=cores)
 
 
 Level = Callable[[dict[str, Any], str, int], Any]
@@ -110,7 +49,7 @@ throughput bench's own clients, handed in so that both benches drive the service
 
 
 def _levels(
-    svc: PinnedService,
+    svc: ServiceProcess,
     level_of: Level,
     spec: BlockSpec,
     clients: Sequence[int],
@@ -163,9 +102,10 @@ def core_scaling(
         for rnd in range(rounds):
             for cores in core_sets:
                 log_path = Path(d) / f"serve-{rnd}-{len(cores)}.log"
-                svc = PinnedService(registry, cal, spec, target_cr, cores, settings, log_path)
+                svc = pinned_service(registry, cal, spec, target_cr, cores, settings, log_path)
                 try:
-                    svc.wait_serving()
+                    with CodecClient(svc.target, model=svc.model, timeout_s=5.0) as client:
+                        svc.wait_healthy(client, STARTUP_TIMEOUT_S)
                     levels = _levels(svc, level_of, spec, clients, paths, blocks_per_client)
                     for (path, op, n), mbps in levels:
                         key = (len(cores), path, op, n)

