@@ -267,6 +267,7 @@ def calibrate(
             held_kvs = [lm.prefill_kv(seqs[counts[d]]) for d, seqs in by_domain.items()]
         held_out = mixed_held_out(held_kvs, cfg, seq_len)
         probe_ids = [seqs[counts[d]] for d, seqs in by_domain.items()]
+        probe_kvs = held_kvs
         provenance["domains"] = {d: counts[d] for d in texts}
     else:
         if isinstance(fit_sequences, Mapping):
@@ -275,6 +276,7 @@ def calibrate(
         fit = seqs[:fit_sequences]
         with clock.phase("held-out prefill"):
             held_out = lm.prefill_kv(seqs[fit_sequences])
+        probe_kvs = [held_out]
     provenance.update(fit_tokens=len(fit) * seq_len, held_out_tokens=int(held_out.n_tokens))
     common = {
         "targets": targets,
@@ -298,7 +300,7 @@ def calibrate(
     with clock.phase("sensitivity probe"):
         stats, measured = measured_sensitivity(
             lm, accs, held_out, cfg, stats, probes, held_out_compressible=isinstance(texts, Mapping),
-            progress=progress,
+            progress=progress, probe_kvs=probe_kvs,
         )  # fmt: skip
     provenance["layer_sensitivity"] = {
         "probe_cr": PROBE_CR,
@@ -326,12 +328,15 @@ def measured_sensitivity(
     *,
     held_out_compressible: bool,
     progress: bool = True,
+    probe_kvs: Sequence[KVCache] | None = None,
 ) -> tuple[ModelStatistics, dict[str, torch.Tensor]]:
     """``stats`` with measured per-layer factors (``CodecConfig.layer_sensitivity="measured"``): the
     analytic metric's own calibration at PROBE_CR is built from the same sums, each probe sequence's
     context is restored with one layer's keys or values decoded at a time (calibration/sensitivity.py),
     and the output KL over the metric's predicted cost, damped by ``cfg.sensitivity_power``, rescales
-    that layer's weights. Probe sequences are held-out calibration text, never evaluation text."""
+    that layer's weights. Probe sequences are held-out calibration text, never evaluation text;
+    ``probe_kvs`` (their whole-sequence KV from the held-out prefill) spares the probe a second prefill
+    of each context."""
     from kvbm_codec.calibration.sensitivity import ProbeModel, measure_layer_sensitivity, sensitivity_factors
     from kvbm_codec.codec.kvtc import KVTCCodec
 
@@ -355,6 +360,7 @@ def measured_sensitivity(
         probes,
         continuation=PROBE_CONTINUATION,
         progress=progress,
+        prefilled=probe_kvs,
     )
     return stats.with_sensitivity(sensitivity_factors(measured, cfg.sensitivity_power)), measured
 
