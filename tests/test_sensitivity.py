@@ -165,7 +165,6 @@ def test_layerwise_probe_matches_the_straightforward_one(smollm: CausalLM, small
     assert bool(fast["kl"][2].isnan().all())
     torch.testing.assert_close(fast["kl"][some], plain["kl"][some], rtol=2e-3, atol=1e-9)
     torch.testing.assert_close(fast["predicted"], plain["predicted"], rtol=1e-6, atol=0.0)
+    short = smollm.prefill_kv(seqs[1][:, :200])
     with pytest.raises(ValueError, match="does not match"):
-        measure_layer_sensitivity(
-            smollm, codec, ones, groups, seqs[:1], continuation=32, prefilled=[smollm.prefill_kv(seqs[1][:, :200])]
-        )
+        measure_layer_sensitivity(smollm, codec, ones, groups, seqs[:1], continuation=32, prefilled=[short])
