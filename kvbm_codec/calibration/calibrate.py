@@ -12,8 +12,11 @@ import datetime as dt
 import hashlib
 import sys
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from itertools import islice
 from typing import TYPE_CHECKING, Protocol, cast
 
 import torch
@@ -98,13 +101,50 @@ def token_sequences(tokenizer: object, texts: Sequence[str], seq_len: int, count
     return [torch.tensor([ids[i * seq_len : (i + 1) * seq_len]]) for i in range(n)]
 
 
+PREFILL_WORKERS = 2
+"""Sequences prefilled at once, each on its share of torch's threads: on 2 cores two one-thread
+prefills beat one two-thread prefill (no OpenMP barrier per op; docs/benchmarks.md "Calibration
+speed"), and the KV is bit-identical either way."""
+
+
+@contextmanager
+def _threads_per_worker(workers: int) -> Iterator[None]:
+    total = torch.get_num_threads()
+    torch.set_num_threads(max(1, total // workers))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(total)
+
+
 def calibration_kv(
-    lm: CalibrationModel, sequences: list[torch.Tensor], progress: bool = True
+    lm: CalibrationModel,
+    sequences: Sequence[torch.Tensor],
+    progress: bool = True,
+    workers: int = PREFILL_WORKERS,
 ) -> Iterator[KVCache]:
-    """The one prefill loop of calibration: every sequence's KV (all layers), one at a time, so
-    consumers (covariances here, other statistics elsewhere) stream it in bounded memory."""
-    for seq in tqdm(sequences, desc="calibration: prefill", disable=not progress):
-        yield lm.prefill_kv(seq)
+    """The one prefill loop of calibration: every sequence's KV (all layers), in order, so consumers
+    (covariances here, other statistics elsewhere) stream it in bounded memory: at most workers + 1
+    sequences' KV are in flight. Forward hooks on the model (the statistics) run in the workers."""
+    bar = tqdm(total=len(sequences), desc="calibration: prefill", disable=not progress)
+    if workers <= 1 or len(sequences) < 2:
+        for seq in sequences:
+            kv = lm.prefill_kv(seq)
+            bar.update(1)
+            yield kv
+        bar.close()
+        return
+    todo = iter(sequences)
+    with _threads_per_worker(workers), ThreadPoolExecutor(workers, thread_name_prefix="prefill") as pool:
+        pending = deque(pool.submit(lm.prefill_kv, seq) for seq in islice(todo, workers + 1))
+        while pending:
+            kv = pending.popleft().result()
+            nxt = next(todo, None)
+            if nxt is not None:
+                pending.append(pool.submit(lm.prefill_kv, nxt))
+            bar.update(1)
+            yield kv
+    bar.close()
 
 
 def accumulate_covariances(
@@ -264,7 +304,7 @@ def calibrate(
         by_domain = {d: token_sequences(lm.tokenizer, t, seq_len, counts[d] + 1) for d, t in texts.items()}
         fit = [s for d, seqs in by_domain.items() for s in seqs[: counts[d]]]
         with clock.phase("held-out prefill"):
-            held_kvs = [lm.prefill_kv(seqs[counts[d]]) for d, seqs in by_domain.items()]
+            held_kvs = list(calibration_kv(lm, [seqs[counts[d]] for d, seqs in by_domain.items()], False))
         held_out = mixed_held_out(held_kvs, cfg, seq_len)
         probe_ids = [seqs[counts[d]] for d, seqs in by_domain.items()]
         probe_kvs = held_kvs
