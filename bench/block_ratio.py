@@ -26,7 +26,7 @@ import torch
 from kvbm_codec.calibration import calibrate as C
 from kvbm_codec.calibration.cache import corpus_texts, fit_plan, load_or_calibrate
 from kvbm_codec.codec import frame as fr
-from kvbm_codec.codec.allocation import Allocation
+from kvbm_codec.codec.allocation import Allocation, predicted_error
 from kvbm_codec.codec.kvtc import KVTCCodec
 from kvbm_codec.kv import KVCache
 from kvbm_codec.models.hf import CausalLM
@@ -117,6 +117,13 @@ def measure(cal, alloc: Allocation, kv: KVCache) -> dict[str, float]:
     }
 
 
+def distortion(cal, alloc: Allocation) -> float:
+    """Weighted calibration error per token the allocation is expected to give (what the DP trades
+    against bits), summed over bases."""
+    err = predicted_error(cal.error_tables, alloc)
+    return sum(cal.error_tables[n].weight * e for n, e in err.items())
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--calibration", type=Path, default=None, help="artifact (default: the cached default)")
@@ -174,6 +181,8 @@ def main() -> None:
                 "allocation": name,
                 "allocation_id": alloc.allocation_id,
                 "nominal_bits_per_token": alloc.bits_per_token(bits),
+                # the calibration's own distortion estimate (weighted as the allocator weighs it)
+                "predicted_distortion": round(distortion(cal, alloc), 6),
                 "text": tname,
                 "role": role,
                 **measure(cal, alloc, _fp16(C.compressible(kv, cal.config))),

@@ -42,6 +42,10 @@ if TYPE_CHECKING:
 DEFAULT_TARGETS = (4.0, 8.0, 16.0, 20.0, 32.0, 64.0)
 DEFAULT_BLOCK_TOKENS = (32,)
 BLOCK_PROBE_BLOCKS = 64  # block frames a block allocation's ratio is measured on
+BLOCK_ALLOCATION_VERSION = 2
+"""How block allocations are sized; part of the calibration cache key, so a change reaches users as a
+new calibration. 2: blocks measured at their true positions (1 renumbered them and sized them
+~5% too rich, docs/benchmarks.md "The block ratio: blocks measured at their true positions")."""
 """Page sizes that get allocations sized on their block frames (KVBM's and the service's default)."""
 
 
