@@ -218,49 +218,51 @@ class _FrequencySplit:
     frequency. Exact up to float rounding: the same figures as de-rotating every candidate."""
 
     def __init__(self, bases: ResidualBases, rope: RotaryParams) -> None:
-        self.half = rope.head_dim // 2
+        j = self.half = rope.head_dim // 2
         self.inv_freq = rope.inv_freq.to(torch.float64)
-        self.groups: list[tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]] = []
+        inv, mus = [], []
+        self.groups: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []
         for a, b, mean, scale, basis in bases.groups:
-            lg = b - a
-            j = self.half
-            sc = scale.to(torch.float32).reshape(lg, -1, 2, j)  # [Lg, H, 2, J]
-            mu = (mean.to(torch.float32).reshape(lg, -1, 2, j)) / sc
-            r = basis.shape[1]
-            wu = (basis.to(torch.float32) / scale.to(torch.float32)[:, None]).reshape(lg, -1, 2, j, r)
+            lg, r = b - a, basis.shape[1]
+            sc = scale.to(torch.float32)
+            inv.append((1 / sc).reshape(lg, -1, 2, j))
+            mus.append((mean.to(torch.float32) / sc).reshape(lg, -1, 2, j))
+            wu = (basis.to(torch.float32) / sc[:, None]).reshape(lg, -1, 2, j, r)
             wv = torch.stack([-wu[:, :, 1], wu[:, :, 0]], 2)  # weights of y for v's projection
             # [J, Lg*H*2, 2r]: frequency-major, u's then v's components side by side
             w = torch.cat([wu, wv], -1).permute(3, 0, 1, 2, 4).reshape(j, -1, 2 * r).contiguous()
-            mu_b = (mu.reshape(-1) @ basis.to(torch.float32)).contiguous()  # [r]
-            self.groups.append((a, b, sc, mu, w, mu_b, float((mu * mu).sum())))
+            mu_b = (mus[-1].reshape(-1) @ basis.to(torch.float32)).contiguous()  # [r]
+            self.groups.append((a, b, w, mu_b))
+        self.inv = torch.cat(inv)  # [L, H, 2, J]: 1 / scale
+        self.mu = torch.cat(mus)  # mean / scale
+        # v's scales: the feature's own, applied to its partner's value (signs in ``residual``)
+        self.inv_swap = torch.stack([self.inv[:, :, 0], self.inv[:, :, 1]], 2)
+        self.mu2 = float((self.mu * self.mu).sum())
 
     def residual(self, y: torch.Tensor, starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """y [N, T, L, H, D] keys de-rotated by their offset in the block, starts [N, K] -> (energy
         outside the leading components, total energy) of the normalised keys at each candidate,
         float64 [N, K, T]."""
-        n, t = y.shape[:2]
-        k = starts.shape[1]
-        j = self.half
+        n, t, layers = y.shape[:3]
+        k, j, m = starts.shape[1], self.half, y.shape[0] * y.shape[1]
         ang = starts.to(torch.float64)[:, :, None] * self.inv_freq  # [N, K, J]
         c, s = ang.cos().to(torch.float32), ang.sin().to(torch.float32)
-        quad = torch.stack([c * c, s * s, 2 * c * s, -2 * c, -2 * s], -1)  # [N, K, J, 5]
-        res = torch.zeros(n, k, t, dtype=torch.float64)
-        tot = torch.zeros(n, k, t, dtype=torch.float64)
-        for a, b, sc, mu, w, mu_b, mu2 in self.groups:
-            g = y[:, :, a:b].reshape(n * t, b - a, -1, 2, j)  # [M, Lg, H, 2, J]
-            u = g / sc
-            v = torch.stack([g[:, :, :, 1] / sc[:, :, 0], -g[:, :, :, 0] / sc[:, :, 1]], 3)
-            sums = torch.stack(
-                [(u * u).sum((1, 2, 3)), (v * v).sum((1, 2, 3)), (u * v).sum((1, 2, 3)),
-                 (u * mu).sum((1, 2, 3)), (v * mu).sum((1, 2, 3))], -1,
-            ).reshape(n, t, j * 5)  # fmt: skip
-            e = torch.bmm(quad.reshape(n, k, j * 5), sums.transpose(1, 2)) + mu2  # [N, K, T]
+        g = y.reshape(m, layers, -1, 2, j)  # [M, L, H, 2, J]
+        # energy: a quadratic form in each frequency's (c, s), the same for every layer group
+        u = g * self.inv
+        v = torch.stack([g[:, :, :, 1], -g[:, :, :, 0]], 3) * self.inv_swap
+        sums = torch.stack(
+            [(u * u).sum((1, 2, 3)), (v * v).sum((1, 2, 3)), (u * v).sum((1, 2, 3)),
+             (u * self.mu).sum((1, 2, 3)), (v * self.mu).sum((1, 2, 3))], -1,
+        ).reshape(n, t, j * 5)  # fmt: skip
+        quad = torch.stack([c * c, s * s, 2 * c * s, -2 * c, -2 * s], -1).reshape(n, k, j * 5)
+        tot = (torch.bmm(quad, sums.transpose(1, 2)) + self.mu2).to(torch.float64)  # [N, K, T]
+        cs = torch.stack([c, s], -1).reshape(n, k, j * 2)
+        res = tot.clone()
+        for a, b, w, mu_b in self.groups:
             r = w.shape[-1] // 2
-            q = torch.bmm(g.permute(4, 0, 1, 2, 3).reshape(j, n * t, -1), w)  # [J, M, 2r]
+            q = torch.bmm(g[:, a:b].permute(4, 0, 1, 2, 3).reshape(j, m, -1), w)  # [J, M, 2r]
             q = q.reshape(j, n, t, 2, r).permute(1, 0, 3, 2, 4).reshape(n, j * 2, t * r)  # [N, (J, u|v), T*r]
-            cs = torch.stack([c, s], -1).reshape(n, k, j * 2)
             proj = torch.bmm(cs, q).reshape(n, k, t, r) - mu_b  # [N, K, T, r]
-            e64 = e.to(torch.float64)
-            tot += e64
-            res += e64 - proj.square().sum(-1).to(torch.float64)
+            res -= proj.square().sum(-1).to(torch.float64)
         return res, tot
