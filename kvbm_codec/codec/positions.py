@@ -261,7 +261,8 @@ class _FrequencySplit:
         res = tot.clone()
         for a, b, w, mu_b in self.groups:
             r = w.shape[-1] // 2
-            q = torch.bmm(g[:, a:b].permute(4, 0, 1, 2, 3).reshape(j, m, -1), w)  # [J, M, 2r]
+            # contiguous: a strided batch makes bmm copy every matrix of it on its own
+            q = torch.bmm(g[:, a:b].permute(4, 0, 1, 2, 3).reshape(j, m, -1).contiguous(), w)  # [J, M, 2r]
             q = q.reshape(j, n, t, 2, r).permute(1, 0, 3, 2, 4).reshape(n, j * 2, t * r)  # [N, (J, u|v), T*r]
             proj = torch.bmm(cs, q).reshape(n, k, t, r) - mu_b  # [N, K, T, r]
             res -= proj.square().sum(-1).to(torch.float64)
