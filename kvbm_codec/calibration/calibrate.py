@@ -42,11 +42,11 @@ if TYPE_CHECKING:
 DEFAULT_TARGETS = (4.0, 8.0, 16.0, 20.0, 32.0, 64.0)
 DEFAULT_BLOCK_TOKENS = (32,)
 BLOCK_PROBE_BLOCKS = 64  # block frames a block allocation's ratio is measured on
+"""Page sizes that get allocations sized on their block frames (KVBM's and the service's default)."""
 BLOCK_ALLOCATION_VERSION = 2
 """How block allocations are sized; part of the calibration cache key, so a change reaches users as a
-new calibration. 2: blocks measured at their true positions (1 renumbered them and sized them
-~5% too rich, docs/benchmarks.md "The block ratio: blocks measured at their true positions")."""
-"""Page sizes that get allocations sized on their block frames (KVBM's and the service's default)."""
+new calibration. 2: blocks measured at their true positions (1 renumbered them from 0 and sized the
+allocations ~5% too rich; docs/benchmarks.md, "Block allocations measured at true positions")."""
 
 
 class CalibrationModel(Protocol):
@@ -552,7 +552,7 @@ class BlockRatioProbe:
     The blocks must carry their true positions: the batched encoder undoes RoPE at the positions a
     block names, and blocks renumbered from 0 (as this probe once did) de-rotated their keys at the
     wrong angles, which stored ~5% better than real blocks and sized the block allocations too
-    rich (docs/benchmarks.md, "The block ratio: blocks measured at their true positions")."""
+    rich (docs/benchmarks.md, "Block allocations measured at true positions")."""
 
     def __init__(
         self, cal: Calibration, kv: KVCache, page_tokens: int, max_blocks: int = BLOCK_PROBE_BLOCKS
