@@ -18,8 +18,6 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -42,15 +40,6 @@ def load_base(rev: str, into: Path) -> object:
     return mod
 
 
-def best(fn: Callable[[], object], n: int) -> float:
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--base", required=True)
@@ -60,6 +49,7 @@ def main() -> None:
     a = ap.parse_args()
 
     from kvbm_codec.api.blocks import BlockSpec
+    from kvbm_codec.bench.throughput import _best as best
     from kvbm_codec.bench.throughput import real_blocks
     from kvbm_codec.calibration.artifact import load_calibration
     from kvbm_codec.calibration.cache import load_or_calibrate
