@@ -1,7 +1,9 @@
 """Retrieval tasks at kvtc@16/kvtc@20 against fp16 with paired intervals, for a given calibration.
 
 The harness' default suite with its LM windows left out (the held-out curves cover perplexity and
-top-1) and `--prompts-per-task` retrieval prompts per task, only the rows the issue's targets need:
+top-1; `--lm-windows 3` puts the default suite's back) and `--prompts-per-task` retrieval prompts per
+task, only the rows the issue's targets need (`--methods default`: every baseline, for the Pareto
+check; `--task-seed 1`: the tuning prompts, where a recipe knob may be chosen):
 
     python bench/accuracy_harness.py --calibration broad-attention.kvtc --prompts-per-task 22 \
         --cache-dir /tmp/acc-harness --out bench/results/accuracy_harness.json
@@ -38,32 +40,56 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--calibration", type=Path, action="append", required=True)
     p.add_argument("--prompts-per-task", type=int, default=22)
-    p.add_argument("--methods", default="fp16,kvtc@16,kvtc@20")
+    p.add_argument(
+        "--methods", default="fp16,kvtc@16,kvtc@20", help="comma list, or 'default' (every method)"
+    )
+    p.add_argument(
+        "--lm-windows",
+        type=int,
+        default=0,
+        help="GPL windows for ppl/top-1/KL (the default suite: 4, fits 3)",
+    )
+    p.add_argument(
+        "--task-seed",
+        type=int,
+        default=0,
+        help="0: the reported prompts; 1: the tuning draw of tune_tasks (choose knobs on it, never on 0)",
+    )
     p.add_argument("--stop-after", type=float, default=None)
     p.add_argument("--cache-dir", type=Path, default=None)
     p.add_argument("--report-dir", type=Path, default=None, help="also write bench.md/json/png here")
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args()
     lm = CausalLM.load("smollm2-135m")
-    suite = replace(SUITES["default"], name="accuracy", lm_windows=0, task_instances=a.prompts_per_task)
+    suite = replace(
+        SUITES["default"],
+        name="accuracy",
+        lm_windows=a.lm_windows,
+        task_instances=a.prompts_per_task,
+        task_seed=a.task_seed,
+    )
+    methods = (suite.methods if a.methods == "default" else a.methods).split(",")
     report = []
     for path in a.calibration:
         cal = load_calibration(path, expected_fingerprint=lm.info.fingerprint)
         res = run_bench(
             lm,
             suite,
-            methods=a.methods.split(","),
+            methods=methods,
             cache_dir=a.cache_dir,
             calibration=cal,
             throughput=False,
             stop_after_s=a.stop_after,
         ).as_dict()
         rows = summarize(res)
+        kinds = [r["kind"] for r in res["results"] if r["method"] == "fp16"]
         kvtc = [m for m in res["methods"] if m.startswith("kvtc")]
         entry = {
             "calibration": path.name,
             "calibration_id": cal.calibration_id,
-            "prompts": len({r["item"] for r in res["results"] if r["method"] == "fp16"}),
+            "prompts": sum(k != "lm" for k in kinds),
+            "lm_windows": sum(k == "lm" for k in kinds),
+            "task_seed": a.task_seed,
             "summary": rows,
             "paired_vs_fp16": {m: paired(res, m, "fp16") for m in kvtc},
             "wall_s": res["wall_s"],
