@@ -159,16 +159,19 @@ def add_targets(cal, state: dict, corpus: str, targets: list[float]) -> list[flo
     return missing
 
 
-def parse_distortion(distortion: str) -> tuple[str, float | None, float, float]:
-    """'attention', 'mse', ... as CodecConfig has them; 'measured[@POWER][/KEY_WEIGHT]': the attention
-    metric with per-layer, per-kind factors measured end to end (calibration/sensitivity.py) at the
-    analytic calibration's 20x allocation, damped by POWER; 'attention/KW' or 'mse/KW': key_weight KW."""
+def parse_distortion(distortion: str) -> tuple[str, float | None, float, float, float | None]:
+    """'attention', 'mse', ... as CodecConfig has them; 'measured[@POWER[kKEY_POWER]][/KEY_WEIGHT]': the
+    attention metric with per-layer, per-kind factors measured end to end (calibration/sensitivity.py)
+    at the analytic calibration's 20x allocation, damped by POWER (the key factors by KEY_POWER if
+    given); 'attention/KW' or 'mse/KW': key_weight KW."""
     name, _, kw = distortion.partition("/")
     key_weight = float(kw) if kw else 1.0
     if name.startswith("measured"):
         _, _, power = name.partition("@")
-        return "attention", float(power) if power else 1.0, key_weight, PROBE_CR
-    return name, None, key_weight, PROBE_CR
+        power, _, key_power = power.partition("k")
+        kp = float(key_power) if key_power else None
+        return "attention", float(power) if power else 1.0, key_weight, PROBE_CR, kp
+    return name, None, key_weight, PROBE_CR, None
 
 
 def calibrate_variant(
@@ -185,7 +188,7 @@ def calibrate_variant(
     accs = {n: parts[0]["accs"][n].merged(*(p["accs"][n] for p in parts[1:])) for n in parts[0]["accs"]}
     stats = parts[0]["stats"].merged(*(p["stats"] for p in parts[1:]))
     held = held_out_kv(state, corpus)
-    mode, power, key_weight, probe_cr = parse_distortion(distortion)
+    mode, power, key_weight, probe_cr, key_power = parse_distortion(distortion)
     cfg = CodecConfig(distortion=mode, key_weight=key_weight, layer_sensitivity="analytic")  # type: ignore[arg-type]
     if power is not None:  # the same recipe as calibrate() with this config (the artifact says so)
         cfg = cfg.model_copy(update={"layer_sensitivity": "measured", "sensitivity_power": power})
@@ -197,8 +200,8 @@ def calibrate_variant(
     }
     if power is not None:
         measured = _probe(lm, state, corpus, accs, held, stats, probe_cr, probe_cache)
-        stats = stats.with_sensitivity(sensitivity_factors(measured, power))
-        provenance["layer_sensitivity"] = {"power": power, "probe_cr": probe_cr}
+        stats = stats.with_sensitivity(sensitivity_factors(measured, power, key_power=key_power))
+        provenance["layer_sensitivity"] = {"power": power, "key_power": key_power, "probe_cr": probe_cr}
     return calibrate_from_kv(
         lm.info,
         accs,
