@@ -89,6 +89,7 @@ def main() -> None:
         default=0,
         help="0: the reported prompts; 1: the tuning draw of tune_tasks (choose knobs on it, never on 0)",
     )
+    p.add_argument("--tasks", default="", help="comma list of retrieval tasks (default: all)")
     p.add_argument("--stop-after", type=float, default=None)
     p.add_argument(
         "--reuse-rows",
@@ -107,6 +108,7 @@ def main() -> None:
         lm_windows=a.lm_windows,
         task_instances=a.prompts_per_task,
         task_seed=a.task_seed,
+        tasks=tuple(t for t in a.tasks.split(",") if t) or SUITES["default"].tasks,
     )
     methods = (suite.methods if a.methods == "default" else a.methods).split(",")
     if a.reuse_rows is not None:
