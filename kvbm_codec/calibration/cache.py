@@ -18,7 +18,12 @@ import os
 from pathlib import Path
 
 from kvbm_codec.calibration.artifact import CalibrationIntegrityError, load_calibration
-from kvbm_codec.calibration.calibrate import DEFAULT_TARGETS, CalibrationModel, calibrate
+from kvbm_codec.calibration.calibrate import (
+    BLOCK_ALLOCATION_VERSION,
+    DEFAULT_TARGETS,
+    CalibrationModel,
+    calibrate,
+)
 from kvbm_codec.calibration.registry import Registry, default_root
 from kvbm_codec.codec.config import CodecConfig
 from kvbm_codec.codec.errors import CodecError
@@ -73,6 +78,7 @@ def cache_key(
             "seq_len": seq_len,
             "targets": DEFAULT_TARGETS,
             "corpus": corpus_name,
+            "block_allocations": BLOCK_ALLOCATION_VERSION,
         },
         sort_keys=True,
     )

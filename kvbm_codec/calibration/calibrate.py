@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import itertools
 import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -42,6 +43,10 @@ DEFAULT_TARGETS = (4.0, 8.0, 16.0, 20.0, 32.0, 64.0)
 DEFAULT_BLOCK_TOKENS = (32,)
 BLOCK_PROBE_BLOCKS = 64  # block frames a block allocation's ratio is measured on
 """Page sizes that get allocations sized on their block frames (KVBM's and the service's default)."""
+BLOCK_ALLOCATION_VERSION = 2
+"""How block allocations are sized; part of the calibration cache key, so a change reaches users as a
+new calibration. 2: blocks measured at their true positions (1 renumbered them from 0 and sized the
+allocations ~5% too rich; docs/benchmarks.md, "Block allocations measured at true positions")."""
 
 
 class CalibrationModel(Protocol):
@@ -539,35 +544,44 @@ class RatioProbe:
 
 
 class BlockRatioProbe:
-    """RatioProbe for block frames: the held-out tokens cut into ``page_tokens``-token blocks, every
-    token compressed, encoded by the batched block encoder (format v2) as the service stores them;
-    the ratio is fp16 bytes over the sum of the frames. Each basis' projection is done once."""
+    """Measures block frames as the service stores them: the held-out tokens cut into
+    ``page_tokens``-token blocks of consecutive positions (a block never spans two held-out slices,
+    whose positions jump), each block's keys de-rotated at its own positions, every token compressed,
+    encoded by the batched block encoder (format v2); the ratio is fp16 bytes over the frames' sum.
+
+    The blocks must carry their true positions: the batched encoder undoes RoPE at the positions a
+    block names, and blocks renumbered from 0 (as this probe once did) de-rotated their keys at the
+    wrong angles, which stored ~5% better than real blocks and sized the block allocations too
+    rich (docs/benchmarks.md, "Block allocations measured at true positions")."""
 
     def __init__(
         self, cal: Calibration, kv: KVCache, page_tokens: int, max_blocks: int = BLOCK_PROBE_BLOCKS
     ) -> None:
-        n_blocks = kv.n_tokens // page_tokens
-        if n_blocks < 1:
+        starts = block_starts(kv.positions, page_tokens)
+        if not starts:
             raise ValueError(f"{kv.n_tokens} held-out tokens cannot fill one {page_tokens}-token block")
         # evenly spaced blocks (every held-out domain keeps its share): the ratio of a few thousand
         # tokens is as exact as the bisection needs, at a fraction of the encodes
-        chosen = torch.linspace(0, n_blocks - 1, min(n_blocks, max_blocks)).round().to(torch.int64).unique()
-        n_blocks = len(chosen)
-        kv = kv.select_tokens((chosen[:, None] * page_tokens + torch.arange(page_tokens)).flatten())
-        self.cal, self.kv = cal, kv
-        self._probe = RatioProbe(cal, kv)
-        # the blocks are consecutive slices, so the batched encoder's token order (block-major) is the
-        # held-out order the projections were computed in; positions only fill the headers
-        self.blocks = [
-            KVCache(
-                kv.keys[:, :, i * page_tokens : (i + 1) * page_tokens],
-                kv.values[:, :, i * page_tokens : (i + 1) * page_tokens],
-                torch.arange(i * page_tokens, (i + 1) * page_tokens),
-            )
-            for i in range(n_blocks)
-        ]
-        self.masks = [torch.zeros(page_tokens, dtype=torch.bool)] * n_blocks
+        chosen = torch.linspace(0, len(starts) - 1, min(len(starts), max_blocks)).round().to(torch.int64)
+        self.cal = cal
+        chosen_starts = [starts[i] for i in chosen.unique().tolist()]
+        self.blocks = [kv.select_tokens(torch.arange(s, s + page_tokens)) for s in chosen_starts]
+        self.masks = [torch.zeros(page_tokens, dtype=torch.bool)] * len(self.blocks)
+        self.raw_bytes = sum(b.nbytes(2) for b in self.blocks)
 
     def measure(self, alloc: Allocation) -> float:
-        frames = self._probe.codec(alloc).encode_batch(self.blocks, self.masks)
-        return self.kv.nbytes(2) / sum(len(f) for f, _ in frames)
+        from kvbm_codec.codec.kvtc import KVTCCodec
+
+        frames = KVTCCodec(self.cal, alloc).encode_batch(self.blocks, self.masks)
+        return self.raw_bytes / sum(len(f) for f, _ in frames)
+
+
+def block_starts(positions: torch.Tensor, page_tokens: int) -> list[int]:
+    """Token indices where a whole block of ``page_tokens`` consecutive positions starts, blocks cut
+    from the start of every run of consecutive positions (the rest of a run is left out)."""
+    pos = positions.to(torch.int64).flatten()
+    cuts = [0, *(torch.nonzero(pos[1:] - pos[:-1] != 1).flatten() + 1).tolist(), pos.numel()]
+    starts: list[int] = []
+    for a, b in itertools.pairwise(cuts):
+        starts += range(a, b - page_tokens + 1, page_tokens)
+    return starts

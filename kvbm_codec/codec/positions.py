@@ -16,10 +16,17 @@ batch of blocks at once (the S3 endpoint places a batch of concurrent PUTs toget
 2. Fine, over each block's best few: the PCA residual (energy outside the leading components of
    the calibrated key bases) of the block de-rotated at each candidate, on a few evenly spaced
    tokens of the block (the residual is a per-token average; the right position's is several times
-   smaller than its neighbours', docs/benchmarks.md), all blocks and candidates in one matmul per
-   layer group; the smallest wins. The residual and the keys' normalised energy at the winner are
-   returned with it: the layout check (``layout_check``) needs exactly those figures, so they are
-   not computed twice.
+   smaller than its neighbours', docs/benchmarks.md); the smallest wins. The residual and the keys'
+   normalised energy at the winner are returned with it: the layout check (``layout_check``) needs
+   exactly those figures, so they are not computed twice.
+
+   A candidate start p only adds the rotation R(-p) to the keys de-rotated by their offset in the
+   block, and R(-p) scales the features of each RoPE frequency j by cos(p w_j) and sin(p w_j) (of
+   the feature and its rotate-half partner). So the projection onto the leading components is
+   split by frequency once per token (``_FrequencySplit``: one batched matmul per layer group, twice
+   the work of projecting one reading) and every candidate's projection and energy are sums of those
+   parts weighted by its cos/sin: the work no longer grows with the candidates per block (it grew
+   4x, and the de-rotated copies of every candidate were a third of the search).
 """
 
 from __future__ import annotations
@@ -71,6 +78,8 @@ class PositionEstimator:
         ang = self.candidates().to(torch.float64)[:, None] * inv[None, :]  # [C, D/2]
         self._cos_t, self._sin_t = ang.cos().T.contiguous(), ang.sin().T.contiguous()  # [D/2, C]
         self._weights: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        # a partial rotary (dims past the rotary ones) keeps the direct refine
+        self._split = _FrequencySplit(self.bases, cal.rope) if cal.rope.head_dim == s.key_head_dim else None
 
     def candidates(self) -> torch.Tensor:
         return torch.arange(0, self.search.max_position, self.search.alignment, dtype=torch.int64)
@@ -124,16 +133,21 @@ class PositionEstimator:
         n, layers, page, heads, dim = keys.shape
         k_cands = starts.shape[1]
         tok = sample_tokens(page, self.search.refine_tokens)
-        x = keys[:, :, tok].to(torch.float32).transpose(1, 2)[:, None]  # [N, 1, T, L, H, D]
-        if self.cal.config.undo_rope:
-            pos = starts[:, :, None] + tok[None, None, :]  # [N, K, T]: every candidate of every token
-            x = _derotate(x, pos, self.cal.rope)  # [N, K, T, L, H, D], the candidates broadcast
+        x = keys[:, :, tok].to(torch.float32).transpose(1, 2)  # [N, T, L, H, D]
+        if self.cal.config.undo_rope and self._split is not None and k_cands > 1:
+            # de-rotated by the in-block offsets only; each candidate's start is applied per frequency
+            y = _derotate(x, tok[None, :].expand(n, -1), self.cal.rope)
+            res, tot = self._split.residual(y, starts)  # [N, K, T]
         else:
-            x = x.expand(n, k_cands, tok.numel(), layers, heads, dim)
-        x = x.reshape(-1, layers, heads, dim)
-        res, tot = self.bases.residual(x)
-        tot = tot.reshape(n, k_cands, -1)
-        return res.reshape(n, k_cands, -1).sum(2), tot.sum(2), energy(tot, self.bases.energy)
+            x = x[:, None]  # [N, 1, T, L, H, D]
+            if self.cal.config.undo_rope:
+                pos = starts[:, :, None] + tok[None, None, :]  # [N, K, T]: every candidate of every token
+                x = _derotate(x, pos, self.cal.rope)  # [N, K, T, L, H, D], the candidates broadcast
+            else:
+                x = x.expand(n, k_cands, tok.numel(), layers, heads, dim)
+            res, tot = self.bases.residual(x.reshape(-1, layers, heads, dim))
+            res, tot = res.reshape(n, k_cands, -1), tot.reshape(n, k_cands, -1)
+        return res.sum(2), tot.sum(2), energy(tot, self.bases.energy)
 
     def place_many(self, keys: torch.Tensor, refine_top: int | None = None) -> list[Placement]:
         """Most likely first positions of N blocks whose keys [N, L, P, H, D] carry RoPE, with the key
@@ -188,3 +202,68 @@ def _derotate(x: torch.Tensor, positions: torch.Tensor, rope: RotaryParams) -> t
     if rot < x.shape[-1]:
         parts.append(x[..., rot:].expand(*torch.broadcast_shapes(x.shape[:-1], shape[:-1]), -1))
     return torch.cat(parts, dim=-1)
+
+
+class _FrequencySplit:
+    """The leading-component projections and energies of keys at many candidate starts, from one
+    projection per token split by RoPE frequency (module docstring, step 2).
+
+    For a feature f of frequency j and its rotate-half partner f' (f in the first half of a head),
+    the key de-rotated by a further p is z_f = c y_f + s y_f', z_f' = c y_f' - s y_f (c, s = cos,
+    sin of p w_j), normalised by the calibration's scale: z / scale = c u + s v with u = y / scale
+    and v the partner's value over the feature's own scale (v_f = y_f' / scale_f, v_f' = -y_f /
+    scale_f'). Then the projection (z - mean) / scale @ B = sum_j c_j U_j + s_j V_j - (mean / scale)
+    @ B, with U_j, V_j the projections of u and v restricted to frequency j's features, and the
+    energy |(z - mean) / scale|^2 a quadratic form in (c_j, s_j) with five sums per token and
+    frequency. Exact up to float rounding: the same figures as de-rotating every candidate."""
+
+    def __init__(self, bases: ResidualBases, rope: RotaryParams) -> None:
+        j = self.half = rope.head_dim // 2
+        self.inv_freq = rope.inv_freq.to(torch.float64)
+        inv, mus = [], []
+        self.groups: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []
+        for a, b, mean, scale, basis in bases.groups:
+            lg, r = b - a, basis.shape[1]
+            sc = scale.to(torch.float32)
+            inv.append((1 / sc).reshape(lg, -1, 2, j))
+            mus.append((mean.to(torch.float32) / sc).reshape(lg, -1, 2, j))
+            wu = (basis.to(torch.float32) / sc[:, None]).reshape(lg, -1, 2, j, r)
+            wv = torch.stack([-wu[:, :, 1], wu[:, :, 0]], 2)  # weights of y for v's projection
+            # [J, Lg*H*2, 2r]: frequency-major, u's then v's components side by side
+            w = torch.cat([wu, wv], -1).permute(3, 0, 1, 2, 4).reshape(j, -1, 2 * r).contiguous()
+            mu_b = (mus[-1].reshape(-1) @ basis.to(torch.float32)).contiguous()  # [r]
+            self.groups.append((a, b, w, mu_b))
+        self.inv = torch.cat(inv)  # [L, H, 2, J]: 1 / scale
+        self.mu = torch.cat(mus)  # mean / scale
+        # v's scales: the feature's own, applied to its partner's value (signs in ``residual``)
+        self.inv_swap = torch.stack([self.inv[:, :, 0], self.inv[:, :, 1]], 2)
+        self.mu2 = float((self.mu * self.mu).sum())
+
+    def residual(self, y: torch.Tensor, starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """y [N, T, L, H, D] keys de-rotated by their offset in the block, starts [N, K] -> (energy
+        outside the leading components, total energy) of the normalised keys at each candidate,
+        float64 [N, K, T]."""
+        n, t, layers = y.shape[:3]
+        k, j, m = starts.shape[1], self.half, y.shape[0] * y.shape[1]
+        ang = starts.to(torch.float64)[:, :, None] * self.inv_freq  # [N, K, J]
+        c, s = ang.cos().to(torch.float32), ang.sin().to(torch.float32)
+        g = y.reshape(m, layers, -1, 2, j)  # [M, L, H, 2, J]
+        # energy: a quadratic form in each frequency's (c, s), the same for every layer group
+        u = g * self.inv
+        v = torch.stack([g[:, :, :, 1], -g[:, :, :, 0]], 3) * self.inv_swap
+        sums = torch.stack(
+            [(u * u).sum((1, 2, 3)), (v * v).sum((1, 2, 3)), (u * v).sum((1, 2, 3)),
+             (u * self.mu).sum((1, 2, 3)), (v * self.mu).sum((1, 2, 3))], -1,
+        ).reshape(n, t, j * 5)  # fmt: skip
+        quad = torch.stack([c * c, s * s, 2 * c * s, -2 * c, -2 * s], -1).reshape(n, k, j * 5)
+        tot = (torch.bmm(quad, sums.transpose(1, 2)) + self.mu2).to(torch.float64)  # [N, K, T]
+        cs = torch.stack([c, s], -1).reshape(n, k, j * 2)
+        res = tot.clone()
+        for a, b, w, mu_b in self.groups:
+            r = w.shape[-1] // 2
+            # contiguous: a strided batch makes bmm copy every matrix of it on its own
+            q = torch.bmm(g[:, a:b].permute(4, 0, 1, 2, 3).reshape(j, m, -1).contiguous(), w)  # [J, M, 2r]
+            q = q.reshape(j, n, t, 2, r).permute(1, 0, 3, 2, 4).reshape(n, j * 2, t * r)  # [N, (J, u|v), T*r]
+            proj = torch.bmm(cs, q).reshape(n, k, t, r) - mu_b  # [N, K, T, r]
+            res -= proj.square().sum(-1).to(torch.float64)
+        return res, tot

@@ -136,7 +136,8 @@ class Bucket:
         est = self.estimator()
         search = [i for i, g in enumerate(given) if g is None]
         known = [i for i, g in enumerate(given) if g is not None]
-        for i, p in zip(search, est.place_many(keys[search]), strict=True):
+        found = est.place_many(keys if len(search) == len(blocks) else keys[search])  # no copy when all
+        for i, p in zip(search, found, strict=True):
             out[i] = p
         at = [int(g) for g in given if g is not None]
         if not self.checks_layout:  # the residual and energy would go unused
