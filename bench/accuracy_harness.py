@@ -1,7 +1,9 @@
 """Retrieval tasks at kvtc@16/kvtc@20 against fp16 with paired intervals, for a given calibration.
 
 The harness' default suite with its LM windows left out (the held-out curves cover perplexity and
-top-1) and `--prompts-per-task` retrieval prompts per task, only the rows the issue's targets need:
+top-1; `--lm-windows 3` puts the default suite's back) and `--prompts-per-task` retrieval prompts per
+task, only the rows the issue's targets need (`--methods default`: every baseline, for the Pareto
+check; `--task-seed 1`: the tuning prompts, where a recipe knob may be chosen):
 
     python bench/accuracy_harness.py --calibration broad-attention.kvtc --prompts-per-task 22 \
         --cache-dir /tmp/acc-harness --out bench/results/accuracy_harness.json
@@ -10,6 +12,9 @@ With --cache-dir every (method, prompt) row is kept as it finishes, so a run sto
 resumes where it stopped, and a later run with more --methods (the baselines a Pareto claim needs)
 computes only the new rows; --report-dir then writes the harness' full report (bench.md with the
 paired comparisons against the ratio-matched KVTC row, dominance in bench.json, the Pareto plot).
+`--reuse-rows OLD/bench.json` puts an earlier run's rows of the methods that need no calibration into
+the cache first (keyed as this run keys them), so a Pareto check of a new calibration computes only
+the calibrated rows; the baselines' rows depend on the model, the prompt and the method alone.
 """
 
 from __future__ import annotations
@@ -19,10 +24,20 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+from kvbm_codec.bench.methods import build_method
 from kvbm_codec.bench.report import paired, summarize, write_report
-from kvbm_codec.bench.runner import SUITES, run_bench
+from kvbm_codec.bench.runner import (
+    SUITES,
+    ResultCache,
+    Suite,
+    lm_items,
+    result_key,
+    run_bench,
+    task_items,
+)
 from kvbm_codec.calibration.artifact import load_calibration
 from kvbm_codec.models.hf import CausalLM
+from kvbm_codec.texts import demo_document
 
 
 def _prefill_rate(res: dict) -> float | None:
@@ -34,36 +49,93 @@ def _prefill_rate(res: dict) -> float | None:
     return sum(tokens[t["item"]] for t in done) / secs if secs else None
 
 
+def reuse_rows(lm: CausalLM, suite: Suite, bench_json: Path, cache_dir: Path) -> int:
+    """Cache an earlier run's rows of calibration-free methods for this suite's contexts (rows already
+    cached are kept). Rows of another model, or of contexts this suite does not have, are skipped."""
+    old = json.loads(bench_json.read_text())
+    if old["model"] != lm.info.name:
+        raise SystemExit(f"{bench_json} is a run of {old['model']}, not {lm.info.name}")
+    items = {
+        i.key: i for i in (*lm_items(lm.tokenizer, demo_document(), suite), *task_items(lm.tokenizer, suite))
+    }
+    cache, n = ResultCache(cache_dir), 0
+    for r in old["results"]:
+        m, item = build_method(r["method"]), items.get(r["item"])
+        if m.needs_calibration or item is None:
+            continue
+        key = result_key(m, item, lm.info.fingerprint, None, suite)  # type: ignore[arg-type]
+        if cache.get(key) is None:
+            cache.put(key, {k: v for k, v in r.items() if k != "cached"})
+            n += 1
+    return n
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--calibration", type=Path, action="append", required=True)
     p.add_argument("--prompts-per-task", type=int, default=22)
-    p.add_argument("--methods", default="fp16,kvtc@16,kvtc@20")
+    p.add_argument(
+        "--methods", default="fp16,kvtc@16,kvtc@20", help="comma list, or 'default' (every method)"
+    )
+    p.add_argument(
+        "--lm-windows",
+        type=int,
+        default=0,
+        help="GPL windows for ppl/top-1/KL (the default suite: 4, fits 3)",
+    )
+    p.add_argument(
+        "--task-seed",
+        type=int,
+        default=0,
+        help="0: the reported prompts; 1: the tuning draw of tune_tasks (choose knobs on it, never on 0)",
+    )
+    p.add_argument("--tasks", default="", help="comma list of retrieval tasks (default: all)")
     p.add_argument("--stop-after", type=float, default=None)
+    p.add_argument(
+        "--reuse-rows",
+        type=Path,
+        default=None,
+        help="an earlier bench.json whose calibration-free rows enter --cache-dir first",
+    )
     p.add_argument("--cache-dir", type=Path, default=None)
     p.add_argument("--report-dir", type=Path, default=None, help="also write bench.md/json/png here")
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args()
     lm = CausalLM.load("smollm2-135m")
-    suite = replace(SUITES["default"], name="accuracy", lm_windows=0, task_instances=a.prompts_per_task)
+    suite = replace(
+        SUITES["default"],
+        name="accuracy",
+        lm_windows=a.lm_windows,
+        task_instances=a.prompts_per_task,
+        task_seed=a.task_seed,
+        tasks=tuple(t for t in a.tasks.split(",") if t) or SUITES["default"].tasks,
+    )
+    methods = (suite.methods if a.methods == "default" else a.methods).split(",")
+    if a.reuse_rows is not None:
+        if a.cache_dir is None:
+            raise SystemExit("--reuse-rows needs --cache-dir")
+        print(f"reused {reuse_rows(lm, suite, a.reuse_rows, a.cache_dir)} rows of {a.reuse_rows}", flush=True)
     report = []
     for path in a.calibration:
         cal = load_calibration(path, expected_fingerprint=lm.info.fingerprint)
         res = run_bench(
             lm,
             suite,
-            methods=a.methods.split(","),
+            methods=methods,
             cache_dir=a.cache_dir,
             calibration=cal,
             throughput=False,
             stop_after_s=a.stop_after,
         ).as_dict()
         rows = summarize(res)
+        kinds = [r["kind"] for r in res["results"] if r["method"] == "fp16"]
         kvtc = [m for m in res["methods"] if m.startswith("kvtc")]
         entry = {
             "calibration": path.name,
             "calibration_id": cal.calibration_id,
-            "prompts": len({r["item"] for r in res["results"] if r["method"] == "fp16"}),
+            "prompts": sum(k != "lm" for k in kinds),
+            "lm_windows": sum(k == "lm" for k in kinds),
+            "task_seed": a.task_seed,
             "summary": rows,
             "paired_vs_fp16": {m: paired(res, m, "fp16") for m in kvtc},
             "wall_s": res["wall_s"],

@@ -30,9 +30,11 @@ from kvbm_codec.calibration.artifact import load_calibration, save_calibration
 from kvbm_codec.calibration.calibrate import (
     PROBE_CONTINUATION,
     PROBE_CR,
+    RatioProbe,
     accumulate_covariances,
     calibrate_from_kv,
     compressible,
+    context_allocations,
     metric_weights,
     mixed_held_out,
     token_sequences,
@@ -140,16 +142,36 @@ def corpus_parts(state: dict, corpus: str) -> list[str]:
     raise SystemExit(f"unknown corpus {corpus!r}: docs16, broad, a domain, or -DOMAIN ({', '.join(names)})")
 
 
-def parse_distortion(distortion: str) -> tuple[str, float | None, float, float]:
-    """'attention', 'mse', ... as CodecConfig has them; 'measured[@POWER][/KEY_WEIGHT]': the attention
-    metric with per-layer, per-kind factors measured end to end (calibration/sensitivity.py) at the
-    analytic calibration's 20x allocation, damped by POWER; 'attention/KW' or 'mse/KW': key_weight KW."""
+def held_out_kv(state: dict, corpus: str):
+    """The compressible held-out tokens a corpus' calibration measures its ratios on."""
+    parts = [state["domains"][d] for d in corpus_parts(state, corpus)]
+    if len(parts) == 1:
+        return compressible(parts[0]["held_out"], CodecConfig())
+    return mixed_held_out([p["held_out"] for p in parts], CodecConfig(), SEQ)
+
+
+def add_targets(cal, state: dict, corpus: str, targets: list[float]) -> list[float]:
+    """Give a saved calibration the allocations of `targets` it lacks, measured on the held-out tokens
+    it was calibrated with; its bases, tables and other allocations stay bit-identical (a new id)."""
+    missing = [t for t in targets if allocation_name(t) not in cal.allocations]
+    if missing:
+        context_allocations(cal, RatioProbe(cal, held_out_kv(state, corpus)), missing)
+    return missing
+
+
+def parse_distortion(distortion: str) -> tuple[str, float | None, float, float, float | None]:
+    """'attention', 'mse', ... as CodecConfig has them; 'measured[@POWER[kKEY_POWER]][/KEY_WEIGHT]': the
+    attention metric with per-layer, per-kind factors measured end to end (calibration/sensitivity.py)
+    at the analytic calibration's 20x allocation, damped by POWER (the key factors by KEY_POWER if
+    given); 'attention/KW' or 'mse/KW': key_weight KW."""
     name, _, kw = distortion.partition("/")
     key_weight = float(kw) if kw else 1.0
     if name.startswith("measured"):
         _, _, power = name.partition("@")
-        return "attention", float(power) if power else 1.0, key_weight, PROBE_CR
-    return name, None, key_weight, PROBE_CR
+        power, _, key_power = power.partition("k")
+        kp = float(key_power) if key_power else None
+        return "attention", float(power) if power else 1.0, key_weight, PROBE_CR, kp
+    return name, None, key_weight, PROBE_CR, None
 
 
 def calibrate_variant(
@@ -165,11 +187,8 @@ def calibrate_variant(
     parts = [state["domains"][d] for d in corpus_parts(state, corpus)]
     accs = {n: parts[0]["accs"][n].merged(*(p["accs"][n] for p in parts[1:])) for n in parts[0]["accs"]}
     stats = parts[0]["stats"].merged(*(p["stats"] for p in parts[1:]))
-    if len(parts) == 1:
-        held = compressible(parts[0]["held_out"], CodecConfig())
-    else:
-        held = mixed_held_out([p["held_out"] for p in parts], CodecConfig(), SEQ)
-    mode, power, key_weight, probe_cr = parse_distortion(distortion)
+    held = held_out_kv(state, corpus)
+    mode, power, key_weight, probe_cr, key_power = parse_distortion(distortion)
     cfg = CodecConfig(distortion=mode, key_weight=key_weight, layer_sensitivity="analytic")  # type: ignore[arg-type]
     if power is not None:  # the same recipe as calibrate() with this config (the artifact says so)
         cfg = cfg.model_copy(update={"layer_sensitivity": "measured", "sensitivity_power": power})
@@ -181,8 +200,8 @@ def calibrate_variant(
     }
     if power is not None:
         measured = _probe(lm, state, corpus, accs, held, stats, probe_cr, probe_cache)
-        stats = stats.with_sensitivity(sensitivity_factors(measured, power))
-        provenance["layer_sensitivity"] = {"power": power, "probe_cr": probe_cr}
+        stats = stats.with_sensitivity(sensitivity_factors(measured, power, key_power=key_power))
+        provenance["layer_sensitivity"] = {"power": power, "key_power": key_power, "probe_cr": probe_cr}
     return calibrate_from_kv(
         lm.info,
         accs,
@@ -326,6 +345,11 @@ def main() -> None:
         default=0,
         help="measured variants: probe only the first N domains' held-out sequences (0 = all)",
     )
+    p.add_argument(
+        "--add-targets",
+        action="store_true",
+        help="a saved calibration lacking some --targets gets them added (and is saved again)",
+    )
     a = p.parse_args()
     global PROBE_SEQUENCES
     PROBE_SEQUENCES = a.probe_sequences
@@ -357,6 +381,8 @@ def main() -> None:
         probe = None if a.calibrations is None else a.calibrations / f"{corpus}-probe.pt"
         if saved is not None and saved.exists():
             cal = load_calibration(saved, expected_fingerprint=lm.info.fingerprint)
+            if a.add_targets and add_targets(cal, state, corpus, targets):
+                save_calibration(cal, saved)  # the sweep's rows of the old id stay valid for it
         else:
             # leave-one-out variants are only scored on validation: calibrate only the scored targets
             lodo = corpus.startswith("-") and a.own_domain

@@ -1,8 +1,10 @@
 """Markdown tables for docs/benchmarks.md from bench/accuracy_sweep.py's JSON lines.
 
 python bench/render_accuracy_tables.py [--sets=apache,tempest,...] bench/results/accuracy_*.jsonl
+python bench/render_accuracy_tables.py --dominance OLD/bench.json NEW/bench.json
 
 --sets: the validation texts the ablation table averages over (a variant missing any is left out).
+--dominance: the harness' Pareto check of two runs (two calibrations) side by side, per lossy baseline.
 """
 
 from __future__ import annotations
@@ -123,8 +125,69 @@ def report(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+MEASURES = (("top1", "top-1"), ("ppl_increase_pct", "ppl"), ("kl", "KL"), ("task_acc", "task"))
+LOSSLESS = ("reference", "lossless")
+
+
+def _dominated(bench: dict, method: str) -> str:
+    """Measures on which some KVTC row at >= the baseline's ratio is at least as accurate, each with the
+    least-compressing such row (the harness' `dominance`, point estimates); "all four (X)" when one row
+    X dominates on every measure."""
+    ratio = {s["method"]: s["ratio"] for s in bench["summary"]}
+    dom = bench["dominance"].get(method, {})
+    every = set.intersection(*(set(dom.get(k, [])) for k, _ in MEASURES))
+    if every:
+        return f"all four ({min(every, key=lambda m: ratio[m])})"
+    got = [f"{label} ({min(dom[k], key=lambda m: ratio[m])})" for k, label in MEASURES if dom.get(k)]
+    return ", ".join(got)
+
+
+def _matched(bench: dict, method: str) -> str:
+    """The paired difference against the ratio-matched KVTC row, measures whose 95% CI excludes 0."""
+    for c in bench["comparisons"]:
+        if c["a"] == method and c["b"].startswith("kvtc@") and "+" not in c["b"]:
+            sep = [
+                label
+                for key, label in (
+                    ("top1", "top-1"),
+                    ("ppl_ratio_pct", "ppl"),
+                    ("task_acc", "task"),
+                    ("answer_nll", "answer NLL"),
+                )
+                if c.get(key, {}).get("separated")
+            ]
+            return f"{c['b']}: " + (", ".join(sep) if sep else "none")
+    return "-"
+
+
+def dominance_side_by_side(old: dict, new: dict) -> str:
+    """Per lossy baseline: what the old calibration's KVTC rows dominated it on, and the new one's."""
+    rn = {s["method"]: s for s in new["summary"]}
+    ro = {s["method"]: s for s in old["summary"]}
+    out = [
+        f"| baseline | CR | dominated on, old calibration `{old['calibration_id']}` "
+        f"| dominated on, new calibration `{new['calibration_id']}` "
+        "| new: separated vs the ratio-matched row |",
+        "|---|---|---|---|---|",
+    ]
+    for m in new["methods"]:
+        s = rn.get(m)
+        if s is None or s["family"] in LOSSLESS or s["family"].startswith("kvtc"):
+            continue
+        old_cell = _dominated(old, m) if m in ro else "-"
+        out.append(
+            f"| {m} | {s['ratio']:.2f}x | {old_cell or 'none'} | {_dominated(new, m) or 'none'} "
+            f"| {_matched(new, m)} |"
+        )
+    return "\n".join(out)
+
+
 def main() -> None:
     args = sys.argv[1:]
+    if args and args[0] == "--dominance":
+        old, new = (json.loads(Path(a).read_text()) for a in args[1:3])
+        print(dominance_side_by_side(old, new))
+        return
     sets = ["apache", "tempest", "code", "dialogue", "multilingual"]
     if args and args[0].startswith("--sets="):
         sets = args.pop(0).split("=", 1)[1].split(",")

@@ -137,6 +137,27 @@ def quick_run(smollm, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, d
 
 
 @pytest.mark.slow
+def test_reused_rows_are_keyed_as_the_run_keys_them(quick_run, smollm, tmp_path: Path) -> None:
+    """bench/accuracy_harness.py --reuse-rows: an earlier run's calibration-free rows land under the
+    very keys the runner looks them up by (so a later run finds them), and no calibrated row is reused
+    (its result depends on the calibration)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "accuracy_harness", Path(__file__).parents[1] / "bench" / "accuracy_harness.py"
+    )
+    assert spec is not None and spec.loader is not None
+    harness = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(harness)
+    bench, paths, cache = quick_run
+    free = [r for r in bench["results"] if not build_method(r["method"]).needs_calibration]
+    assert harness.reuse_rows(smollm, SUITES["quick"], paths["json"], tmp_path) == len(free) > 0
+    reused = {p.name for p in (tmp_path / "results").iterdir()}
+    assert len(reused) == len(free) and reused <= {p.name for p in (cache / "results").iterdir()}
+    assert harness.reuse_rows(smollm, SUITES["quick"], paths["json"], tmp_path) == 0  # cached rows stay
+
+
+@pytest.mark.slow
 def test_quick_suite_end_to_end(quick_run) -> None:
     bench, paths, _ = quick_run
     for p in paths.values():

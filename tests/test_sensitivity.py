@@ -53,6 +53,10 @@ def test_sensitivity_factors_normalise_and_floor() -> None:
     assert float(f[0, 0] / f[0, 1]) == pytest.approx(4.0)
     half = sensitivity_factors(measured, power=0.5, floor=0.0)
     assert float(half[0, 0] / half[0, 1]) == pytest.approx(2.0)
+    # key_power damps the key column only; the values keep `power`
+    split = sensitivity_factors(measured, power=0.5, floor=0.0, key_power=1.0)
+    assert torch.equal(split[:, 1], half[:, 1])
+    assert float(split[0, 0]) == pytest.approx(float(half[0, 0]) ** 2)
 
 
 @pytest.mark.slow

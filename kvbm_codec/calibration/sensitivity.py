@@ -269,13 +269,18 @@ def combine_measurements(parts: Sequence[dict[str, torch.Tensor]]) -> dict[str, 
 
 
 def sensitivity_factors(
-    measured: dict[str, torch.Tensor], power: float = 1.0, floor: float = 0.05
+    measured: dict[str, torch.Tensor],
+    power: float = 1.0,
+    floor: float = 0.05,
+    key_power: float | None = None,
 ) -> torch.Tensor:
     """[L, 2] factors for ``ModelStatistics.layer_sensitivity``: the measured ratio, normalised to a
     geometric mean of 1 (only ratios between layers and kinds matter to one lambda), clamped from below
-    (a layer whose probe KL is lost in the noise must not become free) and damped by `power`."""
+    (a layer whose probe KL is lost in the noise must not become free) and damped by `power`
+    (`key_power`, if given, damps the key factors instead: their probe KL is ~7x smaller, so noisier)."""
     if bool(measured["factor"].isnan().any()):
         raise ValueError("sensitivity factors need every layer probed")
     f = measured["factor"].clamp_min(1e-30)
     f = f / f.log().mean().exp()
-    return f.clamp_min(floor) ** power
+    powers = torch.tensor([power if key_power is None else key_power, power], dtype=f.dtype)
+    return f.clamp_min(floor) ** powers
