@@ -44,3 +44,28 @@ def test_warm_started_context_allocations_match_a_cold_bisection(smollm, small_c
         assert abs(math.log10(w.meta["lambda"]) - math.log10(cold[t].meta["lambda"])) < 0.02
         assert abs(w.bits_per_token(32) - cold[t].bits_per_token(32)) <= 0.02 * cold[t].bits_per_token(32)
     assert warm_probe.encodes < 0.75 * cold_probe.encodes, (warm_probe.encodes, cold_probe.encodes)
+
+
+def test_parallel_prefill_gives_the_serial_kv_in_order_and_the_same_statistics(smollm) -> None:  # type: ignore[no-untyped-def]
+    """Two sequences prefilled at once (each on its share of the threads) stream the same KV, in the
+    sequences' order, and the statistics hooks firing from both workers add up to the serial sums."""
+    import torch
+
+    from kvbm_codec.calibration.calibrate import calibration_kv, token_sequences
+    from kvbm_codec.calibration.statistics import gather_statistics
+
+    seqs = token_sequences(smollm.tokenizer, calibration_texts(), 192, 5)
+    n_q = int(smollm.model.config.num_attention_heads)
+    threads = torch.get_num_threads()
+    runs = {}
+    for workers in (1, 2):
+        with gather_statistics(smollm.model, n_q, smollm.info.key_head_dim) as stats:
+            kvs = list(calibration_kv(smollm, seqs, progress=False, workers=workers))
+        runs[workers] = (kvs, stats)
+        assert torch.get_num_threads() == threads
+    (serial, s1), (parallel, s2) = runs[1], runs[2]
+    for a, b in zip(serial, parallel, strict=True):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+    assert s1.tokens == s2.tokens == 5 * 192
+    torch.testing.assert_close(s2.query_sq_sum, s1.query_sq_sum, rtol=1e-12, atol=0.0)
+    torch.testing.assert_close(s2.residual_sum, s1.residual_sum, rtol=1e-12, atol=0.0)

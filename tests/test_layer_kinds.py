@@ -24,6 +24,7 @@ from kvbm_codec.codec.config import CodecConfig
 from kvbm_codec.codec.kvtc import KVTCCodec
 from kvbm_codec.codec.rope import undo_rope
 from kvbm_codec.eval.run import relative_mse
+from kvbm_codec.kv import KVCache
 from kvbm_codec.models.hf import CausalLM, UnsupportedModelError
 
 VOCAB = 256
@@ -142,6 +143,38 @@ def test_kv_only_prefill_matches_full_prefill(feature: str) -> None:
         h.remove()
     assert len(ran) == 2
     assert torch.equal(fast.keys, full.keys) and torch.equal(fast.values, full.values)
+
+
+@pytest.mark.parametrize("feature", sorted(SUPPORTED))
+def test_layer_restarted_continuation_matches_a_whole_one(feature: str) -> None:
+    """The sensitivity probe's layer restart: from the hidden state a reference continuation had
+    entering layer l, with layer l's context keys replaced (one row) or its values (another), the
+    logits equal whole continuations from the same replaced caches, in every supported architecture
+    (q/k norms, partial rotary, biases, 1 KV head, head_dim 128 / 256)."""
+    lm = _lm(SUPPORTED[feature]())
+    ids = torch.randint(0, VOCAB, (1, 80), generator=torch.Generator().manual_seed(3))
+    kv = lm.prefill_kv(ids[:, :64])
+    cont = ids[:, 64:]
+    ref, hidden = lm.continuation_states(kv, cont)
+    torch.testing.assert_close(ref, lm.logits_with_cache(kv, cont), rtol=0, atol=0)
+    g = torch.Generator().manual_seed(4)
+    for layer in range(kv.n_layers):
+        k2, v2 = kv.keys.clone(), kv.values.clone()
+        k2[layer] += 0.1 * torch.randn(k2[layer].shape, generator=g)
+        v2[layer] += 0.1 * torch.randn(v2[layer].shape, generator=g)
+        rows = [KVCache(k2, kv.values, kv.positions), KVCache(kv.keys, v2, kv.positions)]
+        restarted = lm.logits_from_layer(
+            layer,
+            hidden[layer][None].expand(2, -1, -1),
+            [torch.stack([r.keys[j] for r in rows]) for j in range(layer, kv.n_layers)],
+            [torch.stack([r.values[j] for r in rows]) for j in range(layer, kv.n_layers)],
+            64,
+        )
+        for i, r in enumerate(rows):
+            whole = lm.logits_with_cache(r, cont)
+            torch.testing.assert_close(restarted[i], whole, rtol=1e-5, atol=1e-5)
+            assert not torch.allclose(whole, ref, atol=1e-6)  # the replaced layer did change the output
+    assert len(lm.model.model.layers) == kv.n_layers  # the decoder's layer list is restored
 
 
 REFUSED = {

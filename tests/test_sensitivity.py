@@ -142,3 +142,33 @@ def test_measured_sensitivity_is_a_recipe_of_its_own(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(CodecConfig, "model_dump_json", before_the_fields)
     for cfg, key in zip(configs[2:], keys[2:], strict=True):
         assert cache_key(cfg, 66, 1024, "broad") == key
+
+
+@pytest.mark.slow
+def test_layerwise_probe_matches_the_straightforward_one(smollm: CausalLM, small_calibration) -> None:
+    """The probe's fast execution (context KV sliced from the whole sequence's prefill, layers restarted
+    from the reference pass' hidden state, keys/values variants of two sequences batched) measures the
+    same KLs and predicted costs as one full continuation per variant from a second prefill."""
+    info = smollm.info
+    cfg = small_calibration.config
+    seqs = token_sequences(smollm.tokenizer, calibration_texts(), 256, 7)[5:]  # past its 4 fit sequences
+    groups = cfg.layer_groups(info.n_layers)
+    ones = {
+        name: (torch.ones(b.dim, dtype=torch.float64), 1.0) for name, b in small_calibration.bases.items()
+    }
+    codec = KVTCCodec(small_calibration, 20.0)
+    some = [0, 1, 14, 29]
+    plain = measure_layer_sensitivity(
+        smollm, codec, ones, groups, seqs, continuation=32, layers=some, layerwise=False
+    )
+    fast = measure_layer_sensitivity(
+        smollm, codec, ones, groups, seqs, continuation=32, layers=some,
+        prefilled=[smollm.prefill_kv(s) for s in seqs], max_rows=3,
+    )  # fmt: skip
+    assert bool((plain["kl"][some] > 0).all())
+    assert bool(fast["kl"][2].isnan().all())
+    torch.testing.assert_close(fast["kl"][some], plain["kl"][some], rtol=2e-3, atol=1e-9)
+    torch.testing.assert_close(fast["predicted"], plain["predicted"], rtol=1e-6, atol=0.0)
+    short = smollm.prefill_kv(seqs[1][:, :200])
+    with pytest.raises(ValueError, match="does not match"):
+        measure_layer_sensitivity(smollm, codec, ones, groups, seqs[:1], continuation=32, prefilled=[short])

@@ -13,8 +13,11 @@ import hashlib
 import itertools
 import sys
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from itertools import islice
 from typing import TYPE_CHECKING, Protocol, cast
 
 import torch
@@ -103,13 +106,50 @@ def token_sequences(tokenizer: object, texts: Sequence[str], seq_len: int, count
     return [torch.tensor([ids[i * seq_len : (i + 1) * seq_len]]) for i in range(n)]
 
 
+PREFILL_WORKERS = 2
+"""Sequences prefilled at once, each on its share of torch's threads: on 2 cores two one-thread
+prefills beat one two-thread prefill (no OpenMP barrier per op; docs/benchmarks.md "Calibration
+speed"), and the KV is bit-identical either way."""
+
+
+@contextmanager
+def _threads_per_worker(workers: int) -> Iterator[None]:
+    total = torch.get_num_threads()
+    torch.set_num_threads(max(1, total // workers))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(total)
+
+
 def calibration_kv(
-    lm: CalibrationModel, sequences: list[torch.Tensor], progress: bool = True
+    lm: CalibrationModel,
+    sequences: Sequence[torch.Tensor],
+    progress: bool = True,
+    workers: int = PREFILL_WORKERS,
 ) -> Iterator[KVCache]:
-    """The one prefill loop of calibration: every sequence's KV (all layers), one at a time, so
-    consumers (covariances here, other statistics elsewhere) stream it in bounded memory."""
-    for seq in tqdm(sequences, desc="calibration: prefill", disable=not progress):
-        yield lm.prefill_kv(seq)
+    """The one prefill loop of calibration: every sequence's KV (all layers), in order, so consumers
+    (covariances here, other statistics elsewhere) stream it in bounded memory: at most workers + 1
+    sequences' KV are in flight. Forward hooks on the model (the statistics) run in the workers."""
+    bar = tqdm(total=len(sequences), desc="calibration: prefill", disable=not progress)
+    if workers <= 1 or len(sequences) < 2:
+        for seq in sequences:
+            kv = lm.prefill_kv(seq)
+            bar.update(1)
+            yield kv
+        bar.close()
+        return
+    todo = iter(sequences)
+    with _threads_per_worker(workers), ThreadPoolExecutor(workers, thread_name_prefix="prefill") as pool:
+        pending = deque(pool.submit(lm.prefill_kv, seq) for seq in islice(todo, workers + 1))
+        while pending:
+            kv = pending.popleft().result()
+            nxt = next(todo, None)
+            if nxt is not None:
+                pending.append(pool.submit(lm.prefill_kv, nxt))
+            bar.update(1)
+            yield kv
+    bar.close()
 
 
 def accumulate_covariances(
@@ -269,9 +309,10 @@ def calibrate(
         by_domain = {d: token_sequences(lm.tokenizer, t, seq_len, counts[d] + 1) for d, t in texts.items()}
         fit = [s for d, seqs in by_domain.items() for s in seqs[: counts[d]]]
         with clock.phase("held-out prefill"):
-            held_kvs = [lm.prefill_kv(seqs[counts[d]]) for d, seqs in by_domain.items()]
+            held_kvs = list(calibration_kv(lm, [seqs[counts[d]] for d, seqs in by_domain.items()], False))
         held_out = mixed_held_out(held_kvs, cfg, seq_len)
         probe_ids = [seqs[counts[d]] for d, seqs in by_domain.items()]
+        probe_kvs = held_kvs
         provenance["domains"] = {d: counts[d] for d in texts}
     else:
         if isinstance(fit_sequences, Mapping):
@@ -280,6 +321,7 @@ def calibrate(
         fit = seqs[:fit_sequences]
         with clock.phase("held-out prefill"):
             held_out = lm.prefill_kv(seqs[fit_sequences])
+        probe_kvs = [held_out]
     provenance.update(fit_tokens=len(fit) * seq_len, held_out_tokens=int(held_out.n_tokens))
     common = {
         "targets": targets,
@@ -303,7 +345,7 @@ def calibrate(
     with clock.phase("sensitivity probe"):
         stats, measured = measured_sensitivity(
             lm, accs, held_out, cfg, stats, probes, held_out_compressible=isinstance(texts, Mapping),
-            progress=progress,
+            progress=progress, probe_kvs=probe_kvs,
         )  # fmt: skip
     provenance["layer_sensitivity"] = {
         "probe_cr": PROBE_CR,
@@ -331,12 +373,15 @@ def measured_sensitivity(
     *,
     held_out_compressible: bool,
     progress: bool = True,
+    probe_kvs: Sequence[KVCache] | None = None,
 ) -> tuple[ModelStatistics, dict[str, torch.Tensor]]:
     """``stats`` with measured per-layer factors (``CodecConfig.layer_sensitivity="measured"``): the
     analytic metric's own calibration at PROBE_CR is built from the same sums, each probe sequence's
     context is restored with one layer's keys or values decoded at a time (calibration/sensitivity.py),
     and the output KL over the metric's predicted cost, damped by ``cfg.sensitivity_power``, rescales
-    that layer's weights. Probe sequences are held-out calibration text, never evaluation text."""
+    that layer's weights. Probe sequences are held-out calibration text, never evaluation text;
+    ``probe_kvs`` (their whole-sequence KV from the held-out prefill) spares the probe a second prefill
+    of each context."""
     from kvbm_codec.calibration.sensitivity import ProbeModel, measure_layer_sensitivity, sensitivity_factors
     from kvbm_codec.codec.kvtc import KVTCCodec
 
@@ -360,6 +405,7 @@ def measured_sensitivity(
         probes,
         continuation=PROBE_CONTINUATION,
         progress=progress,
+        prefilled=probe_kvs,
     )
     return stats.with_sensitivity(sensitivity_factors(measured, cfg.sensitivity_power)), measured
 

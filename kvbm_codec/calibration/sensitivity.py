@@ -22,7 +22,7 @@ run by ``calibrate.measured_sensitivity``) and knows nothing of the evaluation c
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +40,30 @@ class ProbeModel(Protocol):
     def prefill_kv(self, input_ids: torch.Tensor) -> KVCache: ...
 
     def logits_with_cache(self, cache: KVCache, input_ids: torch.Tensor) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class LayerwiseProbeModel(ProbeModel, Protocol):
+    """A model that can restart a continuation at any decoder layer (models/hf.py ``CausalLM``): the
+    probe then skips the layers a variant leaves unchanged and batches its variants."""
+
+    def continuation_states(
+        self, cache: KVCache, input_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def logits_from_layer(
+        self,
+        start: int,
+        hidden: torch.Tensor,
+        keys: Sequence[torch.Tensor],
+        values: Sequence[torch.Tensor],
+        first_position: int,
+    ) -> torch.Tensor: ...
+
+
+PROBE_BATCH_ROWS = 12
+"""Variants per layer-restarted forward (6 probe sequences x keys/values in the default recipe):
+bigger matmuls than one 64-token row, bounded memory (each row holds its own context cache)."""
 
 
 def output_kl(ref: torch.Tensor, out: torch.Tensor) -> float:
@@ -89,6 +113,10 @@ def measure_layer_sensitivity(
     continuation: int = 256,
     layers: Sequence[int] | None = None,
     progress: bool = False,
+    *,
+    prefilled: Sequence[KVCache] | None = None,
+    layerwise: bool | None = None,
+    max_rows: int = PROBE_BATCH_ROWS,
 ) -> dict[str, torch.Tensor]:
     """KL per (layer, kind) of each layer's decoded error alone, summed over probe sequences, the
     metric's predicted cost of the same errors, and their ratio (the sensitivity factor, [L, 2]).
@@ -96,12 +124,52 @@ def measure_layer_sensitivity(
     Each probe [1, T] is split into a context (compressed with `codec`) and the last `continuation`
     tokens (scored). The errors are measured on the compressible tokens only: sinks and the window
     are stored exactly, so a probe sees what a restored cache gives the model. `layers` limits the
-    probe to some layers (the others' entries are NaN)."""
+    probe to some layers (the others' entries are NaN).
+
+    How it runs, not what it measures: ``prefilled`` (each probe's whole-sequence KV, e.g. from the
+    held-out prefill) gives the context KV as a prefix slice instead of a second prefill (a causal
+    model's KV of the first T - continuation tokens); a model with ``logits_from_layer`` (``layerwise``,
+    the default when it has one) reruns only layers l.. for layer l's variants, from the reference
+    pass' hidden state entering layer l, with up to ``max_rows`` variants (probe sequences x keys /
+    values) per forward. ``layerwise=False`` is the straightforward path: every variant a whole
+    continuation from its own restored cache."""
     if not probes:
         raise ValueError("no probe sequences")
+    if prefilled is not None and len(prefilled) != len(probes):
+        raise ValueError(f"{len(prefilled)} prefilled caches for {len(probes)} probes")
+    fast = isinstance(lm, LayerwiseProbeModel) if layerwise is None else layerwise
+    if fast and not isinstance(lm, LayerwiseProbeModel):
+        raise ValueError("layerwise probing needs a model with continuation_states and logits_from_layer")
+    contexts = [
+        _context_kv(lm, ids, continuation, None if prefilled is None else prefilled[i])
+        for i, ids in enumerate(probes)
+    ]
+    if fast:
+        return combine_measurements(
+            _probe_layerwise(lm, codec, metric, layer_groups, contexts, layers, progress, max_rows)  # type: ignore[arg-type]
+        )
     return combine_measurements(
-        [_probe_one(lm, codec, metric, layer_groups, ids, continuation, layers, progress) for ids in probes]
+        [_probe_one(lm, codec, metric, layer_groups, c, layers, progress) for c in contexts]
     )
+
+
+def _context_kv(
+    lm: ProbeModel, ids: torch.Tensor, continuation: int, prefilled: KVCache | None
+) -> tuple[KVCache, torch.Tensor]:
+    """(the context's exact KV, the continuation's ids) of one probe sequence."""
+    if ids.shape[1] <= continuation:
+        raise ValueError(
+            f"a {ids.shape[1]}-token probe leaves no context before {continuation} scored tokens"
+        )
+    ctx, cont = ids[:, :-continuation], ids[:, -continuation:]
+    if prefilled is None:
+        return lm.prefill_kv(ctx), cont
+    if prefilled.n_tokens != ids.shape[1] or prefilled.layer_start != 0:
+        raise ValueError(
+            f"a prefilled probe cache of {prefilled.n_tokens} tokens does not match "
+            f"its {ids.shape[1]}-token sequence"
+        )
+    return prefilled.select_tokens(torch.arange(ctx.shape[1])), cont
 
 
 def _probe_one(
@@ -109,17 +177,11 @@ def _probe_one(
     codec: KVTCCodec,
     metric: dict[str, tuple[torch.Tensor, float]],
     layer_groups: Sequence[tuple[int, int]],
-    ids: torch.Tensor,
-    continuation: int,
+    context: tuple[KVCache, torch.Tensor],
     layers: Sequence[int] | None,
     progress: bool,
 ) -> dict[str, torch.Tensor]:
-    if ids.shape[1] <= continuation:
-        raise ValueError(
-            f"a {ids.shape[1]}-token probe leaves no context before {continuation} scored tokens"
-        )
-    ctx, cont = ids[:, :-continuation], ids[:, -continuation:]
-    kv = lm.prefill_kv(ctx)
+    kv, cont = context
     ref = lm.logits_with_cache(kv, cont)
     rec = codec.decode(codec.encode(kv)).to(torch.float32)
     kl = torch.full((kv.n_layers, 2), float("nan"), dtype=torch.float64)
@@ -129,6 +191,73 @@ def _probe_one(
             kl[layer, ki] = output_kl(ref, lm.logits_with_cache(_replaced(kv, rec, layer, kind), cont))
     err = KVCache(rec.keys - kv.keys, rec.values - kv.values, kv.positions)
     return {"kl": kl, "predicted": predicted_cost(metric, layer_groups, err)}
+
+
+def _probe_layerwise(
+    lm: LayerwiseProbeModel,
+    codec: KVTCCodec,
+    metric: dict[str, tuple[torch.Tensor, float]],
+    layer_groups: Sequence[tuple[int, int]],
+    contexts: Sequence[tuple[KVCache, torch.Tensor]],
+    layers: Sequence[int] | None,
+    progress: bool,
+    max_rows: int,
+) -> list[dict[str, torch.Tensor]]:
+    """The same KLs as ``_probe_one``, by layer restarts: layer l's key (value) variant differs from
+    the reference pass only in layer l's cache, so layers 0..l-1 see the reference's inputs and
+    produce its outputs; the run starts at layer l from the reference's hidden state there. Rows
+    (probe, kind) that share a context length and continuation go through one forward, up to
+    ``max_rows`` at a time."""
+    if max_rows < 1:
+        raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+    refs, hiddens, recs, out = [], [], [], []
+    for kv, cont in contexts:
+        ref, hidden = lm.continuation_states(kv, cont)
+        rec = codec.decode(codec.encode(kv)).to(torch.float32)
+        refs.append(ref)
+        hiddens.append(hidden)
+        recs.append(rec)
+        err = KVCache(rec.keys - kv.keys, rec.values - kv.values, kv.positions)
+        kl = torch.full((kv.n_layers, 2), float("nan"), dtype=torch.float64)
+        out.append({"kl": kl, "predicted": predicted_cost(metric, layer_groups, err)})
+    n_layers = contexts[0][0].n_layers
+    # rows that can share a forward: same context length, continuation length and first position
+    shapes: dict[tuple[int, int, int], list[int]] = {}
+    for i, (kv, cont) in enumerate(contexts):
+        first = int(kv.positions.max()) + 1 if kv.n_tokens else 0
+        shapes.setdefault((kv.n_tokens, int(cont.shape[1]), first), []).append(i)
+    rows_by_shape = [
+        (first, [(i, ki) for i in members for ki in (0, 1)]) for (_, _, first), members in shapes.items()
+    ]
+    chosen = range(n_layers) if layers is None else layers
+    for layer in tqdm(chosen, desc="calibration: sensitivity probe", disable=not progress):
+        for first, rows in rows_by_shape:
+            for c in range(0, len(rows), max_rows):
+                batch = rows[c : c + max_rows]
+                keys = [_rows_kv(contexts, recs, batch, j, layer, 0) for j in range(layer, n_layers)]
+                values = [_rows_kv(contexts, recs, batch, j, layer, 1) for j in range(layer, n_layers)]
+                hidden = torch.stack([hiddens[i][layer] for i, _ in batch])
+                logits = lm.logits_from_layer(layer, hidden, keys, values, first)
+                for r, (i, ki) in enumerate(batch):
+                    out[i]["kl"][layer, ki] = output_kl(refs[i], logits[r])
+    return out
+
+
+def _rows_kv(
+    contexts: Sequence[tuple[KVCache, torch.Tensor]],
+    recs: Sequence[KVCache],
+    rows: Sequence[tuple[int, int]],
+    j: int,
+    layer: int,
+    kind: int,
+) -> torch.Tensor:
+    """[rows, heads, T, dim]: layer j's context keys (kind 0) or values (kind 1) for each row (probe,
+    kind decoded); a row holds the decoded tensor only at its own layer and kind, the exact one elsewhere."""
+    parts = []
+    for i, ki in rows:
+        src = recs[i] if (j == layer and ki == kind) else contexts[i][0]
+        parts.append(src.keys[j] if kind == 0 else src.values[j])
+    return torch.stack(parts)
 
 
 def combine_measurements(parts: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

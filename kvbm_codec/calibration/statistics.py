@@ -22,6 +22,7 @@ prefills that feed the covariances (``gather_statistics``), plus the o_proj weig
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -104,18 +105,21 @@ def gather_statistics(model: torch.nn.Module, n_q_heads: int, head_dim: int) -> 
         o_proj_grams(model, n_q_heads),
     )
     handles = []
+    lock = threading.Lock()  # calibration prefills several sequences at once (calibrate.calibration_kv)
     for i, layer in enumerate(layers):
 
         def on_query(_m: torch.nn.Module, _inp: object, out: torch.Tensor, i: int = i) -> None:
             q = out.detach().reshape(-1, n_q_heads, head_dim).to(torch.float64)
-            stats.query_sq_sum[i] += (q**2).sum(0)
-            if i == 0:
-                stats.tokens += q.shape[0]
+            with lock:
+                stats.query_sq_sum[i] += (q**2).sum(0)
+                if i == 0:
+                    stats.tokens += q.shape[0]
 
         def on_layer(_m: torch.nn.Module, args: tuple, kwargs: dict, i: int = i) -> None:
             h = args[0] if args else kwargs["hidden_states"]
             h = h.detach().reshape(-1, h.shape[-1]).to(torch.float64)
-            stats.residual_sum[i] += (h**2).mean(-1).sum()
+            with lock:
+                stats.residual_sum[i] += (h**2).mean(-1).sum()
 
         handles.append(layer.self_attn.q_proj.register_forward_hook(on_query))
         handles.append(layer.register_forward_pre_hook(on_layer, with_kwargs=True))

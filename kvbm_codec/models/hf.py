@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from kvbm_codec.api.types import DEFAULT_MODEL
 from kvbm_codec.codec.rope import RotaryParams
@@ -478,6 +479,93 @@ class CausalLM:
         dynamic = kv_to_dynamic_cache(cache, dtype=next(self.model.parameters()).dtype)
         with torch.inference_mode():
             return self._run(input_ids, dynamic, self._next_position(cache), chunk_size, True)
+
+    def continuation_states(
+        self, cache: KVCache, input_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``logits_with_cache`` in one pass (no chunking), plus the hidden state entering every decoder
+        layer [L, N, hidden]: what ``logits_from_layer`` restarts from when only later layers' caches
+        change (the sensitivity probe). The logits are bit-identical to ``logits_with_cache``'s for
+        N <= DEFAULT_CHUNK (the hooks only read)."""
+        self._check_cache(cache)
+        n = int(input_ids.shape[1])
+        if input_ids.dim() != 2 or input_ids.shape[0] != 1 or not 0 < n <= DEFAULT_CHUNK:
+            raise ValueError(
+                f"input_ids must be [1, N] with 0 < N <= {DEFAULT_CHUNK}, got {tuple(input_ids.shape)}"
+            )
+        layers = decoder_layers(self.model)
+        hidden: list[torch.Tensor] = []
+
+        def grab(_m: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            h = args[0] if args else kwargs["hidden_states"]
+            hidden.append(h.detach()[0].clone())
+
+        handles = [layer.register_forward_pre_hook(grab, with_kwargs=True) for layer in layers]
+        try:
+            logits = self.logits_with_cache(cache, input_ids)
+        finally:
+            for h in handles:
+                h.remove()
+        if len(hidden) != len(layers):
+            raise RuntimeError(f"captured {len(hidden)} layer inputs, expected {len(layers)}")
+        return logits, torch.stack(hidden)
+
+    def logits_from_layer(
+        self,
+        start: int,
+        hidden: torch.Tensor,
+        keys: Sequence[torch.Tensor],
+        values: Sequence[torch.Tensor],
+        first_position: int,
+    ) -> torch.Tensor:
+        """Teacher-forced logits [B, N, vocab] of a batch of continuations run from decoder layer
+        ``start`` on: ``hidden`` [B, N, hidden] is the hidden state entering that layer (from
+        ``continuation_states``), ``keys[i]`` / ``values[i]`` [B, kv heads, T, dim] the context cache of
+        layer ``start + i`` for each row, the new tokens at positions ``first_position`` onwards.
+
+        Layers before ``start`` do not run: when only caches from ``start`` on differ from a reference
+        pass, their outputs are the reference's, so the sensitivity probe skips them (about half its
+        forward work) and batches its variants. It runs the model's own forward (mask, RoPE, layers,
+        final norm, LM head) with the decoder's layer list cut to ``start:`` for the call, so it is
+        not safe to run concurrently with another forward of the same model."""
+        info = self.info
+        n_rows, n_new = int(hidden.shape[0]), int(hidden.shape[1])
+        if not 0 <= start < info.n_layers or len(keys) != info.n_layers - start or len(values) != len(keys):
+            raise ValueError(f"need caches for layers {start}..{info.n_layers - 1}, got {len(keys)}")
+        if hidden.dim() != 3 or not 0 < n_new <= DEFAULT_CHUNK:
+            raise ValueError(
+                f"hidden must be [B, N, hidden] with 0 < N <= {DEFAULT_CHUNK}, got {tuple(hidden.shape)}"
+            )
+        ctx = int(keys[0].shape[2])
+        for k, v in zip(keys, values, strict=True):
+            if k.shape[0] != n_rows or v.shape[0] != n_rows or k.shape[2] != ctx or v.shape[2] != ctx:
+                raise ValueError(f"every cache must be [{n_rows}, heads, {ctx}, dim]")
+        dtype = next(self.model.parameters()).dtype
+        cache = DynamicCache()
+        for i in range(info.n_layers):
+            # layers before `start` never run; layer 0's length still sets the mask and query offset
+            k, v = (keys[0], values[0]) if i < start else (keys[i - start], values[i - start])
+            layer = DynamicLayer()
+            layer.lazy_initialization(k, v)
+            layer.keys, layer.values = k.to(dtype), v.to(dtype)
+            cache.layers.append(layer)
+        base = self.model.model
+        full = decoder_layers(self.model)
+        device = next(self.model.parameters()).device
+        positions = torch.arange(first_position, first_position + n_new, device=device)[None]
+        base.layers = torch.nn.ModuleList(list(full)[start:])
+        try:
+            with torch.inference_mode():
+                out = self.model(
+                    inputs_embeds=hidden.to(device=device, dtype=dtype),
+                    position_ids=positions,
+                    cache=cache,
+                    use_cache=True,
+                    logits_to_keep=0,
+                )
+        finally:
+            base.layers = full
+        return out.logits.to(torch.float32)
 
     def generate(
         self, cache: KVCache, input_ids: torch.Tensor, max_new_tokens: int, *, stop_at_eos: bool = True
