@@ -19,8 +19,7 @@ import torch
 
 from kvbm_codec.api.blocks import BlockSpec
 from kvbm_codec.bench.throughput import real_blocks
-from kvbm_codec.calibration.artifact import load_calibration
-from kvbm_codec.calibration.cache import load_or_calibrate
+from kvbm_codec.calibration.cache import given_or_default
 from kvbm_codec.codec import frame as fr
 from kvbm_codec.codec.block import KVTCBlockCodec
 from kvbm_codec.codec.deflate import deflate_chunks
@@ -44,11 +43,7 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(1)
     lm = CausalLM.load()
-    cal = (
-        load_calibration(a.calibration, expected_fingerprint=lm.info.fingerprint)
-        if a.calibration
-        else load_or_calibrate(lm, progress=False)[0]
-    )
+    cal = given_or_default(lm, a.calibration)
     s, mc = cal.shape, ModelConfig()
     spec = BlockSpec(s.n_layers, mc.page_size, s.n_kv_heads, s.key_head_dim, mc.dtype)
     rb = real_blocks(lm, spec, a.blocks)

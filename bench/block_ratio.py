@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from kvbm_codec.calibration import calibrate as C
-from kvbm_codec.calibration.cache import corpus_texts, fit_plan, load_or_calibrate
+from kvbm_codec.calibration.cache import corpus_texts, fit_plan, given_or_default
 from kvbm_codec.codec import frame as fr
 from kvbm_codec.codec.allocation import Allocation, predicted_error
 from kvbm_codec.codec.kvtc import KVTCCodec
@@ -142,12 +142,7 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(1)
     lm = CausalLM.load()
-    if a.calibration is not None:
-        from kvbm_codec.calibration.artifact import load_calibration
-
-        cal = load_calibration(a.calibration, expected_fingerprint=lm.info.fingerprint)
-    else:
-        cal, _, _ = load_or_calibrate(lm, progress=False)
+    cal = given_or_default(lm, a.calibration)
     texts, held = _texts(lm, a.cache, a.report)
     targets = [float(x) for x in a.targets.split(",")]
     allocs: dict[str, Allocation] = {}

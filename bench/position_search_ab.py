@@ -51,18 +51,14 @@ def main() -> None:
     from kvbm_codec.api.blocks import BlockSpec
     from kvbm_codec.bench.throughput import _best as best
     from kvbm_codec.bench.throughput import real_blocks
-    from kvbm_codec.calibration.artifact import load_calibration
-    from kvbm_codec.calibration.cache import load_or_calibrate
+    from kvbm_codec.calibration.cache import given_or_default
     from kvbm_codec.codec import positions as new_mod
     from kvbm_codec.codec.block import KVTCBlockCodec
     from kvbm_codec.models.hf import CausalLM
 
     torch.set_num_threads(1)
     lm = CausalLM.load()
-    if a.calibration is not None:
-        cal = load_calibration(a.calibration, expected_fingerprint=lm.info.fingerprint)
-    else:
-        cal, _, _ = load_or_calibrate(lm, progress=False)
+    cal = given_or_default(lm, a.calibration)
     s = cal.shape
     spec = BlockSpec(s.n_layers, 32, s.n_kv_heads, s.key_head_dim)
     rb = real_blocks(lm, spec, 32)

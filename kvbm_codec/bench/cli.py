@@ -126,8 +126,7 @@ def throughput(
 ) -> None:
     """Matmul roofline, codec-only MB/s per core and service put/get MB/s, on the same real blocks."""
     from kvbm_codec.bench.throughput import ThroughputOptions, run_throughput, write_json
-    from kvbm_codec.calibration.artifact import load_calibration
-    from kvbm_codec.calibration.cache import load_or_calibrate
+    from kvbm_codec.calibration.cache import given_or_default
     from kvbm_codec.models.hf import CausalLM
 
     base = ThroughputOptions.quick() if quick else ThroughputOptions()
@@ -151,10 +150,7 @@ def throughput(
         raise typer.BadParameter(str(e)) from None
     typer.echo(f"loading model {model} ...", err=True)
     lm = CausalLM.load(model)
-    if calibration is not None:
-        cal = load_calibration(calibration, expected_fingerprint=lm.info.fingerprint)
-    else:
-        cal, _, _ = load_or_calibrate(lm, progress=False)
+    cal = given_or_default(lm, calibration)
     result = run_throughput(lm, cal, opts, log=lambda line: typer.echo(line))
     if json_out is not None:
         write_json(result, json_out)

@@ -101,6 +101,14 @@ def local_registry() -> Registry:
     return Registry.from_url(default_root())
 
 
+def given_or_default(lm: CalibrationModel, path: Path | None, progress: bool = False) -> Calibration:
+    """The calibration file a bench was pointed at (checked against the model), else the default
+    recipe's: one rule for every "--calibration, or the default" command."""
+    if path is not None:
+        return load_calibration(path, expected_fingerprint=lm.info.fingerprint)  # type: ignore[attr-defined]
+    return load_or_calibrate(lm, progress=progress)[0]
+
+
 def load_or_calibrate(
     lm: CalibrationModel,
     config: CodecConfig | None = None,
