@@ -235,8 +235,6 @@ class _FrequencySplit:
             self.groups.append((a, b, w, mu_b))
         self.inv = torch.cat(inv)  # [L, H, 2, J]: 1 / scale
         self.mu = torch.cat(mus)  # mean / scale
-        # v's scales: the feature's own, applied to its partner's value (signs in ``residual``)
-        self.inv_swap = torch.stack([self.inv[:, :, 0], self.inv[:, :, 1]], 2)
         self.mu2 = float((self.mu * self.mu).sum())
 
     def residual(self, y: torch.Tensor, starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -250,7 +248,7 @@ class _FrequencySplit:
         g = y.reshape(m, layers, -1, 2, j)  # [M, L, H, 2, J]
         # energy: a quadratic form in each frequency's (c, s), the same for every layer group
         u = g * self.inv
-        v = torch.stack([g[:, :, :, 1], -g[:, :, :, 0]], 3) * self.inv_swap
+        v = torch.stack([g[:, :, :, 1], -g[:, :, :, 0]], 3) * self.inv  # the partner's value, own scale
         sums = torch.stack(
             [(u * u).sum((1, 2, 3)), (v * v).sum((1, 2, 3)), (u * v).sum((1, 2, 3)),
              (u * self.mu).sum((1, 2, 3)), (v * self.mu).sum((1, 2, 3))], -1,
