@@ -28,15 +28,15 @@ from tqdm.auto import tqdm
 
 from kvbm_codec.calibration.artifact import load_calibration, save_calibration
 from kvbm_codec.calibration.calibrate import (
+    CONTEXT_ALLOCATION_VERSION,
     PROBE_CONTINUATION,
     PROBE_CR,
-    RatioProbe,
     accumulate_covariances,
     calibrate_from_kv,
     compressible,
-    context_allocations,
     metric_weights,
     mixed_held_out,
+    sized_context_allocations,
     token_sequences,
 )
 from kvbm_codec.calibration.corpus import CORPUS_NAME, broad_corpus
@@ -50,6 +50,7 @@ from kvbm_codec.codec.config import CodecConfig
 from kvbm_codec.codec.kvtc import KVTCCodec
 from kvbm_codec.codec.params import allocation_name
 from kvbm_codec.eval.metrics import kl_divergence_mean, perplexity, top1_agreement
+from kvbm_codec.eval.run import context_codec
 from kvbm_codec.models.hf import CausalLM
 
 SEQ = 1024
@@ -150,13 +151,32 @@ def held_out_kv(state: dict, corpus: str):
     return mixed_held_out([p["held_out"] for p in parts], CodecConfig(), SEQ)
 
 
+def ratio_sources(state: dict, corpus: str) -> list:
+    """The corpus' whole held-out prefills, the context allocations' frames are cut from."""
+    return [state["domains"][d]["held_out"] for d in corpus_parts(state, corpus)]
+
+
 def add_targets(cal, state: dict, corpus: str, targets: list[float]) -> list[float]:
     """Give a saved calibration the allocations of `targets` it lacks, measured on the held-out tokens
     it was calibrated with; its bases, tables and other allocations stay bit-identical (a new id)."""
     missing = [t for t in targets if allocation_name(t) not in cal.allocations]
     if missing:
-        context_allocations(cal, RatioProbe(cal, held_out_kv(state, corpus)), missing)
+        sources = [compressible(kv, cal.config) for kv in ratio_sources(state, corpus)]
+        sized_context_allocations(cal, sources, missing)
     return missing
+
+
+def rederive_context(cal, state: dict, corpus: str) -> list[float]:
+    """Replace a saved calibration's context allocations by ones sized per context length
+    (calibrate.CONTEXT_TOKENS), from the same held-out prefills; bases, error tables and block
+    allocations stay bit-identical, so the difference in its rows is the sizing alone (a new id)."""
+    old = {n: a for n, a in cal.allocations.items() if "@" not in n}
+    targets = sorted(a.meta["target_cr"] for a in old.values())
+    for n in [n for n in cal.allocations if "@" not in n or "@c" in n]:
+        del cal.allocations[n]
+    sources = [compressible(kv, cal.config) for kv in ratio_sources(state, corpus)]
+    sized_context_allocations(cal, sources, targets)
+    return targets
 
 
 def parse_distortion(distortion: str) -> tuple[str, float | None, float, float, float | None]:
@@ -212,6 +232,7 @@ def calibrate_variant(
         progress=False,
         provenance=provenance,
         held_out_compressible=True,
+        ratio_sources=ratio_sources(state, corpus),
     )
 
 
@@ -350,6 +371,11 @@ def main() -> None:
         action="store_true",
         help="a saved calibration lacking some --targets gets them added (and is saved again)",
     )
+    p.add_argument(
+        "--rederive-context",
+        action="store_true",
+        help="a saved calibration without per-length context allocations gets them (saved as TAG-ctx2)",
+    )
     a = p.parse_args()
     global PROBE_SEQUENCES
     PROBE_SEQUENCES = a.probe_sequences
@@ -379,6 +405,13 @@ def main() -> None:
         tag = f"{corpus}-{distortion.replace('/', '_kw')}"
         saved = None if a.calibrations is None else a.calibrations / f"{tag}.kvtc"
         probe = None if a.calibrations is None else a.calibrations / f"{corpus}-probe.pt"
+        if a.rederive_context and saved is not None:
+            sized = saved.with_name(f"{tag}-ctx{CONTEXT_ALLOCATION_VERSION}.kvtc")
+            if not sized.exists():
+                cal = load_calibration(saved, expected_fingerprint=lm.info.fingerprint)
+                rederive_context(cal, state, corpus)
+                save_calibration(cal, sized)
+            saved = sized
         if saved is not None and saved.exists():
             cal = load_calibration(saved, expected_fingerprint=lm.info.fingerprint)
             if a.add_targets and add_targets(cal, state, corpus, targets):
@@ -391,9 +424,11 @@ def main() -> None:
                 save_calibration(cal, saved)
         cal_s = time.perf_counter() - t0
         for name in cal.allocations:
+            if "@" in name:  # block and per-length allocations: context_codec picks the length's own
+                continue
             target = cal.allocations[name].meta["target_cr"]
-            codec = KVTCCodec(cal, name)
             for vname, is_report, (kv, cont, ref) in vals:
+                codec = context_codec(cal, target, kv)
                 if not is_report and target not in score:
                     continue
                 if a.own_domain and corpus.startswith("-") and (is_report or vname != corpus[1:]):
@@ -410,7 +445,8 @@ def main() -> None:
                 row = {
                     "corpus": corpus,
                     "distortion": distortion,
-                    "target": cal.allocations[name].meta["target_cr"],
+                    "target": target,
+                    "allocation_id": codec.alloc.allocation_id,
                     "val": vname,
                     "report": is_report,
                     "achieved_cr": st.achieved_cr,
