@@ -32,6 +32,7 @@ from kvbm_codec.calibration.calibrate import (
     PROBE_CONTINUATION,
     PROBE_CR,
     accumulate_covariances,
+    block_allocations,
     calibrate_from_kv,
     compressible,
     metric_weights,
@@ -48,7 +49,7 @@ from kvbm_codec.calibration.sensitivity import (
 from kvbm_codec.calibration.statistics import gather_statistics
 from kvbm_codec.codec.config import CodecConfig
 from kvbm_codec.codec.kvtc import KVTCCodec
-from kvbm_codec.codec.params import allocation_name
+from kvbm_codec.codec.params import allocation_name, block_allocation_name
 from kvbm_codec.eval.metrics import kl_divergence_mean, perplexity, top1_agreement
 from kvbm_codec.eval.run import context_codec
 from kvbm_codec.models.hf import CausalLM
@@ -166,16 +167,20 @@ def add_targets(cal, state: dict, corpus: str, targets: list[float]) -> list[flo
     return missing
 
 
-def rederive_context(cal, state: dict, corpus: str) -> list[float]:
+def rederive_context(cal, state: dict, corpus: str, block_tokens: list[int]) -> list[float]:
     """Replace a saved calibration's context allocations by ones sized per context length
     (calibrate.CONTEXT_TOKENS), from the same held-out prefills; bases, error tables and block
-    allocations stay bit-identical, so the difference in its rows is the sizing alone (a new id)."""
+    allocations stay bit-identical, so the difference in its rows is the sizing alone (a new id).
+    block_tokens: page sizes that get block allocations it lacks (as `calibrate` gives the default:
+    the harness stores 32-token blocks, at the context allocation when there is none)."""
     old = {n: a for n, a in cal.allocations.items() if "@" not in n}
     targets = sorted(a.meta["target_cr"] for a in old.values())
     for n in [n for n in cal.allocations if "@" not in n or "@c" in n]:
         del cal.allocations[n]
     sources = [compressible(kv, cal.config) for kv in ratio_sources(state, corpus)]
     sized_context_allocations(cal, sources, targets)
+    pages = [p for p in block_tokens if block_allocation_name(targets[0], p) not in cal.allocations]
+    block_allocations(cal, held_out_kv(state, corpus), targets, pages)
     return targets
 
 
@@ -376,6 +381,11 @@ def main() -> None:
         action="store_true",
         help="a saved calibration without per-length context allocations gets them (saved as TAG-ctx2)",
     )
+    p.add_argument(
+        "--block-tokens",
+        default="",
+        help="with --rederive-context: page sizes that also get block allocations (e.g. 32, as the default)",
+    )
     a = p.parse_args()
     global PROBE_SEQUENCES
     PROBE_SEQUENCES = a.probe_sequences
@@ -406,10 +416,12 @@ def main() -> None:
         saved = None if a.calibrations is None else a.calibrations / f"{tag}.kvtc"
         probe = None if a.calibrations is None else a.calibrations / f"{corpus}-probe.pt"
         if a.rederive_context and saved is not None:
-            sized = saved.with_name(f"{tag}-ctx{CONTEXT_ALLOCATION_VERSION}.kvtc")
+            pages = [int(x) for x in a.block_tokens.split(",") if x]
+            blocks = "".join(f"-p{p}" for p in pages)
+            sized = saved.with_name(f"{tag}-ctx{CONTEXT_ALLOCATION_VERSION}{blocks}.kvtc")
             if not sized.exists():
                 cal = load_calibration(saved, expected_fingerprint=lm.info.fingerprint)
-                rederive_context(cal, state, corpus)
+                rederive_context(cal, state, corpus, pages)
                 save_calibration(cal, sized)
             saved = sized
         if saved is not None and saved.exists():
@@ -447,6 +459,8 @@ def main() -> None:
                     "distortion": distortion,
                     "target": target,
                     "allocation_id": codec.alloc.allocation_id,
+                    # 2: context allocations sized per context length (calibrate.CONTEXT_TOKENS)
+                    "context_sizing": 2 if any("@c" in n for n in cal.allocations) else 1,
                     "val": vname,
                     "report": is_report,
                     "achieved_cr": st.achieved_cr,
