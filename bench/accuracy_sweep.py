@@ -253,7 +253,7 @@ def _probe(lm, state, corpus, accs, held, stats, probe_cr: float, cache: Path | 
     else:
         base = calibrate_from_kv(
             lm.info, accs, held, cfg, targets=[probe_cr], statistics=stats, progress=False,
-            held_out_compressible=True,
+            held_out_compressible=True, context_lengths=None,
         )  # fmt: skip
     shape = _shape(lm)
     metric = metric_weights(accs, cfg, shape, lm.info.rope, stats)

@@ -275,6 +275,14 @@ def mixed_held_out(kvs: Sequence[KVCache], cfg: CodecConfig, tokens: int) -> KVC
     return context_probe_kv([compressible(kv, cfg) for kv in kvs], tokens)
 
 
+def _concat(*kvs: KVCache) -> KVCache:
+    return KVCache(
+        torch.cat([k.keys for k in kvs], 2),
+        torch.cat([k.values for k in kvs], 2),
+        torch.cat([k.positions for k in kvs]),
+    )
+
+
 def context_probe_kv(sources: Sequence[KVCache], tokens: int) -> KVCache:
     """About ``tokens`` tokens (fewer if the sources hold fewer), an equal contiguous middle slice of
     each source (compressible tokens already): one frame that every domain shares in."""
@@ -283,11 +291,7 @@ def context_probe_kv(sources: Sequence[KVCache], tokens: int) -> KVCache:
         take = min(c.n_tokens, max(1, tokens // len(sources)))
         start = (c.n_tokens - take) // 2
         parts.append(c.select_tokens(torch.arange(start, start + take)))
-    return KVCache(
-        torch.cat([p.keys for p in parts], 2),
-        torch.cat([p.values for p in parts], 2),
-        torch.cat([p.positions for p in parts]),
-    )
+    return _concat(*parts)
 
 
 def _text_digest(texts: Sequence[str] | Mapping[str, Sequence[str]]) -> str:
@@ -415,7 +419,7 @@ def measured_sensitivity(
     shape = _model_shape(lm.info)
     base = calibrate_from_kv(
         lm.info, accs, held_out, analytic, targets=[PROBE_CR], statistics=stats, progress=False,
-        held_out_compressible=held_out_compressible, context_lengths=CONTEXT_TOKENS[:1],
+        held_out_compressible=held_out_compressible, context_lengths=None,
     )  # fmt: skip
     metric = metric_weights(accs, analytic, shape, lm.info.rope, stats)  # type: ignore[attr-defined]
     assert metric is not None
@@ -484,7 +488,7 @@ def calibrate_from_kv(
     held_out_compressible: bool = False,
     block_tokens: Sequence[int] = (),
     ratio_sources: Sequence[KVCache] | None = None,
-    context_lengths: Sequence[int] = CONTEXT_TOKENS,
+    context_lengths: Sequence[int] | None = CONTEXT_TOKENS,
 ) -> Calibration:
     """Calibration from already-computed KV, or from covariance sums (lets sweeps reuse one set of
     prefills, and mix corpus domains). held_out is the KV the error tables and ratios are measured on:
@@ -492,7 +496,8 @@ def calibrate_from_kv(
     tokens already chosen (mixed_held_out). block_tokens: page sizes whose block frames get their own
     allocation per target (``block_allocations``). ratio_sources: whole held-out prefills (one per
     domain) the context allocations' frames are cut from, so they can be longer than held_out (default:
-    held_out alone); context_lengths: the lengths they are sized for (sized_context_allocations)."""
+    held_out alone); context_lengths: the lengths they are sized for (sized_context_allocations), or
+    None: one allocation per target sized on held_out alone (version 1; the sensitivity probe's own)."""
     clock = clock or PhaseClock(progress)
     cfg = config or CodecConfig()
     shape = ModelShape(info.n_layers, info.n_kv_heads, info.key_head_dim, info.value_head_dim)  # type: ignore[attr-defined]
@@ -518,8 +523,11 @@ def calibrate_from_kv(
         calibration_id="0" * 16,
     )
     with clock.phase("bit allocation"):
-        sources = [val_kv] if ratio_sources is None else [compressible(kv, cfg) for kv in ratio_sources]
-        sized_context_allocations(cal, sources, targets, progress, context_lengths)
+        if context_lengths is None:
+            context_allocations(cal, RatioProbe(cal, val_kv), targets, progress)
+        else:
+            sources = [val_kv] if ratio_sources is None else [compressible(kv, cfg) for kv in ratio_sources]
+            sized_context_allocations(cal, sources, targets, progress, context_lengths)
         block_allocations(cal, val_kv, targets, block_tokens, progress)
     cal.provenance["created"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     cal.provenance["phase_seconds"] = clock.rounded()
@@ -581,9 +589,12 @@ def sized_context_allocations(
         n = min(have, length - exact)
         if n >= 1 and all(n < m for _, m in sizes):
             sizes.append((length if n == length - exact else n + exact, n))
+    # the exact tokens a context of that length stores beside its compressed ones (their content is
+    # stored raw and not counted; their records in the header are)
+    exact_kv = sources[0].select_tokens(torch.arange(min(exact, sources[0].n_tokens))) if exact else None
     near: dict[float, float] | None = None
     for i, (length, n) in enumerate(sizes):
-        probe = RatioProbe(cal, context_probe_kv(sources, n))
+        probe = RatioProbe(cal, context_probe_kv(sources, n), exact_kv)
         named = allocation_name if i == 0 else partial(context_allocation_name, context_tokens=length)
         # each length's bisection starts at the previous (longer) one's lambda: they land close
         context_allocations(cal, probe, targets, progress, name=named, near=near)
@@ -627,10 +638,12 @@ def measure_ratio(cal: Calibration, alloc: Allocation, kv: KVCache) -> float:
 class RatioProbe:
     """Measures the ratio of many allocations on the same held-out KV, as the bisection does ~12 times
     per target: the real encoder (quantization, packing, DEFLATE, header), with each basis's full
-    projection done once instead of once per allocation (a third of the encode time)."""
+    projection done once instead of once per allocation (a third of the encode time). With ``exact``
+    (tokens stored uncompressed, as a context's sinks and window are) the frame carries them too and
+    the ratio is over the compressed tokens' share of it, as a context frame's is reported."""
 
-    def __init__(self, cal: Calibration, kv: KVCache) -> None:
-        self.cal, self.kv = cal, kv
+    def __init__(self, cal: Calibration, kv: KVCache, exact: KVCache | None = None) -> None:
+        self.cal, self.kv, self.exact = cal, kv, exact
         keys = undo_rope(kv.keys, kv.positions, cal.rope) if cal.config.undo_rope else kv.keys
         self.coeffs: dict[str, torch.Tensor] = {}
         for gi, (a, b) in enumerate(cal.config.layer_groups(cal.shape.n_layers)):
@@ -654,8 +667,14 @@ class RatioProbe:
         return _Codec(self.cal, alloc)
 
     def measure(self, alloc: Allocation) -> float:
-        data = self.codec(alloc).encode(self.kv, raw_mask=torch.zeros(self.kv.n_tokens, dtype=torch.bool))
-        return self.kv.nbytes(2) / len(data)
+        if self.exact is None:
+            data = self.codec(alloc).encode(self.kv, raw_mask=torch.zeros(self.kv.n_tokens, dtype=torch.bool))
+            return self.kv.nbytes(2) / len(data)
+        # a context's frame also carries its sinks and window: their sections' records and position
+        # runs are header bytes the compressed tokens pay for (EncodeStats.achieved_cr, as eval reports)
+        whole = _concat(self.kv, self.exact)
+        mask = torch.arange(whole.n_tokens) >= self.kv.n_tokens
+        return self.codec(alloc).encode_with_stats(whole, raw_mask=mask)[1].achieved_cr
 
 
 class BlockRatioProbe:
