@@ -471,8 +471,11 @@ def calibrate_from_kv(
     cfg = config or CodecConfig()
     shape = ModelShape(info.n_layers, info.n_kv_heads, info.key_head_dim, info.value_head_dim)  # type: ignore[attr-defined]
     rope: RotaryParams = info.rope  # type: ignore[attr-defined]
-    with clock.phase("prefill + covariances"):
-        accs = fit_kvs if isinstance(fit_kvs, dict) else accumulate_covariances(fit_kvs, cfg, rope, shape)
+    if isinstance(fit_kvs, dict):
+        accs = fit_kvs  # summed by the caller, which timed its own prefills
+    else:
+        with clock.phase("prefill + covariances"):
+            accs = accumulate_covariances(fit_kvs, cfg, rope, shape)
     metric = metric_weights(accs, cfg, shape, rope, statistics)
     with clock.phase("eigendecomposition"):
         bases = finalize_bases(accs, cfg, shape, progress, metric)
