@@ -56,10 +56,7 @@ def start_once(variant: str, name: str, fingerprint: str, calibration_id: str) -
     svc = ServiceProcess(20.0, logdir / "serve.log", model=name, models=models)
     client = CodecClient(svc.target, timeout_s=30.0)
     try:
-        if variant == "after":
-            up = svc.wait_healthy(client)
-        else:
-            up = _poll_from_start(svc, client)
+        up = svc.wait_healthy(client) if variant == "after" else _poll_from_start(svc, client)
         spawn_to_serving = time.monotonic() - t0
         served = client.stats().models[0].calibration_id
     finally:
@@ -89,12 +86,14 @@ def main() -> None:
             print(json.dumps(row), flush=True)
             rows.append(row)
     summary = {
-        v: statistics.median(x["serving_after_s"] for x in rows if x["variant"] == v) for v in ("before", "after")
+        v: statistics.median(x["serving_after_s"] for x in rows if x["variant"] == v)
+        for v in ("before", "after")
     }
     same = len({x["calibration_id"] for x in rows}) == 1
     print(json.dumps({"median_serving_after_s": summary, "same_calibration_served": same}), flush=True)
     if a.out is not None:
-        a.out.write_text(json.dumps({"rows": rows, "median_serving_after_s": summary, "same": same}, indent=2))
+        report = {"rows": rows, "median_serving_after_s": summary, "same_calibration_served": same}
+        a.out.write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":
