@@ -15,7 +15,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from functools import partial
 from itertools import islice
@@ -502,8 +502,11 @@ def calibrate_from_kv(
     cfg = config or CodecConfig()
     shape = ModelShape(info.n_layers, info.n_kv_heads, info.key_head_dim, info.value_head_dim)  # type: ignore[attr-defined]
     rope: RotaryParams = info.rope  # type: ignore[attr-defined]
-    with clock.phase("prefill + covariances"):
-        accs = fit_kvs if isinstance(fit_kvs, dict) else accumulate_covariances(fit_kvs, cfg, rope, shape)
+    if isinstance(fit_kvs, dict):
+        accs = fit_kvs  # summed by the caller, which timed its own prefills
+    else:
+        with clock.phase("prefill + covariances"):
+            accs = accumulate_covariances(fit_kvs, cfg, rope, shape)
     metric = metric_weights(accs, cfg, shape, rope, statistics)
     with clock.phase("eigendecomposition"):
         bases = finalize_bases(accs, cfg, shape, progress, metric)
@@ -523,15 +526,64 @@ def calibrate_from_kv(
         calibration_id="0" * 16,
     )
     with clock.phase("bit allocation"):
-        if context_lengths is None:
-            context_allocations(cal, RatioProbe(cal, val_kv), targets, progress)
-        else:
-            sources = [val_kv] if ratio_sources is None else [compressible(kv, cfg) for kv in ratio_sources]
-            sized_context_allocations(cal, sources, targets, progress, context_lengths)
-        block_allocations(cal, val_kv, targets, block_tokens, progress)
+        sources = None if ratio_sources is None else [compressible(kv, cfg) for kv in ratio_sources]
+        all_allocations(
+            cal, val_kv, targets, block_tokens, progress, sources=sources, lengths=context_lengths
+        )
     cal.provenance["created"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     cal.provenance["phase_seconds"] = clock.rounded()
     return cal
+
+
+ALLOCATION_WORKERS = 2
+"""Bisections run at once in the bit-allocation phase, each on its share of torch's threads: the
+context allocations form one chain (each starts from the previous target's lambda), every block
+allocation depends only on its own target's context allocation, so the block bisections run beside
+the chain. Every bisection is the serial one (same encodes, same answers)."""
+
+
+def all_allocations(
+    cal: Calibration,
+    held_out: KVCache,
+    targets: Sequence[float],
+    block_tokens: Sequence[int],
+    progress: bool = False,
+    workers: int = ALLOCATION_WORKERS,
+    *,
+    sources: Sequence[KVCache] | None = None,
+    lengths: Sequence[int] | None = CONTEXT_TOKENS,
+) -> None:
+    """Context and block allocations of every target into ``cal``, as ``sized_context_allocations``
+    (frames cut from ``sources``, default ``held_out``; ``lengths`` None: one allocation per target on
+    ``held_out``, version 1) then ``block_allocations`` give them; with ``workers`` > 1 a target's
+    block bisections start as soon as its plain context allocation is known, on the other worker,
+    while the context chains go on."""
+    probes = {
+        page: BlockRatioProbe(cal, held_out, page) for page in block_tokens if held_out.n_tokens >= page
+    }
+
+    def contexts(on_target: Callable[[float, Allocation], None] | None = None) -> None:
+        if lengths is None:
+            context_allocations(cal, RatioProbe(cal, held_out), targets, progress, on_target=on_target)
+        else:
+            sized_context_allocations(cal, sources or [held_out], targets, progress, lengths, on_target)
+
+    if workers <= 1 or not probes:  # nothing to run beside the chain: it keeps every thread
+        contexts()
+        block_allocations(cal, held_out, targets, block_tokens, progress)
+        return
+    with _threads_per_worker(workers), ThreadPoolExecutor(workers, thread_name_prefix="allocation") as pool:
+        pending: dict[tuple[int, float], Future[Allocation]] = {}
+
+        def start_blocks(target: float, context: Allocation) -> None:
+            for page, probe in probes.items():
+                near = context.meta.get("lambda")
+                pending[(page, target)] = pool.submit(block_allocation, cal, probe, target, near)
+
+        pool.submit(contexts, start_blocks).result()
+        for page in probes:  # the serial phase's order
+            for target in targets:
+                cal.allocations[block_allocation_name(target, page)] = pending[(page, target)].result()
 
 
 def context_allocations(
@@ -539,6 +591,7 @@ def context_allocations(
     probe: RatioProbe,
     targets: Sequence[float],
     progress: bool = False,
+    on_target: Callable[[float, Allocation], None] | None = None,
     *,
     name: Callable[[float], str] = allocation_name,
     near: Mapping[float, float] | None = None,
@@ -567,6 +620,8 @@ def context_allocations(
             offset = alloc.meta["lambda"] / guess
         alloc.meta["compressed_tokens"] = float(probe.kv.n_tokens)
         cal.allocations[name(target)] = alloc
+        if on_target is not None:
+            on_target(target, alloc)
 
 
 def sized_context_allocations(
@@ -575,12 +630,14 @@ def sized_context_allocations(
     targets: Sequence[float],
     progress: bool = False,
     lengths: Sequence[int] = CONTEXT_TOKENS,
+    on_target: Callable[[float, Allocation], None] | None = None,
 ) -> None:
     """Context allocations per target for every context length in ``lengths`` the held-out tokens
     (``sources``, compressible) can fill: each bisected on frames of that length's compressed tokens
     (context minus sinks and window), the longest under the plain name. When the sources cannot fill
     the longest, the longest they can fill takes the plain name, so ``crT`` always exists; lengths
-    whose frames would be the same tokens are sized once."""
+    whose frames would be the same tokens are sized once. ``on_target`` hears each plain allocation
+    (``all_allocations`` starts the block bisections from it)."""
     cfg = cal.config
     have = sum(s.n_tokens for s in sources)
     exact = cfg.sink_tokens + cfg.window_tokens
@@ -597,7 +654,8 @@ def sized_context_allocations(
         probe = RatioProbe(cal, context_probe_kv(sources, n), exact_kv)
         named = allocation_name if i == 0 else partial(context_allocation_name, context_tokens=length)
         # each length's bisection starts at the previous (longer) one's lambda: they land close
-        context_allocations(cal, probe, targets, progress, name=named, near=near)
+        hook = on_target if i == 0 else None
+        context_allocations(cal, probe, targets, progress, hook, name=named, near=near)
         near = {t: cal.allocations[named(t)].meta["lambda"] for t in targets}
         for t in targets:
             cal.allocations[named(t)].meta["context_tokens"] = float(length)
@@ -621,10 +679,17 @@ def block_allocations(
         for target in tqdm(targets, desc=f"calibration: {page}-token block allocation", disable=not progress):
             context = cal.allocations.get(allocation_name(target))
             near = context.meta.get("lambda") if context is not None else None
-            bits = cal.config.scale_bits
-            alloc = allocate_for_ratio(cal.error_tables, target, bits, probe.measure, near=near)
-            alloc.meta["page_tokens"] = float(page)
-            cal.allocations[block_allocation_name(target, page)] = alloc
+            cal.allocations[block_allocation_name(target, page)] = block_allocation(cal, probe, target, near)
+
+
+def block_allocation(
+    cal: Calibration, probe: BlockRatioProbe, target: float, near: float | None
+) -> Allocation:
+    """One target's allocation for ``probe``'s page size, bisected from ``near`` (its context
+    allocation's lambda) when known."""
+    alloc = allocate_for_ratio(cal.error_tables, target, cal.config.scale_bits, probe.measure, near=near)
+    alloc.meta["page_tokens"] = float(probe.page_tokens)
+    return alloc
 
 
 def measure_ratio(cal: Calibration, alloc: Allocation, kv: KVCache) -> float:
@@ -697,7 +762,7 @@ class BlockRatioProbe:
         # evenly spaced blocks (every held-out domain keeps its share): the ratio of a few thousand
         # tokens is as exact as the bisection needs, at a fraction of the encodes
         chosen = torch.linspace(0, len(starts) - 1, min(len(starts), max_blocks)).round().to(torch.int64)
-        self.cal = cal
+        self.cal, self.page_tokens = cal, page_tokens
         chosen_starts = [starts[i] for i in chosen.unique().tolist()]
         self.blocks = [kv.select_tokens(torch.arange(s, s + page_tokens)) for s in chosen_starts]
         self.masks = [torch.zeros(page_tokens, dtype=torch.bool)] * len(self.blocks)
