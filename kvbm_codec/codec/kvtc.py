@@ -633,8 +633,10 @@ class KVTCCodec:
                 out[i] = e
                 continue
             h = f.header
-            runs = tuple(h.raw_token_index)
-            key = (h.allocation_id, h.layer_start, h.layer_end, h.n_tokens, runs, h.dtype)
+            runs = tuple(tuple(r) for r in h.raw_token_index)
+            # as in encode_batch: a partial raw run (sinks) shares its batch's group and math
+            whole = runs if len(runs) == 1 and runs[0][1] == h.n_tokens else ()
+            key = (h.allocation_id, h.layer_start, h.layer_end, h.n_tokens, whole, h.dtype)
             groups.setdefault(key, []).append((i, f, alloc, secs))
         for items in groups.values():
             try:
@@ -655,11 +657,24 @@ class KVTCCodec:
         h = items[0][1].header
         alloc = items[0][2]
         n = len(items)
-        raw_mask = fr.runs_to_mask(h.raw_token_index, h.n_tokens)
+        block_runs = [tuple(tuple(r) for r in f.header.raw_token_index) for _, f, _, _ in items]
+        uniform = all(r == block_runs[0] for r in block_runs)
+        # one raw run for all: the math skips it; several (a sink block among others): the math runs
+        # on every token, each block's coefficient rows are its own compressed tokens (the raw ones
+        # zero), and the raw sections then overwrite the raw tokens: the same values as alone
+        raw_mask = fr.runs_to_mask(list(block_runs[0]) if uniform else [], h.n_tokens)
         comp_idx = torch.nonzero(~raw_mask).flatten().to(device)
-        raw_idx = torch.nonzero(raw_mask).flatten().to(device)
         n_comp = int(comp_idx.numel())
         comp_run = _as_slice(comp_idx)
+        own = [_run_tokens(r[0] if r else None, h.n_tokens, device) for r in block_runs]
+        by_run: dict[tuple[tuple[int, int], ...], list[int]] = {}
+        for j, r in enumerate(block_runs):
+            by_run.setdefault(r, []).append(j)
+        rows_of = (
+            {r: torch.cat([j * n_comp + own[idx[0]][0] for j in idx]) for r, idx in by_run.items()}
+            if not uniform
+            else {}
+        )
         positions = torch.stack([fr.runs_to_positions(f.header.positions) for _, f, _, _ in items]).to(device)
         pos_c = positions[:, comp_idx].reshape(-1)
         out_dtype = DTYPES[h.dtype]
@@ -686,14 +701,25 @@ class KVTCCodec:
             nl, lo = b - a, a - h.layer_start
             for kind, dst in (("k", keys), ("v", values)):
                 name = self.cal.basis_name(gi, kind)
-                codes = np.stack([np.frombuffer(s[f"{name}.codes"], dtype=np.uint8) for *_, s in items])
-                scales = np.stack([np.frombuffer(s[f"{name}.scales"], dtype=np.uint8) for *_, s in items])
                 tiling = self._tiling(name, alloc, h.allocation_id)
                 coeffs = scratch.take("coeffs", (n * n_comp, tiling.n_active), torch.device("cpu"))
-                try:
-                    dequantize_batch_into(codes, scales, tiling, n_comp, coeffs)
-                except ValueError as e:
-                    raise FrameHeaderError(f"section {name}: {e}") from e
+                if not uniform:
+                    coeffs.zero_()
+                for r, idx in by_run.items():
+                    codes = np.stack(
+                        [np.frombuffer(items[j][3][f"{name}.codes"], dtype=np.uint8) for j in idx]
+                    )
+                    scales = np.stack(
+                        [np.frombuffer(items[j][3][f"{name}.scales"], dtype=np.uint8) for j in idx]
+                    )
+                    n_own = int(own[idx[0]][0].numel())
+                    into = coeffs if uniform else torch.empty(len(idx) * n_own, tiling.n_active)
+                    try:
+                        dequantize_batch_into(codes, scales, tiling, n_own, into)
+                    except ValueError as e:
+                        raise FrameHeaderError(f"section {name}: {e}") from e
+                    if not uniform:
+                        coeffs.index_copy_(0, rows_of[r], into)
                 w = self._weights(name, alloc, h.allocation_id, device)
                 # the whole batch in one matmul (a smaller one repacks the basis per call)
                 feats = scratch.take("feats", (n * n_comp, w.dec.shape[1]), device)
@@ -702,10 +728,11 @@ class KVTCCodec:
                 self._scatter(
                     feats, tables, [t[lo : lo + nl] for t in dst], n_comp, comp_run, comp_idx, scratch
                 )
-            if raw_idx.numel():
+            for j, (*_, s) in enumerate(items):
+                raw_idx = own[j][1]
                 nr = int(raw_idx.numel())
-                n_k, n_v = nl * nh * nr * dk, nl * nh * nr * dv
-                for j, (*_, s) in enumerate(items):
+                if nr:
+                    n_k, n_v = nl * nh * nr * dk, nl * nh * nr * dv
                     arr = np.frombuffer(s[f"g{gi}.raw"], dtype=_np_dtype(out_dtype))
                     t = torch.from_numpy(arr.copy()).view(out_dtype).to(device)
                     # raw sections hold [layers, heads, tokens, dim]
