@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import TypeVar
 
@@ -278,6 +278,38 @@ class BlockService:
             got = items(m) if callable(items) else items
             return self._put(tenant, m, got)
 
+    def put_stream(
+        self,
+        tenant: str,
+        model: str,
+        chunks: Callable[[ServedModel], Iterable[Sequence[PutItem]]],
+        *,
+        encode_blocks: int = 1,
+        method: str = "put",
+        nbytes: int = 0,
+    ) -> list[PutResult]:
+        """``put_blocks`` of blocks that arrive in chunks: the blocks received so far are checked and
+        encoded (in batches of at least ``encode_blocks``, the last one smaller) while the front end
+        waits for the next chunk, and nothing is stored until ``chunks`` ends. If it raises (a cut
+        stream, a deadline) or any block is refused, no block of the stream is stored. The block
+        limit (``max_blocks_per_request``) counts the whole stream, as it counts one request."""
+        if encode_blocks < 1:
+            raise ValueError(f"encode_blocks must be at least 1, got {encode_blocks}")
+        with self.request(method, tenant, nbytes):
+            m = self.model(model)
+            prepared: list[tuple[BlockKey, bytes, int]] = []
+            pending: list[PutItem] = []
+            count = 0
+            for chunk in chunks(m):
+                count += len(chunk)
+                self.check_count(count)
+                pending += chunk
+                if len(pending) >= encode_blocks:
+                    prepared += self._prepare(tenant, m, pending)
+                    pending = []
+            prepared += self._prepare(tenant, m, pending)
+            return self._store(m, prepared)
+
     def get_blocks(
         self,
         tenant: str,
@@ -388,12 +420,23 @@ class BlockService:
 
     def _put(self, tenant: str, m: ServedModel, items: Sequence[PutItem]) -> list[PutResult]:
         self.check_count(len(items))
+        return self._store(m, self._prepare(tenant, m, items))
+
+    def _prepare(
+        self, tenant: str, m: ServedModel, items: Sequence[PutItem]
+    ) -> list[tuple[BlockKey, bytes, int]]:
+        """(key, frame, raw bytes) per item, in order: frames checked, raw blocks encoded in one
+        batched call; raises on the first refused item, having stored nothing."""
+        if not items:
+            return []
         keys = [self._key(tenant, m, it.sequence_hash) for it in items]
         frames: dict[int, bytes] = {
             i: self._check_frame(m, it.data) for i, it in enumerate(items) if it.is_frame
         }
         frames.update(self._encode_many(m, [(i, it) for i, it in enumerate(items) if not it.is_frame]))
-        prepared = [(keys[i], frames[i], m.spec.nbytes) for i in range(len(items))]
+        return [(keys[i], frames[i], m.spec.nbytes) for i in range(len(items))]
+
+    def _store(self, m: ServedModel, prepared: Sequence[tuple[BlockKey, bytes, int]]) -> list[PutResult]:
         results = []
         for key, frame, raw in prepared:
             try:

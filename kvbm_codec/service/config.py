@@ -343,6 +343,15 @@ class ServiceConfig(BaseSettings):
         description="Requests admitted at once; more are refused RESOURCE_EXHAUSTED with a retry hint.",
     )
     max_blocks_per_request: int = Field(256, gt=0, description="Blocks in one put/get/contains/delete.")
+    put_stream_encode_blocks: int = Field(
+        16,
+        gt=0,
+        le=4096,
+        description="A streamed put (PutBlocksStream) encodes the blocks received so far once this many "
+        "have arrived (the rest at the stream's end), while the next chunks are in transit: smaller "
+        "batches cost more per block (a batched encode pays a per-call cost of ~2-3 blocks' encode), "
+        "larger ones overlap less.",
+    )
     retry_after_s: float = Field(0.05, ge=0, description="Retry hint returned with an overload refusal.")
     request_timeout_s: float = Field(
         30.0, gt=0, description="Deadline applied to requests whose client set none."
