@@ -384,6 +384,11 @@ class ServiceConfig(BaseSettings):
         20.0, ge=0, description="On SIGTERM, how long in-flight requests may take to finish."
     )
     get_batch_size: int = Field(16, gt=0, description="Default results per streamed GetBlocks message.")
+    get_prefetch: bool = Field(
+        True,
+        description="A streamed get (GetBlocks, gRPC or NIXL) reads and decodes its next batch while the "
+        "current one is sent, so the decoder does not wait for the wire; a stream then holds two batches.",
+    )
     models: list[ModelConfig] = Field(
         default_factory=lambda: [ModelConfig()], description="Models served (at least one)."
     )

@@ -383,13 +383,14 @@ class KvbmCodecServicer(pb_grpc.KvbmCodecServicer):
 
     def _get_bytes(self, request: pb.GetBlocksRequest) -> int:
         """Bytes a get holds at once, for per-tenant byte admission: its raw blocks, but never more
-        than one message (a stream builds one message at a time); 0 for a model not served here,
-        which ``_get`` then refuses by name."""
+        than two messages (a stream sends one while it decodes the next); 0 for a model not served
+        here, which ``_get`` then refuses by name."""
         try:
             nbytes = self.svc.model(request.model).spec.nbytes
         except ServiceError:
             return 0
-        return min(nbytes * len(request.sequence_hashes), self.cfg.max_message_bytes)
+        held = 2 if self.svc.limits.get_prefetch else 1
+        return min(nbytes * len(request.sequence_hashes), held * self.cfg.max_message_bytes)
 
     def _get(
         self, tenant: str, request: pb.GetBlocksRequest, deadline: _Deadline
