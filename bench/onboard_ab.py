@@ -1,7 +1,7 @@
 """Onboard through `kvbm-codec serve` with the streamed get's prefetch on and off, side by side.
 
-Two `kvbm-codec serve` processes of the same build and calibration, one with ``get_prefetch`` (the
-default: a GetBlocks stream decodes its next batch while the current one is sent) and one without,
+Two `kvbm-codec serve` processes of the same build and calibration, one with ``get_prefetch`` (a
+GetBlocks stream decodes its next batch while the current one is sent; off by default) and one without,
 hold the same real blocks (SmolLM2 KV of the held-out demo text, 64 blocks of 32 tokens repeated
 under new hashes); rounds alternate between them: the README job's onboard (``KvbmTierClient.onboard``
 over gRPC, and ``get_blocks_nixl`` into a registered buffer), against the codec alone decoding the

@@ -3,7 +3,8 @@
 The streamed put must store exactly what the unary put stores, and, like it, nothing at all when any
 part fails: a stream cut or cancelled in the middle, a chunk over the message limit, too many blocks
 over the whole stream, a bad block in a later chunk (whose earlier chunks are already encoded), a
-client that stops sending (the deadline). A client against a server without the call puts unary."""
+client that stops sending (the deadline). A client against a server without the call puts unary.
+A prefetched streamed get (``get_prefetch``) returns what the codec restores and frees its slot."""
 
 from __future__ import annotations
 
@@ -263,3 +264,26 @@ def test_a_client_falls_back_to_unary_puts_on_an_older_server(served, blocks):
     finally:
         server.stop(1.0)
         svc.close()
+
+
+def test_a_prefetched_get_returns_what_the_codec_restores_and_frees_its_slot(served, blocks):
+    r = Running(served, get_prefetch=True)
+    try:
+        with r.client() as c:
+            c.put_blocks([PutItem(b.sequence_hash, b.data, first_position=b.first_position) for b in blocks])
+            frames = c.get_blocks(_hashes(blocks), as_frames=True)
+            got = c.get_blocks([*_hashes(blocks), 12345], batch_size=2)  # 4 batches: 3 prefetched
+        assert [g.status for g in got] == ["hit"] * len(blocks) + ["miss"]
+        for f, g in zip(frames, got, strict=False):
+            assert g.data == SPEC.to_bytes(served.encoder.decode(f.data)[0])
+        stream = r.stub.GetBlocks(
+            pb.GetBlocksRequest(model=MODEL, sequence_hashes=_hashes(blocks), batch_size=1)
+        )
+        assert len(next(stream).blocks) == 1
+        stream.cancel()  # the helper decoding batch 2 must finish inside the request's admission
+        end = time.monotonic() + 10
+        while r.inflight() and time.monotonic() < end:
+            time.sleep(0.01)
+        assert r.inflight() == 0
+    finally:
+        r.stop()

@@ -55,7 +55,7 @@ class Limits:
     retry_after_s: float = 0.05
     tenant_classes: Mapping[str, str] = field(default_factory=dict)  # tenant -> metric class
     batch_threads: int = 1  # threads one request's batch may be split across; 1: never, 0: one per core
-    get_prefetch: bool = True  # a streamed get decodes its next batch while the current one is sent
+    get_prefetch: bool = False  # a streamed get decodes its next batch while the current one is sent
 
     @classmethod
     def of(cls, source: object, **other: object) -> Limits:

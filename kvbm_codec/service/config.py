@@ -385,9 +385,11 @@ class ServiceConfig(BaseSettings):
     )
     get_batch_size: int = Field(16, gt=0, description="Default results per streamed GetBlocks message.")
     get_prefetch: bool = Field(
-        True,
+        False,
         description="A streamed get (GetBlocks, gRPC or NIXL) reads and decodes its next batch while the "
-        "current one is sent, so the decoder does not wait for the wire; a stream then holds two batches.",
+        "current one is sent, so the decoder does not wait for the wire; a stream then holds two batches. "
+        "Off by default: on a shared 2-core machine it measured 0.8-0.96x (gRPC) and 0.93-1.14x (NIXL) "
+        "of the serial get (bench/onboard_ab.py); try it where a core is free.",
     )
     models: list[ModelConfig] = Field(
         default_factory=lambda: [ModelConfig()], description="Models served (at least one)."
