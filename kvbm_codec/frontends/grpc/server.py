@@ -31,7 +31,7 @@ from kvbm_codec.api.errors import (
     InvalidRequestError,
     ServiceError,
 )
-from kvbm_codec.api.types import GetResult, LookupResult, PutItem
+from kvbm_codec.api.types import GetResult, LookupResult, PutItem, PutResult
 from kvbm_codec.core.fairness import UNKNOWN_CLASS
 from kvbm_codec.core.service import BlockService, ServedModel
 from kvbm_codec.frontends.grpc.wire import (
@@ -216,14 +216,7 @@ class KvbmCodecServicer(pb_grpc.KvbmCodecServicer):
                 return out
 
             results = self.svc.put_blocks(tenant, request.model, items, nbytes=request.ByteSize())
-            return pb.PutBlocksResponse(
-                results=[
-                    pb.PutResult(
-                        sequence_hash=r.sequence_hash, stored_bytes=r.stored_bytes, raw_bytes=r.raw_bytes
-                    )
-                    for r in results
-                ]
-            )
+            return self._put_response(results)
 
         return self._run("put", context, put)
 
@@ -267,16 +260,20 @@ class KvbmCodecServicer(pb_grpc.KvbmCodecServicer):
                 )
             finally:
                 timer.cancel()
-            return pb.PutBlocksResponse(
-                results=[
-                    pb.PutResult(
-                        sequence_hash=r.sequence_hash, stored_bytes=r.stored_bytes, raw_bytes=r.raw_bytes
-                    )
-                    for r in results
-                ]
-            )
+            return self._put_response(results)
 
         return self._run("put", context, put)
+
+    @staticmethod
+    def _put_response(results: Sequence[PutResult]) -> pb.PutBlocksResponse:
+        return pb.PutBlocksResponse(
+            results=[
+                pb.PutResult(
+                    sequence_hash=r.sequence_hash, stored_bytes=r.stored_bytes, raw_bytes=r.raw_bytes
+                )
+                for r in results
+            ]
+        )
 
     @staticmethod
     def _next_chunk(
