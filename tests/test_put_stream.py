@@ -2,8 +2,9 @@
 
 The streamed put must store exactly what the unary put stores, and, like it, nothing at all when any
 part fails: a stream cut or cancelled in the middle, a chunk over the message limit, too many blocks
-over the whole stream, a bad block in a later chunk (whose earlier chunks are already encoded), a
-client that stops sending (the deadline). A client against a server without the call puts unary.
+over the whole stream, a stream shorter than the count its first chunk declares, a bad block in a
+later chunk (whose earlier chunks are already encoded), a client that stops sending (the deadline).
+A client against a server without the call puts unary.
 A prefetched streamed get (``get_prefetch``) returns what the codec restores and frees its slot."""
 
 from __future__ import annotations
@@ -86,10 +87,11 @@ def running(served) -> Iterator[Running]:
 
 
 def _chunk(
-    blocks: list[KVBlock], salt: int = 0, model: str = MODEL, data: bytes | None = None
+    blocks: list[KVBlock], salt: int = 0, model: str = MODEL, data: bytes | None = None, declare: int = 0
 ) -> pb.PutBlocksRequest:
     return pb.PutBlocksRequest(
         model=model,
+        stream_blocks=declare,
         blocks=[
             pb.Block(
                 sequence_hash=b.sequence_hash ^ salt,
@@ -109,7 +111,7 @@ def _hashes(blocks: list[KVBlock], salt: int = 0) -> list[int]:
 def test_streamed_put_stores_what_the_unary_put_stores(running, blocks):
     salt = 0x5A5A
     resp = running.stub.PutBlocksStream(
-        iter([_chunk(blocks[:2], salt), _chunk(blocks[2:5], salt), _chunk(blocks[5:], salt)])
+        iter([_chunk(blocks[:2], salt, declare=6), _chunk(blocks[2:5], salt), _chunk(blocks[5:], salt)])
     )
     assert [r.sequence_hash for r in resp.results] == _hashes(blocks, salt)
     assert all(r.raw_bytes == SPEC.nbytes and 0 < r.stored_bytes < SPEC.nbytes / 4 for r in resp.results)
@@ -133,7 +135,9 @@ def test_a_stream_cut_in_the_middle_stores_nothing(running, blocks):
     sent = threading.Event()
 
     def cut() -> Iterator[pb.PutBlocksRequest]:
-        yield _chunk(blocks[:3])  # encoded by the server (put_stream_encode_blocks=3) before the cut
+        yield _chunk(
+            blocks[:3], declare=6
+        )  # encoded by the server (put_stream_encode_blocks=3) before the cut
         sent.set()
         time.sleep(0.5)
         raise RuntimeError("client process dies mid-stream")
@@ -151,7 +155,7 @@ def test_a_stream_cut_in_the_middle_stores_nothing(running, blocks):
     go = threading.Event()
 
     def stalls() -> Iterator[pb.PutBlocksRequest]:
-        yield _chunk(blocks[:3])
+        yield _chunk(blocks[:3], declare=6)
         go.wait(30)
         yield _chunk(blocks[3:])
 
@@ -174,22 +178,31 @@ def test_refusals_in_a_later_chunk_store_nothing(served, blocks):
         nan[0:2] = b"\x00\x7e"  # float16 NaN
         cases = {
             "a NaN block after two encoded chunks": (
-                [_chunk(blocks[:2]), _chunk(blocks[2:3]), _chunk(blocks[4:5], data=bytes(nan))],
+                [_chunk(blocks[:2], declare=4), _chunk(blocks[2:3]), _chunk(blocks[4:5], data=bytes(nan))],
                 InvalidBlockRequestError,
             ),
             "more blocks over the stream than one request may hold": (
-                [_chunk(blocks[:3]), _chunk(blocks[3:5])],
+                [_chunk(blocks[:3], declare=5), _chunk(blocks[3:5])],
                 RequestTooLargeError,
             ),
             "a later chunk naming another model": (
-                [_chunk(blocks[:2]), _chunk(blocks[2:3], model="other-model")],
+                [_chunk(blocks[:2], declare=3), _chunk(blocks[2:3], model="other-model")],
                 InvalidRequestError,
             ),
             "a NIXL region in a stream": (
-                [_chunk(blocks[:2]), pb.PutBlocksRequest(region=pb.RemoteRegion(agent_name="x"))],
+                [_chunk(blocks[:2], declare=3), pb.PutBlocksRequest(region=pb.RemoteRegion(agent_name="x"))],
                 InvalidRequestError,
             ),
             "an empty stream": ([], InvalidRequestError),
+            "a stream that ends short of the blocks it declared (as gRPC ends a failed one)": (
+                [_chunk(blocks[:2], declare=4), _chunk(blocks[2:3])],
+                InvalidRequestError,
+            ),
+            "a first chunk that declares no stream_blocks": ([_chunk(blocks[:2])], InvalidRequestError),
+            "more blocks than declared": (
+                [_chunk(blocks[:2], declare=2), _chunk(blocks[2:3])],
+                InvalidRequestError,
+            ),
         }
         for what, (chunks, err) in cases.items():
             with pytest.raises(grpc.RpcError) as ei:
@@ -206,10 +219,10 @@ def test_an_oversize_chunk_is_refused_and_nothing_stored(served, blocks):
     r = Running(served, max_message_bytes=1 << 20)  # one raw block (720 KiB) fits a chunk, two do not
     try:
         with pytest.raises(grpc.RpcError) as ei:
-            r.stub.PutBlocksStream(iter([_chunk(blocks[:1]), _chunk(blocks[1:3])]), timeout=60)
+            r.stub.PutBlocksStream(iter([_chunk(blocks[:1], declare=3), _chunk(blocks[1:3])]), timeout=60)
         assert ei.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert r.stored() == 0
-        resp = r.stub.PutBlocksStream(iter([_chunk(blocks[:1]), _chunk(blocks[1:2])]), timeout=60)
+        resp = r.stub.PutBlocksStream(iter([_chunk(blocks[:1], declare=2), _chunk(blocks[1:2])]), timeout=60)
         assert len(resp.results) == 2 and r.stored() == 2
     finally:
         r.stop()
@@ -220,7 +233,7 @@ def test_a_client_that_stops_sending_is_cut_at_the_deadline(served, blocks):
     go = threading.Event()
 
     def stalls() -> Iterator[pb.PutBlocksRequest]:
-        yield _chunk(blocks[:2])
+        yield _chunk(blocks[:2], declare=4)
         go.wait(20)
 
     try:

@@ -262,12 +262,19 @@ class CodecClient:
             resp = None
             k = self.stream_chunk_blocks
             if k and len(r) > k:
-                chunks = (self._put_request(items, r[s : s + k]) for s in range(0, len(r), k))
-                resp = self._put_stream(chunks)
+                resp = self._put_stream(self._chunks(items, r, k))
             if resp is None:
                 resp = self._call(self.stub.PutBlocks, self._put_request(items, r))
             out += [PutResult(x.sequence_hash, x.stored_bytes, x.raw_bytes) for x in resp.results]
         return out
+
+    def _chunks(self, items: Sequence[PutItem], r: range, k: int) -> Iterator[pb.PutBlocksRequest]:
+        """The stream's chunks, built as gRPC sends them; the first declares the stream's size."""
+        for s in range(0, len(r), k):
+            req = self._put_request(items, r[s : s + k])
+            if s == 0:
+                req.stream_blocks = len(r)
+            yield req
 
     def _put_stream(self, chunks: Iterator[pb.PutBlocksRequest]) -> pb.PutBlocksResponse | None:
         """One streamed put, or None (and unary puts from now on) when the server predates it."""

@@ -229,14 +229,26 @@ class KvbmCodecServicer(pb_grpc.KvbmCodecServicer):
                 first = self._next_chunk(request_iterator, context, deadline)
                 if first is None:
                     raise InvalidRequestError("PutBlocksStream ended before its first chunk")
+                declared = first.stream_blocks
+                if declared == 0:
+                    raise InvalidRequestError("a PutBlocksStream's first chunk must set stream_blocks")
+                self.svc.check_count(declared)  # refused before any block is encoded
 
                 def chunks(m: ServedModel) -> Iterator[list[PutItem]]:  # called by the core once admitted
                     self._dtype(m, first.dtype)
                     req: pb.PutBlocksRequest | None = first
+                    seen = 0
                     while req is not None:
                         if req.model not in ("", first.model) or req.dtype not in ("", first.dtype):
                             raise InvalidRequestError(
                                 "a PutBlocksStream chunk names another model or dtype than its first"
+                            )
+                        if req.stream_blocks not in (0, declared):
+                            raise InvalidRequestError("a PutBlocksStream chunk changes stream_blocks")
+                        seen += len(req.blocks)
+                        if seen > declared:
+                            raise InvalidRequestError(
+                                f"PutBlocksStream carries more than its {declared} blocks"
                             )
                         if req.HasField("region"):
                             raise InvalidRequestError(
@@ -249,6 +261,10 @@ class KvbmCodecServicer(pb_grpc.KvbmCodecServicer):
                         yield [self._item(m, b, d) for b, d in zip(req.blocks, payloads, strict=True)]
                         deadline.check("encoding")
                         req = self._next_chunk(request_iterator, context, deadline)
+                    if seen != declared:  # gRPC ended the stream early: never a complete put
+                        raise InvalidRequestError(
+                            f"PutBlocksStream ended after {seen} of its {declared} blocks; nothing stored"
+                        )
 
                 # bytes held at once: the chunk being encoded and the one arriving behind it
                 results = self.svc.put_stream(
