@@ -243,7 +243,7 @@ def demo(
         raise typer.BadParameter("the service demo runs the embedded defaults; use --codec-only to vary them")
     from kvbm_codec.demos.offload import run_service_demo
 
-    result = run_service_demo(lm, target_cr)
+    result = run_service_demo(lm, target_cr, calibration_id=cal.calibration_id)
     if result["service_exit_code"] != 0:
         raise typer.Exit(1)
 

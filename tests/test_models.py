@@ -64,6 +64,15 @@ def test_fingerprint_same_from_gguf_and_cache(smollm: CausalLM) -> None:
         assert other.loaded_from.suffix == ".gguf"
     assert other.info.fingerprint == smollm.info.fingerprint
     torch.testing.assert_close(other.info.rope.inv_freq, smollm.info.rope.inv_freq, rtol=0, atol=0)
+    # every weight and the vocabulary, not just the fingerprinted projections (the GGUF path parses
+    # the file once for config, weights and tokenizer: models/hf.py _gguf_parsed_once)
+    a, b = other.model.state_dict(), smollm.model.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert other.tokenizer.get_vocab() == smollm.tokenizer.get_vocab()
+    import gguf
+
+    assert isinstance(gguf.GGUFReader, type)  # the load put gguf's own reader back
 
 
 @pytest.mark.slow

@@ -14,8 +14,8 @@ import itertools
 import sys
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from itertools import islice
 from typing import TYPE_CHECKING, Protocol, cast
@@ -471,8 +471,11 @@ def calibrate_from_kv(
     cfg = config or CodecConfig()
     shape = ModelShape(info.n_layers, info.n_kv_heads, info.key_head_dim, info.value_head_dim)  # type: ignore[attr-defined]
     rope: RotaryParams = info.rope  # type: ignore[attr-defined]
-    with clock.phase("prefill + covariances"):
-        accs = fit_kvs if isinstance(fit_kvs, dict) else accumulate_covariances(fit_kvs, cfg, rope, shape)
+    if isinstance(fit_kvs, dict):
+        accs = fit_kvs  # summed by the caller, which timed its own prefills
+    else:
+        with clock.phase("prefill + covariances"):
+            accs = accumulate_covariances(fit_kvs, cfg, rope, shape)
     metric = metric_weights(accs, cfg, shape, rope, statistics)
     with clock.phase("eigendecomposition"):
         bases = finalize_bases(accs, cfg, shape, progress, metric)
@@ -492,15 +495,59 @@ def calibrate_from_kv(
         calibration_id="0" * 16,
     )
     with clock.phase("bit allocation"):
-        context_allocations(cal, RatioProbe(cal, val_kv), targets, progress)
-        block_allocations(cal, val_kv, targets, block_tokens, progress)
+        all_allocations(cal, val_kv, targets, block_tokens, progress)
     cal.provenance["created"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     cal.provenance["phase_seconds"] = clock.rounded()
     return cal
 
 
+ALLOCATION_WORKERS = 2
+"""Bisections run at once in the bit-allocation phase, each on its share of torch's threads: the
+context allocations form one chain (each starts from the previous target's lambda), every block
+allocation depends only on its own target's context allocation, so the block bisections run beside
+the chain. Every bisection is the serial one (same encodes, same answers)."""
+
+
+def all_allocations(
+    cal: Calibration,
+    held_out: KVCache,
+    targets: Sequence[float],
+    block_tokens: Sequence[int],
+    progress: bool = False,
+    workers: int = ALLOCATION_WORKERS,
+) -> None:
+    """Context and block allocations of every target into ``cal``, as ``context_allocations`` then
+    ``block_allocations`` give them; with ``workers`` > 1 a target's block bisections start as soon as
+    its context allocation is known, on the other worker, while the context chain goes on."""
+    probes = {
+        page: BlockRatioProbe(cal, held_out, page) for page in block_tokens if held_out.n_tokens >= page
+    }
+    if workers <= 1 or not probes:  # nothing to run beside the chain: it keeps every thread
+        context_allocations(cal, RatioProbe(cal, held_out), targets, progress)
+        block_allocations(cal, held_out, targets, block_tokens, progress)
+        return
+    with _threads_per_worker(workers), ThreadPoolExecutor(workers, thread_name_prefix="allocation") as pool:
+        pending: dict[tuple[int, float], Future[Allocation]] = {}
+
+        def start_blocks(target: float, context: Allocation) -> None:
+            for page, probe in probes.items():
+                near = context.meta.get("lambda")
+                pending[(page, target)] = pool.submit(block_allocation, cal, probe, target, near)
+
+        pool.submit(
+            context_allocations, cal, RatioProbe(cal, held_out), targets, progress, start_blocks
+        ).result()
+        for page in probes:  # the serial phase's order
+            for target in targets:
+                cal.allocations[block_allocation_name(target, page)] = pending[(page, target)].result()
+
+
 def context_allocations(
-    cal: Calibration, probe: RatioProbe, targets: Sequence[float], progress: bool = False
+    cal: Calibration,
+    probe: RatioProbe,
+    targets: Sequence[float],
+    progress: bool = False,
+    on_target: Callable[[float, Allocation], None] | None = None,
 ) -> None:
     """Add to ``cal`` an allocation per target whose whole-context frame of the held-out KV meets it.
 
@@ -521,6 +568,8 @@ def context_allocations(
         alloc = allocate_for_ratio(cal.error_tables, target, bits, probe.measure, near=guess * offset)
         offset = alloc.meta["lambda"] / guess
         cal.allocations[allocation_name(target)] = alloc
+        if on_target is not None:
+            on_target(target, alloc)
 
 
 def block_allocations(
@@ -541,10 +590,17 @@ def block_allocations(
         for target in tqdm(targets, desc=f"calibration: {page}-token block allocation", disable=not progress):
             context = cal.allocations.get(allocation_name(target))
             near = context.meta.get("lambda") if context is not None else None
-            bits = cal.config.scale_bits
-            alloc = allocate_for_ratio(cal.error_tables, target, bits, probe.measure, near=near)
-            alloc.meta["page_tokens"] = float(page)
-            cal.allocations[block_allocation_name(target, page)] = alloc
+            cal.allocations[block_allocation_name(target, page)] = block_allocation(cal, probe, target, near)
+
+
+def block_allocation(
+    cal: Calibration, probe: BlockRatioProbe, target: float, near: float | None
+) -> Allocation:
+    """One target's allocation for ``probe``'s page size, bisected from ``near`` (its context
+    allocation's lambda) when known."""
+    alloc = allocate_for_ratio(cal.error_tables, target, cal.config.scale_bits, probe.measure, near=near)
+    alloc.meta["page_tokens"] = float(probe.page_tokens)
+    return alloc
 
 
 def measure_ratio(cal: Calibration, alloc: Allocation, kv: KVCache) -> float:
@@ -609,7 +665,7 @@ class BlockRatioProbe:
         # evenly spaced blocks (every held-out domain keeps its share): the ratio of a few thousand
         # tokens is as exact as the bisection needs, at a fraction of the encodes
         chosen = torch.linspace(0, len(starts) - 1, min(len(starts), max_blocks)).round().to(torch.int64)
-        self.cal = cal
+        self.cal, self.page_tokens = cal, page_tokens
         chosen_starts = [starts[i] for i in chosen.unique().tolist()]
         self.blocks = [kv.select_tokens(torch.arange(s, s + page_tokens)) for s in chosen_starts]
         self.masks = [torch.zeros(page_tokens, dtype=torch.bool)] * len(self.blocks)

@@ -144,6 +144,16 @@ def predicted_error(tables: dict[str, ErrorTable], alloc: Allocation) -> dict[st
     return out
 
 
+def _memo(measure_cr: Callable[[Allocation], float], seen: dict[str, float]) -> Callable[[Allocation], float]:
+    def measure(alloc: Allocation) -> float:
+        key = alloc.allocation_id
+        if key not in seen:
+            seen[key] = measure_cr(alloc)
+        return seen[key]
+
+    return measure
+
+
 NEAR_SPAN = 0.15  # log10 lambda: block and context allocations of one target land this close
 
 
@@ -165,11 +175,15 @@ def allocate_for_ratio(
     """
     lo, hi = -12.0, 12.0  # log10 lambda; the ratio grows with lambda
     best: Allocation | None = None
+    # Nearby lambdas often give the same tiling (the DP's answer is piecewise constant in lambda),
+    # and a tiling's ratio is the same every time: measure each tiling once (~10% of the encodes).
+    seen: dict[str, float] = {}
+    measure = _memo(measure_cr, seen)
     if near is not None and near > 0:
         c, span = math.log10(near), NEAR_SPAN
         while c + span < hi:
             a = allocate(tables, 10.0 ** (c + span), scale_bits)
-            cr = measure_cr(a)
+            cr = measure(a)
             if cr >= target_cr:
                 best, hi = a, c + span
                 best.meta.update(calibration_cr=cr, **{"lambda": 10.0**hi})
@@ -178,7 +192,7 @@ def allocate_for_ratio(
         span = NEAR_SPAN
         while best is not None and c - span > lo:
             a = allocate(tables, 10.0 ** (c - span), scale_bits)
-            cr = measure_cr(a)
+            cr = measure(a)
             if cr < target_cr:
                 lo = c - span
                 break
@@ -190,7 +204,7 @@ def allocate_for_ratio(
     for _ in range(iterations):
         mid = (lo + hi) / 2
         a = allocate(tables, 10.0**mid, scale_bits)
-        cr = measure_cr(a)
+        cr = measure(a)
         if cr >= target_cr:
             best, hi = a, mid
             best.meta.update(calibration_cr=cr, **{"lambda": 10.0**mid})

@@ -9,6 +9,7 @@ measurements must not be polluted by the model's own rounding.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -272,12 +273,42 @@ def _cache_is_valid(cache_dir: Path, marker: dict[str, Any]) -> bool:
         return False
 
 
+@contextlib.contextmanager
+def _gguf_parsed_once() -> Iterator[None]:
+    """Within one GGUF load, each file is parsed once and gguf's tensor-name map built once per
+    (architecture, layer count).
+
+    transformers parses the GGUF three times (config, weights, tokenizer; ~300k metadata fields each,
+    mostly the vocabulary, read through numpy memmap indexing) and rebuilds the name map for each of
+    the model's ~400 modules: ~70% of the conversion's CPU time, profiled. The reader is read-only
+    and the map a pure function of its arguments, so sharing them changes no weight (the fingerprint
+    and every tensor are the same; tests/test_models.py)."""
+    import gguf
+
+    reader_cls, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict[tuple[str, str], Any] = {}
+
+    def reader(path: os.PathLike[str] | str, mode: str = "r") -> Any:
+        key = (os.fspath(path), mode)
+        if key not in readers:
+            readers[key] = reader_cls(path, mode)  # type: ignore[arg-type]
+        return readers[key]
+
+    gguf.GGUFReader = reader  # type: ignore[assignment,misc]
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(name_map)  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader_cls, name_map  # type: ignore[misc]
+
+
 def _load_pretrained(directory: Path, gguf_file: str | None) -> tuple[Any, Any]:
     extra = {"gguf_file": gguf_file} if gguf_file else {}
-    model = AutoModelForCausalLM.from_pretrained(
-        directory, dtype=torch.float32, local_files_only=True, **extra
-    )
-    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True, **extra)
+    with _gguf_parsed_once() if gguf_file else contextlib.nullcontext():
+        model = AutoModelForCausalLM.from_pretrained(
+            directory, dtype=torch.float32, local_files_only=True, **extra
+        )
+        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True, **extra)
     model.eval()
     return model, tokenizer
 
