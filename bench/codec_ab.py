@@ -53,6 +53,12 @@ def main() -> None:
     ap.add_argument("--calibration", type=Path, required=True)
     ap.add_argument("--blocks", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument(
+        "--batch",
+        type=int,
+        default=0,
+        help="blocks per codec call (0: all); the first call holds the sinks",
+    )
     ap.add_argument("--target-cr", type=float, default=20.0)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
@@ -75,21 +81,36 @@ def main() -> None:
         base_block, base_kvtc = load_base(args.base, Path(d))
         old = base_block.KVTCBlockCodec(base_kvtc.KVTCCodec(cal, new.codec.alloc), spec)
         blocks, pos, flags = rb.tensors, rb.positions, [True] * len(rb.tensors)
-        f_new = [f for f, _ in new.encode_many(blocks, pos, flags)]
-        f_old = [f for f, _ in old.encode_many(blocks, pos, flags)]
+        step = args.batch or len(blocks)
+        spans = [range(s, min(len(blocks), s + step)) for s in range(0, len(blocks), step)]
+
+        def encode_all(codec: Any) -> list[bytes]:
+            return [
+                f
+                for r in spans
+                for f, _ in codec.encode_many(
+                    [blocks[i] for i in r], [pos[i] for i in r], [flags[i] for i in r]
+                )
+            ]
+
+        def decode_all(codec: Any, frames: list[bytes]) -> list[Any]:
+            return [d for r in spans for d in codec.decode_many([frames[i] for i in r])]
+
+        f_new = encode_all(new)
+        f_old = encode_all(old)
         same_frames = f_new == f_old
         same_blocks = all(
             torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-            for a, b in zip(new.decode_many(f_new), old.decode_many(f_old), strict=True)
+            for a, b in zip(decode_all(new, f_new), decode_all(old, f_old), strict=True)
         )
         print(f"frames identical: {same_frames}; decoded blocks identical: {same_blocks}", flush=True)
         matmuls, flop = roofline_work(new.codec, len(blocks) * spec.page_size - cal.config.sink_tokens)
         runs = {
             "roofline": matmuls,
-            "decode_base": lambda: old.decode_many(f_old),
-            "decode_new": lambda: new.decode_many(f_new),
-            "encode_base": lambda: old.encode_many(blocks, pos, flags),
-            "encode_new": lambda: new.encode_many(blocks, pos, flags),
+            "decode_base": lambda: decode_all(old, f_old),
+            "decode_new": lambda: decode_all(new, f_new),
+            "encode_base": lambda: encode_all(old),
+            "encode_new": lambda: encode_all(new),
         }
         best = dict.fromkeys(runs, float("inf"))
         for _ in range(args.rounds):
@@ -104,6 +125,8 @@ def main() -> None:
         "base": args.base,
         "frames_identical": same_frames,
         "blocks_identical": same_blocks,
+        "blocks": len(blocks),
+        "batch": step,
     }
     out["roofline_gflops"], out["roofline_decode_mbps"] = roof["gflops"], roof["implied_decode_mbps"]
     for k in ("decode_base", "decode_new", "encode_base", "encode_new"):

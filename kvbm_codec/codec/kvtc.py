@@ -450,6 +450,7 @@ class KVTCCodec:
             raise ValueError(f"{len(kvs)} caches but {len(raw_masks)} raw masks")
         out: list[tuple[bytes, EncodeStats] | None] = [None] * len(kvs)
         groups: dict[tuple[int, int, int, tuple[int, int] | None], list[int]] = {}
+        block_runs: dict[int, tuple[int, int] | None] = {}
         for i, (kv, mask) in enumerate(zip(kvs, raw_masks, strict=True)):
             self._check_shape(kv)
             runs = fr.mask_to_runs(mask.cpu())
@@ -457,10 +458,19 @@ class KVTCCodec:
             if len(runs) > 1 or len(pos_runs) != 1:
                 out[i] = self.encode_with_stats(kv, mask, window_tokens=0, dtype=dtype)
                 continue
-            key = (kv.layer_start, kv.layer_end, kv.n_tokens, runs[0] if runs else None)
+            run = runs[0] if runs else None
+            # Blocks that differ only in a partial raw run (the sequence's first block keeps its sinks
+            # raw) share the group: its math runs on every token, each block then keeps its own
+            # compressed tokens. Alone, a sink block paid a whole batch's per-call cost (~3 blocks'
+            # worth of encode). Wholly raw blocks do no math and stay apart.
+            whole = run if run is not None and run[1] == kv.n_tokens else None
+            key = (kv.layer_start, kv.layer_end, kv.n_tokens, whole)
             groups.setdefault(key, []).append(i)
-        for (ls, le, n_tokens, raw_run), idx in groups.items():
-            encoded = self._encode_group([kvs[i] for i in idx], ls, le, n_tokens, raw_run, dtype)
+            block_runs[i] = run
+        for (ls, le, n_tokens, _), idx in groups.items():
+            encoded = self._encode_group(
+                [kvs[i] for i in idx], ls, le, n_tokens, [block_runs[i] for i in idx], dtype
+            )
             for i, res in zip(idx, encoded, strict=True):
                 out[i] = res
         return [r for r in out if r is not None]
@@ -471,18 +481,32 @@ class KVTCCodec:
         ls: int,
         le: int,
         n_tokens: int,
-        raw_run: tuple[int, int] | None,
+        raw_runs: list[tuple[int, int] | None],
         dtype: str,
     ) -> list[tuple[bytes, EncodeStats]]:
+        """One batched encode of blocks with the same layers and token count. With one raw run for
+        all (the common case) the math skips the raw tokens; with several (a sink block among
+        others) it runs on every token and each block's own compressed rows are quantized, which
+        gives the same bytes: projection and quantization work row by row."""
         n = len(kvs)
         device = kvs[0].keys.device
+        uniform = all(r == raw_runs[0] for r in raw_runs)
+        math_run = raw_runs[0] if uniform else None
         mask = torch.zeros(n_tokens, dtype=torch.bool)
-        if raw_run is not None:
-            mask[raw_run[0] : raw_run[0] + raw_run[1]] = True
+        if math_run is not None:
+            mask[math_run[0] : math_run[0] + math_run[1]] = True
         comp_idx = torch.nonzero(~mask).flatten().to(device)
-        raw_idx = torch.nonzero(mask).flatten().to(device)
         n_comp = int(comp_idx.numel())
         comp_run = _as_slice(comp_idx)
+        own = [_run_tokens(r, n_tokens, device) for r in raw_runs]  # each block's (comp, raw) tokens
+        by_run: dict[tuple[int, int] | None, list[int]] = {}
+        for i, r in enumerate(raw_runs):
+            by_run.setdefault(r, []).append(i)
+        rows_of: dict[tuple[int, int] | None, torch.Tensor] = {}
+        if not uniform:  # the coefficient rows of each run's blocks' compressed tokens
+            for r, idx in by_run.items():
+                comp = own[idx[0]][0]
+                rows_of[r] = torch.cat([i * n_comp + comp for i in idx])
         positions = torch.stack([kv.positions.to(device) for kv in kvs])  # [N, T]
         pos_c = positions[:, comp_idx].reshape(-1)
         out_dtype = DTYPES[dtype]
@@ -505,22 +529,30 @@ class KVTCCodec:
                 sources = [x[:, :, comp_run] if comp_run is not None else x[:, :, comp_idx] for x in parts]
                 self._gather(sources, rows, tables if kind == "k" else None, w.mean, scratch)
                 coeffs = rows @ w.enc
-                codes, scales = encode_coefficients_batch(coeffs, self.alloc.blocks[name], n)
-                for i in range(n):
-                    per_block[i] += [
-                        (f"{name}.codes", codes[i].tobytes()),
-                        (f"{name}.scales", scales[i].tobytes()),
-                    ]
-            if raw_idx.numel():
-                for i, kv in enumerate(kvs):
+                for r, idx in by_run.items():
+                    part = coeffs if uniform else coeffs.index_select(0, rows_of[r])
+                    codes, scales = encode_coefficients_batch(part, self.alloc.blocks[name], len(idx))
+                    for j, i in enumerate(idx):
+                        per_block[i] += [
+                            (f"{name}.codes", codes[j].tobytes()),
+                            (f"{name}.scales", scales[j].tobytes()),
+                        ]
+            for i, kv in enumerate(kvs):
+                raw_idx = own[i][1]
+                if raw_idx.numel():
                     rk = kv.keys[lo:hi][:, :, raw_idx].to(out_dtype).cpu().contiguous()
                     rv = kv.values[lo:hi][:, :, raw_idx].to(out_dtype).cpu().contiguous()
                     per_block[i].append((f"g{gi}.raw", _tensor_bytes(rk) + _tensor_bytes(rv)))
         backend = self._backend(device)
-        n_raw = n_tokens - n_comp
-        cuts = (self._codes_cuts(ls, le, n_comp),)
+        cuts_of: dict[int, tuple[list[int]]] = {}
         results = []
         for i, kv in enumerate(kvs):
+            raw_run = raw_runs[i]
+            n_raw = 0 if raw_run is None else raw_run[1]
+            n_comp = n_tokens - n_raw
+            if n_comp not in cuts_of:
+                cuts_of[n_comp] = (self._codes_cuts(ls, le, n_comp),)
+            cuts = cuts_of[n_comp]
             header = fr.FrameHeader(
                 model_fingerprint=self.cal.model_fingerprint,
                 calibration_id=self.cal.calibration_id,
@@ -537,7 +569,10 @@ class KVTCCodec:
                 raw_token_index=[raw_run] if raw_run is not None else [],
             )
             if not fr.block_header_fits(header):
-                results.append(self.encode_with_stats(kv, mask, window_tokens=0, dtype=dtype))
+                own_mask = torch.zeros(n_tokens, dtype=torch.bool)
+                if raw_run is not None:
+                    own_mask[raw_run[0] : raw_run[0] + raw_run[1]] = True
+                results.append(self.encode_with_stats(kv, own_mask, window_tokens=0, dtype=dtype))
                 continue
             streams: dict[str, list[bytes]] = {}
             for name, part in per_block[i]:
@@ -598,8 +633,10 @@ class KVTCCodec:
                 out[i] = e
                 continue
             h = f.header
-            runs = tuple(h.raw_token_index)
-            key = (h.allocation_id, h.layer_start, h.layer_end, h.n_tokens, runs, h.dtype)
+            runs = tuple(tuple(r) for r in h.raw_token_index)
+            # as in encode_batch: a partial raw run (sinks) shares its batch's group and math
+            whole = runs if len(runs) == 1 and runs[0][1] == h.n_tokens else ()
+            key = (h.allocation_id, h.layer_start, h.layer_end, h.n_tokens, whole, h.dtype)
             groups.setdefault(key, []).append((i, f, alloc, secs))
         for items in groups.values():
             try:
@@ -620,11 +657,24 @@ class KVTCCodec:
         h = items[0][1].header
         alloc = items[0][2]
         n = len(items)
-        raw_mask = fr.runs_to_mask(h.raw_token_index, h.n_tokens)
+        block_runs = [tuple(tuple(r) for r in f.header.raw_token_index) for _, f, _, _ in items]
+        uniform = all(r == block_runs[0] for r in block_runs)
+        # one raw run for all: the math skips it; several (a sink block among others): the math runs
+        # on every token, each block's coefficient rows are its own compressed tokens (the raw ones
+        # zero), and the raw sections then overwrite the raw tokens: the same values as alone
+        raw_mask = fr.runs_to_mask(list(block_runs[0]) if uniform else [], h.n_tokens)
         comp_idx = torch.nonzero(~raw_mask).flatten().to(device)
-        raw_idx = torch.nonzero(raw_mask).flatten().to(device)
         n_comp = int(comp_idx.numel())
         comp_run = _as_slice(comp_idx)
+        own = [_run_tokens(r[0] if r else None, h.n_tokens, device) for r in block_runs]
+        by_run: dict[tuple[tuple[int, int], ...], list[int]] = {}
+        for j, r in enumerate(block_runs):
+            by_run.setdefault(r, []).append(j)
+        rows_of = (
+            {r: torch.cat([j * n_comp + own[idx[0]][0] for j in idx]) for r, idx in by_run.items()}
+            if not uniform
+            else {}
+        )
         positions = torch.stack([fr.runs_to_positions(f.header.positions) for _, f, _, _ in items]).to(device)
         pos_c = positions[:, comp_idx].reshape(-1)
         out_dtype = DTYPES[h.dtype]
@@ -651,14 +701,25 @@ class KVTCCodec:
             nl, lo = b - a, a - h.layer_start
             for kind, dst in (("k", keys), ("v", values)):
                 name = self.cal.basis_name(gi, kind)
-                codes = np.stack([np.frombuffer(s[f"{name}.codes"], dtype=np.uint8) for *_, s in items])
-                scales = np.stack([np.frombuffer(s[f"{name}.scales"], dtype=np.uint8) for *_, s in items])
                 tiling = self._tiling(name, alloc, h.allocation_id)
                 coeffs = scratch.take("coeffs", (n * n_comp, tiling.n_active), torch.device("cpu"))
-                try:
-                    dequantize_batch_into(codes, scales, tiling, n_comp, coeffs)
-                except ValueError as e:
-                    raise FrameHeaderError(f"section {name}: {e}") from e
+                if not uniform:
+                    coeffs.zero_()
+                for r, idx in by_run.items():
+                    codes = np.stack(
+                        [np.frombuffer(items[j][3][f"{name}.codes"], dtype=np.uint8) for j in idx]
+                    )
+                    scales = np.stack(
+                        [np.frombuffer(items[j][3][f"{name}.scales"], dtype=np.uint8) for j in idx]
+                    )
+                    n_own = int(own[idx[0]][0].numel())
+                    into = coeffs if uniform else torch.empty(len(idx) * n_own, tiling.n_active)
+                    try:
+                        dequantize_batch_into(codes, scales, tiling, n_own, into)
+                    except ValueError as e:
+                        raise FrameHeaderError(f"section {name}: {e}") from e
+                    if not uniform:
+                        coeffs.index_copy_(0, rows_of[r], into)
                 w = self._weights(name, alloc, h.allocation_id, device)
                 # the whole batch in one matmul (a smaller one repacks the basis per call)
                 feats = scratch.take("feats", (n * n_comp, w.dec.shape[1]), device)
@@ -667,10 +728,11 @@ class KVTCCodec:
                 self._scatter(
                     feats, tables, [t[lo : lo + nl] for t in dst], n_comp, comp_run, comp_idx, scratch
                 )
-            if raw_idx.numel():
+            for j, (*_, s) in enumerate(items):
+                raw_idx = own[j][1]
                 nr = int(raw_idx.numel())
-                n_k, n_v = nl * nh * nr * dk, nl * nh * nr * dv
-                for j, (*_, s) in enumerate(items):
+                if nr:
+                    n_k, n_v = nl * nh * nr * dk, nl * nh * nr * dv
                     arr = np.frombuffer(s[f"g{gi}.raw"], dtype=_np_dtype(out_dtype))
                     t = torch.from_numpy(arr.copy()).view(out_dtype).to(device)
                     # raw sections hold [layers, heads, tokens, dim]
@@ -786,6 +848,16 @@ def _feature_rows(x: torch.Tensor) -> torch.Tensor:
     rows = torch.empty(nt, nl, nh, d, dtype=torch.float32, device=x.device)
     rows.copy_(x.permute(2, 0, 1, 3))
     return rows.view(nt, nl * nh * d)
+
+
+def _run_tokens(
+    run: tuple[int, int] | None, n_tokens: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(compressed token indices, raw token indices) of a block whose raw tokens are ``run``."""
+    mask = torch.zeros(n_tokens, dtype=torch.bool)
+    if run is not None:
+        mask[run[0] : run[0] + run[1]] = True
+    return torch.nonzero(~mask).flatten().to(device), torch.nonzero(mask).flatten().to(device)
 
 
 def _as_slice(idx: torch.Tensor) -> slice | None:

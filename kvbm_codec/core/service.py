@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field, fields
 from typing import TypeVar
 
@@ -53,6 +55,7 @@ class Limits:
     retry_after_s: float = 0.05
     tenant_classes: Mapping[str, str] = field(default_factory=dict)  # tenant -> metric class
     batch_threads: int = 1  # threads one request's batch may be split across; 1: never, 0: one per core
+    get_prefetch: bool = False  # a streamed get decodes its next batch while the current one is sent
 
     @classmethod
     def of(cls, source: object, **other: object) -> Limits:
@@ -153,6 +156,10 @@ class BlockService:
         self.metrics.watch_tiers(store.stats)
         self._adm = _Admission(self.limits.max_inflight_requests)
         self._split = BatchSplitter(self.limits.batch_threads or available_cores())
+        # one helper per admitted request at most: a stream prefetches one batch at a time
+        self._prefetch = ThreadPoolExecutor(
+            self.limits.max_inflight_requests, thread_name_prefix="kvbm-codec-get"
+        )
         self._tenants = TenantAdmission(
             self.limits.max_inflight_per_tenant,
             self.limits.max_inflight_bytes_per_tenant,
@@ -278,6 +285,38 @@ class BlockService:
             got = items(m) if callable(items) else items
             return self._put(tenant, m, got)
 
+    def put_stream(
+        self,
+        tenant: str,
+        model: str,
+        chunks: Callable[[ServedModel], Iterable[Sequence[PutItem]]],
+        *,
+        encode_blocks: int = 1,
+        method: str = "put",
+        nbytes: int = 0,
+    ) -> list[PutResult]:
+        """``put_blocks`` of blocks that arrive in chunks: the blocks received so far are checked and
+        encoded (in batches of at least ``encode_blocks``, the last one smaller) while the front end
+        waits for the next chunk, and nothing is stored until ``chunks`` ends. If it raises (a cut
+        stream, a deadline) or any block is refused, no block of the stream is stored. The block
+        limit (``max_blocks_per_request``) counts the whole stream, as it counts one request."""
+        if encode_blocks < 1:
+            raise ValueError(f"encode_blocks must be at least 1, got {encode_blocks}")
+        with self.request(method, tenant, nbytes):
+            m = self.model(model)
+            prepared: list[tuple[BlockKey, bytes, int]] = []
+            pending: list[PutItem] = []
+            count = 0
+            for chunk in chunks(m):
+                count += len(chunk)
+                self.check_count(count)
+                pending += chunk
+                if len(pending) >= encode_blocks:
+                    prepared += self._prepare(tenant, m, pending)
+                    pending = []
+            prepared += self._prepare(tenant, m, pending)
+            return self._store(m, prepared)
+
     def get_blocks(
         self,
         tenant: str,
@@ -321,10 +360,33 @@ class BlockService:
             self.check_count(len(hashes))
             n = batch_size(m) if callable(batch_size) else batch_size
             n = max(1, n or len(hashes))
-            for start in range(0, len(hashes), n):
+            starts = list(range(0, len(hashes), n))
+
+            def fetch(start: int) -> list[GetResult]:
                 if before_batch is not None:
                     before_batch()
-                yield each(start, self._get(tenant, m, hashes[start : start + n], as_frames))
+                return self._get(tenant, m, hashes[start : start + n], as_frames)
+
+            if not self.limits.get_prefetch or len(starts) < 2:
+                for start in starts:
+                    yield each(start, fetch(start))
+                return
+            # Batch i + 1 is read and decoded on a helper thread while batch i is handed on and sent
+            # (a gRPC stream sends one message at a time, a NIXL WRITE waits for its transfer): the
+            # decoder no longer waits for the wire. At most one batch ahead, so a stream holds two
+            # batches at once; every helper has finished before the request leaves its admission.
+            ahead: Future[list[GetResult]] | None = None
+            try:
+                got = fetch(starts[0])
+                for k, start in enumerate(starts):
+                    if k + 1 < len(starts):
+                        ahead = self._prefetch.submit(fetch, starts[k + 1])
+                    yield each(start, got)
+                    if ahead is not None:
+                        got, ahead = ahead.result(), None
+            finally:
+                if ahead is not None:  # the stream ended early (cancelled, failed): let it finish
+                    futures_wait([ahead])
 
     def lookup(
         self, tenant: str, model: str, hashes: Sequence[int], *, method: str = "lookup"
@@ -382,18 +444,30 @@ class BlockService:
     def close(self) -> None:
         """Close the store (after :meth:`drain`): flushes what the disk tier holds."""
         self._split.close()
+        self._prefetch.shutdown(wait=True)
         self.store.close()
 
     # ---- the work behind the verbs (already admitted) ------------------------------------------
 
     def _put(self, tenant: str, m: ServedModel, items: Sequence[PutItem]) -> list[PutResult]:
         self.check_count(len(items))
+        return self._store(m, self._prepare(tenant, m, items))
+
+    def _prepare(
+        self, tenant: str, m: ServedModel, items: Sequence[PutItem]
+    ) -> list[tuple[BlockKey, bytes, int]]:
+        """(key, frame, raw bytes) per item, in order: frames checked, raw blocks encoded in one
+        batched call; raises on the first refused item, having stored nothing."""
+        if not items:
+            return []
         keys = [self._key(tenant, m, it.sequence_hash) for it in items]
         frames: dict[int, bytes] = {
             i: self._check_frame(m, it.data) for i, it in enumerate(items) if it.is_frame
         }
         frames.update(self._encode_many(m, [(i, it) for i, it in enumerate(items) if not it.is_frame]))
-        prepared = [(keys[i], frames[i], m.spec.nbytes) for i in range(len(items))]
+        return [(keys[i], frames[i], m.spec.nbytes) for i in range(len(items))]
+
+    def _store(self, m: ServedModel, prepared: Sequence[tuple[BlockKey, bytes, int]]) -> list[PutResult]:
         results = []
         for key, frame, raw in prepared:
             try:

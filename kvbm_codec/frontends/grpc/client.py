@@ -14,7 +14,7 @@ deadline, gRPC's own message-size limits) raise :class:`RpcFailedError`.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,6 +54,11 @@ _BY_CODE: dict[str, type[errs.ServiceError]] = {
     c.code: c for c in [*_subclasses(errs.ServiceError), DeadlineError, NixlPathError, NixlUnavailableError]
 }
 
+
+# Blocks per chunk of a streamed put (~3 MB of SmolLM2 blocks): small enough that the server starts
+# encoding soon, large enough that per-message costs stay small. The server batches its encodes itself
+# (``put_stream_encode_blocks``), so the chunk size does not set the codec's batch.
+DEFAULT_STREAM_CHUNK_BLOCKS = 4
 
 GRPC_QUEUE_FULL = "Concurrent RPC limit exceeded"  # grpc/_server.py's refusal text
 DEFAULT_OVERLOAD_RETRY_S = 0.05
@@ -125,7 +130,13 @@ class CodecClient:
         max_attempts: int = 4,
         batch_blocks: int | None = None,
         dtype: str | None = None,
+        stream_chunk_blocks: int = DEFAULT_STREAM_CHUNK_BLOCKS,
     ) -> None:
+        if stream_chunk_blocks < 0:
+            raise ValueError(f"stream_chunk_blocks must be >= 0 (0: unary only), got {stream_chunk_blocks}")
+        # Blocks per PutBlocksStream chunk; a batch of at most this many goes as one unary PutBlocks.
+        # 0, or a server without the streaming call (found on the first put), keeps every put unary.
+        self.stream_chunk_blocks = stream_chunk_blocks
         self.model = model
         self.dtype = dtype  # element type of the raw blocks this client sends and expects
         self.timeout_s = timeout_s
@@ -232,21 +243,50 @@ class CodecClient:
             b.positions.extend(int(p) for p in it.positions.tolist())
         return b
 
+    def _put_request(self, items: Sequence[PutItem], r: range) -> pb.PutBlocksRequest:
+        blocks = []
+        for i in r:
+            b = self._block_msg(items[i])
+            b.data = bytes(items[i].data)
+            blocks.append(b)
+        return pb.PutBlocksRequest(model=self.model, blocks=blocks, dtype=self.dtype or "")
+
     def put_blocks(self, items: Sequence[PutItem]) -> list[PutResult]:
-        """Store blocks (raw or frames), in batches; each batch is all-or-nothing on the server."""
+        """Store blocks (raw or frames), in batches; each batch is all-or-nothing on the server.
+
+        A batch of more than ``stream_chunk_blocks`` blocks goes as one PutBlocksStream of chunks of
+        that many, built and sent while the server encodes the chunks before them (a unary put sends
+        the whole batch before the server can start); a server without that call gets unary puts."""
         out: list[PutResult] = []
         for r in self._batches(len(items)):
-            blocks = []
-            for i in r:
-                b = self._block_msg(items[i])
-                b.data = bytes(items[i].data)
-                blocks.append(b)
-            resp = self._call(
-                self.stub.PutBlocks,
-                pb.PutBlocksRequest(model=self.model, blocks=blocks, dtype=self.dtype or ""),
-            )
+            resp = None
+            k = self.stream_chunk_blocks
+            if k and len(r) > k:
+                resp = self._put_stream(self._chunks(items, r, k))
+            if resp is None:
+                resp = self._call(self.stub.PutBlocks, self._put_request(items, r))
             out += [PutResult(x.sequence_hash, x.stored_bytes, x.raw_bytes) for x in resp.results]
         return out
+
+    def _chunks(self, items: Sequence[PutItem], r: range, k: int) -> Iterator[pb.PutBlocksRequest]:
+        """The stream's chunks, built as gRPC sends them; the first declares the stream's size."""
+        for s in range(0, len(r), k):
+            req = self._put_request(items, r[s : s + k])
+            if s == 0:
+                req.stream_blocks = len(r)
+            yield req
+
+    def _put_stream(self, chunks: Iterator[pb.PutBlocksRequest]) -> pb.PutBlocksResponse | None:
+        """One streamed put, or None (and unary puts from now on) when the server predates it."""
+        try:
+            return self.stub.PutBlocksStream(chunks, timeout=self.timeout_s, metadata=self.metadata)
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.UNIMPLEMENTED and not dict(e.trailing_metadata() or ()).get(
+                ERROR_CODE_KEY
+            ):
+                self.stream_chunk_blocks = 0  # an older server: nothing was stored, send it unary
+                return None
+            raise translate(e) from None
 
     def get_blocks(
         self, hashes: Sequence[int], *, as_frames: bool = False, batch_size: int = 0

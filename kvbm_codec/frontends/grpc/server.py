@@ -31,7 +31,7 @@ from kvbm_codec.api.errors import (
     InvalidRequestError,
     ServiceError,
 )
-from kvbm_codec.api.types import GetResult, LookupResult, PutItem
+from kvbm_codec.api.types import GetResult, LookupResult, PutItem, PutResult
 from kvbm_codec.core.fairness import UNKNOWN_CLASS
 from kvbm_codec.core.service import BlockService, ServedModel
 from kvbm_codec.frontends.grpc.wire import (
@@ -216,16 +216,100 @@ class KvbmCodecServicer(pb_grpc.KvbmCodecServicer):
                 return out
 
             results = self.svc.put_blocks(tenant, request.model, items, nbytes=request.ByteSize())
-            return pb.PutBlocksResponse(
-                results=[
-                    pb.PutResult(
-                        sequence_hash=r.sequence_hash, stored_bytes=r.stored_bytes, raw_bytes=r.raw_bytes
-                    )
-                    for r in results
-                ]
-            )
+            return self._put_response(results)
 
         return self._run("put", context, put)
+
+    def PutBlocksStream(
+        self, request_iterator: Iterator[pb.PutBlocksRequest], context: grpc.ServicerContext
+    ) -> pb.PutBlocksResponse:
+        def put(tenant: str, deadline: _Deadline) -> pb.PutBlocksResponse:
+            timer = deadline.enforce(context)  # a client that stops sending is cut at the deadline
+            try:
+                first = self._next_chunk(request_iterator, context, deadline)
+                if first is None:
+                    raise InvalidRequestError("PutBlocksStream ended before its first chunk")
+                declared = first.stream_blocks
+                if declared == 0:
+                    raise InvalidRequestError("a PutBlocksStream's first chunk must set stream_blocks")
+                self.svc.check_count(declared)  # refused before any block is encoded
+
+                def chunks(m: ServedModel) -> Iterator[list[PutItem]]:  # called by the core once admitted
+                    self._dtype(m, first.dtype)
+                    req: pb.PutBlocksRequest | None = first
+                    seen = 0
+                    while req is not None:
+                        if req.model not in ("", first.model) or req.dtype not in ("", first.dtype):
+                            raise InvalidRequestError(
+                                "a PutBlocksStream chunk names another model or dtype than its first"
+                            )
+                        if req.stream_blocks not in (0, declared):
+                            raise InvalidRequestError("a PutBlocksStream chunk changes stream_blocks")
+                        seen += len(req.blocks)
+                        if seen > declared:
+                            raise InvalidRequestError(
+                                f"PutBlocksStream carries more than its {declared} blocks"
+                            )
+                        if req.HasField("region"):
+                            raise InvalidRequestError(
+                                "PutBlocksStream carries inline blocks; a NIXL put is a unary PutBlocks"
+                            )
+                        payloads = self._inline(req.blocks)
+                        self.svc.metrics.transfer_bytes.labels(path="grpc", direction="in").inc(
+                            sum(len(d) for d in payloads)
+                        )
+                        yield [self._item(m, b, d) for b, d in zip(req.blocks, payloads, strict=True)]
+                        deadline.check("encoding")
+                        req = self._next_chunk(request_iterator, context, deadline)
+                    if seen != declared:  # gRPC ended the stream early: never a complete put
+                        raise InvalidRequestError(
+                            f"PutBlocksStream ended after {seen} of its {declared} blocks; nothing stored"
+                        )
+
+                # bytes held at once: the chunk being encoded and the one arriving behind it
+                results = self.svc.put_stream(
+                    tenant,
+                    first.model,
+                    chunks,
+                    encode_blocks=self.cfg.put_stream_encode_blocks,
+                    nbytes=min(2 * first.ByteSize(), self.cfg.max_message_bytes),
+                )
+            finally:
+                timer.cancel()
+            return self._put_response(results)
+
+        return self._run("put", context, put)
+
+    @staticmethod
+    def _put_response(results: Sequence[PutResult]) -> pb.PutBlocksResponse:
+        return pb.PutBlocksResponse(
+            results=[
+                pb.PutResult(
+                    sequence_hash=r.sequence_hash, stored_bytes=r.stored_bytes, raw_bytes=r.raw_bytes
+                )
+                for r in results
+            ]
+        )
+
+    @staticmethod
+    def _next_chunk(
+        requests: Iterator[pb.PutBlocksRequest], context: grpc.ServicerContext, deadline: _Deadline
+    ) -> pb.PutBlocksRequest | None:
+        """The stream's next chunk, None once the client half-closed. A stream that broke raises, so
+        the put stores nothing: gRPC ends the request iterator the same way for a half-close and
+        for a call it failed itself (a chunk over the message limit), so an ended stream also counts
+        as complete only while the call is still active."""
+        try:
+            req = next(requests, None)
+        except grpc.RpcError as e:
+            req, err = None, e
+        else:
+            if req is not None or context.is_active():
+                return req
+            err = None
+        if deadline.left() <= 0:
+            raise DeadlineError("deadline passed while receiving the put stream") from err
+        raise InvalidRequestError("the put stream broke before it ended; nothing stored") from err
 
     @staticmethod
     def _inline(blocks: Sequence[pb.Block]) -> list[bytes]:
@@ -312,13 +396,14 @@ class KvbmCodecServicer(pb_grpc.KvbmCodecServicer):
 
     def _get_bytes(self, request: pb.GetBlocksRequest) -> int:
         """Bytes a get holds at once, for per-tenant byte admission: its raw blocks, but never more
-        than one message (a stream builds one message at a time); 0 for a model not served here,
-        which ``_get`` then refuses by name."""
+        than two messages (a stream sends one while it decodes the next); 0 for a model not served
+        here, which ``_get`` then refuses by name."""
         try:
             nbytes = self.svc.model(request.model).spec.nbytes
         except ServiceError:
             return 0
-        return min(nbytes * len(request.sequence_hashes), self.cfg.max_message_bytes)
+        held = 2 if self.svc.limits.get_prefetch else 1
+        return min(nbytes * len(request.sequence_hashes), held * self.cfg.max_message_bytes)
 
     def _get(
         self, tenant: str, request: pb.GetBlocksRequest, deadline: _Deadline
