@@ -28,15 +28,16 @@ from tqdm.auto import tqdm
 
 from kvbm_codec.calibration.artifact import load_calibration, save_calibration
 from kvbm_codec.calibration.calibrate import (
+    CONTEXT_ALLOCATION_VERSION,
     PROBE_CONTINUATION,
     PROBE_CR,
-    RatioProbe,
     accumulate_covariances,
+    block_allocations,
     calibrate_from_kv,
     compressible,
-    context_allocations,
     metric_weights,
     mixed_held_out,
+    sized_context_allocations,
     token_sequences,
 )
 from kvbm_codec.calibration.corpus import CORPUS_NAME, broad_corpus
@@ -48,8 +49,9 @@ from kvbm_codec.calibration.sensitivity import (
 from kvbm_codec.calibration.statistics import gather_statistics
 from kvbm_codec.codec.config import CodecConfig
 from kvbm_codec.codec.kvtc import KVTCCodec
-from kvbm_codec.codec.params import allocation_name
+from kvbm_codec.codec.params import allocation_name, block_allocation_name
 from kvbm_codec.eval.metrics import kl_divergence_mean, perplexity, top1_agreement
+from kvbm_codec.eval.run import context_codec
 from kvbm_codec.models.hf import CausalLM
 
 SEQ = 1024
@@ -150,13 +152,36 @@ def held_out_kv(state: dict, corpus: str):
     return mixed_held_out([p["held_out"] for p in parts], CodecConfig(), SEQ)
 
 
+def ratio_sources(state: dict, corpus: str) -> list:
+    """The corpus' whole held-out prefills, the context allocations' frames are cut from."""
+    return [state["domains"][d]["held_out"] for d in corpus_parts(state, corpus)]
+
+
 def add_targets(cal, state: dict, corpus: str, targets: list[float]) -> list[float]:
     """Give a saved calibration the allocations of `targets` it lacks, measured on the held-out tokens
     it was calibrated with; its bases, tables and other allocations stay bit-identical (a new id)."""
     missing = [t for t in targets if allocation_name(t) not in cal.allocations]
     if missing:
-        context_allocations(cal, RatioProbe(cal, held_out_kv(state, corpus)), missing)
+        sources = [compressible(kv, cal.config) for kv in ratio_sources(state, corpus)]
+        sized_context_allocations(cal, sources, missing)
     return missing
+
+
+def rederive_context(cal, state: dict, corpus: str, block_tokens: list[int]) -> list[float]:
+    """Replace a saved calibration's context allocations by ones sized per context length
+    (calibrate.CONTEXT_TOKENS), from the same held-out prefills; bases, error tables and block
+    allocations stay bit-identical, so the difference in its rows is the sizing alone (a new id).
+    block_tokens: page sizes that get block allocations it lacks (as `calibrate` gives the default:
+    the harness stores 32-token blocks, at the context allocation when there is none)."""
+    old = {n: a for n, a in cal.allocations.items() if "@" not in n}
+    targets = sorted(a.meta["target_cr"] for a in old.values())
+    for n in [n for n in cal.allocations if "@" not in n or "@c" in n]:
+        del cal.allocations[n]
+    sources = [compressible(kv, cal.config) for kv in ratio_sources(state, corpus)]
+    sized_context_allocations(cal, sources, targets)
+    pages = [p for p in block_tokens if block_allocation_name(targets[0], p) not in cal.allocations]
+    block_allocations(cal, held_out_kv(state, corpus), targets, pages)
+    return targets
 
 
 def parse_distortion(distortion: str) -> tuple[str, float | None, float, float, float | None]:
@@ -212,6 +237,7 @@ def calibrate_variant(
         progress=False,
         provenance=provenance,
         held_out_compressible=True,
+        ratio_sources=ratio_sources(state, corpus),
     )
 
 
@@ -227,7 +253,7 @@ def _probe(lm, state, corpus, accs, held, stats, probe_cr: float, cache: Path | 
     else:
         base = calibrate_from_kv(
             lm.info, accs, held, cfg, targets=[probe_cr], statistics=stats, progress=False,
-            held_out_compressible=True,
+            held_out_compressible=True, context_lengths=None,
         )  # fmt: skip
     shape = _shape(lm)
     metric = metric_weights(accs, cfg, shape, lm.info.rope, stats)
@@ -350,6 +376,16 @@ def main() -> None:
         action="store_true",
         help="a saved calibration lacking some --targets gets them added (and is saved again)",
     )
+    p.add_argument(
+        "--rederive-context",
+        action="store_true",
+        help="a saved calibration without per-length context allocations gets them (saved as TAG-ctx2)",
+    )
+    p.add_argument(
+        "--block-tokens",
+        default="",
+        help="with --rederive-context: page sizes that also get block allocations (e.g. 32, as the default)",
+    )
     a = p.parse_args()
     global PROBE_SEQUENCES
     PROBE_SEQUENCES = a.probe_sequences
@@ -379,6 +415,15 @@ def main() -> None:
         tag = f"{corpus}-{distortion.replace('/', '_kw')}"
         saved = None if a.calibrations is None else a.calibrations / f"{tag}.kvtc"
         probe = None if a.calibrations is None else a.calibrations / f"{corpus}-probe.pt"
+        if a.rederive_context and saved is not None:
+            pages = [int(x) for x in a.block_tokens.split(",") if x]
+            blocks = "".join(f"-p{p}" for p in pages)
+            sized = saved.with_name(f"{tag}-ctx{CONTEXT_ALLOCATION_VERSION}{blocks}.kvtc")
+            if not sized.exists():
+                cal = load_calibration(saved, expected_fingerprint=lm.info.fingerprint)
+                rederive_context(cal, state, corpus, pages)
+                save_calibration(cal, sized)
+            saved = sized
         if saved is not None and saved.exists():
             cal = load_calibration(saved, expected_fingerprint=lm.info.fingerprint)
             if a.add_targets and add_targets(cal, state, corpus, targets):
@@ -391,9 +436,11 @@ def main() -> None:
                 save_calibration(cal, saved)
         cal_s = time.perf_counter() - t0
         for name in cal.allocations:
+            if "@" in name:  # block and per-length allocations: context_codec picks the length's own
+                continue
             target = cal.allocations[name].meta["target_cr"]
-            codec = KVTCCodec(cal, name)
             for vname, is_report, (kv, cont, ref) in vals:
+                codec = context_codec(cal, target, kv)
                 if not is_report and target not in score:
                     continue
                 if a.own_domain and corpus.startswith("-") and (is_report or vname != corpus[1:]):
@@ -410,7 +457,10 @@ def main() -> None:
                 row = {
                     "corpus": corpus,
                     "distortion": distortion,
-                    "target": cal.allocations[name].meta["target_cr"],
+                    "target": target,
+                    "allocation_id": codec.alloc.allocation_id,
+                    # 2: context allocations sized per context length (calibrate.CONTEXT_TOKENS)
+                    "context_sizing": 2 if any("@c" in n for n in cal.allocations) else 1,
                     "val": vname,
                     "report": is_report,
                     "achieved_cr": st.achieved_cr,

@@ -21,6 +21,8 @@ def load(paths: list[str]) -> list[dict]:
         for line in Path(p).read_text().splitlines():
             if line.strip():
                 r = json.loads(line)
+                if r.get("context_sizing", 1) >= 2:  # allocations sized per context length: its own row
+                    r["distortion"] += " (per-length)"
                 rows[(r["corpus"], r["distortion"], r["target"], r["val"])] = r  # last run wins
     return list(rows.values())
 

@@ -10,6 +10,7 @@ import pytest
 
 from kvbm_codec.calibration.calibrate import RatioProbe, all_allocations, compressible, context_allocations
 from kvbm_codec.codec.allocation import allocate_for_ratio
+from kvbm_codec.codec.kvtc import KVTCCodec
 from kvbm_codec.codec.params import allocation_name
 from kvbm_codec.texts import calibration_texts
 
@@ -61,7 +62,9 @@ def test_allocations_on_two_workers_equal_the_serial_ones(smollm, small_calibrat
     all_allocations(serial, kv, targets, (32,), workers=1)
     all_allocations(parallel, kv, targets, (32,), workers=2)
     assert torch.get_num_threads() == threads
-    assert len(serial.allocations) == 2 * len(targets)
+    assert {n for n in serial.allocations if "@" not in n} == {allocation_name(t) for t in targets}
+    assert sum(n.endswith("@p32") for n in serial.allocations) == len(targets)
+    assert sum("@c" in n for n in serial.allocations) == 2 * len(targets)  # 468 tokens: 512 and 256 too
     assert list(parallel.allocations) == list(serial.allocations)
     for name, a in serial.allocations.items():
         b = parallel.allocations[name]
@@ -92,3 +95,31 @@ def test_parallel_prefill_gives_the_serial_kv_in_order_and_the_same_statistics(s
     assert s1.tokens == s2.tokens == 5 * 192
     torch.testing.assert_close(s2.query_sq_sum, s1.query_sq_sum, rtol=1e-12, atol=0.0)
     torch.testing.assert_close(s2.residual_sum, s1.residual_sum, rtol=1e-12, atol=0.0)
+
+
+def test_context_allocations_are_sized_per_frame_length(smollm, small_calibration) -> None:  # type: ignore[no-untyped-def]
+    """A frame stores better the longer it is, so each context length gets its own allocation: on real
+    KV of text the calibration never saw, the allocation ``context_codec`` picks lands at the target
+    (to the 1% a text other than the held-out one may differ) at every length, where the plain one,
+    sized on the longest frame the held-out tokens fill, falls short on the shortest context."""
+    from kvbm_codec.eval.run import context_codec
+
+    cal = small_calibration
+    exact = cal.config.sink_tokens + cal.config.window_tokens
+    plain, short = cal.allocations["cr20"], cal.allocations["cr20@c256"]
+    assert plain.meta["compressed_tokens"] == 512 - exact  # the held-out sequence's compressible tokens
+    assert short.meta["compressed_tokens"] == 256 - exact and short.meta["context_tokens"] == 256
+    ids = smollm.encode(" ".join(calibration_texts()[40:44]))
+    for n, expect in ((256, short), (400, short), (512, plain), (900, plain)):
+        kv, _ = smollm.prefill(ids[:, :n], return_logits=False)
+        codec = context_codec(cal, 20.0, kv)
+        assert codec.alloc.allocation_id == expect.allocation_id, n
+        achieved = codec.encode_with_stats(kv)[1].achieved_cr
+        assert achieved >= 0.99 * 20.0, (n, achieved)
+        if n == 256:
+            assert KVTCCodec(cal, plain).encode_with_stats(kv)[1].achieved_cr < 0.99 * 20.0
+    # a calibration made before per-length allocations (no frame lengths in the meta) keeps its one
+    old = dataclasses.replace(
+        cal, allocations={"cr20": dataclasses.replace(plain, meta={"target_cr": 20.0})}
+    )
+    assert old.context_allocation(20.0, 10) is old.allocations["cr20"]

@@ -448,7 +448,7 @@ def restore_vs_recompute(
     deadline: float | None = None,
 ) -> list[dict[str, Any]]:
     """Prefill time / KVTC decode time of the same context, both with every core (as an engine runs)."""
-    from kvbm_codec.codec.kvtc import KVTCCodec
+    from kvbm_codec.eval.run import context_codec
 
     cal = resources.calibration()
     ids_all = lm.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
@@ -468,7 +468,7 @@ def restore_vs_recompute(
             t0 = time.perf_counter()
             kv, _ = lm.prefill(ids, return_logits=False)
             prefill_s = time.perf_counter() - t0
-            codec = KVTCCodec(cal, target_cr)
+            codec = context_codec(cal, target_cr, kv)
             t0 = time.perf_counter()
             frame = codec.encode(kv)
             encode_s = time.perf_counter() - t0

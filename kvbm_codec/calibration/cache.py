@@ -20,6 +20,7 @@ from pathlib import Path
 from kvbm_codec.calibration.artifact import CalibrationIntegrityError, load_calibration
 from kvbm_codec.calibration.calibrate import (
     BLOCK_ALLOCATION_VERSION,
+    CONTEXT_ALLOCATION_VERSION,
     DEFAULT_TARGETS,
     CalibrationModel,
     calibrate,
@@ -79,6 +80,7 @@ def cache_key(
             "targets": DEFAULT_TARGETS,
             "corpus": corpus_name,
             "block_allocations": BLOCK_ALLOCATION_VERSION,
+            "context_allocations": CONTEXT_ALLOCATION_VERSION,
         },
         sort_keys=True,
     )

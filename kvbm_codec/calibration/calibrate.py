@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
+from functools import partial
 from itertools import islice
 from typing import TYPE_CHECKING, Protocol, cast
 
@@ -33,6 +34,7 @@ from kvbm_codec.codec.params import (
     allocation_name,
     basis_name,
     block_allocation_name,
+    context_allocation_name,
 )
 from kvbm_codec.codec.pca import CovarianceAccumulator, PCABasis, to_features
 from kvbm_codec.codec.quantize import block_error_table
@@ -50,6 +52,19 @@ BLOCK_ALLOCATION_VERSION = 2
 """How block allocations are sized; part of the calibration cache key, so a change reaches users as a
 new calibration. 2: blocks measured at their true positions (1 renumbered them from 0 and sized the
 allocations ~5% too rich; docs/benchmarks.md, "Block allocations measured at true positions")."""
+CONTEXT_TOKENS = (2048, 1024, 512, 256)
+"""Context lengths whose whole-context frames get allocations sized on frames of that length: a frame
+stores better the longer it is (at cr20 18.8x at 256 compressed tokens, 20.2x at 1024, 20.6x at 1916,
+the same on every text: docs/benchmarks.md, "Context allocations sized at the stored length"), so one
+allocation per target cannot land at the target at every length. The first, the eval's and the
+README's 2048-token context, gets the plain name (``cr20``); the others ``cr20@c1024`` etc., and
+``Calibration.context_allocation`` picks the longest whose frames are no longer than the context's
+(never below the target from 256-token contexts up)."""
+CONTEXT_ALLOCATION_VERSION = 2
+"""How context allocations are sized; part of the calibration cache key, like BLOCK_ALLOCATION_VERSION.
+2: one allocation per CONTEXT_TOKENS length, each bisected on held-out frames of that length (1: one per
+target, sized on the ~1020-token held-out mix, which landed 3% above the target at 2048 tokens and
+below it under ~1000)."""
 
 
 class CalibrationModel(Protocol):
@@ -257,17 +272,26 @@ def error_tables(
 def mixed_held_out(kvs: Sequence[KVCache], cfg: CodecConfig, tokens: int) -> KVCache:
     """About `tokens` compressible tokens, an equal contiguous slice from each domain's held-out KV:
     the allocator's error tables and ratio measurements then see every domain at the cost of one."""
+    return context_probe_kv([compressible(kv, cfg) for kv in kvs], tokens)
+
+
+def _concat(*kvs: KVCache) -> KVCache:
+    return KVCache(
+        torch.cat([k.keys for k in kvs], 2),
+        torch.cat([k.values for k in kvs], 2),
+        torch.cat([k.positions for k in kvs]),
+    )
+
+
+def context_probe_kv(sources: Sequence[KVCache], tokens: int) -> KVCache:
+    """About ``tokens`` tokens (fewer if the sources hold fewer), an equal contiguous middle slice of
+    each source (compressible tokens already): one frame that every domain shares in."""
     parts = []
-    for kv in kvs:
-        c = compressible(kv, cfg)
-        take = min(c.n_tokens, max(1, tokens // len(kvs)))
+    for c in sources:
+        take = min(c.n_tokens, max(1, tokens // len(sources)))
         start = (c.n_tokens - take) // 2
         parts.append(c.select_tokens(torch.arange(start, start + take)))
-    return KVCache(
-        torch.cat([p.keys for p in parts], 2),
-        torch.cat([p.values for p in parts], 2),
-        torch.cat([p.positions for p in parts]),
-    )
+    return _concat(*parts)
 
 
 def _text_digest(texts: Sequence[str] | Mapping[str, Sequence[str]]) -> str:
@@ -322,6 +346,7 @@ def calibrate(
         with clock.phase("held-out prefill"):
             held_out = lm.prefill_kv(seqs[fit_sequences])
         probe_kvs = [held_out]
+        held_kvs = probe_kvs
     provenance.update(fit_tokens=len(fit) * seq_len, held_out_tokens=int(held_out.n_tokens))
     common = {
         "targets": targets,
@@ -330,6 +355,7 @@ def calibrate(
         "held_out_compressible": isinstance(texts, Mapping),
         "clock": clock,
         "block_tokens": block_tokens,
+        "ratio_sources": held_kvs if isinstance(texts, Mapping) else None,
     }
     with _statistics_hook(lm, cfg) as stats:
         if cfg.layer_sensitivity == "analytic":
@@ -393,7 +419,7 @@ def measured_sensitivity(
     shape = _model_shape(lm.info)
     base = calibrate_from_kv(
         lm.info, accs, held_out, analytic, targets=[PROBE_CR], statistics=stats, progress=False,
-        held_out_compressible=held_out_compressible,
+        held_out_compressible=held_out_compressible, context_lengths=None,
     )  # fmt: skip
     metric = metric_weights(accs, analytic, shape, lm.info.rope, stats)  # type: ignore[attr-defined]
     assert metric is not None
@@ -461,12 +487,17 @@ def calibrate_from_kv(
     statistics: ModelStatistics | None = None,
     held_out_compressible: bool = False,
     block_tokens: Sequence[int] = (),
+    ratio_sources: Sequence[KVCache] | None = None,
+    context_lengths: Sequence[int] | None = CONTEXT_TOKENS,
 ) -> Calibration:
     """Calibration from already-computed KV, or from covariance sums (lets sweeps reuse one set of
     prefills, and mix corpus domains). held_out is the KV the error tables and ratios are measured on:
     a prefill's whole cache (sinks and window are dropped here), or, with held_out_compressible,
     tokens already chosen (mixed_held_out). block_tokens: page sizes whose block frames get their own
-    allocation per target (``block_allocations``)."""
+    allocation per target (``block_allocations``). ratio_sources: whole held-out prefills (one per
+    domain) the context allocations' frames are cut from, so they can be longer than held_out (default:
+    held_out alone); context_lengths: the lengths they are sized for (sized_context_allocations), or
+    None: one allocation per target sized on held_out alone (version 1; the sensitivity probe's own)."""
     clock = clock or PhaseClock(progress)
     cfg = config or CodecConfig()
     shape = ModelShape(info.n_layers, info.n_kv_heads, info.key_head_dim, info.value_head_dim)  # type: ignore[attr-defined]
@@ -495,7 +526,10 @@ def calibrate_from_kv(
         calibration_id="0" * 16,
     )
     with clock.phase("bit allocation"):
-        all_allocations(cal, val_kv, targets, block_tokens, progress)
+        sources = None if ratio_sources is None else [compressible(kv, cfg) for kv in ratio_sources]
+        all_allocations(
+            cal, val_kv, targets, block_tokens, progress, sources=sources, lengths=context_lengths
+        )
     cal.provenance["created"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     cal.provenance["phase_seconds"] = clock.rounded()
     return cal
@@ -515,15 +549,27 @@ def all_allocations(
     block_tokens: Sequence[int],
     progress: bool = False,
     workers: int = ALLOCATION_WORKERS,
+    *,
+    sources: Sequence[KVCache] | None = None,
+    lengths: Sequence[int] | None = CONTEXT_TOKENS,
 ) -> None:
-    """Context and block allocations of every target into ``cal``, as ``context_allocations`` then
-    ``block_allocations`` give them; with ``workers`` > 1 a target's block bisections start as soon as
-    its context allocation is known, on the other worker, while the context chain goes on."""
+    """Context and block allocations of every target into ``cal``, as ``sized_context_allocations``
+    (frames cut from ``sources``, default ``held_out``; ``lengths`` None: one allocation per target on
+    ``held_out``, version 1) then ``block_allocations`` give them; with ``workers`` > 1 a target's
+    block bisections start as soon as its plain context allocation is known, on the other worker,
+    while the context chains go on."""
     probes = {
         page: BlockRatioProbe(cal, held_out, page) for page in block_tokens if held_out.n_tokens >= page
     }
+
+    def contexts(on_target: Callable[[float, Allocation], None] | None = None) -> None:
+        if lengths is None:
+            context_allocations(cal, RatioProbe(cal, held_out), targets, progress, on_target=on_target)
+        else:
+            sized_context_allocations(cal, sources or [held_out], targets, progress, lengths, on_target)
+
     if workers <= 1 or not probes:  # nothing to run beside the chain: it keeps every thread
-        context_allocations(cal, RatioProbe(cal, held_out), targets, progress)
+        contexts()
         block_allocations(cal, held_out, targets, block_tokens, progress)
         return
     with _threads_per_worker(workers), ThreadPoolExecutor(workers, thread_name_prefix="allocation") as pool:
@@ -534,9 +580,7 @@ def all_allocations(
                 near = context.meta.get("lambda")
                 pending[(page, target)] = pool.submit(block_allocation, cal, probe, target, near)
 
-        pool.submit(
-            context_allocations, cal, RatioProbe(cal, held_out), targets, progress, start_blocks
-        ).result()
+        pool.submit(contexts, start_blocks).result()
         for page in probes:  # the serial phase's order
             for target in targets:
                 cal.allocations[block_allocation_name(target, page)] = pending[(page, target)].result()
@@ -548,6 +592,9 @@ def context_allocations(
     targets: Sequence[float],
     progress: bool = False,
     on_target: Callable[[float, Allocation], None] | None = None,
+    *,
+    name: Callable[[float], str] = allocation_name,
+    near: Mapping[float, float] | None = None,
 ) -> None:
     """Add to ``cal`` an allocation per target whose whole-context frame of the held-out KV meets it.
 
@@ -555,7 +602,8 @@ def context_allocations(
     bisected on the nominal ratio (fp16 bits over code + scale bits, no DEFLATE or headers, DP only),
     scaled by the measured/nominal lambda of the previous target, and the measured bisection starts
     from that guess (``near``). Same lambda search and stopping precision as a cold start, in about
-    half the encodes; a guess that is off only widens the first bracket."""
+    half the encodes; a guess that is off only widens the first bracket. ``near``: a known lambda per
+    target (the same target at another frame length) replaces the nominal guess."""
     bits = cal.config.scale_bits
     fp16_bits = 16 * sum(b.dim for b in cal.bases.values())
 
@@ -564,12 +612,53 @@ def context_allocations(
 
     offset = 1.0  # measured / nominal lambda: DEFLATE's gain, about the same at every target
     for target in tqdm(targets, desc="calibration: bit allocation", disable=not progress):
-        guess = allocate_for_ratio(cal.error_tables, target, bits, nominal).meta["lambda"]
-        alloc = allocate_for_ratio(cal.error_tables, target, bits, probe.measure, near=guess * offset)
-        offset = alloc.meta["lambda"] / guess
-        cal.allocations[allocation_name(target)] = alloc
+        if near is not None and target in near:
+            alloc = allocate_for_ratio(cal.error_tables, target, bits, probe.measure, near=near[target])
+        else:
+            guess = allocate_for_ratio(cal.error_tables, target, bits, nominal).meta["lambda"]
+            alloc = allocate_for_ratio(cal.error_tables, target, bits, probe.measure, near=guess * offset)
+            offset = alloc.meta["lambda"] / guess
+        alloc.meta["compressed_tokens"] = float(probe.kv.n_tokens)
+        cal.allocations[name(target)] = alloc
         if on_target is not None:
             on_target(target, alloc)
+
+
+def sized_context_allocations(
+    cal: Calibration,
+    sources: Sequence[KVCache],
+    targets: Sequence[float],
+    progress: bool = False,
+    lengths: Sequence[int] = CONTEXT_TOKENS,
+    on_target: Callable[[float, Allocation], None] | None = None,
+) -> None:
+    """Context allocations per target for every context length in ``lengths`` the held-out tokens
+    (``sources``, compressible) can fill: each bisected on frames of that length's compressed tokens
+    (context minus sinks and window), the longest under the plain name. When the sources cannot fill
+    the longest, the longest they can fill takes the plain name, so ``crT`` always exists; lengths
+    whose frames would be the same tokens are sized once. ``on_target`` hears each plain allocation
+    (``all_allocations`` starts the block bisections from it)."""
+    cfg = cal.config
+    have = sum(s.n_tokens for s in sources)
+    exact = cfg.sink_tokens + cfg.window_tokens
+    sizes: list[tuple[int, int]] = []  # (context tokens, compressed tokens), longest first
+    for length in sorted(lengths, reverse=True):
+        n = min(have, length - exact)
+        if n >= 1 and all(n < m for _, m in sizes):
+            sizes.append((length if n == length - exact else n + exact, n))
+    # the exact tokens a context of that length stores beside its compressed ones (their content is
+    # stored raw and not counted; their records in the header are)
+    exact_kv = sources[0].select_tokens(torch.arange(min(exact, sources[0].n_tokens))) if exact else None
+    near: dict[float, float] | None = None
+    for i, (length, n) in enumerate(sizes):
+        probe = RatioProbe(cal, context_probe_kv(sources, n), exact_kv)
+        named = allocation_name if i == 0 else partial(context_allocation_name, context_tokens=length)
+        # each length's bisection starts at the previous (longer) one's lambda: they land close
+        hook = on_target if i == 0 else None
+        context_allocations(cal, probe, targets, progress, hook, name=named, near=near)
+        near = {t: cal.allocations[named(t)].meta["lambda"] for t in targets}
+        for t in targets:
+            cal.allocations[named(t)].meta["context_tokens"] = float(length)
 
 
 def block_allocations(
@@ -614,10 +703,12 @@ def measure_ratio(cal: Calibration, alloc: Allocation, kv: KVCache) -> float:
 class RatioProbe:
     """Measures the ratio of many allocations on the same held-out KV, as the bisection does ~12 times
     per target: the real encoder (quantization, packing, DEFLATE, header), with each basis's full
-    projection done once instead of once per allocation (a third of the encode time)."""
+    projection done once instead of once per allocation (a third of the encode time). With ``exact``
+    (tokens stored uncompressed, as a context's sinks and window are) the frame carries them too and
+    the ratio is over the compressed tokens' share of it, as a context frame's is reported."""
 
-    def __init__(self, cal: Calibration, kv: KVCache) -> None:
-        self.cal, self.kv = cal, kv
+    def __init__(self, cal: Calibration, kv: KVCache, exact: KVCache | None = None) -> None:
+        self.cal, self.kv, self.exact = cal, kv, exact
         keys = undo_rope(kv.keys, kv.positions, cal.rope) if cal.config.undo_rope else kv.keys
         self.coeffs: dict[str, torch.Tensor] = {}
         for gi, (a, b) in enumerate(cal.config.layer_groups(cal.shape.n_layers)):
@@ -641,8 +732,14 @@ class RatioProbe:
         return _Codec(self.cal, alloc)
 
     def measure(self, alloc: Allocation) -> float:
-        data = self.codec(alloc).encode(self.kv, raw_mask=torch.zeros(self.kv.n_tokens, dtype=torch.bool))
-        return self.kv.nbytes(2) / len(data)
+        if self.exact is None:
+            data = self.codec(alloc).encode(self.kv, raw_mask=torch.zeros(self.kv.n_tokens, dtype=torch.bool))
+            return self.kv.nbytes(2) / len(data)
+        # a context's frame also carries its sinks and window: their sections' records and position
+        # runs are header bytes the compressed tokens pay for (EncodeStats.achieved_cr, as eval reports)
+        whole = _concat(self.kv, self.exact)
+        mask = torch.arange(whole.n_tokens) >= self.kv.n_tokens
+        return self.codec(alloc).encode_with_stats(whole, raw_mask=mask)[1].achieved_cr
 
 
 class BlockRatioProbe:

@@ -61,6 +61,25 @@ class Calibration:
         uses the whole-context allocation, whose blocks store a few % below the target."""
         return self.allocations.get(block_allocation_name(ratio, page_tokens))
 
+    def context_allocation(self, ratio: float, compressed_tokens: int) -> Allocation:
+        """The allocation for a whole-context frame of ``compressed_tokens`` compressed tokens at
+        ``ratio``: of those sized on frames of a given length (``cr20``, ``cr20@c1024``, ...; their
+        ``compressed_tokens`` meta), the one sized on the longest frame no longer than this one, so
+        the frame meets the ratio (frames store better the longer they are); a frame shorter than all
+        gets the shortest's. A calibration with one allocation per ratio (before context sizes) gets it."""
+        plain = self.allocation(ratio)
+        sized = [
+            a
+            for n, a in self.allocations.items()
+            if (n == allocation_name(ratio) or n.startswith(f"{allocation_name(ratio)}@c"))
+            and "compressed_tokens" in a.meta
+        ]
+        if not sized:
+            return plain
+        fits = [a for a in sized if a.meta["compressed_tokens"] <= compressed_tokens]
+        pick = max if fits else min
+        return pick(fits or sized, key=lambda a: a.meta["compressed_tokens"])
+
     def allocation_by_id(self, allocation_id: str) -> Allocation | None:
         for a in self.allocations.values():
             if a.allocation_id == allocation_id:
@@ -70,6 +89,12 @@ class Calibration:
 
 def allocation_name(ratio: float) -> str:
     return f"cr{ratio:g}"
+
+
+def context_allocation_name(ratio: float, context_tokens: int) -> str:
+    """``cr20@c1024``: the allocation whose whole-context frames of ``context_tokens``-token contexts
+    (their compressed tokens) meet ``ratio``; the longest such length has the plain name."""
+    return f"{allocation_name(ratio)}@c{context_tokens}"
 
 
 def block_allocation_name(ratio: float, page_tokens: int) -> str:

@@ -63,8 +63,17 @@ class RoundTrip:
     restore_s: float
 
 
+def context_codec(cal: Calibration, target_cr: float, kv: KVCache) -> KVTCCodec:
+    """The codec for one whole-context frame of ``kv`` (default sinks and window kept exact): at the
+    allocation sized on frames of its compressed length (``Calibration.context_allocation``), so a
+    short context meets the target too and a long one does not overshoot it."""
+    cfg = cal.config
+    n = int((~default_raw_mask(kv.positions, cfg.sink_tokens, cfg.window_tokens)).sum())
+    return KVTCCodec(cal, cal.context_allocation(target_cr, n))
+
+
 def round_trip(cal: Calibration, target_cr: float, kv: KVCache) -> RoundTrip:
-    codec = KVTCCodec(cal, target_cr)
+    codec = context_codec(cal, target_cr, kv)
     t0 = time.perf_counter()
     frame, stats = codec.encode_with_stats(kv)
     encode_s = time.perf_counter() - t0
