@@ -6,19 +6,6 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 py=${PYTHON:-python3.11}
 command -v "$py" >/dev/null 2>&1 || py=python3
-# Prometheus + promtool (Debian package) for the metrics-scrape and alert-rule tests. Only the
-# binaries are wanted: a temporary policy-rc.d keeps the package from starting its system service.
-if ! command -v promtool >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-  echo "[bootstrap] apt-get install prometheus (promtool)" >&2
-  rc_policy=""
-  if [ ! -e /usr/sbin/policy-rc.d ]; then
-    rc_policy=/usr/sbin/policy-rc.d
-    printf '#!/bin/sh\nexit 101\n' > "$rc_policy" && chmod +x "$rc_policy"
-  fi
-  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; } >&2 \
-    || echo "[bootstrap] prometheus install failed; the tests that need it will skip" >&2
-  [ -z "$rc_policy" ] || rm -f "$rc_policy"
-fi
 stamp=.venv/.kvbm-codec-installed
 want=$(cat pyproject.toml scripts/bootstrap.sh | sha256sum | cut -c1-16)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then

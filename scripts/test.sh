@@ -3,6 +3,8 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 "$root/scripts/bootstrap.sh"
+# Debian's prometheus (promtool, a real scrape) for the metrics and alert-rule tests; the demo does not need it.
+"$root/scripts/bootstrap-prometheus.sh"
 # The vLLM (CPU) environment for the real-engine tests (tests/test_vllm_engine.py): ~4 minutes once.
 "$root/scripts/bootstrap-vllm.sh"
 cd "$root"

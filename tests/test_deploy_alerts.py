@@ -21,7 +21,7 @@ import promql  # noqa: E402
 
 PROMTOOL = shutil.which("promtool")
 needs_promtool = pytest.mark.skipif(
-    PROMTOOL is None, reason="promtool not installed (scripts/bootstrap.sh installs it when run as root)"
+    PROMTOOL is None, reason="promtool not installed (scripts/test.sh installs it as root)"
 )
 RUNBOOK_BASE = "https://github.com/kvbm-codec/kvbm-codec/blob/main/docs/operations.md"
 # kube-state-metrics series the replica-readiness alert reads (the service cannot see its own Pending pods)

@@ -1,7 +1,7 @@
 """A real Prometheus scrapes a real service while a workload runs; what it stored must agree with what
 the workload did, and every dashboard query must return data from it.
 
-Prometheus (Debian package, installed by scripts/bootstrap.sh) runs on 127.0.0.1 with a 1 s scrape
+Prometheus (Debian package; scripts/test.sh installs it) runs on 127.0.0.1 with a 1 s scrape
 interval, a temporary data directory and deploy/prometheus/alerts.yml loaded as its rule file. The
 service is built from a ServiceConfig by ``kvbm_codec.server.app.build_service`` with the shared small
 calibration, its registry served by ``prometheus_client`` on a free port (what ``kvbm-codec serve``
@@ -307,7 +307,7 @@ def _wait_for(prom: Prom, expr: str, want: float, timeout_s: float = 20.0) -> No
 
 @pytest.mark.slow
 @pytest.mark.skipif(
-    PROMETHEUS is None, reason="prometheus not installed (scripts/bootstrap.sh installs it as root)"
+    PROMETHEUS is None, reason="prometheus not installed (scripts/test.sh installs it as root)"
 )
 def test_prometheus_scrape_agrees_with_workload(blocks, small_calibration, tmp_path: Path) -> None:
     spec, raw = blocks
@@ -540,7 +540,7 @@ def _grpc_workload(target: str, blocks: list[bytes], rounds: int, pause_s: float
 
 @pytest.mark.slow
 @pytest.mark.skipif(
-    PROMETHEUS is None, reason="prometheus not installed (scripts/bootstrap.sh installs it as root)"
+    PROMETHEUS is None, reason="prometheus not installed (scripts/test.sh installs it as root)"
 )
 @pytest.mark.skipif(not CLI.exists(), reason="kvbm-codec console script not installed (pip install -e .)")
 def test_prometheus_scrapes_kvbm_codec_serve(blocks, small_calibration, tmp_path: Path) -> None:
@@ -598,7 +598,7 @@ def test_prometheus_scrapes_kvbm_codec_serve(blocks, small_calibration, tmp_path
 # ---- /metrics behind a bearer token -------------------------------------------------------------------
 
 
-@pytest.mark.skipif(PROMETHEUS is None, reason="prometheus is not installed (scripts/bootstrap.sh)")
+@pytest.mark.skipif(PROMETHEUS is None, reason="prometheus is not installed (scripts/test.sh)")
 def test_metrics_token_scrape_with_and_without_the_token(tmp_path: Path) -> None:
     """A real Prometheus with the token (a credentials file, as a ServiceMonitor's Secret) scrapes;
     the same target without it is refused (up 0) and every refusal is counted, with no tenant name."""
