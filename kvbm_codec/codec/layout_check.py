@@ -21,10 +21,14 @@ is wrong on every token):
   off by default; it names the reading that fits better when enabled.
 
 The key figures at the recovered position are the ones the position search
-(``positions.PositionEstimator``) already computed; only the values are projected here.
+(``positions.PositionEstimator``) already computed. Of the values, the absolute test needs only the
+energy (``value_energy``: the sampled tokens' normalised energy, no projection); the relative test
+also projects them (``value_stats``).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -32,11 +36,17 @@ from kvbm_codec.codec.params import Calibration
 from kvbm_codec.codec.pca import to_features
 
 
-def sample_tokens(page_size: int, n: int) -> torch.Tensor:
-    """``n`` evenly spaced token indices of a block (all of them when ``n >= page_size``)."""
+@functools.cache
+def _sample_tokens(page_size: int, n: int) -> torch.Tensor:
     if n >= page_size:
         return torch.arange(page_size, dtype=torch.int64)
     return torch.linspace(0, page_size - 1, n).round().to(torch.int64).unique()
+
+
+def sample_tokens(page_size: int, n: int) -> torch.Tensor:
+    """``n`` evenly spaced token indices of a block (all of them when ``n >= page_size``); a fresh
+    copy of a cached table (its ``unique`` was a few percent of a batch's search)."""
+    return _sample_tokens(page_size, n).clone()
 
 
 def energy(token_energy: torch.Tensor, expected: float) -> torch.Tensor:
@@ -65,6 +75,15 @@ class ResidualBases:
         self.expected = tail / max(total, 1e-30)
         # The normalised energy of one token of calibration KV (all its features, every layer group).
         self.energy = max(total, 1e-30)
+
+    def total(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, L, H, D] -> per token the normalised energy of ``residual``'s second figure, bit for
+        bit, without the projection (what the absolute layout test reads)."""
+        tot = torch.zeros(x.shape[0], dtype=torch.float64)
+        for a, b, mean, scale, _ in self.groups:
+            xn = (to_features(x[:, a:b].permute(1, 2, 0, 3)) - mean) / scale
+            tot += (xn * xn).sum(-1).to(torch.float64)
+        return tot
 
     def residual(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, L, H, D] (float32; T tokens of any number of blocks, token-major so that a token's
@@ -105,6 +124,14 @@ class LayoutChecker:
         res, tot = self.values.residual(x)
         res, tot = res.reshape(n, -1), tot.reshape(n, -1)
         return res.sum(1) / tot.sum(1).clamp_min(1e-30), energy(tot, self.values.energy)
+
+    def value_energy(self, values: torch.Tensor) -> torch.Tensor:
+        """values [N, L, T, H, D] of N blocks, already only their sampled tokens (``sample_tokens``
+        with this checker's ``tokens``) -> [N] ``value_stats``' energies, the same figures without
+        the projection (the fractions serve only the relative test)."""
+        n = values.shape[0]
+        tot = self.values.total(values.to(torch.float32).transpose(1, 2).flatten(0, 1)).reshape(n, -1)
+        return energy(tot, self.values.energy)
 
     def score(self, key_fraction: torch.Tensor, value_fraction: torch.Tensor) -> torch.Tensor:
         """Key plus value residual, each relative to the calibration's own (lower: fits better)."""

@@ -19,7 +19,7 @@ import torch
 
 from kvbm_codec.api.blocks import BlockSpec
 from kvbm_codec.api.vllm_layout import VllmCpuLayout
-from kvbm_codec.codec.layout_check import LayoutChecker
+from kvbm_codec.codec.layout_check import LayoutChecker, sample_tokens
 from kvbm_codec.codec.positions import Placement, PositionEstimator, PositionSearch
 from kvbm_codec.core.service import BlockService, ServedModel
 from kvbm_codec.frontends.s3.config import BucketBinding
@@ -122,6 +122,15 @@ class Bucket:
             out[i].copy_(b.reshape(s.n_layers, 2, s.page_size, s.n_kv_heads, s.head_dim)[:, part])
         return out
 
+    def _sampled(self, blocks: Sequence[torch.Tensor], part: int, tokens: torch.Tensor) -> torch.Tensor:
+        """Like ``_part``, only the given token offsets of each block: [N, L, T, H, D] float32."""
+        s = self.spec
+        out = torch.empty(len(blocks), s.n_layers, len(tokens), s.n_kv_heads, s.head_dim, dtype=torch.float32)
+        for i, b in enumerate(blocks):
+            v = b.reshape(s.n_layers, 2, s.page_size, s.n_kv_heads, s.head_dim)[:, part]
+            out[i].copy_(torch.index_select(v, 1, tokens))
+        return out
+
     def place(self, blocks: Sequence[torch.Tensor], given: Sequence[int | None]) -> list[Placement]:
         """Each block's first position (searched where ``given`` is None) and its key residual there,
         ``PLACE_CHUNK`` blocks per pass."""
@@ -136,7 +145,11 @@ class Bucket:
         est = self.estimator()
         search = [i for i, g in enumerate(given) if g is None]
         known = [i for i, g in enumerate(given) if g is not None]
-        found = est.place_many(keys if len(search) == len(blocks) else keys[search])  # no copy when all
+        # the key residual serves only the relative layout test: without it the refine may stop early
+        found = est.place_many(
+            keys if len(search) == len(blocks) else keys[search],  # no copy when all
+            residual=self.binding.layout_margin is not None,
+        )
         for i, p in zip(search, found, strict=True):
             out[i] = p
         at = [int(g) for g in given if g is not None]
@@ -193,8 +206,13 @@ class Bucket:
         self, data: Sequence[bytes], blocks: Sequence[torch.Tensor], placed: Sequence[Placement]
     ) -> list[str | None]:
         chk = self.checker()
-        values = self._part(blocks, 1)
-        value_frac, value_energy = chk.value_stats(values)
+        if self.binding.layout_margin is None:  # the absolute test alone: the values' energy, sampled tokens
+            value_energy = chk.value_energy(
+                self._sampled(blocks, 1, sample_tokens(self.spec.page_size, chk.tokens))
+            )
+        else:
+            values = self._part(blocks, 1)
+            value_frac, value_energy = chk.value_stats(values)
         out: list[str | None] = [None] * len(blocks)
         limit = self.binding.layout_energy_limit
         if limit is not None:
