@@ -20,13 +20,26 @@ batch of blocks at once (the S3 endpoint places a batch of concurrent PUTs toget
    normalised energy at the winner are returned with it: the layout check (``layout_check``) needs
    exactly those figures, so they are not computed twice.
 
-   A candidate start p only adds the rotation R(-p) to the keys de-rotated by their offset in the
-   block, and R(-p) scales the features of each RoPE frequency j by cos(p w_j) and sin(p w_j) (of
-   the feature and its rotate-half partner). So the projection onto the leading components is
-   split by frequency once per token (``_FrequencySplit``: one batched matmul per layer group, twice
-   the work of projecting one reading) and every candidate's projection and energy are sums of those
-   parts weighted by its cos/sin: the work no longer grows with the candidates per block (it grew
-   4x, and the de-rotated copies of every candidate were a third of the search).
+   A token at offset t of a block starting at p sits at position p + t, and the rotation R(-(p + t))
+   scales the features of each RoPE frequency j by cos((p + t) w_j) and sin((p + t) w_j) (of the
+   feature and its rotate-half partner). So the projection onto the leading components is split by
+   frequency once per token, on the keys as they arrive (``_FrequencySplit``: one batched matmul per
+   layer group, twice the work of projecting one reading; nothing is de-rotated), and every
+   candidate's projection and energy are sums of those parts weighted by its cos/sin: the work does
+   not grow with the candidates per block. The energies' five sums per frequency and layer group
+   come from three batched matmuls over the sampled tokens (all layers: the layout check's figure).
+3. The refine in two passes, when the caller needs no residual (the S3 endpoint's default binding:
+   only the relative layout test reads it). The first pass measures the residual on one sampled
+   token (the middle one: a block's first token can be an attention sink) and one layer group (the
+   middle one: the projection's cost there is reading the group's weights, not the token rows);
+   its winner stands when the runner-up's residual is at least ``quick_margin`` (2) times larger.
+   Every other block is re-scored exactly as the one-pass refine does (all sampled tokens and
+   groups), so an unclear case costs what it did. On real keys the right position's residual is
+   3x or more below the other candidates' on every validation block, while on values read as keys
+   and on noise no candidate stands out (runner-up within 1.25x: they all take the second pass);
+   the positions and key energies are the one-pass refine's (bench/position_search_select.py,
+   docs/benchmarks.md "S3 position search, pass 3"). Its key residual is then NaN, never a stale
+   figure.
 """
 
 from __future__ import annotations
@@ -48,8 +61,8 @@ class PositionSearch:
     refine_top: int = 4  # candidates re-scored with the PCA residual
     residual_rank: int = 128  # leading components that count as "explained"
     refine_tokens: int = 8  # tokens of a block (evenly spaced) the residual is measured on
-    quick_tokens: int = 2  # of those, the ones the refine's first pass measures (evenly spaced)
-    quick_groups: tuple[int, ...] | None = None  # layer groups it measures (None: all)
+    quick_tokens: int = 1  # of those, the ones the refine's first pass measures (evenly spaced)
+    quick_groups: int = 1  # layer groups it measures (evenly spaced and centred, as the tokens)
     quick_margin: float = 2.0  # its winner stands when the runner-up's residual is this many times larger
 
 
@@ -191,8 +204,8 @@ class PositionEstimator:
         tot = split.energies(split.energy_sums(x), quad).reshape(n, t, k, -1)  # [N, T, K, G]
         # evenly spaced among the sampled tokens and centred: a block's first token can be an
         # attention sink (position 0), whose residual says least about the rotation
-        qt = ((torch.arange(min(srch.quick_tokens, t)) + 0.5) * t / min(srch.quick_tokens, t)).to(torch.int64)
-        qg = range(len(split.groups)) if srch.quick_groups is None else srch.quick_groups
+        qt = _centred(t, srch.quick_tokens)
+        qg = _centred(len(split.groups), srch.quick_groups).tolist()  # one group: a third of the weights read
         rows = (torch.arange(n)[:, None] * t + qt[None, :]).reshape(-1)
         xq, csq = x[:, rows], cs[rows]
         totq = tot[:, qt]
@@ -256,6 +269,12 @@ class PositionEstimator:
         return self.place_many(keys[None])[0].position
 
 
+def _centred(n: int, q: int) -> torch.Tensor:
+    """``q`` of ``n`` indices, evenly spaced and centred (all of them when ``q >= n``)."""
+    q = min(q, n)
+    return ((torch.arange(q) + 0.5) * n / q).to(torch.int64)
+
+
 def _derotate(x: torch.Tensor, positions: torch.Tensor, rope: RotaryParams) -> torch.Tensor:
     """rope.undo_rope for token-major keys x [..., L, H, D] at positions broadcast against x's
     leading dims (so every candidate start of a block is de-rotated without copying the keys
@@ -317,20 +336,22 @@ class _FrequencySplit:
         iv, mu = torch.cat(inv), torch.cat(mus)  # [L, H, 2, J]
         ia, ib = iv[:, :, 0].reshape(-1, j).T, iv[:, :, 1].reshape(-1, j).T  # [J, L*H]
         ma, mb = mu[:, :, 0].reshape(-1, j).T, mu[:, :, 1].reshape(-1, j).T
-        z = torch.zeros_like(ia)
-        # rows: x_f^2, x_f'^2, x_f x_f', x_f, x_f'; columns: |u|^2, |v|^2, u.v, u.mean, v.mean
-        w5 = torch.stack([
-            torch.stack([ia * ia, ib * ib, z, z, z], 1),
-            torch.stack([ib * ib, ia * ia, z, z, z], 1),
-            torch.stack([z, z, ia * ia - ib * ib, z, z], 1),
-            torch.stack([z, z, z, ia * ma, -ib * mb], 1),
-            torch.stack([z, z, z, ib * mb, ia * ma], 1),
-        ], 1)  # fmt: skip  # [J, 5 rows, 5 sums, L*H]
-        n_groups = len(self.groups)
-        wg = torch.zeros(j, 5, iv.shape[0] * heads, 5, n_groups)
+        n_groups, lh = len(self.groups), iv.shape[0] * heads
+        onehot = torch.zeros(lh, n_groups)  # which group each (layer, head) column sums into
         for gi, (a, b, _, _) in enumerate(self.groups):
-            wg[:, :, a * heads : b * heads, :, gi] = w5[:, :, :, a * heads : b * heads].transpose(2, 3)
-        self.energy_w = wg.reshape(j, -1, 5 * n_groups).contiguous()  # [J, 5*L*H, 5G]
+            onehot[a * heads : b * heads, gi] = 1
+
+        def weights(*rows: torch.Tensor) -> torch.Tensor:
+            """rows[i][c]: [J, L*H] weights of input block i for sum c -> [J, blocks*L*H, sums*G]."""
+            w = torch.stack([torch.stack(list(r), -1) for r in rows], 1)  # [J, blocks, L*H, sums]
+            w = w[..., None] * onehot[None, None, :, None, :]  # [J, blocks, L*H, sums, G]
+            return w.reshape(j, -1, w.shape[-2] * n_groups).contiguous()
+
+        # the five sums (|u|^2, |v|^2, u.v, u.mean, v.mean) from three products of X: its square
+        # ((x_f^2, x_f'^2) -> |u|^2, |v|^2), x_f x_f' (-> u.v), and X itself (-> u.mean, v.mean)
+        self.w_sq = weights((ia * ia, ib * ib), (ib * ib, ia * ia))  # [J, 2*L*H, 2G]
+        self.w_cross = weights((ia * ia - ib * ib,))  # [J, L*H, G]
+        self.w_lin = weights((ia * ma, -ib * mb), (ib * mb, ia * ma))  # [J, 2*L*H, 2G]
         self.mu2 = torch.tensor(mu2, dtype=torch.float32)  # [G]
 
     def rows(self, keys: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
@@ -346,10 +367,10 @@ class _FrequencySplit:
         """X [J, M, 2, L*H] -> [M, 5J, G]: per frequency and layer group the five sums whose
         cos/sin-weighted total is the normalised energy at any position (class docstring)."""
         j, m = x.shape[:2]
-        xa, xb = x[:, :, 0], x[:, :, 1]
-        f = torch.cat([xa * xa, xb * xb, xa * xb, xa, xb], -1)  # [J, M, 5*L*H]
-        out = torch.bmm(f, self.energy_w)  # [J, M, 5G]
-        return out.reshape(j, m, 5, -1).transpose(0, 1).reshape(m, j * 5, -1)
+        sq = torch.bmm(x.square().reshape(j, m, -1), self.w_sq).reshape(j, m, 2, -1)  # |u|^2, |v|^2
+        cross = torch.bmm(x[:, :, 0] * x[:, :, 1], self.w_cross)[:, :, None]  # u.v
+        lin = torch.bmm(x.reshape(j, m, -1), self.w_lin).reshape(j, m, 2, -1)  # u.mean, v.mean
+        return torch.cat([sq, cross, lin], 2).transpose(0, 1).reshape(m, j * 5, -1)
 
     def projections(self, x: torch.Tensor, groups: Sequence[int]) -> list[torch.Tensor]:
         """X [J, M, 2, L*H] -> per asked layer group, the rows' projections split by frequency,
