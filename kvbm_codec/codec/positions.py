@@ -124,8 +124,8 @@ class PositionEstimator:
         return w
 
     def coarse_scores(self, keys: torch.Tensor) -> torch.Tensor:
-        """keys [N, L, P, H, D] with RoPE (the block's own order) -> [N, candidates] fit of every
-        start (higher is better).
+        """keys [N, L, P, H, D] with RoPE (the block's own order; float16, bfloat16 or float32) ->
+        [N, candidates] fit of every start (higher is better).
 
         The de-rotated block mean z rotated back by p fits the calibrated mean best where
         <R(-p) z, w> peaks; per frequency j that is cos(p w_j) c_j + sin(p w_j) s_j with
@@ -134,13 +134,16 @@ class PositionEstimator:
         wc, ws = self._coarse_weights(keys.shape[2])
         n, dim = keys.shape[0], keys.shape[-1]
         half = self._cos_t.shape[0]
-        k = keys.to(torch.float32).reshape(n, -1, dim)  # [N, L*P*H, D]
+        k = keys.reshape(n, -1, dim)  # [N, L*P*H, D], any float dtype (fp16 as the engine sends it)
         # one block at a time through one buffer: the batch's [N, L*P*H, D] temporaries left the
-        # caches (and were fresh pages every call); the same sums, bit for bit
+        # caches (and were fresh pages every call); the same sums, bit for bit. An fp16 block is
+        # widened there too (exactly), so the caller need not copy the whole batch to float32.
         rc, rs, buf = torch.empty(n, dim), torch.empty(n, dim), torch.empty(k.shape[1:])
+        wide = None if k.dtype == torch.float32 else torch.empty(k.shape[1:])
         for i in range(n):  # a partial rotary's other dims weigh 0
-            torch.sum(torch.mul(k[i], wc, out=buf), 0, out=rc[i])
-            torch.sum(torch.mul(k[i], ws, out=buf), 0, out=rs[i])
+            ki = k[i] if wide is None else wide.copy_(k[i])
+            torch.sum(torch.mul(ki, wc, out=buf), 0, out=rc[i])
+            torch.sum(torch.mul(ki, ws, out=buf), 0, out=rs[i])
         c = (rc[:, :half] + rc[:, half : 2 * half]).to(torch.float64)  # [N, D/2]
         s = (rs[:, :half] + rs[:, half : 2 * half]).to(torch.float64)
         return c @ self._cos_t + s @ self._sin_t

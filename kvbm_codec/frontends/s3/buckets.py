@@ -113,11 +113,13 @@ class Bucket:
                 )
             return chk
 
-    def _part(self, blocks: Sequence[torch.Tensor], part: int) -> torch.Tensor:
-        """Keys (``part`` 0) or values (1) of blocks [L, 2, P, H*D] as one float32 [N, L, P, H, D]
-        tensor, the blocks' own token-major order, copied once."""
+    def _part(
+        self, blocks: Sequence[torch.Tensor], part: int, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
+        """Keys (``part`` 0) or values (1) of blocks [L, 2, P, H*D] as one [N, L, P, H, D] tensor
+        (float32, or ``dtype``), the blocks' own token-major order, copied once."""
         s = self.spec
-        out = torch.empty(len(blocks), s.n_layers, s.page_size, s.n_kv_heads, s.head_dim, dtype=torch.float32)
+        out = torch.empty(len(blocks), s.n_layers, s.page_size, s.n_kv_heads, s.head_dim, dtype=dtype)
         for i, b in enumerate(blocks):
             out[i].copy_(b.reshape(s.n_layers, 2, s.page_size, s.n_kv_heads, s.head_dim)[:, part])
         return out
@@ -141,7 +143,8 @@ class Bucket:
         out: list[Placement | None] = [None] * len(blocks)
         if not blocks:
             return []
-        keys = self._part(blocks, 0)
+        # the blocks' own dtype: the search widens what it reads (a block at a time, a few tokens)
+        keys = self._part(blocks, 0, blocks[0].dtype)
         est = self.estimator()
         search = [i for i, g in enumerate(given) if g is None]
         known = [i for i, g in enumerate(given) if g is not None]
