@@ -93,4 +93,7 @@ def test_value_energy_is_value_stats_energy(small_calibration, real) -> None:
     _, values, _ = real
     chk = LayoutChecker(small_calibration, tokens=8)
     tok = sample_tokens(32, 8)
-    assert torch.equal(chk.value_energy(values[:, :, tok]), chk.value_stats(values)[1])
+    assert torch.allclose(chk.value_energy(values[:, :, tok]), chk.value_stats(values)[1], rtol=1e-5)
+    # and on bytes that are not values (the figure a refusal reads): keys, noise
+    for other in (real[0], torch.randn(values[:3].shape, generator=torch.Generator().manual_seed(5))):
+        assert torch.allclose(chk.value_energy(other[:, :, tok]), chk.value_stats(other)[1], rtol=1e-5)

@@ -75,15 +75,25 @@ class ResidualBases:
         self.expected = tail / max(total, 1e-30)
         # The normalised energy of one token of calibration KV (all its features, every layer group).
         self.energy = max(total, 1e-30)
+        self._quad: tuple[torch.Tensor, torch.Tensor, float] | None = None  # ``total``'s weights, built once
 
     def total(self, x: torch.Tensor) -> torch.Tensor:
-        """x [T, L, H, D] -> per token the normalised energy of ``residual``'s second figure, bit for
-        bit, without the projection (what the absolute layout test reads)."""
-        tot = torch.zeros(x.shape[0], dtype=torch.float64)
-        for a, b, mean, scale, _ in self.groups:
-            xn = (to_features(x[:, a:b].permute(1, 2, 0, 3)) - mean) / scale
-            tot += (xn * xn).sum(-1).to(torch.float64)
-        return tot
+        """x [T, L, H, D] -> per token the normalised energy of ``residual``'s second figure, without
+        the projection (what the absolute layout test reads): |(x - mean) / scale|^2 expanded as
+        x^2 . 1/scale^2 - 2 x . mean/scale^2 + |mean/scale|^2, two matrix-vector products in float64
+        over every group's features at once (to_features' order is the row's own (layer, head, dim)
+        order); equal to ``residual``'s to float rounding."""
+        if self._quad is None:
+            inv2, lin, const = [], [], 0.0
+            for _, _, mean, scale, _ in self.groups:
+                sc2 = scale.to(torch.float64) ** 2
+                inv2.append(1 / sc2)
+                lin.append(-2 * mean.to(torch.float64) / sc2)
+                const += float((mean.to(torch.float64) ** 2 / sc2).sum())
+            self._quad = (torch.cat(inv2), torch.cat(lin), const)  # benign if two threads race here
+        inv2_all, lin_all, c = self._quad
+        xf = x.reshape(x.shape[0], -1).to(torch.float64)
+        return (xf * xf) @ inv2_all + xf @ lin_all + c
 
     def residual(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, L, H, D] (float32; T tokens of any number of blocks, token-major so that a token's
@@ -130,7 +140,7 @@ class LayoutChecker:
         with this checker's ``tokens``) -> [N] ``value_stats``' energies, the same figures without
         the projection (the fractions serve only the relative test)."""
         n = values.shape[0]
-        tot = self.values.total(values.to(torch.float32).transpose(1, 2).flatten(0, 1)).reshape(n, -1)
+        tot = self.values.total(values.transpose(1, 2).flatten(0, 1)).reshape(n, -1)
         return energy(tot, self.values.energy)
 
     def score(self, key_fraction: torch.Tensor, value_fraction: torch.Tensor) -> torch.Tensor:
