@@ -70,6 +70,10 @@ def test_two_pass_refine_gives_the_one_pass_figures(est, real) -> None:
             if x.position == y.position:
                 assert y.key_energy == pytest.approx(x.key_energy, rel=1e-4)
             assert y.key_residual != y.key_residual  # NaN: not computed, never a stale figure
+    # at given positions (a client sent them): the same energies without the residual
+    given = [p.position for p in est.place_many(keys)]
+    for x, y in zip(est.at(keys, given), est.at(keys, given, residual=False), strict=True):
+        assert (y.position, y.key_energy) == (x.position, pytest.approx(x.key_energy, rel=1e-4))
 
 
 def test_frequency_split_equals_derotating_every_candidate(est, real) -> None:

@@ -35,7 +35,7 @@ batch of blocks at once (the S3 endpoint places a batch of concurrent PUTs toget
    its winner stands when the runner-up's residual is at least ``quick_margin`` (2) times larger.
    Every other block is re-scored exactly as the one-pass refine does (all sampled tokens and
    groups), so an unclear case costs what it did. On real keys the right position's residual is
-   3x or more below the other candidates' on every validation block, while on values read as keys
+   4x or more below the other candidates' on every validation block, while on values read as keys
    and on noise no candidate stands out (runner-up within 1.25x: they all take the second pass);
    the positions and key energies are the one-pass refine's (bench/position_search_select.py,
    docs/benchmarks.md "S3 position search, pass 3"). Its key residual is then NaN, never a stale
@@ -245,7 +245,7 @@ class PositionEstimator:
         scores = self.coarse_scores(keys)
         k = min(refine_top or self.search.refine_top, scores.shape[1])
         starts = self.candidates()[torch.topk(scores, k, dim=1).indices]  # [N, K]
-        if not residual and self._split is not None:
+        if not residual and self._split is not None:  # (undo_rope: returned above otherwise)
             return self._quick(keys, starts)
         res, tot, en = self.key_residuals(keys, starts)
         best = res.argmin(1)
@@ -256,11 +256,14 @@ class PositionEstimator:
             for p, f, e in zip(starts[rows, best], frac, en[rows, best], strict=True)
         ]
 
-    def at(self, keys: torch.Tensor, positions: Sequence[int]) -> list[Placement]:
-        """The key residual fractions of N blocks at given first positions (a client sent them)."""
+    def at(self, keys: torch.Tensor, positions: Sequence[int], residual: bool = True) -> list[Placement]:
+        """The key residual fractions and energies of N blocks at given first positions (a client
+        sent them); ``residual=False``: the energies only (as ``place_many``)."""
         if keys.shape[0] == 0:
             return []
         starts = torch.tensor(list(positions), dtype=torch.int64)[:, None]
+        if not residual and self.cal.config.undo_rope and self._split is not None:
+            return self._quick(keys, starts)  # one candidate: its energy, no second pass
         res, tot, en = self.key_residuals(keys, starts)
         frac = res[:, 0] / tot[:, 0].clamp_min(1e-30)
         return [
@@ -309,7 +312,7 @@ class _FrequencySplit:
     (mean / scale) @ B, with U_j, V_j the projections of u and v restricted to frequency j's features,
     and the energy |(z - mean) / scale|^2 a quadratic form in (c_j, s_j) with five sums per token,
     frequency and layer group (|u|^2, |v|^2, u.v, u.mean, v.mean over the group's layers and heads;
-    each a weighted sum of x_f^2, x_f'^2, x_f x_f', x_f, x_f', so one batched matmul gives all of
+    each a weighted sum of x_f^2, x_f'^2, x_f x_f', x_f, x_f', so three batched matmuls give all of
     them). q is the candidate start plus the token's offset in the block, so the keys are read as they
     arrive (RoPE at their absolute position) and nothing is de-rotated. Exact up to float rounding:
     the same figures as de-rotating every candidate.

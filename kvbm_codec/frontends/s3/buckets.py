@@ -159,7 +159,7 @@ class Bucket:
         if not self.checks_layout:  # the residual and energy would go unused
             placed = [Placement(p, float("nan")) for p in at]
         else:
-            placed = est.at(keys[known], at)
+            placed = est.at(keys[known], at, residual=self.binding.layout_margin is not None)
         for i, p in zip(known, placed, strict=True):
             out[i] = p
         return [p for p in out if p is not None]
