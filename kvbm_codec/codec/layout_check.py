@@ -21,10 +21,14 @@ is wrong on every token):
   off by default; it names the reading that fits better when enabled.
 
 The key figures at the recovered position are the ones the position search
-(``positions.PositionEstimator``) already computed; only the values are projected here.
+(``positions.PositionEstimator``) already computed. Of the values, the absolute test needs only the
+energy (``value_energy``: the sampled tokens' normalised energy, no projection); the relative test
+also projects them (``value_stats``).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -32,11 +36,17 @@ from kvbm_codec.codec.params import Calibration
 from kvbm_codec.codec.pca import to_features
 
 
-def sample_tokens(page_size: int, n: int) -> torch.Tensor:
-    """``n`` evenly spaced token indices of a block (all of them when ``n >= page_size``)."""
+@functools.cache
+def _sample_tokens(page_size: int, n: int) -> torch.Tensor:
     if n >= page_size:
         return torch.arange(page_size, dtype=torch.int64)
     return torch.linspace(0, page_size - 1, n).round().to(torch.int64).unique()
+
+
+def sample_tokens(page_size: int, n: int) -> torch.Tensor:
+    """``n`` evenly spaced token indices of a block (all of them when ``n >= page_size``); a fresh
+    copy of a cached table (its ``unique`` was a few percent of a batch's search)."""
+    return _sample_tokens(page_size, n).clone()
 
 
 def energy(token_energy: torch.Tensor, expected: float) -> torch.Tensor:
@@ -65,6 +75,25 @@ class ResidualBases:
         self.expected = tail / max(total, 1e-30)
         # The normalised energy of one token of calibration KV (all its features, every layer group).
         self.energy = max(total, 1e-30)
+        self._quad: tuple[torch.Tensor, torch.Tensor, float] | None = None  # ``total``'s weights, built once
+
+    def total(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, L, H, D] -> per token the normalised energy of ``residual``'s second figure, without
+        the projection (what the absolute layout test reads): |(x - mean) / scale|^2 expanded as
+        x^2 . 1/scale^2 - 2 x . mean/scale^2 + |mean/scale|^2, two matrix-vector products in float64
+        over every group's features at once (to_features' order is the row's own (layer, head, dim)
+        order); equal to ``residual``'s to float rounding."""
+        if self._quad is None:
+            inv2, lin, const = [], [], 0.0
+            for _, _, mean, scale, _ in self.groups:
+                sc2 = scale.to(torch.float64) ** 2
+                inv2.append(1 / sc2)
+                lin.append(-2 * mean.to(torch.float64) / sc2)
+                const += float((mean.to(torch.float64) ** 2 / sc2).sum())
+            self._quad = (torch.cat(inv2), torch.cat(lin), const)  # benign if two threads race here
+        inv2_all, lin_all, c = self._quad
+        xf = x.reshape(x.shape[0], -1).to(torch.float64)
+        return (xf * xf) @ inv2_all + xf @ lin_all + c
 
     def residual(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, L, H, D] (float32; T tokens of any number of blocks, token-major so that a token's
@@ -105,6 +134,14 @@ class LayoutChecker:
         res, tot = self.values.residual(x)
         res, tot = res.reshape(n, -1), tot.reshape(n, -1)
         return res.sum(1) / tot.sum(1).clamp_min(1e-30), energy(tot, self.values.energy)
+
+    def value_energy(self, values: torch.Tensor) -> torch.Tensor:
+        """values [N, L, T, H, D] of N blocks, already only their sampled tokens (``sample_tokens``
+        with this checker's ``tokens``) -> [N] ``value_stats``' energies, the same figures without
+        the projection (the fractions serve only the relative test)."""
+        n = values.shape[0]
+        tot = self.values.total(values.transpose(1, 2).flatten(0, 1)).reshape(n, -1)
+        return energy(tot, self.values.energy)
 
     def score(self, key_fraction: torch.Tensor, value_fraction: torch.Tensor) -> torch.Tensor:
         """Key plus value residual, each relative to the calibration's own (lower: fits better)."""

@@ -20,13 +20,26 @@ batch of blocks at once (the S3 endpoint places a batch of concurrent PUTs toget
    normalised energy at the winner are returned with it: the layout check (``layout_check``) needs
    exactly those figures, so they are not computed twice.
 
-   A candidate start p only adds the rotation R(-p) to the keys de-rotated by their offset in the
-   block, and R(-p) scales the features of each RoPE frequency j by cos(p w_j) and sin(p w_j) (of
-   the feature and its rotate-half partner). So the projection onto the leading components is
-   split by frequency once per token (``_FrequencySplit``: one batched matmul per layer group, twice
-   the work of projecting one reading) and every candidate's projection and energy are sums of those
-   parts weighted by its cos/sin: the work no longer grows with the candidates per block (it grew
-   4x, and the de-rotated copies of every candidate were a third of the search).
+   A token at offset t of a block starting at p sits at position p + t, and the rotation R(-(p + t))
+   scales the features of each RoPE frequency j by cos((p + t) w_j) and sin((p + t) w_j) (of the
+   feature and its rotate-half partner). So the projection onto the leading components is split by
+   frequency once per token, on the keys as they arrive (``_FrequencySplit``: one batched matmul per
+   layer group, twice the work of projecting one reading; nothing is de-rotated), and every
+   candidate's projection and energy are sums of those parts weighted by its cos/sin: the work does
+   not grow with the candidates per block. The energies' five sums per frequency and layer group
+   come from three batched matmuls over the sampled tokens (all layers: the layout check's figure).
+3. The refine in two passes, when the caller needs no residual (the S3 endpoint's default binding:
+   only the relative layout test reads it). The first pass measures the residual on one sampled
+   token (the middle one: a block's first token can be an attention sink) and one layer group (the
+   middle one: the projection's cost there is reading the group's weights, not the token rows);
+   its winner stands when the runner-up's residual is at least ``quick_margin`` (2) times larger.
+   Every other block is re-scored exactly as the one-pass refine does (all sampled tokens and
+   groups), so an unclear case costs what it did. On real keys the right position's residual is
+   4x or more below the other candidates' on every validation block, while on values read as keys
+   and on noise no candidate stands out (runner-up within 1.25x: they all take the second pass);
+   the positions and key energies are the one-pass refine's (bench/position_search_select.py,
+   docs/benchmarks.md "S3 position search, pass 3"). Its key residual is then NaN, never a stale
+   figure.
 """
 
 from __future__ import annotations
@@ -48,6 +61,9 @@ class PositionSearch:
     refine_top: int = 4  # candidates re-scored with the PCA residual
     residual_rank: int = 128  # leading components that count as "explained"
     refine_tokens: int = 8  # tokens of a block (evenly spaced) the residual is measured on
+    quick_tokens: int = 1  # of those, the ones the refine's first pass measures (evenly spaced)
+    quick_groups: int = 1  # layer groups it measures (evenly spaced and centred, as the tokens)
+    quick_margin: float = 2.0  # its winner stands when the runner-up's residual is this many times larger
 
 
 @dataclass(frozen=True)
@@ -108,8 +124,8 @@ class PositionEstimator:
         return w
 
     def coarse_scores(self, keys: torch.Tensor) -> torch.Tensor:
-        """keys [N, L, P, H, D] with RoPE (the block's own order) -> [N, candidates] fit of every
-        start (higher is better).
+        """keys [N, L, P, H, D] with RoPE (the block's own order; float16, bfloat16 or float32) ->
+        [N, candidates] fit of every start (higher is better).
 
         The de-rotated block mean z rotated back by p fits the calibrated mean best where
         <R(-p) z, w> peaks; per frequency j that is cos(p w_j) c_j + sin(p w_j) s_j with
@@ -118,8 +134,16 @@ class PositionEstimator:
         wc, ws = self._coarse_weights(keys.shape[2])
         n, dim = keys.shape[0], keys.shape[-1]
         half = self._cos_t.shape[0]
-        k = keys.to(torch.float32).reshape(n, -1, dim)  # [N, L*P*H, D]
-        rc, rs = (k * wc).sum(1), (k * ws).sum(1)  # [N, D]; a partial rotary's other dims weigh 0
+        k = keys.reshape(n, -1, dim)  # [N, L*P*H, D], any float dtype (fp16 as the engine sends it)
+        # one block at a time through one buffer: the batch's [N, L*P*H, D] temporaries left the
+        # caches (and were fresh pages every call); the same sums, bit for bit. An fp16 block is
+        # widened there too (exactly), so the caller need not copy the whole batch to float32.
+        rc, rs, buf = torch.empty(n, dim), torch.empty(n, dim), torch.empty(k.shape[1:])
+        wide = None if k.dtype == torch.float32 else torch.empty(k.shape[1:])
+        for i in range(n):  # a partial rotary's other dims weigh 0
+            ki = k[i] if wide is None else wide.copy_(k[i])
+            torch.sum(torch.mul(ki, wc, out=buf), 0, out=rc[i])
+            torch.sum(torch.mul(ki, ws, out=buf), 0, out=rs[i])
         c = (rc[:, :half] + rc[:, half : 2 * half]).to(torch.float64)  # [N, D/2]
         s = (rs[:, :half] + rs[:, half : 2 * half]).to(torch.float64)
         return c @ self._cos_t + s @ self._sin_t
@@ -130,28 +154,89 @@ class PositionEstimator:
         """keys [N, L, P, H, D] with RoPE, candidate first positions [N, K] -> (residual energy,
         total energy, the median token's energy relative to the calibration's) [N, K] of the
         normalised keys de-rotated at each, on the sampled tokens."""
+        if self.cal.config.undo_rope and self._split is not None:
+            res, tot = self.residual_table(keys, starts)  # [N, K, T, G]
+            res, tot = res.sum(3).to(torch.float64), tot.sum(3).to(torch.float64)
+            return res.sum(2), tot.sum(2), energy(tot, self.bases.energy)
         n, layers, page, heads, dim = keys.shape
         k_cands = starts.shape[1]
         tok = sample_tokens(page, self.search.refine_tokens)
-        x = keys[:, :, tok].to(torch.float32).transpose(1, 2)  # [N, T, L, H, D]
-        if self.cal.config.undo_rope and self._split is not None and k_cands > 1:
-            # de-rotated by the in-block offsets only; each candidate's start is applied per frequency
-            y = _derotate(x, tok[None, :].expand(n, -1), self.cal.rope)
-            res, tot = self._split.residual(y, starts)  # [N, K, T]
+        x = keys[:, :, tok].to(torch.float32).transpose(1, 2)[:, None]  # [N, 1, T, L, H, D]
+        if self.cal.config.undo_rope:
+            pos = starts[:, :, None] + tok[None, None, :]  # [N, K, T]: every candidate of every token
+            x = _derotate(x, pos, self.cal.rope)  # [N, K, T, L, H, D], the candidates broadcast
         else:
-            x = x[:, None]  # [N, 1, T, L, H, D]
-            if self.cal.config.undo_rope:
-                pos = starts[:, :, None] + tok[None, None, :]  # [N, K, T]: every candidate of every token
-                x = _derotate(x, pos, self.cal.rope)  # [N, K, T, L, H, D], the candidates broadcast
-            else:
-                x = x.expand(n, k_cands, tok.numel(), layers, heads, dim)
-            res, tot = self.bases.residual(x.reshape(-1, layers, heads, dim))
-            res, tot = res.reshape(n, k_cands, -1), tot.reshape(n, k_cands, -1)
+            x = x.expand(n, k_cands, tok.numel(), layers, heads, dim)
+        res, tot = self.bases.residual(x.reshape(-1, layers, heads, dim))
+        res, tot = res.reshape(n, k_cands, -1), tot.reshape(n, k_cands, -1)
         return res.sum(2), tot.sum(2), energy(tot, self.bases.energy)
 
-    def place_many(self, keys: torch.Tensor, refine_top: int | None = None) -> list[Placement]:
+    def residual_table(self, keys: torch.Tensor, starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """keys [N, L, P, H, D] with RoPE, candidate starts [N, K] -> (energy outside the leading
+        components, total energy) of the normalised keys at each candidate, per sampled token and
+        layer group, float32 [N, K, T, G] (the frequency split; full RoPE only)."""
+        split = self._split
+        assert split is not None
+        n, k = starts.shape
+        tok = sample_tokens(keys.shape[2], self.search.refine_tokens)
+        x, t = split.rows(keys, tok), tok.numel()
+        pos = (starts[:, None, :] + tok[None, :, None]).reshape(n * t, k)
+        quad, cs = split.weights(pos)
+        tot = split.energies(split.energy_sums(x), quad)  # [M, K, G]
+        groups = range(len(split.groups))
+        qs = split.projections(x, groups)
+        res = torch.stack(
+            [tot[:, :, g] - split.explained(q, cs, g) for g, q in zip(groups, qs, strict=True)], -1
+        )
+        return res.reshape(n, t, k, -1).transpose(1, 2), tot.reshape(n, t, k, -1).transpose(1, 2)
+
+    def _quick(self, keys: torch.Tensor, starts: torch.Tensor) -> list[Placement]:
+        """The refine in two passes (module docstring, step 3): the residual on the search's quick
+        tokens and layer groups picks a block's winner when its runner-up's residual is at least
+        ``quick_margin`` times larger; the other blocks are re-scored on every sampled token and
+        group exactly as the one-pass refine does. The key energy is every group's, at the winner;
+        the residual is not returned (NaN)."""
+        split = self._split
+        assert split is not None
+        srch = self.search
+        n, k = starts.shape
+        tok = sample_tokens(keys.shape[2], srch.refine_tokens)
+        x, t = split.rows(keys, tok), tok.numel()
+        pos = (starts[:, None, :] + tok[None, :, None]).reshape(n * t, k)
+        quad, cs = split.weights(pos)
+        tot = split.energies(split.energy_sums(x), quad).reshape(n, t, k, -1)  # [N, T, K, G]
+        # evenly spaced among the sampled tokens and centred: a block's first token can be an
+        # attention sink (position 0), whose residual says least about the rotation
+        qt = _centred(t, srch.quick_tokens)
+        qg = _centred(len(split.groups), srch.quick_groups).tolist()  # one group: a third of the weights read
+        rows = (torch.arange(n)[:, None] * t + qt[None, :]).reshape(-1)
+        xq, csq = x[:, rows], cs[rows]
+        totq = tot[:, qt]
+        res = torch.zeros(n, k)
+        for g, q in zip(qg, split.projections(xq, qg), strict=True):
+            res += (totq[..., g] - split.explained(q, csq, g).reshape(n, -1, k)).sum(1)
+        best = res.argmin(1)
+        if k > 1:
+            two = res.topk(2, dim=1, largest=False).values
+            # an unclear winner, or a residual too small to compare (not real KV): the full refine
+            unsure = ~(two[:, 1] >= srch.quick_margin * two[:, 0].clamp_min(1e-30))
+            if bool(unsure.any()):
+                idx = unsure.nonzero().reshape(-1)
+                rf, _, _ = self.key_residuals(keys[idx], starts[idx])
+                best[idx] = rf.argmin(1)
+        rows_n = torch.arange(n)
+        en = energy(tot.sum(3).to(torch.float64)[rows_n, :, best], self.bases.energy)
+        return [
+            Placement(int(p), float("nan"), float(e)) for p, e in zip(starts[rows_n, best], en, strict=True)
+        ]
+
+    def place_many(
+        self, keys: torch.Tensor, refine_top: int | None = None, residual: bool = True
+    ) -> list[Placement]:
         """Most likely first positions of N blocks whose keys [N, L, P, H, D] carry RoPE, with the key
-        residual fraction at each (``refine_top`` overrides the search's candidates per block)."""
+        residual fraction at each (``refine_top`` overrides the search's candidates per block).
+        ``residual=False``: the caller needs no residual (NaN in its place), so the refine may run
+        in two passes (``_quick``); the positions and key energies are the same."""
         n = keys.shape[0]
         if n == 0:
             return []
@@ -160,6 +245,8 @@ class PositionEstimator:
         scores = self.coarse_scores(keys)
         k = min(refine_top or self.search.refine_top, scores.shape[1])
         starts = self.candidates()[torch.topk(scores, k, dim=1).indices]  # [N, K]
+        if not residual and self._split is not None:  # (undo_rope: returned above otherwise)
+            return self._quick(keys, starts)
         res, tot, en = self.key_residuals(keys, starts)
         best = res.argmin(1)
         rows = torch.arange(n)
@@ -169,11 +256,14 @@ class PositionEstimator:
             for p, f, e in zip(starts[rows, best], frac, en[rows, best], strict=True)
         ]
 
-    def at(self, keys: torch.Tensor, positions: Sequence[int]) -> list[Placement]:
-        """The key residual fractions of N blocks at given first positions (a client sent them)."""
+    def at(self, keys: torch.Tensor, positions: Sequence[int], residual: bool = True) -> list[Placement]:
+        """The key residual fractions and energies of N blocks at given first positions (a client
+        sent them); ``residual=False``: the energies only (as ``place_many``)."""
         if keys.shape[0] == 0:
             return []
         starts = torch.tensor(list(positions), dtype=torch.int64)[:, None]
+        if not residual and self.cal.config.undo_rope and self._split is not None:
+            return self._quick(keys, starts)  # one candidate: its energy, no second pass
         res, tot, en = self.key_residuals(keys, starts)
         frac = res[:, 0] / tot[:, 0].clamp_min(1e-30)
         return [
@@ -183,6 +273,12 @@ class PositionEstimator:
     def estimate(self, keys: torch.Tensor) -> int:
         """Most likely first position of one block whose keys [L, P, H, D] carry RoPE."""
         return self.place_many(keys[None])[0].position
+
+
+def _centred(n: int, q: int) -> torch.Tensor:
+    """``q`` of ``n`` indices, evenly spaced and centred (all of them when ``q >= n``)."""
+    q = min(q, n)
+    return ((torch.arange(q) + 0.5) * n / q).to(torch.int64)
 
 
 def _derotate(x: torch.Tensor, positions: torch.Tensor, rope: RotaryParams) -> torch.Tensor:
@@ -205,63 +301,111 @@ def _derotate(x: torch.Tensor, positions: torch.Tensor, rope: RotaryParams) -> t
 
 
 class _FrequencySplit:
-    """The leading-component projections and energies of keys at many candidate starts, from one
-    projection per token split by RoPE frequency (module docstring, step 2).
+    """The leading-component projections and energies of keys at many candidate positions, from
+    one projection per token split by RoPE frequency (module docstring, step 2).
 
     For a feature f of frequency j and its rotate-half partner f' (f in the first half of a head),
-    the key de-rotated by a further p is z_f = c y_f + s y_f', z_f' = c y_f' - s y_f (c, s = cos,
-    sin of p w_j), normalised by the calibration's scale: z / scale = c u + s v with u = y / scale
-    and v the partner's value over the feature's own scale (v_f = y_f' / scale_f, v_f' = -y_f /
-    scale_f'). Then the projection (z - mean) / scale @ B = sum_j c_j U_j + s_j V_j - (mean / scale)
-    @ B, with U_j, V_j the projections of u and v restricted to frequency j's features, and the
-    energy |(z - mean) / scale|^2 a quadratic form in (c_j, s_j) with five sums per token and
-    frequency. Exact up to float rounding: the same figures as de-rotating every candidate."""
+    the key de-rotated to position q is z_f = c x_f + s x_f', z_f' = c x_f' - s x_f (c, s = cos,
+    sin of q w_j over attention_scaling): normalised by the calibration's scale, z / scale = c u + s v
+    with u = x / scale and v the partner's value over the feature's own scale (v_f = x_f' / scale_f,
+    v_f' = -x_f / scale_f'). Then the projection (z - mean) / scale @ B = sum_j c_j U_j + s_j V_j -
+    (mean / scale) @ B, with U_j, V_j the projections of u and v restricted to frequency j's features,
+    and the energy |(z - mean) / scale|^2 a quadratic form in (c_j, s_j) with five sums per token,
+    frequency and layer group (|u|^2, |v|^2, u.v, u.mean, v.mean over the group's layers and heads;
+    each a weighted sum of x_f^2, x_f'^2, x_f x_f', x_f, x_f', so three batched matmuls give all of
+    them). q is the candidate start plus the token's offset in the block, so the keys are read as they
+    arrive (RoPE at their absolute position) and nothing is de-rotated. Exact up to float rounding:
+    the same figures as de-rotating every candidate.
+
+    Token rows are frequency-major, ``X [J, M, 2, L*H]`` (``rows``): the layout both batched
+    matmuls read without a copy of their own."""
 
     def __init__(self, bases: ResidualBases, rope: RotaryParams) -> None:
         j = self.half = rope.head_dim // 2
         self.inv_freq = rope.inv_freq.to(torch.float64)
-        inv, mus = [], []
+        self.scale = rope.attention_scaling
+        inv, mus, mu2 = [], [], []
         self.groups: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []
         for a, b, mean, scale, basis in bases.groups:
             lg, r = b - a, basis.shape[1]
             sc = scale.to(torch.float32)
             inv.append((1 / sc).reshape(lg, -1, 2, j))
             mus.append((mean.to(torch.float32) / sc).reshape(lg, -1, 2, j))
+            mu2.append(float((mus[-1] * mus[-1]).sum()))
             wu = (basis.to(torch.float32) / sc[:, None]).reshape(lg, -1, 2, j, r)
-            wv = torch.stack([-wu[:, :, 1], wu[:, :, 0]], 2)  # weights of y for v's projection
-            # [J, Lg*H*2, 2r]: frequency-major, u's then v's components side by side
-            w = torch.cat([wu, wv], -1).permute(3, 0, 1, 2, 4).reshape(j, -1, 2 * r).contiguous()
+            wv = torch.stack([-wu[:, :, 1], wu[:, :, 0]], 2)  # weights of x for v's projection
+            # [J, 2*Lg*H, 2r]: rows in X's (half, layer, head) order, u's then v's components
+            w = torch.cat([wu, wv], -1).permute(3, 2, 0, 1, 4).reshape(j, -1, 2 * r).contiguous()
             mu_b = (mus[-1].reshape(-1) @ basis.to(torch.float32)).contiguous()  # [r]
             self.groups.append((a, b, w, mu_b))
-        self.inv = torch.cat(inv)  # [L, H, 2, J]: 1 / scale
-        self.mu = torch.cat(mus)  # mean / scale
-        self.mu2 = float((self.mu * self.mu).sum())
+        heads = self.heads = inv[0].shape[1]
+        iv, mu = torch.cat(inv), torch.cat(mus)  # [L, H, 2, J]
+        ia, ib = iv[:, :, 0].reshape(-1, j).T, iv[:, :, 1].reshape(-1, j).T  # [J, L*H]
+        ma, mb = mu[:, :, 0].reshape(-1, j).T, mu[:, :, 1].reshape(-1, j).T
+        n_groups, lh = len(self.groups), iv.shape[0] * heads
+        onehot = torch.zeros(lh, n_groups)  # which group each (layer, head) column sums into
+        for gi, (a, b, _, _) in enumerate(self.groups):
+            onehot[a * heads : b * heads, gi] = 1
 
-    def residual(self, y: torch.Tensor, starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """y [N, T, L, H, D] keys de-rotated by their offset in the block, starts [N, K] -> (energy
-        outside the leading components, total energy) of the normalised keys at each candidate,
-        float64 [N, K, T]."""
-        n, t, layers = y.shape[:3]
-        k, j, m = starts.shape[1], self.half, y.shape[0] * y.shape[1]
-        ang = starts.to(torch.float64)[:, :, None] * self.inv_freq  # [N, K, J]
-        c, s = ang.cos().to(torch.float32), ang.sin().to(torch.float32)
-        g = y.reshape(m, layers, -1, 2, j)  # [M, L, H, 2, J]
-        # energy: a quadratic form in each frequency's (c, s), the same for every layer group
-        u = g * self.inv
-        v = torch.stack([g[:, :, :, 1], -g[:, :, :, 0]], 3) * self.inv  # the partner's value, own scale
-        sums = torch.stack(
-            [(u * u).sum((1, 2, 3)), (v * v).sum((1, 2, 3)), (u * v).sum((1, 2, 3)),
-             (u * self.mu).sum((1, 2, 3)), (v * self.mu).sum((1, 2, 3))], -1,
-        ).reshape(n, t, j * 5)  # fmt: skip
-        quad = torch.stack([c * c, s * s, 2 * c * s, -2 * c, -2 * s], -1).reshape(n, k, j * 5)
-        tot = (torch.bmm(quad, sums.transpose(1, 2)) + self.mu2).to(torch.float64)  # [N, K, T]
-        cs = torch.stack([c, s], -1).reshape(n, k, j * 2)
-        res = tot.clone()
-        for a, b, w, mu_b in self.groups:
+        def weights(*rows: torch.Tensor) -> torch.Tensor:
+            """rows[i][c]: [J, L*H] weights of input block i for sum c -> [J, blocks*L*H, sums*G]."""
+            w = torch.stack([torch.stack(list(r), -1) for r in rows], 1)  # [J, blocks, L*H, sums]
+            w = w[..., None] * onehot[None, None, :, None, :]  # [J, blocks, L*H, sums, G]
+            return w.reshape(j, -1, w.shape[-2] * n_groups).contiguous()
+
+        # the five sums (|u|^2, |v|^2, u.v, u.mean, v.mean) from three products of X: its square
+        # ((x_f^2, x_f'^2) -> |u|^2, |v|^2), x_f x_f' (-> u.v), and X itself (-> u.mean, v.mean)
+        self.w_sq = weights((ia * ia, ib * ib), (ib * ib, ia * ia))  # [J, 2*L*H, 2G]
+        self.w_cross = weights((ia * ia - ib * ib,))  # [J, L*H, G]
+        self.w_lin = weights((ia * ma, -ib * mb), (ib * mb, ia * ma))  # [J, 2*L*H, 2G]
+        self.mu2 = torch.tensor(mu2, dtype=torch.float32)  # [G]
+
+    def rows(self, keys: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
+        """keys [N, L, P, H, D] (RoPE at their positions), sampled offsets [T] -> X [J, N*T, 2, L*H]
+        float32, row n*T + t the block n's token tok[t]: one gather copy."""
+        n, layers, page, heads, _ = keys.shape
+        j = self.half
+        x = keys.reshape(n, layers, page, heads, 2, j).permute(5, 0, 2, 4, 1, 3)  # [J, N, P, 2, L, H]
+        # index_select writes its output contiguous: the gather is the one copy (x[:, :, tok] is not)
+        return torch.index_select(x, 2, tok).to(torch.float32).reshape(j, -1, 2, layers * heads)
+
+    def energy_sums(self, x: torch.Tensor) -> torch.Tensor:
+        """X [J, M, 2, L*H] -> [M, 5J, G]: per frequency and layer group the five sums whose
+        cos/sin-weighted total is the normalised energy at any position (class docstring)."""
+        j, m = x.shape[:2]
+        sq = torch.bmm(x.square().reshape(j, m, -1), self.w_sq).reshape(j, m, 2, -1)  # |u|^2, |v|^2
+        cross = torch.bmm(x[:, :, 0] * x[:, :, 1], self.w_cross)[:, :, None]  # u.v
+        lin = torch.bmm(x.reshape(j, m, -1), self.w_lin).reshape(j, m, 2, -1)  # u.mean, v.mean
+        return torch.cat([sq, cross, lin], 2).transpose(0, 1).reshape(m, j * 5, -1)
+
+    def projections(self, x: torch.Tensor, groups: Sequence[int]) -> list[torch.Tensor]:
+        """X [J, M, 2, L*H] -> per asked layer group, the rows' projections split by frequency,
+        [M, 2J, r] ((j, u|v)-major): one batched matmul per group."""
+        j, m = x.shape[:2]
+        out = []
+        for gi in groups:
+            a, b, w, _ = self.groups[gi]
             r = w.shape[-1] // 2
-            # contiguous: a strided batch makes bmm copy every matrix of it on its own
-            q = torch.bmm(g[:, a:b].permute(4, 0, 1, 2, 3).reshape(j, m, -1).contiguous(), w)  # [J, M, 2r]
-            q = q.reshape(j, n, t, 2, r).permute(1, 0, 3, 2, 4).reshape(n, j * 2, t * r)  # [N, (J, u|v), T*r]
-            proj = torch.bmm(cs, q).reshape(n, k, t, r) - mu_b  # [N, K, T, r]
-            res -= proj.square().sum(-1).to(torch.float64)
-        return res, tot
+            h = self.heads
+            xg = x[:, :, :, a * h : b * h].reshape(j, m, -1)  # copies: the group's columns only
+            q = torch.bmm(xg, w)  # [J, M, 2r]
+            out.append(q.reshape(j, m, 2, r).transpose(0, 1).reshape(m, 2 * j, r))
+        return out
+
+    def weights(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [M, K] (each row's candidate positions) -> (quadratic-form weights [M, K, 5J],
+        projection weights [M, K, 2J]) of the rotation to each."""
+        ang = positions.to(torch.float64)[..., None] * self.inv_freq  # [M, K, J]
+        c, s = (ang.cos() / self.scale).to(torch.float32), (ang.sin() / self.scale).to(torch.float32)
+        m, k, j = ang.shape
+        quad = torch.stack([c * c, s * s, 2 * c * s, -2 * c, -2 * s], -1).reshape(m, k, j * 5)
+        return quad, torch.stack([c, s], -1).reshape(m, k, j * 2)
+
+    def energies(self, sums: torch.Tensor, quad: torch.Tensor) -> torch.Tensor:
+        """[M, 5J, G] sums, [M, K, 5J] weights -> [M, K, G] normalised energy per layer group."""
+        return torch.bmm(quad, sums) + self.mu2
+
+    def explained(self, q: torch.Tensor, cs: torch.Tensor, gi: int) -> torch.Tensor:
+        """A group's split projection [M, 2J, r] and weights [M, K, 2J] -> [M, K] energy inside
+        the leading components at each candidate."""
+        return (torch.bmm(cs, q) - self.groups[gi][3]).square().sum(-1)

@@ -19,7 +19,7 @@ import torch
 
 from kvbm_codec.api.blocks import BlockSpec
 from kvbm_codec.api.vllm_layout import VllmCpuLayout
-from kvbm_codec.codec.layout_check import LayoutChecker
+from kvbm_codec.codec.layout_check import LayoutChecker, sample_tokens
 from kvbm_codec.codec.positions import Placement, PositionEstimator, PositionSearch
 from kvbm_codec.core.service import BlockService, ServedModel
 from kvbm_codec.frontends.s3.config import BucketBinding
@@ -113,13 +113,24 @@ class Bucket:
                 )
             return chk
 
-    def _part(self, blocks: Sequence[torch.Tensor], part: int) -> torch.Tensor:
-        """Keys (``part`` 0) or values (1) of blocks [L, 2, P, H*D] as one float32 [N, L, P, H, D]
-        tensor, the blocks' own token-major order, copied once."""
+    def _part(
+        self, blocks: Sequence[torch.Tensor], part: int, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
+        """Keys (``part`` 0) or values (1) of blocks [L, 2, P, H*D] as one [N, L, P, H, D] tensor
+        (float32, or ``dtype``), the blocks' own token-major order, copied once."""
         s = self.spec
-        out = torch.empty(len(blocks), s.n_layers, s.page_size, s.n_kv_heads, s.head_dim, dtype=torch.float32)
+        out = torch.empty(len(blocks), s.n_layers, s.page_size, s.n_kv_heads, s.head_dim, dtype=dtype)
         for i, b in enumerate(blocks):
             out[i].copy_(b.reshape(s.n_layers, 2, s.page_size, s.n_kv_heads, s.head_dim)[:, part])
+        return out
+
+    def _sampled(self, blocks: Sequence[torch.Tensor], part: int, tokens: torch.Tensor) -> torch.Tensor:
+        """Like ``_part``, only the given token offsets of each block: [N, L, T, H, D] float32."""
+        s = self.spec
+        out = torch.empty(len(blocks), s.n_layers, len(tokens), s.n_kv_heads, s.head_dim, dtype=torch.float32)
+        for i, b in enumerate(blocks):
+            v = b.reshape(s.n_layers, 2, s.page_size, s.n_kv_heads, s.head_dim)[:, part]
+            out[i].copy_(torch.index_select(v, 1, tokens))
         return out
 
     def place(self, blocks: Sequence[torch.Tensor], given: Sequence[int | None]) -> list[Placement]:
@@ -132,18 +143,23 @@ class Bucket:
         out: list[Placement | None] = [None] * len(blocks)
         if not blocks:
             return []
-        keys = self._part(blocks, 0)
+        # the blocks' own dtype: the search widens what it reads (a block at a time, a few tokens)
+        keys = self._part(blocks, 0, blocks[0].dtype)
         est = self.estimator()
         search = [i for i, g in enumerate(given) if g is None]
         known = [i for i, g in enumerate(given) if g is not None]
-        found = est.place_many(keys if len(search) == len(blocks) else keys[search])  # no copy when all
+        # the key residual serves only the relative layout test: without it the refine may stop early
+        found = est.place_many(
+            keys if len(search) == len(blocks) else keys[search],  # no copy when all
+            residual=self.binding.layout_margin is not None,
+        )
         for i, p in zip(search, found, strict=True):
             out[i] = p
         at = [int(g) for g in given if g is not None]
         if not self.checks_layout:  # the residual and energy would go unused
             placed = [Placement(p, float("nan")) for p in at]
         else:
-            placed = est.at(keys[known], at)
+            placed = est.at(keys[known], at, residual=self.binding.layout_margin is not None)
         for i, p in zip(known, placed, strict=True):
             out[i] = p
         return [p for p in out if p is not None]
@@ -193,8 +209,13 @@ class Bucket:
         self, data: Sequence[bytes], blocks: Sequence[torch.Tensor], placed: Sequence[Placement]
     ) -> list[str | None]:
         chk = self.checker()
-        values = self._part(blocks, 1)
-        value_frac, value_energy = chk.value_stats(values)
+        if self.binding.layout_margin is None:  # the absolute test alone: the values' energy, sampled tokens
+            value_energy = chk.value_energy(
+                self._sampled(blocks, 1, sample_tokens(self.spec.page_size, chk.tokens))
+            )
+        else:
+            values = self._part(blocks, 1)
+            value_frac, value_energy = chk.value_stats(values)
         out: list[str | None] = [None] * len(blocks)
         limit = self.binding.layout_energy_limit
         if limit is not None:
