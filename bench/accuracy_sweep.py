@@ -13,6 +13,11 @@ broad = every domain; -X = every domain but X (leave one domain out).
 
     python bench/accuracy_sweep.py --state /tmp/acc_state.pt --variants docs16:mse,broad:attention \
         --out bench/results/accuracy_sweep.jsonl
+
+--model runs it on another registered model (default smollm2-135m). A phase-1 state and the
+--val-cache files hold one model's KV: a state records the fingerprint of the model it was built
+with and is refused by any other, and cached validation KV is keyed by the fingerprint too, so two
+models with the same tokenizer never read each other's KV.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from kvbm_codec.api.types import DEFAULT_MODEL
 from kvbm_codec.calibration.artifact import load_calibration, save_calibration
 from kvbm_codec.calibration.calibrate import (
     CONTEXT_ALLOCATION_VERSION,
@@ -70,7 +76,7 @@ def build_state(
     cfg = CodecConfig()  # accumulation depends only on sinks/window/rope/layer groups (not the metric)
     corpus = broad_corpus(lm.tokenizer)
     n_q = int(lm.model.config.num_attention_heads)
-    state: dict = {"domains": {}, "corpus": CORPUS_NAME, "val_only": {}}
+    state: dict = {"domains": {}, "corpus": CORPUS_NAME, "val_only": {}, "fingerprint": lm.info.fingerprint}
     for domain, texts in corpus.items():
         fit_n = docs_fit if domain == "docs" else per_domain
         # fit + 1 held-out + a gap of 2 sequences + 3 sequences of validation (2048 + 256 tokens)
@@ -84,7 +90,9 @@ def build_state(
         part = None if parts is None else parts / f"{domain}.pt"
         if part is not None and part.exists():
             saved = torch.load(part, weights_only=False)
-            if torch.equal(saved["fit_ids"], fit_ids) and torch.equal(saved["val_ids"], val_ids):
+            same_model = saved.get("fingerprint", lm.info.fingerprint) == lm.info.fingerprint
+            same_ids = torch.equal(saved["fit_ids"], fit_ids) and torch.equal(saved["val_ids"], val_ids)
+            if same_model and same_ids:
                 state["domains"][domain] = saved
                 print(f"{domain}: reused {part}", flush=True)
                 continue
@@ -104,6 +112,7 @@ def build_state(
             "val_ids": val_ids,
             "fit_tokens": fit_n * SEQ,
             "fit_ids": fit_ids,
+            "fingerprint": lm.info.fingerprint,
         }
         if part is not None:
             part.parent.mkdir(parents=True, exist_ok=True)
@@ -116,12 +125,35 @@ def build_state(
 def texts_only_state(lm: CausalLM, per_domain: int, docs_fit: int) -> dict:
     """The token ids build_state would keep, without its prefills: enough to score calibrations
     already saved in --calibrations on the domain slices (the same ids, so the same rows)."""
-    state: dict = {"domains": {}, "corpus": CORPUS_NAME}
+    state: dict = {"domains": {}, "corpus": CORPUS_NAME, "fingerprint": lm.info.fingerprint}
     for domain, texts in broad_corpus(lm.tokenizer).items():
         fit_n = docs_fit if domain == "docs" else per_domain
         seqs = token_sequences(lm.tokenizer, texts, SEQ, fit_n + 6)
         state["domains"][domain] = {"val_ids": torch.cat(seqs[fit_n + 3 : fit_n + 6], 1)[:, : CTX + CONT]}
     return state
+
+
+def check_state_model(state: dict, fingerprint: str, model: str, path: Path) -> None:
+    """Refuse a phase-1 state built with another model: its covariance sums and held-out KV would
+    calibrate this one with another model's statistics (or fail deep inside on a shape). States from
+    before --model carry no fingerprint; they were all built with the default model."""
+    built = state.get("fingerprint")
+    if built is None and model != DEFAULT_MODEL:
+        raise SystemExit(
+            f"{path}: this state records no model, so it was built with {DEFAULT_MODEL}, not {model}"
+        )
+    if built is not None and built != fingerprint:
+        raise SystemExit(
+            f"{path}: built with the model of fingerprint {built}, not {model} ({fingerprint}); "
+            "give this model its own --state"
+        )
+
+
+def val_cache_path(cache: Path, name: str, ids: torch.Tensor, fingerprint: str) -> Path:
+    """One text's exact KV and logits, keyed by the tokens themselves (a slice cut with another
+    --per-domain is another file) and by the model (same tokens, another model: another KV)."""
+    digest = hashlib.sha256(ids.numpy().tobytes()).hexdigest()[:12]
+    return cache / f"{name}-{CTX}-{CONT}-{digest}-{fingerprint[:12]}.pt"
 
 
 def _shape(lm: CausalLM):
@@ -310,9 +342,7 @@ def val_sets(
     for name, (is_report, ids) in texts.items():
         ids = ids[:, : CTX + CONT]
         ctx, cont = ids[:, :CTX], ids[:, CTX:]
-        # keyed by the tokens themselves: a slice cut with another --per-domain is another file
-        digest = hashlib.sha256(ids.numpy().tobytes()).hexdigest()[:12]
-        saved = None if cache is None else cache / f"{name}-{CTX}-{CONT}-{digest}.pt"
+        saved = None if cache is None else val_cache_path(cache, name, ids, lm.info.fingerprint)
         if saved is not None and saved.exists():
             kv, ref = torch.load(saved, weights_only=False)
         else:
@@ -328,6 +358,7 @@ def val_sets(
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--state", type=Path, required=True, help="phase-1 cache (built if missing)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="registered name or a path")
     p.add_argument("--per-domain", type=int, default=11)
     p.add_argument("--docs-fit", type=int, default=16)
     p.add_argument("--domains", default="", help="phase 1: prefill only these domains (default: all)")
@@ -390,9 +421,10 @@ def main() -> None:
     global PROBE_SEQUENCES
     PROBE_SEQUENCES = a.probe_sequences
     torch.manual_seed(0)
-    lm = CausalLM.load("smollm2-135m")
+    lm = CausalLM.load(a.model)
     if a.state.exists():
         state = torch.load(a.state, weights_only=False)
+        check_state_model(state, lm.info.fingerprint, a.model, a.state)
     elif a.texts_only:
         state = texts_only_state(lm, a.per_domain, a.docs_fit)
     else:

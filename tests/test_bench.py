@@ -128,6 +128,39 @@ def test_a_tasks_only_suite_needs_no_lm_text() -> None:
         lm_items(tokenizer, "too short", SUITES["default"])
 
 
+def _bench_script(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "bench" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_sweep_refuses_another_models_state_and_kv(smollm, tmp_path: Path) -> None:
+    """bench/accuracy_sweep.py --model: a phase-1 state built with one model never calibrates
+    another (it would fit another model's covariances), and cached validation KV is keyed by the
+    model, so the same tokens under two models are two files."""
+    sweep = _bench_script("accuracy_sweep")
+    fp = smollm.info.fingerprint
+    state = sweep.texts_only_state(smollm, 1, 1)
+    assert state["fingerprint"] == fp
+    sweep.check_state_model(state, fp, "smollm2-135m", tmp_path / "s.pt")
+    sweep.check_state_model(state, fp, "/some/path/to/smollm2", tmp_path / "s.pt")  # a path to the same
+    with pytest.raises(SystemExit, match="built with the model of fingerprint"):
+        sweep.check_state_model(state, "0" * len(fp), "qwen2.5-coder-0.5b", tmp_path / "s.pt")
+    del state["fingerprint"]  # a state from before --model: built with the default model
+    sweep.check_state_model(state, fp, "smollm2-135m", tmp_path / "s.pt")
+    with pytest.raises(SystemExit, match="records no model"):
+        sweep.check_state_model(state, "0" * len(fp), "qwen2.5-coder-0.5b", tmp_path / "s.pt")
+    ids = next(iter(sweep.texts_only_state(smollm, 1, 1)["domains"].values()))["val_ids"]
+    one = sweep.val_cache_path(tmp_path, "code", ids, fp)
+    assert one == sweep.val_cache_path(tmp_path, "code", ids.clone(), fp)
+    assert one != sweep.val_cache_path(tmp_path, "code", ids, "f" * len(fp))
+    assert one != sweep.val_cache_path(tmp_path, "code", ids[:, :-1], fp)
+
+
 @pytest.fixture(scope="module")
 def quick_run(smollm, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict[str, Path], Path]:
     tmp = tmp_path_factory.mktemp("bench")
