@@ -184,19 +184,22 @@ def rederive_context(cal, state: dict, corpus: str, block_tokens: list[int]) -> 
     return targets
 
 
-def parse_distortion(distortion: str) -> tuple[str, float | None, float, float, float | None]:
-    """'attention', 'mse', ... as CodecConfig has them; 'measured[@POWER[kKEY_POWER]][/KEY_WEIGHT]': the
-    attention metric with per-layer, per-kind factors measured end to end (calibration/sensitivity.py)
-    at the analytic calibration's 20x allocation, damped by POWER (the key factors by KEY_POWER if
-    given); 'attention/KW' or 'mse/KW': key_weight KW."""
+def parse_distortion(distortion: str) -> tuple[str, float | None, float, float, float | None, bool]:
+    """'attention', 'mse', ... as CodecConfig has them; 'measured[@POWER[kKEY_POWER]][h][/KEY_WEIGHT]':
+    the attention metric with per-layer, per-kind factors measured end to end
+    (calibration/sensitivity.py) at the analytic calibration's 20x allocation, damped by POWER (the key
+    factors by KEY_POWER if given), per KV head with 'h'; 'attention/KW' or 'mse/KW': key_weight KW.
+    Returns (metric, power, key weight, probe ratio, key power, per head)."""
     name, _, kw = distortion.partition("/")
     key_weight = float(kw) if kw else 1.0
     if name.startswith("measured"):
+        per_head = name.endswith("h")
+        name = name.removesuffix("h")
         _, _, power = name.partition("@")
         power, _, key_power = power.partition("k")
         kp = float(key_power) if key_power else None
-        return "attention", float(power) if power else 1.0, key_weight, PROBE_CR, kp
-    return name, None, key_weight, PROBE_CR, None
+        return "attention", float(power) if power else 1.0, key_weight, PROBE_CR, kp, per_head
+    return name, None, key_weight, PROBE_CR, None, False
 
 
 def calibrate_variant(
@@ -213,10 +216,16 @@ def calibrate_variant(
     accs = {n: parts[0]["accs"][n].merged(*(p["accs"][n] for p in parts[1:])) for n in parts[0]["accs"]}
     stats = parts[0]["stats"].merged(*(p["stats"] for p in parts[1:]))
     held = held_out_kv(state, corpus)
-    mode, power, key_weight, probe_cr, key_power = parse_distortion(distortion)
+    mode, power, key_weight, probe_cr, key_power, per_head = parse_distortion(distortion)
     cfg = CodecConfig(distortion=mode, key_weight=key_weight, layer_sensitivity="analytic")  # type: ignore[arg-type]
     if power is not None:  # the same recipe as calibrate() with this config (the artifact says so)
-        cfg = cfg.model_copy(update={"layer_sensitivity": "measured", "sensitivity_power": power})
+        cfg = cfg.model_copy(
+            update={
+                "layer_sensitivity": "measured",
+                "sensitivity_power": power,
+                "sensitivity_heads": per_head,
+            }
+        )
     provenance = {
         "text_source": f"{state['corpus']}:{corpus}",
         "domains": corpus_parts(state, corpus),
@@ -224,9 +233,16 @@ def calibrate_variant(
         "distortion": distortion,
     }
     if power is not None:
-        measured = _probe(lm, state, corpus, accs, held, stats, probe_cr, probe_cache)
+        if per_head and probe_cache is not None:
+            probe_cache = probe_cache.with_name(f"{probe_cache.stem}-heads.pt")
+        measured = _probe(lm, state, corpus, accs, held, stats, probe_cr, probe_cache, per_head)
         stats = stats.with_sensitivity(sensitivity_factors(measured, power, key_power=key_power))
-        provenance["layer_sensitivity"] = {"power": power, "key_power": key_power, "probe_cr": probe_cr}
+        provenance["layer_sensitivity"] = {
+            "power": power,
+            "key_power": key_power,
+            "probe_cr": probe_cr,
+            "per_head": per_head,
+        }
     return calibrate_from_kv(
         lm.info,
         accs,
@@ -241,9 +257,12 @@ def calibrate_variant(
     )
 
 
-def _probe(lm, state, corpus, accs, held, stats, probe_cr: float, cache: Path | None) -> dict:
-    """Per-layer sensitivity of the corpus' analytic attention calibration at probe_cr, measured on the
-    held-out calibration sequence of every domain in the corpus (never on validation text)."""
+def _probe(
+    lm, state, corpus, accs, held, stats, probe_cr: float, cache: Path | None, per_head: bool = False
+) -> dict:
+    """Per-layer (per_head: per-KV-head) sensitivity of the corpus' analytic attention calibration at
+    probe_cr, measured on the held-out calibration sequence of every domain in the corpus (never on
+    validation text)."""
     if cache is not None and cache.exists():
         return torch.load(cache)
     cfg = CodecConfig(distortion="attention", layer_sensitivity="analytic")
@@ -269,7 +288,9 @@ def _probe(lm, state, corpus, accs, held, stats, probe_cr: float, cache: Path | 
         if part is not None and part.exists():
             parts.append(torch.load(part))
             continue
-        m = measure_layer_sensitivity(lm, codec, metric, groups, [ids], continuation=PROBE_CONTINUATION)
+        m = measure_layer_sensitivity(
+            lm, codec, metric, groups, [ids], continuation=PROBE_CONTINUATION, per_head=per_head
+        )
         parts.append(m)
         if part is not None:
             torch.save(m, part)
