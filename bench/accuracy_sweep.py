@@ -277,19 +277,28 @@ def _probe(
     shape = _shape(lm)
     metric = metric_weights(accs, cfg, shape, lm.info.rope, stats)
     assert metric is not None
-    probes = [state["domains"][d]["fit_ids"][-1:] for d in corpus_parts(state, corpus)]
-    probes = probes[: PROBE_SEQUENCES or None]
+    domains = corpus_parts(state, corpus)[: PROBE_SEQUENCES or None]
+    probes = [state["domains"][d]["fit_ids"][-1:] for d in domains]
+    # the held-out prefill is the probe sequence's whole KV: its context is a prefix slice of it
+    prefilled = [state["domains"][d]["held_out"] for d in domains]
     codec = KVTCCodec(base, allocation_name(probe_cr))
     groups = cfg.layer_groups(shape.n_layers)
     t0 = time.perf_counter()
     parts = []
-    for i, ids in enumerate(probes):  # one cached file per sequence: a stopped run resumes at the next one
+    for i, (ids, kv) in enumerate(zip(probes, prefilled, strict=True)):  # one cached file per sequence
         part = None if cache is None else cache.with_name(f"{cache.stem}-{i}.pt")
         if part is not None and part.exists():
             parts.append(torch.load(part))
             continue
         m = measure_layer_sensitivity(
-            lm, codec, metric, groups, [ids], continuation=PROBE_CONTINUATION, per_head=per_head
+            lm,
+            codec,
+            metric,
+            groups,
+            [ids],
+            continuation=PROBE_CONTINUATION,
+            per_head=per_head,
+            prefilled=[kv],
         )
         parts.append(m)
         if part is not None:
@@ -423,6 +432,8 @@ def main() -> None:
     targets = [float(t) for t in a.targets.split(",")]
     vals = val_sets(lm, state, [v for v in a.val.split(",") if v], a.report, a.val_cache)
     a.out.parent.mkdir(parents=True, exist_ok=True)
+    if a.calibrations is not None:  # the probe saves its parts there before any calibration is saved
+        a.calibrations.mkdir(parents=True, exist_ok=True)
     done = set()
     if a.out.exists():  # a run stopped by its timeout resumes at the first row it did not write
         for line in a.out.read_text().splitlines():
