@@ -216,19 +216,22 @@ def rederive_context(cal, state: dict, corpus: str, block_tokens: list[int]) -> 
     return targets
 
 
-def parse_distortion(distortion: str) -> tuple[str, float | None, float, float, float | None]:
-    """'attention', 'mse', ... as CodecConfig has them; 'measured[@POWER[kKEY_POWER]][/KEY_WEIGHT]': the
-    attention metric with per-layer, per-kind factors measured end to end (calibration/sensitivity.py)
-    at the analytic calibration's 20x allocation, damped by POWER (the key factors by KEY_POWER if
-    given); 'attention/KW' or 'mse/KW': key_weight KW."""
+def parse_distortion(distortion: str) -> tuple[str, float | None, float, float, float | None, bool]:
+    """'attention', 'mse', ... as CodecConfig has them; 'measured[@POWER[kKEY_POWER]][h][/KEY_WEIGHT]':
+    the attention metric with per-layer, per-kind factors measured end to end
+    (calibration/sensitivity.py) at the analytic calibration's 20x allocation, damped by POWER (the key
+    factors by KEY_POWER if given), per KV head with 'h'; 'attention/KW' or 'mse/KW': key_weight KW.
+    Returns (metric, power, key weight, probe ratio, key power, per head)."""
     name, _, kw = distortion.partition("/")
     key_weight = float(kw) if kw else 1.0
     if name.startswith("measured"):
+        per_head = name.endswith("h")
+        name = name.removesuffix("h")
         _, _, power = name.partition("@")
         power, _, key_power = power.partition("k")
         kp = float(key_power) if key_power else None
-        return "attention", float(power) if power else 1.0, key_weight, PROBE_CR, kp
-    return name, None, key_weight, PROBE_CR, None
+        return "attention", float(power) if power else 1.0, key_weight, PROBE_CR, kp, per_head
+    return name, None, key_weight, PROBE_CR, None, False
 
 
 def calibrate_variant(
@@ -245,10 +248,16 @@ def calibrate_variant(
     accs = {n: parts[0]["accs"][n].merged(*(p["accs"][n] for p in parts[1:])) for n in parts[0]["accs"]}
     stats = parts[0]["stats"].merged(*(p["stats"] for p in parts[1:]))
     held = held_out_kv(state, corpus)
-    mode, power, key_weight, probe_cr, key_power = parse_distortion(distortion)
+    mode, power, key_weight, probe_cr, key_power, per_head = parse_distortion(distortion)
     cfg = CodecConfig(distortion=mode, key_weight=key_weight, layer_sensitivity="analytic")  # type: ignore[arg-type]
     if power is not None:  # the same recipe as calibrate() with this config (the artifact says so)
-        cfg = cfg.model_copy(update={"layer_sensitivity": "measured", "sensitivity_power": power})
+        cfg = cfg.model_copy(
+            update={
+                "layer_sensitivity": "measured",
+                "sensitivity_power": power,
+                "sensitivity_heads": per_head,
+            }
+        )
     provenance = {
         "text_source": f"{state['corpus']}:{corpus}",
         "domains": corpus_parts(state, corpus),
@@ -256,9 +265,16 @@ def calibrate_variant(
         "distortion": distortion,
     }
     if power is not None:
-        measured = _probe(lm, state, corpus, accs, held, stats, probe_cr, probe_cache)
+        if per_head and probe_cache is not None:
+            probe_cache = probe_cache.with_name(f"{probe_cache.stem}-heads.pt")
+        measured = _probe(lm, state, corpus, accs, held, stats, probe_cr, probe_cache, per_head)
         stats = stats.with_sensitivity(sensitivity_factors(measured, power, key_power=key_power))
-        provenance["layer_sensitivity"] = {"power": power, "key_power": key_power, "probe_cr": probe_cr}
+        provenance["layer_sensitivity"] = {
+            "power": power,
+            "key_power": key_power,
+            "probe_cr": probe_cr,
+            "per_head": per_head,
+        }
     return calibrate_from_kv(
         lm.info,
         accs,
@@ -273,9 +289,12 @@ def calibrate_variant(
     )
 
 
-def _probe(lm, state, corpus, accs, held, stats, probe_cr: float, cache: Path | None) -> dict:
-    """Per-layer sensitivity of the corpus' analytic attention calibration at probe_cr, measured on the
-    held-out calibration sequence of every domain in the corpus (never on validation text)."""
+def _probe(
+    lm, state, corpus, accs, held, stats, probe_cr: float, cache: Path | None, per_head: bool = False
+) -> dict:
+    """Per-layer (per_head: per-KV-head) sensitivity of the corpus' analytic attention calibration at
+    probe_cr, measured on the held-out calibration sequence of every domain in the corpus (never on
+    validation text)."""
     if cache is not None and cache.exists():
         return torch.load(cache)
     cfg = CodecConfig(distortion="attention", layer_sensitivity="analytic")
@@ -290,18 +309,29 @@ def _probe(lm, state, corpus, accs, held, stats, probe_cr: float, cache: Path | 
     shape = _shape(lm)
     metric = metric_weights(accs, cfg, shape, lm.info.rope, stats)
     assert metric is not None
-    probes = [state["domains"][d]["fit_ids"][-1:] for d in corpus_parts(state, corpus)]
-    probes = probes[: PROBE_SEQUENCES or None]
+    domains = corpus_parts(state, corpus)[: PROBE_SEQUENCES or None]
+    probes = [state["domains"][d]["fit_ids"][-1:] for d in domains]
+    # the held-out prefill is the probe sequence's whole KV: its context is a prefix slice of it
+    prefilled = [state["domains"][d]["held_out"] for d in domains]
     codec = KVTCCodec(base, allocation_name(probe_cr))
     groups = cfg.layer_groups(shape.n_layers)
     t0 = time.perf_counter()
     parts = []
-    for i, ids in enumerate(probes):  # one cached file per sequence: a stopped run resumes at the next one
+    for i, (ids, kv) in enumerate(zip(probes, prefilled, strict=True)):  # one cached file per sequence
         part = None if cache is None else cache.with_name(f"{cache.stem}-{i}.pt")
         if part is not None and part.exists():
             parts.append(torch.load(part))
             continue
-        m = measure_layer_sensitivity(lm, codec, metric, groups, [ids], continuation=PROBE_CONTINUATION)
+        m = measure_layer_sensitivity(
+            lm,
+            codec,
+            metric,
+            groups,
+            [ids],
+            continuation=PROBE_CONTINUATION,
+            per_head=per_head,
+            prefilled=[kv],
+        )
         parts.append(m)
         if part is not None:
             torch.save(m, part)
@@ -434,6 +464,8 @@ def main() -> None:
     targets = [float(t) for t in a.targets.split(",")]
     vals = val_sets(lm, state, [v for v in a.val.split(",") if v], a.report, a.val_cache)
     a.out.parent.mkdir(parents=True, exist_ok=True)
+    if a.calibrations is not None:  # the probe saves its parts there before any calibration is saved
+        a.calibrations.mkdir(parents=True, exist_ok=True)
     done = set()
     if a.out.exists():  # a run stopped by its timeout resumes at the first row it did not write
         for line in a.out.read_text().splitlines():

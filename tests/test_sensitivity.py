@@ -46,6 +46,22 @@ def test_predicted_cost_is_per_layer_and_kind_and_rotation_invariant() -> None:
     )
 
 
+def test_predicted_cost_per_head_splits_the_layer_cost() -> None:
+    """Per KV head: each head's share of a layer's cost, summing to the per-layer cost."""
+    # one group of 1 layer, 2 heads, dim 2: weights [layer, head, dim] flattened
+    wk = torch.tensor([1.0, 1.0, 4.0, 4.0], dtype=torch.float64)
+    metric = {"g0.k": (wk, 1.0), "g0.v": (torch.ones(4, dtype=torch.float64), 1.0)}
+    keys = torch.ones(1, 2, 5, 2)
+    values = torch.zeros(1, 2, 5, 2)
+    values[0, 1] = 2.0
+    err = KVCache(keys, values, torch.arange(5))
+    heads = predicted_cost(metric, [(0, 1)], err, per_head=True)
+    assert heads.shape == (1, 2, 2)
+    assert heads[0, :, 0].tolist() == pytest.approx([2.0, 8.0])
+    assert heads[0, :, 1].tolist() == pytest.approx([0.0, 8.0])
+    torch.testing.assert_close(heads.sum(1), predicted_cost(metric, [(0, 1)], err))
+
+
 def test_sensitivity_factors_normalise_and_floor() -> None:
     measured = {"factor": torch.tensor([[4.0, 1.0], [1e-9, 1.0]], dtype=torch.float64)}
     f = sensitivity_factors(measured, floor=0.05)
@@ -106,6 +122,24 @@ def test_probe_measures_each_layers_real_cost(smollm: CausalLM, small_calibratio
     assert torch.allclose(ratio[3 * width : 4 * width], torch.full((width,), 10.0, dtype=torch.float64))
     assert torch.allclose(ratio[:width], torch.ones(width, dtype=torch.float64))
     assert torch.allclose(scaled["g0.v"][0] * scaled["g0.v"][1], metric["g0.v"][0] * metric["g0.v"][1])
+    # per-head factors scale exactly that head's weights of that layer
+    fh = torch.ones(info.n_layers, info.n_kv_heads, 2, dtype=torch.float64)
+    fh[3, 1, 1] = 4.0
+    by_head = feature_weights(
+        stats.with_sensitivity(fh), accs, groups, info.n_kv_heads, "attention", info.rope.attention_scaling
+    )
+    (wv, fv), (hv, hf) = metric["g0.v"], by_head["g0.v"]
+    ratio = (hv * hf) / (wv * fv)
+    dv = info.value_head_dim
+    at = (3 * info.n_kv_heads + 1) * dv
+    expected = torch.ones_like(ratio)
+    expected[at : at + dv] = 4.0
+    assert torch.allclose(ratio, expected)
+    with pytest.raises(ValueError, match="per-head factors"):
+        feature_weights(
+            stats.with_sensitivity(torch.ones(info.n_layers, info.n_kv_heads + 1, 2, dtype=torch.float64)),
+            accs, groups, info.n_kv_heads, "attention", info.rope.attention_scaling,
+        )  # fmt: skip
 
 
 def test_measured_sensitivity_is_a_recipe_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -133,6 +167,13 @@ def test_measured_sensitivity_is_a_recipe_of_its_own(monkeypatch: pytest.MonkeyP
     )
     keys = [cache_key(c, 66, 1024, "broad") for c in configs]
     assert len(set(keys)) == 4
+    # per-head factors are a recipe of their own; per-layer ones serialise as before the field existed
+    heads = CodecConfig(sensitivity_heads=True)
+    assert cache_key(heads, 66, 1024, "broad") not in keys
+    assert "sensitivity_heads" not in default.model_dump_json()
+    assert CodecConfig.model_validate_json(heads.model_dump_json()) == heads
+    with pytest.raises(ValueError, match="needs layer_sensitivity='measured'"):
+        CodecConfig(layer_sensitivity="analytic", sensitivity_heads=True)
     new_fields = {"layer_sensitivity", "sensitivity_power"}
 
     def before_the_fields(self: CodecConfig, **kw: object) -> str:
@@ -169,6 +210,20 @@ def test_layerwise_probe_matches_the_straightforward_one(smollm: CausalLM, small
     assert bool(fast["kl"][2].isnan().all())
     torch.testing.assert_close(fast["kl"][some], plain["kl"][some], rtol=2e-3, atol=1e-9)
     torch.testing.assert_close(fast["predicted"], plain["predicted"], rtol=1e-6, atol=0.0)
+    # per KV head: the fast path agrees with the straightforward one, and each head's predicted cost is
+    # its share of the layer's
+    two = [0, 29]
+    plain_h = measure_layer_sensitivity(
+        smollm, codec, ones, groups, seqs[:1], continuation=32, layers=two, layerwise=False, per_head=True
+    )
+    fast_h = measure_layer_sensitivity(
+        smollm, codec, ones, groups, seqs[:1], continuation=32, layers=two, max_rows=4, per_head=True
+    )
+    assert fast_h["kl"].shape == (info.n_layers, info.n_kv_heads, 2)
+    assert bool((plain_h["kl"][two] > 0).all())
+    torch.testing.assert_close(fast_h["kl"][two], plain_h["kl"][two], rtol=2e-3, atol=1e-9)
+    one = measure_layer_sensitivity(smollm, codec, ones, groups, seqs[:1], continuation=32, layers=two)
+    torch.testing.assert_close(fast_h["predicted"].sum(1), one["predicted"], rtol=1e-9, atol=0.0)
     short = smollm.prefill_kv(seqs[1][:, :200])
     with pytest.raises(ValueError, match="does not match"):
         measure_layer_sensitivity(smollm, codec, ones, groups, seqs[:1], continuation=32, prefilled=[short])

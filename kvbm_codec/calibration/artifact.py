@@ -129,8 +129,13 @@ def load_calibration(path: str | os.PathLike[str], expected_fingerprint: str | N
 
 def _from_parts(header: dict[str, Any], t: dict[str, torch.Tensor], cal_id: str) -> Calibration:
     # Artifacts from before the distortion field were all plain-MSE calibrations, and those from before
-    # the layer_sensitivity field all analytic.
-    before = {"distortion": "mse", "layer_sensitivity": "analytic", "sensitivity_power": 1.0}
+    # the layer_sensitivity field all analytic (and every header without sensitivity_heads per layer).
+    before = {
+        "distortion": "mse",
+        "layer_sensitivity": "analytic",
+        "sensitivity_power": 1.0,
+        "sensitivity_heads": False,
+    }
     config = CodecConfig.model_validate({**before, **header["config"]})
     bases, tables = {}, {}
     for name, info in header["bases"].items():

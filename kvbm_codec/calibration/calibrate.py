@@ -377,10 +377,18 @@ def calibrate(
         "probe_cr": PROBE_CR,
         "probe_sequences": len(probes),
         "continuation": PROBE_CONTINUATION,
-        "factors": [[round(float(x), 4) for x in row] for row in stats.layer_sensitivity],  # type: ignore[union-attr]
-        "probe_kl": [[float(x) for x in row] for row in measured["kl"]],
+        "factors": _rounded(stats.layer_sensitivity),  # type: ignore[arg-type]
+        "probe_kl": _rounded(measured["kl"], None),
     }
     return calibrate_from_kv(lm.info, accs, held_out, cfg, statistics=stats, **common)  # type: ignore[arg-type]
+
+
+def _rounded(factors: torch.Tensor, digits: int | None = 4) -> list:
+    """Nested lists ([L][2], or [L][H][2] per head) for the provenance, each entry Python-rounded as
+    the per-layer provenance always was (so its bytes, and the calibration id, do not change)."""
+    if factors.dim() == 1:
+        return [float(x) if digits is None else round(float(x), digits) for x in factors]
+    return [_rounded(row, digits) for row in factors]
 
 
 PROBE_CR = 20.0
@@ -415,7 +423,9 @@ def measured_sensitivity(
         raise ValueError(
             "layer_sensitivity='measured' needs a model that scores continuations (logits_with_cache)"
         )
-    analytic = cfg.model_copy(update={"layer_sensitivity": "analytic", "sensitivity_power": 1.0})
+    analytic = cfg.model_copy(
+        update={"layer_sensitivity": "analytic", "sensitivity_power": 1.0, "sensitivity_heads": False}
+    )
     shape = _model_shape(lm.info)
     base = calibrate_from_kv(
         lm.info, accs, held_out, analytic, targets=[PROBE_CR], statistics=stats, progress=False,
@@ -432,6 +442,7 @@ def measured_sensitivity(
         continuation=PROBE_CONTINUATION,
         progress=progress,
         prefilled=probe_kvs,
+        per_head=cfg.sensitivity_heads,
     )
     return stats.with_sensitivity(sensitivity_factors(measured, cfg.sensitivity_power)), measured
 

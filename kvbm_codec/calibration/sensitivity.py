@@ -10,7 +10,10 @@ layer's keys (or values) replaced by their decoded version at a given allocation
 continuation on it and takes the KL divergence of the next-token distributions against the exact
 cache. Divided by the metric's own prediction of that error's cost, it gives one factor per
 (layer, kind) that puts the metric in units of output KL; ``ModelStatistics.layer_sensitivity``
-carries it into ``feature_weights``.
+carries it into ``feature_weights``. ``per_head`` probes each KV head of a layer on its own instead
+(one factor per (layer, head, kind)): heads of one layer do different jobs (a retrieval head, a
+positional one), which one factor per layer averages away, at 3x the probe's cost for SmolLM2's
+three KV heads.
 
 Small errors add up nearly independently across layers (KL is locally quadratic and the cross terms
 between layers average out), so single-layer probes at the codec's real error level are a fair
@@ -74,14 +77,16 @@ def output_kl(ref: torch.Tensor, out: torch.Tensor) -> float:
     return float(F.kl_div(log_q, log_p, log_target=True, reduction="sum") / ref.shape[0])
 
 
-def _replaced(kv: KVCache, rec: KVCache, layer: int, kind: str) -> KVCache:
+def _replaced(kv: KVCache, rec: KVCache, layer: int, kind: str, head: int | None = None) -> KVCache:
+    """`kv` with one layer's keys or values (only head `head`'s, if given) taken from `rec`."""
     keys, values = kv.keys, kv.values
+    heads = slice(None) if head is None else slice(head, head + 1)
     if kind == "k":
         keys = keys.clone()
-        keys[layer] = rec.keys[layer]
+        keys[layer, heads] = rec.keys[layer, heads]
     else:
         values = values.clone()
-        values[layer] = rec.values[layer]
+        values[layer, heads] = rec.values[layer, heads]
     return KVCache(keys, values, kv.positions, kv.layer_start)
 
 
@@ -89,19 +94,21 @@ def predicted_cost(
     metric: dict[str, tuple[torch.Tensor, float]],
     layer_groups: Sequence[tuple[int, int]],
     error: KVCache,
+    per_head: bool = False,
 ) -> torch.Tensor:
-    """[L, 2] (keys, values): the metric's cost of `error` per token, in its absolute unit.
+    """[L, 2] (keys, values), or [L, H, 2] with `per_head`: the metric's cost of `error` per token, in
+    its absolute unit.
 
     Keys may be compared with RoPE applied: the key metric weighs both dims of a rotary pair alike,
     so a pair rotation leaves the weighted energy unchanged."""
-    out = torch.zeros(error.n_layers, 2, dtype=torch.float64)
+    n_heads = error.keys.shape[1]
+    out = torch.zeros(error.n_layers, n_heads, 2, dtype=torch.float64)
     for gi, (a, b) in enumerate(layer_groups):
         for ki, (kind, x) in enumerate((("k", error.keys[a:b]), ("v", error.values[a:b]))):
             w, factor = metric[basis_name(gi, kind)]
             sq = to_features(x.to(torch.float64)) ** 2  # [tokens, layers*heads*dim]
-            per = (sq.mean(0) * w * factor).reshape(b - a, -1).sum(1)
-            out[a:b, ki] = per
-    return out
+            out[a:b, :, ki] = (sq.mean(0) * w * factor).reshape(b - a, n_heads, -1).sum(2)
+    return out if per_head else out.sum(1)
 
 
 def measure_layer_sensitivity(
@@ -117,9 +124,11 @@ def measure_layer_sensitivity(
     prefilled: Sequence[KVCache] | None = None,
     layerwise: bool | None = None,
     max_rows: int = PROBE_BATCH_ROWS,
+    per_head: bool = False,
 ) -> dict[str, torch.Tensor]:
     """KL per (layer, kind) of each layer's decoded error alone, summed over probe sequences, the
     metric's predicted cost of the same errors, and their ratio (the sensitivity factor, [L, 2]).
+    ``per_head``: each KV head's decoded error alone, [L, H, 2].
 
     Each probe [1, T] is split into a context (compressed with `codec`) and the last `continuation`
     tokens (scored). The errors are measured on the compressible tokens only: sinks and the window
@@ -146,10 +155,10 @@ def measure_layer_sensitivity(
     ]
     if fast:
         return combine_measurements(
-            _probe_layerwise(lm, codec, metric, layer_groups, contexts, layers, progress, max_rows)  # type: ignore[arg-type]
+            _probe_layerwise(lm, codec, metric, layer_groups, contexts, layers, progress, max_rows, per_head)  # type: ignore[arg-type]
         )
     return combine_measurements(
-        [_probe_one(lm, codec, metric, layer_groups, c, layers, progress) for c in contexts]
+        [_probe_one(lm, codec, metric, layer_groups, c, layers, progress, per_head) for c in contexts]
     )
 
 
@@ -180,17 +189,24 @@ def _probe_one(
     context: tuple[KVCache, torch.Tensor],
     layers: Sequence[int] | None,
     progress: bool,
+    per_head: bool = False,
 ) -> dict[str, torch.Tensor]:
     kv, cont = context
     ref = lm.logits_with_cache(kv, cont)
     rec = codec.decode(codec.encode(kv)).to(torch.float32)
-    kl = torch.full((kv.n_layers, 2), float("nan"), dtype=torch.float64)
+    heads: list[int | None] = list(range(kv.keys.shape[1])) if per_head else [None]
+    kl = torch.full((kv.n_layers, len(heads), 2), float("nan"), dtype=torch.float64)
     chosen = range(kv.n_layers) if layers is None else layers
     for layer in tqdm(chosen, desc="calibration: sensitivity probe", disable=not progress):
-        for ki, kind in enumerate(("k", "v")):
-            kl[layer, ki] = output_kl(ref, lm.logits_with_cache(_replaced(kv, rec, layer, kind), cont))
+        for hi, head in enumerate(heads):
+            for ki, kind in enumerate(("k", "v")):
+                variant = _replaced(kv, rec, layer, kind, head)
+                kl[layer, hi, ki] = output_kl(ref, lm.logits_with_cache(variant, cont))
     err = KVCache(rec.keys - kv.keys, rec.values - kv.values, kv.positions)
-    return {"kl": kl, "predicted": predicted_cost(metric, layer_groups, err)}
+    return {
+        "kl": kl if per_head else kl[:, 0],
+        "predicted": predicted_cost(metric, layer_groups, err, per_head),
+    }
 
 
 def _probe_layerwise(
@@ -202,14 +218,17 @@ def _probe_layerwise(
     layers: Sequence[int] | None,
     progress: bool,
     max_rows: int,
+    per_head: bool = False,
 ) -> list[dict[str, torch.Tensor]]:
     """The same KLs as ``_probe_one``, by layer restarts: layer l's key (value) variant differs from
     the reference pass only in layer l's cache, so layers 0..l-1 see the reference's inputs and
     produce its outputs; the run starts at layer l from the reference's hidden state there. Rows
-    (probe, kind) that share a context length and continuation go through one forward, up to
+    (probe, kind[, head]) that share a context length and continuation go through one forward, up to
     ``max_rows`` at a time."""
     if max_rows < 1:
         raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+    n_heads = contexts[0][0].keys.shape[1]
+    heads: list[int | None] = list(range(n_heads)) if per_head else [None]
     refs, hiddens, recs, out = [], [], [], []
     for kv, cont in contexts:
         ref, hidden = lm.continuation_states(kv, cont)
@@ -218,8 +237,8 @@ def _probe_layerwise(
         hiddens.append(hidden)
         recs.append(rec)
         err = KVCache(rec.keys - kv.keys, rec.values - kv.values, kv.positions)
-        kl = torch.full((kv.n_layers, 2), float("nan"), dtype=torch.float64)
-        out.append({"kl": kl, "predicted": predicted_cost(metric, layer_groups, err)})
+        kl = torch.full((kv.n_layers, len(heads), 2), float("nan"), dtype=torch.float64)
+        out.append({"kl": kl, "predicted": predicted_cost(metric, layer_groups, err, per_head)})
     n_layers = contexts[0][0].n_layers
     # rows that can share a forward: same context length, continuation length and first position
     shapes: dict[tuple[int, int, int], list[int]] = {}
@@ -227,36 +246,52 @@ def _probe_layerwise(
         first = int(kv.positions.max()) + 1 if kv.n_tokens else 0
         shapes.setdefault((kv.n_tokens, int(cont.shape[1]), first), []).append(i)
     rows_by_shape = [
-        (first, [(i, ki) for i in members for ki in (0, 1)]) for (_, _, first), members in shapes.items()
+        (first, [(i, ki, hi) for i in members for hi in range(len(heads)) for ki in (0, 1)])
+        for (_, _, first), members in shapes.items()
     ]
     chosen = range(n_layers) if layers is None else layers
     for layer in tqdm(chosen, desc="calibration: sensitivity probe", disable=not progress):
         for first, rows in rows_by_shape:
             for c in range(0, len(rows), max_rows):
                 batch = rows[c : c + max_rows]
-                keys = [_rows_kv(contexts, recs, batch, j, layer, 0) for j in range(layer, n_layers)]
-                values = [_rows_kv(contexts, recs, batch, j, layer, 1) for j in range(layer, n_layers)]
-                hidden = torch.stack([hiddens[i][layer] for i, _ in batch])
+                keys = [_rows_kv(contexts, recs, batch, j, layer, 0, heads) for j in range(layer, n_layers)]
+                values = [_rows_kv(contexts, recs, batch, j, layer, 1, heads) for j in range(layer, n_layers)]
+                hidden = torch.stack([hiddens[i][layer] for i, _, _ in batch])
                 logits = lm.logits_from_layer(layer, hidden, keys, values, first)
-                for r, (i, ki) in enumerate(batch):
-                    out[i]["kl"][layer, ki] = output_kl(refs[i], logits[r])
+                for r, (i, ki, hi) in enumerate(batch):
+                    out[i]["kl"][layer, hi, ki] = output_kl(refs[i], logits[r])
+    if not per_head:
+        for m in out:
+            m["kl"] = m["kl"][:, 0]
     return out
 
 
 def _rows_kv(
     contexts: Sequence[tuple[KVCache, torch.Tensor]],
     recs: Sequence[KVCache],
-    rows: Sequence[tuple[int, int]],
+    rows: Sequence[tuple[int, int, int]],
     j: int,
     layer: int,
     kind: int,
+    heads: Sequence[int | None],
 ) -> torch.Tensor:
     """[rows, heads, T, dim]: layer j's context keys (kind 0) or values (kind 1) for each row (probe,
-    kind decoded); a row holds the decoded tensor only at its own layer and kind, the exact one elsewhere."""
+    kind decoded, head index into `heads`); a row holds the decoded tensor only at its own layer and
+    kind (and head, where `heads` names one), the exact one elsewhere."""
     parts = []
-    for i, ki in rows:
-        src = recs[i] if (j == layer and ki == kind) else contexts[i][0]
-        parts.append(src.keys[j] if kind == 0 else src.values[j])
+    for i, ki, hi in rows:
+        exact = contexts[i][0].keys[j] if kind == 0 else contexts[i][0].values[j]
+        if j != layer or ki != kind:
+            parts.append(exact)
+            continue
+        decoded = recs[i].keys[j] if kind == 0 else recs[i].values[j]
+        head = heads[hi]
+        if head is None:
+            parts.append(decoded)
+        else:
+            mixed = exact.clone()
+            mixed[head] = decoded[head]
+            parts.append(mixed)
     return torch.stack(parts)
 
 
@@ -274,10 +309,11 @@ def sensitivity_factors(
     floor: float = 0.05,
     key_power: float | None = None,
 ) -> torch.Tensor:
-    """[L, 2] factors for ``ModelStatistics.layer_sensitivity``: the measured ratio, normalised to a
-    geometric mean of 1 (only ratios between layers and kinds matter to one lambda), clamped from below
-    (a layer whose probe KL is lost in the noise must not become free) and damped by `power`
-    (`key_power`, if given, damps the key factors instead: their probe KL is ~7x smaller, so noisier)."""
+    """[L, 2] (per head: [L, H, 2]) factors for ``ModelStatistics.layer_sensitivity``: the measured
+    ratio, normalised to a geometric mean of 1 (only ratios between layers and kinds matter to one
+    lambda), clamped from below (a layer whose probe KL is lost in the noise must not become free) and
+    damped by `power` (`key_power`, if given, damps the key factors instead: their probe KL is ~7x
+    smaller, so noisier)."""
     if bool(measured["factor"].isnan().any()):
         raise ValueError("sensitivity factors need every layer probed")
     f = measured["factor"].clamp_min(1e-30)

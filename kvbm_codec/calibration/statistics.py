@@ -41,8 +41,9 @@ class ModelStatistics:
     residual_sum: torch.Tensor  # [L]: sum of ||h||^2 / hidden of the residual entering each layer
     tokens: int
     o_proj_gram: torch.Tensor  # [L, Hq, dv, dv]: W_o^h^T W_o^h (weights, not a running sum)
-    # [L, 2] (keys, values): measured end-to-end factors (calibration/sensitivity.py) that replace the
-    # residual-energy heuristic's layer and key/value weighting; None keeps the analytic metric.
+    # [L, 2] (keys, values), or [L, H_kv, 2] per KV head: measured end-to-end factors
+    # (calibration/sensitivity.py) that replace the residual-energy heuristic's layer and key/value
+    # weighting; None keeps the analytic metric.
     layer_sensitivity: torch.Tensor | None = None
 
     @property
@@ -161,10 +162,13 @@ def feature_weights(
         kw, vw = [], []
         for li, layer in enumerate(range(a, b)):
             sens = 1.0 / float(stats.residual_energy[layer]) if mode == "attention" else 1.0
-            sk = sv = 1.0
-            if stats.layer_sensitivity is not None:
-                sk, sv = (float(x) for x in stats.layer_sensitivity[layer])
+            factors = stats.layer_sensitivity
+            if factors is not None and factors.dim() == 3 and factors.shape[1] != n_kv_heads:
+                raise ValueError(f"per-head factors for {factors.shape[1]} heads, the model has {n_kv_heads}")
             for k in range(n_kv_heads):
+                sk = sv = 1.0
+                if factors is not None:
+                    sk, sv = (float(x) for x in (factors[layer, k] if factors.dim() == 3 else factors[layer]))
                 heads = range(k * share, (k + 1) * share)
                 vw.append(sum(gram[layer, h].diagonal() for h in heads) * sens * sv)
                 off = (li * n_kv_heads + k) * dv

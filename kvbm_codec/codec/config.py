@@ -5,7 +5,16 @@ from __future__ import annotations
 import itertools
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializationInfo,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 PAPER_GROUP_SIZES = (1, 16, 64, 256, 1024)
 
@@ -62,6 +71,11 @@ class CodecConfig(BaseModel):
         description="measured factors are raised to this power (1: as measured; 0.5, the default, "
         "square-roots them: better than 1 on validation text)",
     )
+    sensitivity_heads: bool = Field(
+        False,
+        description="measured factors per KV head instead of per layer (the probe runs once per head: "
+        "3x as long for SmolLM2); docs/benchmarks.md, 'Seventh pass'",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -79,7 +93,20 @@ class CodecConfig(BaseModel):
             raise ValueError(
                 "layer_sensitivity='measured' rescales a metric: it needs distortion 'attention'"
             )
+        if self.sensitivity_heads and self.layer_sensitivity != "measured":
+            raise ValueError(
+                "sensitivity_heads splits measured factors: it needs layer_sensitivity='measured'"
+            )
         return self
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_heads(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo) -> dict:
+        """Per-layer factors (False) serialise as before the field existed, so every cache key,
+        artifact header and calibration id of the per-layer recipes stays what it was."""
+        data = handler(self)
+        if not self.sensitivity_heads:
+            data.pop("sensitivity_heads", None)
+        return data
 
     @field_validator("group_sizes")
     @classmethod
