@@ -119,7 +119,5 @@ def test_context_allocations_are_sized_per_frame_length(smollm, small_calibratio
         if n == 256:
             assert KVTCCodec(cal, plain).encode_with_stats(kv)[1].achieved_cr < 0.99 * 20.0
     # a calibration made before per-length allocations (no frame lengths in the meta) keeps its one
-    old = dataclasses.replace(
-        cal, allocations={"cr20": dataclasses.replace(plain, meta={"target_cr": 20.0})}
-    )
+    old = dataclasses.replace(cal, allocations={"cr20": dataclasses.replace(plain, meta={"target_cr": 20.0})})
     assert old.context_allocation(20.0, 10) is old.allocations["cr20"]
