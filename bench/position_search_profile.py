@@ -82,7 +82,9 @@ def main() -> None:
                 keys, residual=False
             )
             stages["  _quick (two-pass refine)"] = lambda: est._quick(keys, starts)
-            stages["  value_energy (sampled tokens)"] = lambda: chk.value_energy(bucket._sampled(bl, 1, tok))
+            stages["  value_energy (sampled tokens)"] = lambda: chk.value_energy(
+                bucket._part(bl, 1, tokens=tok)
+            )
         return {
             name: best(f, 3 if name.startswith("encode") else a.repeats) / nb * 1e3
             for name, f in stages.items()

@@ -114,23 +114,21 @@ class Bucket:
             return chk
 
     def _part(
-        self, blocks: Sequence[torch.Tensor], part: int, dtype: torch.dtype = torch.float32
+        self,
+        blocks: Sequence[torch.Tensor],
+        part: int,
+        dtype: torch.dtype = torch.float32,
+        tokens: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Keys (``part`` 0) or values (1) of blocks [L, 2, P, H*D] as one [N, L, P, H, D] tensor
-        (float32, or ``dtype``), the blocks' own token-major order, copied once."""
+        (float32, or ``dtype``), the blocks' own token-major order, copied once; with ``tokens``,
+        only those token offsets of each block ([N, L, T, H, D])."""
         s = self.spec
-        out = torch.empty(len(blocks), s.n_layers, s.page_size, s.n_kv_heads, s.head_dim, dtype=dtype)
-        for i, b in enumerate(blocks):
-            out[i].copy_(b.reshape(s.n_layers, 2, s.page_size, s.n_kv_heads, s.head_dim)[:, part])
-        return out
-
-    def _sampled(self, blocks: Sequence[torch.Tensor], part: int, tokens: torch.Tensor) -> torch.Tensor:
-        """Like ``_part``, only the given token offsets of each block: [N, L, T, H, D] float32."""
-        s = self.spec
-        out = torch.empty(len(blocks), s.n_layers, len(tokens), s.n_kv_heads, s.head_dim, dtype=torch.float32)
+        n_tokens = s.page_size if tokens is None else len(tokens)
+        out = torch.empty(len(blocks), s.n_layers, n_tokens, s.n_kv_heads, s.head_dim, dtype=dtype)
         for i, b in enumerate(blocks):
             v = b.reshape(s.n_layers, 2, s.page_size, s.n_kv_heads, s.head_dim)[:, part]
-            out[i].copy_(torch.index_select(v, 1, tokens))
+            out[i].copy_(v if tokens is None else torch.index_select(v, 1, tokens))
         return out
 
     def place(self, blocks: Sequence[torch.Tensor], given: Sequence[int | None]) -> list[Placement]:
@@ -211,7 +209,7 @@ class Bucket:
         chk = self.checker()
         if self.binding.layout_margin is None:  # the absolute test alone: the values' energy, sampled tokens
             value_energy = chk.value_energy(
-                self._sampled(blocks, 1, sample_tokens(self.spec.page_size, chk.tokens))
+                self._part(blocks, 1, tokens=sample_tokens(self.spec.page_size, chk.tokens))
             )
         else:
             values = self._part(blocks, 1)
