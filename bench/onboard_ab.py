@@ -1,4 +1,5 @@
-"""Onboard through `kvbm-codec serve` with the streamed get's prefetch on and off, side by side.
+"""Onboard through `kvbm-codec serve` with the streamed get's prefetch on and off, side by side; or,
+with ``--base REV``, this tree's service against REV's (both serial), the client being this tree's.
 
 Two `kvbm-codec serve` processes of the same build and calibration, one with ``get_prefetch`` (a
 GetBlocks stream decodes its next batch while the current one is sent; off by default) and one without,
@@ -9,12 +10,17 @@ same frames in batches of 16 on one thread in this process. Prints best and medi
 ratio of each to the decode-only time, and whether both services restored identical bytes:
 
     python bench/onboard_ab.py --repeat 2 --rounds 4 [--calibration CAL.kvtc] [--json OUT.json]
+    python bench/onboard_ab.py --base e040795 --repeat 4 --rounds 6    # variants "this" and "base"
+    python bench/onboard_ab.py --variant one:DYN_KVBM_CODEC_BATCH_THREADS=1 \
+        --variant split:DYN_KVBM_CODEC_BATCH_THREADS=0
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +34,17 @@ def main() -> None:
     ap.add_argument("--calibration", type=Path, help="a calibration file (default: the default recipe's)")
     ap.add_argument("--repeat", type=int, default=2, help="copies of the 64 blocks stored (new hashes each)")
     ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument(
+        "--base", help="serve a git revision's service beside this tree's instead of prefetch on/off"
+    )
+    ap.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME:KEY=V[,KEY=V]",
+        help="two of these instead: each service's settings (environment), "
+        "e.g. one:DYN_KVBM_CODEC_BATCH_THREADS=1",
+    )
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
@@ -52,12 +69,24 @@ def main() -> None:
     hashes = [(rb.hashes[i % 64] ^ (i // 64 + 1) * 0x9E3779B97F4A7C15) & (2**64 - 1) for i in range(n)]
     firsts = [(i % 64) * spec.page_size for i in range(n)]
     blocks = KvbmBlocks.from_canonical(tensors, spec, KvbmLayout.FULLY_CONTIGUOUS, hashes, firsts)
-    variants = {"prefetch": "true", "serial": "false"}
+    variants: dict[str, dict[str, str]] = {
+        "prefetch": {"DYN_KVBM_CODEC_GET_PREFETCH": "true"},
+        "serial": {"DYN_KVBM_CODEC_GET_PREFETCH": "false"},
+    }
     svcs: dict[str, Any] = {}
     clients: dict[str, Any] = {}
     regs: dict[str, tuple[Any, torch.Tensor]] = {}
     with tempfile.TemporaryDirectory(prefix="kvbm-codec-onboard-ab-") as d:
         registry = Path(d) / "registry"
+        if args.variant:
+            if len(args.variant) != 2:
+                raise SystemExit("--variant: give exactly two")
+            variants = {}
+            for v in args.variant:
+                name, _, kvs = v.partition(":")
+                variants[name] = dict(kv.split("=", 1) for kv in kvs.split(",") if kv)
+        elif args.base:
+            variants = {"this": {}, "base": {"PYTHONPATH": str(checkout(args.base, Path(d) / "base"))}}
         models = None
         if args.calibration is not None:  # serve exactly this calibration, as bench/scaling does
             from kvbm_codec.calibration.registry import Registry
@@ -81,7 +110,7 @@ def main() -> None:
                     Path(d) / f"serve-{k}.log",
                     model=lm.info.name,
                     models=models,
-                    settings={"DYN_KVBM_CODEC_GET_PREFETCH": v},
+                    settings=v,
                 )
             tiers = {}
             for k, svc in svcs.items():
@@ -91,7 +120,7 @@ def main() -> None:
                 tiers[k].offload(blocks, context_tokens=64 * spec.page_size)
                 dest = torch.zeros((n, *spec.shape), dtype=spec.torch_dtype)
                 regs[k] = (clients[k].nixl_agent().register(dest), dest)
-            frames = [g.data for g in clients["serial"].get_blocks(hashes, as_frames=True)]
+            frames = [g.data for g in clients[list(variants)[-1]].get_blocks(hashes, as_frames=True)]
             torch.set_num_threads(1)
 
             def decode() -> None:
@@ -111,7 +140,7 @@ def main() -> None:
                     times[k].append(time.perf_counter() - t0)
             on, off = (tiers[k].onboard(hashes, firsts).blocks for k in variants)
             grpc_same = torch.equal(on.canonical(), off.canonical())
-            nixl_same = torch.equal(regs["prefetch"][1], regs["serial"][1])
+            nixl_same = torch.equal(*(regs[k][1] for k in variants))
         finally:
             for reg, _ in regs.values():
                 reg.close()
@@ -125,20 +154,31 @@ def main() -> None:
         "identical_nixl": nixl_same,
     }
     best_dec = min(times["decode_only"])
-    print(
-        f"restored bytes identical with/without prefetch: gRPC {grpc_same}, NIXL {nixl_same}; exits {codes}"
-    )
+    print(f"restored bytes identical in both variants: gRPC {grpc_same}, NIXL {nixl_same}; exits {codes}")
     for k, v in times.items():
         v.sort()
         out[k] = {"best_s": v[0], "median_s": v[len(v) // 2], "decode_only_over_this": best_dec / v[0]}
         print(
             f"{k:14} best {v[0]:.3f} s, median {v[len(v) // 2]:.3f} s; decode-only/this {best_dec / v[0]:.0%}"
         )
+    a, b = variants
     for path in ("grpc", "nixl"):
-        out[f"{path}_serial_over_prefetch"] = min(times[f"{path}_serial"]) / min(times[f"{path}_prefetch"])
-        print(f"{path}: serial / prefetch (best) = {out[f'{path}_serial_over_prefetch']:.2f}x")
+        out[f"{path}_{b}_over_{a}"] = min(times[f"{path}_{b}"]) / min(times[f"{path}_{a}"])
+        print(f"{path}: {b} / {a} (best) = {out[f'{path}_{b}_over_{a}']:.2f}x")
     if args.json:
         args.json.write_text(json.dumps(out, indent=2) + "\n")
+
+
+def checkout(rev: str, into: Path) -> Path:
+    """REV's package tree (git archive), with this tree's compiled protos: its ``serve`` runs from it."""
+    root = Path(__file__).resolve().parent.parent
+    into.mkdir(parents=True)
+    archive = subprocess.run(
+        ["git", "-C", str(root), "archive", rev, "kvbm_codec"], check=True, capture_output=True
+    )
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+    shutil.copytree(root / "kvbm_codec" / "_proto", into / "kvbm_codec" / "_proto", dirs_exist_ok=True)
+    return into
 
 
 if __name__ == "__main__":

@@ -226,6 +226,14 @@ def _offload_drop_onboard_continue(
     generated = smollm.generate(restored, cont[:, :1], 8, stop_at_eos=False)
     assert len(generated) == 8
 
+    # Into memory the caller already holds (an engine's pages): the same KV, there, and only there.
+    pages = torch.full((len(hashes) + 1, *spec.shape), 7.0, dtype=spec.torch_dtype)
+    into = client.onboard(hashes, firsts, out=pages)
+    assert torch.equal(into.blocks.canonical(), onboarded) and torch.equal(pages[:-1], onboarded)
+    assert bool((pages[-1] == 7.0).all())
+    with pytest.raises(InvalidBlockError, match="out must be"):
+        client.onboard(hashes, firsts, out=pages[:2])
+
     # Blocks dropped from the tier become misses; onboarding stops at the first one.
     assert client.drop(hashes[5:6]) == 1
     partial = client.onboard(hashes, firsts)

@@ -335,14 +335,21 @@ class KvbmTierClient:
             stored_bytes=sum(r.stored_bytes for r in results),
         )
 
-    def onboard(self, hashes: Sequence[int], first_positions: Sequence[int]) -> OnboardResult:
+    def onboard(
+        self, hashes: Sequence[int], first_positions: Sequence[int], *, out: torch.Tensor | None = None
+    ) -> OnboardResult:
+        """``out``: memory the blocks land in, ``[len(hashes), *spec.shape]`` of the spec's dtype (an
+        engine's own KV pages, reused between onboards), so each block is copied once, into it; a
+        FullyContiguous result then views ``out``. Without it a fresh stack is allocated."""
         if len(hashes) != len(first_positions):
             raise ValueError(f"{len(hashes)} hashes but {len(first_positions)} first positions")
         got: list[GetResult] = []
         for start in range(0, len(hashes), self.max_blocks_per_call):
-            got += self.transport.get_blocks(list(hashes[start : start + self.max_blocks_per_call]))
+            got += self.transport.get_blocks(
+                list(hashes[start : start + self.max_blocks_per_call]), views=True
+            )
         P = self.spec.page_size
-        tensors: list[torch.Tensor] = []
+        datas: list[bytes | memoryview] = []
         misses: list[int] = []
         for h, p, r in zip(hashes, first_positions, got, strict=True):
             expected = tuple(range(p, p + P))
@@ -350,9 +357,9 @@ class KvbmTierClient:
                 misses.append(h)
                 continue
             if not misses:  # still inside the leading run of hits
-                tensors.append(self.spec.from_bytes(r.data))
-        n = len(tensors)
-        stacked = torch.stack(tensors) if tensors else _no_blocks(self.spec)
+                datas.append(r.data)
+        n = len(datas)
+        stacked = self.spec.stack_bytes(datas, out=out) if datas else _no_blocks(self.spec)
         blocks = KvbmBlocks.from_canonical(stacked, self.spec, self.layout, hashes[:n], first_positions[:n])
         return OnboardResult(blocks, misses)
 

@@ -9,8 +9,10 @@ head_dim`` (heads outer, head_dim inner, as vLLM/KVBM lay out a page). Every pat
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from kvbm_codec.kv import KVCache
@@ -87,6 +89,31 @@ class BlockSpec:
             )
         flat = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         return flat.view(self.torch_dtype).reshape(self.shape)
+
+    def stack_bytes(
+        self, blocks: Sequence[bytes | bytearray | memoryview], *, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Many blocks' bytes -> ``[n, *shape]``, each copied once into the stack: a restore of
+        hundreds of 737 KB blocks pays for neither a writable copy per block nor a second stack copy.
+        ``out`` (``[n or more, *shape]``, this dtype, contiguous) is filled instead of fresh memory,
+        whose first touch costs as much as the copy itself; the result is its first ``n`` blocks."""
+        n = len(blocks)
+        if out is None:
+            out = torch.empty((n, *self.shape), dtype=self.torch_dtype)
+        elif out.dtype != self.torch_dtype or tuple(out.shape[1:]) != self.shape or out.shape[0] < n:
+            raise InvalidBlockError(
+                f"out must be [>= {n}, {self.shape}] {self.dtype}, got {tuple(out.shape)} {out.dtype}"
+            )
+        elif not out.is_contiguous() or out.device.type != "cpu":
+            raise InvalidBlockError("out must be a contiguous CPU tensor")
+        rows = out[:n].view(n, -1).view(torch.uint8).numpy()
+        for i, data in enumerate(blocks):
+            if len(data) != self.nbytes:
+                raise InvalidBlockError(
+                    f"block must be {self.nbytes} bytes ({self.shape} {self.dtype}), got {len(data)}"
+                )
+            rows[i] = np.frombuffer(data, dtype=np.uint8)
+        return out[:n]
 
     def to_bytes(self, block: torch.Tensor) -> bytes:
         self.check(block)

@@ -41,7 +41,7 @@ class PutResult:
 class GetResult:
     sequence_hash: int
     status: str  # "hit" | "miss" | "corrupt" (a damaged stored frame: dropped, counts as a miss)
-    data: bytes | None = None  # raw block bytes, or the frame when frames were asked for
+    data: bytes | memoryview | None = None  # raw block bytes, or the frame when frames were asked for
     positions: tuple[int, ...] = ()
     frame: bytes | None = None  # with ``with_frames``: the stored frame ``data`` was decoded from
 
@@ -69,7 +69,10 @@ class BlockTransport(Protocol):
 
     def put_blocks(self, items: Sequence[PutItem]) -> list[PutResult]: ...
 
-    def get_blocks(self, hashes: Sequence[int]) -> list[GetResult]: ...
+    def get_blocks(self, hashes: Sequence[int], *, views: bool = False) -> list[GetResult]:
+        """``views``: the caller copies each block's data out at once, so ``data`` may be a read-only
+        view into the transport's own buffer (the gRPC client's received message) instead of bytes."""
+        ...
 
     def contains(self, hashes: Sequence[int]) -> list[bool]: ...
 

@@ -265,7 +265,7 @@ class ShardedClient:
             raise NoReplicaError(f"{len(pending)} blocks not stored: replicas kept failing")
         return [results[i] for i in range(len(items))]
 
-    def get_blocks(self, hashes: Sequence[int]) -> list[GetResult]:
+    def get_blocks(self, hashes: Sequence[int], *, views: bool = False) -> list[GetResult]:
         """Hits from live owners; a dead owner's blocks are misses (they died with it)."""
         out: list[GetResult | None] = [None] * len(hashes)
         try:
@@ -273,7 +273,9 @@ class ShardedClient:
         except NoReplicaError:
             return [GetResult(h, "miss") for h in hashes]
         for key, idx in groups.items():
-            ok, res = self._on_replica(key, lambda t, idx=idx: t.get_blocks([hashes[i] for i in idx]))
+            ok, res = self._on_replica(
+                key, lambda t, idx=idx: t.get_blocks([hashes[i] for i in idx], views=views)
+            )
             for j, i in enumerate(idx):
                 out[i] = res[j] if ok and res is not None else GetResult(hashes[i], "miss")
         return [r if r is not None else GetResult(h, "miss") for r, h in zip(out, hashes, strict=True)]

@@ -659,8 +659,8 @@ class ServiceTransport:
     def put_blocks(self, items: Sequence[PutItem]) -> list[PutResult]:
         return self.service.put_blocks(self.tenant, self.model, items)
 
-    def get_blocks(self, hashes: Sequence[int]) -> list[GetResult]:
-        return self.service.get_blocks(self.tenant, self.model, hashes)
+    def get_blocks(self, hashes: Sequence[int], *, views: bool = False) -> list[GetResult]:
+        return self.service.get_blocks(self.tenant, self.model, hashes)  # already its own bytes
 
     def contains(self, hashes: Sequence[int]) -> list[bool]:
         return self.service.contains(self.tenant, self.model, hashes)

@@ -82,8 +82,11 @@ def run_service_demo(
         hashes, firsts = list(blocks.sequence_hashes), list(blocks.first_positions)
         del blocks  # dropped from "GPU": from here on the KV exists only in the service
 
+        # Restores land in memory the "engine" already holds, as an engine's KV pages: a NIXL WRITE
+        # needs it registered anyway, and the gRPC path copies each block once, into it.
+        pages = torch.zeros((len(hashes), *spec.shape), dtype=spec.torch_dtype)
         t0 = time.perf_counter()
-        onboarded = tier.onboard(hashes, firsts)
+        onboarded = tier.onboard(hashes, firsts, out=pages)
         onboard_s = time.perf_counter() - t0
         if not onboarded.complete:
             raise RuntimeError(f"{len(onboarded.misses)} blocks missing after offload")

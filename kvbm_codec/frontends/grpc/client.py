@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kvbm_codec._proto import kvbm_codec_pb2 as pb
@@ -27,6 +28,7 @@ from kvbm_codec._proto import kvbm_codec_pb2_grpc as pb_grpc
 from kvbm_codec.api import errors as errs
 from kvbm_codec.api.blocks import BlockSpec
 from kvbm_codec.api.types import DEFAULT_MODEL, GetResult, PutItem, PutResult
+from kvbm_codec.frontends.grpc.get_response import decode_get_response
 from kvbm_codec.frontends.grpc.wire import (
     ERROR_CODE_KEY,
     RETRY_AFTER_KEY,
@@ -160,6 +162,10 @@ class CodecClient:
         else:
             self.channel = grpc.insecure_channel(target, options=opts)
         self.stub = pb_grpc.KvbmCodecStub(self.channel)
+        # GetBlocks as received bytes: get_response reads the blocks' data without protobuf's copies
+        self._get_wire = self.channel.unary_stream(
+            f"/{SERVICE_NAME}/GetBlocks", request_serializer=pb.GetBlocksRequest.SerializeToString
+        )
         self._health = health_pb2_grpc.HealthStub(self.channel)
         md: list[tuple[str, str]] = []
         if tenant is not None:
@@ -289,9 +295,11 @@ class CodecClient:
             raise translate(e) from None
 
     def get_blocks(
-        self, hashes: Sequence[int], *, as_frames: bool = False, batch_size: int = 0
+        self, hashes: Sequence[int], *, as_frames: bool = False, batch_size: int = 0, views: bool = False
     ) -> list[GetResult]:
-        """Blocks (raw, or the stored frames) in request order; misses have ``data=None``."""
+        """Blocks (raw, or the stored frames) in request order; misses have ``data=None``. With
+        ``views`` each ``data`` is a read-only memoryview into the received message instead of its
+        own ``bytes``: a caller that copies the blocks into its own memory anyway saves one copy."""
         out: list[GetResult] = []
         for r in self._batches(len(hashes)):
             req = pb.GetBlocksRequest(
@@ -302,13 +310,15 @@ class CodecClient:
                 dtype=self.dtype or "",
             )
             try:
-                for msg in self.stub.GetBlocks(req, timeout=self.timeout_s, metadata=self.metadata):
+                for wire in self._get_wire(req, timeout=self.timeout_s, metadata=self.metadata):
                     out += [
-                        _get_result(b, b.data if b.WhichOneof("payload") == "data" else None)
-                        for b in msg.blocks
+                        _get_result(b, d if d is None or views else bytes(d))
+                        for b, d in decode_get_response(wire)
                     ]
             except grpc.RpcError as e:
                 raise translate(e) from None
+            except DecodeError as e:
+                raise RpcFailedError(f"unreadable GetBlocks response: {e}") from None
         return out
 
     def _hashes(self, method: Any, hashes: Sequence[int]) -> Any:
@@ -407,7 +417,7 @@ class CodecClient:
         return out
 
 
-def _get_result(b: pb.BlockResult, data: bytes | None) -> GetResult:
+def _get_result(b: pb.BlockResult, data: bytes | memoryview | None) -> GetResult:
     status = {pb.BLOCK_STATUS_HIT: "hit", pb.BLOCK_STATUS_MISS: "miss"}.get(b.status, "corrupt")
     return GetResult(b.sequence_hash, status, data, tuple(b.positions))
 

@@ -34,6 +34,7 @@ from kvbm_codec.api.errors import (
 from kvbm_codec.api.types import GetResult, LookupResult, PutItem, PutResult
 from kvbm_codec.core.fairness import UNKNOWN_CLASS
 from kvbm_codec.core.service import BlockService, ServedModel
+from kvbm_codec.frontends.grpc.get_response import add_servicer, encode_get_response
 from kvbm_codec.frontends.grpc.wire import (
     ERROR_CODE_KEY,
     SERVICE_NAME,
@@ -373,7 +374,7 @@ class KvbmCodecServicer(pb_grpc.KvbmCodecServicer):
 
     def GetBlocks(
         self, request: pb.GetBlocksRequest, context: grpc.ServicerContext
-    ) -> Iterator[pb.GetBlocksResponse]:
+    ) -> Iterator[pb.GetBlocksResponse | bytes]:
         # A generator cannot return through _run (streaming is what avoids collecting every message
         # first); the core's get_stream keeps the request admitted until the last batch is sent.
         t0 = time.perf_counter()
@@ -407,7 +408,7 @@ class KvbmCodecServicer(pb_grpc.KvbmCodecServicer):
 
     def _get(
         self, tenant: str, request: pb.GetBlocksRequest, deadline: _Deadline
-    ) -> Iterator[pb.GetBlocksResponse]:
+    ) -> Iterator[pb.GetBlocksResponse | bytes]:
         hashes = list(request.sequence_hashes)
         as_frames = request.encoding == pb.ENCODING_FRAME
         if request.encoding not in (pb.ENCODING_UNSPECIFIED, pb.ENCODING_RAW, pb.ENCODING_FRAME):
@@ -440,17 +441,20 @@ class KvbmCodecServicer(pb_grpc.KvbmCodecServicer):
                 if nixl and not slots:
                     slots.append(stack.enter_context(self._staging().slot()))
 
-            def send(start: int, got: list[GetResult]) -> pb.GetBlocksResponse:
+            def send(start: int, got: list[GetResult]) -> pb.GetBlocksResponse | bytes:
                 moved = sum(len(g.data) for g in got if g.data is not None)
+                out: pb.GetBlocksResponse | bytes
                 if nixl:
                     offsets = list(request.nixl_offsets[start : start + len(got)])
-                    out = self._nixl_write(remote, got, offsets, slots[0], deadline)
-                else:
-                    out = [self._result(g, encoding) for g in got]
+                    out = pb.GetBlocksResponse(
+                        blocks=self._nixl_write(remote, got, offsets, slots[0], deadline)
+                    )
+                else:  # the blocks' data is joined into the wire bytes once (get_response.py)
+                    out = encode_get_response((self._result(g, encoding), g.data) for g in got)
                 self.svc.metrics.transfer_bytes.labels(path="nixl" if nixl else "grpc", direction="out").inc(
                     moved
                 )
-                return pb.GetBlocksResponse(blocks=out)
+                return out
 
             yield from self.svc.get_stream(
                 tenant,
@@ -470,11 +474,11 @@ class KvbmCodecServicer(pb_grpc.KvbmCodecServicer):
         )
 
     def _result(self, g: GetResult, encoding: int) -> pb.BlockResult:
+        """The result's fields but its data, which encode_get_response appends."""
         r = pb.BlockResult(sequence_hash=g.sequence_hash, status=self._status(g))
         if g.data is not None:
             r.encoding = encoding
             r.positions.extend(g.positions)
-            r.data = g.data
         return r
 
     def _nixl_write(
@@ -611,7 +615,7 @@ class CodecServer:
             options=opts,
             maximum_concurrent_rpcs=2 * threads,
         )
-        pb_grpc.add_KvbmCodecServicer_to_server(self.servicer, self.server)
+        add_servicer(self.servicer, self.server, SERVICE_NAME)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (
