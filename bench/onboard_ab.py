@@ -48,12 +48,9 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
-    from kvbm_codec.adapters.kvbm import KvbmBlocks, KvbmLayout, KvbmTierClient
     from kvbm_codec.api.blocks import BlockSpec
-    from kvbm_codec.bench.throughput import real_blocks
     from kvbm_codec.calibration.cache import given_or_default
     from kvbm_codec.codec.block import KVTCBlockCodec
-    from kvbm_codec.frontends.grpc.client import CodecClient
     from kvbm_codec.models.hf import CausalLM
     from kvbm_codec.server.process import ServiceProcess
     from kvbm_codec.service.config import ModelConfig
@@ -62,13 +59,9 @@ def main() -> None:
     cal = given_or_default(lm, args.calibration)
     s, mc = cal.shape, ModelConfig()
     spec = BlockSpec(s.n_layers, mc.page_size, s.n_kv_heads, s.key_head_dim, mc.dtype)
-    rb = real_blocks(lm, spec, 64)
     codec = KVTCBlockCodec.create(cal, spec, 20.0)
-    tensors = torch.stack(rb.tensors * args.repeat)
-    n = tensors.shape[0]
-    hashes = [(rb.hashes[i % 64] ^ (i // 64 + 1) * 0x9E3779B97F4A7C15) & (2**64 - 1) for i in range(n)]
-    firsts = [(i % 64) * spec.page_size for i in range(n)]
-    blocks = KvbmBlocks.from_canonical(tensors, spec, KvbmLayout.FULLY_CONTIGUOUS, hashes, firsts)
+    blocks = stored_copies(lm, spec, args.repeat)
+    hashes, firsts, n = blocks.sequence_hashes, blocks.first_positions, blocks.n_blocks
     variants: dict[str, dict[str, str]] = {
         "prefetch": {"DYN_KVBM_CODEC_GET_PREFETCH": "true"},
         "serial": {"DYN_KVBM_CODEC_GET_PREFETCH": "false"},
@@ -112,12 +105,8 @@ def main() -> None:
                     models=models,
                     settings=v,
                 )
-            tiers = {}
-            for k, svc in svcs.items():
-                clients[k] = CodecClient(svc.target, timeout_s=120.0)
-                svc.wait_healthy(clients[k])
-                tiers[k] = KvbmTierClient(clients[k], spec)
-                tiers[k].offload(blocks, context_tokens=64 * spec.page_size)
+            tiers = connect_and_offload(svcs, clients, blocks)
+            for k in svcs:
                 dest = torch.zeros((n, *spec.shape), dtype=spec.torch_dtype)
                 regs[k] = (clients[k].nixl_agent().register(dest), dest)
             frames = [g.data for g in clients[list(variants)[-1]].get_blocks(hashes, as_frames=True)]
@@ -167,6 +156,34 @@ def main() -> None:
         print(f"{path}: {b} / {a} (best) = {out[f'{path}_{b}_over_{a}']:.2f}x")
     if args.json:
         args.json.write_text(json.dumps(out, indent=2) + "\n")
+
+
+def stored_copies(lm: Any, spec: Any, repeat: int) -> Any:
+    """64 real blocks of the held-out demo text, ``repeat`` times under new hashes (KvbmBlocks)."""
+    from kvbm_codec.adapters.kvbm import KvbmBlocks, KvbmLayout
+    from kvbm_codec.bench.throughput import real_blocks
+
+    rb = real_blocks(lm, spec, 64)
+    tensors = torch.stack(rb.tensors * repeat)
+    n = tensors.shape[0]
+    hashes = [(rb.hashes[i % 64] ^ (i // 64 + 1) * 0x9E3779B97F4A7C15) & (2**64 - 1) for i in range(n)]
+    firsts = [(i % 64) * spec.page_size for i in range(n)]
+    return KvbmBlocks.from_canonical(tensors, spec, KvbmLayout.FULLY_CONTIGUOUS, hashes, firsts)
+
+
+def connect_and_offload(svcs: dict[str, Any], clients: dict[str, Any], blocks: Any) -> dict[str, Any]:
+    """A client per started service (into ``clients``, which the caller closes), once it is healthy,
+    with ``blocks`` offloaded through it; the tier clients, by the same names."""
+    from kvbm_codec.adapters.kvbm import KvbmTierClient
+    from kvbm_codec.frontends.grpc.client import CodecClient
+
+    tiers = {}
+    for k, svc in svcs.items():
+        clients[k] = CodecClient(svc.target, timeout_s=120.0)
+        svc.wait_healthy(clients[k])
+        tiers[k] = KvbmTierClient(clients[k], blocks.spec)
+        tiers[k].offload(blocks, context_tokens=64 * blocks.spec.page_size)
+    return tiers
 
 
 def checkout(rev: str, into: Path) -> Path:

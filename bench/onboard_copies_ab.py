@@ -34,14 +34,11 @@ def main() -> None:
     args = ap.parse_args()
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from onboard_ab import checkout
+    from onboard_ab import checkout, connect_and_offload, stored_copies
 
     from kvbm_codec._proto import kvbm_codec_pb2 as pb
-    from kvbm_codec.adapters.kvbm import KvbmBlocks, KvbmLayout, KvbmTierClient
     from kvbm_codec.api.blocks import BlockSpec
-    from kvbm_codec.bench.throughput import real_blocks
     from kvbm_codec.calibration.cache import given_or_default
-    from kvbm_codec.frontends.grpc.client import CodecClient
     from kvbm_codec.models.hf import CausalLM
     from kvbm_codec.server.process import ServiceProcess
     from kvbm_codec.service.config import ModelConfig
@@ -50,19 +47,15 @@ def main() -> None:
     cal = given_or_default(lm, None)
     s, mc = cal.shape, ModelConfig()
     spec = BlockSpec(s.n_layers, mc.page_size, s.n_kv_heads, s.key_head_dim, mc.dtype)
-    rb = real_blocks(lm, spec, 64)
-    tensors = torch.stack(rb.tensors * args.repeat)
-    n = tensors.shape[0]
-    hashes = [(rb.hashes[i % 64] ^ (i // 64 + 1) * 0x9E3779B97F4A7C15) & (2**64 - 1) for i in range(n)]
-    firsts = [(i % 64) * spec.page_size for i in range(n)]
-    blocks = KvbmBlocks.from_canonical(tensors, spec, KvbmLayout.FULLY_CONTIGUOUS, hashes, firsts)
+    blocks = stored_copies(lm, spec, args.repeat)
+    hashes, firsts, n = blocks.sequence_hashes, blocks.first_positions, blocks.n_blocks
 
     def base_client(c: Any) -> torch.Tensor:
         got: list[bytes] = []
         for st in range(0, n, 64):
             part = hashes[st : st + 64]
             req = pb.GetBlocksRequest(
-                model=c.model, sequence_hashes=part, encoding=pb.ENCODING_RAW, dtype=c.dtype
+                model=c.model, sequence_hashes=part, encoding=pb.ENCODING_RAW, dtype=c.dtype or ""
             )
             for msg in c.stub.GetBlocks(req, timeout=120):
                 got += [b.data for b in msg.blocks]
@@ -78,12 +71,7 @@ def main() -> None:
         }
         clients: dict[str, Any] = {}
         try:
-            tiers = {}
-            for k, svc in svcs.items():
-                clients[k] = CodecClient(svc.target, timeout_s=120.0)
-                svc.wait_healthy(clients[k])
-                tiers[k] = KvbmTierClient(clients[k], spec)
-                tiers[k].offload(blocks, context_tokens=64 * spec.page_size)
+            tiers = connect_and_offload(svcs, clients, blocks)
             pages = torch.zeros((n, *spec.shape), dtype=spec.torch_dtype)
             runs = {}
             for k in svcs:

@@ -83,10 +83,7 @@ class BlockSpec:
 
     def from_bytes(self, data: bytes | bytearray | memoryview) -> torch.Tensor:
         """Bytes (little-endian, C order) -> block tensor; refuses a wrong length instead of guessing."""
-        if len(data) != self.nbytes:
-            raise InvalidBlockError(
-                f"block must be {self.nbytes} bytes ({self.shape} {self.dtype}), got {len(data)}"
-            )
+        self._check_nbytes(data)
         flat = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         return flat.view(self.torch_dtype).reshape(self.shape)
 
@@ -108,12 +105,15 @@ class BlockSpec:
             raise InvalidBlockError("out must be a contiguous CPU tensor")
         rows = out[:n].view(n, -1).view(torch.uint8).numpy()
         for i, data in enumerate(blocks):
-            if len(data) != self.nbytes:
-                raise InvalidBlockError(
-                    f"block must be {self.nbytes} bytes ({self.shape} {self.dtype}), got {len(data)}"
-                )
+            self._check_nbytes(data)
             rows[i] = np.frombuffer(data, dtype=np.uint8)
         return out[:n]
+
+    def _check_nbytes(self, data: bytes | bytearray | memoryview) -> None:
+        if len(data) != self.nbytes:
+            raise InvalidBlockError(
+                f"block must be {self.nbytes} bytes ({self.shape} {self.dtype}), got {len(data)}"
+            )
 
     def to_bytes(self, block: torch.Tensor) -> bytes:
         self.check(block)

@@ -2,9 +2,10 @@
 
 Building a ``pb.GetBlocksResponse`` of raw blocks copies every 737 KB block into a ``BlockResult``,
 again into the response that holds the results, and again when gRPC serializes it; each copy lands in
-freshly mapped memory, so on the 2-core build machine the three cost ~37 ms per 16 blocks (0.3 GB/s)
-on the handler thread, ~0.5 s of the README job's 2.2 s gRPC onboard, where the NIXL path pays none
-of it. Here each block's small fields (hash, status, positions, encoding) still go through protobuf;
+freshly mapped memory: in isolation on the 2-core build machine the three cost ~37 ms per 16 blocks
+(0.3 GB/s) against ~2 ms joined once. End to end the server side did not show (its time is in the
+decode; docs/benchmarks.md, session 19); the client's side, below, did (0.86x of the restore).
+Here each block's small fields (hash, status, positions, encoding) still go through protobuf;
 only the ``data`` field (number 5, the last one set: ``nixl`` shares its oneof) is appended by hand,
 and the message is joined once. The bytes are exactly what ``SerializeToString`` gives for the same
 message (tests/test_get_response.py), so any protobuf client parses them unchanged. The client's side
