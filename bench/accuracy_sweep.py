@@ -25,7 +25,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -51,6 +53,7 @@ from kvbm_codec.calibration.sensitivity import (
     combine_measurements,
     measure_layer_sensitivity,
     sensitivity_factors,
+    shrink_head_factors,
 )
 from kvbm_codec.calibration.statistics import gather_statistics
 from kvbm_codec.codec.config import CodecConfig
@@ -216,22 +219,43 @@ def rederive_context(cal, state: dict, corpus: str, block_tokens: list[int]) -> 
     return targets
 
 
-def parse_distortion(distortion: str) -> tuple[str, float | None, float, float, float | None, bool]:
-    """'attention', 'mse', ... as CodecConfig has them; 'measured[@POWER[kKEY_POWER]][h][/KEY_WEIGHT]':
+@dataclass(frozen=True)
+class Distortion:
+    """A sweep variant's distortion: the metric, and for measured factors their damping and layout."""
+
+    metric: str
+    power: float | None = None  # None: analytic factors (no probe)
+    key_weight: float = 1.0
+    probe_cr: float = PROBE_CR
+    key_power: float | None = None
+    per_head: bool = False
+    shrink: float = 1.0  # per head: weight of the head's own factor against its layer's (1: its own)
+
+
+MEASURED = re.compile(r"measured(?:@(?P<p>[0-9.]+)(?:k(?P<kp>[0-9.]+))?)?(?P<h>h(?P<s>[0-9.]+)?)?")
+
+
+def parse_distortion(distortion: str) -> Distortion:
+    """'attention', 'mse', ... as CodecConfig has them; 'measured[@POWER[kKEY_POWER]][h[SHRINK]][/KW]':
     the attention metric with per-layer, per-kind factors measured end to end
     (calibration/sensitivity.py) at the analytic calibration's 20x allocation, damped by POWER (the key
-    factors by KEY_POWER if given), per KV head with 'h'; 'attention/KW' or 'mse/KW': key_weight KW.
-    Returns (metric, power, key weight, probe ratio, key power, per head)."""
+    factors by KEY_POWER if given), per KV head with 'h' (pulled toward the layer's factor with
+    SHRINK < 1, sensitivity.shrink_head_factors); 'attention/KW' or 'mse/KW': key_weight KW."""
     name, _, kw = distortion.partition("/")
     key_weight = float(kw) if kw else 1.0
-    if name.startswith("measured"):
-        per_head = name.endswith("h")
-        name = name.removesuffix("h")
-        _, _, power = name.partition("@")
-        power, _, key_power = power.partition("k")
-        kp = float(key_power) if key_power else None
-        return "attention", float(power) if power else 1.0, key_weight, PROBE_CR, kp, per_head
-    return name, None, key_weight, PROBE_CR, None, False
+    m = MEASURED.fullmatch(name)
+    if m is None:
+        if name.startswith("measured"):
+            raise SystemExit(f"bad measured variant {distortion!r}")
+        return Distortion(name, key_weight=key_weight)
+    return Distortion(
+        "attention",
+        power=float(m["p"]) if m["p"] else 1.0,
+        key_weight=key_weight,
+        key_power=float(m["kp"]) if m["kp"] else None,
+        per_head=m["h"] is not None,
+        shrink=float(m["s"]) if m["s"] else 1.0,
+    )
 
 
 def calibrate_variant(
@@ -248,8 +272,9 @@ def calibrate_variant(
     accs = {n: parts[0]["accs"][n].merged(*(p["accs"][n] for p in parts[1:])) for n in parts[0]["accs"]}
     stats = parts[0]["stats"].merged(*(p["stats"] for p in parts[1:]))
     held = held_out_kv(state, corpus)
-    mode, power, key_weight, probe_cr, key_power, per_head = parse_distortion(distortion)
-    cfg = CodecConfig(distortion=mode, key_weight=key_weight, layer_sensitivity="analytic")  # type: ignore[arg-type]
+    d = parse_distortion(distortion)
+    power, per_head = d.power, d.per_head
+    cfg = CodecConfig(distortion=d.metric, key_weight=d.key_weight, layer_sensitivity="analytic")  # type: ignore[arg-type]
     if power is not None:  # the same recipe as calibrate() with this config (the artifact says so)
         cfg = cfg.model_copy(
             update={
@@ -265,15 +290,21 @@ def calibrate_variant(
         "distortion": distortion,
     }
     if power is not None:
-        if per_head and probe_cache is not None:
-            probe_cache = probe_cache.with_name(f"{probe_cache.stem}-heads.pt")
-        measured = _probe(lm, state, corpus, accs, held, stats, probe_cr, probe_cache, per_head)
-        stats = stats.with_sensitivity(sensitivity_factors(measured, power, key_power=key_power))
+        heads_cache = None if probe_cache is None else probe_cache.with_name(f"{probe_cache.stem}-heads.pt")
+        if per_head:
+            measured = _probe(lm, state, corpus, accs, held, stats, d.probe_cr, heads_cache, True)
+            if d.shrink < 1.0:
+                layers = _probe(lm, state, corpus, accs, held, stats, d.probe_cr, probe_cache, False)
+                measured = shrink_head_factors(layers, measured, d.shrink)
+        else:
+            measured = _probe(lm, state, corpus, accs, held, stats, d.probe_cr, probe_cache, False)
+        stats = stats.with_sensitivity(sensitivity_factors(measured, power, key_power=d.key_power))
         provenance["layer_sensitivity"] = {
             "power": power,
-            "key_power": key_power,
-            "probe_cr": probe_cr,
+            "key_power": d.key_power,
+            "probe_cr": d.probe_cr,
             "per_head": per_head,
+            "shrink": d.shrink,
         }
     return calibrate_from_kv(
         lm.info,

@@ -15,6 +15,7 @@ from kvbm_codec.calibration.sensitivity import (
     measure_layer_sensitivity,
     predicted_cost,
     sensitivity_factors,
+    shrink_head_factors,
 )
 from kvbm_codec.calibration.statistics import feature_weights, gather_statistics
 from kvbm_codec.codec.kvtc import KVTCCodec
@@ -60,6 +61,22 @@ def test_predicted_cost_per_head_splits_the_layer_cost() -> None:
     assert heads[0, :, 0].tolist() == pytest.approx([2.0, 8.0])
     assert heads[0, :, 1].tolist() == pytest.approx([0.0, 8.0])
     torch.testing.assert_close(heads.sum(1), predicted_cost(metric, [(0, 1)], err))
+
+
+def test_shrunk_head_factors_blend_the_layer_and_head_probes() -> None:
+    layer = torch.tensor([[1.0, 4.0], [2.0, 8.0]])  # [L=2, kind]
+    head = torch.tensor([[[1.0, 1.0], [9.0, 16.0]], [[4.0, 4.0], [4.0, 64.0]]])  # [L, H=2, kind]
+    as_layer = shrink_head_factors({"factor": layer}, {"factor": head}, 0.0)["factor"]
+    as_head = shrink_head_factors({"factor": layer}, {"factor": head}, 1.0)["factor"]
+    norm = lambda f: f / f.log().mean().exp()  # noqa: E731 - only ratios matter to the allocator
+    assert torch.allclose(as_layer, norm(layer)[:, None, :].expand(2, 2, 2))
+    assert torch.allclose(as_head, norm(head))
+    half = shrink_head_factors({"factor": layer}, {"factor": head}, 0.5)["factor"]
+    assert torch.allclose(half, (as_layer * as_head).sqrt())  # the geometric midpoint
+    with pytest.raises(ValueError, match="do not match"):
+        shrink_head_factors({"factor": layer}, {"factor": head[:1]}, 0.5)
+    with pytest.raises(ValueError, match="in \\[0, 1\\]"):
+        shrink_head_factors({"factor": layer}, {"factor": head}, 1.5)
 
 
 def test_sensitivity_factors_normalise_and_floor() -> None:

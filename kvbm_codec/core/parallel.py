@@ -14,22 +14,88 @@ depend on the batch it came in (``tests/test_block_frames.py::test_batch_equals_
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path, PurePosixPath
 from typing import TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
 
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+PROC_CGROUP = Path("/proc/self/cgroup")
 
-def available_cores() -> int:
-    """The cores this process may run on (its affinity mask, which ``taskset`` and cgroups narrow)."""
+
+def available_cores(cgroup_root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP) -> int:
+    """The cores this process may keep busy: its affinity mask (``taskset``, cpusets), capped by its
+    cgroup's CPU quota (a Kubernetes CPU limit). A pod limited to 1 CPU on a 64-core node sees 64 in
+    its mask; splitting one batch 64 ways there would only be throttled by the quota."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cores = max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):  # no affinity API on this platform
-        return max(1, os.cpu_count() or 1)
+        cores = max(1, os.cpu_count() or 1)
+    quota = cgroup_cpu_quota(cgroup_root, proc_cgroup)
+    return cores if quota is None else max(1, min(cores, math.floor(quota)))
+
+
+def cgroup_cpu_quota(cgroup_root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP) -> float | None:
+    """The CPU quota, in cores, of this process' cgroup and its ancestors (the smallest applies);
+    None when no level sets one or the files cannot be read. cgroup v2 (``cpu.max``: "QUOTA PERIOD"
+    or "max PERIOD") and v1 (``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``, -1: none) are read."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    quotas: list[float] = []
+    for line in lines:
+        _, controllers, path = [*line.split(":", 2), "", ""][:3]
+        if controllers == "" and path:  # cgroup v2, unified hierarchy
+            quotas += _quotas_up(cgroup_root, path, _v2_quota)
+        elif "cpu" in controllers.split(","):  # cgroup v1, mounted by controller name
+            for mount in (controllers, "cpu", "cpu,cpuacct"):
+                if (cgroup_root / mount).is_dir():
+                    quotas += _quotas_up(cgroup_root / mount, path, _v1_quota)
+                    break
+    return min(quotas) if quotas else None
+
+
+def _quotas_up(mount: Path, path: str, read: Callable[[Path], float | None]) -> list[float]:
+    """The quotas set on ``path`` and each ancestor below ``mount``. Inside a cgroup namespace the
+    process' path is "/" and the mount is its own cgroup; outside one a path not under this mount is
+    skipped, and the mount's own level still counts."""
+    found: list[float] = []
+    rel = PurePosixPath(path.strip() or "/")
+    for level in [rel, *rel.parents]:
+        d = mount / str(level).lstrip("/")
+        if d.is_dir():
+            q = read(d)
+            if q is not None:
+                found.append(q)
+    return found
+
+
+def _v2_quota(d: Path) -> float | None:
+    try:
+        quota, period = (d / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else _cores(int(quota), int(period))
+    except (OSError, ValueError):  # absent at the root cgroup, or not the expected format
+        return None
+
+
+def _v1_quota(d: Path) -> float | None:
+    try:
+        quota = int((d / "cpu.cfs_quota_us").read_text())
+        period = int((d / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return None if quota < 0 else _cores(quota, period)
+
+
+def _cores(quota: int, period: int) -> float | None:
+    return quota / period if quota > 0 and period > 0 else None
 
 
 class BatchSplitter:

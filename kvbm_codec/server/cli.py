@@ -13,6 +13,7 @@ import typer
 
 from kvbm_codec.api.types import DEFAULT_MODEL
 from kvbm_codec.cli_errors import host_port, set_json
+from kvbm_codec.core.parallel import available_cores, cgroup_cpu_quota
 
 
 class LogFormat(StrEnum):
@@ -74,7 +75,17 @@ def serve(
     set_json(cfg.logging.format == "json")
     slog.configure(cfg.logging.format, cfg.logging.level)
     log = slog.get_logger("kvbm_codec.service")
-    log.info("starting", extra=slog.fields(models=[m.name for m in cfg.models], config=str(config or "")))
+    log.info(
+        "starting",
+        extra=slog.fields(
+            models=[m.name for m in cfg.models],
+            config=str(config or ""),
+            # what batch_threads 0 splits across: the affinity mask capped by a cgroup CPU limit
+            cores=available_cores(),
+            cpu_quota=cgroup_cpu_quota(),
+            batch_threads=cfg.batch_threads,
+        ),
+    )
     from kvbm_codec.frontends.grpc.security import from_config as security_from_config
 
     credentials, authenticate = security_from_config(cfg)  # before the model loads: fail fast
