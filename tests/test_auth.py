@@ -365,13 +365,11 @@ def test_tls_files_errors(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def one_block(smollm) -> bytes:  # type: ignore[no-untyped-def]
-    from kvbm_codec.api.blocks import BlockSpec, kv_to_block
+    import _smollm2
+
     from kvbm_codec.texts import calibration_texts
 
-    ids = smollm.tokenizer(calibration_texts()[5], add_special_tokens=False, return_tensors="pt")["input_ids"]
-    kv, _ = smollm.prefill(ids[:, :32], return_logits=False)
-    spec = BlockSpec(n_layers=30, page_size=32, n_kv_heads=3, head_dim=64)
-    return spec.to_bytes(kv_to_block(kv, spec))
+    return _smollm2.block_bytes(smollm, 1, text=calibration_texts()[5])[0]
 
 
 def _service_config(pki: Pki, tmp_path: Path, **auth: object):  # type: ignore[no-untyped-def]
@@ -393,9 +391,9 @@ def _service_config(pki: Pki, tmp_path: Path, **auth: object):  # type: ignore[n
 def test_tenant_isolation_over_mtls(pki: Pki, small_calibration, one_block: bytes, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     import urllib.request
 
-    from kvbm_codec.api.blocks import BlockSpec
+    import _smollm2
+
     from kvbm_codec.api.types import PutItem
-    from kvbm_codec.core.service import ServedModel
     from kvbm_codec.frontends.grpc.client import CodecClient, RpcFailedError
     from kvbm_codec.frontends.grpc.security import from_config
     from kvbm_codec.frontends.grpc.server import CodecServer
@@ -403,8 +401,7 @@ def test_tenant_isolation_over_mtls(pki: Pki, small_calibration, one_block: byte
 
     cfg = _service_config(pki, tmp_path, mode="mtls")
     creds, authenticate = from_config(cfg)
-    spec = BlockSpec(n_layers=30, page_size=32, n_kv_heads=3, head_dim=64)
-    svc = build_service(cfg, models=[ServedModel("smollm2-135m", small_calibration, spec, 20.0)])
+    svc = build_service(cfg, models=[_smollm2.served(small_calibration)])
     server = CodecServer(svc, cfg, authenticate=authenticate, credentials=creds).start()
     target = f"localhost:{server.port}"
     hashes = [0xDEADBEEF12345678, 987654321]

@@ -11,12 +11,14 @@ import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import _smollm2
 import grpc
 import pytest
 import torch
 import xxhash
+from _smollm2 import MODEL, SPEC
 
-from kvbm_codec.api.blocks import BlockSpec, block_to_kv, kv_to_block
+from kvbm_codec.api.blocks import block_to_kv
 from kvbm_codec.api.errors import (
     CorruptBlockError,
     IncompatibleFrameError,
@@ -27,15 +29,13 @@ from kvbm_codec.api.errors import (
     UnknownModelError,
 )
 from kvbm_codec.api.types import PutItem
-from kvbm_codec.core.service import BlockService, Limits, ServedModel
+from kvbm_codec.core.service import BlockService, Limits
 from kvbm_codec.store.base import BlockKey
 from kvbm_codec.store.memory import MemoryTier
 from kvbm_codec.store.tiered import TieredStore
 
 pytestmark = pytest.mark.slow
 PREFIX = struct.Struct("<4sHHI")
-SPEC = BlockSpec(n_layers=30, page_size=32, n_kv_heads=3, head_dim=64, dtype="float16")
-MODEL = "smollm2-135m"
 TENANT = "tenant-a"
 MAX_FRAME = 1 << 20  # above an all-raw fp16 block's frame (~0.7 MB)
 
@@ -50,10 +50,8 @@ class Blocks:
 def blocks(smollm, small_calibration) -> Blocks:  # type: ignore[no-untyped-def]
     from kvbm_codec.texts import calibration_texts
 
-    ids = smollm.tokenizer(calibration_texts()[3], add_special_tokens=False, return_tensors="pt")["input_ids"]
-    kv, _ = smollm.prefill(ids[:, :64], return_logits=False)
-    raw = [SPEC.to_bytes(kv_to_block(kv.select_tokens(torch.arange(i, i + 32)), SPEC)) for i in (0, 32)]
-    model = ServedModel(MODEL, small_calibration, SPEC, 20.0)
+    raw = _smollm2.block_bytes(smollm, 2, text=calibration_texts()[3])
+    model = _smollm2.served(small_calibration)
 
     # Version-1 frames (JSON header), which a client may still submit: the cases below edit their
     # headers. Damage to compact version-2 frames is covered in tests/test_block_frames.py.
@@ -70,7 +68,7 @@ def blocks(smollm, small_calibration) -> Blocks:  # type: ignore[no-untyped-def]
 def svc(small_calibration) -> BlockService:  # type: ignore[no-untyped-def]
     store = TieredStore([MemoryTier(64 << 20)])
     limits = Limits(max_blocks_per_request=8, max_frame_bytes=MAX_FRAME)
-    return BlockService([ServedModel(MODEL, small_calibration, SPEC, 20.0)], store, limits=limits)
+    return BlockService([_smollm2.served(small_calibration)], store, limits=limits)
 
 
 # ---- frame forgery: valid digests around wrong content, so the checks past the checksums are reached ----
@@ -300,7 +298,7 @@ def test_stored_frame_of_unloadable_calibration(svc: BlockService, blocks: Block
 def test_put_that_encodes_over_the_frame_limit_is_refused(small_calibration, blocks: Blocks) -> None:  # type: ignore[no-untyped-def]
     """A frame the service could never read back (over max_frame_bytes) is refused at put, not stored."""
     svc = BlockService(
-        [ServedModel(MODEL, small_calibration, SPEC, 20.0)],
+        [_smollm2.served(small_calibration)],
         TieredStore([MemoryTier(64 << 20)]),
         limits=Limits(max_frame_bytes=256 << 10),
     )
@@ -336,7 +334,7 @@ def rig(small_calibration) -> Iterator[GrpcRig]:  # type: ignore[no-untyped-def]
     cfg = ServiceConfig.load(grpc_port=0, metrics_port=None, workers=2, nixl=NixlConfig(enabled=False))
     store = TieredStore([MemoryTier(64 << 20)])
     limits = Limits(max_blocks_per_request=8, max_frame_bytes=MAX_FRAME)
-    svc = BlockService([ServedModel(MODEL, small_calibration, SPEC, 20.0)], store, limits=limits)
+    svc = BlockService([_smollm2.served(small_calibration)], store, limits=limits)
     server = CodecServer(svc, cfg).start()
     channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
     try:

@@ -8,14 +8,15 @@ import datetime as dt
 import socket
 import time
 
+import _smollm2
 import pytest
 import urllib3
 from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
-from test_s3_endpoint import AK, AK2, BUCKET, REGION, SK, SK2, SPEC, _client, _stored, blocks  # noqa: F401
+from test_s3_endpoint import AK, AK2, BUCKET, REGION, SK, SK2, _client, _stored, blocks  # noqa: F401
 
-from kvbm_codec.core.service import BlockService, ServedModel
+from kvbm_codec.core.service import BlockService
 from kvbm_codec.frontends.s3 import BucketBinding, CredentialConfig, S3Config, start_s3_server
 from kvbm_codec.store.memory import MemoryTier
 from kvbm_codec.store.tiered import TieredStore
@@ -36,9 +37,7 @@ def _config(**kw) -> S3Config:
 
 @pytest.fixture(scope="module")
 def server(small_calibration):
-    svc = BlockService(
-        [ServedModel("smollm2-135m", small_calibration, SPEC, 20.0)], TieredStore([MemoryTier(1 << 28)])
-    )
+    svc = BlockService([_smollm2.served(small_calibration)], TieredStore([MemoryTier(1 << 28)]))
     handle = start_s3_server(svc, _config(body_timeout_s=2.0, max_uploads_per_tenant=4))
     yield handle
     handle.stop()

@@ -5,10 +5,13 @@ run directly on the same blocks."""
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
+import _smollm2
 import pytest
 import torch
 import xxhash
+from _smollm2 import MODEL, SPEC
 
 from kvbm_codec.adapters.kvbm import (
     XXH3_SEED,
@@ -23,20 +26,19 @@ from kvbm_codec.adapters.kvbm import (
 from kvbm_codec.api.blocks import BlockSpec, InvalidBlockError, kv_to_block
 from kvbm_codec.api.types import BlockTransport
 from kvbm_codec.codec.block import KVTCBlockCodec
-from kvbm_codec.core.service import BlockService, ServedModel, ServiceTransport
+from kvbm_codec.core.service import BlockService, ServiceTransport
 from kvbm_codec.eval.metrics import perplexity, top1_agreement
 from kvbm_codec.kv import KVCache
 from kvbm_codec.store.memory import MemoryTier
 from kvbm_codec.store.tiered import TieredStore
 from kvbm_codec.texts import demo_conversation
 
-MODEL = "smollm2-135m"
 TARGET_CR = 20.0
 CONTINUATION = 64
 
 
 def _spec(page_size: int = 32) -> BlockSpec:
-    return BlockSpec(n_layers=30, page_size=page_size, n_kv_heads=3, head_dim=64, dtype="float16")
+    return replace(SPEC, page_size=page_size)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +55,7 @@ def kv_1k(smollm, conversation_ids) -> KVCache:
 
 
 def _service(cal) -> BlockService:
-    return BlockService([ServedModel(MODEL, cal, _spec(), TARGET_CR)], TieredStore([MemoryTier(1 << 30)]))
+    return BlockService([_smollm2.served(cal, target_cr=TARGET_CR)], TieredStore([MemoryTier(1 << 30)]))
 
 
 # ---- hashes -------------------------------------------------------------------------------------

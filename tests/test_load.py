@@ -16,12 +16,12 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import _smollm2
 import pytest
+from _smollm2 import SPEC
 
 from kvbm_codec.adapters.kv_blocks import kv_blocks
-from kvbm_codec.api.blocks import BlockSpec
 from kvbm_codec.calibration.registry import Registry
-from kvbm_codec.core.service import ServedModel
 from kvbm_codec.texts import demo_document
 
 pytestmark = pytest.mark.slow
@@ -33,7 +33,6 @@ lt = importlib.util.module_from_spec(_spec)
 sys.modules["kvbm_load_test"] = lt  # dataclasses resolve their module by name
 _spec.loader.exec_module(lt)
 
-SPEC = BlockSpec(n_layers=30, page_size=32, n_kv_heads=3, head_dim=64, dtype="float16")
 CLIENTS = 16
 DURATION_S = 8.0
 RSS_GROWTH_LIMIT = 768 << 20  # generous: 2 admitted requests, 20 idle-or-refusing handler threads
@@ -44,7 +43,7 @@ def test_overload_is_refused_with_hints_nothing_lost_server_stays_correct(
 ):
     registry = tmp_path / "registry"
     Registry.from_url(registry).publish(small_calibration)
-    served = ServedModel(lt.MODEL, small_calibration, SPEC, 20.0)
+    served = _smollm2.served(small_calibration)
     pool = kv_blocks(smollm, demo_document(), SPEC, max_tokens=4 * SPEC.page_size)
     expected = [lt.expected_restore(served, b) for b in pool]
     limits = lt.ServerLimits(

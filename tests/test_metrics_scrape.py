@@ -29,14 +29,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import _smollm2
 import pytest
-import torch
 import yaml
+from _smollm2 import MODEL, SPEC
 
-from kvbm_codec.api.blocks import BlockSpec, kv_to_block
+from kvbm_codec.api.blocks import BlockSpec
 from kvbm_codec.api.errors import CorruptBlockError, OverloadedError, RequestTooLargeError
 from kvbm_codec.api.types import PutItem
-from kvbm_codec.core.service import BlockService, ServedModel
+from kvbm_codec.core.service import BlockService
 from kvbm_codec.server.app import build_service
 from kvbm_codec.service.config import ServiceConfig
 
@@ -47,7 +48,6 @@ import dashboard  # noqa: E402
 import promql  # noqa: E402
 
 PROMETHEUS = shutil.which("prometheus")
-MODEL = "smollm2-135m"
 TENANT = "tenant-secret-q7x3"  # must never appear on the metrics page
 JOB = "kvbm-codec"
 # Series only a network front end (gRPC/NIXL/S3) writes; the in-process workload cannot produce them.
@@ -189,19 +189,11 @@ class Done:
 
 
 @pytest.fixture(scope="module")
-def blocks(smollm, small_calibration) -> tuple[BlockSpec, list[bytes]]:
+def blocks(smollm) -> tuple[BlockSpec, list[bytes]]:
     """Eight real 32-token KV blocks of held-out text (not the calibration texts)."""
     from kvbm_codec.texts import demo_conversation
 
-    s = small_calibration.shape
-    spec = BlockSpec(s.n_layers, 32, s.n_kv_heads, s.key_head_dim, "float16")
-    ids = smollm.tokenizer(demo_conversation(smollm.tokenizer), add_special_tokens=False, return_tensors="pt")
-    kv, _ = smollm.prefill(ids["input_ids"][:, :256], return_logits=False)
-    out = [
-        spec.to_bytes(kv_to_block(kv.select_tokens(torch.arange(b * 32, (b + 1) * 32)), spec))
-        for b in range(8)
-    ]
-    return spec, out
+    return SPEC, _smollm2.block_bytes(smollm, 8, text=demo_conversation(smollm.tokenizer))
 
 
 @contextlib.contextmanager
@@ -319,7 +311,7 @@ def test_prometheus_scrape_agrees_with_workload(blocks, small_calibration, tmp_p
         max_blocks_per_request=8 + 8 + 1,
         nixl={"enabled": False},
     )
-    served = ServedModel(MODEL, small_calibration, spec, 20.0)
+    served = _smollm2.served(small_calibration, spec)
     svc = build_service(cfg, models=[served])
     store_stats = svc.store.stats
     with _serve(svc) as metrics_port:

@@ -7,15 +7,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _smollm2 import block_of
 from transformers import DynamicCache
 
-from kvbm_codec.api.blocks import BlockSpec, kv_to_block
 from kvbm_codec.codec.layout_check import LayoutChecker, sample_tokens
 from kvbm_codec.codec.positions import PositionEstimator, PositionSearch
 from kvbm_codec.codec.rope import undo_rope
 from kvbm_codec.models.hf import DEFAULT_CHUNK, kv_from_dynamic_cache
 
-SPEC = BlockSpec(30, 32, 3, 64)
 FAR = 5120  # first position of the second context
 
 
@@ -27,9 +26,7 @@ def _keys(smollm, text: str, first: int, n_blocks: int) -> tuple[torch.Tensor, t
     with torch.inference_mode():
         smollm._run(ids, cache, first, DEFAULT_CHUNK, False)  # the prefill, RoPE positions from `first`
     kv = kv_from_dynamic_cache(cache, torch.arange(first, first + ids.shape[1])).to(torch.float16)
-    blocks = torch.stack(
-        [kv_to_block(kv.select_tokens(torch.arange(b * 32, (b + 1) * 32)), SPEC) for b in range(n_blocks)]
-    )
+    blocks = torch.stack([block_of(kv, b) for b in range(n_blocks)])
     parts = blocks.reshape(n_blocks, 30, 2, 32, 3, 64).float()
     return parts[:, :, 0].contiguous(), parts[:, :, 1].contiguous(), [first + 32 * b for b in range(n_blocks)]
 

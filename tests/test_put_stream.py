@@ -14,13 +14,14 @@ import time
 from collections.abc import Iterator
 from concurrent import futures
 
+import _smollm2
 import grpc
 import pytest
+from _smollm2 import MODEL, SPEC
 
 from kvbm_codec._proto import kvbm_codec_pb2 as pb
 from kvbm_codec._proto import kvbm_codec_pb2_grpc as pb_grpc
 from kvbm_codec.adapters.kv_blocks import KVBlock, kv_blocks
-from kvbm_codec.api.blocks import BlockSpec
 from kvbm_codec.api.errors import InvalidBlockRequestError, InvalidRequestError, RequestTooLargeError
 from kvbm_codec.api.types import PutItem
 from kvbm_codec.core.service import ServedModel
@@ -32,13 +33,10 @@ from kvbm_codec.texts import demo_document
 
 pytestmark = pytest.mark.slow
 
-SPEC = BlockSpec(n_layers=30, page_size=32, n_kv_heads=3, head_dim=64, dtype="float16")
-MODEL = "smollm2-135m"
-
 
 @pytest.fixture(scope="module")
 def served(small_calibration) -> ServedModel:
-    return ServedModel(MODEL, small_calibration, SPEC, 20.0)
+    return _smollm2.served(small_calibration)
 
 
 @pytest.fixture(scope="module")

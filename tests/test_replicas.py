@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _smollm2 import MODEL, SPEC
 
 from kvbm_codec.adapters.kvbm import (
     KvbmBlocks,
@@ -22,14 +23,12 @@ from kvbm_codec.adapters.kvbm import (
     KvbmTierClient,
     kv_to_kvbm,
 )
-from kvbm_codec.api.blocks import BlockSpec
 from kvbm_codec.calibration.registry import Registry
 from kvbm_codec.cluster.discovery import DynamoDiscovery, DynamoSettings
 from kvbm_codec.cluster.sharding import ShardedClient
 from kvbm_codec.frontends.grpc.client import CodecClient
 from kvbm_codec.texts import demo_conversation
 
-MODEL = "smollm2-135m"
 START_TIMEOUT_S = 180  # two service processes importing torch on a busy 2-core box
 
 
@@ -111,15 +110,14 @@ def test_two_replicas_one_killed(replica_env, smollm, tmp_path):
             )
 
         sharded = ShardedClient(discovery, connect, refresh_interval_s=1.0)
-        spec = BlockSpec(n_layers=30, page_size=32, n_kv_heads=3, head_dim=64)
-        tier = KvbmTierClient(sharded, spec, layout=KvbmLayout.FULLY_CONTIGUOUS, window_tokens=64)
+        tier = KvbmTierClient(sharded, SPEC, layout=KvbmLayout.FULLY_CONTIGUOUS, window_tokens=64)
 
         # A real conversation's KV: 20 full blocks (the 10-token tail stays with the engine).
         ids = smollm.tokenizer(
             demo_conversation(smollm.tokenizer), add_special_tokens=False, return_tensors="pt"
         )["input_ids"][:, :650]
         kv, _ = smollm.prefill(ids, return_logits=False)
-        blocks, tail = kv_to_kvbm(kv, ids[0], spec)
+        blocks, tail = kv_to_kvbm(kv, ids[0], SPEC)
         assert blocks.n_blocks == 20 and tail is not None
         report = tier.offload(blocks, context_tokens=650)
         assert (report.compressed, report.exact) == (18, 2)
@@ -151,13 +149,13 @@ def test_two_replicas_one_killed(replica_env, smollm, tmp_path):
         # The hits are the same bytes as before the kill: never another replica's data.
         for i, r in enumerate(after):
             if r.status == "hit":
-                assert torch.equal(spec.from_bytes(r.data), onboarded[i])
+                assert torch.equal(SPEC.from_bytes(r.data), onboarded[i])
         partial = tier.onboard(hashes, firsts)
         assert hashes[0] in partial.misses and partial.blocks.n_blocks == 0
 
         # New blocks all land on the survivor and read back.
         fresh = [h ^ 0x5A5A5A5A5A5A5A5A for h in hashes[:6]]  # same KV under other keys (another salt)
-        head = KvbmBlocks.from_canonical(original[:6], spec, blocks.layout, fresh, firsts[:6])
+        head = KvbmBlocks.from_canonical(original[:6], SPEC, blocks.layout, fresh, firsts[:6])
         tier.offload(head)
         assert {sharded.owner(h) for h in fresh} == {survivor}
         assert sharded.contains(fresh) == [True] * 6

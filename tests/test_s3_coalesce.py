@@ -12,14 +12,15 @@ import asyncio
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import _smollm2
 import pytest
 import torch
 from _s3_client import path_style_client
+from _smollm2 import MODEL, SPEC
 from botocore.exceptions import ClientError
 
-from kvbm_codec.api.blocks import BlockSpec, kv_to_block
 from kvbm_codec.api.vllm_layout import VllmCpuLayout
-from kvbm_codec.core.service import BlockService, ServedModel
+from kvbm_codec.core.service import BlockService
 from kvbm_codec.frontends.s3 import BucketBinding, CredentialConfig, S3Config, start_s3_server
 from kvbm_codec.frontends.s3.buckets import sequence_hash
 from kvbm_codec.frontends.s3.coalesce import Coalescer
@@ -157,7 +158,6 @@ def test_bad_settings_are_refused():
 
 # ---- the endpoint over 127.0.0.1 ----------------------------------------------------------------
 
-SPEC = BlockSpec(30, 32, 3, 64)
 BUCKET = "kvbm-smollm2-135m"
 AK, SK = "AKCOALESCE", "coalesce-secret"
 TENANT = "tenant-c"
@@ -167,21 +167,12 @@ FIRST = 20  # blocks at positions 640.. (past the attention sinks)
 
 @pytest.fixture(scope="module")
 def blocks(smollm) -> list[torch.Tensor]:
-    from kvbm_codec.texts import demo_document
-
-    ids = smollm.tokenizer(demo_document(), return_tensors="pt")["input_ids"][:, : 32 * (FIRST + N + 1)]
-    kv, _ = smollm.prefill(ids, return_logits=False)
-    return [
-        kv_to_block(kv.select_tokens(torch.arange(b * 32, (b + 1) * 32)), SPEC)
-        for b in range(FIRST, FIRST + N + 1)
-    ]
+    return _smollm2.blocks(smollm, N + 1, first=FIRST)
 
 
 @pytest.fixture(scope="module")
 def server(small_calibration):
-    svc = BlockService(
-        [ServedModel("smollm2-135m", small_calibration, SPEC, 20.0)], TieredStore([MemoryTier(1 << 28)])
-    )
+    svc = BlockService([_smollm2.served(small_calibration)], TieredStore([MemoryTier(1 << 28)]))
     cfg = S3Config(
         credentials=[CredentialConfig(access_key=AK, secret_key=SK, tenant=TENANT)],
         buckets=[BucketBinding(max_position=4096)],
@@ -263,7 +254,7 @@ def test_a_damaged_frame_among_concurrent_gets_fails_alone(server, blocks):
     for i, k in enumerate(keys):
         s3.put_object(Bucket=BUCKET, Key=k, Body=SPEC.to_bytes(blocks[i]))
     good = {k: s3.get_object(Bucket=BUCKET, Key=k)["Body"].read() for k in keys}
-    store_key = BlockKey(TENANT, svc.model("smollm2-135m").fingerprint, sequence_hash(keys[1]))
+    store_key = BlockKey(TENANT, svc.model(MODEL).fingerprint, sequence_hash(keys[1]))
     frame = bytearray(svc.store.get(store_key))
     frame[len(frame) // 2] ^= 0xFF
     svc.store.put(store_key, bytes(frame))

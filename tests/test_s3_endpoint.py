@@ -8,18 +8,19 @@ import base64
 import datetime as dt
 import hashlib
 
+import _smollm2
 import pytest
 import torch
 import urllib3
 from _s3_client import path_style_client
+from _smollm2 import SPEC
 from awscrt import checksums as crt
 from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 from botocore.exceptions import ClientError
 
-from kvbm_codec.api.blocks import BlockSpec, kv_to_block
-from kvbm_codec.core.service import BlockService, ServedModel
+from kvbm_codec.core.service import BlockService
 from kvbm_codec.frontends.s3 import BucketBinding, CredentialConfig, S3Config, sigv4, start_s3_server
 from kvbm_codec.frontends.s3 import chunked as aws_chunked
 from kvbm_codec.frontends.s3.buckets import sequence_hash
@@ -27,7 +28,6 @@ from kvbm_codec.frontends.s3.server import parse_range
 from kvbm_codec.store.memory import MemoryTier
 from kvbm_codec.store.tiered import TieredStore
 
-SPEC = BlockSpec(30, 32, 3, 64)
 BUCKET = "kvbm-smollm2-135m"
 AK, SK = "AKKVBMTEST", "s3cr3t/KEY+with=chars"
 AK2, SK2 = "AKOTHERTENANT", "another-secret"
@@ -37,21 +37,12 @@ N_BLOCKS = 6
 
 @pytest.fixture(scope="module")
 def blocks(smollm) -> list[bytes]:
-    from kvbm_codec.texts import demo_document
-
-    ids = smollm.tokenizer(demo_document(), return_tensors="pt")["input_ids"][:, : 32 * N_BLOCKS]
-    kv, _ = smollm.prefill(ids, return_logits=False)
-    return [
-        SPEC.to_bytes(kv_to_block(kv.select_tokens(torch.arange(b * 32, (b + 1) * 32)), SPEC))
-        for b in range(N_BLOCKS)
-    ]
+    return _smollm2.block_bytes(smollm, N_BLOCKS)
 
 
 @pytest.fixture(scope="module")
 def server(small_calibration):
-    svc = BlockService(
-        [ServedModel("smollm2-135m", small_calibration, SPEC, 20.0)], TieredStore([MemoryTier(1 << 28)])
-    )
+    svc = BlockService([_smollm2.served(small_calibration)], TieredStore([MemoryTier(1 << 28)]))
     cfg = S3Config(
         credentials=[
             CredentialConfig(access_key=AK, secret_key=SK, tenant="tenant-a"),

@@ -10,13 +10,15 @@ cache, and the stored/raw ratio is printed (run with -s).
 
 from __future__ import annotations
 
+import _smollm2
 import numpy as np
 import pytest
 import torch
+from _smollm2 import MODEL, SPEC, block_of
 
-from kvbm_codec.api.blocks import BlockSpec, block_positions, block_to_kv, kv_to_block
+from kvbm_codec.api.blocks import block_positions, block_to_kv
 from kvbm_codec.api.types import PutItem
-from kvbm_codec.core.service import BlockService, ServedModel
+from kvbm_codec.core.service import BlockService
 from kvbm_codec.frontends.s3 import BucketBinding, CredentialConfig, S3Config, start_s3_server
 from kvbm_codec.kv import KVCache
 from kvbm_codec.store.memory import MemoryTier
@@ -25,7 +27,6 @@ from kvbm_codec.store.tiered import TieredStore
 nixl_api = pytest.importorskip("nixl._api", reason="nixl is not installed")
 from kvbm_codec.frontends.s3.nixl_obj import ObjClient, obj_params  # noqa: E402
 
-SPEC = BlockSpec(30, 32, 3, 64)
 BUCKET = "kvbm-smollm2-135m"
 AK, SK = "AKNIXLOBJ", "nixl-obj-secret"
 CONTEXT = 1024  # tokens per context: 32 blocks
@@ -56,7 +57,7 @@ def contexts(smollm):
         ctx = ids[:, start : start + CONTEXT]
         cont = ids[:, start + CONTEXT : start + CONTEXT + CONTINUATION]
         kv, _ = smollm.prefill(ctx, return_logits=False)
-        blocks = [kv_to_block(kv.select_tokens(torch.arange(b * 32, (b + 1) * 32)), SPEC) for b in range(32)]
+        blocks = [block_of(kv, b) for b in range(32)]
         out.append((kv, blocks, cont))
     return out
 
@@ -64,7 +65,7 @@ def contexts(smollm):
 @pytest.fixture(scope="module")
 def served(small_calibration):
     def make() -> BlockService:
-        model = ServedModel("smollm2-135m", small_calibration, SPEC, 20.0)
+        model = _smollm2.served(small_calibration)
         return BlockService([model], TieredStore([MemoryTier(1 << 28)]))
 
     svc = make()
@@ -127,10 +128,10 @@ def test_nixl_obj_roundtrip_and_continuation(smollm, contexts, served):
     # The reference: the same codec given the true positions (what the gRPC path sends).
     ref_svc = make_service()
     items = [PutItem(k, buffers[i].tobytes(), first_position=(i % 32) * 32) for i, k in enumerate(keys)]
-    ref_svc.put_blocks("kvbm", "smollm2-135m", items[:32])
-    ref_svc.put_blocks("kvbm", "smollm2-135m", items[32:])
-    ref = [r.data for r in ref_svc.get_blocks("kvbm", "smollm2-135m", keys[:32])]
-    ref += [r.data for r in ref_svc.get_blocks("kvbm", "smollm2-135m", keys[32:])]
+    ref_svc.put_blocks("kvbm", MODEL, items[:32])
+    ref_svc.put_blocks("kvbm", MODEL, items[32:])
+    ref = [r.data for r in ref_svc.get_blocks("kvbm", MODEL, keys[:32])]
+    ref += [r.data for r in ref_svc.get_blocks("kvbm", MODEL, keys[32:])]
     same = sum(a == b for a, b in zip(got, ref, strict=True))
     print(f"blocks identical to the known-position path: {same}/{len(got)} (identical = position recovered)")
 

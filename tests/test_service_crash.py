@@ -16,19 +16,18 @@ import time
 from pathlib import Path
 
 import pytest
+from _smollm2 import MODEL, SPEC
 
 from kvbm_codec.adapters.kv_blocks import kv_blocks
-from kvbm_codec.api.blocks import BlockSpec, block_positions
+from kvbm_codec.api.blocks import block_positions
 from kvbm_codec.api.types import PutItem
 from kvbm_codec.calibration.registry import Registry
 from kvbm_codec.codec.block import KVTCBlockCodec
 from kvbm_codec.frontends.grpc.client import CodecClient
 from kvbm_codec.texts import demo_document
 
-MODEL = "smollm2-135m"
 KILLS = 4
 START_TIMEOUT_S = 180.0
-SPEC = BlockSpec(n_layers=30, page_size=32, n_kv_heads=3, head_dim=64)
 
 
 def _free_port() -> int:

@@ -13,13 +13,14 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import _smollm2
 import grpc
 import pytest
 import torch
+from _smollm2 import MODEL, SPEC
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from kvbm_codec.adapters.kv_blocks import KVBlock, kv_blocks, sequence_hashes
-from kvbm_codec.api.blocks import BlockSpec
 from kvbm_codec.api.errors import (
     InvalidBlockRequestError,
     OverloadedError,
@@ -36,13 +37,10 @@ from kvbm_codec.texts import demo_document
 
 pytestmark = pytest.mark.slow
 
-SPEC = BlockSpec(n_layers=30, page_size=32, n_kv_heads=3, head_dim=64, dtype="float16")
-MODEL = "smollm2-135m"
-
 
 @pytest.fixture(scope="module")
 def served(small_calibration) -> ServedModel:
-    return ServedModel(MODEL, small_calibration, SPEC, 20.0)
+    return _smollm2.served(small_calibration)
 
 
 @pytest.fixture(scope="module")

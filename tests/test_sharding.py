@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import random
 
+import _smollm2
 import pytest
 import torch
+from _smollm2 import MODEL, SPEC
 
 from kvbm_codec.api.blocks import BlockSpec
 from kvbm_codec.api.errors import OverloadedError
@@ -18,11 +20,9 @@ from kvbm_codec.cluster.sharding import (
     StaticMembership,
     is_replica_failure,
 )
-from kvbm_codec.core.service import BlockService, ServedModel, ServiceTransport
+from kvbm_codec.core.service import BlockService, ServiceTransport
 from kvbm_codec.store.memory import MemoryTier
 from kvbm_codec.store.tiered import TieredStore
-
-MODEL = "smollm2-135m"
 
 
 def _keys(n: int, seed: int = 0) -> list[int]:
@@ -97,14 +97,11 @@ def test_replica_failure_classification():
 
 @pytest.fixture
 def replicas(small_calibration):
-    spec = BlockSpec(n_layers=30, page_size=32, n_kv_heads=3, head_dim=64)
     services = {
-        name: BlockService(
-            [ServedModel(MODEL, small_calibration, spec, 20.0)], TieredStore([MemoryTier(1 << 30)])
-        )
+        name: BlockService([_smollm2.served(small_calibration)], TieredStore([MemoryTier(1 << 30)]))
         for name in ("r1", "r2", "r3")
     }
-    return spec, services
+    return SPEC, services
 
 
 def _blocks(spec: BlockSpec, n: int, seed: int) -> list[PutItem]:
