@@ -8,7 +8,9 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
+import _smollm2
 import pytest
+from _smollm2 import MODEL, SPEC
 
 from kvbm_codec.core.parallel import BatchSplitter, available_cores, cgroup_cpu_quota
 
@@ -58,6 +60,26 @@ def test_nothing_is_split_while_every_thread_is_busy() -> None:
     sizes.clear()
     one = BatchSplitter(1)
     assert one.map(record, [1, 2, 3]) == [1, 2, 3] and sizes == [3]
+
+
+def test_a_core_is_kept_free_for_each_request_in_flight() -> None:
+    sizes: list[int] = []
+
+    def record(part: Sequence[int]) -> list[int]:
+        sizes.append(len(part))
+        return list(part)
+
+    two, four = BatchSplitter(2), BatchSplitter(4)
+    try:
+        assert two.map(record, list(range(8)), peers=1) == list(range(8)) and sizes == [8]
+        sizes.clear()
+        assert four.map(record, list(range(8)), peers=1) == list(range(8))
+        assert sorted(sizes) == [2, 3, 3]  # 4 threads, one peer: it keeps one, this request takes three
+        sizes.clear()
+        assert four.map(record, list(range(8)), peers=0) == list(range(8)) and sorted(sizes) == [2, 2, 2, 2]
+    finally:
+        two.close()
+        four.close()
 
 
 def test_a_failing_part_fails_the_call_after_every_part_finished() -> None:
@@ -131,3 +153,38 @@ def test_cgroup_v1_quota_and_unlimited_or_unreadable_files() -> None:
 
 def test_this_machine_never_gets_more_cores_than_its_mask() -> None:
     assert 1 <= available_cores() <= len(os.sched_getaffinity(0))
+
+
+def test_the_service_splits_only_while_no_other_request_is_admitted(smollm, small_calibration) -> None:  # type: ignore[no-untyped-def]
+    """The service hands the splitter the requests it has admitted besides the caller's: a real put
+    and get of eight blocks see no peer alone and one peer while another request holds a slot."""
+    from kvbm_codec.adapters.kv_blocks import kv_blocks
+    from kvbm_codec.api.types import PutItem
+    from kvbm_codec.core.service import BlockService, Limits
+    from kvbm_codec.store.memory import MemoryTier
+    from kvbm_codec.store.tiered import TieredStore
+    from kvbm_codec.texts import demo_document
+
+    blocks = kv_blocks(smollm, demo_document(), SPEC, max_tokens=8 * SPEC.page_size)
+    items = [PutItem(b.sequence_hash, b.data, first_position=b.first_position) for b in blocks]
+    svc = BlockService(
+        [_smollm2.served(small_calibration)],
+        TieredStore([MemoryTier(64 << 20)]),
+        limits=Limits(batch_threads=2),
+    )
+    seen: list[tuple[int, int]] = []
+    real_map = svc._split.map
+
+    def spy(fn, part, *, peers: int = 0):  # type: ignore[no-untyped-def]
+        seen.append((len(part), peers))
+        return real_map(fn, part, peers=peers)
+
+    svc._split.map = spy  # type: ignore[method-assign]
+    try:
+        svc.put_blocks("t", MODEL, items)
+        with svc.request("held-by-another-client"):
+            got = svc.get_blocks("t", MODEL, [i.sequence_hash for i in items])
+        assert seen == [(8, 0), (8, 1)]
+        assert all(g.data is not None for g in got)
+    finally:
+        svc.close()

@@ -54,7 +54,7 @@ class Limits:
     max_frame_bytes: int = 8 << 20
     retry_after_s: float = 0.05
     tenant_classes: Mapping[str, str] = field(default_factory=dict)  # tenant -> metric class
-    batch_threads: int = 1  # threads one request's batch may be split across; 1: never, 0: one per core
+    batch_threads: int = 0  # threads one request's batch may be split across; 1: never, 0: one per core
     get_prefetch: bool = False  # a streamed get decodes its next batch while the current one is sent
 
     @classmethod
@@ -192,6 +192,10 @@ class BlockService:
         finally:
             if tenant is not None:
                 self._tenants.leave(tenant, nbytes)
+
+    def _peers(self) -> int:
+        """Admitted requests besides the caller's (a racy read is fine: it only steers the split)."""
+        return max(0, self._adm.inflight - 1)
 
     def tenant_class(self, tenant: str | None) -> str:
         """The metric class of ``tenant`` (front ends label their own refusals with it)."""
@@ -546,7 +550,7 @@ class BlockService:
                 ]
 
             t0 = time.perf_counter()
-            decoded = self._split.map(decode, [pending[i][0] for i in idx])
+            decoded = self._split.map(decode, [pending[i][0] for i in idx], peers=self._peers())
             per_block = (time.perf_counter() - t0) / len(idx)
             for i, res in zip(idx, decoded, strict=True):
                 if isinstance(res, FrameError | InvalidBlockError):
@@ -609,7 +613,7 @@ class BlockService:
             return list(m.encoder.encode_many(list(b), list(p), list(c)))
 
         try:
-            encoded = self._split.map(encode, work)
+            encoded = self._split.map(encode, work, peers=self._peers())
         except InvalidBlockError as e:
             raise InvalidBlockRequestError(str(e)) from e
         per_block = (time.perf_counter() - t0) / len(items)

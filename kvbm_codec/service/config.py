@@ -327,12 +327,13 @@ class ServiceConfig(BaseSettings):
         "matmuls, DEFLATE and checksums); raise it when few clients send large batches.",
     )
     batch_threads: int = Field(
-        1,
+        0,
         ge=0,
-        description="Threads one request's batch of blocks may be split across, its own included, while "
-        "this process runs fewer codec calls than that (under load nothing is split). 1 (default): never "
-        "split; 0: one per core this process may run on. Splitting measured slower on a shared 2-core "
-        "machine (the splitter cannot see other processes' load); try 0 on dedicated cores.",
+        description="Threads one request's batch of blocks may be split across, its own included. A part "
+        "goes to a helper only while this process runs fewer codec calls, and keeps one core free per other "
+        "request admitted, so under load nothing is split. 0 (default): one per core this process may run "
+        "on (its affinity mask, capped by a cgroup CPU limit); 1: never split. The splitter cannot see "
+        "other processes' load: on cores shared with other busy jobs, 1 measured faster.",
     )
     max_message_bytes: ByteSize = Field(
         64 << 20, gt=0, description="Largest gRPC message received or sent; larger ones are refused."
