@@ -130,11 +130,17 @@ def test_a_tasks_only_suite_needs_no_lm_text() -> None:
 
 def _bench_script(name: str):
     import importlib.util
+    import sys
 
     spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "bench" / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.modules[name] = module  # a dataclass in the script resolves its annotations through it
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
     return module
 
 
@@ -174,14 +180,7 @@ def test_reused_rows_are_keyed_as_the_run_keys_them(quick_run, smollm, tmp_path:
     """bench/accuracy_harness.py --reuse-rows: an earlier run's calibration-free rows land under the
     very keys the runner looks them up by (so a later run finds them), and no calibrated row is reused
     (its result depends on the calibration)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "accuracy_harness", Path(__file__).parents[1] / "bench" / "accuracy_harness.py"
-    )
-    assert spec is not None and spec.loader is not None
-    harness = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(harness)
+    harness = _bench_script("accuracy_harness")
     bench, paths, cache = quick_run
     free = [r for r in bench["results"] if not build_method(r["method"]).needs_calibration]
     assert harness.reuse_rows(smollm, SUITES["quick"], paths["json"], tmp_path) == len(free) > 0
