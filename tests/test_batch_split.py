@@ -158,6 +158,8 @@ def test_this_machine_never_gets_more_cores_than_its_mask() -> None:
 def test_the_service_splits_only_while_no_other_request_is_admitted(smollm, small_calibration) -> None:  # type: ignore[no-untyped-def]
     """The service hands the splitter the requests it has admitted besides the caller's: a real put
     and get of eight blocks see no peer alone and one peer while another request holds a slot."""
+    from prometheus_client import generate_latest
+
     from kvbm_codec.adapters.kv_blocks import kv_blocks
     from kvbm_codec.api.types import PutItem
     from kvbm_codec.core.service import BlockService, Limits
@@ -186,5 +188,14 @@ def test_the_service_splits_only_while_no_other_request_is_admitted(smollm, smal
             got = svc.get_blocks("t", MODEL, [i.sequence_hash for i in items])
         assert seen == [(8, 0), (8, 1)]
         assert all(g.data is not None for g in got)
+        # what an operator reads: the put ran as two parts, the get (a peer in flight) whole
+        page = generate_latest(svc.metrics.registry).decode()
+        for line in (
+            "kvbm_codec_codec_split_threads 2.0",
+            "kvbm_codec_codec_batches_total 2.0",
+            "kvbm_codec_codec_batches_split_total 1.0",
+            "kvbm_codec_codec_batch_parts_total 3.0",
+        ):
+            assert line in page.splitlines(), line
     finally:
         svc.close()

@@ -48,6 +48,10 @@ METRIC_NAMES = (
     f"{PREFIX}_tier_quota_bytes",
     f"{PREFIX}_tier_tenant_used_bytes",
     f"{PREFIX}_tier_tenant_max_used_bytes",
+    f"{PREFIX}_codec_split_threads",
+    f"{PREFIX}_codec_batches_total",
+    f"{PREFIX}_codec_batches_split_total",
+    f"{PREFIX}_codec_batch_parts_total",
     f"{PREFIX}_blocks_dropped_total",
     f"{PREFIX}_calibration_info",
     f"{PREFIX}_build_info",
@@ -124,6 +128,30 @@ class _QuotaCollector(Collector):
                 used.add_metric([tier, c], total[c])
                 top.add_metric([tier, c], most[c])
         yield from (quota, used, top)
+
+
+class _SplitCollector(Collector):
+    """How the service splits a request's batch across cores (``core/parallel.py``), read at scrape
+    time: whether one client's restore gets every core it may, or every batch runs whole."""
+
+    def __init__(self, threads: int, counts: Callable[[], tuple[int, int, int]]) -> None:
+        self._threads, self._counts = threads, counts
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        yield GaugeMetricFamily(
+            f"{PREFIX}_codec_split_threads",
+            "Threads one batch may be split across (batch_threads, or the cores of the mask capped by the "
+            "cgroup CPU quota)",
+            value=self._threads,
+        )
+        batches, split, parts = self._counts()
+        yield CounterMetricFamily(f"{PREFIX}_codec_batches", "Codec batch calls since start", value=batches)
+        yield CounterMetricFamily(
+            f"{PREFIX}_codec_batches_split", "Codec batch calls run as more than one part", value=split
+        )
+        yield CounterMetricFamily(
+            f"{PREFIX}_codec_batch_parts", "Codec parts run (a batch run whole counts one)", value=parts
+        )
 
 
 class ServiceMetrics:
@@ -228,3 +256,6 @@ class ServiceMetrics:
 
     def watch_quotas(self, source: QuotaSource, class_of: Callable[[str], str]) -> None:
         self.registry.register(_QuotaCollector(source, class_of))
+
+    def watch_split(self, threads: int, counts: Callable[[], tuple[int, int, int]]) -> None:
+        self.registry.register(_SplitCollector(threads, counts))

@@ -109,6 +109,9 @@ class BatchSplitter:
         self.threads = threads
         self.min_part = min_part
         self._busy = 0
+        self._batches = 0  # map calls, and those run as more than one part (for the metrics)
+        self._split = 0
+        self._parts = 0
         self._lock = threading.Lock()
         self._pool = (
             ThreadPoolExecutor(threads - 1, thread_name_prefix="kvbm-codec-split") if threads > 1 else None
@@ -118,6 +121,12 @@ class BatchSplitter:
         """Codec parts running now (a test and the metrics may read it)."""
         with self._lock:
             return self._busy
+
+    def counts(self) -> tuple[int, int, int]:
+        """(batches, batches split, parts run) since start: what the metrics export, so an operator
+        sees whether requests are split at all (under load none are, by design)."""
+        with self._lock:
+            return self._batches, self._split, self._parts
 
     def map(self, fn: Callable[[Sequence[T]], list[R]], items: Sequence[T], *, peers: int = 0) -> list[R]:
         """``fn(items)``, computed as ``fn`` of up to ``threads`` contiguous parts, concatenated in order.
@@ -135,6 +144,9 @@ class BatchSplitter:
             idle = self.threads - max(self._busy, peers) - 1
             parts = max(1, min(1 + max(0, idle), n // self.min_part))
             self._busy += parts
+            self._batches += 1
+            self._split += parts > 1
+            self._parts += parts
         try:
             if parts == 1 or self._pool is None:
                 return fn(items)

@@ -156,6 +156,7 @@ class BlockService:
         self.metrics.watch_tiers(store.stats)
         self._adm = _Admission(self.limits.max_inflight_requests)
         self._split = BatchSplitter(self.limits.batch_threads or available_cores())
+        self.metrics.watch_split(self._split.threads, self._split.counts)
         # one helper per admitted request at most: a stream prefetches one batch at a time
         self._prefetch = ThreadPoolExecutor(
             self.limits.max_inflight_requests, thread_name_prefix="kvbm-codec-get"
