@@ -31,6 +31,7 @@ def exposed_series() -> dict[str, str]:
     m = ServiceMetrics()
     m.watch_tiers(lambda: [])
     m.watch_quotas(lambda: [], lambda _tenant: "default")
+    m.watch_split(1, lambda: (0, 0, 0))
     out: dict[str, str] = {}
     for fam in m.registry.collect():
         family = fam.name + {"counter": "_total", "info": "_info"}.get(fam.type, "")

@@ -103,6 +103,32 @@ PANELS: list[tuple[str, str, str, str, list[Q], str]] = [
         "timeseries",
     ),
     (
+        "Codec",
+        "Batches split across cores",
+        "short",
+        "Share of codec batch calls run as more than one part (batch_threads), and parts per batch. "
+        "Near 0 under load by design (a core is kept for every other request in flight); 0 with idle "
+        "cores and slow single restores means the split is off or the CPU limit is one core "
+        "(kvbm_codec_codec_split_threads).",
+        [
+            Q(
+                _q(
+                    f"sum(rate(kvbm_codec_codec_batches_split_total{{}}[{RI}])) / "
+                    f"sum(rate(kvbm_codec_codec_batches_total{{}}[{RI}]))"
+                ),
+                "split share (0-1)",
+            ),
+            Q(
+                _q(
+                    f"sum(rate(kvbm_codec_codec_batch_parts_total{{}}[{RI}])) / "
+                    f"sum(rate(kvbm_codec_codec_batches_total{{}}[{RI}]))"
+                ),
+                "parts per batch",
+            ),
+        ],
+        "timeseries",
+    ),
+    (
         "Traffic",
         "Throughput (blocks/s)",
         "ops",
