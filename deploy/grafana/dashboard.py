@@ -106,10 +106,10 @@ PANELS: list[tuple[str, str, str, str, list[Q], str]] = [
         "Codec",
         "Batches split across cores",
         "short",
-        "Share of codec batch calls run as more than one part (batch_threads), and parts per batch. "
+        "Share of codec batch calls run as more than one part (batch_threads), parts per batch, and "
+        "the most parts a batch may run as. "
         "Near 0 under load by design (a core is kept for every other request in flight); 0 with idle "
-        "cores and slow single restores means the split is off or the CPU limit is one core "
-        "(kvbm_codec_codec_split_threads).",
+        "cores and slow single restores means the split is off or the CPU limit is one core.",
         [
             Q(
                 _q(
@@ -125,6 +125,7 @@ PANELS: list[tuple[str, str, str, str, list[Q], str]] = [
                 ),
                 "parts per batch",
             ),
+            Q(_q("max(kvbm_codec_codec_split_threads{})"), "most parts a batch may run as"),
         ],
         "timeseries",
     ),
