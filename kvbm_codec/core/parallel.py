@@ -110,7 +110,7 @@ class BatchSplitter:
         self.min_part = min_part
         self._busy = 0
         self._batches = 0  # map calls, and those run as more than one part (for the metrics)
-        self._split = 0
+        self._batches_split = 0
         self._parts = 0
         self._lock = threading.Lock()
         self._pool = (
@@ -126,7 +126,7 @@ class BatchSplitter:
         """(batches, batches split, parts run) since start: what the metrics export, so an operator
         sees whether requests are split at all (under load none are, by design)."""
         with self._lock:
-            return self._batches, self._split, self._parts
+            return self._batches, self._batches_split, self._parts
 
     def map(self, fn: Callable[[Sequence[T]], list[R]], items: Sequence[T], *, peers: int = 0) -> list[R]:
         """``fn(items)``, computed as ``fn`` of up to ``threads`` contiguous parts, concatenated in order.
@@ -145,7 +145,7 @@ class BatchSplitter:
             parts = max(1, min(1 + max(0, idle), n // self.min_part))
             self._busy += parts
             self._batches += 1
-            self._split += parts > 1
+            self._batches_split += parts > 1
             self._parts += parts
         try:
             if parts == 1 or self._pool is None:
