@@ -34,7 +34,13 @@ def _root(
     ] = False,
 ) -> None:
     """KV-cache transform coding (KVTC) as a KVBM storage tier."""
+    from kvbm_codec.core.matmul import configure_fp32_matmul
+
     set_debug(debug)
+    try:
+        configure_fp32_matmul()  # every command: float32 matmuls on oneDNN's bf16 path where exact
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from e
 
 
 app.add_typer(registry_app, name="registry")
@@ -98,12 +104,24 @@ def calibrate(
     undo_rope: Annotated[
         bool, typer.Option(help="de-rotate keys before PCA (disable only to ablate)")
     ] = True,
+    prefill_dtype: Annotated[
+        str,
+        typer.Option(
+            help="the covariance prefills' dtype: float32 (the default recipe), bfloat16 (faster where "
+            "the CPU has native bf16; docs/benchmarks.md), auto (bfloat16 there, float32 elsewhere)"
+        ),
+    ] = "float32",
 ) -> None:
     """Compute PCA bases, measured error tables and DP bit allocations for a model."""
     from kvbm_codec.calibration.artifact import save_calibration
     from kvbm_codec.calibration.cache import DEFAULT_FIT_SEQUENCES, corpus_texts, fit_plan, load_or_calibrate
     from kvbm_codec.calibration.calibrate import calibrate as run_calibration
+    from kvbm_codec.models.hf import resolve_prefill_dtype
 
+    try:
+        dtype = resolve_prefill_dtype(prefill_dtype)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from e
     lm = _load(model)
     if corpus not in DEFAULT_FIT_SEQUENCES:
         raise typer.BadParameter(f"--corpus must be one of {', '.join(DEFAULT_FIT_SEQUENCES)}")
@@ -118,10 +136,12 @@ def calibrate(
         raise typer.BadParameter(str(e)) from e
     fit = fit_sequences or DEFAULT_FIT_SEQUENCES[corpus]
     if out is None:
-        cal, path, _ = load_or_calibrate(lm, cfg, corpus=corpus, fit_sequences=fit)
+        cal, path, _ = load_or_calibrate(lm, cfg, corpus=corpus, fit_sequences=fit, prefill_dtype=dtype)
     else:
         texts, corpus_name = corpus_texts(lm.tokenizer, corpus)
-        cal = run_calibration(lm, texts, cfg, fit_sequences=fit_plan(corpus, fit), text_source=corpus_name)
+        cal = run_calibration(
+            lm, texts, cfg, fit_sequences=fit_plan(corpus, fit), text_source=corpus_name, prefill_dtype=dtype
+        )
         save_calibration(cal, out)
         path = out
     if registry is not None:

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
+from kvbm_codec.core.matmul import configure_fp32_matmul
 from kvbm_codec.models.hf import CausalLM
+
+# Tests run float32 matmuls the way every kvbm-codec command does (core/matmul.py): on oneDNN's bf16
+# path where this CPU has it and it proves exact, torch's default elsewhere (KVBM_CODEC_FP32_MATMUL=ieee
+# runs the suite on the default path anywhere).
+configure_fp32_matmul()
 
 
 @pytest.fixture(scope="session")

@@ -121,3 +121,37 @@ def test_context_allocations_are_sized_per_frame_length(smollm, small_calibratio
     # a calibration made before per-length allocations (no frame lengths in the meta) keeps its one
     old = dataclasses.replace(cal, allocations={"cr20": dataclasses.replace(plain, meta={"target_cr": 20.0})})
     assert old.context_allocation(20.0, 10) is old.allocations["cr20"]
+
+
+def test_bf16_fit_prefills_calibrate_as_well_as_float32(smollm) -> None:  # type: ignore[no-untyped-def]
+    """The covariance prefills in bf16 (CausalLM.in_dtype) give a calibration whose codec, on the same
+    held-out float32 KV, stores the same ratio at the same error as the float32 recipe's, with the
+    metric's statistics gathered through the bf16 copy; the recipe says what its prefills ran in."""
+    import torch
+
+    from kvbm_codec.calibration.calibrate import calibrate
+    from kvbm_codec.codec.config import CodecConfig
+
+    cfg = CodecConfig(layer_group_size=6, distortion="attention", layer_sensitivity="analytic")
+    kw = {"targets": (20.0,), "fit_sequences": 4, "seq_len": 512, "progress": False, "block_tokens": ()}
+    exact = calibrate(smollm, calibration_texts(), cfg, **kw)
+    cheap = calibrate(smollm, calibration_texts(), cfg, prefill_dtype="bfloat16", **kw)
+    assert "fit_prefill_dtype" not in exact.provenance
+    assert cheap.provenance["fit_prefill_dtype"] == "bfloat16"
+
+    kv, _ = smollm.prefill(smollm.encode(" ".join(calibration_texts()[40:44]))[:, :700], return_logits=False)
+    kv = compressible(kv, cfg)
+    measured = {}
+    for name, cal in (("exact", exact), ("cheap", cheap)):
+        codec = KVTCCodec(cal, allocation_name(20.0))
+        frame = codec.encode(kv)
+        rec = codec.decode(frame).to(torch.float32)
+        err = {
+            kind: float((r - x).pow(2).sum() / x.pow(2).sum())
+            for kind, r, x in (("k", rec.keys, kv.keys), ("v", rec.values, kv.values))
+        }
+        measured[name] = (kv.nbytes() / len(frame), err)
+    (cr_e, err_e), (cr_c, err_c) = measured["exact"], measured["cheap"]
+    assert cr_c == pytest.approx(cr_e, rel=0.05), measured
+    for kind in ("k", "v"):
+        assert err_c[kind] == pytest.approx(err_e[kind], rel=0.15), measured

@@ -289,3 +289,52 @@ def test_gqa_and_unequal_head_dims_in_info() -> None:
     assert model_fingerprint(model) != before
     kv = KVCache(torch.zeros(2, 2, 3, 16), torch.zeros(2, 2, 3, 24), torch.arange(3))
     assert kv_from_dynamic_cache(kv_to_dynamic_cache(kv), kv.positions).value_head_dim == 24
+
+
+@pytest.mark.slow
+def test_bf16_twin_keeps_the_source_and_rotary_frequencies_exact(
+    smollm: CausalLM, ids: tuple[torch.Tensor, torch.Tensor]
+) -> None:
+    """Calibration's bf16 prefill copy (CausalLM.in_dtype): the float32 model is untouched, the rotary
+    buffers stay float32 (``model.to(bf16)`` rounds inv_freq, rotating keys by angles off by ~0.4% x
+    position, which the codec's exact de-rotation would not undo), and its KV is the source's up to
+    bf16 rounding."""
+    context, _ = ids
+    before = smollm.model.model.layers[3].mlp.up_proj.weight.detach().clone()
+    twin = smollm.in_dtype(torch.bfloat16)
+    assert twin.info is smollm.info and twin.tokenizer is smollm.tokenizer
+    assert smollm.in_dtype(torch.float32) is smollm
+    assert {p.dtype for p in twin.model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in smollm.model.parameters()} == {torch.float32}
+    assert {b.dtype for b in twin.model.buffers()} == {torch.float32}
+    assert torch.equal(smollm.model.model.layers[3].mlp.up_proj.weight, before)
+
+    exact, cheap = smollm.prefill_kv(context), twin.prefill_kv(context)
+    assert cheap.keys.dtype == torch.float32
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a - b).pow(2).mean() / b.pow(2).mean())
+
+    # bf16 rounding through 30 layers: ~1e-4 of the KV's power; a bf16 inv_freq gives ~1e-2 on keys
+    assert rel(cheap.keys, exact.keys) < 2e-3
+    assert rel(cheap.values, exact.values) < 2e-3
+    # de-rotating with the model's true frequencies recovers the bf16 copy's own pre-RoPE keys
+    captured: list[torch.Tensor] = []
+    k_proj = twin.model.model.layers[5].self_attn.k_proj
+    handle = k_proj.register_forward_hook(lambda _m, _i, out: captured.append(out.detach().float()))
+    try:
+        twin.prefill_kv(context)
+    finally:
+        handle.remove()
+    t, h, d = context.shape[1], smollm.info.n_kv_heads, smollm.info.key_head_dim
+    k_pre = captured[0][0].view(t, h, d).transpose(0, 1)
+    assert rel(undo_rope(cheap.keys[5], cheap.positions, smollm.info.rope), k_pre) < 1e-4
+
+
+def test_prefill_dtype_names() -> None:
+    from kvbm_codec.models.hf import fast_prefill_dtype, resolve_prefill_dtype
+
+    assert resolve_prefill_dtype("auto") == fast_prefill_dtype() in ("float32", "bfloat16")
+    assert resolve_prefill_dtype("float32") == "float32"
+    with pytest.raises(ValueError, match="prefill dtype must be auto, float32 or bfloat16; got 'fp8'"):
+        resolve_prefill_dtype("fp8")

@@ -496,3 +496,13 @@ def test_entry_written_before_a_config_field_existed_still_loads(tmp_path: Path,
     rewrite(changed)
     with pytest.raises(CalibrationIntegrityError):
         Registry.from_url(tmp_path).get(fp, cid)
+
+
+def test_prefill_dtype_is_part_of_the_recipe_key() -> None:
+    """A bf16-prefill calibration is another recipe: a float32 machine never reuses one, and float32
+    keys are the ones written before the option existed (so existing caches stay valid)."""
+    from kvbm_codec.calibration.cache import cache_key
+
+    before = cache_key(CodecConfig(), 66, 1024, "broad")
+    assert cache_key(CodecConfig(), 66, 1024, "broad", "float32") == before
+    assert cache_key(CodecConfig(), 66, 1024, "broad", "bfloat16") != before

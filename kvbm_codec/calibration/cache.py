@@ -64,7 +64,11 @@ def cache_dir() -> Path:
 
 
 def cache_key(
-    config: CodecConfig, fit_sequences: int, seq_len: int, corpus_name: str = "pydoc_data.topics"
+    config: CodecConfig,
+    fit_sequences: int,
+    seq_len: int,
+    corpus_name: str = "pydoc_data.topics",
+    prefill_dtype: str = "float32",
 ) -> str:
     cfg = json.loads(config.model_dump_json())
     if cfg.get("distortion") == "mse":
@@ -81,7 +85,8 @@ def cache_key(
             "corpus": corpus_name,
             "block_allocations": BLOCK_ALLOCATION_VERSION,
             "context_allocations": CONTEXT_ALLOCATION_VERSION,
-        },
+        }
+        | ({} if prefill_dtype == "float32" else {"prefill_dtype": prefill_dtype}),  # float32 keys unchanged
         sort_keys=True,
     )
     return hashlib.sha256(key.encode()).hexdigest()[:12]
@@ -119,17 +124,24 @@ def load_or_calibrate(
     fit_sequences: int | None = None,
     seq_len: int = 1024,
     progress: bool = True,
+    prefill_dtype: str = "float32",
 ) -> tuple[Calibration, Path, bool]:
     """(calibration, its file, whether it was computed now).
 
+    prefill_dtype: what the fit prefills run in: float32 (the default recipe), bfloat16, or auto
+    (bfloat16 where the CPU multiplies it natively: models.hf.fast_prefill_dtype). A bf16 recipe is
+    cached under its own key, so no machine silently reuses a recipe it did not ask for.
     A registry entry that fails verification is skipped (it stays for `registry verify` to report)
     and the calibration is recomputed, never used.
     """
+    from kvbm_codec.models.hf import resolve_prefill_dtype
+
     cfg = config or CodecConfig()
     fp = lm.info.fingerprint  # type: ignore[attr-defined]
     fit_sequences = fit_sequences or DEFAULT_FIT_SEQUENCES[corpus]
+    prefill_dtype = resolve_prefill_dtype(prefill_dtype)
     texts, corpus_name = corpus_texts(lm.tokenizer, corpus)
-    key = cache_key(cfg, fit_sequences, seq_len, corpus_name)
+    key = cache_key(cfg, fit_sequences, seq_len, corpus_name, prefill_dtype)
     fit = fit_plan(corpus, fit_sequences)
     reg = local_registry()
     for _, manifest in reg.find(fp, cache_key=key):
@@ -142,7 +154,7 @@ def load_or_calibrate(
         return cal, path, False
     legacy = calibration_path(fp, cfg, fit_sequences, seq_len, corpus_name)
     cal = None
-    if legacy.exists():
+    if legacy.exists() and prefill_dtype == "float32":  # the pre-registry cache only held float32 ones
         try:
             cal = load_calibration(legacy, expected_fingerprint=fp)
         except CalibrationIntegrityError:
@@ -157,6 +169,7 @@ def load_or_calibrate(
             seq_len=seq_len,
             text_source=corpus_name,
             progress=progress,
+            prefill_dtype=prefill_dtype,
         )
     reg.publish(cal, labels={"cache_key": key})
     reg.promote(fp, cal.calibration_id, only_if_unset=True)

@@ -79,6 +79,20 @@ class CalibrationModel(Protocol):
     def prefill_kv(self, input_ids: torch.Tensor) -> KVCache: ...
 
 
+def _fit_model(lm: CalibrationModel, prefill_dtype: str) -> CalibrationModel:
+    """The model the covariance prefills run on: ``lm`` itself in float32, else its copy in
+    ``prefill_dtype`` (models.hf.CausalLM.in_dtype). Those prefills only feed sums (covariances,
+    query and residual energies), which bf16's rounding barely moves (docs/benchmarks.md, "Session
+    21: calibration prefills in bf16"); the held-out prefill and the sensitivity probe, which
+    measure errors, stay on ``lm``."""
+    if prefill_dtype == "float32":
+        return lm
+    in_dtype = getattr(lm, "in_dtype", None)
+    if in_dtype is None:
+        raise ValueError(f"prefill dtype {prefill_dtype!r} needs a model with in_dtype (models.hf.CausalLM)")
+    return cast(CalibrationModel, in_dtype(getattr(torch, prefill_dtype)))
+
+
 class PhaseClock:
     """Wall time of each calibration phase: printed as each ends (progress on a slow machine) and kept
     in the artifact's provenance, so a slow calibration says which phase was slow."""
@@ -313,10 +327,12 @@ def calibrate(
     text_source: str = "",
     progress: bool = True,
     block_tokens: Sequence[int] = DEFAULT_BLOCK_TOKENS,
+    prefill_dtype: str = "float32",
 ) -> Calibration:
     """texts: one corpus (a list of documents) or several domains ({name: documents}); with domains
     the fit sequences are split between them (evenly, or {domain: count}), each domain's next
-    sequence is held out, and the held-out tokens mix all of them."""
+    sequence is held out, and the held-out tokens mix all of them. prefill_dtype: what the fit
+    prefills run in (float32 or bfloat16; see _fit_model)."""
     cfg = config or CodecConfig()
     clock = PhaseClock(progress)
     provenance: dict = {
@@ -325,6 +341,8 @@ def calibrate(
         "seq_len": seq_len,
         "distortion": cfg.distortion,
     }
+    if prefill_dtype != "float32":  # absent from float32 ones, whose bytes (and ids) stay as they were
+        provenance["fit_prefill_dtype"] = prefill_dtype
     if isinstance(texts, Mapping):
         if isinstance(fit_sequences, Mapping):
             counts = {d: int(fit_sequences.get(d, 0)) for d in texts}
@@ -357,15 +375,17 @@ def calibrate(
         "block_tokens": block_tokens,
         "ratio_sources": held_kvs if isinstance(texts, Mapping) else None,
     }
-    with _statistics_hook(lm, cfg) as stats:
+    fit_lm = _fit_model(lm, prefill_dtype)
+    with _statistics_hook(fit_lm, cfg, weights_from=lm) as stats:
         if cfg.layer_sensitivity == "analytic":
             return calibrate_from_kv(
-                lm.info, calibration_kv(lm, fit, progress), held_out, cfg, statistics=stats, **common
+                lm.info, calibration_kv(fit_lm, fit, progress), held_out, cfg, statistics=stats, **common
             )  # type: ignore[arg-type]
         # measured: the probe needs the sums first, and must run with no statistics hook attached
         with clock.phase("prefill + covariances"):
             shape = _model_shape(lm.info)
-            accs = accumulate_covariances(calibration_kv(lm, fit, progress), cfg, lm.info.rope, shape)  # type: ignore[attr-defined]
+            accs = accumulate_covariances(calibration_kv(fit_lm, fit, progress), cfg, lm.info.rope, shape)  # type: ignore[attr-defined]
+    del fit_lm  # a bf16 copy's weights are not needed past the prefills
     assert stats is not None  # the config refuses 'measured' without the attention metric
     probes = probe_ids if isinstance(texts, Mapping) else [seqs[fit_sequences]]
     with clock.phase("sensitivity probe"):
@@ -452,8 +472,11 @@ def _model_shape(info: object) -> ModelShape:
 
 
 @contextmanager
-def _statistics_hook(lm: CalibrationModel, cfg: CodecConfig) -> Iterator[ModelStatistics | None]:
-    """Query/residual statistics gathered in the same prefills as the covariances (metric modes only)."""
+def _statistics_hook(
+    lm: CalibrationModel, cfg: CodecConfig, weights_from: CalibrationModel | None = None
+) -> Iterator[ModelStatistics | None]:
+    """Query/residual statistics gathered in the same prefills as the covariances (metric modes only);
+    the o_proj grams come from ``weights_from``'s weights (the float32 model when ``lm`` is its bf16 copy)."""
     if cfg.distortion == "mse":
         yield None
         return
@@ -463,7 +486,8 @@ def _statistics_hook(lm: CalibrationModel, cfg: CodecConfig) -> Iterator[ModelSt
             f"distortion {cfg.distortion!r} needs the torch model (lm.model) to gather statistics"
         )
     n_q = int(model.config.num_attention_heads)
-    with gather_statistics(model, n_q, lm.info.key_head_dim) as stats:  # type: ignore[attr-defined]
+    source = getattr(weights_from or lm, "model", model)
+    with gather_statistics(model, n_q, lm.info.key_head_dim, weights_from=source) as stats:  # type: ignore[attr-defined]
         yield stats
 
 

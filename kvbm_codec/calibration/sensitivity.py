@@ -69,10 +69,17 @@ PROBE_BATCH_ROWS = 12
 bigger matmuls than one 64-token row, bounded memory (each row holds its own context cache)."""
 
 
-def output_kl(ref: torch.Tensor, out: torch.Tensor) -> float:
+def reference_log_probs(ref: torch.Tensor) -> torch.Tensor:
+    """The float64 log-softmax output_kl compares against: a probe scores 2 x layers variants against
+    each reference, so it is computed once per reference (the same values either way)."""
+    return F.log_softmax(ref.to(torch.float64), dim=-1)
+
+
+def output_kl(ref: torch.Tensor, out: torch.Tensor, ref_log_probs: torch.Tensor | None = None) -> float:
     """Mean KL(P_ref || P_out) in nats over positions, in float64: a single layer's codec error moves a
-    49k-way softmax by far less than float32 resolves."""
-    log_p = F.log_softmax(ref.to(torch.float64), dim=-1)
+    49k-way softmax by far less than float32 resolves. ref_log_probs: reference_log_probs(ref), when
+    the caller keeps it."""
+    log_p = reference_log_probs(ref) if ref_log_probs is None else ref_log_probs
     log_q = F.log_softmax(out.to(torch.float64), dim=-1)
     return float(F.kl_div(log_q, log_p, log_target=True, reduction="sum") / ref.shape[0])
 
@@ -193,6 +200,7 @@ def _probe_one(
 ) -> dict[str, torch.Tensor]:
     kv, cont = context
     ref = lm.logits_with_cache(kv, cont)
+    log_p = reference_log_probs(ref)
     rec = codec.decode(codec.encode(kv)).to(torch.float32)
     heads: list[int | None] = list(range(kv.keys.shape[1])) if per_head else [None]
     kl = torch.full((kv.n_layers, len(heads), 2), float("nan"), dtype=torch.float64)
@@ -201,7 +209,7 @@ def _probe_one(
         for hi, head in enumerate(heads):
             for ki, kind in enumerate(("k", "v")):
                 variant = _replaced(kv, rec, layer, kind, head)
-                kl[layer, hi, ki] = output_kl(ref, lm.logits_with_cache(variant, cont))
+                kl[layer, hi, ki] = output_kl(ref, lm.logits_with_cache(variant, cont), log_p)
     err = KVCache(rec.keys - kv.keys, rec.values - kv.values, kv.positions)
     return {
         "kl": kl if per_head else kl[:, 0],
@@ -229,11 +237,12 @@ def _probe_layerwise(
         raise ValueError(f"max_rows must be >= 1, got {max_rows}")
     n_heads = contexts[0][0].keys.shape[1]
     heads: list[int | None] = list(range(n_heads)) if per_head else [None]
-    refs, hiddens, recs, out = [], [], [], []
+    refs, ref_log_probs, hiddens, recs, out = [], [], [], [], []
     for kv, cont in contexts:
         ref, hidden = lm.continuation_states(kv, cont)
         rec = codec.decode(codec.encode(kv)).to(torch.float32)
         refs.append(ref)
+        ref_log_probs.append(reference_log_probs(ref))
         hiddens.append(hidden)
         recs.append(rec)
         err = KVCache(rec.keys - kv.keys, rec.values - kv.values, kv.positions)
@@ -259,7 +268,7 @@ def _probe_layerwise(
                 hidden = torch.stack([hiddens[i][layer] for i, _, _ in batch])
                 logits = lm.logits_from_layer(layer, hidden, keys, values, first)
                 for r, (i, ki, hi) in enumerate(batch):
-                    out[i]["kl"][layer, hi, ki] = output_kl(refs[i], logits[r])
+                    out[i]["kl"][layer, hi, ki] = output_kl(refs[i], logits[r], ref_log_probs[i])
     if not per_head:
         for m in out:
             m["kl"] = m["kl"][:, 0]

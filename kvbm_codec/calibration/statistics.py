@@ -94,16 +94,20 @@ def o_proj_grams(model: torch.nn.Module, n_q_heads: int) -> torch.Tensor:
 
 
 @contextmanager
-def gather_statistics(model: torch.nn.Module, n_q_heads: int, head_dim: int) -> Iterator[ModelStatistics]:
+def gather_statistics(
+    model: torch.nn.Module, n_q_heads: int, head_dim: int, weights_from: torch.nn.Module | None = None
+) -> Iterator[ModelStatistics]:
     """Hooks on every layer's q_proj (queries before RoPE: pair energies are rotation invariant) and
-    on every decoder layer's input (the residual stream), accumulating while the block runs."""
+    on every decoder layer's input (the residual stream), accumulating while the block runs. The
+    o_proj grams are read from ``weights_from`` (default ``model``): a bf16 prefill copy hooks here
+    while its float32 source gives exact weights."""
     layers = _attention_modules(model)
     n_layers = len(layers)
     stats = ModelStatistics(
         torch.zeros(n_layers, n_q_heads, head_dim, dtype=torch.float64),
         torch.zeros(n_layers, dtype=torch.float64),
         0,
-        o_proj_grams(model, n_q_heads),
+        o_proj_grams(weights_from if weights_from is not None else model, n_q_heads),
     )
     handles = []
     lock = threading.Lock()  # calibration prefills several sequences at once (calibrate.calibration_kv)

@@ -2,13 +2,16 @@
 
 The codec only ever sees `KVCache`; this module is where transformers' moving API surface is contained
 (the `cache=` keyword of 5.x, DynamicCache's per-layer objects, GGUF de-quantization on load).
-Everything is float32 on CPU: bf16 matmuls are ~5x slower on the build machines, and the codec's error
-measurements must not be polluted by the model's own rounding.
+Everything is float32 on CPU: bf16 matmuls are ~5x slower on AVX2-only machines, and the codec's error
+measurements must not be polluted by the model's own rounding. The one exception is ``CausalLM.in_dtype``:
+calibration's covariance prefills, which only gather statistics, run in bf16 where the CPU multiplies bf16
+natively (``fast_prefill_dtype``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import hashlib
 import json
@@ -223,6 +226,27 @@ def model_info(model: torch.nn.Module, name: str) -> ModelInfo:
     )
 
 
+PREFILL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def fast_prefill_dtype() -> str:
+    """The dtype whose matmuls are fastest on this CPU: bfloat16 where it has native bf16 dot
+    products (AVX512-BF16 or AMX: 2.4x a float32 prefill on the session-21 AVX-512 machine), float32
+    elsewhere (bf16 is ~5x slower on AVX2-only machines, which emulate it)."""
+    from kvbm_codec.core.matmul import native_bf16
+
+    return "bfloat16" if native_bf16() else "float32"
+
+
+def resolve_prefill_dtype(name: str) -> str:
+    """'auto' -> fast_prefill_dtype(); a dtype name is checked, so a typo fails before any prefill."""
+    if name == "auto":
+        return fast_prefill_dtype()
+    if name not in PREFILL_DTYPES:
+        raise ValueError(f"prefill dtype must be auto, {' or '.join(PREFILL_DTYPES)}; got {name!r}")
+    return name
+
+
 def kv_from_dynamic_cache(cache: DynamicCache, positions: torch.Tensor, layer_start: int = 0) -> KVCache:
     """transformers' per-layer [1, H, T, D] tensors -> one stacked float32 KVCache (batch 1 only)."""
     layers = [layer for layer in cache.layers if layer.keys is not None and layer.keys.numel() > 0]
@@ -400,6 +424,22 @@ class CausalLM:
         if use_cache:
             _write_cache(model, tokenizer, cache_dir, marker)
         return cls(model, tokenizer, source.name, source.directory / source.gguf_file)
+
+    def in_dtype(self, dtype: torch.dtype) -> CausalLM:
+        """A copy whose weights are cast to ``dtype``, sharing the tokenizer and ``info`` (so its
+        fingerprint is the source model's). This one keeps its float32 weights (a round trip through
+        bf16 would change them), and buffers stay float32: ``model.to(bf16)`` would also round the
+        rotary ``inv_freq``, rotating keys by angles off by ~0.4% x position, which de-rotation with
+        the true frequencies would not undo. Its KV still comes out float32 (kv_from_dynamic_cache)."""
+        if dtype == next(self.model.parameters()).dtype:
+            return self
+        memo = {
+            id(p): torch.nn.Parameter(p.detach().to(dtype), requires_grad=False)
+            for p in self.model.parameters()
+        }
+        twin = copy.copy(self)
+        twin.model = copy.deepcopy(self.model, memo)
+        return twin
 
     def encode(self, text: str) -> torch.Tensor:
         """Text -> input_ids [1, T], as the model's tokenizer does it (no chat template)."""

@@ -61,6 +61,7 @@ def serve(
     log_level: Annotated[LogLevel | None, typer.Option(case_sensitive=False, help="minimum level")] = None,
 ) -> None:
     """Run the gRPC service until SIGTERM/SIGINT, then drain in-flight requests and exit."""
+    from kvbm_codec.core.matmul import fp32_matmul_mode
     from kvbm_codec.frontends.grpc.server import CodecServer
     from kvbm_codec.server.app import apply_codec_threads, build_service
     from kvbm_codec.service import logging as slog
@@ -84,6 +85,7 @@ def serve(
             cores=available_cores(),
             cpu_quota=cgroup_cpu_quota(),
             batch_threads=cfg.batch_threads,
+            fp32_matmul=fp32_matmul_mode(),  # onednn-bf16 or ieee (core/matmul.py)
         ),
     )
     from kvbm_codec.frontends.grpc.security import from_config as security_from_config

@@ -1,0 +1,58 @@
+"""The process' float32 matmul path (core/matmul.py): switched to oneDNN's bf16 math only where it is
+native and a probe shows float32 accuracy, and then the model's KV is the default path's."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from kvbm_codec.core import matmul
+from kvbm_codec.core.matmul import configure_fp32_matmul, fp32_matmul_mode, native_bf16, probe_error
+
+
+@pytest.fixture
+def restore_mode() -> Iterator[None]:
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    yield
+    torch.backends.mkldnn.matmul.fp32_precision = before
+
+
+def test_ieee_is_torchs_default_path(restore_mode: None) -> None:
+    assert configure_fp32_matmul("ieee") == "ieee" == fp32_matmul_mode()
+    assert torch.backends.mkldnn.matmul.fp32_precision == "ieee"
+    assert probe_error() < 1e-12
+
+
+def test_auto_only_where_native_and_exact(restore_mode: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    mode = configure_fp32_matmul("auto")
+    assert mode == fp32_matmul_mode()
+    assert mode == ("onednn-bf16" if native_bf16() else "ieee")  # this torch build verifies on native CPUs
+    assert probe_error() < matmul.MAX_RELATIVE_ERROR  # whichever path, a float32-accurate one
+    # a CPU whose bf16 path rounds the operands (error ~1e-5) keeps the default path
+    monkeypatch.setattr(matmul, "probe_error", lambda: 1e-5)
+    assert configure_fp32_matmul("auto") == "ieee"
+    monkeypatch.setattr(matmul, "native_bf16", lambda: False)
+    assert configure_fp32_matmul("auto") == "ieee"
+
+
+def test_mode_from_the_environment(restore_mode: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(matmul.FP32_MATMUL_ENV, "ieee")
+    assert configure_fp32_matmul() == "ieee"
+    monkeypatch.setenv(matmul.FP32_MATMUL_ENV, "bf16")
+    with pytest.raises(ValueError, match="KVBM_CODEC_FP32_MATMUL must be one of auto, ieee; got 'bf16'"):
+        configure_fp32_matmul()
+
+
+@pytest.mark.slow
+def test_model_kv_on_either_path_agrees_to_float32_precision(smollm, restore_mode: None) -> None:  # type: ignore[no-untyped-def]
+    """The claim the mode rests on, on the real model: a prefill's KV on oneDNN's bf16 path is the
+    default path's to float32 precision (bf16 weights would be ~1e-4 off, docs/benchmarks.md)."""
+    ids = smollm.encode("The keeper trimmed the wick and wrote the weather in his notebook. " * 12)
+    configure_fp32_matmul("ieee")
+    exact = smollm.prefill_kv(ids)
+    configure_fp32_matmul("auto")
+    fast = smollm.prefill_kv(ids)
+    for a, b in ((fast.keys, exact.keys), (fast.values, exact.values)):
+        assert float((a - b).pow(2).sum() / b.pow(2).sum()) < 1e-9
