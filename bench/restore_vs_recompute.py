@@ -31,6 +31,7 @@ import torch
 
 from kvbm_codec.calibration.cache import load_or_calibrate, local_registry
 from kvbm_codec.codec.kvtc import KVTCCodec
+from kvbm_codec.core.matmul import configure_fp32_matmul
 from kvbm_codec.models.hf import CausalLM
 
 
@@ -128,6 +129,7 @@ def main() -> None:
     p.add_argument("--restore-only", action="store_true", help="skip per-core throughput and memory")
     p.add_argument("--bf16-recompute", action="store_true", help="also time a bf16 prefill of each context")
     a = p.parse_args()
+    matmul = configure_fp32_matmul()  # as every kvbm-codec command runs (KVBM_CODEC_FP32_MATMUL=ieee: off)
     lm = CausalLM.load(a.model)
     twin = lm.in_dtype(torch.bfloat16) if a.bf16_recompute else None
     if a.calibration_id is None:
@@ -165,6 +167,7 @@ def main() -> None:
                 "target_cr": a.target_cr,
                 "calibration_id": cal.calibration_id,
                 "threads": threads,
+                "fp32_matmul": matmul,
                 "load_average_1m": psutil.getloadavg()[0],
                 "prefill_s": prefill_s,
                 "restore_s": restore_s,

@@ -56,3 +56,24 @@ def test_model_kv_on_either_path_agrees_to_float32_precision(smollm, restore_mod
     fast = smollm.prefill_kv(ids)
     for a, b in ((fast.keys, exact.keys), (fast.values, exact.values)):
         assert float((a - b).pow(2).sum() / b.pow(2).sum()) < 1e-9
+
+
+@pytest.mark.slow
+def test_frames_cross_between_the_paths(smollm, small_calibration, restore_mode: None) -> None:  # type: ignore[no-untyped-def]
+    """A frame written on one path decodes on the other to the same KV, up to float32 rounding."""
+    from kvbm_codec.codec.kvtc import KVTCCodec
+
+    ids = smollm.encode("Ships passed far out on the grey water, and one signalled with a lamp. " * 14)
+    kv = smollm.prefill_kv(ids)
+    codec = KVTCCodec(small_calibration, 20.0)
+    decoded = {}
+    for writer in ("auto", "ieee"):
+        configure_fp32_matmul(writer)
+        frame = codec.encode(kv)
+        for reader in ("auto", "ieee"):
+            configure_fp32_matmul(reader)
+            decoded[writer, reader] = codec.decode(frame).to(torch.float32)
+    for writer in ("auto", "ieee"):
+        a, b = decoded[writer, "auto"], decoded[writer, "ieee"]
+        for x, y in ((a.keys, b.keys), (a.values, b.values)):
+            assert float((x - y).pow(2).sum() / y.pow(2).sum()) < 1e-10
