@@ -51,10 +51,12 @@ def main() -> None:
     from kvbm_codec.api.blocks import BlockSpec
     from kvbm_codec.calibration.cache import given_or_default
     from kvbm_codec.codec.block import KVTCBlockCodec
+    from kvbm_codec.core.matmul import configure_fp32_matmul
     from kvbm_codec.models.hf import CausalLM
     from kvbm_codec.server.process import ServiceProcess
     from kvbm_codec.service.config import ModelConfig
 
+    configure_fp32_matmul()  # the decode-only reference runs as the services do (their CLI sets it)
     lm = CausalLM.load()
     cal = given_or_default(lm, args.calibration)
     s, mc = cal.shape, ModelConfig()

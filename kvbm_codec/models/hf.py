@@ -4,8 +4,9 @@ The codec only ever sees `KVCache`; this module is where transformers' moving AP
 (the `cache=` keyword of 5.x, DynamicCache's per-layer objects, GGUF de-quantization on load).
 Everything is float32 on CPU: bf16 matmuls are ~5x slower on AVX2-only machines, and the codec's error
 measurements must not be polluted by the model's own rounding. The one exception is ``CausalLM.in_dtype``:
-calibration's covariance prefills, which only gather statistics, run in bf16 where the CPU multiplies bf16
-natively (``fast_prefill_dtype``).
+calibration's covariance prefills, which only gather statistics, can run on a bf16 copy when asked
+(``kvbm-codec calibrate --prefill-dtype``). Float32 matmuls themselves may run on oneDNN's bf16 path at
+float32 accuracy (core/matmul.py), which every kvbm-codec command sets up, not this module.
 """
 
 from __future__ import annotations
