@@ -232,8 +232,9 @@ PREFILL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 def fast_prefill_dtype() -> str:
     """The dtype whose matmuls are fastest on this CPU: bfloat16 where it has native bf16 dot
-    products (AVX512-BF16 or AMX: 2.4x a float32 prefill on the session-21 AVX-512 machine), float32
-    elsewhere (bf16 is ~5x slower on AVX2-only machines, which emulate it)."""
+    products (AVX512-BF16 or AMX: on the session-21 AVX-512 machine 2.4x a float32 prefill on torch's
+    default matmul path, ~1.2x one on oneDNN's, core/matmul.py), float32 elsewhere (bf16 is ~5x slower
+    on AVX2-only machines, which emulate it)."""
     from kvbm_codec.core.matmul import native_bf16
 
     return "bfloat16" if native_bf16() else "float32"
