@@ -242,7 +242,9 @@ class ServiceMetrics:
         self.calibration_info = Info(
             f"{p}_calibration", "Calibration in use per model", ["model"], registry=r
         )
-        self.build_info = Info(f"{p}_build", "kvbm-codec version", registry=r)
+        self.build_info = Info(
+            f"{p}_build", "kvbm-codec version and float32 matmul path (fp32_matmul)", registry=r
+        )
         self.data_path_active = Gauge(
             f"{p}_data_path_active",
             "1 when a configured data path serves; 0 for NIXL means it fell back to gRPC",

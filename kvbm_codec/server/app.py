@@ -141,8 +141,10 @@ def build_service(cfg: ServiceConfig, models: list[ServedModel] | None = None) -
         models = [served_model(mc, resolve_calibration(mc)) for mc in cfg.models]
     store = build_store(cfg, metrics)
     from kvbm_codec import __version__
+    from kvbm_codec.core.matmul import fp32_matmul_mode
 
-    metrics.build_info.info({"version": __version__})
+    # which float32 matmul path this process runs: pods on CPUs with and without native bf16 differ
+    metrics.build_info.info({"version": __version__, "fp32_matmul": fp32_matmul_mode()})
     return BlockService(
         models,
         store,
