@@ -227,7 +227,7 @@ def model_info(model: torch.nn.Module, name: str) -> ModelInfo:
     )
 
 
-PREFILL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+PREFILL_DTYPES = ("float32", "bfloat16")  # torch attribute names: calibrate takes getattr(torch, name)
 
 
 def fast_prefill_dtype() -> str:
