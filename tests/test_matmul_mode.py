@@ -26,11 +26,20 @@ def test_ieee_is_torchs_default_path(restore_mode: None) -> None:
 
 
 def test_auto_only_where_native_and_exact(restore_mode: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+    bf16_math_error = probe_error()  # this CPU's oneDNN bf16 path, measured apart from the decision
     mode = configure_fp32_matmul("auto")
     assert mode == fp32_matmul_mode()
-    assert mode == ("onednn-bf16" if native_bf16() else "ieee")  # this torch build verifies on native CPUs
+    # AVX512-BF16 without AMX (session 21): float32-level error, taken; AMX (session 22) rounds the
+    # operands (~5e-6), refused: the decision follows the measurement, whichever this CPU gives
+    fast = native_bf16() and bf16_math_error <= matmul.MAX_RELATIVE_ERROR
+    assert mode == ("onednn-bf16" if fast else "ieee")
     assert probe_error() < matmul.MAX_RELATIVE_ERROR  # whichever path, a float32-accurate one
-    # a CPU whose bf16 path rounds the operands (error ~1e-5) keeps the default path
+    # both branches on any CPU: a native one whose bf16 path measures float32-level error takes it ...
+    monkeypatch.setattr(matmul, "native_bf16", lambda: True)
+    monkeypatch.setattr(matmul, "probe_error", lambda: 1.5e-13)
+    assert configure_fp32_matmul("auto") == "onednn-bf16" == fp32_matmul_mode()
+    # ... and one whose bf16 path rounds the operands (error ~1e-5) keeps the default path
     monkeypatch.setattr(matmul, "probe_error", lambda: 1e-5)
     assert configure_fp32_matmul("auto") == "ieee"
     monkeypatch.setattr(matmul, "native_bf16", lambda: False)

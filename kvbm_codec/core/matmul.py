@@ -6,9 +6,10 @@ AVX-512 machine that ran 2.2-2.4x torch's default float32 speed at the codec's a
 shapes, with a relative squared error of ~1.5e-13 against float64 (the default path's: ~6e-14) and
 model KV within ~3e-12 of the default path's (docs/benchmarks.md, "Session 21: float32 matmuls
 through oneDNN's bf16 fpmath"): float32's accuracy, so oneDNN does not simply round the operands
-(that would be ~1e-5). Nothing promises that on every CPU, so the mode is switched on only after a
-probe matmul shows float32-level error on this one; anywhere else (AVX2-only CPUs, where bf16 is
-emulated and slow) matmuls stay as torch runs them.
+(that would be ~1e-5). Nothing promises that on every CPU, and on the session-22 Xeon with AMX it
+does round them (probe error 5.5e-6), so the mode is switched on only after a probe matmul shows
+float32-level error on this one; anywhere else (AMX CPUs, AVX2-only CPUs, where bf16 is emulated
+and slow) matmuls stay as torch runs them.
 
 It is a process-wide torch setting, so only kvbm-codec's own processes (the CLI: ``serve``,
 ``calibrate``, ``demo``, ``eval``, ``bench``) set it; the library never changes it inside an
