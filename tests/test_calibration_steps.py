@@ -69,12 +69,16 @@ def test_allocations_on_two_workers_equal_the_serial_ones(smollm, small_calibrat
     for name, a in serial.allocations.items():
         b = parallel.allocations[name]
         assert b.allocation_id == a.allocation_id, name
-        assert b.meta == a.meta, name
+        # the measured ratio is of real frames: where MKL's 1- and 2-thread matmuls round differently
+        # (the session-22 Xeon) a DEFLATE stream can differ by a byte, so equal to 1e-5, not bit for bit
+        assert b.meta == pytest.approx(a.meta, rel=1e-5), name
 
 
 def test_parallel_prefill_gives_the_serial_kv_in_order_and_the_same_statistics(smollm) -> None:  # type: ignore[no-untyped-def]
     """Two sequences prefilled at once (each on its share of the threads) stream the same KV, in the
-    sequences' order, and the statistics hooks firing from both workers add up to the serial sums."""
+    sequences' order, and the statistics hooks firing from both workers add up to the serial sums.
+    The same to float32 rounding, not bit for bit: MKL's matmuls on one thread and on two sum in
+    different orders on some CPUs (the session-22 Xeon; the session-21 EPYC gave identical bits)."""
     import torch
 
     from kvbm_codec.calibration.calibrate import calibration_kv, token_sequences
@@ -91,10 +95,12 @@ def test_parallel_prefill_gives_the_serial_kv_in_order_and_the_same_statistics(s
         assert torch.get_num_threads() == threads
     (serial, s1), (parallel, s2) = runs[1], runs[2]
     for a, b in zip(serial, parallel, strict=True):
-        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+        assert a.positions.equal(b.positions)
+        for x, y in ((a.keys, b.keys), (a.values, b.values)):  # another order would be O(1) off
+            assert float((x - y).double().pow(2).sum() / y.double().pow(2).sum()) < 1e-10
     assert s1.tokens == s2.tokens == 5 * 192
-    torch.testing.assert_close(s2.query_sq_sum, s1.query_sq_sum, rtol=1e-12, atol=0.0)
-    torch.testing.assert_close(s2.residual_sum, s1.residual_sum, rtol=1e-12, atol=0.0)
+    torch.testing.assert_close(s2.query_sq_sum, s1.query_sq_sum, rtol=1e-5, atol=0.0)
+    torch.testing.assert_close(s2.residual_sum, s1.residual_sum, rtol=1e-5, atol=0.0)
 
 
 def test_context_allocations_are_sized_per_frame_length(smollm, small_calibration) -> None:  # type: ignore[no-untyped-def]

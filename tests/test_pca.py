@@ -22,7 +22,9 @@ def test_streamed_randomized_pca_matches_reference(rank: int) -> None:
     evals = torch.linalg.eigvalsh(xc.T @ xc / x.shape[0]).flip(0)
     # float32 products: error relative to the spectrum scale, not to each tiny eigenvalue
     assert torch.allclose(basis.eigenvalues.double(), evals[:rank], rtol=1e-4, atol=1e-6 * float(evals[0]))
-    assert basis.residual_variance == pytest.approx(float(evals[rank:].sum()), rel=1e-3)
+    # at rank 400 the residual is 3e-5 of the top eigenvalue, where float32 products show: 1.6e-3 off
+    # on the session-22 Xeon's MKL, <1e-3 on the EPYC; one component more or less would be ~5% off
+    assert basis.residual_variance == pytest.approx(float(evals[rank:].sum()), rel=5e-3)
     assert torch.allclose(basis.mean.double(), x.double().mean(0), atol=1e-4)
     eye = basis.basis.T.double() @ basis.basis.double()
     assert torch.allclose(eye, torch.eye(rank, dtype=torch.float64), atol=1e-4)
