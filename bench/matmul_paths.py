@@ -8,23 +8,12 @@ matmuls through oneDNN's bf16 fpmath"). One torch thread, side by side in one pr
 from __future__ import annotations
 
 import copy
-import time
-from collections.abc import Callable
 
 import torch
 
+from kvbm_codec.bench.throughput import _best  # warm-up, then the best of n (as bench throughput)
 from kvbm_codec.core.matmul import native_bf16
 from kvbm_codec.models.hf import CausalLM
-
-
-def _best(fn: Callable[[], object], n: int) -> float:
-    fn()
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
