@@ -8,8 +8,8 @@ model KV within ~3e-12 of the default path's (docs/benchmarks.md, "Session 21: f
 through oneDNN's bf16 fpmath"): float32's accuracy, so oneDNN does not simply round the operands
 (that would be ~1e-5). Nothing promises that on every CPU, and on the session-22 Xeon with AMX it
 does round them (probe error 5.5e-6), so the mode is switched on only after a probe matmul shows
-float32-level error on this one; anywhere else (AMX CPUs, AVX2-only CPUs, where bf16 is emulated
-and slow) matmuls stay as torch runs them.
+float32-level error on this one; anywhere else (a CPU that rounds, like that AMX one; AVX2-only
+CPUs, where bf16 is emulated and slow) matmuls stay as torch runs them.
 
 It is a process-wide torch setting, so only kvbm-codec's own processes (the CLI: ``serve``,
 ``calibrate``, ``demo``, ``eval``, ``bench``) set it; the library never changes it inside an
