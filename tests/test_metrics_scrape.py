@@ -580,7 +580,7 @@ def test_prometheus_scrapes_kvbm_codec_serve(blocks, small_calibration, tmp_path
                 > 0
             )
             build = prom.query("kvbm_codec_build_info")[0]["metric"]
-            assert build["version"] and build["fp32_matmul"] in ("onednn-bf16", "ieee")
+            assert build["version"] and build["fp32_matmul"] in ("onednn-bf16", "ieee", "bf16-rounded")
             _check_dashboard_queries(prom, workload_s, exempt=set())
             _check_rules_loaded(prom)
             _check_labels_bounded(prom, metrics_port, done)

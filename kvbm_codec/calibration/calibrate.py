@@ -39,6 +39,7 @@ from kvbm_codec.codec.params import (
 from kvbm_codec.codec.pca import CovarianceAccumulator, PCABasis, to_features
 from kvbm_codec.codec.quantize import block_error_table
 from kvbm_codec.codec.rope import RotaryParams, undo_rope
+from kvbm_codec.core.matmul import exact_fp32
 from kvbm_codec.kv import KVCache
 
 if TYPE_CHECKING:
@@ -317,6 +318,7 @@ def _text_digest(texts: Sequence[str] | Mapping[str, Sequence[str]]) -> str:
     return hashlib.sha256("\x00".join(flat).encode()).hexdigest()
 
 
+@exact_fp32()  # the probe's KLs sit far below bf16-rounded operands' error (core/matmul.py)
 def calibrate(
     lm: CalibrationModel,
     texts: Sequence[str] | Mapping[str, Sequence[str]],
@@ -510,6 +512,7 @@ def calibrate_small(lm: CalibrationModel) -> Calibration:
     )
 
 
+@exact_fp32()
 def calibrate_from_kv(
     info: object,
     fit_kvs: Iterable[KVCache] | dict[str, CovarianceAccumulator],

@@ -85,7 +85,7 @@ def serve(
             cores=available_cores(),
             cpu_quota=cgroup_cpu_quota(),
             batch_threads=cfg.batch_threads,
-            fp32_matmul=fp32_matmul_mode(),  # onednn-bf16 or ieee (core/matmul.py)
+            fp32_matmul=fp32_matmul_mode(),  # ieee, onednn-bf16 or bf16-rounded (core/matmul.py)
         ),
     )
     from kvbm_codec.frontends.grpc.security import from_config as security_from_config
