@@ -44,7 +44,7 @@ def pinned_service(
 
 
 Level = Callable[[dict[str, Any], str, int], Any]
-"""(targets, path, clients) -> a level with ``open()``, ``run(op)`` (seconds) and ``close()``: the
+"""(targets, path, clients) -> a level with ``open()``, ``run(op, round)`` (seconds) and ``close()``: the
 throughput bench's own clients, handed in so that both benches drive the service the same way."""
 
 
@@ -64,7 +64,7 @@ def _levels(
             try:
                 level.open()
                 for op in ("put", "get"):
-                    yield (path, op, n), n * per_client * spec.nbytes / level.run(op) / 1e6
+                    yield (path, op, n), n * per_client * spec.nbytes / level.run(op, 0) / 1e6
             finally:
                 level.close()
 
