@@ -33,7 +33,7 @@ def test_quick_throughput_json_has_every_figure(small_calibration, tmp_path: Pat
         app,
         [
             *("bench", "throughput", "--quick", "--calibration", str(cal_path), "--json", str(out)),
-            *("--scaling-clients", "2", "--scaling-rounds", "1"),
+            *("--scaling-clients", "2", "--scaling-rounds", "1", "--repeats", "2"),
         ],
     )
     assert res.exit_code == 0, res.output
@@ -49,6 +49,9 @@ def test_quick_throughput_json_has_every_figure(small_calibration, tmp_path: Pat
     assert {"grpc", "s3"} <= paths  # nixl too where the library loads
     assert seen == {(p, op, n) for p in paths for op in ("put", "get") for n in (1, 2)}
     assert all(math.isfinite(r["mbps"]) and r["mbps"] > 0 for r in data["service"])
+    # timed as the codec-only figures: warm, then the best of --repeats rounds (median beside it)
+    assert all(r["rounds"] == 2 and 0 < r["mbps_median"] <= r["mbps"] for r in data["service"])
+    assert data["fp32_matmul"] in ("ieee", "onednn-bf16", "bf16-rounded")
     # lossy frames of real KV compress; a block carries more overhead than the whole context
     assert 1.5 < data["block_stored_ratio"] <= data["context_stored_ratio"] * 1.05
     assert "roofline" in res.output and "of codec" in res.output

@@ -104,7 +104,9 @@ def throughput(
     blocks_per_client: Annotated[
         int | None, typer.Option(help="blocks per client request (default 8)")
     ] = None,
-    repeats: Annotated[int | None, typer.Option(help="codec timings keep the best of this many")] = None,
+    repeats: Annotated[
+        int | None, typer.Option(help="codec timings and service levels keep the best of this many")
+    ] = None,
     target_cr: Annotated[float, typer.Option(help="target compression ratio")] = 20.0,
     service_threads: Annotated[
         int | None, typer.Option(help="torch threads of the service's codec (default: its config's)")

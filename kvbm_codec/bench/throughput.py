@@ -36,6 +36,7 @@ from kvbm_codec.codec.block import KVTCBlockCodec
 from kvbm_codec.codec.kvtc import KVTCCodec
 from kvbm_codec.codec.params import Calibration
 from kvbm_codec.codec.quantize import active_components
+from kvbm_codec.core.matmul import fp32_matmul_mode
 from kvbm_codec.kv import KVCache
 
 PATHS = ("grpc", "nixl", "s3")
@@ -524,7 +525,8 @@ def run_throughput(
     n_comp = rb.kv.n_tokens - int((rb.kv.positions < cal.config.sink_tokens).sum())
     roof = roofline(codec.codec, n_comp, opts.repeats)
     log(
-        f"roofline: {roof['gflops']:.1f} GFLOP/s fp32 (1 thread) at {roof['flop_per_byte']:.0f} FLOP per "
+        f"roofline: {roof['gflops']:.1f} GFLOP/s fp32 ({fp32_matmul_mode()}, 1 thread) at "
+        f"{roof['flop_per_byte']:.0f} FLOP per "
         f"decoded byte -> {roof['implied_decode_mbps']:.1f} MB/s of fp16 KV"
     )
     co = codec_only(codec, rb, opts.batches, opts.repeats, context)
@@ -606,6 +608,7 @@ def run_throughput(
             else ServiceConfig.model_fields["batch_threads"].default
         ),
         "cpus": len(os.sched_getaffinity(0)),
+        "fp32_matmul": fp32_matmul_mode(),  # every MB/s and the roofline depend on it (core/matmul.py)
         "seconds": time.perf_counter() - t0,
     }
 
