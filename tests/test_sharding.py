@@ -4,6 +4,7 @@ blocks over in-process services, failing over when a replica goes away (misses, 
 from __future__ import annotations
 
 import random
+import threading
 
 import _smollm2
 import pytest
@@ -172,3 +173,73 @@ def test_sharded_client_passes_refusals_through(replicas):
     with pytest.raises(OverloadedError):
         client.put_blocks(_blocks(spec, 1, seed=5))
     assert client.replicas == {"r1"} and client.failovers == 0
+
+
+def test_a_request_spread_over_replicas_calls_them_at_once(replicas):
+    """The shares of one request are in flight together (each waits at a barrier only both can pass),
+    so a request over N replicas costs its slowest share, not their sum; fanout=1 calls them in turn."""
+    spec, services = replicas
+    two = {k: services[k] for k in ("r1", "r2")}
+
+    def meeting(barrier: threading.Barrier) -> type[ServiceTransport]:
+        class Meeting(ServiceTransport):
+            def put_blocks(self, items):  # type: ignore[no-untyped-def]
+                barrier.wait()
+                return super().put_blocks(items)
+
+            def get_blocks(self, hashes, *, views=False):  # type: ignore[no-untyped-def]
+                barrier.wait()
+                return super().get_blocks(hashes, views=views)
+
+        return Meeting
+
+    together = meeting(threading.Barrier(2, timeout=30))
+    client = ShardedClient(
+        StaticMembership({k: k for k in two}),
+        lambda k, m: together(two[k], "t", MODEL),
+        refresh_interval_s=3600,
+    )
+    items = _blocks(spec, 16, seed=6)
+    assert {client.owner(it.sequence_hash) for it in items} == set(two)  # the request spans both
+    assert len(client.put_blocks(items)) == 16  # in turn, the first share would break the barrier
+    got = client.get_blocks([it.sequence_hash for it in items])
+    assert [g.data for g in got] == [it.data for it in items]
+    client.close()
+
+    in_turn = meeting(threading.Barrier(2, timeout=0.5))
+    serial = ShardedClient(
+        StaticMembership({k: k for k in two}),
+        lambda k, m: in_turn(two[k], "t", MODEL),
+        refresh_interval_s=3600,
+        fanout=1,
+    )
+    with pytest.raises(threading.BrokenBarrierError):  # not a replica failure: raised, nothing marked dead
+        serial.put_blocks(_blocks(spec, 16, seed=7))
+    assert serial.replicas == set(two) and serial.failovers == 0
+    with pytest.raises(ValueError, match="fanout"):
+        ShardedClient(StaticMembership({}), lambda k, m: together(two[k], "t", MODEL), fanout=0)
+
+
+def test_an_error_on_one_share_is_raised_after_every_share_finished(replicas):
+    spec, services = replicas
+    two = {k: services[k] for k in ("r1", "r2")}
+    finished: list[str] = []
+
+    class Recording(ServiceTransport):
+        def __init__(self, key: str) -> None:
+            super().__init__(two[key], "t", MODEL)
+            self.key = key
+
+        def put_blocks(self, items):  # type: ignore[no-untyped-def]
+            if self.key == "r1":
+                raise OverloadedError("busy", retry_after_s=0.1)
+            out = super().put_blocks(items)
+            finished.append(self.key)
+            return out
+
+    client = ShardedClient(StaticMembership({k: k for k in two}), lambda k, m: Recording(k))
+    items = _blocks(spec, 16, seed=8)
+    with pytest.raises(OverloadedError):
+        client.put_blocks(items)
+    assert finished == ["r2"] and client.failovers == 0  # the other share ran to its end first
+    client.close()

@@ -1,0 +1,172 @@
+"""One `serve` on every core, or one `serve` per core behind a ShardedClient: which gets more out of a node?
+
+A `kvbm-codec serve` process runs its codec's small ops under one GIL, and on the session-23 VM two
+threads of them convoy (docs/benchmarks.md). Replicas are shards already (cluster/sharding.py), so a
+node's cores can instead run one 1-core replica each, the clients spreading blocks over them by the
+consistent-hash ring. Both layouts get the same real SmolLM2 blocks from clients in this process, gRPC
+on 127.0.0.1, 8 blocks per request; the layouts alternate for ``--rounds`` rounds and each level
+keeps its best round (every put round stores new blocks; each get round reads its own round's).
+
+    python bench/replicas_per_core.py --clients 1,4 --rounds 3 --json bench/results/replicas_per_core_s23.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from kvbm_codec.api.blocks import BlockSpec
+from kvbm_codec.api.types import PutItem
+from kvbm_codec.bench.scaling import STARTUP_TIMEOUT_S, pinned_service
+from kvbm_codec.bench.throughput import RealBlocks, real_blocks
+from kvbm_codec.calibration.cache import given_or_default
+from kvbm_codec.calibration.registry import Registry
+from kvbm_codec.cluster.sharding import ShardedClient, StaticMembership
+from kvbm_codec.core.matmul import configure_fp32_matmul
+from kvbm_codec.frontends.grpc.client import CodecClient
+from kvbm_codec.models.hf import CausalLM
+from kvbm_codec.server.process import ServiceProcess
+from kvbm_codec.service.config import ModelConfig
+
+PER_REQUEST = 8
+
+
+def _client(services: list[ServiceProcess], fanout: int) -> Any:
+    if len(services) == 1:
+        return CodecClient(services[0].target, model=services[0].model, timeout_s=600)
+    members = {s.target: s for s in services}
+    return ShardedClient(
+        StaticMembership(members),
+        lambda key, svc: CodecClient(svc.target, model=svc.model, timeout_s=600),
+        refresh_interval_s=3600,
+        fanout=fanout,
+    )
+
+
+def _level(
+    services: list[ServiceProcess], rb: RealBlocks, n: int, rounds: int, salt: int, fanout: int
+) -> dict[str, float]:
+    """Best MB/s of n clients putting, then getting, 8 blocks each, over ``rounds`` rounds."""
+    clients = [_client(services, fanout) for _ in range(n)]
+    ps = rb.spec.page_size
+
+    def keys(c: int, r: int) -> list[int]:
+        mix = 0x9E3779B97F4A7C15 * (salt + 131 * c) + 0xD1B54A32D192ED03 * (r + 2)
+        return [
+            (rb.hashes[(c * PER_REQUEST + k) % len(rb.data)] ^ mix) & (2**64 - 1) for k in range(PER_REQUEST)
+        ]
+
+    def put(c: int, r: int) -> None:
+        idx = [(c * PER_REQUEST + k) % len(rb.data) for k in range(PER_REQUEST)]
+        clients[c].put_blocks(
+            [PutItem(h, rb.data[i], first_position=i * ps) for h, i in zip(keys(c, r), idx, strict=True)]
+        )
+
+    def get(c: int, r: int) -> None:
+        got = clients[c].get_blocks(keys(c, r))
+        if not all(g.status == "hit" and g.data is not None and len(g.data) == rb.block_bytes for g in got):
+            raise RuntimeError("a get did not return every block it put")
+
+    def timed(fn: Any, r: int) -> float:
+        errors: list[BaseException] = []
+
+        def run(c: int) -> None:
+            try:
+                fn(c, r)
+            except BaseException as e:  # re-raised below: a failed level is no figure
+                errors.append(e)
+
+        threads = [threading.Thread(target=run, args=(c,), daemon=True) for c in range(n)]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        return time.perf_counter() - t0
+
+    try:
+        timed(put, -1)  # warm-up at the timed size: channels, first batches
+        timed(get, -1)
+        mb = n * PER_REQUEST * rb.spec.nbytes / 1e6
+        return {op: mb / min(timed(fn, r) for r in range(rounds)) for op, fn in (("put", put), ("get", get))}
+    finally:
+        for c in clients:
+            c.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--clients", default="1,4")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of both layouts")
+    ap.add_argument("--repeats", type=int, default=3, help="timed put/get rounds per level and layout")
+    ap.add_argument("--fanout", type=int, default=16, help="ShardedClient fanout (1: shares in turn)")
+    ap.add_argument("--json", type=Path, required=True)
+    a = ap.parse_args()
+    mode = configure_fp32_matmul()
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        raise SystemExit("needs 2+ cores")
+    lm = CausalLM.load()
+    cal = given_or_default(lm, None)
+    mc = ModelConfig()
+    s = cal.shape
+    spec = BlockSpec(s.n_layers, mc.page_size, s.n_kv_heads, s.key_head_dim, mc.dtype)
+    rb = real_blocks(lm, spec, 64)
+    clients = [int(c) for c in a.clients.split(",")]
+    most = max(clients)
+    settings = {"DYN_KVBM_CODEC_MAX_INFLIGHT_REQUESTS": str(max(64, 2 * most))}
+    layouts = {"one serve on every core": [cores], "one serve per core, sharded": [[c] for c in cores]}
+    best: dict[tuple[str, int, str], float] = {}
+    with tempfile.TemporaryDirectory(prefix="kvbm-codec-replicas-") as d:
+        registry = Path(d) / "registry"
+        Registry.from_url(registry).publish(cal, promote=True)
+        for rnd in range(a.rounds):
+            for li, (name, core_sets) in enumerate(layouts.items()):
+                services = [
+                    pinned_service(
+                        registry, cal, spec, 20.0, cs, settings, Path(d) / f"serve-{rnd}-{li}-{i}.log"
+                    )
+                    for i, cs in enumerate(core_sets)
+                ]
+                try:
+                    for svc in services:
+                        with CodecClient(svc.target, model=svc.model, timeout_s=5.0) as c:
+                            svc.wait_healthy(c, STARTUP_TIMEOUT_S)
+                    for n in clients:
+                        got = _level(services, rb, n, a.repeats, 1 + 1000 * rnd + 100 * li + n, a.fanout)
+                        for op, v in got.items():
+                            best[(name, n, op)] = max(best.get((name, n, op), 0.0), v)
+                            print(
+                                f"round {rnd + 1} {name:28s} {n:2d} clients {op}: {v:7.1f} MB/s", flush=True
+                            )
+                finally:
+                    for svc in services:
+                        svc.stop()
+    rows = [{"layout": k[0], "clients": k[1], "op": k[2], "mbps": v} for k, v in sorted(best.items())]
+    names = list(layouts)
+    for n in clients:
+        for op in ("put", "get"):
+            one, per = best[(names[0], n, op)], best[(names[1], n, op)]
+            print(
+                f"{n:2d} clients {op}: one serve {one:7.1f} MB/s, one per core {per:7.1f} ({per / one:.2f}x)"
+            )
+    a.json.parent.mkdir(parents=True, exist_ok=True)
+    a.json.write_text(
+        json.dumps(
+            {"cores": cores, "fp32_matmul": mode, "fanout": a.fanout, "calibration_id": cal.calibration_id,
+             "rounds": a.rounds, "repeats": a.repeats, "blocks_per_request": PER_REQUEST, "rows": rows},
+            indent=1,
+        )
+    )  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
