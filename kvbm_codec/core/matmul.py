@@ -11,11 +11,12 @@ does round them (probe error 5.5e-6), so the mode is switched on only after a pr
 float32-level error on this one; anywhere else (a CPU that rounds, like that AMX one; AVX2-only
 CPUs, where bf16 is emulated and slow) matmuls stay as torch runs them.
 
-``bf16`` asks for oneDNN's bf16 math even where it rounds the operands (AMX). That costs the codec a
-relative squared error of ~5e-6 per matmul, three to four decades under its own quantization error
-at 8x and above (docs/benchmarks.md, "Session 23"), for 2-4x its float32 matmul speed: the setting
-for ``serve`` on such a CPU. Calibration measures errors far smaller than that rounding (the
-sensitivity probe's KLs), so it always runs float32 matmuls exactly (``exact_fp32``).
+``bf16`` asks for oneDNN's bf16 math even where it rounds the operands (AMX). Each matmul then errs by
+~5e-6 (relative squared), which adds 0.2-1.1% to the codec's own error at 16-32x and ~2.5% at 8x,
+for about 2x the matmul speed at the codec's shapes and 1.4-1.9x the codec's (docs/benchmarks.md,
+"Session 23"): the setting for ``serve`` on such a CPU. Calibration measures errors far smaller than
+that rounding (the sensitivity probe's KLs), so it always runs float32 matmuls exactly
+(``exact_fp32``).
 
 It is a process-wide torch setting, so only kvbm-codec's own processes (the CLI: ``serve``,
 ``calibrate``, ``demo``, ``eval``, ``bench``) set it; the library never changes it inside an
