@@ -37,6 +37,11 @@ def _text(name: str, texts_dir: Path) -> str:
     return path.read_text(encoding="utf-8", errors="replace")
 
 
+def _sq_diff(a: KVCache, b: KVCache, kind: str, mask: torch.Tensor) -> float:
+    """Squared difference of a's and b's keys or values over the tokens ``mask`` selects."""
+    return float((getattr(a, kind)[:, :, mask] - getattr(b, kind)[:, :, mask]).pow(2).sum())
+
+
 def _timed_frames(codec: KVTCCodec, kv: KVCache, repeats: int, out: dict[str, dict]) -> tuple[dict, dict]:
     """Each mode's frame, and its (encode, decode) seconds on one thread per interleaved round: the
     machine's drift hits both modes alike."""
@@ -110,12 +115,7 @@ def main() -> None:
                 configure_fp32_matmul(mode)
                 decoded[mode] = codec.decode(frames[mode]).to(torch.float32)
             configure_fp32_matmul("ieee")
-            err = {
-                kind: float(
-                    (getattr(decoded["ieee"], kind)[:, :, mask] - getattr(kv, kind)[:, :, mask]).pow(2).sum()
-                )
-                for kind in ("keys", "values")
-            }
+            err = {kind: _sq_diff(decoded["ieee"], kv, kind, mask) for kind in ("keys", "values")}
             for mode in ("ieee", "bf16"):
                 rec = decoded[mode]
                 logits = lm.logits_with_cache(rec, cont)[:-1]
@@ -131,12 +131,7 @@ def main() -> None:
                     "key_rel_mse": relative_mse(kv.keys[:, :, mask], rec.keys[:, :, mask]),
                     "value_rel_mse": relative_mse(kv.values[:, :, mask], rec.values[:, :, mask]),
                     "rounding_over_codec_error": {
-                        kind: float(
-                            (getattr(rec, kind)[:, :, mask] - getattr(decoded["ieee"], kind)[:, :, mask])
-                            .pow(2)
-                            .sum()
-                        )
-                        / err[kind]
+                        kind: _sq_diff(rec, decoded["ieee"], kind, mask) / err[kind]
                         for kind in ("keys", "values")
                     },
                     "encode_s": enc,
