@@ -16,15 +16,12 @@ import argparse
 import json
 import os
 import tempfile
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
 from kvbm_codec.api.blocks import BlockSpec
-from kvbm_codec.api.types import PutItem
 from kvbm_codec.bench.scaling import STARTUP_TIMEOUT_S, pinned_service
-from kvbm_codec.bench.throughput import RealBlocks, real_blocks
+from kvbm_codec.bench.throughput import RealBlocks, _Level, real_blocks
 from kvbm_codec.calibration.cache import given_or_default
 from kvbm_codec.calibration.registry import Registry
 from kvbm_codec.cluster.sharding import ShardedClient, StaticMembership
@@ -37,12 +34,14 @@ from kvbm_codec.service.config import ModelConfig
 PER_REQUEST = 8
 
 
-def _client(services: list[ServiceProcess], fanout: int) -> Any:
-    if len(services) == 1:
-        return CodecClient(services[0].target, model=services[0].model, timeout_s=600)
-    members = {s.target: s for s in services}
+def _client(services: list[ServiceProcess], fanout: int, c: int, spread: bool) -> Any:
+    """Client c's transport: a ShardedClient over every replica (``spread``), or a CodecClient of
+    replica c mod N (each client keeps to one replica, with whole requests)."""
+    if not spread or len(services) == 1:
+        svc = services[c % len(services)]
+        return CodecClient(svc.target, model=svc.model, timeout_s=600)
     return ShardedClient(
-        StaticMembership(members),
+        StaticMembership({s.target: s for s in services}),
         lambda key, svc: CodecClient(svc.target, model=svc.model, timeout_s=600),
         refresh_interval_s=3600,
         fanout=fanout,
@@ -50,56 +49,17 @@ def _client(services: list[ServiceProcess], fanout: int) -> Any:
 
 
 def _level(
-    services: list[ServiceProcess], rb: RealBlocks, n: int, rounds: int, salt: int, fanout: int
+    services: list[ServiceProcess], rb: RealBlocks, n: int, rounds: int, fanout: int, spread: bool
 ) -> dict[str, float]:
-    """Best MB/s of n clients putting, then getting, 8 blocks each, over ``rounds`` rounds."""
-    clients = [_client(services, fanout) for _ in range(n)]
-    ps = rb.spec.page_size
-
-    def keys(c: int, r: int) -> list[int]:
-        mix = 0x9E3779B97F4A7C15 * (salt + 131 * c) + 0xD1B54A32D192ED03 * (r + 2)
-        return [
-            (rb.hashes[(c * PER_REQUEST + k) % len(rb.data)] ^ mix) & (2**64 - 1) for k in range(PER_REQUEST)
-        ]
-
-    def put(c: int, r: int) -> None:
-        idx = [(c * PER_REQUEST + k) % len(rb.data) for k in range(PER_REQUEST)]
-        clients[c].put_blocks(
-            [PutItem(h, rb.data[i], first_position=i * ps) for h, i in zip(keys(c, r), idx, strict=True)]
-        )
-
-    def get(c: int, r: int) -> None:
-        got = clients[c].get_blocks(keys(c, r))
-        if not all(g.status == "hit" and g.data is not None and len(g.data) == rb.block_bytes for g in got):
-            raise RuntimeError("a get did not return every block it put")
-
-    def timed(fn: Any, r: int) -> float:
-        errors: list[BaseException] = []
-
-        def run(c: int) -> None:
-            try:
-                fn(c, r)
-            except BaseException as e:  # re-raised below: a failed level is no figure
-                errors.append(e)
-
-        threads = [threading.Thread(target=run, args=(c,), daemon=True) for c in range(n)]
-        t0 = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        if errors:
-            raise errors[0]
-        return time.perf_counter() - t0
-
+    """Best MB/s of n clients putting, then getting, 8 blocks each, over ``rounds`` rounds: the
+    throughput bench's own gRPC level (warm-up at the timed size, new blocks every put round)."""
+    level = _Level({}, "grpc", n, rb, PER_REQUEST, connect=lambda c: _client(services, fanout, c, spread))
+    level.open()
     try:
-        timed(put, -1)  # warm-up at the timed size: channels, first batches
-        timed(get, -1)
         mb = n * PER_REQUEST * rb.spec.nbytes / 1e6
-        return {op: mb / min(timed(fn, r) for r in range(rounds)) for op, fn in (("put", put), ("get", get))}
+        return {op: mb / min(level.run(op, r) for r in range(rounds)) for op in ("put", "get")}
     finally:
-        for c in clients:
-            c.close()
+        level.close()
 
 
 def main() -> None:
@@ -123,13 +83,18 @@ def main() -> None:
     clients = [int(c) for c in a.clients.split(",")]
     most = max(clients)
     settings = {"DYN_KVBM_CODEC_MAX_INFLIGHT_REQUESTS": str(max(64, 2 * most))}
-    layouts = {"one serve on every core": [cores], "one serve per core, sharded": [[c] for c in cores]}
+    per_core = [[c] for c in cores]
+    layouts = {  # name: (core sets, clients spread over every replica by the ring)
+        "one serve on every core": ([cores], True),
+        "one serve per core, sharded": (per_core, True),
+        "one serve per core, one each": (per_core, False),  # client c keeps to replica c mod N
+    }
     best: dict[tuple[str, int, str], float] = {}
     with tempfile.TemporaryDirectory(prefix="kvbm-codec-replicas-") as d:
         registry = Path(d) / "registry"
         Registry.from_url(registry).publish(cal, promote=True)
         for rnd in range(a.rounds):
-            for li, (name, core_sets) in enumerate(layouts.items()):
+            for li, (name, (core_sets, spread)) in enumerate(layouts.items()):
                 services = [
                     pinned_service(
                         registry, cal, spec, 20.0, cs, settings, Path(d) / f"serve-{rnd}-{li}-{i}.log"
@@ -141,11 +106,11 @@ def main() -> None:
                         with CodecClient(svc.target, model=svc.model, timeout_s=5.0) as c:
                             svc.wait_healthy(c, STARTUP_TIMEOUT_S)
                     for n in clients:
-                        got = _level(services, rb, n, a.repeats, 1 + 1000 * rnd + 100 * li + n, a.fanout)
+                        got = _level(services, rb, n, a.repeats, a.fanout, spread)
                         for op, v in got.items():
                             best[(name, n, op)] = max(best.get((name, n, op), 0.0), v)
                             print(
-                                f"round {rnd + 1} {name:28s} {n:2d} clients {op}: {v:7.1f} MB/s", flush=True
+                                f"round {rnd + 1} {name:30s} {n:2d} clients {op}: {v:7.1f} MB/s", flush=True
                             )
                 finally:
                     for svc in services:
@@ -154,10 +119,9 @@ def main() -> None:
     names = list(layouts)
     for n in clients:
         for op in ("put", "get"):
-            one, per = best[(names[0], n, op)], best[(names[1], n, op)]
-            print(
-                f"{n:2d} clients {op}: one serve {one:7.1f} MB/s, one per core {per:7.1f} ({per / one:.2f}x)"
-            )
+            base = best[(names[0], n, op)]
+            vs = ", ".join(f"{m} {best[(m, n, op)]:.1f} ({best[(m, n, op)] / base:.2f}x)" for m in names[1:])
+            print(f"{n:2d} clients {op}: {names[0]} {base:.1f} MB/s; {vs}")
     a.json.parent.mkdir(parents=True, exist_ok=True)
     a.json.write_text(
         json.dumps(

@@ -272,8 +272,21 @@ def s3_placement(
 class _Level:
     """One (path, clients) level: every client stores its own copy of the blocks, then reads it back."""
 
-    def __init__(self, targets: dict[str, Any], path: str, n_clients: int, rb: RealBlocks, per_client: int):
+    def __init__(
+        self,
+        targets: dict[str, Any],
+        path: str,
+        n_clients: int,
+        rb: RealBlocks,
+        per_client: int,
+        connect: Callable[[int], Any] | None = None,
+    ):
+        """``connect(c)``: client c's gRPC transport (e.g. a ShardedClient over several replicas),
+        instead of a CodecClient of ``targets["grpc"]``; the grpc path only."""
+        if connect is not None and path != "grpc":
+            raise ValueError(f"a connect hook drives the grpc path only, not {path!r}")
         self.targets, self.path, self.n, self.rb = targets, path, n_clients, rb
+        self.connect = connect
         self.idx = [
             [(c * per_client + k) % len(rb.data) for k in range(per_client)] for c in range(n_clients)
         ]
@@ -289,6 +302,9 @@ class _Level:
             if self.path == "s3":
                 self.clients.append(_s3_client(self.targets["s3"], per_client=len(self.idx[c])))
                 self.pools.append(ThreadPoolExecutor(len(self.idx[c]), thread_name_prefix="bench-s3"))
+                continue
+            if self.connect is not None:
+                self.clients.append(self.connect(c))
                 continue
             from kvbm_codec.frontends.grpc.client import CodecClient
 
