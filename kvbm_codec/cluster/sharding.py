@@ -14,8 +14,8 @@ it (its Dynamo lease lapses) or ``dead_retry_s`` passes; puts that failed are re
 A request spread over several replicas calls them concurrently (up to ``fanout`` at once), so it takes
 as long as its slowest share, not the sum of them. That is also what makes one replica per core a way
 to use a node's cores without one process' GIL: on a 2-core VM two 1-core replicas behind this client
-served one client's puts at 1.52x and gets at 1.31x the MB/s of one 2-core process (docs/benchmarks.md,
-"Session 23").
+served one client's puts at 1.44-1.52x the MB/s of one 2-core process (docs/benchmarks.md, "Session
+23"); calling them in turn, the same layout was slower than the one process.
 """
 
 from __future__ import annotations
