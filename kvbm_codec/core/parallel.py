@@ -5,9 +5,9 @@ core busy, but a single client's batch used one core while the other idled: a 1-
 blocks measured 40-51% of the one-core codec, while 4 clients reached 100% (docs/benchmarks.md). The
 codec releases the GIL in its matmuls, DEFLATE and checksums, so parts of one batch encoded or decoded
 on separate threads run side by side; between those it runs a few hundred small torch ops per batch,
-each a GIL hand-off, where two threads convoy. On the session-23 VM (docs/benchmarks.md) two halves
-of an 8-block batch gained 1.14-1.23x (encode) and 1.28-1.41x (decode) over one call, against
-1.42-1.52x for two threads' plain matmuls there. A part is handed to a helper only while fewer codec
+each a GIL hand-off, where two threads convoy. On the session-23 VM (``bench/two_threads.py``) two
+halves of an 8-block batch gained 1.12-1.20x (encode) and 1.32-1.49x (decode) over one call, against
+1.61-1.70x for two threads' plain matmuls there. A part is handed to a helper only while fewer codec
 parts run in the process than ``threads``: under load every request already has a core, and
 splitting then would only shrink the batches (a batched call costs less per block than its halves do).
 
