@@ -1,6 +1,6 @@
 """SIGKILL `kvbm-codec serve` at random points of a write-heavy workload, many times: with the durable
 store (no memory tier: a put is acknowledged only once its frame is fsynced on the disk tier), every
-acknowledged block is present and bit-identical after each restart, nothing partial is ever served, and
+acknowledged block is present and the same after each restart, nothing partial is ever served, and
 the disk tier's index is rebuilt from disk by the restarted process."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from _smollm2 import MODEL, SPEC
+from _smollm2 import MODEL, SPEC, restore_offset, same_restore
 
 from kvbm_codec.adapters.kv_blocks import kv_blocks
 from kvbm_codec.api.blocks import block_positions
@@ -117,8 +117,10 @@ def test_sigkill_never_loses_an_acknowledged_block(durable_config, smollm, small
     log = tmp_path / "serve.log"
     blocks = kv_blocks(smollm, demo_document(), SPEC, max_tokens=6 * SPEC.page_size)
     codec = KVTCBlockCodec.create(small_calibration, SPEC, 20.0)  # as the service builds it
-    # What each block must restore to, computed by the codec itself (the service must match it exactly).
+    # What each block must restore to, computed by the codec itself: the service must match it (to float
+    # rounding where this CPU's MKL rounds another thread count's matmuls differently, _smollm2.SAME_RESTORE).
     expected = {}
+    original = {b.first_position: b.data for b in blocks}
     for b in blocks:
         frame, _ = codec.encode(SPEC.from_bytes(b.data), block_positions(b.first_position, SPEC.page_size))
         expected[b.first_position] = SPEC.to_bytes(codec.decode(frame)[0])
@@ -130,13 +132,18 @@ def test_sigkill_never_loses_an_acknowledged_block(durable_config, smollm, small
         client = CodecClient(target, model=MODEL, timeout_s=30, max_attempts=1)
         try:
             _wait_serving(client, proc, log)
-            # After a restart: every block acknowledged before any earlier kill is there, bit-identical.
+            # After a restart: every block acknowledged before any earlier kill is there, and the same.
             hashes = sorted(acked)
             got = client.get_blocks(hashes) if hashes else []
             for g in got:
                 assert g.status == "hit", f"acknowledged block {g.sequence_hash:#x} lost after kill {kill}"
-                same = g.data == expected[acked[g.sequence_hash]]  # bool: no byte-level diff of 737 KB
-                assert same, f"acknowledged block {g.sequence_hash:#x} differs after kill {kill}"
+                first = acked[g.sequence_hash]
+                got_block, want = SPEC.from_bytes(g.data), SPEC.from_bytes(expected[first])
+                share, off = restore_offset(got_block, want, SPEC.from_bytes(original[first]))
+                assert same_restore(got_block, want, SPEC.from_bytes(original[first])), (
+                    f"acknowledged block {g.sequence_hash:#x} differs after kill {kill}: "
+                    f"{share:.2%} of values by {off:.2e}"
+                )
             if kill == KILLS:
                 break
             stop = threading.Event()
@@ -164,7 +171,8 @@ def test_sigkill_never_loses_an_acknowledged_block(durable_config, smollm, small
             assert g.status in ("hit", "miss"), f"block {g.sequence_hash:#x} came back {g.status}"
             if g.status == "hit":
                 b = blocks[g.sequence_hash % len(blocks)]
-                same = g.data == expected[b.first_position]
+                got_block, want = SPEC.from_bytes(g.data), SPEC.from_bytes(expected[b.first_position])
+                same = same_restore(got_block, want, SPEC.from_bytes(b.data))
                 assert same, f"block {g.sequence_hash:#x} came back different from what was written"
             else:
                 assert g.sequence_hash not in acked
