@@ -218,7 +218,8 @@ def demo(
     engine_paths: Annotated[
         str,
         typer.Option(
-            help="with --engine vllm: native,obj (native-grpc: the tier without NIXL; none: no offload)"
+            help="with --engine vllm: native,obj (native-grpc: the tier without NIXL; native-sharded: the "
+            "tier over two replicas; none: no offload)"
         ),
     ] = "native,obj",
     prompt_tokens: Annotated[int, typer.Option(help="with --engine vllm: conversation length")] = 1500,
@@ -238,10 +239,9 @@ def demo(
         from kvbm_codec.demos.vllm import run_vllm_demo
 
         paths = [p for p in engine_paths.split(",") if p]
-        if not paths or any(p not in ("native", "native-grpc", "obj", "none") for p in paths):
-            raise typer.BadParameter(
-                f"--engine-paths takes native, native-grpc, obj and/or none, got {engine_paths!r}"
-            )
+        known = ("native", "native-grpc", "native-sharded", "obj", "none")
+        if not paths or any(p not in known for p in paths):
+            raise typer.BadParameter(f"--engine-paths takes {', '.join(known)}, got {engine_paths!r}")
         stream = {"requests": stream_requests, "tokens": 256, "batch": 4} if stream_requests else None
         result = run_vllm_demo(target_cr=target_cr, paths=paths, prompt_tokens=prompt_tokens, stream=stream)
         if result["service_exit_code"] != 0:

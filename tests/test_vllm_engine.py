@@ -35,7 +35,7 @@ def demo(small_calibration, smollm, tmp_path_factory):
     Registry.from_url(registry).publish(small_calibration, promote=True)
     dump = registry / "primary.pt"
     return dump, run_vllm_demo(
-        paths=("native", "obj"),
+        paths=("native", "native-sharded", "obj"),
         prompt_tokens=PROMPT_TOKENS,
         answer_tokens=ANSWER_TOKENS,
         registry=str(registry),
@@ -91,7 +91,22 @@ def test_native_tier_offloads_and_restores_the_prefix(result):
     assert r["vllm_metrics"]["vllm:kv_offload_kvbm_codec_blocks_loaded"] == full_chunks
 
 
-@pytest.mark.parametrize("path", ["native", "obj"])
+def test_native_tier_over_two_replicas_puts_each_block_on_its_owner(result):
+    """target = [replica 1, replica 2]: every chunk is stored once, on one of the two, each replica gets
+    a share, over NIXL as the single-target tier, and every chunk comes back."""
+    r = result["native-sharded"]
+    full_chunks = result["prompt_tokens"] // 32
+    tier, per = r["tier_counters"], r["service_per_replica"]
+    assert r["tier_transport"] == "nixl" and tier.get("transport_fallbacks", 0) == 0
+    assert tier["blocks_stored"] == full_chunks == sum(p["blocks_put"] for p in per)
+    # 12 chunks over a 2-replica ring (160 points each): all on one replica has probability 2^-11
+    assert all(p["blocks_put"] > 0 for p in per), per
+    assert tier["blocks_loaded"] == full_chunks and tier["blocks_missed"] == 0
+    assert tier["job_failures"] == tier["stores_dropped"] == 0
+    assert r["vllm_metrics"]["vllm:kv_offload_kvbm_codec_blocks_loaded"] == full_chunks
+
+
+@pytest.mark.parametrize("path", ["native", "native-sharded", "obj"])
 def test_restored_prefix_agrees_with_the_uncompressed_run(result, path):
     r = result[path]
     assert len(r["restored_answer"]) == len(r["reference_answer"]) == ANSWER_TOKENS

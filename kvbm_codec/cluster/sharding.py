@@ -288,25 +288,38 @@ class ShardedClient:
             out.append((share, *got))
         return out
 
+    def on_each_replica(self, fn: Callable[[Any], T]) -> dict[str, T]:
+        """``fn(transport)`` on every live replica at once, connecting those not yet connected: what a
+        caller checks or prepares once per replica (the vLLM tier: each one's block spec, NIXL support
+        and staging registration). A replica that fails as gone is marked dead and left out."""
+        self._maybe_refresh()
+        with self._lock:
+            groups: dict[str, list[int]] = {key: [] for key in sorted(self._members)}
+        if not groups:
+            return {}
+        done = self._each(groups, lambda t, _idx: fn(t))
+        return {key: res for key, (_, ok, res) in zip(groups, done, strict=True) if ok}  # type: ignore[misc]
+
     # ---- BlockTransport -------------------------------------------------------------------------
 
-    def put_blocks(self, items: Sequence[PutItem]) -> list[PutResult]:
-        """Each block to its owner; blocks whose owner died are re-routed once the ring has changed.
-
-        Bounded: every retry round removes at least one replica, and there are at most MAX_PUT_ROUNDS.
-        """
+    def _put_rounds(
+        self, keys: Sequence[int], call: Callable[[Any, list[int]], list[PutResult]]
+    ) -> list[PutResult]:
+        """``call(transport, indices)`` stores the blocks at ``indices`` on that replica; blocks whose
+        owner died are re-routed once the ring has changed. Bounded: every retry round removes at
+        least one replica, and there are at most MAX_PUT_ROUNDS."""
         results: dict[int, PutResult] = {}
-        pending = list(range(len(items)))
+        pending = list(range(len(keys)))
         for _round in range(MAX_PUT_ROUNDS):
             if not pending:
                 break
             try:
-                groups = self._group([items[i].sequence_hash for i in pending])
+                groups = self._group([keys[i] for i in pending])
             except NoReplicaError:
                 raise NoReplicaError(f"{len(pending)} blocks not stored: no live replica") from None
             shares = {key: [pending[j] for j in idx] for key, idx in groups.items()}
             failed: list[int] = []
-            for sub, ok, res in self._each(shares, lambda t, sub: t.put_blocks([items[i] for i in sub])):
+            for sub, ok, res in self._each(shares, call):
                 if ok and res is not None:
                     results.update(zip(sub, res, strict=True))
                 else:
@@ -314,21 +327,64 @@ class ShardedClient:
             pending = failed
         if pending:
             raise NoReplicaError(f"{len(pending)} blocks not stored: replicas kept failing")
-        return [results[i] for i in range(len(items))]
+        return [results[i] for i in range(len(keys))]
 
-    def get_blocks(self, hashes: Sequence[int], *, views: bool = False) -> list[GetResult]:
-        """Hits from live owners; a dead owner's blocks are misses (they died with it)."""
+    def _get_shares(
+        self, hashes: Sequence[int], call: Callable[[Any, list[int]], list[GetResult]]
+    ) -> list[GetResult]:
+        """``call(transport, indices)`` reads the blocks at ``indices`` from that replica; a dead owner's
+        blocks are misses (they died with it)."""
         out: list[GetResult | None] = [None] * len(hashes)
         try:
             groups = self._group(hashes)
         except NoReplicaError:
             return [GetResult(h, "miss") for h in hashes]
-        for idx, ok, res in self._each(
-            groups, lambda t, idx: t.get_blocks([hashes[i] for i in idx], views=views)
-        ):
+        for idx, ok, res in self._each(groups, call):
             for j, i in enumerate(idx):
                 out[i] = res[j] if ok and res is not None else GetResult(hashes[i], "miss")
         return [r if r is not None else GetResult(h, "miss") for r, h in zip(out, hashes, strict=True)]
+
+    def put_blocks(self, items: Sequence[PutItem]) -> list[PutResult]:
+        """Each block to its owner; blocks whose owner died are re-routed once the ring has changed."""
+        return self._put_rounds(
+            [it.sequence_hash for it in items], lambda t, sub: t.put_blocks([items[i] for i in sub])
+        )
+
+    def get_blocks(self, hashes: Sequence[int], *, views: bool = False) -> list[GetResult]:
+        """Hits from live owners; a dead owner's blocks are misses (they died with it)."""
+        return self._get_shares(hashes, lambda t, idx: t.get_blocks([hashes[i] for i in idx], views=views))
+
+    # ---- block data over NIXL (replicas that are CodecClients) ----------------------------------
+
+    def put_blocks_staged(
+        self,
+        registration: Callable[[Any], Any],
+        items: Sequence[tuple[int, int, int]],
+        *,
+        keep_exact: bool = False,
+    ) -> list[PutResult]:
+        """``CodecClient.put_blocks_nixl`` spread over the owners: each replica READs its blocks out of
+        the caller's one buffer. Every replica's client has its own NIXL agent, so
+        ``registration(transport)`` gives the buffer registered with that transport's agent (the caller
+        owns and closes those). ``items``: (sequence_hash, first_position, byte offset in the buffer)."""
+        return self._put_rounds(
+            [it[0] for it in items],
+            lambda t, sub: t.put_blocks_nixl(registration(t), [items[i] for i in sub], keep_exact=keep_exact),
+        )
+
+    def get_blocks_staged(
+        self, registration: Callable[[Any], Any], hashes: Sequence[int], offsets: Sequence[int]
+    ) -> list[GetResult]:
+        """``CodecClient.get_blocks_nixl`` spread over the owners, each WRITing its hits into the
+        caller's buffer at ``offsets`` (one per hash); a dead owner's blocks are misses."""
+        if len(offsets) != len(hashes):
+            raise ValueError("one offset per hash")
+        return self._get_shares(
+            hashes,
+            lambda t, idx: t.get_blocks_nixl(
+                registration(t), [hashes[i] for i in idx], [offsets[i] for i in idx]
+            ),
+        )
 
     def contains(self, hashes: Sequence[int]) -> list[bool]:
         out = [False] * len(hashes)

@@ -172,10 +172,20 @@ def run_vllm_demo(
         "engine: vLLM CPU, float32"
     )
     svc = EngineService(workdir, target_cr, registry=registry, fingerprint=fingerprint)
+    # "native-sharded" spreads the tier's blocks over this second replica and the first
+    replicas = [svc]
+    if "native-sharded" in paths:
+        (workdir / "replica-2").mkdir()
+        replicas.append(
+            EngineService(workdir / "replica-2", target_cr, registry=registry, fingerprint=fingerprint)
+        )
     results: dict[str, Any] = {"prompt_tokens": len(ids), "target_cr": target_cr, "workdir": str(workdir)}
     try:
         say(f"starting `kvbm-codec serve` on {svc.target}, S3 {svc.s3_url} (log {svc.log_path})")
-        say(f"service SERVING after {svc.wait_serving():.1f} s")
+        for rep in replicas[1:]:
+            say(f"starting a second replica on {rep.target} (log {rep.log_path})")
+        for rep in replicas:
+            say(f"service on {rep.target} SERVING after {rep.wait_serving():.1f} s")
         for path in paths:
             request: dict[str, Any] = {
                 "path": path,
@@ -183,6 +193,7 @@ def run_vllm_demo(
                 "prompt_ids": ids,
                 "answer_tokens": answer_tokens,
                 "target": svc.target,
+                "targets": [rep.target for rep in replicas],
                 "s3_url": svc.s3_url,
                 "bucket": VLLM_BUCKET,
                 "access_key": svc.access_key,
@@ -193,14 +204,21 @@ def run_vllm_demo(
                 request["stream"] = stream
             if dump_primary and path.startswith("native"):
                 request["dump_primary"] = dump_primary
-            before = svc.labelled_metrics()
+            serving = replicas if path == "native-sharded" else [svc]
+            before = [rep.labelled_metrics() for rep in serving]
             r = run_engine(request, workdir)
-            r["service"] = service_counts(before, svc.labelled_metrics())
+            per_replica = [
+                service_counts(b, rep.labelled_metrics()) for b, rep in zip(before, serving, strict=True)
+            ]
+            r["service"] = {k: sum(c[k] for c in per_replica) for k in per_replica[0]}
+            if path == "native-sharded":
+                r["service_per_replica"] = per_replica
             results[path] = r
             _report(path, r, say)
     finally:
-        results["service_exit_code"] = svc.stop()
-        say(f"service stopped with SIGTERM: exit code {results['service_exit_code']}")
+        codes = [rep.stop() for rep in replicas]
+        results["service_exit_code"] = max(codes, key=abs)
+        say(f"service stopped with SIGTERM: exit code {' '.join(map(str, codes))}")
     return results
 
 
@@ -209,6 +227,7 @@ def _report(path: str, r: dict[str, Any], say: Callable[[str], None]) -> None:
     name = {
         "native": f"native tier ({r.get('tier_transport', 'grpc')})",
         "native-grpc": "native tier (gRPC bytes)",
+        "native-sharded": f"native tier over 2 replicas ({r.get('tier_transport', 'grpc')})",
         "obj": "vLLM's OBJ tier -> S3 endpoint",
         "none": "no offload",
     }[path]

@@ -2,7 +2,8 @@
 
 ``python -m kvbm_codec.adapters.vllm.engine REQUEST.json OUT.json``. The request names the offload
 path ("native": the kvbm-codec tier, block data over NIXL where both ends have it; "native-grpc":
-the same tier with block data in gRPC messages; "obj": vLLM's stock OBJ tier against the S3 endpoint),
+the same tier with block data in gRPC messages; "native-sharded": the tier over two replicas, each
+block on its ring owner; "obj": vLLM's stock OBJ tier against the S3 endpoint),
 the service, the prompt's token ids and what to measure. The engine runs in this process
 (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so the native tier's counters are readable. The sequence:
 
@@ -30,11 +31,11 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 def kv_transfer_config(req: dict[str, Any]) -> dict[str, Any]:
     """The exact ``kv_transfer_config`` of each path (docs/vllm.md shows the same)."""
-    if req["path"] in ("native", "native-grpc"):
+    if req["path"] in ("native", "native-grpc", "native-sharded"):
         tier = {
             "type": "KvbmCodecTier",
             "module_path": "kvbm_codec.adapters.vllm.tier",
-            "target": req["target"],
+            "target": req["targets"] if req["path"] == "native-sharded" else req["target"],
             "max_pending_stores": req.get("max_pending_stores", 8),
             # block data over NIXL when both ends have it (else gRPC bytes, logged and counted)
             "transport": "grpc" if req["path"] == "native-grpc" else "auto",

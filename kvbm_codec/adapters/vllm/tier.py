@@ -19,6 +19,11 @@ CPU primary tier to the service, loads promote back into it:
   latency-based detector, when configured, sees each job's transfer time.
 - Object names: vLLM's own ``FileMapper`` name of the key (model, config hash, rank, group, block
   hash), hashed to the service's 64-bit sequence hash, so two models or configs never alias.
+- Several replicas (``target`` a list, e.g. one 1-CPU ``serve`` per core, docs/operations.md "Scale"):
+  each block goes to its consistent-hash owner (``kvbm_codec.cluster.sharding.ShardedClient``) and a
+  request's shares are in flight at once, over NIXL (the staging buffer registered with every
+  replica's client) or gRPC bytes. A replica that goes away takes its blocks with it: loads of them
+  miss (vLLM recomputes), stores go to the survivors.
 """
 
 from __future__ import annotations
@@ -51,8 +56,9 @@ from vllm.v1.kv_offload.file_mapper import FileMapper
 from vllm.v1.kv_offload.tiering.async_lookup import AsyncLookupManager
 from vllm.v1.kv_offload.tiering.base import JobResult, SecondaryTierManager, TransferJob
 
-from kvbm_codec.api.types import PutItem
+from kvbm_codec.api.types import GetResult, PutItem, PutResult
 from kvbm_codec.api.vllm_layout import VllmCpuLayout
+from kvbm_codec.cluster.sharding import ShardedClient, StaticMembership
 from kvbm_codec.frontends.grpc.client import CodecClient
 
 if TYPE_CHECKING:
@@ -135,7 +141,7 @@ class KvbmCodecTier(SecondaryTierManager):
         offloading_spec: OffloadingSpec,
         primary_kv_view: memoryview,
         tier_type: str,
-        target: str = "127.0.0.1:50051",
+        target: str | list[str] = "127.0.0.1:50051",
         model: str = "smollm2-135m",
         tenant: str | None = None,
         token: str | None = None,
@@ -151,8 +157,23 @@ class KvbmCodecTier(SecondaryTierManager):
         super().__init__(offloading_spec, primary_kv_view, tier_type, backpressure_detector)
         if max_pending_stores < 1 or parallel_requests < 1:
             raise ValueError("max_pending_stores and parallel_requests must be >= 1")
-        self.client = CodecClient(target, model=model, tenant=tenant, token=token, timeout_s=timeout_s)
-        spec = self.client.spec()
+        self.targets = _targets(target)
+        self.client: CodecClient | ShardedClient
+        if len(self.targets) == 1:
+            self.client = CodecClient(
+                self.targets[0], model=model, tenant=tenant, token=token, timeout_s=timeout_s
+            )
+            spec = self.client.spec()
+        else:
+            self.client = ShardedClient(
+                StaticMembership({t: t for t in self.targets}),
+                lambda _key, t: CodecClient(t, model=model, tenant=tenant, token=token, timeout_s=timeout_s),
+            )
+            try:
+                spec = _one_spec(self.client, model)
+            except Exception:
+                self.client.close()
+                raise
         if key_order not in ("dt", "td"):
             raise ValueError(f"key_order must be 'dt' or 'td', got {key_order!r}")
         self.layout = VllmCpuLayout(spec, key_order)  # type: ignore[arg-type]
@@ -160,7 +181,8 @@ class KvbmCodecTier(SecondaryTierManager):
             self.client.close()
             raise ValueError(
                 f"vLLM offload chunks are {self.block_size_bytes} B but a {spec.page_size}-token "
-                f"{spec.dtype} chunk of {model} served at {target} is {self.layout.chunk_bytes} B: "
+                f"{spec.dtype} chunk of {model} served at {','.join(self.targets)} is "
+                f"{self.layout.chunk_bytes} B: "
                 "the engine's dtype, block_size or model does not match the service's"
             )
         n = len(primary_kv_view)
@@ -202,7 +224,7 @@ class KvbmCodecTier(SecondaryTierManager):
         log.info(
             "kvbm-codec tier: %s at %s, chunk %d B, %d primary chunks, block data over %s",
             model,
-            target,
+            ",".join(self.targets),
             self.block_size_bytes,
             n,
             "NIXL" if self._staging is not None else "gRPC",
@@ -405,8 +427,8 @@ class KvbmCodecTier(SecondaryTierManager):
                 if not part:
                     continue
                 res = self._split(
-                    lambda p, c=compress: self.client.put_blocks_nixl(
-                        st.reg, [(h, f, i * st.block_bytes) for i, h, f in p], keep_exact=not c
+                    lambda p, c=compress: self._put_nixl(
+                        st, [(h, f, i * st.block_bytes) for i, h, f in p], keep_exact=not c
                     ),
                     part,
                 )
@@ -415,6 +437,18 @@ class KvbmCodecTier(SecondaryTierManager):
             self.counters.add(nixl_blocks=len(window))
             self._count(NIXL_BLOCKS, len(window))
         return out
+
+    def _put_nixl(
+        self, st: _NixlStaging, items: list[tuple[int, int, int]], *, keep_exact: bool
+    ) -> list[PutResult]:
+        if isinstance(self.client, ShardedClient):
+            return self.client.put_blocks_staged(st.registration, items, keep_exact=keep_exact)
+        return self.client.put_blocks_nixl(st.registration(self.client), items, keep_exact=keep_exact)
+
+    def _get_nixl(self, st: _NixlStaging, hashes: list[int], offsets: list[int]) -> list[GetResult]:
+        if isinstance(self.client, ShardedClient):
+            return self.client.get_blocks_staged(st.registration, hashes, offsets)
+        return self.client.get_blocks_nixl(st.registration(self.client), hashes, offsets)
 
     def _run_loads(self, jobs: list[TransferJob]) -> None:
         t0 = time.perf_counter()
@@ -456,8 +490,8 @@ class KvbmCodecTier(SecondaryTierManager):
             try:
                 for w in range(0, len(flat), st.n_blocks):
                     part = flat[w : w + st.n_blocks]
-                    res = self.client.get_blocks_nixl(
-                        st.reg, hashes[w : w + len(part)], [i * st.block_bytes for i in range(len(part))]
+                    res = self._get_nixl(
+                        st, hashes[w : w + len(part)], [i * st.block_bytes for i in range(len(part))]
                     )
                     for i, ((job, key, chunk), r) in enumerate(zip(part, res, strict=True)):
                         if r.status == "hit":
@@ -477,24 +511,72 @@ class KvbmCodecTier(SecondaryTierManager):
         return got
 
 
+def _targets(target: str | list[str]) -> list[str]:
+    """One ``host:port`` or several (a list, or one string with commas), in order, each once."""
+    parts = target.split(",") if isinstance(target, str) else list(target)
+    out = list(dict.fromkeys(str(t).strip() for t in parts if str(t).strip()))
+    if not out:
+        raise ValueError("target must name at least one kvbm-codec service (host:port)")
+    return out
+
+
+def _one_spec(client: ShardedClient, model: str) -> Any:
+    """The block spec every reachable replica serves: replicas that disagree would store blocks of
+    two layouts under one engine, so that refuses to start; replicas down now join when they return."""
+    specs = client.on_each_replica(lambda t: t.spec())
+    if not specs:
+        raise ConnectionError(
+            f"none of the kvbm-codec replicas {sorted(client.membership.members())} answers"
+        )
+    (first, spec), *rest = sorted(specs.items())
+    for key, other in rest:
+        if other != spec:
+            raise ValueError(
+                f"kvbm-codec replicas serve {model} with different block specs: {first} {spec}, {key} {other}"
+            )
+    return spec
+
+
 class _NixlStaging:
     """A buffer of ``n_blocks`` service blocks registered with the client's NIXL agent: the service
     READs stores out of it and WRITEs loads into it (UCX; cma between processes of one host), so block
     bytes never travel inside gRPC messages. vLLM's chunks need re-laying anyway (a different layout),
-    and that one copy goes straight into / out of this buffer."""
+    and that one copy goes straight into / out of this buffer.
 
-    def __init__(self, client: CodecClient, spec: Any, n_blocks: int) -> None:
+    With several replicas each one's client has its own agent, so the one buffer is registered with
+    each of them (``registration``, on first use; a replica's new client after a reconnect gets a
+    new registration). Every registration is closed by ``close``."""
+
+    def __init__(self, client: CodecClient | ShardedClient, spec: Any, n_blocks: int) -> None:
         if n_blocks < 1:
             raise ValueError("nixl_staging_blocks must be >= 1")
-        if not client.stats().nixl_enabled:
-            raise RuntimeError("the service does not serve NIXL ([nixl] enabled = false or no nixl library)")
+        clients = client.on_each_replica(lambda t: t) if isinstance(client, ShardedClient) else {"": client}
+        off = [key or "the service" for key, c in clients.items() if not c.stats().nixl_enabled]
+        if off:
+            raise RuntimeError(
+                f"{', '.join(off)} does not serve NIXL ([nixl] enabled = false or no nixl library)"
+            )
         self.spec, self.n_blocks, self.block_bytes = spec, n_blocks, spec.nbytes
         self.buf = torch.empty((n_blocks, spec.nbytes), dtype=torch.uint8)
-        self.reg = client.nixl_agent().register(self.buf)
+        self._regs: dict[CodecClient, Any] = {}
+        self._lock = threading.Lock()
+        for c in clients.values():  # registered now, so a NIXL that cannot register falls back at start
+            self.registration(c)
+
+    def registration(self, client: CodecClient) -> Any:
+        with self._lock:
+            reg = self._regs.get(client)
+            if reg is None or reg.closed:  # closed: that client's agent was closed
+                self._regs = {c: r for c, r in self._regs.items() if not r.closed}
+                reg = self._regs[client] = client.nixl_agent().register(self.buf)
+            return reg
 
     def block(self, i: int) -> torch.Tensor:
         return self.buf[i].view(self.spec.torch_dtype).view(self.spec.shape)
 
     def close(self) -> None:
-        if not self.reg.closed:
-            self.reg.close()
+        with self._lock:
+            regs, self._regs = list(self._regs.values()), {}
+        for reg in regs:
+            if not reg.closed:
+                reg.close()
