@@ -1,0 +1,214 @@
+"""Is the quantizer what keeps the codec from a better ratio at the same distortion? (issue 16)
+
+KVTC's quantizer gives every group of components of every token its own min/max (fp16 shift and
+scale, 32 bits of side information) and lets DEFLATE code the packed codes. The textbook alternative
+is entropy-coded uniform scalar quantization (ECSQ): one fixed step per basis (step_b =
+step / sqrt(weight_b), equal slope across bases), no side information, every component rounded to
+it. Both are measured here on the same coefficients (one validation context, its calibrated bases,
+the default calibration's context allocation at ``--target``), at equal weighted distortion (the
+allocator's own metric: each basis' weight times its coefficient squared error):
+
+- ``current``: the codec's frame, its codes + scales sections as written (isal DEFLATE);
+- ``current entropy``: the zeroth-order entropy of the same codes, per component (what an ideal
+  static entropy coder would need), beside DEFLATE's bytes;
+- ``ecsq entropy``: the per-component zeroth-order entropy of ECSQ codes at the step that matches the
+  codec's distortion (what ECSQ with an ideal entropy coder would need), for three dead zones;
+- ``ecsq deflate``: the same codes as the codec would write them (component-major, each component
+  in the narrowest byte slot holding its range, isal level 1): what ECSQ buys under DEFLATE.
+
+    python bench/quantizer_bound.py --val apache,tempest --target 20 \
+        --out bench/results/quantizer_bound_s24.json
+
+Validation texts only (never a held-out one); the slot ranges are the text's own, which flatters ECSQ.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from itertools import groupby
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kvbm_codec.calibration.cache import given_or_default
+from kvbm_codec.codec import frame as fr
+from kvbm_codec.codec.deflate import deflate_chunks
+from kvbm_codec.codec.kvtc import default_raw_mask
+from kvbm_codec.codec.pca import to_features
+from kvbm_codec.codec.quantize import (
+    _runs,
+    decode_coefficients,
+    encode_coefficients,
+    pack_codes,
+    quantize_groups,
+)
+from kvbm_codec.codec.rope import undo_rope
+from kvbm_codec.eval.run import context_codec
+from kvbm_codec.models.hf import CausalLM
+
+VALIDATION = {"apache": Path("/usr/share/common-licenses/Apache-2.0")}
+DEADZONES = (0.0, 0.15, 0.3)
+
+
+def _text(name: str, texts_dir: Path) -> str:
+    path = VALIDATION.get(name, texts_dir / f"{name}.txt")
+    return path.read_text(encoding="utf-8", errors="replace")
+
+
+def _entropy_bits(codes: torch.Tensor) -> float:
+    """Sum over columns of [T, n] integer codes of T x the column's zeroth-order entropy."""
+    lo = int(codes.min())
+    width = int(codes.max()) - lo + 1
+    key = (torch.arange(codes.shape[1])[None, :] * width + (codes.to(torch.int64) - lo)).flatten()
+    _, cnt = torch.unique(key, return_counts=True)
+    c = cnt.double()
+    return float(-(c * (c / codes.shape[0]).log2()).sum())
+
+
+def _ecsq(
+    coeffs: dict[str, tuple[torch.Tensor, float]], step: float, deadzone: float
+) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, (c, w) in coeffs.items():
+        y = c / (step / math.sqrt(w))
+        out[name] = torch.sign(y) * torch.clamp(torch.floor(y.abs() + 0.5 - deadzone), min=0)
+    return out
+
+
+def _distortion(
+    coeffs: dict[str, tuple[torch.Tensor, float]], q: dict[str, torch.Tensor], step: float
+) -> float:
+    return sum(
+        w * float(((q[n] * (step / math.sqrt(w)) - c).double() ** 2).sum()) for n, (c, w) in coeffs.items()
+    )
+
+
+def _ecsq_deflate_bytes(q: torch.Tensor) -> int:
+    """Component-major codes in the narrowest byte slot holding each component's range (all-zero
+    components dropped), runs of one slot width packed together, isal level 1: as the codec writes."""
+    parts = []
+    for j in range(q.shape[1]):
+        col = q[:, j]
+        lo, hi = float(col.min()), float(col.max())
+        if lo == hi == 0:
+            continue
+        span = hi - lo
+        bits = 1 if span <= 1 else 2 if span <= 3 else 4 if span <= 15 else 8
+        parts.append((bits, (col.clamp(lo, lo + 2**bits - 1) - lo).to(torch.uint8).numpy()))
+    buf = b"".join(
+        pack_codes(np.stack([p for _, p in grp]), b) for b, grp in groupby(parts, key=lambda t: t[0])
+    )
+    return len(deflate_chunks(buf, 1)[1])
+
+
+def measure(lm: CausalLM, cal, text: str, target: float, context: int) -> dict:
+    kv = lm.prefill_kv(lm.encode(text)[:, :context])
+    codec = context_codec(cal, target, kv)
+    sections = {s.name: s.compressed_size for s in fr.read_frame(codec.encode(kv)).header.sections}
+    cfg = cal.config
+    mask = ~default_raw_mask(kv.positions, cfg.sink_tokens, cfg.window_tokens)
+    keys = undo_rope(kv.keys, kv.positions, cal.rope)
+    coeffs: dict[str, tuple[torch.Tensor, float]] = {}
+    current_bytes, current_d, code_entropy, code_bytes, scale_bytes = 0, 0.0, 0.0, 0, 0
+    for gi, (a, b) in enumerate(cfg.layer_groups(cal.shape.n_layers)):
+        for kind, x in (("k", keys[a:b]), ("v", kv.values[a:b])):
+            name = cal.basis_name(gi, kind)
+            c = cal.bases[name].project(to_features(x[:, :, mask])).to(torch.float32)
+            w = cal.error_tables[name].weight
+            blocks = codec.alloc.blocks[name]
+            kept = [bl for bl in blocks if bl.bits > 0]
+            act = torch.cat([torch.arange(bl.start, bl.start + bl.size) for bl in kept])
+            codes, scales = encode_coefficients(c[:, act], blocks)
+            rec = torch.zeros_like(c)
+            rec[:, act] = decode_coefficients(codes, scales, blocks, c.shape[0])
+            current_d += w * float(((rec - c).double() ** 2).sum())
+            code_bytes += sections[f"{name}.codes"]
+            scale_bytes += sections[f"{name}.scales"]
+            current_bytes += sections[f"{name}.codes"] + sections[f"{name}.scales"]
+            col = 0
+            for _start, size, bits, count in _runs(kept):
+                xx = c[:, act][:, col : col + size * count].reshape(c.shape[0], count, size)
+                col += size * count
+                code_entropy += _entropy_bits(quantize_groups(xx, bits)[0].reshape(c.shape[0], -1))
+            coeffs[name] = (c, w)
+    n = next(iter(coeffs.values()))[0].shape[0]
+    cur_bits = 8 * current_bytes / n
+    row = {
+        "tokens": n,
+        "frame_cr_total": kv.nbytes(2) / sum(sections.values()),
+        "current_bits_per_token": cur_bits,
+        "current_code_bits": 8 * code_bytes / n,
+        "current_code_entropy_bits": code_entropy / n,
+        "current_scale_bits": 8 * scale_bytes / n,
+        "distortion": current_d,
+        "ecsq": [],
+    }
+    for dz in DEADZONES:
+        lo, hi = 1e-2, 1e2  # log-bisection of the step to the codec's distortion
+        for _ in range(30):
+            mid = math.sqrt(lo * hi)
+            if _distortion(coeffs, _ecsq(coeffs, mid, dz), mid) > current_d:
+                hi = mid
+            else:
+                lo = mid
+        q = _ecsq(coeffs, lo, dz)
+        ent = sum(_entropy_bits(q[name]) for name in coeffs) / n
+        dbytes = sum(_ecsq_deflate_bytes(q[name]) for name in coeffs)
+        row["ecsq"].append(
+            {
+                "deadzone": dz,
+                "step": lo,
+                "distortion": _distortion(coeffs, q, lo),
+                "entropy_bits": ent,
+                "deflate_bits": 8 * dbytes / n,
+                "entropy_over_current": ent / cur_bits,
+                "deflate_over_current": 8 * dbytes / n / cur_bits,
+            }
+        )
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--val", default="apache,tempest")
+    ap.add_argument(
+        "--texts-dir", type=Path, default=Path("/tmp/kvbm-codec-texts"), help="bench/fetch_texts.sh"
+    )
+    ap.add_argument("--target", type=float, default=20.0)
+    ap.add_argument("--context", type=int, default=2048)
+    ap.add_argument("--calibration", type=Path, default=None, help="default: the registry's (or calibrate)")
+    ap.add_argument("--out", type=Path, required=True)
+    a = ap.parse_args()
+    lm = CausalLM.load()
+    cal = given_or_default(lm, a.calibration)
+    rows = []
+    with torch.inference_mode():
+        for name in a.val.split(","):
+            row = {
+                "val": name,
+                "target": a.target,
+                **measure(lm, cal, _text(name, a.texts_dir), a.target, a.context),
+            }
+            rows.append(row)
+            cur, codes = row["current_bits_per_token"], row["current_code_bits"]
+            ent, scales = row["current_code_entropy_bits"], row["current_scale_bits"]
+            print(
+                f"{name}: current {cur:.0f} bits/token (codes {codes:.0f}, their entropy {ent:.0f}; "
+                f"scales {scales:.0f})",
+                flush=True,
+            )
+            for e in row["ecsq"]:
+                print(
+                    f"  ecsq dead zone {e['deadzone']}: entropy {e['entropy_over_current']:.3f}x, "
+                    f"DEFLATE {e['deflate_over_current']:.3f}x of current (step {e['step']:.3f})",
+                    flush=True,
+                )
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps({"calibration_id": cal.calibration_id, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
