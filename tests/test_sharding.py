@@ -243,3 +243,26 @@ def test_an_error_on_one_share_is_raised_after_every_share_finished(replicas):
         client.put_blocks(items)
     assert finished == ["r2"] and client.failovers == 0  # the other share ran to its end first
     client.close()
+
+
+def test_each_replica_answers_once_and_disagreement_is_refused(replicas):
+    """What the vLLM tier checks at start: every live replica asked once (a draining one left out and
+    marked dead), the value they all give, and a refusal naming the two that disagree."""
+    _, services = replicas
+    models = {"r1": MODEL, "r2": MODEL, "r3": "other-model"}
+    client = ShardedClient(
+        StaticMembership({k: k for k in services}),
+        lambda key, _m: ServiceTransport(services[key], "tenant-a", models[key]),
+        refresh_interval_s=3600,
+    )
+    assert client.on_each_replica(lambda t: t.model) == models
+    with pytest.raises(ValueError, match="r1 has smollm2-135m, r3 has other-model"):
+        client.agreed(lambda t: t.model, "the model")
+
+    def model(t: ServiceTransport) -> str:
+        t.contains([1])  # a draining replica refuses this with shutting_down: a replica failure
+        return t.model
+
+    services["r3"].drain(0.0)
+    assert client.agreed(model, "the model") == MODEL
+    assert client.replicas == {"r1", "r2"} and client.failovers == 1

@@ -300,6 +300,20 @@ class ShardedClient:
         done = self._each(groups, lambda t, _idx: fn(t))
         return {key: res for key, (_, ok, res) in zip(groups, done, strict=True) if ok}  # type: ignore[misc]
 
+    def agreed(self, fn: Callable[[Any], T], what: str) -> T:
+        """The value ``fn(transport)`` every reachable replica gives (e.g. its block spec): replicas
+        that disagree would store one caller's blocks in two ways, so that raises ValueError naming
+        them. A replica down now is left out and not checked when it returns (a deployment gives
+        every replica one config). ConnectionError when none answers."""
+        got = self.on_each_replica(fn)
+        if not got:
+            raise ConnectionError(f"none of the replicas {sorted(self.membership.members())} answers")
+        (first, value), *rest = sorted(got.items())
+        for key, other in rest:
+            if other != value:
+                raise ValueError(f"replicas disagree on {what}: {first} has {value}, {key} has {other}")
+        return value
+
     # ---- BlockTransport -------------------------------------------------------------------------
 
     def _put_rounds(

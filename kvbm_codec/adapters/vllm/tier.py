@@ -170,7 +170,7 @@ class KvbmCodecTier(SecondaryTierManager):
                 lambda _key, t: CodecClient(t, model=model, tenant=tenant, token=token, timeout_s=timeout_s),
             )
             try:
-                spec = _one_spec(self.client, model)
+                spec = self.client.agreed(lambda t: t.spec(), f"the block spec of {model}")
             except Exception:
                 self.client.close()
                 raise
@@ -518,23 +518,6 @@ def _targets(target: str | list[str]) -> list[str]:
     if not out:
         raise ValueError("target must name at least one kvbm-codec service (host:port)")
     return out
-
-
-def _one_spec(client: ShardedClient, model: str) -> Any:
-    """The block spec every reachable replica serves: replicas that disagree would store blocks of
-    two layouts under one engine, so that refuses to start; replicas down now join when they return."""
-    specs = client.on_each_replica(lambda t: t.spec())
-    if not specs:
-        raise ConnectionError(
-            f"none of the kvbm-codec replicas {sorted(client.membership.members())} answers"
-        )
-    (first, spec), *rest = sorted(specs.items())
-    for key, other in rest:
-        if other != spec:
-            raise ValueError(
-                f"kvbm-codec replicas serve {model} with different block specs: {first} {spec}, {key} {other}"
-            )
-    return spec
 
 
 class _NixlStaging:
