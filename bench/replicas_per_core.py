@@ -6,8 +6,10 @@ node's cores can instead run one 1-core replica each, the clients spreading bloc
 consistent-hash ring. Both layouts get the same real SmolLM2 blocks from clients in this process, gRPC
 on 127.0.0.1, 8 blocks per request; the layouts alternate for ``--rounds`` rounds and each level
 keeps its best round (every put round stores new blocks; each get round reads its own round's).
+One `serve` on one core is measured beside them: issue 15's scaling target is 2 cores >= 1.7x of 1.
 
-    python bench/replicas_per_core.py --clients 1,4 --rounds 3 --json bench/results/replicas_per_core_s23.json
+    python bench/replicas_per_core.py --clients 1,4,8 --rounds 3 \
+        --json bench/results/replicas_per_core_s24b.json
 """
 
 from __future__ import annotations
@@ -86,6 +88,7 @@ def main() -> None:
     per_core = [[c] for c in cores]
     layouts = {  # name: (core sets, clients spread over every replica by the ring)
         "one serve on every core": ([cores], True),
+        "one serve on one core": ([cores[:1]], True),  # the 1-core baseline of issue 15's scaling
         "one serve per core, sharded": (per_core, True),
         "one serve per core, one each": (per_core, False),  # client c keeps to replica c mod N
     }
@@ -116,12 +119,14 @@ def main() -> None:
                     for svc in services:
                         svc.stop()
     rows = [{"layout": k[0], "clients": k[1], "op": k[2], "mbps": v} for k, v in sorted(best.items())]
-    names = list(layouts)
+    names = [m for m in layouts if m != "one serve on one core"]
     for n in clients:
         for op in ("put", "get"):
-            base = best[(names[0], n, op)]
+            base, one = best[(names[0], n, op)], best[("one serve on one core", n, op)]
             vs = ", ".join(f"{m} {best[(m, n, op)]:.1f} ({best[(m, n, op)] / base:.2f}x)" for m in names[1:])
+            of_one = ", ".join(f"{m} {best[(m, n, op)] / one:.2f}x" for m in names)
             print(f"{n:2d} clients {op}: {names[0]} {base:.1f} MB/s; {vs}")
+            print(f"{n:2d} clients {op}: against one serve on one core ({one:.1f} MB/s): {of_one}")
     a.json.parent.mkdir(parents=True, exist_ok=True)
     a.json.write_text(
         json.dumps(
