@@ -111,6 +111,13 @@ def calibrate(
             "the CPU has native bf16; docs/benchmarks.md), auto (bfloat16 there, float32 elsewhere)"
         ),
     ] = "float32",
+    quantizer: Annotated[
+        str,
+        typer.Option(
+            help="minmax (the paper's fp16 shift + scale per group, the default) or symmetric (+-max|x|, "
+            "the scale only: half the side information; docs/benchmarks.md 'Session 24')"
+        ),
+    ] = "minmax",
 ) -> None:
     """Compute PCA bases, measured error tables and DP bit allocations for a model."""
     from kvbm_codec.calibration.artifact import save_calibration
@@ -131,6 +138,7 @@ def calibrate(
             undo_rope=undo_rope,
             distortion=distortion,  # type: ignore[arg-type]
             layer_sensitivity=layer_sensitivity,  # type: ignore[arg-type]
+            quantizer=quantizer,  # type: ignore[arg-type]
         )
     except ValueError as e:
         raise typer.BadParameter(str(e)) from e

@@ -16,6 +16,7 @@ from kvbm_codec.codec.quantize import (
     decode_coefficients_batch,
     dequantize_batch_into,
     encode_coefficients,
+    encode_coefficients_batch,
     pack_codes,
     quantize_groups,
     unpack_codes,
@@ -30,10 +31,11 @@ def test_pack_unpack_inverse(bits: int, n: int, seed: int) -> None:
     assert np.array_equal(unpack_codes(pack_codes(codes, bits), n, bits), codes)
 
 
-def test_quantization_error_bounded_by_half_step() -> None:
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_quantization_error_bounded_by_half_step(symmetric: bool) -> None:
     x = torch.randn(64, 10, 16)
     for bits in (1, 3, 8):
-        codes, shift, scale = quantize_groups(x, bits)
+        codes, shift, scale = quantize_groups(x, bits, symmetric)
         rec = shift.float()[..., None] + codes.float() * scale.float()[..., None]
         step = scale.float()[..., None]
         # fp16 rounding of shift/scale may move the grid slightly: allow a small margin
@@ -46,18 +48,36 @@ def test_constant_group_decodes_exactly_to_fp16_value() -> None:
     assert bool((scale == 0).all()) and bool((codes == 0).all()) and bool((shift == 0.25).all())
 
 
-def test_stream_round_trip_and_size_check() -> None:
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_stream_round_trip_and_size_check(symmetric: bool) -> None:
     blocks = [Block(0, 4, 8), Block(4, 4, 3), Block(8, 8, 0), Block(16, 16, 2)]
     active = [0, 1, 2, 3, 4, 5, 6, 7, *range(16, 32)]
     x = torch.randn(33, 32)[:, active]
-    codes, scales = encode_coefficients(x, blocks)
-    rec = decode_coefficients(codes, scales, blocks, 33)
+    codes, scales = encode_coefficients(x, blocks, symmetric)
+    rec = decode_coefficients(codes, scales, blocks, 33, symmetric)
     assert rec.shape == x.shape
     assert float((rec[:, :4] - x[:, :4]).abs().max()) < 0.05
+    # a symmetric group stores its scale only: half the side information
+    assert len(scales) == 33 * 3 * 2 * (1 if symmetric else 2)
     with pytest.raises(ValueError, match="allocation needs"):
-        decode_coefficients(codes[:-1], scales, blocks, 33)
+        decode_coefficients(codes[:-1], scales, blocks, 33, symmetric)
+    with pytest.raises(ValueError, match="allocation needs"):  # the other kind's streams never fit
+        decode_coefficients(codes, scales, blocks, 33, not symmetric)
     with pytest.raises(ValueError, match="allocation needs"):
-        decode_coefficients(codes, scales, blocks, 34)
+        decode_coefficients(codes, scales, blocks, 34, symmetric)
+
+
+def test_symmetric_groups_are_symmetric_around_zero() -> None:
+    """+-max|x| is the range: -x quantizes to the mirrored code, and 0 to the middle of the grid."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(16, 4, 64, generator=g)
+    for bits in (1, 2, 5):
+        levels = (1 << bits) - 1
+        codes, shift, scale = quantize_groups(x, bits, symmetric=True)
+        mirrored, _, scale_m = quantize_groups(-x, bits, symmetric=True)
+        assert torch.equal(scale, scale_m) and torch.equal(shift, -scale.float() * levels / 2)
+        # rounding ties aside, -x's code mirrors x's
+        assert float((codes.int() + mirrored.int() == levels).float().mean()) > 0.99
 
 
 def test_values_beyond_fp16_range_are_refused() -> None:
@@ -65,21 +85,25 @@ def test_values_beyond_fp16_range_are_refused() -> None:
         encode_coefficients(torch.tensor([[1e6, 0.0]]), [Block(0, 2, 4)])
 
 
-def test_batched_dequantization_is_the_per_frame_one_bit_for_bit() -> None:
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_batched_dequantization_is_the_per_frame_one_bit_for_bit(symmetric: bool) -> None:
     """The batched decoder writes each run straight into its columns; the values must be exactly
     those of ``decode_coefficients`` (one product and one sum per code, in the same order)."""
     blocks = [Block(0, 4, 8), Block(4, 4, 3), Block(8, 8, 0), Block(16, 16, 2), Block(32, 8, 1)]
     active = [*range(8), *range(16, 40)]
     g = torch.Generator().manual_seed(3)
     frames = [torch.randn(29, 40, generator=g)[:, active] * (i + 1) for i in range(5)]
-    streams = [encode_coefficients(x, blocks) for x in frames]
+    streams = [encode_coefficients(x, blocks, symmetric) for x in frames]
     codes = np.stack([np.frombuffer(c, dtype=np.uint8) for c, _ in streams])
     scales = np.stack([np.frombuffer(s, dtype=np.uint8) for _, s in streams])
-    tiling = Tiling.of(blocks)
+    batch = encode_coefficients_batch(torch.cat(frames), blocks, 5, symmetric)
+    assert np.array_equal(batch[0], codes) and np.array_equal(batch[1], scales)
+    tiling = Tiling.of(blocks, symmetric)
     out = torch.full((5 * 29, tiling.n_active), float("nan"))
     dequantize_batch_into(codes, scales, tiling, 29, out)
-    ref = torch.cat([decode_coefficients(c, s, blocks, 29) for c, s in streams])
-    assert torch.equal(out, ref) and torch.equal(decode_coefficients_batch(codes, scales, blocks, 29), ref)
+    ref = torch.cat([decode_coefficients(c, s, blocks, 29, symmetric) for c, s in streams])
+    got = decode_coefficients_batch(codes, scales, blocks, 29, symmetric)
+    assert torch.equal(out, ref) and torch.equal(got, ref)
     assert tiling.stream_sizes(29) == (codes.shape[1], scales.shape[1])
     with pytest.raises(ValueError, match="allocation needs"):
         dequantize_batch_into(codes[:, :-1], scales, tiling, 29, out)

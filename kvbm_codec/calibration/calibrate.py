@@ -278,7 +278,9 @@ def error_tables(
             kept = float((coeffs.to(torch.float64) ** 2).sum(1).mean())
             tables[name] = ErrorTable(
                 rank=bases[name].rank,
-                tables=block_error_table(coeffs, cfg.group_sizes, cfg.max_bits),
+                tables=block_error_table(
+                    coeffs, cfg.group_sizes, cfg.max_bits, symmetric=cfg.quantizer == "symmetric"
+                ),
                 residual=max(0.0, total - kept),
                 weight=(cfg.key_weight if kind == "k" else 1.0) * (factors or {}).get(name, 1.0),
             )

@@ -40,7 +40,15 @@ class CodecConfig(BaseModel):
         PAPER_GROUP_SIZES, description="scale/shift group sizes the DP may use"
     )
     max_bits: int = Field(8, ge=1, le=8, description="widest code the DP may choose")
-    scale_bits: int = Field(32, description="bits of one group's fp16 scale + fp16 shift")
+    scale_bits: int = Field(
+        32, description="bits of one group's side information: fp16 scale + fp16 shift (16: symmetric)"
+    )
+    quantizer: Literal["minmax", "symmetric"] = Field(
+        "minmax",
+        description="'minmax': each group's own min and max (the paper's fp16 shift + scale); "
+        "'symmetric': +-max|x|, the fp16 scale only (half the side information, scale_bits 16; "
+        "docs/benchmarks.md, 'Session 24')",
+    )
     key_weight: float = Field(1.0, gt=0, description="weight of key MSE against value MSE in the DP")
     normalize_heads: bool = Field(
         True,
@@ -87,6 +95,14 @@ class CodecConfig(BaseModel):
             return {**data, "layer_sensitivity": "analytic"}
         return data
 
+    @model_validator(mode="before")
+    @classmethod
+    def _symmetric_side_bits(cls, data: object) -> object:
+        """A symmetric group stores one fp16 value: the DP's rate is 16 bits unless said otherwise."""
+        if isinstance(data, dict) and data.get("quantizer") == "symmetric" and "scale_bits" not in data:
+            return {**data, "scale_bits": 16}
+        return data
+
     @model_validator(mode="after")
     def _sensitivity_needs_a_metric(self) -> CodecConfig:
         if self.layer_sensitivity == "measured" and self.distortion != "attention":
@@ -101,11 +117,13 @@ class CodecConfig(BaseModel):
 
     @model_serializer(mode="wrap")
     def _omit_unset_heads(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo) -> dict:
-        """Per-layer factors (False) serialise as before the field existed, so every cache key,
-        artifact header and calibration id of the per-layer recipes stays what it was."""
+        """Per-layer factors (False) and min/max groups serialise as before those fields existed, so
+        every cache key, artifact header and calibration id of those recipes stays what it was."""
         data = handler(self)
         if not self.sensitivity_heads:
             data.pop("sensitivity_heads", None)
+        if self.quantizer == "minmax":  # likewise: min/max recipes keep their keys and ids
+            data.pop("quantizer", None)
         return data
 
     @field_validator("group_sizes")

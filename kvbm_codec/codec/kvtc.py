@@ -109,6 +109,7 @@ class KVTCCodec:
         self._weights_cache: dict[tuple[str, str, str], _Weights] = {}
         self._tilings: dict[tuple[str, str], Tiling] = {}
         self._layouts: dict[tuple[object, ...], list[tuple[str, int]]] = {}
+        self._symmetric = calibration.config.quantizer == "symmetric"
 
     def _basis(self, name: str, device: torch.device) -> PCABasis:
         if device.type == "cpu":
@@ -146,7 +147,7 @@ class KVTCCodec:
         key = (alloc_id, name)
         t = self._tilings.get(key)
         if t is None:
-            t = self._tilings[key] = Tiling.of(alloc.blocks[name])
+            t = self._tilings[key] = Tiling.of(alloc.blocks[name], self._symmetric)
         return t
 
     def _coefficients(self, name: str, feats: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -232,7 +233,7 @@ class KVTCCodec:
                 name = self.cal.basis_name(gi, kind)
                 # a block stored all-raw has 0 compressed tokens
                 coeffs = self._coefficients(name, _feature_rows(x), pos_c)
-                codes, scales = encode_coefficients(coeffs, self.alloc.blocks[name])
+                codes, scales = encode_coefficients(coeffs, self.alloc.blocks[name], self._symmetric)
                 sections += [(f"{name}.codes", codes), (f"{name}.scales", scales)]
             if raw_idx.numel():
                 rk = kv.keys[lo:hi][:, :, raw_idx].to(out_dtype).cpu().contiguous()
@@ -531,7 +532,9 @@ class KVTCCodec:
                 coeffs = rows @ w.enc
                 for r, idx in by_run.items():
                     part = coeffs if uniform else coeffs.index_select(0, rows_of[r])
-                    codes, scales = encode_coefficients_batch(part, self.alloc.blocks[name], len(idx))
+                    codes, scales = encode_coefficients_batch(
+                        part, self.alloc.blocks[name], len(idx), self._symmetric
+                    )
                     for j, i in enumerate(idx):
                         per_block[i] += [
                             (f"{name}.codes", codes[j].tobytes()),

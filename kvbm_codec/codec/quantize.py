@@ -2,6 +2,11 @@
 
 Each token's coefficients are cut into blocks (start, size, bits) chosen by the DP allocator; every
 block of every token gets its own fp16 shift (min) and fp16 scale, the paper's 16-bit scale/shift.
+``symmetric`` groups (``CodecConfig.quantizer``) store the scale only: the range is +-max|x|, the
+shift is -scale * (2^bits - 1) / 2, derived the same way by the encoder and every decoder. That halves
+the side information, and the codes of a component then put 0 at one code in every token, which
+DEFLATE codes better: at the same bits the distortion measured 0.90x of min/max groups'
+(bench/quantizer_bound.py, docs/benchmarks.md "Session 24").
 Codes are packed byte-aligned (8, 4, 2 or 1 codes per byte) and component-major, so that DEFLATE's
 Huffman stage sees each component's skewed code distribution whole: padding bits are constant and
 cost nothing after entropy coding, whereas tight bit packing would scramble symbol boundaries.
@@ -66,9 +71,33 @@ def packed_size(count: int, bits: int) -> int:
     return -(-count // per_byte)
 
 
-def quantize_groups(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x [T, n, g] -> codes uint8 [T, n, g], shift fp16 [T, n], scale fp16 [T, n]."""
+def quantize_groups(
+    x: torch.Tensor, bits: int, symmetric: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [T, n, g] -> codes uint8 [T, n, g], shift [T, n] (fp16; float32 derived from the scale when
+    ``symmetric``), scale fp16 [T, n]."""
+    if symmetric:
+        return _quantize_symmetric(x, x.abs().amax(-1), bits)
     return _quantize_in_range(x, x.amin(-1), x.amax(-1), bits)
+
+
+def symmetric_shift(scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """The shift of a symmetric group, float32, from its fp16 scale: one multiply, so every encoder and
+    decoder (CPU or GPU) derives the same value."""
+    return scale.to(torch.float32) * (-((1 << bits) - 1) / 2)
+
+
+def _quantize_symmetric(
+    x: torch.Tensor, peak: torch.Tensor, bits: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Symmetric groups given each group's max |x|: codes over [-peak, peak], the shift derived."""
+    levels = (1 << bits) - 1
+    scale = (peak * (2 / levels)).to(torch.float16)
+    shift = symmetric_shift(scale, bits)
+    s32 = scale.to(torch.float32)
+    safe = torch.where(s32 > 0, s32, torch.ones_like(s32))
+    codes = torch.round((x - shift[..., None]) / safe[..., None]).clamp_(0, levels).to(torch.uint8)
+    return codes, shift, scale
 
 
 def _quantize_in_range(
@@ -104,7 +133,16 @@ def active_components(blocks: list[Block]) -> torch.Tensor:
     return torch.cat(idx) if idx else torch.zeros(0, dtype=torch.long)
 
 
-def encode_coefficients(coeffs: torch.Tensor, blocks: list[Block]) -> tuple[bytes, bytes]:
+def _side(shift: torch.Tensor, scale: torch.Tensor, symmetric: bool) -> torch.Tensor:
+    """[..., T, count] shift and scale -> the side values a scales stream holds, [..., k, count, T]."""
+    if symmetric:
+        return scale.transpose(-1, -2).unsqueeze(-3)
+    return torch.stack([shift.transpose(-1, -2), scale.transpose(-1, -2)], dim=-3)
+
+
+def encode_coefficients(
+    coeffs: torch.Tensor, blocks: list[Block], symmetric: bool = False
+) -> tuple[bytes, bytes]:
     """coeffs [T, n_active] (active components only, in stream order) -> (codes stream, scales stream)."""
     if coeffs.numel() and float(coeffs.abs().max()) > FP16_MAX:
         raise ValueError("PCA coefficients exceed the fp16 range of the scale/shift fields")
@@ -116,9 +154,9 @@ def encode_coefficients(coeffs: torch.Tensor, blocks: list[Block]) -> tuple[byte
         width = size * count
         x = coeffs[:, col : col + width].reshape(n_tokens, count, size)
         col += width
-        codes, shift, scale = quantize_groups(x, bits)
+        codes, shift, scale = quantize_groups(x, bits, symmetric)
         codes_out.append(pack_codes(codes.permute(1, 2, 0).contiguous().cpu().numpy(), bits))
-        scales_out.append(torch.stack([shift.T, scale.T]).contiguous().cpu().numpy().tobytes())
+        scales_out.append(_side(shift, scale, symmetric).contiguous().cpu().numpy().tobytes())
     return b"".join(codes_out), b"".join(scales_out)
 
 
@@ -130,21 +168,27 @@ class Tiling:
 
     runs: tuple[tuple[int, int, int, int], ...]
     n_active: int
+    symmetric: bool = False
 
     @classmethod
-    def of(cls, blocks: list[Block]) -> Tiling:
+    def of(cls, blocks: list[Block], symmetric: bool = False) -> Tiling:
         runs = tuple(_runs([b for b in blocks if b.bits > 0]))
-        return cls(runs, sum(size * count for _, size, _, count in runs))
+        return cls(runs, sum(size * count for _, size, _, count in runs), symmetric)
+
+    @property
+    def side_values(self) -> int:
+        """fp16 values per group and token in the scales stream: scale (symmetric) or shift + scale."""
+        return 1 if self.symmetric else 2
 
     def stream_sizes(self, n_tokens: int) -> tuple[int, int]:
         """Exact byte sizes of the (codes, scales) streams of ``n_tokens`` tokens."""
         codes = sum(packed_size(s * c * n_tokens, bits) for _, s, bits, c in self.runs)
-        return codes, sum(c * 2 * n_tokens * 2 for _, _, _, c in self.runs)
+        return codes, sum(c * self.side_values * n_tokens * 2 for _, _, _, c in self.runs)
 
 
-def stream_sizes(blocks: list[Block], n_tokens: int) -> tuple[int, int]:
+def stream_sizes(blocks: list[Block], n_tokens: int, symmetric: bool = False) -> tuple[int, int]:
     """Exact byte sizes of the (codes, scales) streams of ``n_tokens`` tokens under ``blocks``."""
-    return Tiling.of(blocks).stream_sizes(n_tokens)
+    return Tiling.of(blocks, symmetric).stream_sizes(n_tokens)
 
 
 def code_segments(blocks: list[Block], n_tokens: int) -> list[tuple[int, int]]:
@@ -156,10 +200,13 @@ def code_segments(blocks: list[Block], n_tokens: int) -> list[tuple[int, int]]:
     ]
 
 
-def decode_coefficients(codes: bytes, scales: bytes, blocks: list[Block], n_tokens: int) -> torch.Tensor:
+def decode_coefficients(
+    codes: bytes, scales: bytes, blocks: list[Block], n_tokens: int, symmetric: bool = False
+) -> torch.Tensor:
     """Inverse of encode_coefficients -> [T, n_active] float32. Stream sizes are checked exactly."""
     active = [b for b in blocks if b.bits > 0]
-    expected_codes, expected_scales = stream_sizes(blocks, n_tokens)
+    k = 1 if symmetric else 2
+    expected_codes, expected_scales = stream_sizes(blocks, n_tokens, symmetric)
     if len(codes) != expected_codes or len(scales) != expected_scales:
         raise ValueError(
             f"coefficient streams have {len(codes)}/{len(scales)} bytes, "
@@ -173,11 +220,12 @@ def decode_coefficients(codes: bytes, scales: bytes, blocks: list[Block], n_toke
         nbytes = packed_size(n, bits)
         c = unpack_codes(cview[cpos : cpos + nbytes], n, bits)
         cpos += nbytes
-        ss = np.frombuffer(sview[spos : spos + count * n_tokens * 4], dtype=np.float16)
-        spos += count * n_tokens * 4
-        ss = torch.from_numpy(ss.copy()).reshape(2, count, n_tokens)
+        ss = np.frombuffer(sview[spos : spos + count * n_tokens * 2 * k], dtype=np.float16)
+        spos += count * n_tokens * 2 * k
+        ss = torch.from_numpy(ss.copy()).reshape(k, count, n_tokens)
         c_t = torch.from_numpy(c.copy()).reshape(count, size, n_tokens).permute(2, 0, 1)
-        x = dequantize_groups(c_t, ss[0].T, ss[1].T)
+        scale = ss[-1].T
+        x = dequantize_groups(c_t, symmetric_shift(scale, bits) if symmetric else ss[0].T, scale)
         parts.append(x.reshape(n_tokens, count * size))
     if not parts:
         return torch.zeros(n_tokens, 0)
@@ -185,7 +233,7 @@ def decode_coefficients(codes: bytes, scales: bytes, blocks: list[Block], n_toke
 
 
 def block_error_table(
-    coeffs: torch.Tensor, group_sizes: tuple[int, ...], max_bits: int
+    coeffs: torch.Tensor, group_sizes: tuple[int, ...], max_bits: int, symmetric: bool = False
 ) -> dict[int, np.ndarray]:
     """Measured mean squared error per token of every aligned block, for every bit width.
 
@@ -204,8 +252,12 @@ def block_error_table(
         table[0] = (x.to(torch.float64) ** 2).sum(-1).mean(0).numpy()
         # min/max are the same for every width: computed once, the quantizer itself is unchanged.
         lo, hi = x.amin(-1), x.amax(-1)
+        peak = torch.maximum(-lo, hi)
         for bits in range(1, max_bits + 1):
-            codes, shift, scale = _quantize_in_range(x, lo, hi, bits)
+            if symmetric:
+                codes, shift, scale = _quantize_symmetric(x, peak, bits)
+            else:
+                codes, shift, scale = _quantize_in_range(x, lo, hi, bits)
             err = (dequantize_groups(codes, shift, scale) - x).to(torch.float64) ** 2
             table[bits] = err.sum(-1).mean(0).numpy()
         tables[g] = table
@@ -246,7 +298,7 @@ def _unpack_rows(packed: np.ndarray, count: int, bits: int) -> np.ndarray:
 
 
 def encode_coefficients_batch(
-    coeffs: torch.Tensor, blocks: list[Block], n_blocks: int
+    coeffs: torch.Tensor, blocks: list[Block], n_blocks: int, symmetric: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
     """coeffs [N * T, n_active] of N frames of T tokens each -> (codes [N, c], scales [N, s]) uint8,
     row i byte-identical to ``encode_coefficients`` of frame i's T rows: quantized in one pass."""
@@ -260,10 +312,10 @@ def encode_coefficients_batch(
         width = size * count
         x = coeffs[:, col : col + width].reshape(n_blocks, n_tok, count, size)
         col += width
-        codes, shift, scale = quantize_groups(x, bits)  # [N, T, count, size], [N, T, count]
+        codes, shift, scale = quantize_groups(x, bits, symmetric)  # [N, T, count, size], [N, T, count]
         rows = codes.permute(0, 2, 3, 1).reshape(n_blocks, -1).cpu().numpy()
         codes_out.append(_pack_rows(rows, bits))
-        ss = torch.stack([shift.transpose(1, 2), scale.transpose(1, 2)], dim=1)  # [N, 2, count, T]
+        ss = _side(shift, scale, symmetric)  # [N, k, count, T]
         scales_out.append(ss.reshape(n_blocks, -1).cpu().contiguous().numpy().view(np.uint8))
     empty = np.zeros((n_blocks, 0), dtype=np.uint8)
     return (
@@ -273,10 +325,10 @@ def encode_coefficients_batch(
 
 
 def decode_coefficients_batch(
-    codes: np.ndarray, scales: np.ndarray, blocks: list[Block], n_tokens: int
+    codes: np.ndarray, scales: np.ndarray, blocks: list[Block], n_tokens: int, symmetric: bool = False
 ) -> torch.Tensor:
     """Inverse of ``encode_coefficients_batch``: codes [N, c], scales [N, s] -> [N * T, n_active]."""
-    tiling = Tiling.of(blocks)
+    tiling = Tiling.of(blocks, symmetric)
     out = torch.empty(codes.shape[0] * n_tokens, tiling.n_active)
     dequantize_batch_into(codes, scales, tiling, n_tokens, out)
     return out
@@ -305,12 +357,14 @@ def dequantize_batch_into(
         c = _unpack_rows(codes[:, cpos : cpos + nbytes], m, bits)
         cpos += nbytes
         # writable C-order copies only where needed: torch refuses to wrap read-only frame bytes silently
-        sb = np.require(scales[:, spos : spos + count * n_tokens * 4], requirements=("C", "W"))
-        spos += count * n_tokens * 4
-        ss = torch.from_numpy(sb.view(np.float16)).reshape(n, 2, count, n_tokens).to(torch.float32)
+        k = tiling.side_values
+        sb = np.require(scales[:, spos : spos + count * n_tokens * 2 * k], requirements=("C", "W"))
+        spos += count * n_tokens * 2 * k
+        ss = torch.from_numpy(sb.view(np.float16)).reshape(n, k, count, n_tokens).to(torch.float32)
         c_t = torch.from_numpy(np.require(c, requirements=("C", "W")))
         c_t = c_t.reshape(n, count, size, n_tokens).permute(0, 3, 1, 2)
         dst = out[:, col : col + size * count].view(n, n_tokens, count, size)
         col += size * count
-        torch.mul(c_t, ss[:, 1].transpose(1, 2)[..., None], out=dst)
-        dst.add_(ss[:, 0].transpose(1, 2)[..., None])
+        scale = ss[:, -1].transpose(1, 2)
+        torch.mul(c_t, scale[..., None], out=dst)
+        dst.add_((symmetric_shift(scale, bits) if tiling.symmetric else ss[:, 0].transpose(1, 2))[..., None])
