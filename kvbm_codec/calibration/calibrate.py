@@ -496,7 +496,7 @@ def _statistics_hook(
         yield stats
 
 
-def calibrate_small(lm: CalibrationModel) -> Calibration:
+def calibrate_small(lm: CalibrationModel, quantizer: str = "minmax") -> Calibration:
     """A real but small calibration (4 x 512 tokens, 6-layer bases, 8x and 20x allocations): seconds
     instead of minutes on 2 cores. The test fixtures and the fuzz corpus share it. Plain MSE keeps it
     independent of the model statistics (tests/test_distortion.py covers the metric path)."""
@@ -505,7 +505,7 @@ def calibrate_small(lm: CalibrationModel) -> Calibration:
     return calibrate(
         lm,
         calibration_texts(),
-        CodecConfig(layer_group_size=6, distortion="mse"),
+        CodecConfig(layer_group_size=6, distortion="mse", quantizer=quantizer),  # type: ignore[arg-type]
         targets=(8.0, 20.0),
         fit_sequences=4,
         seq_len=512,
