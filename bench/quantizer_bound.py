@@ -14,7 +14,11 @@ allocator's own metric: each basis' weight times its coefficient squared error):
 - ``ecsq entropy``: the per-component zeroth-order entropy of ECSQ codes at the step that matches the
   codec's distortion (what ECSQ with an ideal entropy coder would need), for three dead zones;
 - ``ecsq deflate``: the same codes as the codec would write them (component-major, each component
-  in the narrowest byte slot holding its range, isal level 1): what ECSQ buys under DEFLATE.
+  in the narrowest byte slot holding its range, isal level 1): what ECSQ buys under DEFLATE;
+- ``symmetric``: the codec's groups with half the side information (range +-max|x|, one fp16 scale
+  per group), at the 16x/20x/32x context allocations, against min/max groups at the same bits (the
+  min/max distortion interpolated log-log between the allocations): would halving the side
+  information pay for the wider ranges? (The allocation is min/max's, so this favours min/max.)
 
     python bench/quantizer_bound.py --val apache,tempest --target 20 \
         --out bench/results/quantizer_bound_s24.json
@@ -27,7 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from itertools import groupby
+from itertools import groupby, pairwise
 from pathlib import Path
 
 import numpy as np
@@ -39,8 +43,10 @@ from kvbm_codec.codec.deflate import deflate_chunks
 from kvbm_codec.codec.kvtc import default_raw_mask
 from kvbm_codec.codec.pca import to_features
 from kvbm_codec.codec.quantize import (
+    _quantize_in_range,
     _runs,
     decode_coefficients,
+    dequantize_groups,
     encode_coefficients,
     pack_codes,
     quantize_groups,
@@ -51,6 +57,7 @@ from kvbm_codec.models.hf import CausalLM
 
 VALIDATION = {"apache": Path("/usr/share/common-licenses/Apache-2.0")}
 DEADZONES = (0.0, 0.15, 0.3)
+SIDE_TARGETS = (16.0, 20.0, 32.0)
 
 
 def _text(name: str, texts_dir: Path) -> str:
@@ -104,6 +111,50 @@ def _ecsq_deflate_bytes(q: torch.Tensor) -> int:
     return len(deflate_chunks(buf, 1)[1])
 
 
+def _groups_deflated(c: torch.Tensor, kept: list, symmetric: bool) -> tuple[int, int, float]:
+    """(codes bytes, side-information bytes, squared error) of ``c``'s active components quantized by
+    the codec's min/max groups (``symmetric``: each group's range is +-max|x| and only its fp16 scale
+    is stored, half the side information), packed as the codec packs them, isal level 1, a DEFLATE
+    block per run of one code width in the codes."""
+    n = c.shape[0]
+    codes_out, side_out, cuts, err, col, prev = [], [], [], 0.0, 0, None
+    for _start, size, bits, count in _runs(kept):
+        x = c[:, col : col + size * count].reshape(n, count, size)
+        col += size * count
+        if symmetric:
+            m = x.abs().amax(-1)
+            codes, shift, scale = _quantize_in_range(x, -m, m, bits)
+            side_out.append(scale.T.contiguous().numpy().tobytes())
+        else:
+            codes, shift, scale = quantize_groups(x, bits)
+            side_out.append(torch.stack([shift.T, scale.T]).contiguous().numpy().tobytes())
+        err += float(((dequantize_groups(codes, shift, scale) - x).double() ** 2).sum())
+        if prev is not None and bits != prev:
+            cuts.append(sum(map(len, codes_out)))
+        prev = bits
+        codes_out.append(pack_codes(codes.permute(1, 2, 0).contiguous().numpy(), bits))
+    code_bytes = len(deflate_chunks(b"".join(codes_out), 1, cuts)[1])
+    return code_bytes, len(deflate_chunks(b"".join(side_out), 1)[1]), err
+
+
+def _symmetric_gain(side: list[dict], target: float) -> dict:
+    """Symmetric groups at ``target``'s allocation against the min/max curve at the same bits (log-log
+    interpolation between the two allocations that bracket those bits): < 1 means symmetric groups
+    buy less distortion for the bits."""
+    at = next(r for r in side if r["target"] == target)
+    bits = at["symmetric"]["bits_per_token"]
+    pts = sorted((r["minmax"]["bits_per_token"], r["minmax"]["distortion"]) for r in side)
+    (b0, d0), (b1, d1) = next(((p, q) for p, q in pairwise(pts) if p[0] <= bits <= q[0]), (pts[0], pts[1]))
+    slope = math.log(d1 / d0) / math.log(b1 / b0)
+    minmax_d = d0 * math.exp(slope * math.log(bits / b0))
+    return {
+        "bits_per_token": bits,
+        "bits_over_minmax": bits / at["minmax"]["bits_per_token"],
+        "distortion_over_minmax_same_allocation": at["symmetric"]["distortion"] / at["minmax"]["distortion"],
+        "distortion_over_minmax_same_bits": at["symmetric"]["distortion"] / minmax_d,
+    }
+
+
 def measure(lm: CausalLM, cal, text: str, target: float, context: int) -> dict:
     kv = lm.prefill_kv(lm.encode(text)[:, :context])
     codec = context_codec(cal, target, kv)
@@ -136,6 +187,22 @@ def measure(lm: CausalLM, cal, text: str, target: float, context: int) -> dict:
             coeffs[name] = (c, w)
     n = next(iter(coeffs.values()))[0].shape[0]
     cur_bits = 8 * current_bytes / n
+    side = []
+    for t in SIDE_TARGETS:  # the same allocation, min/max groups vs symmetric ones
+        alloc = context_codec(cal, t, kv).alloc
+        row_t = {"target": t}
+        for mode in ("minmax", "symmetric"):
+            nbytes, dist = 0, 0.0
+            for name, (c, w) in coeffs.items():
+                kept = [bl for bl in alloc.blocks[name] if bl.bits > 0]
+                act = torch.cat([torch.arange(bl.start, bl.start + bl.size) for bl in kept])
+                dropped = torch.ones(c.shape[1], dtype=torch.bool)
+                dropped[act] = False
+                cb, sb, err = _groups_deflated(c[:, act], kept, mode == "symmetric")
+                nbytes += cb + sb
+                dist += w * (err + float((c[:, dropped].double() ** 2).sum()))
+            row_t[mode] = {"bits_per_token": 8 * nbytes / n, "distortion": dist}
+        side.append(row_t)
     row = {
         "tokens": n,
         "frame_cr_total": kv.nbytes(2) / sum(sections.values()),
@@ -145,6 +212,8 @@ def measure(lm: CausalLM, cal, text: str, target: float, context: int) -> dict:
         "current_scale_bits": 8 * scale_bytes / n,
         "distortion": current_d,
         "ecsq": [],
+        "side_information": side,
+        "symmetric_at_target": _symmetric_gain(side, target),
     }
     for dz in DEADZONES:
         lo, hi = 1e-2, 1e2  # log-bisection of the step to the codec's distortion
@@ -198,6 +267,13 @@ def main() -> None:
             print(
                 f"{name}: current {cur:.0f} bits/token (codes {codes:.0f}, their entropy {ent:.0f}; "
                 f"scales {scales:.0f})",
+                flush=True,
+            )
+            g = row["symmetric_at_target"]
+            print(
+                f"  symmetric groups: {g['bits_over_minmax']:.3f}x the bits, distortion "
+                f"{g['distortion_over_minmax_same_allocation']:.3f}x at the same allocation, "
+                f"{g['distortion_over_minmax_same_bits']:.3f}x min/max's at the same bits",
                 flush=True,
             )
             for e in row["ecsq"]:
