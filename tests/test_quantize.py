@@ -83,6 +83,8 @@ def test_symmetric_groups_are_symmetric_around_zero() -> None:
 def test_values_beyond_fp16_range_are_refused() -> None:
     with pytest.raises(ValueError, match="fp16 range"):
         encode_coefficients(torch.tensor([[1e6, 0.0]]), [Block(0, 2, 4)])
+    with pytest.raises(ValueError, match="fp16 range"):  # a symmetric 1-bit scale would be 2 x 40000
+        encode_coefficients(torch.tensor([[4e4, 0.0]]), [Block(0, 2, 1)], symmetric=True)
 
 
 @pytest.mark.parametrize("symmetric", [False, True])

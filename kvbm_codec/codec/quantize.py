@@ -81,6 +81,13 @@ def quantize_groups(
     return _quantize_in_range(x, x.amin(-1), x.amax(-1), bits)
 
 
+def _check_range(coeffs: torch.Tensor, symmetric: bool) -> None:
+    """A symmetric 1-bit group's scale is 2 max|x|: it must stay finite in fp16 as well."""
+    limit = FP16_MAX / 2 if symmetric else FP16_MAX
+    if coeffs.numel() and float(coeffs.abs().max()) > limit:
+        raise ValueError("PCA coefficients exceed the fp16 range of the scale/shift fields")
+
+
 def symmetric_shift(scale: torch.Tensor, bits: int) -> torch.Tensor:
     """The shift of a symmetric group, float32, from its fp16 scale: one multiply, so every encoder and
     decoder (CPU or GPU) derives the same value."""
@@ -144,8 +151,7 @@ def encode_coefficients(
     coeffs: torch.Tensor, blocks: list[Block], symmetric: bool = False
 ) -> tuple[bytes, bytes]:
     """coeffs [T, n_active] (active components only, in stream order) -> (codes stream, scales stream)."""
-    if coeffs.numel() and float(coeffs.abs().max()) > FP16_MAX:
-        raise ValueError("PCA coefficients exceed the fp16 range of the scale/shift fields")
+    _check_range(coeffs, symmetric)
     n_tokens = coeffs.shape[0]
     codes_out: list[bytes] = []
     scales_out: list[bytes] = []
@@ -302,8 +308,7 @@ def encode_coefficients_batch(
 ) -> tuple[np.ndarray, np.ndarray]:
     """coeffs [N * T, n_active] of N frames of T tokens each -> (codes [N, c], scales [N, s]) uint8,
     row i byte-identical to ``encode_coefficients`` of frame i's T rows: quantized in one pass."""
-    if coeffs.numel() and float(coeffs.abs().max()) > FP16_MAX:
-        raise ValueError("PCA coefficients exceed the fp16 range of the scale/shift fields")
+    _check_range(coeffs, symmetric)
     n_tok = coeffs.shape[0] // n_blocks if n_blocks else 0
     codes_out: list[np.ndarray] = []
     scales_out: list[np.ndarray] = []
