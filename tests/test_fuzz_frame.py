@@ -199,6 +199,38 @@ def test_mutated_frames_never_crash_or_decode_wrong(
             oracle(frame)
 
 
+@pytest.fixture(scope="module")
+def symmetric_seeds(smollm) -> tuple[DecodeOracle, list[bytes]]:  # type: ignore[no-untyped-def]
+    """Seeds of a symmetric-group calibration (CodecConfig.quantizer): their scales streams hold one
+    fp16 value per group, so every size check behind the checksums meets the other layout too."""
+    from kvbm_codec.calibration.calibrate import calibrate_small
+    from kvbm_codec.texts import calibration_texts
+
+    codec = KVTCCodec(calibrate_small(smollm, quantizer="symmetric"), 20.0)
+    ids = smollm.tokenizer(calibration_texts()[7], add_special_tokens=False, return_tensors="pt")["input_ids"]
+    kv, _ = smollm.prefill(ids[:, :64], return_logits=False)
+    seeds = list(make_seeds(codec, kv).values())
+    return DecodeOracle(codec, seeds), seeds
+
+
+@settings(
+    max_examples=int(os.environ.get("KVBM_FUZZ_EXAMPLES", "250")) // 2,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(data=st.data())
+def test_mutated_symmetric_frames_never_crash_or_decode_wrong(
+    data: st.DataObject, symmetric_seeds: tuple[DecodeOracle, list[bytes]]
+) -> None:
+    oracle, seeds = symmetric_seeds
+    frame, forged = data.draw(mutated(seeds))
+    if forged:
+        oracle.forged(frame)
+    else:
+        oracle(frame)
+
+
 def test_hostile_header_values_are_codec_errors(seeds: list[bytes], decode_oracle: DecodeOracle) -> None:
     """Sizes that would allocate terabytes or overflow int64 must be refused before any allocation."""
     base = seeds[0]
