@@ -210,9 +210,9 @@ def decode_coefficients(
     codes: bytes, scales: bytes, blocks: list[Block], n_tokens: int, symmetric: bool = False
 ) -> torch.Tensor:
     """Inverse of encode_coefficients -> [T, n_active] float32. Stream sizes are checked exactly."""
-    active = [b for b in blocks if b.bits > 0]
-    k = 1 if symmetric else 2
-    expected_codes, expected_scales = stream_sizes(blocks, n_tokens, symmetric)
+    tiling = Tiling.of(blocks, symmetric)
+    k = tiling.side_values
+    expected_codes, expected_scales = tiling.stream_sizes(n_tokens)
     if len(codes) != expected_codes or len(scales) != expected_scales:
         raise ValueError(
             f"coefficient streams have {len(codes)}/{len(scales)} bytes, "
@@ -221,7 +221,7 @@ def decode_coefficients(
     parts = []
     cpos = spos = 0
     cview, sview = memoryview(codes), memoryview(scales)
-    for _start, size, bits, count in _runs(active):
+    for _start, size, bits, count in tiling.runs:
         n = size * count * n_tokens
         nbytes = packed_size(n, bits)
         c = unpack_codes(cview[cpos : cpos + nbytes], n, bits)
