@@ -43,10 +43,9 @@ from kvbm_codec.codec.deflate import deflate_chunks
 from kvbm_codec.codec.kvtc import default_raw_mask
 from kvbm_codec.codec.pca import to_features
 from kvbm_codec.codec.quantize import (
-    _quantize_in_range,
     _runs,
+    code_segments,
     decode_coefficients,
-    dequantize_groups,
     encode_coefficients,
     pack_codes,
     quantize_groups,
@@ -114,27 +113,16 @@ def _ecsq_deflate_bytes(q: torch.Tensor) -> int:
 def _groups_deflated(c: torch.Tensor, kept: list, symmetric: bool) -> tuple[int, int, float]:
     """(codes bytes, side-information bytes, squared error) of ``c``'s active components quantized by
     the codec's min/max groups (``symmetric``: each group's range is +-max|x| and only its fp16 scale
-    is stored, half the side information), packed as the codec packs them, isal level 1, a DEFLATE
-    block per run of one code width in the codes."""
-    n = c.shape[0]
-    codes_out, side_out, cuts, err, col, prev = [], [], [], 0.0, 0, None
-    for _start, size, bits, count in _runs(kept):
-        x = c[:, col : col + size * count].reshape(n, count, size)
-        col += size * count
-        if symmetric:
-            m = x.abs().amax(-1)
-            codes, shift, scale = _quantize_in_range(x, -m, m, bits)
-            side_out.append(scale.T.contiguous().numpy().tobytes())
-        else:
-            codes, shift, scale = quantize_groups(x, bits)
-            side_out.append(torch.stack([shift.T, scale.T]).contiguous().numpy().tobytes())
-        err += float(((dequantize_groups(codes, shift, scale) - x).double() ** 2).sum())
+    is stored, half the side information), the codec's own streams, isal level 1, a DEFLATE block per
+    run of one code width in the codes."""
+    codes, scales = encode_coefficients(c, kept, symmetric)
+    err = float(((decode_coefficients(codes, scales, kept, c.shape[0], symmetric) - c).double() ** 2).sum())
+    cuts, off, prev = [], 0, None
+    for nbytes, bits in code_segments(kept, c.shape[0]):
         if prev is not None and bits != prev:
-            cuts.append(sum(map(len, codes_out)))
-        prev = bits
-        codes_out.append(pack_codes(codes.permute(1, 2, 0).contiguous().numpy(), bits))
-    code_bytes = len(deflate_chunks(b"".join(codes_out), 1, cuts)[1])
-    return code_bytes, len(deflate_chunks(b"".join(side_out), 1)[1]), err
+            cuts.append(off)
+        off, prev = off + nbytes, bits
+    return len(deflate_chunks(codes, 1, cuts)[1]), len(deflate_chunks(scales, 1)[1]), err
 
 
 def _symmetric_gain(side: list[dict], target: float) -> dict:
