@@ -57,6 +57,7 @@ from kvbm_codec.models.hf import CausalLM
 VALIDATION = {"apache": Path("/usr/share/common-licenses/Apache-2.0")}
 DEADZONES = (0.0, 0.15, 0.3)
 SIDE_TARGETS = (16.0, 20.0, 32.0)
+TABLE_CLASSES, TABLE_WIDTH = 64, 64
 
 
 def _text(name: str, texts_dir: Path) -> str:
@@ -82,6 +83,64 @@ def _ecsq(
         y = c / (step / math.sqrt(w))
         out[name] = torch.sign(y) * torch.clamp(torch.floor(y.abs() + 0.5 - deadzone), min=0)
     return out
+
+
+def _bin_edges(q: torch.Tensor, deadzone: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The interval of y = x / step that rounds to each code of :func:`_ecsq` (zero's is widened by
+    the dead zone on both sides)."""
+    a = q.abs()
+    lo = torch.where(a == 0, -(0.5 + deadzone), a - 0.5 + deadzone)
+    hi = torch.where(a == 0, 0.5 + deadzone, a + 0.5 + deadzone)
+    flip = q < 0
+    return torch.where(flip, -hi, lo), torch.where(flip, -lo, hi)
+
+
+def _model_bits(q: torch.Tensor, scale: torch.Tensor, deadzone: float, family: str) -> float:
+    """Code length of [T, n] codes under a static zero-mean model per column: ``scale`` [n] is the
+    column's standard deviation in units of the step, taken from the calibration's eigenvalues (what
+    a decoder has without side information). Each symbol's probability is its bin's mass, floored
+    at 2^-24 (an ANS coder's smallest probability); an ANS coder is within ~0.1% of this length."""
+    lo, hi = _bin_edges(q.double(), deadzone)
+    s = scale.double().clamp_min(1e-6)[None, :]
+    if family == "laplace":
+        b = s / math.sqrt(2.0)
+
+        def cdf(x: torch.Tensor) -> torch.Tensor:
+            return torch.where(x < 0, 0.5 * torch.exp(x / b), 1 - 0.5 * torch.exp(-x / b))
+    else:
+
+        def cdf(x: torch.Tensor) -> torch.Tensor:
+            return 0.5 * (1 + torch.erf(x / (s * math.sqrt(2.0))))
+
+    p = (cdf(hi) - cdf(lo)).clamp_min(2.0**-24)
+    return float(-(p.log2()).sum())
+
+
+def _class_tables(qs: list[tuple[torch.Tensor, torch.Tensor]], n_classes: int, width: int) -> np.ndarray:
+    """Pooled code histograms [n_classes, 2*width+1] of columns binned by their model scale (log
+    spaced): the static tables a calibration would ship, fitted here on *another* text's codes."""
+    hist = np.ones((n_classes, 2 * width + 1))  # add-one: every code stays codable
+    for q, scale in qs:
+        k = _scale_class(scale, n_classes).numpy()
+        qq = q.clamp(-width, width).to(torch.int64).numpy() + width
+        np.add.at(hist, (np.broadcast_to(k[None, :], qq.shape), qq), 1)
+    return hist / hist.sum(1, keepdims=True)
+
+
+def _scale_class(scale: torch.Tensor, n_classes: int) -> torch.Tensor:
+    lo, hi = math.log(0.05), math.log(200.0)
+    return ((scale.clamp(0.05, 200.0).log() - lo) / (hi - lo) * (n_classes - 1)).round().to(torch.int64)
+
+
+def _table_bits(q: torch.Tensor, scale: torch.Tensor, tables: np.ndarray, width: int) -> float:
+    """Code length under :func:`_class_tables`; codes beyond +-width pay an escape (the table's edge
+    probability) plus 16 raw bits."""
+    k = _scale_class(scale, tables.shape[0]).numpy()
+    qq = q.to(torch.int64).numpy()
+    esc = np.abs(qq) > width
+    idx = np.clip(qq, -width, width) + width
+    p = tables[np.broadcast_to(k[None, :], qq.shape), idx]
+    return float(-np.log2(p).sum() + 16 * esc.sum())
 
 
 def _distortion(
@@ -143,7 +202,7 @@ def _symmetric_gain(side: list[dict], target: float) -> dict:
     }
 
 
-def measure(lm: CausalLM, cal, text: str, target: float, context: int) -> dict:
+def measure(lm: CausalLM, cal, text: str, target: float, context: int) -> tuple[dict, list]:
     kv = lm.prefill_kv(lm.encode(text)[:, :context])
     codec = context_codec(cal, target, kv)
     sections = {s.name: s.compressed_size for s in fr.read_frame(codec.encode(kv)).header.sections}
@@ -203,6 +262,7 @@ def measure(lm: CausalLM, cal, text: str, target: float, context: int) -> dict:
         "side_information": side,
         "symmetric_at_target": _symmetric_gain(side, target),
     }
+    static: list[list[tuple[torch.Tensor, torch.Tensor]]] = []  # per dead zone: (codes, model scale)
     for dz in DEADZONES:
         lo, hi = 1e-2, 1e2  # log-bisection of the step to the codec's distortion
         for _ in range(30):
@@ -214,6 +274,12 @@ def measure(lm: CausalLM, cal, text: str, target: float, context: int) -> dict:
         q = _ecsq(coeffs, lo, dz)
         ent = sum(_entropy_bits(q[name]) for name in coeffs) / n
         dbytes = sum(_ecsq_deflate_bytes(q[name]) for name in coeffs)
+        scales = {
+            name: cal.bases[name].eigenvalues.sqrt() / (lo / math.sqrt(w)) for name, (_, w) in coeffs.items()
+        }
+        laplace = sum(_model_bits(q[nm], scales[nm], dz, "laplace") for nm in coeffs) / n
+        gauss = sum(_model_bits(q[nm], scales[nm], dz, "gaussian") for nm in coeffs) / n
+        static.append([(q[nm], scales[nm]) for nm in coeffs])
         row["ecsq"].append(
             {
                 "deadzone": dz,
@@ -223,9 +289,13 @@ def measure(lm: CausalLM, cal, text: str, target: float, context: int) -> dict:
                 "deflate_bits": 8 * dbytes / n,
                 "entropy_over_current": ent / cur_bits,
                 "deflate_over_current": 8 * dbytes / n / cur_bits,
+                "laplace_model_bits": laplace,
+                "gaussian_model_bits": gauss,
+                "laplace_over_current": laplace / cur_bits,
+                "gaussian_over_current": gauss / cur_bits,
             }
         )
-    return row
+    return row, static
 
 
 def main() -> None:
@@ -241,15 +311,13 @@ def main() -> None:
     a = ap.parse_args()
     lm = CausalLM.load()
     cal = given_or_default(lm, a.calibration)
-    rows = []
+    rows, statics = [], []
     with torch.inference_mode():
         for name in a.val.split(","):
-            row = {
-                "val": name,
-                "target": a.target,
-                **measure(lm, cal, _text(name, a.texts_dir), a.target, a.context),
-            }
+            measured, static = measure(lm, cal, _text(name, a.texts_dir), a.target, a.context)
+            row = {"val": name, "target": a.target, **measured}
             rows.append(row)
+            statics.append(static)
             cur, codes = row["current_bits_per_token"], row["current_code_bits"]
             ent, scales = row["current_code_entropy_bits"], row["current_scale_bits"]
             print(
@@ -264,10 +332,23 @@ def main() -> None:
                 f"{g['distortion_over_minmax_same_bits']:.3f}x min/max's at the same bits",
                 flush=True,
             )
+        for i, row in enumerate(rows):  # static class tables fitted on the other texts' codes
+            for j, e in enumerate(row["ecsq"]):
+                others = [pair for k, st in enumerate(statics) if k != i for pair in st[j]]
+                if not others:
+                    continue
+                tables = _class_tables(others, TABLE_CLASSES, TABLE_WIDTH)
+                bits = sum(_table_bits(q, sc, tables, TABLE_WIDTH) for q, sc in statics[i][j]) / row["tokens"]
+                e["table_bits_other_text"] = bits
+                e["table_over_current"] = bits / row["current_bits_per_token"]
             for e in row["ecsq"]:
                 print(
-                    f"  ecsq dead zone {e['deadzone']}: entropy {e['entropy_over_current']:.3f}x, "
-                    f"DEFLATE {e['deflate_over_current']:.3f}x of current (step {e['step']:.3f})",
+                    f"  {row['val']} ecsq dead zone {e['deadzone']}: "
+                    f"entropy {e['entropy_over_current']:.3f}x, "
+                    f"DEFLATE {e['deflate_over_current']:.3f}x, static Laplace "
+                    f"{e['laplace_over_current']:.3f}x, Gaussian {e['gaussian_over_current']:.3f}x, "
+                    f"tables from another text {e.get('table_over_current', float('nan')):.3f}x of current "
+                    f"(step {e['step']:.3f})",
                     flush=True,
                 )
     a.out.parent.mkdir(parents=True, exist_ok=True)

@@ -114,8 +114,9 @@ def calibrate(
     quantizer: Annotated[
         str,
         typer.Option(
-            help="minmax (the paper's fp16 shift + scale per group, the default) or symmetric (+-max|x|, "
-            "the scale only: half the side information; docs/benchmarks.md 'Session 24')"
+            help="minmax (the paper's fp16 shift + scale per group, the default), symmetric (+-max|x|, "
+            "the scale only: half the side information; docs/benchmarks.md 'Session 24') or ecsq (a "
+            "uniform step per basis and token, ANS-coded with calibrated tables; 'Session 25')"
         ),
     ] = "minmax",
 ) -> None:

@@ -32,6 +32,15 @@ def small_calibration(smollm: CausalLM, tmp_path_factory: pytest.TempPathFactory
 
 
 @pytest.fixture(scope="session")
+def small_ecsq_calibration(smollm: CausalLM):
+    """The small calibration's recipe with the entropy-coded quantizer (quantizer="ecsq"): its code
+    tables and steps are fitted on top of the same bases (tests/test_ecsq.py, the fuzz seeds)."""
+    from kvbm_codec.calibration.calibrate import calibrate_small
+
+    return calibrate_small(smollm, quantizer="ecsq")
+
+
+@pytest.fixture(scope="session")
 def qwen() -> CausalLM:
     """Qwen2.5-Coder-0.5B-Instruct, float32 on CPU; every test that loads it shares the one cached
     conversion of its GGUF (the first load re-assembles the six parts and converts, ~1.5 min)."""

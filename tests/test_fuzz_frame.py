@@ -231,6 +231,38 @@ def test_mutated_symmetric_frames_never_crash_or_decode_wrong(
         oracle(frame)
 
 
+@pytest.fixture(scope="module")
+def ecsq_seeds(smollm, small_ecsq_calibration) -> tuple[DecodeOracle, list[bytes]]:  # type: ignore[no-untyped-def]
+    """Seeds of an entropy-coded calibration (quantizer="ecsq"): version-1 frames whose codes are ANS
+    streams of data-dependent size and whose scales are per-token gains, so the decoder's bound
+    checks and the entropy stage's own refusals meet every mutation behind valid checksums."""
+    from kvbm_codec.texts import calibration_texts
+
+    codec = KVTCCodec(small_ecsq_calibration, 20.0)
+    ids = smollm.tokenizer(calibration_texts()[7], add_special_tokens=False, return_tensors="pt")["input_ids"]
+    kv, _ = smollm.prefill(ids[:, :64], return_logits=False)
+    seeds = list(make_seeds(codec, kv).values())
+    return DecodeOracle(codec, seeds), seeds
+
+
+@settings(
+    max_examples=int(os.environ.get("KVBM_FUZZ_EXAMPLES", "250")) // 2,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(data=st.data())
+def test_mutated_ecsq_frames_never_crash_or_decode_wrong(
+    data: st.DataObject, ecsq_seeds: tuple[DecodeOracle, list[bytes]]
+) -> None:
+    oracle, seeds = ecsq_seeds
+    frame, forged = data.draw(mutated(seeds))
+    if forged:
+        oracle.forged(frame)
+    else:
+        oracle(frame)
+
+
 def test_hostile_header_values_are_codec_errors(seeds: list[bytes], decode_oracle: DecodeOracle) -> None:
     """Sizes that would allocate terabytes or overflow int64 must be refused before any allocation."""
     base = seeds[0]

@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 
 from kvbm_codec.codec.allocation import Allocation, ErrorTable
 from kvbm_codec.codec.config import CodecConfig
+from kvbm_codec.codec.entropy import CodeTables
 from kvbm_codec.codec.errors import CodecError, ModelMismatchError
 from kvbm_codec.codec.params import Calibration, ModelShape
 from kvbm_codec.codec.pca import PCABasis
@@ -30,6 +31,7 @@ from kvbm_codec.codec.rope import RotaryParams
 ARTIFACT_FORMAT = "kvbm-codec-calibration"
 ARTIFACT_VERSION = 1
 _META_KEY = "kvbm_codec"
+_CODE_TABLES = "entropy.code_tables"
 
 
 class CalibrationIntegrityError(CodecError):
@@ -46,6 +48,8 @@ def _tensors(cal: Calibration) -> dict[str, torch.Tensor]:
     for name, et in cal.error_tables.items():
         for g, arr in et.tables.items():
             t[f"{name}.err.{g}"] = torch.from_numpy(np.ascontiguousarray(arr))
+    if cal.code_tables is not None:  # absent from calibrations without entropy-coded allocations
+        t[_CODE_TABLES] = torch.from_numpy(cal.code_tables.to_array())
     return t
 
 
@@ -163,6 +167,7 @@ def _from_parts(header: dict[str, Any], t: dict[str, torch.Tensor], cal_id: str)
         error_tables=tables,
         allocations={n: Allocation.from_json(json.dumps(a)) for n, a in header["allocations"].items()},
         provenance=header["provenance"],
+        code_tables=CodeTables.from_array(t[_CODE_TABLES].numpy()) if _CODE_TABLES in t else None,
         calibration_id=cal_id,
     )
 

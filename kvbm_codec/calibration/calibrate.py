@@ -450,6 +450,9 @@ def measured_sensitivity(
         )
     analytic = cfg.model_copy(
         update={"layer_sensitivity": "analytic", "sensitivity_power": 1.0, "sensitivity_heads": False}
+        # an entropy-coded recipe's probe measures each layer with the DP's min/max codec: what a
+        # layer's error costs the model is the metric's business, not the quantizer's
+        | ({"quantizer": "minmax"} if cfg.quantizer == "ecsq" else {})
     )
     shape = _model_shape(lm.info)
     base = calibrate_from_kv(
@@ -566,11 +569,17 @@ def calibrate_from_kv(
         provenance={**(provenance or {}), "code_version": kvbm_codec.__version__},
         calibration_id="0" * 16,
     )
-    with clock.phase("bit allocation"):
-        sources = None if ratio_sources is None else [compressible(kv, cfg) for kv in ratio_sources]
-        all_allocations(
-            cal, val_kv, targets, block_tokens, progress, sources=sources, lengths=context_lengths
-        )
+    sources = None if ratio_sources is None else [compressible(kv, cfg) for kv in ratio_sources]
+    if cfg.quantizer == "ecsq":
+        from kvbm_codec.calibration.entropy_fit import entropy_allocations
+
+        with clock.phase("code tables and steps"):
+            entropy_allocations(cal, val_kv, sources or [], targets)
+    else:
+        with clock.phase("bit allocation"):
+            all_allocations(
+                cal, val_kv, targets, block_tokens, progress, sources=sources, lengths=context_lengths
+            )
     cal.provenance["created"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     cal.provenance["phase_seconds"] = clock.rounded()
     return cal

@@ -36,6 +36,13 @@ class ErrorTable:
 class Allocation:
     blocks: dict[str, list[Block]]  # basis name (e.g. "g0.k") -> tiling of its components
     meta: dict[str, float] = field(default_factory=dict)
+    step: float = 0.0
+    """> 0: an entropy-coded allocation (codec/ecsq.py) with this global step, each basis one block
+    of its kept components (their ``bits`` unused); 0: the DP's bit widths per group."""
+
+    @property
+    def entropy_coded(self) -> bool:
+        return self.step > 0
 
     def bits_per_token(self, scale_bits: int) -> int:
         return sum(b.size * b.bits + scale_bits for bl in self.blocks.values() for b in bl if b.bits > 0)
@@ -45,7 +52,8 @@ class Allocation:
             {
                 "blocks": {k: [[b.start, b.size, b.bits] for b in v] for k, v in sorted(self.blocks.items())},
                 "meta": self.meta,
-            },
+            }
+            | ({"step": self.step} if self.entropy_coded else {}),
             sort_keys=True,
             separators=(",", ":"),
         )
@@ -56,14 +64,16 @@ class Allocation:
         return cls(
             blocks={k: [Block(*map(int, b)) for b in v] for k, v in d["blocks"].items()},
             meta=d.get("meta", {}),
+            step=float(d.get("step", 0.0)),
         )
 
     @property
     def allocation_id(self) -> str:
-        """Content hash of the tiling only: two allocations decode alike iff their ids match."""
+        """Content hash of the tiling (and an entropy-coded one's step) only: two allocations decode
+        alike iff their ids match. A DP allocation's id is what it was before steps existed."""
+        tiling: dict = {k: [[b.start, b.size, b.bits] for b in v] for k, v in sorted(self.blocks.items())}
         body = json.dumps(
-            {k: [[b.start, b.size, b.bits] for b in v] for k, v in sorted(self.blocks.items())},
-            separators=(",", ":"),
+            tiling | ({"step": repr(self.step)} if self.entropy_coded else {}), separators=(",", ":")
         )
         return hashlib.sha256(body.encode()).hexdigest()[:16]
 
@@ -72,11 +82,9 @@ class Allocation:
         out = {}
         for name, bl in sorted(self.blocks.items()):
             kept = [b for b in bl if b.bits > 0]
-            out[name] = {
-                "components": sum(b.size for b in kept),
-                "code_bits": sum(b.size * b.bits for b in kept),
-                "groups": len(kept),
-            }
+            out[name] = {"components": sum(b.size for b in kept), "groups": len(kept)}
+            if not self.entropy_coded:  # an entropy-coded allocation's bits depend on the data
+                out[name]["code_bits"] = sum(b.size * b.bits for b in kept)
         return out
 
 

@@ -43,11 +43,13 @@ class CodecConfig(BaseModel):
     scale_bits: int = Field(
         32, description="bits of one group's side information: fp16 scale + fp16 shift (16: symmetric)"
     )
-    quantizer: Literal["minmax", "symmetric"] = Field(
+    quantizer: Literal["minmax", "symmetric", "ecsq"] = Field(
         "minmax",
         description="'minmax': each group's own min and max (the paper's fp16 shift + scale); "
         "'symmetric': +-max|x|, the fp16 scale only (half the side information, scale_bits 16; "
-        "docs/benchmarks.md, 'Session 24')",
+        "docs/benchmarks.md, 'Session 24'); 'ecsq': one uniform step per basis scaled by a per-token "
+        "gain, codes ANS-coded with calibrated tables instead of bit widths (codec/ecsq.py; "
+        "docs/benchmarks.md, 'Session 25')",
     )
     key_weight: float = Field(1.0, gt=0, description="weight of key MSE against value MSE in the DP")
     normalize_heads: bool = Field(

@@ -19,6 +19,8 @@ from kvbm_codec.api.blocks import DTYPES
 from kvbm_codec.codec import frame as fr
 from kvbm_codec.codec.allocation import Allocation
 from kvbm_codec.codec.deflate import DeflateBackend, select_backend
+from kvbm_codec.codec.ecsq import EcsqBasis, basis_step, decode_basis, encode_basis, max_codes_bytes
+from kvbm_codec.codec.entropy import CodeTables
 from kvbm_codec.codec.errors import (
     CalibrationMismatchError,
     CodecError,
@@ -110,6 +112,7 @@ class KVTCCodec:
         self._tilings: dict[tuple[str, str], Tiling] = {}
         self._layouts: dict[tuple[object, ...], list[tuple[str, int]]] = {}
         self._symmetric = calibration.config.quantizer == "symmetric"
+        self._ecsq_bases: dict[tuple[str, str], EcsqBasis] = {}
 
     def _basis(self, name: str, device: torch.device) -> PCABasis:
         if device.type == "cpu":
@@ -149,6 +152,24 @@ class KVTCCodec:
         if t is None:
             t = self._tilings[key] = Tiling.of(alloc.blocks[name], self._symmetric)
         return t
+
+    def _ecsq_basis(self, name: str, alloc: Allocation, alloc_id: str) -> EcsqBasis:
+        """An entropy-coded allocation's step and kept sigmas for one basis (its one block)."""
+        key = (alloc_id, name)
+        eb = self._ecsq_bases.get(key)
+        if eb is None:
+            kept = sum(b.size for b in alloc.blocks[name] if b.bits > 0)
+            sigma = self.cal.bases[name].eigenvalues.to(torch.float64).clamp_min(0).sqrt().numpy()
+            weight = self.cal.error_tables[name].weight
+            eb = self._ecsq_bases[key] = EcsqBasis(basis_step(alloc.step, weight), sigma[:kept])
+        return eb
+
+    def _code_tables(self) -> CodeTables:
+        if self.cal.code_tables is None:
+            raise CalibrationMismatchError(
+                f"calibration {self.cal.calibration_id} has entropy-coded allocations but no code tables"
+            )
+        return self.cal.code_tables
 
     def _coefficients(self, name: str, feats: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Feature rows [n, p] (float32, this call's own buffer: changed in place) -> the active
@@ -233,7 +254,11 @@ class KVTCCodec:
                 name = self.cal.basis_name(gi, kind)
                 # a block stored all-raw has 0 compressed tokens
                 coeffs = self._coefficients(name, _feature_rows(x), pos_c)
-                codes, scales = encode_coefficients(coeffs, self.alloc.blocks[name], self._symmetric)
+                if self.alloc.entropy_coded:
+                    eb = self._ecsq_basis(name, self.alloc, self._alloc_id)
+                    codes, scales = encode_basis(coeffs, eb, self._code_tables())
+                else:
+                    codes, scales = encode_coefficients(coeffs, self.alloc.blocks[name], self._symmetric)
                 sections += [(f"{name}.codes", codes), (f"{name}.scales", scales)]
             if raw_idx.numel():
                 rk = kv.keys[lo:hi][:, :, raw_idx].to(out_dtype).cpu().contiguous()
@@ -326,7 +351,11 @@ class KVTCCodec:
                 continue
             for kind in ("k", "v"):
                 name = self.cal.basis_name(gi, kind)
-                codes, scales = self._tiling(name, alloc, h.allocation_id).stream_sizes(n_comp)
+                if alloc.entropy_coded:  # codes: the most an encoder writes (checked as a bound)
+                    kept = self._ecsq_basis(name, alloc, h.allocation_id).n_kept
+                    codes, scales = max_codes_bytes(n_comp, kept), 2 * n_comp
+                else:
+                    codes, scales = self._tiling(name, alloc, h.allocation_id).stream_sizes(n_comp)
                 out += [(f"{name}.codes", codes), (f"{name}.scales", scales)]
             if n_raw:
                 raw = (b - a) * h.n_kv_heads * n_raw * (h.key_head_dim + h.value_head_dim) * itemsize
@@ -341,6 +370,8 @@ class KVTCCodec:
     ) -> dict[str, bytes | memoryview]:
         """The frame's sections by name, sizes checked against the layout before use."""
         layout = self._layout(f.header, alloc)
+        if f.version == fr.FORMAT_VERSION_BLOCK and alloc.entropy_coded:
+            raise FrameHeaderError("entropy-coded allocations are written as version-1 frames only")
         if f.version == fr.FORMAT_VERSION_BLOCK:
             streams = _v2_streams(layout)
             if [sec.name for sec in f.header.sections] != list(streams):
@@ -363,11 +394,40 @@ class KVTCCodec:
             return out
         for name, size in layout:
             got = f.section_header(name).raw_size
-            if got != size:
+            if alloc.entropy_coded and name.endswith(".codes"):
+                if got > size:
+                    raise FrameHeaderError(
+                        f"section {name} holds {got} bytes; {f.header.n_tokens} tokens code in at most {size}"
+                    )
+            elif got != size:
                 raise FrameHeaderError(
                     f"section {name} holds {got} bytes; {f.header.n_tokens} tokens need {size}"
                 )
         return {name: f.section(name, backend=backend) for name, _ in layout}
+
+    def _coefficients_of(
+        self,
+        name: str,
+        alloc: Allocation,
+        alloc_id: str,
+        sections: dict[str, bytes | memoryview],
+        n_comp: int,
+        scratch: _Scratch,
+    ) -> torch.Tensor:
+        """One basis' dequantized coefficients [n_comp, kept] from a version-1 frame's sections."""
+        codes, scales = sections[f"{name}.codes"], sections[f"{name}.scales"]
+        try:
+            if alloc.entropy_coded:
+                eb = self._ecsq_basis(name, alloc, alloc_id)
+                return decode_basis(codes, scales, n_comp, eb, self._code_tables())
+            tiling = self._tiling(name, alloc, alloc_id)
+            coeffs = scratch.take("coeffs", (n_comp, tiling.n_active), torch.device("cpu"))
+            c8 = np.frombuffer(codes, dtype=np.uint8)[None]
+            s8 = np.frombuffer(scales, dtype=np.uint8)[None]
+            dequantize_batch_into(c8, s8, tiling, n_comp, coeffs)
+            return coeffs
+        except ValueError as e:
+            raise FrameHeaderError(f"section {name}: {e}") from e
 
     def iter_decode(
         self, data: bytes | memoryview | fr.Frame, device: str | torch.device = "cpu"
@@ -402,14 +462,7 @@ class KVTCCodec:
             values = torch.empty(nl, n_heads, h.n_tokens, dv, dtype=out_dtype, device=device)
             for kind, dst in (("k", keys), ("v", values)):
                 name = self.cal.basis_name(gi, kind)
-                tiling = self._tiling(name, alloc, h.allocation_id)
-                coeffs = scratch.take("coeffs", (n_comp, tiling.n_active), torch.device("cpu"))
-                codes = np.frombuffer(sections[f"{name}.codes"], dtype=np.uint8)[None]
-                scales = np.frombuffer(sections[f"{name}.scales"], dtype=np.uint8)[None]
-                try:
-                    dequantize_batch_into(codes, scales, tiling, n_comp, coeffs)
-                except ValueError as e:
-                    raise FrameHeaderError(f"section {name}: {e}") from e
+                coeffs = self._coefficients_of(name, alloc, h.allocation_id, sections, n_comp, scratch)
                 w = self._weights(name, alloc, h.allocation_id, device)
                 feats = scratch.take("feats", (n_comp, w.dec.shape[1]), device)
                 torch.addmm(w.mean, coeffs.to(device), w.dec, out=feats)
@@ -444,7 +497,9 @@ class KVTCCodec:
         Caches with the same layer range, token count and raw-token run share one RoPE pass, one
         projection matmul per basis over all their tokens and one quantization pass; only DEFLATE and
         the checksums run per frame (each frame stands alone). A cache v2 cannot describe (positions
-        not one run, raw tokens not one run) gets a version-1 frame from ``encode_with_stats``."""
+        not one run, raw tokens not one run), and every cache under an entropy-coded allocation (whose
+        code streams vary in size, which v2's implied layout cannot say), gets a version-1 frame from
+        ``encode_with_stats``."""
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}")
         if len(kvs) != len(raw_masks):
@@ -456,7 +511,7 @@ class KVTCCodec:
             self._check_shape(kv)
             runs = fr.mask_to_runs(mask.cpu())
             pos_runs = fr.positions_to_runs(kv.positions.cpu())
-            if len(runs) > 1 or len(pos_runs) != 1:
+            if self.alloc.entropy_coded or len(runs) > 1 or len(pos_runs) != 1:
                 out[i] = self.encode_with_stats(kv, mask, window_tokens=0, dtype=dtype)
                 continue
             run = runs[0] if runs else None

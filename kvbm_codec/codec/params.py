@@ -11,6 +11,7 @@ from typing import Any
 
 from kvbm_codec.codec.allocation import Allocation, ErrorTable
 from kvbm_codec.codec.config import CodecConfig
+from kvbm_codec.codec.entropy import CodeTables
 from kvbm_codec.codec.pca import PCABasis
 from kvbm_codec.codec.rope import RotaryParams
 
@@ -41,6 +42,7 @@ class Calibration:
     error_tables: dict[str, ErrorTable]
     allocations: dict[str, Allocation] = field(default_factory=dict)  # "cr20" -> Allocation
     provenance: dict[str, Any] = field(default_factory=dict)
+    code_tables: CodeTables | None = None  # ANS tables of entropy-coded allocations (codec/entropy.py)
     calibration_id: str = ""  # sha256 prefix of the artifact's content, set when saved or loaded
 
     def basis_name(self, group: int, kind: str) -> str:

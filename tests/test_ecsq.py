@@ -1,0 +1,137 @@
+"""The entropy-coded quantizer (``quantizer="ecsq"``) end to end on real SmolLM2 KV: calibration fits
+tables and steps that meet their targets on held-out calibration KV, frames restore close to the
+original, the artifact carries the tables, blocks go through the block codec, and a frame that was
+damaged, cut or sent to another calibration is refused, never decoded into other KV."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from kvbm_codec.api.blocks import BlockSpec, kv_to_block
+from kvbm_codec.calibration.artifact import load_calibration, save_calibration
+from kvbm_codec.codec import frame as fr
+from kvbm_codec.codec.block import KVTCBlockCodec
+from kvbm_codec.codec.ecsq import EcsqBasis, decode_basis, encode_basis, gains
+from kvbm_codec.codec.errors import CalibrationMismatchError, FrameError, FrameHeaderError
+from kvbm_codec.codec.kvtc import KVTCCodec, default_raw_mask
+from kvbm_codec.eval.run import relative_mse
+from kvbm_codec.texts import calibration_texts
+
+
+@pytest.fixture(scope="module")
+def ecsq(smollm, small_ecsq_calibration, tmp_path_factory):  # type: ignore[no-untyped-def]
+    path = tmp_path_factory.mktemp("ecsq") / "ecsq.kvtc"
+    save_calibration(small_ecsq_calibration, path)
+    ids = smollm.encode(" ".join(calibration_texts()[20:26]))[:, :448]
+    kv, _ = smollm.prefill(ids, return_logits=False)
+    return load_calibration(path), kv
+
+
+def test_calibration_meets_its_targets_with_tables_it_ships(ecsq) -> None:  # type: ignore[no-untyped-def]
+    cal, _ = ecsq
+    assert cal.config.quantizer == "ecsq" and cal.code_tables is not None
+    assert sorted(cal.allocations) == ["cr20", "cr8"]
+    for name, target in (("cr8", 8.0), ("cr20", 20.0)):
+        a = cal.allocations[name]
+        assert a.entropy_coded and a.meta["target_cr"] == target
+        assert abs(a.meta["calibration_cr"] / target - 1) < 0.03  # real frames of held-out KV
+    assert cal.allocations["cr8"].step < cal.allocations["cr20"].step
+    kept8 = sum(b.size for bl in cal.allocations["cr8"].blocks.values() for b in bl)
+    kept20 = sum(b.size for bl in cal.allocations["cr20"].blocks.values() for b in bl)
+    assert kept8 > kept20 > 0  # a finer step keeps more components
+
+
+def test_frames_restore_close_and_the_ratio_follows_the_target(ecsq) -> None:  # type: ignore[no-untyped-def]
+    cal, kv = ecsq
+    mask = ~default_raw_mask(kv.positions, cal.config.sink_tokens, cal.config.window_tokens)
+    errs, ratios = [], []
+    for target in (8.0, 20.0):
+        codec = KVTCCodec(cal, target)
+        frame, stats = codec.encode_with_stats(kv)
+        out = codec.decode(frame)
+        assert torch.equal(out.positions, kv.positions)
+        raw = ~mask  # sinks and the window travel exact
+        assert torch.equal(out.keys[:, :, raw], kv.keys[:, :, raw].to(torch.float16))
+        errs.append(relative_mse(kv.values[:, :, mask], out.values[:, :, mask]))
+        ratios.append(stats.achieved_cr)
+        assert codec.encode(kv) == frame  # deterministic
+    assert errs[0] < errs[1] < 0.5 and errs[0] < 0.1
+    assert 6.5 < ratios[0] < 9.5 and 16 < ratios[1] < 24  # unseen text: near, not at, the target
+
+
+def test_the_artifact_round_trips_and_a_foreign_calibration_is_refused(ecsq, small_calibration) -> None:  # type: ignore[no-untyped-def]
+    cal, kv = ecsq
+    frame = KVTCCodec(cal, 20.0).encode(kv)
+    with pytest.raises(CalibrationMismatchError):
+        KVTCCodec(small_calibration, 20.0).decode(frame)
+    bare = dataclasses.replace(cal, code_tables=None)
+    with pytest.raises(CalibrationMismatchError, match="no code tables"):
+        KVTCCodec(bare, 20.0).decode(frame)
+
+
+def test_damaged_and_forged_frames_are_refused(ecsq) -> None:  # type: ignore[no-untyped-def]
+    cal, kv = ecsq
+    codec = KVTCCodec(cal, 20.0)
+    frame = bytearray(codec.encode(kv))
+    for off in (len(frame) // 3, len(frame) // 2, len(frame) - 40):
+        bad = bytearray(frame)
+        bad[off] ^= 0x10
+        with pytest.raises(FrameError):
+            codec.decode(bytes(bad))
+    with pytest.raises(FrameError):
+        codec.decode(bytes(frame[:-100]))
+    # a forged frame with valid checksums: one basis' codes stream swapped for another's
+    f = fr.read_frame(bytes(frame))
+    secs = {s.name: f.section(s.name) for s in f.header.sections}
+    secs["g0.k.codes"], secs["g0.v.codes"] = secs["g0.v.codes"], secs["g0.k.codes"]
+    header = f.header.model_copy(update={"sections": []})
+    forged = fr.write_frame(header, [(s.name, secs[s.name]) for s in f.header.sections])
+    with pytest.raises(FrameHeaderError):
+        codec.decode(forged)
+
+
+def test_blocks_go_through_the_block_codec_as_version_1_frames(ecsq) -> None:  # type: ignore[no-untyped-def]
+    cal, kv = ecsq
+    s = cal.shape
+    spec = BlockSpec(
+        n_layers=s.n_layers, n_kv_heads=s.n_kv_heads, head_dim=s.key_head_dim, page_size=32, dtype="float16"
+    )
+    codec = KVTCBlockCodec(KVTCCodec(cal, 20.0), spec)
+    items = []
+    for b in range(1, 5):
+        sub = kv.select_tokens(torch.arange(b * 32, (b + 1) * 32)).to(torch.float16)
+        items.append((kv_to_block(sub, spec), sub.positions))
+    enc = codec.encode_many([b for b, _ in items], [p for _, p in items], [True] * 4)
+    assert all(fr.read_frame(f).version == fr.FORMAT_VERSION for f, _ in enc)
+    for (frame, _), (block, pos), res in zip(enc, items, codec.decode_many([f for f, _ in enc]), strict=True):
+        assert not isinstance(res, Exception)
+        got, got_pos = res
+        assert torch.equal(got_pos, pos)
+        assert float((got.float() - block.float()).norm() / block.float().norm()) < 0.5
+        assert torch.equal(got, codec.decode(frame)[0])
+
+
+def test_basis_coding_is_exact_to_its_steps() -> None:
+    """The quantizer alone: every coefficient within half a step (times its token's gain) of the
+    original, gains as stored, the stream decoding to the codes bit for bit."""
+    from kvbm_codec.codec.entropy import CodeTables
+
+    rng = np.random.default_rng(0)
+    sigma = np.sort(rng.uniform(0.01, 3.0, 40))[::-1].copy()
+    eb = EcsqBasis(0.05, sigma)
+    c = torch.from_numpy(rng.normal(0, sigma, (50, 40)) * rng.uniform(0.2, 3.0, (50, 1))).float()
+    g = gains(c, sigma).numpy()
+    q = np.rint(c.numpy() / (g.astype(np.float32)[:, None] * np.float32(eb.step))).astype(np.int32)
+    tables = CodeTables.fit([(q, eb.classes(g))])
+    codes, scales = encode_basis(c, eb, tables)
+    back = decode_basis(codes, scales, 50, eb, tables)
+    bound = torch.from_numpy(g.astype(np.float32))[:, None] * eb.step * 0.5 * 1.001
+    assert bool(((back - c).abs() <= bound).all())
+    with pytest.raises(ValueError, match="gains"):
+        decode_basis(codes, scales[:-2], 50, eb, tables)
+    with pytest.raises(ValueError, match="not finite"):
+        encode_basis(torch.full((2, 40), float("nan")), eb, tables)

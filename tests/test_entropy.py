@@ -1,0 +1,105 @@
+"""The static ANS entropy stage (codec/entropy.py): exact round trips, sizes that match the tables'
+code lengths, sub-bit codes, a pinned bitstream, and refusal of every stream it did not write."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+
+from kvbm_codec.codec import entropy as E
+from kvbm_codec.codec.errors import FrameHeaderError
+
+
+def _codes(seed: int, tokens: int = 32, comps: int = 600) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Laplace codes of components whose sigma/step spans the classes, each token with its own gain:
+    (codes, static classes [n], per-token classes [T, n])."""
+    rng = np.random.default_rng(seed)
+    sigma = np.exp(rng.uniform(np.log(0.06), np.log(300.0), comps))
+    gain = np.exp(rng.normal(0.0, 0.4, tokens))
+    x = rng.laplace(0.0, sigma[None, :] / np.sqrt(2.0), (tokens, comps))
+    codes = np.rint(x).astype(np.int32)
+    return codes, E.class_of(sigma), E.class_of(sigma[None, :] / gain[:, None])
+
+
+@pytest.fixture(scope="module")
+def tables() -> E.CodeTables:
+    fit = [_codes(s)[:2] for s in range(4)] + [(c, k2) for c, _, k2 in (_codes(s) for s in range(4, 6))]
+    return E.CodeTables.fit(fit)
+
+
+def test_round_trip_is_exact_for_static_and_per_token_classes(tables: E.CodeTables) -> None:
+    codes, k, k2 = _codes(10)
+    codes[3, 5] = 5000  # far beyond its table: escapes
+    codes[0, 0] = -E.ESCAPE_LIMIT
+    streams = [(codes, k), (codes[:7], k2[:7]), (np.zeros((0, codes.shape[1]), np.int32), k)]
+    data = tables.encode(streams)
+    back = tables.decode(data, [(c.shape, kk) for c, kk in streams])
+    for (c, _), b in zip(streams, back, strict=True):
+        np.testing.assert_array_equal(b, c)
+
+
+def test_stream_size_is_the_tables_code_length(tables: E.CodeTables) -> None:
+    codes, k, _ = _codes(11, tokens=64)
+    bits = tables.code_bits(codes, k)
+    coded = 8 * (len(tables.encode([(codes, k)])) - 8)  # less the 8-byte header
+    assert bits <= coded <= bits * 1.01 + 64  # ANS: within 1% (+ its final word)
+
+
+def test_components_under_one_step_cost_a_fraction_of_a_bit() -> None:
+    """What DEFLATE's byte-wise Huffman cannot do: a component of sigma 0.1 steps is nearly all zeros."""
+    rng = np.random.default_rng(3)
+    codes = np.rint(rng.laplace(0.0, 0.1 / np.sqrt(2.0), (4096, 8))).astype(np.int32)
+    k = E.class_of(np.full(8, 0.1))
+    tabs = E.CodeTables.fit([(codes, k)])
+    per_code = 8 * len(tabs.encode([(codes, k)])) / codes.size
+    assert per_code < 0.1
+
+
+def test_tables_survive_their_array_form(tables: E.CodeTables) -> None:
+    codes, _, k2 = _codes(12)
+    again = E.CodeTables.from_array(tables.to_array())
+    assert again.encode([(codes, k2)]) == tables.encode([(codes, k2)])
+    with pytest.raises(ValueError, match="entries"):
+        E.CodeTables.from_array(tables.to_array()[:-1])
+    bad = tables.to_array().copy()
+    bad[0] += 1  # no longer sums to 2^PROB_BITS
+    with pytest.raises(ValueError, match="malformed"):
+        E.CodeTables.from_array(bad)
+
+
+def test_bitstream_is_pinned(tables: E.CodeTables) -> None:
+    """Tables and streams are part of the format: a constriction upgrade that changes a byte of
+    either must fail here, not decode old frames into other codes."""
+    codes, k, k2 = _codes(13)
+    data = tables.encode([(codes, k), (codes, k2)])
+    assert hashlib.sha256(tables.to_array().tobytes()).hexdigest()[:16] == TABLES_SHA
+    assert hashlib.sha256(data).hexdigest()[:16] == STREAM_SHA
+
+
+TABLES_SHA = "859e5c659ce232d0"
+STREAM_SHA = "e3f06bdfe8efc66d"
+
+
+def test_streams_it_did_not_write_are_refused(tables: E.CodeTables) -> None:
+    codes, k, k2 = _codes(14)
+    shapes = [(codes.shape, k), (codes.shape, k2)]
+    data = tables.encode([(codes, k), (codes, k2)])
+    for bad in (data[:-2], data + b"\0\0", data[:5]):
+        with pytest.raises(FrameHeaderError, match="entropy stream"):
+            tables.decode(bad, shapes)
+    zeroed = data[:8] + bytes(len(data) - 8)
+    with pytest.raises(FrameHeaderError, match="entropy stream"):
+        tables.decode(zeroed, shapes)
+    with pytest.raises(FrameHeaderError, match="does not end"):
+        tables.decode(data, shapes[:1])  # another frame's layout: fewer codes than the stream holds
+
+
+def test_encode_refuses_what_it_cannot_carry(tables: E.CodeTables) -> None:
+    codes, k, _ = _codes(15)
+    codes[1, 1] = E.ESCAPE_LIMIT + 1
+    with pytest.raises(ValueError, match="exceeds"):
+        tables.encode([(codes, k)])
+    with pytest.raises(ValueError, match="classes"):
+        tables.encode([(codes, np.full(codes.shape[1], E.N_CLASSES, np.int64))])
