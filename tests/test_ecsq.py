@@ -135,3 +135,14 @@ def test_basis_coding_is_exact_to_its_steps() -> None:
         decode_basis(codes, scales[:-2], 50, eb, tables)
     with pytest.raises(ValueError, match="not finite"):
         encode_basis(torch.full((2, 40), float("nan")), eb, tables)
+
+
+def test_a_frame_with_no_compressed_tokens_round_trips(ecsq) -> None:  # type: ignore[no-untyped-def]
+    """Every token raw (a short prompt that is all sinks and window): empty code streams."""
+    cal, kv = ecsq
+    sub = kv.select_tokens(torch.arange(0, 40))
+    codec = KVTCCodec(cal, 20.0)
+    out = codec.decode(codec.encode(sub, torch.ones(40, dtype=torch.bool)))
+    assert torch.equal(out.keys, sub.keys.to(torch.float16)) and torch.equal(
+        out.values, sub.values.to(torch.float16)
+    )

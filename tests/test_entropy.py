@@ -103,3 +103,35 @@ def test_encode_refuses_what_it_cannot_carry(tables: E.CodeTables) -> None:
         tables.encode([(codes, k)])
     with pytest.raises(ValueError, match="classes"):
         tables.encode([(codes, np.full(codes.shape[1], E.N_CLASSES, np.int64))])
+
+
+def test_class_runs_are_the_class_array_exactly(tables: E.CodeTables) -> None:
+    """A basis' classes as runs (descending sigma) give the elementwise classes, the same grouping
+    and the same bytes, including scales that sit exactly on a class bound."""
+    rng = np.random.default_rng(16)
+    # with divisor 1, a quotient exactly on every fifth bound
+    sigma = np.sort(np.concatenate([np.exp(rng.uniform(np.log(0.01), np.log(500.0), 300)), E._BOUNDS[::5]]))
+    sigma = sigma[::-1].copy()
+    divisors = np.exp(rng.normal(0.0, 0.7, 20))
+    divisors[0] = 1.0
+    runs = E.ClassRuns.of(sigma, divisors)
+    dense = E.class_of(sigma[None, :] / divisors[:, None])
+    np.testing.assert_array_equal(runs.classes(), dense)
+    for a, b in zip(runs.plan(), E._plan(dense.shape, dense), strict=True):
+        np.testing.assert_array_equal(a, b)
+    codes = np.rint(rng.laplace(0.0, sigma[None, :] / divisors[:, None])).astype(np.int32)
+    assert tables.encode([(codes, runs)]) == tables.encode([(codes, dense)])
+    np.testing.assert_array_equal(
+        tables.decode(tables.encode([(codes, runs)]), [(codes.shape, runs)])[0], codes
+    )
+    assert tables.code_bits(codes, runs) == tables.code_bits(codes, dense)
+    empty = E.ClassRuns.of(sigma, divisors[:0])  # no tokens: still the basis' width
+    assert empty.shape == (0, sigma.size) and empty.classes().shape == (0, sigma.size)
+    assert tables.decode(tables.encode([(codes[:0], empty)]), [((0, sigma.size), empty)])[0].shape == (
+        0,
+        sigma.size,
+    )
+    with pytest.raises(ValueError, match="describe"):
+        tables.encode([(codes[:5], runs)])
+    with pytest.raises(ValueError, match="descending"):
+        E.ClassRuns.of(sigma[::-1].copy(), divisors)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from kvbm_codec.codec.entropy import CodeTables, class_of
+from kvbm_codec.codec.entropy import ClassRuns, CodeTables
 
 MIN_SCALE = 0.1
 """Components under this many steps of calibrated standard deviation are dropped: their codes would
@@ -54,9 +54,10 @@ class EcsqBasis:
     def n_kept(self) -> int:
         return int(self.sigma.size)
 
-    def classes(self, gains: np.ndarray) -> np.ndarray:
-        """[T, kept] table class of every code, from the frame's fp16 gains [T]."""
-        return class_of(self.sigma[None, :] / (self.step * gains.astype(np.float64)[:, None]))
+    def classes(self, gains: np.ndarray) -> ClassRuns:
+        """The table class of every code [T, kept], ``class_of(sigma / (step * gain_t))``, from the
+        frame's fp16 gains [T], as runs (the sigmas descend)."""
+        return ClassRuns.of(self.sigma, self.step * gains.astype(np.float64))
 
 
 def basis_step(global_step: float, weight: float) -> float:

@@ -62,6 +62,67 @@ def _table_symbols(codes: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarra
 
 
 @dataclass(frozen=True)
+class ClassRuns:
+    """The classes of [T, n] codes whose class never rises along a row, as runs: a basis' kept
+    components come in descending sigma, so along a token's row ``sigma / (step * gain)`` falls and
+    each class holds one run of columns. ``edges[t, k]`` is how many leading columns of row t have a
+    class >= k (``edges[:, 0] = n``, ``edges[:, N_CLASSES] = 0``); class k holds columns
+    ``[edges[t, k + 1], edges[t, k])``. Grouping codes by class then costs a few vector ops, not a
+    search per code and a sort (which were most of an encode)."""
+
+    edges: np.ndarray  # [T, N_CLASSES + 1] int64
+    n: int  # columns (a row-less stream still has them)
+
+    @classmethod
+    def of(cls, sigma: np.ndarray, divisors: np.ndarray) -> ClassRuns:
+        """Runs of ``class_of(sigma[c] / divisors[t])``, exactly: each row divides as the elementwise
+        form would and counts the quotients at or above each bound (``sigma`` must not rise)."""
+        sigma = np.asarray(sigma, dtype=np.float64)
+        if sigma.size > 1 and bool((np.diff(sigma) > 0).any()):
+            raise ValueError("class runs need sigma in descending order")
+        n = sigma.size
+        edges = np.zeros((divisors.size, N_CLASSES + 1), dtype=np.int64)
+        edges[:, 0] = n
+        rising = sigma[::-1]
+        for t, d in enumerate(np.asarray(divisors, dtype=np.float64)):
+            edges[t, 1:N_CLASSES] = n - np.searchsorted(rising / d, _BOUNDS, side="left")
+        return cls(edges, n)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.edges.shape[0]), self.n
+
+    def lengths(self) -> np.ndarray:
+        """[T, N_CLASSES]: codes of each class in each row."""
+        return self.edges[:, :-1] - self.edges[:, 1:]
+
+    def classes(self) -> np.ndarray:
+        """The [T, n] int8 class array these runs describe."""
+        t = self.edges.shape[0]
+        along = np.tile(np.arange(N_CLASSES - 1, -1, -1, dtype=np.int8), t)
+        return np.repeat(along, self.lengths()[:, ::-1].ravel()).reshape(self.shape)
+
+    def plan(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """What :func:`_plan` computes from the class array, from the runs: classes ascending, rows
+        in order within a class, columns in order within a row."""
+        t, n = self.shape
+        lens = self.lengths()  # [T, N]
+        starts = self.edges[:, 1:] + (np.arange(t, dtype=np.int64) * n)[:, None]
+        run_len, run_start = lens.T.ravel(), starts.T.ravel()
+        keep = run_len > 0
+        run_len, run_start = run_len[keep], run_start[keep]
+        before = np.cumsum(run_len) - run_len
+        order = np.repeat(run_start - before, run_len) + np.arange(int(run_len.sum()), dtype=np.int64)
+        counts = lens.sum(0)
+        present = np.flatnonzero(counts)
+        return order, np.concatenate([[0], np.cumsum(counts[present])]), present
+
+
+Classes = np.ndarray | ClassRuns
+"""A stream's classes: an array broadcast to its codes, or runs along its rows."""
+
+
+@dataclass(frozen=True)
 class CodeTables:
     """One integer frequency table per class (escape symbol last), each summing to 2^PROB_BITS."""
 
@@ -79,7 +140,7 @@ class CodeTables:
         object.__setattr__(self, "_flat_bits", PROB_BITS - np.log2(flat))
 
     @classmethod
-    def fit(cls, samples: Iterable[tuple[np.ndarray, np.ndarray]]) -> CodeTables:
+    def fit(cls, samples: Iterable[tuple[np.ndarray, Classes]]) -> CodeTables:
         """Tables from (codes, classes) pairs (classes broadcast to the codes; a generator is read
         once, so samples can stream): add-one smoothed counts scaled to 2^PROB_BITS, each >= 1."""
         hist = np.ones(_OFFSETS[-1], dtype=np.float64)
@@ -106,12 +167,12 @@ class CodeTables:
         cuts = np.cumsum(sizes)[:-1]
         return cls(tuple(part.astype(np.int64) for part in np.split(flat, cuts)))
 
-    def code_bits(self, codes: np.ndarray, classes: np.ndarray) -> float:
+    def code_bits(self, codes: np.ndarray, classes: Classes) -> float:
         """Bits :func:`encode` spends on these codes (escapes 16 raw bits each), without coding."""
         idx, n_esc = _flat_index(codes, classes)
         return float(self._flat_bits[idx].sum()) + 16.0 * n_esc  # type: ignore[attr-defined]
 
-    def encode(self, streams: Sequence[tuple[np.ndarray, np.ndarray]]) -> bytes:
+    def encode(self, streams: Sequence[tuple[np.ndarray, Classes]]) -> bytes:
         """(codes, classes) pairs -> one stream; the decoder needs each pair's shape and classes."""
         coder = constriction.stream.stack.AnsCoder()
         escaped: list[np.ndarray] = []
@@ -135,7 +196,7 @@ class CodeTables:
         return head.tobytes() + words.astype("<u4").tobytes() + esc_all.tobytes()
 
     def decode(
-        self, data: bytes | memoryview, shapes: Sequence[tuple[tuple[int, ...], np.ndarray]]
+        self, data: bytes | memoryview, shapes: Sequence[tuple[tuple[int, ...], Classes]]
     ) -> list[np.ndarray]:
         """Inverse of :func:`encode`: ``shapes`` are each stream's (codes shape, classes)."""
         view = memoryview(data).cast("B")
@@ -154,7 +215,7 @@ class CodeTables:
             raise FrameHeaderError(f"entropy stream is malformed: {e}") from e
 
     def _decode_words(
-        self, words: np.ndarray, esc: np.ndarray, shapes: Sequence[tuple[tuple[int, ...], np.ndarray]]
+        self, words: np.ndarray, esc: np.ndarray, shapes: Sequence[tuple[tuple[int, ...], Classes]]
     ) -> list[np.ndarray]:
         coder = constriction.stream.stack.AnsCoder(words)
         out, used = [], 0
@@ -182,9 +243,11 @@ _WIDTHS = np.array([class_width(k) for k in range(N_CLASSES)], dtype=np.int64)
 _OFFSETS = np.concatenate([[0], np.cumsum(2 * _WIDTHS + 2)])
 
 
-def _flat_index(codes: np.ndarray, classes: np.ndarray) -> tuple[np.ndarray, int]:
+def _flat_index(codes: np.ndarray, classes: Classes) -> tuple[np.ndarray, int]:
     """(each code's index into all tables end to end, escapes): one gather instead of a loop over
     classes, for fitting and for the code lengths a step bisection asks for many times."""
+    if isinstance(classes, ClassRuns):
+        classes = _runs_for(codes.shape, classes).classes()
     k = np.broadcast_to(classes, codes.shape).ravel().astype(np.int64)
     q = codes.ravel().astype(np.int64)
     w = _WIDTHS[k]
@@ -192,9 +255,17 @@ def _flat_index(codes: np.ndarray, classes: np.ndarray) -> tuple[np.ndarray, int
     return _OFFSETS[k] + np.where(esc, 2 * w + 1, q + w), int(esc.sum())
 
 
-def _plan(shape: tuple[int, ...], classes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _runs_for(shape: tuple[int, ...], runs: ClassRuns) -> ClassRuns:
+    if tuple(shape) != runs.shape:
+        raise ValueError(f"class runs describe {runs.shape} codes, the stream has {tuple(shape)}")
+    return runs
+
+
+def _plan(shape: tuple[int, ...], classes: Classes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(element order grouping each class' codes, class bounds in that order, classes present): a
     stable radix sort of the int8 classes, so codes keep their row-major order within a class."""
+    if isinstance(classes, ClassRuns):
+        return _runs_for(shape, classes).plan()
     k = np.ascontiguousarray(np.broadcast_to(classes, shape)).ravel()
     if k.size and (int(k.min()) < 0 or int(k.max()) >= N_CLASSES):
         raise ValueError(f"classes must lie in [0, {N_CLASSES})")
