@@ -119,6 +119,13 @@ def calibrate(
             "uniform step per basis and token, ANS-coded with calibrated tables; 'Session 25')"
         ),
     ] = "minmax",
+    twin_of: Annotated[
+        Path | None,
+        typer.Option(
+            help="with --quantizer ecsq: derive the entropy-coded twin of this min/max calibration "
+            "(same corpus) in one held-out prefill instead of a whole calibration"
+        ),
+    ] = None,
 ) -> None:
     """Compute PCA bases, measured error tables and DP bit allocations for a model."""
     from kvbm_codec.calibration.artifact import save_calibration
@@ -144,7 +151,9 @@ def calibrate(
     except ValueError as e:
         raise typer.BadParameter(str(e)) from e
     fit = fit_sequences or DEFAULT_FIT_SEQUENCES[corpus]
-    if out is None:
+    if twin_of is not None:
+        cal, path = _entropy_twin(lm, twin_of, quantizer, corpus, out)
+    elif out is None:
         cal, path, _ = load_or_calibrate(lm, cfg, corpus=corpus, fit_sequences=fit, prefill_dtype=dtype)
     else:
         texts, corpus_name = corpus_texts(lm.tokenizer, corpus)
@@ -170,6 +179,23 @@ def calibrate(
             indent=2,
         )
     )
+
+
+def _entropy_twin(lm, source: Path, quantizer: str, corpus: str, out: Path | None):  # type: ignore[no-untyped-def]
+    from kvbm_codec.calibration.artifact import load_calibration, save_calibration
+    from kvbm_codec.calibration.cache import corpus_texts
+    from kvbm_codec.calibration.entropy_fit import entropy_calibration_from
+
+    if quantizer != "ecsq" or out is None:
+        raise typer.BadParameter("--twin-of derives an entropy-coded twin: needs --quantizer ecsq, --out")
+    texts, _ = corpus_texts(lm.tokenizer, corpus)
+    try:
+        source_cal = load_calibration(source, expected_fingerprint=lm.info.fingerprint)
+        cal = entropy_calibration_from(lm, source_cal, texts)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from e
+    save_calibration(cal, out)
+    return cal, out
 
 
 @app.command("eval")

@@ -146,3 +146,51 @@ def test_a_frame_with_no_compressed_tokens_round_trips(ecsq) -> None:  # type: i
     assert torch.equal(out.keys, sub.keys.to(torch.float16)) and torch.equal(
         out.values, sub.values.to(torch.float16)
     )
+
+
+def test_an_entropy_coded_twin_of_a_min_max_calibration_is_the_direct_one(  # type: ignore[no-untyped-def]
+    smollm, small_calibration, small_ecsq_calibration
+) -> None:
+    """Deriving tables and steps from an existing min/max calibration (a held-out prefill, not a
+    calibration) gives what calibrating with quantizer="ecsq" gives: same bases, same steps, same
+    tables. A foreign corpus or a calibration of another quantizer is refused."""
+    from kvbm_codec.calibration.entropy_fit import entropy_calibration_from
+
+    twin = entropy_calibration_from(smollm, small_calibration, calibration_texts())
+    direct = small_ecsq_calibration
+    assert (
+        twin.config == direct.config
+        and twin.provenance["entropy_twin_of"] == small_calibration.calibration_id
+    )
+    assert sorted(twin.allocations) == sorted(direct.allocations)
+    for name, a in direct.allocations.items():
+        assert twin.allocations[name].step == pytest.approx(a.step, rel=1e-6)
+        assert twin.allocations[name].blocks == a.blocks
+    assert twin.code_tables is not None and direct.code_tables is not None
+    np.testing.assert_array_equal(twin.code_tables.to_array(), direct.code_tables.to_array())
+    with pytest.raises(ValueError, match="not the one"):
+        entropy_calibration_from(smollm, small_calibration, calibration_texts()[1:])
+    with pytest.raises(ValueError, match="min/max"):
+        entropy_calibration_from(smollm, direct, calibration_texts())
+
+
+def test_the_cli_derives_a_twin_and_refuses_one_without_ecsq(  # type: ignore[no-untyped-def]
+    small_calibration, small_ecsq_calibration, tmp_path, capsys
+) -> None:
+    """`kvbm-codec calibrate --quantizer ecsq --twin-of CAL --out OUT`, in-process, as an operator runs it."""
+    from kvbm_codec.cli import app
+
+    source, out = tmp_path / "minmax.kvtc", tmp_path / "twin.kvtc"
+    save_calibration(small_calibration, source)
+    base = ["calibrate", "--corpus", "pydoc", "--twin-of", str(source), "--out", str(out)]
+    with pytest.raises(SystemExit) as info:
+        app(args=[*base, "--quantizer", "minmax"])
+    assert info.value.code == 2 and "--quantizer ecsq" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        app(args=[*base, "--quantizer", "ecsq"])
+    assert not info.value.code
+    twin = load_calibration(out)
+    assert twin.config.quantizer == "ecsq"
+    assert twin.allocations["cr20"].step == pytest.approx(
+        small_ecsq_calibration.allocations["cr20"].step, rel=1e-6
+    )
