@@ -19,7 +19,7 @@ from kvbm_codec.api.blocks import DTYPES
 from kvbm_codec.codec import frame as fr
 from kvbm_codec.codec.allocation import Allocation
 from kvbm_codec.codec.deflate import DeflateBackend, select_backend
-from kvbm_codec.codec.ecsq import EcsqBasis, basis_step, decode_basis, encode_basis, max_codes_bytes
+from kvbm_codec.codec.ecsq import EcsqBasis, decode_basis, encode_basis, max_codes_bytes
 from kvbm_codec.codec.entropy import CodeTables
 from kvbm_codec.codec.errors import (
     CalibrationMismatchError,
@@ -158,10 +158,14 @@ class KVTCCodec:
         key = (alloc_id, name)
         eb = self._ecsq_bases.get(key)
         if eb is None:
-            kept = sum(b.size for b in alloc.blocks[name] if b.bits > 0)
-            sigma = self.cal.bases[name].eigenvalues.to(torch.float64).clamp_min(0).sqrt().numpy()
             weight = self.cal.error_tables[name].weight
-            eb = self._ecsq_bases[key] = EcsqBasis(basis_step(alloc.step, weight), sigma[:kept])
+            eb = EcsqBasis.of(self.cal.bases[name].eigenvalues, weight, alloc.step)
+            kept = sum(b.size for b in alloc.blocks[name] if b.bits > 0)
+            if eb.n_kept != kept:  # the allocation and the artifact's eigenvalues disagree
+                raise CalibrationMismatchError(
+                    f"allocation {alloc_id} keeps {kept} components of {name}; its step keeps {eb.n_kept}"
+                )
+            self._ecsq_bases[key] = eb
         return eb
 
     def _code_tables(self) -> CodeTables:
