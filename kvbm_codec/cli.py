@@ -184,7 +184,7 @@ def calibrate(
 def _entropy_twin(lm, source: Path, quantizer: str, corpus: str, out: Path | None):  # type: ignore[no-untyped-def]
     from kvbm_codec.calibration.artifact import load_calibration, save_calibration
     from kvbm_codec.calibration.cache import corpus_texts
-    from kvbm_codec.calibration.entropy_fit import entropy_calibration_from
+    from kvbm_codec.calibration.entropy_twin import entropy_calibration_from
 
     if quantizer != "ecsq" or out is None:
         raise typer.BadParameter("--twin-of derives an entropy-coded twin: needs --quantizer ecsq, --out")

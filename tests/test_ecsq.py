@@ -154,7 +154,7 @@ def test_an_entropy_coded_twin_of_a_min_max_calibration_is_the_direct_one(  # ty
     """Deriving tables and steps from an existing min/max calibration (a held-out prefill, not a
     calibration) gives what calibrating with quantizer="ecsq" gives: same bases, same steps, same
     tables. A foreign corpus or a calibration of another quantizer is refused."""
-    from kvbm_codec.calibration.entropy_fit import entropy_calibration_from
+    from kvbm_codec.calibration.entropy_twin import entropy_calibration_from
 
     twin = entropy_calibration_from(smollm, small_calibration, calibration_texts())
     direct = small_ecsq_calibration

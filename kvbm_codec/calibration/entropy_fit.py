@@ -10,9 +10,8 @@ mix is recorded beside each allocation (``calibration_cr``), as for the DP's all
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -24,7 +23,6 @@ from kvbm_codec.codec.params import Calibration, allocation_name
 from kvbm_codec.codec.pca import to_features
 from kvbm_codec.codec.quantize import Block
 from kvbm_codec.codec.rope import undo_rope
-from kvbm_codec.core.matmul import exact_fp32
 from kvbm_codec.kv import KVCache
 
 FIRST_STEPS = tuple(0.05 * 2.0**i for i in range(8))
@@ -115,55 +113,3 @@ def entropy_allocations(
             _, stats = KVTCCodec(cal, alloc).encode_with_stats(held_out, every)
             alloc.meta.update(target_cr=float(target), calibration_cr=stats.achieved_cr)
             cal.allocations[allocation_name(target)] = alloc
-
-
-@exact_fp32()  # the held-out prefill as calibrate runs it, so the twin sees the same KV
-def entropy_calibration_from(
-    lm: object, cal: Calibration, texts: Sequence[str] | Mapping[str, Sequence[str]]
-) -> Calibration:
-    """The entropy-coded twin of a min/max calibration, in a held-out prefill instead of a whole
-    calibration: an ``ecsq`` recipe fits the same bases and metric weights as its min/max twin (its
-    sensitivity probe measures with min/max groups too), so only the code tables and steps are new.
-    ``texts`` must be the corpus ``cal`` was fitted on (checked by digest); the tables and steps are
-    fitted on the same held-out sequences ``calibrate`` would hold out."""
-    from kvbm_codec.calibration.calibrate import (
-        _text_digest,
-        calibration_kv,
-        compressible,
-        mixed_held_out,
-        token_sequences,
-    )
-
-    if cal.config.quantizer != "minmax":
-        raise ValueError(
-            f"an entropy-coded twin needs a min/max calibration (its probe's weights); "
-            f"{cal.calibration_id} is {cal.config.quantizer!r}"
-        )
-    prov = cal.provenance
-    if _text_digest(texts) != prov.get("text_sha256"):
-        raise ValueError(f"the corpus given is not the one calibration {cal.calibration_id} was fitted on")
-    seq_len = int(prov["seq_len"])
-    cfg = cal.config.model_copy(update={"quantizer": "ecsq"})
-    tok = lm.tokenizer  # type: ignore[attr-defined]
-    with torch.inference_mode():
-        if isinstance(texts, Mapping):
-            counts = {d: int(n) for d, n in prov["domains"].items()}
-            held = [token_sequences(tok, texts[d], seq_len, counts[d] + 1)[counts[d]] for d in texts]
-            held_kvs = list(calibration_kv(lm, held, False))  # type: ignore[arg-type]
-            held_out = mixed_held_out(held_kvs, cfg, seq_len)
-            sources = [compressible(kv, cfg) for kv in held_kvs]
-        else:
-            fit = int(prov["fit_tokens"]) // seq_len
-            seq = token_sequences(tok, texts, seq_len, fit + 1)[fit]
-            held_out, sources = compressible(lm.prefill_kv(seq), cfg), []  # type: ignore[attr-defined]
-    targets = sorted({float(a.meta["target_cr"]) for n, a in cal.allocations.items() if "@" not in n})
-    twin = dataclasses.replace(
-        cal,
-        config=cfg,
-        allocations={},
-        code_tables=None,
-        provenance={**prov, "entropy_twin_of": cal.calibration_id},
-        calibration_id="0" * 16,
-    )
-    entropy_allocations(twin, held_out, sources, targets)
-    return twin
