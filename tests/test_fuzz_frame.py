@@ -199,46 +199,20 @@ def test_mutated_frames_never_crash_or_decode_wrong(
             oracle(frame)
 
 
-@pytest.fixture(scope="module")
-def symmetric_seeds(smollm) -> tuple[DecodeOracle, list[bytes]]:  # type: ignore[no-untyped-def]
-    """Seeds of a symmetric-group calibration (CodecConfig.quantizer): their scales streams hold one
-    fp16 value per group, so every size check behind the checksums meets the other layout too."""
+@pytest.fixture(scope="module", params=["symmetric", "ecsq"])
+def quantizer_seeds(request, smollm) -> tuple[DecodeOracle, list[bytes]]:  # type: ignore[no-untyped-def]
+    """Seeds of the other quantizers' calibrations (CodecConfig.quantizer), so every size check behind
+    the checksums meets their layouts too: symmetric groups' scales streams hold one fp16 value per
+    group; entropy-coded frames are version 1 with ANS code streams of data-dependent size and
+    per-token gains, where the entropy stage's own refusals meet every mutation."""
     from kvbm_codec.calibration.calibrate import calibrate_small
     from kvbm_codec.texts import calibration_texts
 
-    codec = KVTCCodec(calibrate_small(smollm, quantizer="symmetric"), 20.0)
-    ids = smollm.tokenizer(calibration_texts()[7], add_special_tokens=False, return_tensors="pt")["input_ids"]
-    kv, _ = smollm.prefill(ids[:, :64], return_logits=False)
-    seeds = list(make_seeds(codec, kv).values())
-    return DecodeOracle(codec, seeds), seeds
-
-
-@settings(
-    max_examples=int(os.environ.get("KVBM_FUZZ_EXAMPLES", "250")) // 2,
-    deadline=None,
-    derandomize=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
-@given(data=st.data())
-def test_mutated_symmetric_frames_never_crash_or_decode_wrong(
-    data: st.DataObject, symmetric_seeds: tuple[DecodeOracle, list[bytes]]
-) -> None:
-    oracle, seeds = symmetric_seeds
-    frame, forged = data.draw(mutated(seeds))
-    if forged:
-        oracle.forged(frame)
+    if request.param == "ecsq":
+        cal = request.getfixturevalue("small_ecsq_calibration")
     else:
-        oracle(frame)
-
-
-@pytest.fixture(scope="module")
-def ecsq_seeds(smollm, small_ecsq_calibration) -> tuple[DecodeOracle, list[bytes]]:  # type: ignore[no-untyped-def]
-    """Seeds of an entropy-coded calibration (quantizer="ecsq"): version-1 frames whose codes are ANS
-    streams of data-dependent size and whose scales are per-token gains, so the decoder's bound
-    checks and the entropy stage's own refusals meet every mutation behind valid checksums."""
-    from kvbm_codec.texts import calibration_texts
-
-    codec = KVTCCodec(small_ecsq_calibration, 20.0)
+        cal = calibrate_small(smollm, quantizer=request.param)
+    codec = KVTCCodec(cal, 20.0)
     ids = smollm.tokenizer(calibration_texts()[7], add_special_tokens=False, return_tensors="pt")["input_ids"]
     kv, _ = smollm.prefill(ids[:, :64], return_logits=False)
     seeds = list(make_seeds(codec, kv).values())
@@ -252,10 +226,10 @@ def ecsq_seeds(smollm, small_ecsq_calibration) -> tuple[DecodeOracle, list[bytes
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 @given(data=st.data())
-def test_mutated_ecsq_frames_never_crash_or_decode_wrong(
-    data: st.DataObject, ecsq_seeds: tuple[DecodeOracle, list[bytes]]
+def test_mutated_frames_of_other_quantizers_never_crash_or_decode_wrong(
+    data: st.DataObject, quantizer_seeds: tuple[DecodeOracle, list[bytes]]
 ) -> None:
-    oracle, seeds = ecsq_seeds
+    oracle, seeds = quantizer_seeds
     frame, forged = data.draw(mutated(seeds))
     if forged:
         oracle.forged(frame)
