@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from kvbm_codec.calibration.calibrate import (
+    PhaseClock,
     _text_digest,
     calibration_kv,
     compressible,
@@ -24,13 +25,14 @@ from kvbm_codec.core.matmul import exact_fp32
 
 @exact_fp32()  # the held-out prefill as calibrate runs it, so the twin sees the same KV
 def entropy_calibration_from(
-    lm: object, cal: Calibration, texts: Sequence[str] | Mapping[str, Sequence[str]]
+    lm: object, cal: Calibration, texts: Sequence[str] | Mapping[str, Sequence[str]], progress: bool = True
 ) -> Calibration:
     """The entropy-coded twin of a min/max calibration, in a held-out prefill instead of a whole
     calibration: an ``ecsq`` recipe fits the same bases and metric weights as its min/max twin (its
     sensitivity probe measures with min/max groups too), so only the code tables and steps are new.
     ``texts`` must be the corpus ``cal`` was fitted on (checked by digest); the tables and steps are
-    fitted on the same held-out sequences ``calibrate`` would hold out."""
+    fitted on the same held-out sequences ``calibrate`` would hold out. Each phase's time is printed
+    as it ends (``progress``) and kept in the twin's provenance."""
     if cal.config.quantizer != "minmax":
         raise ValueError(
             f"an entropy-coded twin needs a min/max calibration (its probe's weights); "
@@ -42,7 +44,8 @@ def entropy_calibration_from(
     seq_len = int(prov["seq_len"])
     cfg = cal.config.model_copy(update={"quantizer": "ecsq"})
     tok = lm.tokenizer  # type: ignore[attr-defined]
-    with torch.inference_mode():
+    clock = PhaseClock(progress)
+    with torch.inference_mode(), clock.phase("held-out prefill"):
         if isinstance(texts, Mapping):
             counts = {d: int(n) for d, n in prov["domains"].items()}
             held = [token_sequences(tok, texts[d], seq_len, counts[d] + 1)[counts[d]] for d in texts]
@@ -62,5 +65,7 @@ def entropy_calibration_from(
         provenance={**prov, "entropy_twin_of": cal.calibration_id},
         calibration_id="0" * 16,
     )
-    entropy_allocations(twin, held_out, sources, targets)
+    with clock.phase("code tables and steps"):
+        entropy_allocations(twin, held_out, sources, targets)
+    twin.provenance["twin_phase_seconds"] = clock.rounded()
     return twin
