@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from kvbm_codec.codec.allocation import Allocation
-from kvbm_codec.codec.ecsq import EcsqBasis, gains
-from kvbm_codec.codec.entropy import CodeTables
+from kvbm_codec.codec.ecsq import EcsqBasis, quantize_basis
+from kvbm_codec.codec.entropy import ClassRuns, CodeTables
 from kvbm_codec.codec.params import Calibration, allocation_name
 from kvbm_codec.codec.pca import to_features
 from kvbm_codec.codec.quantize import Block
@@ -46,14 +46,12 @@ def _coefficients(cal: Calibration, kv: KVCache) -> dict[str, torch.Tensor]:
 
 def _codes(
     cal: Calibration, coeffs: dict[str, torch.Tensor], step: float
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(codes, classes) of each basis at a global step, as ecsq.encode_basis forms them."""
+) -> Iterator[tuple[np.ndarray, ClassRuns]]:
+    """(codes, classes) of each basis at a global step, as a frame codes them."""
     for name, c in coeffs.items():
         eb = EcsqBasis.of(cal.bases[name].eigenvalues, cal.error_tables[name].weight, step)
-        kept = c[:, : eb.n_kept]
-        g = gains(kept, eb.sigma)
-        q = torch.round(kept / (g.to(torch.float32)[:, None] * eb.step)).to(torch.int32).numpy()
-        yield q, eb.classes(g.numpy())
+        q, _, classes = quantize_basis(c[:, : eb.n_kept], eb)
+        yield q, classes
 
 
 def _bits_per_token(

@@ -78,17 +78,23 @@ def gains(coeffs: torch.Tensor, sigma: np.ndarray) -> torch.Tensor:
     return torch.nan_to_num(g, nan=1.0).clamp(*GAIN_RANGE).to(torch.float16)
 
 
+def quantize_basis(coeffs: torch.Tensor, eb: EcsqBasis) -> tuple[np.ndarray, np.ndarray, ClassRuns]:
+    """coeffs [T, kept] -> (int32 codes, fp16 gains [T], their classes): what a frame codes, and
+    what calibration's step bisection prices, by one formula."""
+    g = gains(coeffs, eb.sigma)
+    codes = torch.round(coeffs / (g.to(torch.float32)[:, None] * eb.step)).to(torch.int32).cpu().numpy()
+    g_np = g.cpu().numpy()
+    return codes, g_np, eb.classes(g_np)
+
+
 def encode_basis(coeffs: torch.Tensor, eb: EcsqBasis, tables: CodeTables) -> tuple[bytes, bytes]:
     """coeffs [T, kept] -> (entropy-coded codes, fp16 gains): the basis' codes and scales streams."""
     if coeffs.shape[1] != eb.n_kept:
         raise ValueError(f"expected {eb.n_kept} kept components, got {coeffs.shape[1]}")
     if not math.isfinite(float(coeffs.sum())):  # one pass; inf or NaN anywhere makes the sum so
         raise ValueError("coefficients are not finite: the KV holds inf or NaN")
-    g = gains(coeffs, eb.sigma)
-    g32 = g.to(torch.float32)
-    codes = torch.round(coeffs / (g32[:, None] * eb.step)).to(torch.int32).cpu().numpy()
-    g_np = g.cpu().numpy()
-    return tables.encode([(codes, eb.classes(g_np))]), g_np.astype("<f2").tobytes()
+    codes, g, classes = quantize_basis(coeffs, eb)
+    return tables.encode([(codes, classes)]), g.astype("<f2").tobytes()
 
 
 def decode_basis(
