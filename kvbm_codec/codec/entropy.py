@@ -174,22 +174,21 @@ class CodeTables:
 
     def encode(self, streams: Sequence[tuple[np.ndarray, Classes]]) -> bytes:
         """(codes, classes) pairs -> one stream; the decoder needs each pair's shape and classes."""
-        coder = constriction.stream.stack.AnsCoder()
+        # every class' table symbols and escapes in decode order, each formed once
+        runs: list[tuple[int, np.ndarray]] = []
         escaped: list[np.ndarray] = []
-        plans = [_plan(codes.shape, classes) for codes, classes in streams]
-        for (codes, _), (order, bounds, present) in zip(streams, plans, strict=True):
+        for codes, classes in streams:
+            order, bounds, present = _plan(codes.shape, classes)
             q = codes.ravel()[order]
             for kk, a, b in zip(present, bounds[:-1], bounds[1:], strict=True):
-                _, esc = _table_symbols(q[a:b], class_width(int(kk)))
+                sym, esc = _table_symbols(q[a:b], class_width(int(kk)))
+                runs.append((int(kk), sym))
                 escaped.append(esc)
         if any(e.size and int(np.abs(e).max()) > ESCAPE_LIMIT for e in escaped):
             raise ValueError(f"a code exceeds +-{ESCAPE_LIMIT}: its step is too fine for its data")
-        # a stack coder: push everything in reverse so the decoder pops it in order
-        for (codes, _), (order, bounds, present) in reversed(list(zip(streams, plans, strict=True))):
-            q = codes.ravel()[order]
-            for kk, a, b in reversed(list(zip(present, bounds[:-1], bounds[1:], strict=True))):
-                sym, _ = _table_symbols(q[a:b], class_width(int(kk)))
-                coder.encode_reverse(sym, self._models[kk])  # type: ignore[attr-defined]
+        coder = constriction.stream.stack.AnsCoder()
+        for kk, sym in reversed(runs):  # a stack coder: pushed in reverse, popped in order
+            coder.encode_reverse(sym, self._models[kk])  # type: ignore[attr-defined]
         words = coder.get_compressed()
         esc_all = np.concatenate(escaped).astype("<i2") if escaped else np.zeros(0, "<i2")
         head = np.array([words.size, esc_all.size], dtype=_HEADER)
