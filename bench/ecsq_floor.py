@@ -1,6 +1,6 @@
 """How far can ecsq's component floor rise before the model feels it? (issue 15's cost, issue 16's gain)
 
-``codec/ecsq.MIN_SCALE`` drops components with under that many steps of calibrated sigma. At 0.1
+``calibration/entropy_fit.MIN_SCALE`` drops components with under that many steps of calibrated sigma. At 0.1
 an ecsq calibration keeps 8032 components at 20x (the DP keeps 2752), which is why it decodes 3.5x
 slower. For each floor this derives the entropy-coded twin of the default calibration (same bases;
 tables and steps refitted, so the ratio is met again by a finer step), then scores the validation
@@ -18,9 +18,8 @@ from pathlib import Path
 
 import torch
 
-from kvbm_codec.calibration import entropy_twin
+from kvbm_codec.calibration import entropy_fit, entropy_twin
 from kvbm_codec.calibration.cache import corpus_texts, given_or_default
-from kvbm_codec.codec import ecsq
 from kvbm_codec.eval.run import context_codec, run_eval
 from kvbm_codec.models.hf import CausalLM
 
@@ -42,7 +41,7 @@ def main() -> None:
     texts, _ = corpus_texts(lm.tokenizer, "broad")
     rows = []
     for floor in (float(f) for f in a.floors.split(",")):
-        ecsq.MIN_SCALE = floor  # read by EcsqBasis.of at calibration and codec time alike
+        entropy_fit.MIN_SCALE = floor  # read when the twin chooses each basis' kept components
         cal = entropy_twin.entropy_calibration_from(lm, base, texts, progress=False)
         alloc = cal.allocation(a.target)
         kept = sum(b.size for bl in alloc.blocks.values() for b in bl)

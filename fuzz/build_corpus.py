@@ -31,10 +31,10 @@ def seeds_dir(root: Path) -> Path:
     return root / "seeds"
 
 
-def build_small_calibration(lm: object):  # -> Calibration (lazy imports keep `--help` fast)
+def build_small_calibration(lm: object, quantizer: str = "minmax"):  # -> Calibration (lazy imports)
     from kvbm_codec.calibration.calibrate import calibrate_small
 
-    return calibrate_small(lm)  # type: ignore[arg-type]
+    return calibrate_small(lm, quantizer=quantizer)  # type: ignore[arg-type]
 
 
 def make_seeds(codec: object, kv: object) -> dict[str, bytes]:
@@ -76,6 +76,12 @@ def make_seeds(codec: object, kv: object) -> dict[str, bytes]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=default_dir())
+    ap.add_argument(
+        "--quantizer",
+        choices=("minmax", "symmetric", "ecsq"),
+        default="minmax",
+        help="the small calibration's quantizer (ecsq: ANS code streams, v1 and v2 frames)",
+    )
     args = ap.parse_args()
     from kvbm_codec.calibration.artifact import load_calibration, save_calibration
     from kvbm_codec.codec.kvtc import KVTCCodec
@@ -86,8 +92,10 @@ def main() -> None:
     cal_file = calibration_path(args.out)
     if cal_file.exists():
         cal = load_calibration(cal_file, expected_fingerprint=lm.info.fingerprint)
+        if cal.config.quantizer != args.quantizer:
+            raise SystemExit(f"{cal_file} is a {cal.config.quantizer} calibration; use another --out")
     else:
-        cal = build_small_calibration(lm)
+        cal = build_small_calibration(lm, args.quantizer)
         save_calibration(cal, cal_file)
     text = calibration_texts()[7]
     ids = lm.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][:, :64]

@@ -18,7 +18,7 @@ import atheris
 
 with atheris.instrument_imports(include=["kvbm_codec"]):
     from kvbm_codec.calibration.artifact import load_calibration
-    from kvbm_codec.codec import deflate, frame, kvtc, quantize  # noqa: F401  (instrumented here)
+    from kvbm_codec.codec import deflate, ecsq, entropy, frame, kvtc, quantize  # noqa: F401  (instrumented here)
 
 from fuzz.build_corpus import calibration_path, default_dir, seeds_dir
 from fuzz.harness import DecodeOracle, ParseOracle

@@ -29,15 +29,32 @@ def tables() -> E.CodeTables:
     return E.CodeTables.fit(fit)
 
 
-def test_round_trip_is_exact_for_static_and_per_token_classes(tables: E.CodeTables) -> None:
+@pytest.mark.parametrize("by_class", [False, True])
+def test_round_trip_is_exact_for_static_and_per_token_classes(tables: E.CodeTables, by_class: bool) -> None:
     codes, k, k2 = _codes(10)
     codes[3, 5] = 5000  # far beyond its table: escapes
     codes[0, 0] = -E.ESCAPE_LIMIT
+    codes[5, 7] = 4000
     streams = [(codes, k), (codes[:7], k2[:7]), (np.zeros((0, codes.shape[1]), np.int32), k)]
-    data = tables.encode(streams)
-    back = tables.decode(data, [(c.shape, kk) for c, kk in streams])
+    data = tables.encode(streams, by_class=by_class)
+    back = tables.decode(data, [(c.shape, kk) for c, kk in streams], by_class=by_class)
     for (c, _), b in zip(streams, back, strict=True):
         np.testing.assert_array_equal(b, c)
+
+
+def test_by_class_groups_every_streams_codes_of_a_class_and_is_its_own_layout(tables: E.CodeTables) -> None:
+    """A v2 frame's one stream over all its bases: the same symbols and code length, fewer coder
+    calls; read in the other order it is refused or decodes to other codes, never to these."""
+    codes, _, k2 = _codes(16)
+    streams = [(codes, k2), (codes[::-1].copy(), k2)]
+    shapes = [(c.shape, kk) for c, kk in streams]
+    merged, apart = tables.encode(streams, by_class=True), tables.encode(streams)
+    assert merged != apart and abs(len(merged) - len(apart)) <= 8
+    try:
+        wrong = tables.decode(merged, shapes)
+    except FrameHeaderError:
+        return
+    assert any(not np.array_equal(w, c) for w, (c, _) in zip(wrong, streams, strict=True))
 
 
 def test_stream_size_is_the_tables_code_length(tables: E.CodeTables) -> None:
@@ -74,12 +91,15 @@ def test_bitstream_is_pinned(tables: E.CodeTables) -> None:
     either must fail here, not decode old frames into other codes."""
     codes, k, k2 = _codes(13)
     data = tables.encode([(codes, k), (codes, k2)])
+    merged = tables.encode([(codes, k), (codes, k2)], by_class=True)
     assert hashlib.sha256(tables.to_array().tobytes()).hexdigest()[:16] == TABLES_SHA
     assert hashlib.sha256(data).hexdigest()[:16] == STREAM_SHA
+    assert hashlib.sha256(merged).hexdigest()[:16] == BY_CLASS_SHA
 
 
 TABLES_SHA = "859e5c659ce232d0"
 STREAM_SHA = "e3f06bdfe8efc66d"
+BY_CLASS_SHA = "b96a247b8c617a6a"
 
 
 def test_streams_it_did_not_write_are_refused(tables: E.CodeTables) -> None:

@@ -16,13 +16,16 @@ part (docs/benchmarks.md, "Session 25"):
   the gains alone, with no transcendental function (codec/entropy.class_of), so it agrees exactly
   on every machine.
 
-Kept components are a prefix of the basis: those whose calibrated standard deviation is at least
-``MIN_SCALE`` steps (eigenvalues descend). The rest decode as zero.
+Kept components are a prefix of the basis (eigenvalues descend); the rest decode as zero. How many
+is the allocation's to say (its one block per basis, hashed into its id): calibration chooses it by
+a floor on ``sigma / step`` (calibration/entropy_fit.MIN_SCALE), and a codec never re-derives it, so
+a later floor cannot make old frames decode with other components.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,9 +33,6 @@ import torch
 
 from kvbm_codec.codec.entropy import ClassRuns, CodeTables
 
-MIN_SCALE = 0.1
-"""Components under this many steps of calibrated standard deviation are dropped: their codes would
-be nearly all zero (under 0.01 bit a token each) but would still cost the matmuls and the coder."""
 GAIN_RANGE = (1e-3, 1e3)  # a token's gain is clamped to this (fp16-representable, never zero)
 
 
@@ -45,10 +45,10 @@ class EcsqBasis:
     sigma: np.ndarray  # [kept]
 
     @classmethod
-    def of(cls, eigenvalues: torch.Tensor, weight: float, global_step: float) -> EcsqBasis:
-        step = basis_step(global_step, weight)
-        sigma = eigenvalues.to(torch.float64).clamp_min(0).sqrt().numpy()
-        return cls(step, sigma[: kept_components(sigma, step)])
+    def of(cls, eigenvalues: torch.Tensor, weight: float, global_step: float, n_kept: int) -> EcsqBasis:
+        if not 0 <= n_kept <= eigenvalues.numel():
+            raise ValueError(f"{n_kept} kept components of a {eigenvalues.numel()}-component basis")
+        return cls(basis_step(global_step, weight), sigmas(eigenvalues)[:n_kept])
 
     @property
     def n_kept(self) -> int:
@@ -64,9 +64,9 @@ def basis_step(global_step: float, weight: float) -> float:
     return global_step / math.sqrt(weight)
 
 
-def kept_components(sigma: np.ndarray, step: float) -> int:
-    """How many leading components have at least MIN_SCALE steps of standard deviation."""
-    return int(np.count_nonzero(sigma / step >= MIN_SCALE))
+def sigmas(eigenvalues: torch.Tensor) -> np.ndarray:
+    """Each component's calibrated standard deviation (float64, as classes are computed from)."""
+    return eigenvalues.to(torch.float64).clamp_min(0).sqrt().numpy()
 
 
 def gains(coeffs: torch.Tensor, sigma: np.ndarray) -> torch.Tensor:
@@ -89,26 +89,54 @@ def quantize_basis(coeffs: torch.Tensor, eb: EcsqBasis) -> tuple[np.ndarray, np.
 
 def encode_basis(coeffs: torch.Tensor, eb: EcsqBasis, tables: CodeTables) -> tuple[bytes, bytes]:
     """coeffs [T, kept] -> (entropy-coded codes, fp16 gains): the basis' codes and scales streams."""
+    codes, g, classes = quantize_checked(coeffs, eb)
+    return tables.encode([(codes, classes)]), g.astype("<f2").tobytes()
+
+
+def quantize_checked(coeffs: torch.Tensor, eb: EcsqBasis) -> tuple[np.ndarray, np.ndarray, ClassRuns]:
+    """:func:`quantize_basis` of coefficients an encoder was handed: the right width, all finite."""
     if coeffs.shape[1] != eb.n_kept:
         raise ValueError(f"expected {eb.n_kept} kept components, got {coeffs.shape[1]}")
     if not math.isfinite(float(coeffs.sum())):  # one pass; inf or NaN anywhere makes the sum so
         raise ValueError("coefficients are not finite: the KV holds inf or NaN")
-    codes, g, classes = quantize_basis(coeffs, eb)
-    return tables.encode([(codes, classes)]), g.astype("<f2").tobytes()
+    return quantize_basis(coeffs, eb)
 
 
 def decode_basis(
     codes: bytes | memoryview, scales: bytes | memoryview, n_tokens: int, eb: EcsqBasis, tables: CodeTables
 ) -> torch.Tensor:
     """Inverse of :func:`encode_basis`: [n_tokens, kept] float32 coefficients."""
+    return decode_bases(codes, [scales], n_tokens, [eb], tables, by_class=False)[0]
+
+
+def decode_bases(
+    codes: bytes | memoryview,
+    scales: Sequence[bytes | memoryview],
+    n_tokens: int,
+    bases: Sequence[EcsqBasis],
+    tables: CodeTables,
+    *,
+    by_class: bool = True,
+) -> list[torch.Tensor]:
+    """One code stream of several bases (a block frame's, written ``by_class``: one coder call per
+    class for all of them) and each basis' gains -> each basis' [n_tokens, kept] float32
+    coefficients."""
+    gs = [_gains_of(s, n_tokens) for s in scales]
+    shapes = [((n_tokens, eb.n_kept), eb.classes(g)) for eb, g in zip(bases, gs, strict=True)]
+    out = []
+    for q, g, eb in zip(tables.decode(codes, shapes, by_class=by_class), gs, bases, strict=True):
+        scale = torch.from_numpy(g.astype(np.float32)) * np.float32(eb.step)
+        out.append(torch.from_numpy(q).to(torch.float32) * scale[:, None])
+    return out
+
+
+def _gains_of(scales: bytes | memoryview, n_tokens: int) -> np.ndarray:
     g = np.frombuffer(scales, dtype="<f2")
     if g.size != n_tokens:
         raise ValueError(f"gains stream holds {g.size} values, {n_tokens} tokens need {n_tokens}")
     if not np.isfinite(g).all() or (g.size and float(g.min()) < np.float16(GAIN_RANGE[0])):
         raise ValueError("gains stream holds a gain no encoder writes")
-    (q,) = tables.decode(codes, [((n_tokens, eb.n_kept), eb.classes(g))])
-    scale = torch.from_numpy(g.astype(np.float32)) * np.float32(eb.step)
-    return torch.from_numpy(q).to(torch.float32) * scale[:, None]
+    return g
 
 
 def max_codes_bytes(n_tokens: int, n_kept: int) -> int:

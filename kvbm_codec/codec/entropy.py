@@ -92,6 +92,10 @@ class ClassRuns:
     def shape(self) -> tuple[int, int]:
         return int(self.edges.shape[0]), self.n
 
+    def rows(self, start: int, stop: int) -> ClassRuns:
+        """The runs of rows ``start .. stop - 1`` (one block's tokens of a batch)."""
+        return ClassRuns(self.edges[start:stop], self.n)
+
     def lengths(self) -> np.ndarray:
         """[T, N_CLASSES]: codes of each class in each row."""
         return self.edges[:, :-1] - self.edges[:, 1:]
@@ -172,22 +176,32 @@ class CodeTables:
         idx, n_esc = _flat_index(codes, classes)
         return float(self._flat_bits[idx].sum()) + 16.0 * n_esc  # type: ignore[attr-defined]
 
-    def encode(self, streams: Sequence[tuple[np.ndarray, Classes]]) -> bytes:
-        """(codes, classes) pairs -> one stream; the decoder needs each pair's shape and classes."""
-        # every class' table symbols and escapes in decode order, each formed once
-        runs: list[tuple[int, np.ndarray]] = []
-        escaped: list[np.ndarray] = []
+    def encode(self, streams: Sequence[tuple[np.ndarray, Classes]], *, by_class: bool = False) -> bytes:
+        """(codes, classes) pairs -> one stream; the decoder needs each pair's shape and classes.
+
+        Symbol order: each pair's codes grouped by class (classes ascending, codes in row-major
+        order within a class), the pairs one after the other; ``by_class``: every pair's codes of a
+        class together (class ascending, then pair, then row-major), so a class is one coder call
+        however many pairs (bases) the stream holds."""
+        runs: list[tuple[int, np.ndarray]] = []  # (class, its codes) in decode order
+        per_class: dict[int, list[np.ndarray]] = {}
         for codes, classes in streams:
             order, bounds, present = _plan(codes.shape, classes)
             q = codes.ravel()[order]
-            for kk, a, b in zip(present, bounds[:-1], bounds[1:], strict=True):
-                sym, esc = _table_symbols(q[a:b], class_width(int(kk)))
-                runs.append((int(kk), sym))
-                escaped.append(esc)
+            for kk, a, b in zip(present.tolist(), bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
+                if by_class:
+                    per_class.setdefault(kk, []).append(q[a:b])
+                else:
+                    runs.append((kk, q[a:b]))
+        if by_class:
+            runs = [(kk, np.concatenate(parts)) for kk, parts in sorted(per_class.items())]
+        # every class' table symbols and escapes (escapes follow the symbols' order), each formed once
+        coded = [(kk, *_table_symbols(q, _WIDTH_OF[kk])) for kk, q in runs]
+        escaped = [esc for _, _, esc in coded]
         if any(e.size and int(np.abs(e).max()) > ESCAPE_LIMIT for e in escaped):
             raise ValueError(f"a code exceeds +-{ESCAPE_LIMIT}: its step is too fine for its data")
         coder = constriction.stream.stack.AnsCoder()
-        for kk, sym in reversed(runs):  # a stack coder: pushed in reverse, popped in order
+        for kk, sym, _ in reversed(coded):  # a stack coder: pushed in reverse, popped in order
             coder.encode_reverse(sym, self._models[kk])  # type: ignore[attr-defined]
         words = coder.get_compressed()
         esc_all = np.concatenate(escaped).astype("<i2") if escaped else np.zeros(0, "<i2")
@@ -195,7 +209,11 @@ class CodeTables:
         return head.tobytes() + words.astype("<u4").tobytes() + esc_all.tobytes()
 
     def decode(
-        self, data: bytes | memoryview, shapes: Sequence[tuple[tuple[int, ...], Classes]]
+        self,
+        data: bytes | memoryview,
+        shapes: Sequence[tuple[tuple[int, ...], Classes]],
+        *,
+        by_class: bool = False,
     ) -> list[np.ndarray]:
         """Inverse of :func:`encode`: ``shapes`` are each stream's (codes shape, classes)."""
         view = memoryview(data).cast("B")
@@ -209,36 +227,54 @@ class CodeTables:
         words = np.frombuffer(view[8 : 8 + 4 * n_words], dtype="<u4").astype(np.uint32)
         esc = np.frombuffer(view[8 + 4 * n_words :], dtype="<i2").astype(np.int32)
         try:
-            return self._decode_words(words, esc, shapes)
+            return self._decode_words(words, esc, shapes, by_class)
         except ValueError as e:  # constriction refuses words no encoder wrote
             raise FrameHeaderError(f"entropy stream is malformed: {e}") from e
 
     def _decode_words(
-        self, words: np.ndarray, esc: np.ndarray, shapes: Sequence[tuple[tuple[int, ...], Classes]]
+        self,
+        words: np.ndarray,
+        esc: np.ndarray,
+        shapes: Sequence[tuple[tuple[int, ...], Classes]],
+        by_class: bool,
     ) -> list[np.ndarray]:
         coder = constriction.stream.stack.AnsCoder(words)
-        out, used = [], 0
-        for shape, classes in shapes:
-            order, bounds, present = _plan(shape, classes)
-            flat = np.empty(order.size, dtype=np.int32)
-            for kk, a, b in zip(present, bounds[:-1], bounds[1:], strict=True):
-                w = class_width(int(kk))
-                sym = coder.decode(self._models[kk], int(b - a)).astype(np.int32)  # type: ignore[attr-defined]
-                vals = sym - w
-                hit = sym == 2 * w + 1
-                n = int(hit.sum())
-                if used + n > esc.size:
-                    raise FrameHeaderError("entropy stream has fewer escaped codes than its symbols need")
-                vals[hit] = esc[used : used + n]
-                used += n
-                flat[order[a:b]] = vals
-            out.append(flat.reshape(shape))
+        plans = [_plan(shape, classes) for shape, classes in shapes]
+        flats = [np.empty(order.size, dtype=np.int32) for order, _, _ in plans]
+        # (class, [(pair, first, last) in the pair's class order]) in the stream's symbol order
+        runs: list[tuple[int, list[tuple[int, int, int]]]] = []
+        per_class: dict[int, list[tuple[int, int, int]]] = {}
+        for s, (_, bounds, present) in enumerate(plans):
+            for kk, a, b in zip(present.tolist(), bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
+                if by_class:
+                    per_class.setdefault(kk, []).append((s, a, b))
+                else:
+                    runs.append((kk, [(s, a, b)]))
+        if by_class:
+            runs = sorted(per_class.items())
+        used = 0
+        for kk, parts in runs:
+            w = _WIDTH_OF[kk]
+            total = sum(b - a for _, a, b in parts)
+            sym = coder.decode(self._models[kk], total).astype(np.int32)  # type: ignore[attr-defined]
+            vals = sym - w
+            hit = sym == 2 * w + 1
+            n = int(hit.sum())
+            if used + n > esc.size:
+                raise FrameHeaderError("entropy stream has fewer escaped codes than its symbols need")
+            vals[hit] = esc[used : used + n]
+            used += n
+            off = 0
+            for s, a, b in parts:
+                flats[s][plans[s][0][a:b]] = vals[off : off + b - a]
+                off += b - a
         if used != esc.size or not coder.is_empty():
             raise FrameHeaderError("entropy stream does not end where its codes do: not these codes' stream")
-        return out
+        return [flat.reshape(shape) for flat, (shape, _) in zip(flats, shapes, strict=True)]
 
 
-_WIDTHS = np.array([class_width(k) for k in range(N_CLASSES)], dtype=np.int64)
+_WIDTH_OF = tuple(class_width(k) for k in range(N_CLASSES))
+_WIDTHS = np.array(_WIDTH_OF, dtype=np.int64)
 _OFFSETS = np.concatenate([[0], np.cumsum(2 * _WIDTHS + 2)])
 
 

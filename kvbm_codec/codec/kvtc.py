@@ -19,8 +19,15 @@ from kvbm_codec.api.blocks import DTYPES
 from kvbm_codec.codec import frame as fr
 from kvbm_codec.codec.allocation import Allocation
 from kvbm_codec.codec.deflate import DeflateBackend, select_backend
-from kvbm_codec.codec.ecsq import EcsqBasis, decode_basis, encode_basis, max_codes_bytes
-from kvbm_codec.codec.entropy import CodeTables
+from kvbm_codec.codec.ecsq import (
+    EcsqBasis,
+    decode_bases,
+    decode_basis,
+    encode_basis,
+    max_codes_bytes,
+    quantize_checked,
+)
+from kvbm_codec.codec.entropy import ClassRuns, CodeTables
 from kvbm_codec.codec.errors import (
     CalibrationMismatchError,
     CodecError,
@@ -42,8 +49,12 @@ from kvbm_codec.codec.rope import rope_tables, rotate, rotate_
 from kvbm_codec.kv import KVCache
 
 CODEC_NAME = "kvtc"
-_Parsed = tuple[int, fr.Frame, Allocation, dict[str, bytes | memoryview]]
-"""(index in the batch, verified frame, its allocation, its sections by name)."""
+_Parsed = tuple[int, fr.Frame, Allocation, dict[str, bytes | memoryview], dict[str, torch.Tensor] | None]
+"""(index in the batch, verified frame, its allocation, its sections by name, and for an
+entropy-coded allocation each basis' decoded coefficients: decoded frame by frame, so a forged code
+stream is refused alone)."""
+_ECSQ_CODES = "ecsq.codes"
+"""A v2 entropy-coded frame's one code stream (every basis' codes, in basis order)."""
 _SCATTER_BLOCKS = 8
 """Blocks of feature rows gathered, de-rotated and centred at a time by the batched encoder (~2 MB of
 rows at SmolLM2's widths): small enough to stay in cache between the steps."""
@@ -113,6 +124,9 @@ class KVTCCodec:
         self._layouts: dict[tuple[object, ...], list[tuple[str, int]]] = {}
         self._symmetric = calibration.config.quantizer == "symmetric"
         self._ecsq_bases: dict[tuple[str, str], EcsqBasis] = {}
+        if self.alloc.entropy_coded:  # an allocation its bases cannot hold is refused here, not mid-encode
+            for name in self.alloc.blocks:
+                self._ecsq_basis(name, self.alloc, self._alloc_id)
 
     def _basis(self, name: str, device: torch.device) -> PCABasis:
         if device.type == "cpu":
@@ -159,12 +173,11 @@ class KVTCCodec:
         eb = self._ecsq_bases.get(key)
         if eb is None:
             weight = self.cal.error_tables[name].weight
-            eb = EcsqBasis.of(self.cal.bases[name].eigenvalues, weight, alloc.step)
             kept = sum(b.size for b in alloc.blocks[name] if b.bits > 0)
-            if eb.n_kept != kept:  # the allocation and the artifact's eigenvalues disagree
-                raise CalibrationMismatchError(
-                    f"allocation {alloc_id} keeps {kept} components of {name}; its step keeps {eb.n_kept}"
-                )
+            try:
+                eb = EcsqBasis.of(self.cal.bases[name].eigenvalues, weight, alloc.step, kept)
+            except ValueError as e:  # the allocation and the artifact's bases disagree
+                raise CalibrationMismatchError(f"allocation {alloc_id}, basis {name}: {e}") from e
             self._ecsq_bases[key] = eb
         return eb
 
@@ -374,8 +387,6 @@ class KVTCCodec:
     ) -> dict[str, bytes | memoryview]:
         """The frame's sections by name, sizes checked against the layout before use."""
         layout = self._layout(f.header, alloc)
-        if f.version == fr.FORMAT_VERSION_BLOCK and alloc.entropy_coded:
-            raise FrameHeaderError("entropy-coded allocations are written as version-1 frames only")
         if f.version == fr.FORMAT_VERSION_BLOCK:
             streams = _v2_streams(layout)
             if [sec.name for sec in f.header.sections] != list(streams):
@@ -386,6 +397,14 @@ class KVTCCodec:
             for stream, parts in streams.items():
                 want = sum(size for _, size in parts)
                 got = f.section_header(stream).raw_size
+                if stream == "codes" and alloc.entropy_coded:  # one ANS stream: its size is its own
+                    if got > want:
+                        raise FrameHeaderError(
+                            f"stream codes holds {got} bytes; {f.header.n_tokens} tokens code in at "
+                            f"most {want}"
+                        )
+                    out[_ECSQ_CODES] = f.section(stream, backend=backend)
+                    continue
                 if got != want:
                     raise FrameHeaderError(
                         f"stream {stream} holds {got} bytes; {f.header.n_tokens} tokens need {want}"
@@ -458,6 +477,11 @@ class KVTCCodec:
         scratch = _Scratch()
         rope = self.cal.config.undo_rope
         cos, sin = rope_tables(pos_c, self.cal.rope, inverse=False) if rope else (None, None)
+        whole = (  # a v2 frame codes every basis in one ANS stream: decoded at once
+            self._ecsq_block_coefficients(h, alloc, sections)
+            if alloc.entropy_coded and f.version == fr.FORMAT_VERSION_BLOCK
+            else None
+        )
         for gi, (a, b) in enumerate(self.groups):
             if a < h.layer_start or b > h.layer_end:
                 continue
@@ -466,7 +490,11 @@ class KVTCCodec:
             values = torch.empty(nl, n_heads, h.n_tokens, dv, dtype=out_dtype, device=device)
             for kind, dst in (("k", keys), ("v", values)):
                 name = self.cal.basis_name(gi, kind)
-                coeffs = self._coefficients_of(name, alloc, h.allocation_id, sections, n_comp, scratch)
+                coeffs = (
+                    whole[name]
+                    if whole is not None
+                    else self._coefficients_of(name, alloc, h.allocation_id, sections, n_comp, scratch)
+                )
                 w = self._weights(name, alloc, h.allocation_id, device)
                 feats = scratch.take("feats", (n_comp, w.dec.shape[1]), device)
                 torch.addmm(w.mean, coeffs.to(device), w.dec, out=feats)
@@ -501,9 +529,9 @@ class KVTCCodec:
         Caches with the same layer range, token count and raw-token run share one RoPE pass, one
         projection matmul per basis over all their tokens and one quantization pass; only DEFLATE and
         the checksums run per frame (each frame stands alone). A cache v2 cannot describe (positions
-        not one run, raw tokens not one run), and every cache under an entropy-coded allocation (whose
-        code streams vary in size, which v2's implied layout cannot say), gets a version-1 frame from
-        ``encode_with_stats``."""
+        not one run, raw tokens not one run) gets a version-1 frame from ``encode_with_stats``. Under
+        an entropy-coded allocation each frame's codes are one ANS stream over all its bases (its
+        length is the stream's own: v2 states the codes stream's size, which the layout bounds)."""
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}")
         if len(kvs) != len(raw_masks):
@@ -515,7 +543,7 @@ class KVTCCodec:
             self._check_shape(kv)
             runs = fr.mask_to_runs(mask.cpu())
             pos_runs = fr.positions_to_runs(kv.positions.cpu())
-            if self.alloc.entropy_coded or len(runs) > 1 or len(pos_runs) != 1:
+            if len(runs) > 1 or len(pos_runs) != 1:
                 out[i] = self.encode_with_stats(kv, mask, window_tokens=0, dtype=dtype)
                 continue
             run = runs[0] if runs else None
@@ -571,6 +599,7 @@ class KVTCCodec:
         pos_c = positions[:, comp_idx].reshape(-1)
         out_dtype = DTYPES[dtype]
         per_block: list[list[tuple[str, bytes]]] = [[] for _ in range(n)]
+        ecsq_codes: list[list[tuple[np.ndarray, ClassRuns]]] = [[] for _ in range(n)]
         scratch = _Scratch()
         rope = self.cal.config.undo_rope
         tables = rope_tables(pos_c, self.cal.rope, inverse=True) if rope else None
@@ -591,6 +620,15 @@ class KVTCCodec:
                 coeffs = rows @ w.enc
                 for r, idx in by_run.items():
                     part = coeffs if uniform else coeffs.index_select(0, rows_of[r])
+                    if self.alloc.entropy_coded:
+                        eb = self._ecsq_basis(name, self.alloc, self._alloc_id)
+                        q, g, classes = quantize_checked(part, eb)
+                        n_own = q.shape[0] // len(idx)
+                        for j, i in enumerate(idx):
+                            rows_j = slice(j * n_own, (j + 1) * n_own)
+                            ecsq_codes[i].append((q[rows_j], classes.rows(rows_j.start, rows_j.stop)))
+                            per_block[i].append((f"{name}.scales", g[rows_j].astype("<f2").tobytes()))
+                        continue
                     codes, scales = encode_coefficients_batch(
                         part, self.alloc.blocks[name], len(idx), self._symmetric
                     )
@@ -605,6 +643,10 @@ class KVTCCodec:
                     rk = kv.keys[lo:hi][:, :, raw_idx].to(out_dtype).cpu().contiguous()
                     rv = kv.values[lo:hi][:, :, raw_idx].to(out_dtype).cpu().contiguous()
                     per_block[i].append((f"g{gi}.raw", _tensor_bytes(rk) + _tensor_bytes(rv)))
+        if self.alloc.entropy_coded:  # each block's codes, every basis in order, as one ANS stream
+            for i in range(n):
+                codes = self._code_tables().encode(ecsq_codes[i], by_class=True)
+                per_block[i].append((_ECSQ_CODES, codes))
         backend = self._backend(device)
         cuts_of: dict[int, tuple[list[int]]] = {}
         results = []
@@ -612,8 +654,8 @@ class KVTCCodec:
             raw_run = raw_runs[i]
             n_raw = 0 if raw_run is None else raw_run[1]
             n_comp = n_tokens - n_raw
-            if n_comp not in cuts_of:
-                cuts_of[n_comp] = (self._codes_cuts(ls, le, n_comp),)
+            if n_comp not in cuts_of:  # an ANS stream has no code widths to cut at
+                cuts_of[n_comp] = ([] if self.alloc.entropy_coded else self._codes_cuts(ls, le, n_comp),)
             cuts = cuts_of[n_comp]
             header = fr.FrameHeader(
                 model_fingerprint=self.cal.model_fingerprint,
@@ -691,6 +733,7 @@ class KVTCCodec:
                     continue
                 alloc = self._allocation_for(f)
                 secs = self._sections(f, alloc, backend)
+                coeffs = self._ecsq_block_coefficients(f.header, alloc, secs) if alloc.entropy_coded else None
             except CodecError as e:
                 out[i] = e
                 continue
@@ -699,7 +742,7 @@ class KVTCCodec:
             # as in encode_batch: a partial raw run (sinks) shares its batch's group and math
             whole = runs if len(runs) == 1 and runs[0][1] == h.n_tokens else ()
             key = (h.allocation_id, h.layer_start, h.layer_end, h.n_tokens, whole, h.dtype)
-            groups.setdefault(key, []).append((i, f, alloc, secs))
+            groups.setdefault(key, []).append((i, f, alloc, secs, coeffs))
         for items in groups.values():
             try:
                 decoded = self._decode_group(items, device)
@@ -719,7 +762,7 @@ class KVTCCodec:
         h = items[0][1].header
         alloc = items[0][2]
         n = len(items)
-        block_runs = [tuple(tuple(r) for r in f.header.raw_token_index) for _, f, _, _ in items]
+        block_runs = [tuple(tuple(r) for r in f.header.raw_token_index) for _, f, *_ in items]
         uniform = all(r == block_runs[0] for r in block_runs)
         # one raw run for all: the math skips it; several (a sink block among others): the math runs
         # on every token, each block's coefficient rows are its own compressed tokens (the raw ones
@@ -737,7 +780,7 @@ class KVTCCodec:
             if not uniform
             else {}
         )
-        positions = torch.stack([fr.runs_to_positions(f.header.positions) for _, f, _, _ in items]).to(device)
+        positions = torch.stack([fr.runs_to_positions(f.header.positions) for _, f, *_ in items]).to(device)
         pos_c = positions[:, comp_idx].reshape(-1)
         out_dtype = DTYPES[h.dtype]
         nh, dk, dv, nl_all, nt = h.n_kv_heads, h.key_head_dim, h.value_head_dim, h.n_layers, h.n_tokens
@@ -763,25 +806,12 @@ class KVTCCodec:
             nl, lo = b - a, a - h.layer_start
             for kind, dst in (("k", keys), ("v", values)):
                 name = self.cal.basis_name(gi, kind)
-                tiling = self._tiling(name, alloc, h.allocation_id)
-                coeffs = scratch.take("coeffs", (n * n_comp, tiling.n_active), torch.device("cpu"))
-                if not uniform:
-                    coeffs.zero_()
-                for r, idx in by_run.items():
-                    codes = np.stack(
-                        [np.frombuffer(items[j][3][f"{name}.codes"], dtype=np.uint8) for j in idx]
+                if alloc.entropy_coded:
+                    coeffs = self._ecsq_batch(items, name, by_run, rows_of, n * n_comp, uniform, scratch)
+                else:
+                    coeffs = self._dequantize_batch(
+                        items, name, alloc, by_run, rows_of, own, n * n_comp, uniform, scratch
                     )
-                    scales = np.stack(
-                        [np.frombuffer(items[j][3][f"{name}.scales"], dtype=np.uint8) for j in idx]
-                    )
-                    n_own = int(own[idx[0]][0].numel())
-                    into = coeffs if uniform else torch.empty(len(idx) * n_own, tiling.n_active)
-                    try:
-                        dequantize_batch_into(codes, scales, tiling, n_own, into)
-                    except ValueError as e:
-                        raise FrameHeaderError(f"section {name}: {e}") from e
-                    if not uniform:
-                        coeffs.index_copy_(0, rows_of[r], into)
                 w = self._weights(name, alloc, h.allocation_id, device)
                 # the whole batch in one matmul (a smaller one repacks the basis per call)
                 feats = scratch.take("feats", (n * n_comp, w.dec.shape[1]), device)
@@ -790,7 +820,7 @@ class KVTCCodec:
                 self._scatter(
                     feats, tables, [t[lo : lo + nl] for t in dst], n_comp, comp_run, comp_idx, scratch
                 )
-            for j, (*_, s) in enumerate(items):
+            for j, (_, _, _, s, _) in enumerate(items):
                 raw_idx = own[j][1]
                 nr = int(raw_idx.numel())
                 if nr:
@@ -809,6 +839,85 @@ class KVTCCodec:
             )
             out.append(DecodedBlock(kv, None if blocks is None else blocks[j].view(nl_all, 2, nt, nh * dk)))
         return out
+
+    def _dequantize_batch(
+        self,
+        items: list[_Parsed],
+        name: str,
+        alloc: Allocation,
+        by_run: dict[tuple[tuple[int, int], ...], list[int]],
+        rows_of: dict[tuple[tuple[int, int], ...], torch.Tensor],
+        own: list[tuple[torch.Tensor, torch.Tensor]],
+        n_rows: int,
+        uniform: bool,
+        scratch: _Scratch,
+    ) -> torch.Tensor:
+        """One basis' coefficients [n_rows, active] of a batch of DP frames, block-major, each run
+        of raw tokens' blocks dequantized in one pass (rows of raw tokens zero)."""
+        h = items[0][1].header
+        tiling = self._tiling(name, alloc, h.allocation_id)
+        coeffs = scratch.take("coeffs", (n_rows, tiling.n_active), torch.device("cpu"))
+        if not uniform:
+            coeffs.zero_()
+        for r, idx in by_run.items():
+            codes = np.stack([np.frombuffer(items[j][3][f"{name}.codes"], dtype=np.uint8) for j in idx])
+            scales = np.stack([np.frombuffer(items[j][3][f"{name}.scales"], dtype=np.uint8) for j in idx])
+            n_own = int(own[idx[0]][0].numel())
+            into = coeffs if uniform else torch.empty(len(idx) * n_own, tiling.n_active)
+            try:
+                dequantize_batch_into(codes, scales, tiling, n_own, into)
+            except ValueError as e:
+                raise FrameHeaderError(f"section {name}: {e}") from e
+            if not uniform:
+                coeffs.index_copy_(0, rows_of[r], into)
+        return coeffs
+
+    def _ecsq_batch(
+        self,
+        items: list[_Parsed],
+        name: str,
+        by_run: dict[tuple[tuple[int, int], ...], list[int]],
+        rows_of: dict[tuple[tuple[int, int], ...], torch.Tensor],
+        n_rows: int,
+        uniform: bool,
+        scratch: _Scratch,
+    ) -> torch.Tensor:
+        """One basis' coefficients [n_rows, kept] of a batch of entropy-coded frames (each decoded
+        on its own when parsed), block-major, rows of raw tokens zero."""
+        parts = [item[4][name] for item in items]  # type: ignore[index]
+        coeffs = scratch.take("coeffs", (n_rows, parts[0].shape[1]), torch.device("cpu"))
+        if uniform:
+            torch.cat(parts, out=coeffs)
+            return coeffs
+        coeffs.zero_()
+        for r, idx in by_run.items():
+            coeffs.index_copy_(0, rows_of[r], torch.cat([parts[j] for j in idx]))
+        return coeffs
+
+    def _ecsq_block_coefficients(
+        self, h: fr.FrameHeader, alloc: Allocation, sections: dict[str, bytes | memoryview]
+    ) -> dict[str, torch.Tensor]:
+        """Every basis' coefficients [compressed tokens, kept] of one v2 entropy-coded frame, from
+        its one code stream and each basis' gains."""
+        names = [
+            self.cal.basis_name(gi, kind)
+            for gi, (a, b) in enumerate(self.groups)
+            if a >= h.layer_start and b <= h.layer_end
+            for kind in ("k", "v")
+        ]
+        n_comp = h.n_tokens - sum(length for _, length in h.raw_token_index)
+        bases = [self._ecsq_basis(name, alloc, h.allocation_id) for name in names]
+        try:
+            coeffs = decode_bases(
+                sections[_ECSQ_CODES],
+                [sections[f"{name}.scales"] for name in names],
+                n_comp,
+                bases,
+                self._code_tables(),
+            )
+        except ValueError as e:
+            raise FrameHeaderError(f"codes stream: {e}") from e
+        return dict(zip(names, coeffs, strict=True))
 
     def _gather(
         self,
