@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -500,3 +501,37 @@ def test_a_get_parses_each_frame_once(running, blocks, monkeypatch):
     with running.client() as c:
         got = c.get_blocks(hashes, batch_size=2)  # three streamed batches
     assert [g.status for g in got] == ["hit"] * n and calls[0] == n
+
+
+def test_an_entropy_coded_calibration_serves_blocks_over_grpc_and_nixl(small_ecsq_calibration, blocks):
+    """A service whose calibration is entropy-coded (quantizer="ecsq") stores compact v2 frames and
+    returns exactly what its codec restores, over gRPC bytes and over NIXL alike."""
+    from kvbm_codec.codec import frame as fr
+
+    ecsq = _smollm2.served(small_ecsq_calibration)
+    nixl = importlib.util.find_spec("nixl") is not None
+    r = Running(
+        ecsq, nixl=NixlConfig(enabled=nixl, staging_bytes=4 * SPEC.nbytes, slot_bytes=2 * SPEC.nbytes)
+    )
+    try:
+        with r.client() as c:
+            put = c.put_blocks(_items(blocks))
+            assert all(0 < p.stored_bytes < SPEC.nbytes / 4 for p in put)
+            frames = c.get_blocks([b.sequence_hash for b in blocks[1:3]], as_frames=True)
+            assert all(fr.read_frame(f.data).version == fr.FORMAT_VERSION_BLOCK for f in frames)
+            got = c.get_blocks([b.sequence_hash for b in blocks])
+            for b, g in zip(blocks, got, strict=True):
+                assert g.status == "hit"
+                assert_same_restore(g.data, _expected(ecsq, b), b.data)
+            if nixl:
+                dst = torch.zeros(len(blocks) * SPEC.nbytes, dtype=torch.uint8)
+                with c.nixl_agent().register(dst) as rd:
+                    offs = [i * SPEC.nbytes for i in range(len(blocks))]
+                    via = c.get_blocks_nixl(rd, [b.sequence_hash for b in blocks], offs)
+                assert [g.status for g in via] == ["hit"] * len(blocks)
+                for i, g in enumerate(got):
+                    assert_same_restore(
+                        bytes(dst[offs[i] : offs[i] + SPEC.nbytes].numpy()), g.data, blocks[i].data
+                    )
+    finally:
+        r.server.stop(1.0)

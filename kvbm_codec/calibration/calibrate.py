@@ -573,8 +573,13 @@ def calibrate_from_kv(
     if cfg.quantizer == "ecsq":
         from kvbm_codec.calibration.entropy_fit import entropy_allocations
 
+        probes = {
+            page: BlockRatioProbe(cal, val_kv, page).measure
+            for page in block_tokens
+            if val_kv.n_tokens >= page
+        }
         with clock.phase("code tables and steps"):
-            entropy_allocations(cal, val_kv, sources or [], targets)
+            entropy_allocations(cal, val_kv, sources or [], targets, probes)
     else:
         with clock.phase("bit allocation"):
             all_allocations(

@@ -11,7 +11,7 @@ mix is recorded beside each allocation (``calibration_cr``), as for the DP's all
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -19,7 +19,7 @@ import torch
 from kvbm_codec.codec.allocation import Allocation
 from kvbm_codec.codec.ecsq import EcsqBasis, basis_step, quantize_basis, sigmas
 from kvbm_codec.codec.entropy import ClassRuns, CodeTables
-from kvbm_codec.codec.params import Calibration, allocation_name
+from kvbm_codec.codec.params import Calibration, allocation_name, block_allocation_name
 from kvbm_codec.codec.pca import to_features
 from kvbm_codec.codec.quantize import Block
 from kvbm_codec.codec.rope import undo_rope
@@ -34,10 +34,12 @@ validation texts at 20x (docs/benchmarks.md, "Session 25", the component floor):
 calibration keeps 4654 components instead of 8032 (0.1) and codes 1.6x faster, for 6-15% more KL,
 still 0.54-0.81x of the DP's; at 1.0 The Tempest lost the gain. Frames never re-derive it: the
 allocation records how many components each basis keeps."""
-FRAME_CORRECTIONS = 2
+FRAME_CORRECTIONS = 3
 """Rebisections of a target whose real frames of the held-out mix store less than it (the step is
 bisected on code lengths alone; headers, stream words and the gains' DEFLATE are not in them): each
-scales the bit budget by measured / target. At floor 0.3 the 20x frames stored 19.97x before."""
+scales the bit budget by measured / target, less CORRECTION_MARGIN. At floor 0.3 the 20x frames
+stored 19.97x before; two corrections without the margin left 32-token blocks at 19.998x."""
+CORRECTION_MARGIN = 1e-3
 CORRECTION_BISECTIONS = 8  # log-step bisection over [step, 1.05 step]: the step to 0.02% again
 BISECTIONS = 16  # log-step bisection over [1e-3, 1e2]: the step to 0.02%
 BISECT_EVERY = 2
@@ -113,12 +115,19 @@ def ecsq_basis(cal: Calibration, name: str, step: float) -> EcsqBasis:
 
 
 def entropy_allocations(
-    cal: Calibration, held_out: KVCache, sources: Sequence[KVCache], targets: Sequence[float]
+    cal: Calibration,
+    held_out: KVCache,
+    sources: Sequence[KVCache],
+    targets: Sequence[float],
+    block_ratios: Mapping[int, Callable[[Allocation], float]] | None = None,
 ) -> None:
     """Fit ``cal.code_tables`` and put one entropy-coded allocation per target into ``cal``
     (replacing the DP's, which this calibration does not use); ``sources``: compressible held-out
     KV (one per domain) the tables and steps are fitted on, ``held_out``: the mix the frames'
-    recorded ratio is measured on."""
+    recorded ratio is measured on. ``block_ratios``: per page size, the ratio of an allocation's
+    block frames of held-out KV (``BlockRatioProbe.measure``); each page size gets its own
+    allocation per target (``cr20@p32``), corrected on those frames as the context's are on
+    ``held_out``'s, so a block, not only a whole context, meets the target."""
     from kvbm_codec.codec.kvtc import KVTCCodec
 
     with torch.inference_mode():
@@ -137,16 +146,26 @@ def entropy_allocations(
         def frames_cr(alloc: Allocation) -> float:
             return KVTCCodec(cal, alloc).encode_with_stats(held_out, every)[1].achieved_cr
 
-        for target, step in zip(targets, steps, strict=True):
+        def meeting(target: float, step: float, measure: Callable[[Allocation], float]) -> Allocation:
+            """The allocation at ``step``, made coarser until ``measure`` says its frames meet
+            ``target`` (the code lengths leave out what frames add: headers, stream words, the
+            gains' DEFLATE)."""
             alloc = entropy_allocation(cal, step)
-            cr, budget = frames_cr(alloc), fp16_bits / target
-            for _ in range(FRAME_CORRECTIONS):  # the code lengths leave out what frames add
+            cr, budget = measure(alloc), fp16_bits / target
+            for _ in range(FRAME_CORRECTIONS):
                 if cr >= target:
                     break
-                budget *= cr / target
+                budget *= cr / target * (1 - CORRECTION_MARGIN)
                 # a coarser step by well under 5%: bisected in that bracket to the same precision
                 step = _step_for(cal, tables, thin, budget, (step, step * 1.05), CORRECTION_BISECTIONS)
                 alloc = entropy_allocation(cal, step)
-                cr = frames_cr(alloc)
+                cr = measure(alloc)
             alloc.meta.update(target_cr=float(target), calibration_cr=cr)
-            cal.allocations[allocation_name(target)] = alloc
+            return alloc
+
+        for target, step in zip(targets, steps, strict=True):
+            context = cal.allocations[allocation_name(target)] = meeting(target, step, frames_cr)
+            for page, measure in (block_ratios or {}).items():
+                block = meeting(target, context.step, measure)
+                block.meta["page_tokens"] = float(page)
+                cal.allocations[block_allocation_name(target, page)] = block

@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from kvbm_codec.calibration.calibrate import (
+    BlockRatioProbe,
     PhaseClock,
     _text_digest,
     calibration_kv,
@@ -57,6 +58,7 @@ def entropy_calibration_from(
             seq = token_sequences(tok, texts, seq_len, fit + 1)[fit]
             held_out, sources = compressible(lm.prefill_kv(seq), cfg), []  # type: ignore[attr-defined]
     targets = sorted({float(a.meta["target_cr"]) for n, a in cal.allocations.items() if "@" not in n})
+    pages = sorted({int(a.meta["page_tokens"]) for a in cal.allocations.values() if "page_tokens" in a.meta})
     twin = dataclasses.replace(
         cal,
         config=cfg,
@@ -65,7 +67,11 @@ def entropy_calibration_from(
         provenance={**prov, "entropy_twin_of": cal.calibration_id},
         calibration_id="0" * 16,
     )
+    # the block sizes the min/max calibration sized allocations for (calibrate's block_tokens)
+    probes = {
+        page: BlockRatioProbe(twin, held_out, page).measure for page in pages if held_out.n_tokens >= page
+    }
     with clock.phase("code tables and steps"):
-        entropy_allocations(twin, held_out, sources, targets)
+        entropy_allocations(twin, held_out, sources, targets, probes)
     twin.provenance["twin_phase_seconds"] = clock.rounded()
     return twin
