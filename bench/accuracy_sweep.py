@@ -67,6 +67,7 @@ SEQ = 1024
 CTX, CONT = 2048, 256
 TEXTS = Path("/tmp/kvbm-codec-texts")  # bench/fetch_texts.sh
 PROBE_SEQUENCES = 0  # --probe-sequences: held-out sequences a probe measures (first N domains; 0 = all)
+QUANTIZER = "minmax"  # --quantizer: every variant's CodecConfig.quantizer
 
 
 def build_state(
@@ -274,7 +275,12 @@ def calibrate_variant(
     held = held_out_kv(state, corpus)
     d = parse_distortion(distortion)
     power, per_head = d.power, d.per_head
-    cfg = CodecConfig(distortion=d.metric, key_weight=d.key_weight, layer_sensitivity="analytic")  # type: ignore[arg-type]
+    cfg = CodecConfig(
+        distortion=d.metric,  # type: ignore[arg-type]
+        key_weight=d.key_weight,
+        layer_sensitivity="analytic",
+        quantizer=QUANTIZER,  # type: ignore[arg-type]
+    )
     if power is not None:  # the same recipe as calibrate() with this config (the artifact says so)
         cfg = cfg.model_copy(
             update={
@@ -478,9 +484,16 @@ def main() -> None:
         default="",
         help="with --rederive-context: page sizes that also get block allocations (e.g. 32, as the default)",
     )
+    p.add_argument(
+        "--quantizer",
+        choices=("minmax", "symmetric", "ecsq"),
+        default="minmax",
+        help="every variant's quantizer (ecsq: entropy-coded; the sensitivity probe stays min/max)",
+    )
     a = p.parse_args()
-    global PROBE_SEQUENCES
+    global PROBE_SEQUENCES, QUANTIZER
     PROBE_SEQUENCES = a.probe_sequences
+    QUANTIZER = a.quantizer
     torch.manual_seed(0)
     lm = CausalLM.load(a.model)
     if a.state.exists():
@@ -508,6 +521,7 @@ def main() -> None:
         t0 = time.perf_counter()
         score = {float(t) for t in a.score_targets.split(",") if t} or set(targets)
         tag = f"{corpus}-{distortion.replace('/', '_kw')}"
+        tag += "" if QUANTIZER == "minmax" else f"-{QUANTIZER}"
         saved = None if a.calibrations is None else a.calibrations / f"{tag}.kvtc"
         probe = None if a.calibrations is None else a.calibrations / f"{corpus}-probe.pt"
         if a.rederive_context and saved is not None:
