@@ -101,7 +101,8 @@ def main() -> None:
     p.add_argument("--report-dir", type=Path, default=None, help="also write bench.md/json/png here")
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args()
-    lm = CausalLM.load("smollm2-135m")
+    # the model the (first) calibration was made for: its registered name
+    lm = CausalLM.load(load_calibration(a.calibration[0]).model_name)
     suite = replace(
         SUITES["default"],
         name="accuracy",
