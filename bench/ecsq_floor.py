@@ -1,10 +1,11 @@
 """How far can ecsq's component floor rise before the model feels it? (issue 15's cost, issue 16's gain)
 
-``calibration/entropy_fit.MIN_SCALE`` drops components with under that many steps of calibrated sigma. At 0.1
-an ecsq calibration keeps 8032 components at 20x (the DP keeps 2752), which is why it decodes 3.5x
-slower. For each floor this derives the entropy-coded twin of the default calibration (same bases;
-tables and steps refitted, so the ratio is met again by a finer step), then scores the validation
-texts at one target and times whole-context encode and decode on one thread. Validation texts only.
+``calibration/entropy_fit.MIN_SCALE`` drops components with under that many steps of calibrated
+sigma. At 0.1 an ecsq calibration keeps 8032 components at 20x (the DP keeps 2752), which is why it
+decodes 3.5x slower. For each floor this derives the entropy-coded twin of the default calibration
+(same bases; tables and steps refitted, so the ratio is met again by a finer step), then scores the
+validation texts at one target and times whole-context encode and decode on one thread. Validation
+texts only.
 
     python bench/ecsq_floor.py --floors 0.1,0.3,0.5,1.0 --target 20 --json bench/results/ecsq_floor_s25.json
 """

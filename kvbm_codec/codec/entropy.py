@@ -183,18 +183,12 @@ class CodeTables:
         order within a class), the pairs one after the other; ``by_class``: every pair's codes of a
         class together (class ascending, then pair, then row-major), so a class is one coder call
         however many pairs (bases) the stream holds."""
-        runs: list[tuple[int, np.ndarray]] = []  # (class, its codes) in decode order
-        per_class: dict[int, list[np.ndarray]] = {}
-        for codes, classes in streams:
-            order, bounds, present = _plan(codes.shape, classes)
-            q = codes.ravel()[order]
-            for kk, a, b in zip(present.tolist(), bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
-                if by_class:
-                    per_class.setdefault(kk, []).append(q[a:b])
-                else:
-                    runs.append((kk, q[a:b]))
-        if by_class:
-            runs = [(kk, np.concatenate(parts)) for kk, parts in sorted(per_class.items())]
+        plans = [_plan(codes.shape, classes) for codes, classes in streams]
+        grouped = [codes.ravel()[order] for (codes, _), (order, _, _) in zip(streams, plans, strict=True)]
+        runs = []  # (class, its codes) in decode order
+        for kk, parts in _symbol_runs(plans, by_class):
+            q = [grouped[s][a:b] for s, a, b in parts]
+            runs.append((kk, q[0] if len(q) == 1 else np.concatenate(q)))
         # every class' table symbols and escapes (escapes follow the symbols' order), each formed once
         coded = [(kk, *_table_symbols(q, _WIDTH_OF[kk])) for kk, q in runs]
         escaped = [esc for _, _, esc in coded]
@@ -241,19 +235,8 @@ class CodeTables:
         coder = constriction.stream.stack.AnsCoder(words)
         plans = [_plan(shape, classes) for shape, classes in shapes]
         flats = [np.empty(order.size, dtype=np.int32) for order, _, _ in plans]
-        # (class, [(pair, first, last) in the pair's class order]) in the stream's symbol order
-        runs: list[tuple[int, list[tuple[int, int, int]]]] = []
-        per_class: dict[int, list[tuple[int, int, int]]] = {}
-        for s, (_, bounds, present) in enumerate(plans):
-            for kk, a, b in zip(present.tolist(), bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
-                if by_class:
-                    per_class.setdefault(kk, []).append((s, a, b))
-                else:
-                    runs.append((kk, [(s, a, b)]))
-        if by_class:
-            runs = sorted(per_class.items())
         used = 0
-        for kk, parts in runs:
+        for kk, parts in _symbol_runs(plans, by_class):
             w = _WIDTH_OF[kk]
             total = sum(b - a for _, a, b in parts)
             sym = coder.decode(self._models[kk], total).astype(np.int32)  # type: ignore[attr-defined]
@@ -271,6 +254,23 @@ class CodeTables:
         if used != esc.size or not coder.is_empty():
             raise FrameHeaderError("entropy stream does not end where its codes do: not these codes' stream")
         return [flat.reshape(shape) for flat, (shape, _) in zip(flats, shapes, strict=True)]
+
+
+def _symbol_runs(
+    plans: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], by_class: bool
+) -> list[tuple[int, list[tuple[int, int, int]]]]:
+    """A stream's symbol order, the one place encode and decode take it from: (class, [(pair,
+    first, last) into that pair's class-grouped codes]) per coder call. Pairs one after the other,
+    each class by class; ``by_class``: each class once, over every pair in order."""
+    runs: list[tuple[int, list[tuple[int, int, int]]]] = []
+    per_class: dict[int, list[tuple[int, int, int]]] = {}
+    for s, (_, bounds, present) in enumerate(plans):
+        for kk, a, b in zip(present.tolist(), bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
+            if by_class:
+                per_class.setdefault(kk, []).append((s, a, b))
+            else:
+                runs.append((kk, [(s, a, b)]))
+    return sorted(per_class.items()) if by_class else runs
 
 
 _WIDTH_OF = tuple(class_width(k) for k in range(N_CLASSES))

@@ -54,7 +54,7 @@ _Parsed = tuple[int, fr.Frame, Allocation, dict[str, bytes | memoryview], dict[s
 entropy-coded allocation each basis' decoded coefficients: decoded frame by frame, so a forged code
 stream is refused alone)."""
 _ECSQ_CODES = "ecsq.codes"
-"""A v2 entropy-coded frame's one code stream (every basis' codes, in basis order)."""
+"""A v2 entropy-coded frame's one code stream (every basis' codes, grouped by class across bases)."""
 _SCATTER_BLOCKS = 8
 """Blocks of feature rows gathered, de-rotated and centred at a time by the batched encoder (~2 MB of
 rows at SmolLM2's widths): small enough to stay in cache between the steps."""
@@ -643,7 +643,7 @@ class KVTCCodec:
                     rk = kv.keys[lo:hi][:, :, raw_idx].to(out_dtype).cpu().contiguous()
                     rv = kv.values[lo:hi][:, :, raw_idx].to(out_dtype).cpu().contiguous()
                     per_block[i].append((f"g{gi}.raw", _tensor_bytes(rk) + _tensor_bytes(rv)))
-        if self.alloc.entropy_coded:  # each block's codes, every basis in order, as one ANS stream
+        if self.alloc.entropy_coded:  # each block's codes, all its bases, as one ANS stream by class
             for i in range(n):
                 codes = self._code_tables().encode(ecsq_codes[i], by_class=True)
                 per_block[i].append((_ECSQ_CODES, codes))
