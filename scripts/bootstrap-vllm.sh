@@ -33,6 +33,7 @@ wanted = {
     "numpy", "isal", "google-crc32c", "xxhash", "pydantic", "pydantic-settings", "pyyaml", "typer", "tqdm",
     "psutil", "grpcio", "grpcio-health-checking", "grpcio-reflection", "protobuf", "nixl",
     "prometheus-client", "aiohttp", "awscrt", "defusedxml", "safetensors", "gguf", "boto3", "accelerate",
+    "threadpoolctl",
 }
 with open("pyproject.toml", "rb") as f:
     project = tomllib.load(f)["project"]

@@ -160,7 +160,10 @@ def test_block_ratio_probe_measures_blocks_at_their_true_positions(smollm, small
     zeros = [torch.zeros(32, dtype=torch.bool)] * 4
     frames = codec.encode_batch(probe.blocks, zeros)
     assert all(fr.read_frame(f).version == fr.FORMAT_VERSION_BLOCK for f, _ in frames)
-    assert probe.measure(alloc) == sum(b.nbytes(2) for b in probe.blocks) / sum(len(f) for f, _ in frames)
+    # the probe projects its blocks once and selects columns per allocation; a matmul's last bit may
+    # depend on its shape (see the next test), so a code at a quantization boundary may move a step
+    real = sum(b.nbytes(2) for b in probe.blocks) / sum(len(f) for f, _ in frames)
+    assert probe.measure(alloc) == pytest.approx(real, rel=2e-3)
     # the same tokens numbered from 0 code other keys: the positions are not just a header field
     renumbered = [type(b)(b.keys, b.values, torch.arange(32) + 32 * i) for i, b in enumerate(probe.blocks)]
     codes = [fr.read_frame(f).section("codes") for f, _ in frames]

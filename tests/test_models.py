@@ -11,6 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, Qwen2Conf
 from kvbm_codec.codec.rope import apply_rope, undo_rope
 from kvbm_codec.eval.metrics import kl_divergence_mean, perplexity, top1_agreement
 from kvbm_codec.kv import KVCache
+from kvbm_codec.models.attention import GROUPED_SDPA
 from kvbm_codec.models.fingerprint import model_fingerprint
 from kvbm_codec.models.hf import CausalLM, UnsupportedModelError, kv_from_dynamic_cache, kv_to_dynamic_cache
 from kvbm_codec.models.registry import cache_root, registered_names, resolve_model
@@ -179,6 +180,27 @@ def test_logits_with_cache_equals_full_forward(
     assert torch.equal(kv.keys, keys_before), "logits_with_cache must not modify the cache"
     assert top1_agreement(full[context.shape[1] :], got) == 1.0
     assert kl_divergence_mean(full[context.shape[1] :], got) < 1e-6
+
+
+def test_grouped_kv_heads_reach_the_attention_kernel_uncopied_with_the_same_numbers(
+    smollm: CausalLM, ids: tuple[torch.Tensor, torch.Tensor], prefilled: tuple[KVCache, torch.Tensor]
+) -> None:
+    """Models load on models/attention.py's SDPA, which hands a masked call's grouped KV heads to the
+    kernel as they are (transformers' own SDPA repeats them first): a continuation after a cache, the
+    masked case, and a whole prefill give bit-identical logits and KV either way."""
+    context, cont = ids
+    kv, _ = prefilled
+    assert smollm.model.config._attn_implementation == GROUPED_SDPA
+    grouped = smollm.logits_with_cache(kv, cont)
+    grouped_kv = smollm.prefill_kv(context)
+    smollm.model.set_attn_implementation("sdpa")
+    try:
+        stock = smollm.logits_with_cache(kv, cont)
+        stock_kv = smollm.prefill_kv(context)
+    finally:
+        smollm.model.set_attn_implementation(GROUPED_SDPA)
+    assert torch.equal(grouped, stock)
+    assert torch.equal(grouped_kv.keys, stock_kv.keys) and torch.equal(grouped_kv.values, stock_kv.values)
 
 
 @pytest.mark.slow

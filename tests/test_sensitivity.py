@@ -13,7 +13,9 @@ import torch
 from kvbm_codec.calibration.calibrate import token_sequences
 from kvbm_codec.calibration.sensitivity import (
     measure_layer_sensitivity,
+    output_kl,
     predicted_cost,
+    reference_distribution,
     sensitivity_factors,
     shrink_head_factors,
 )
@@ -244,3 +246,18 @@ def test_layerwise_probe_matches_the_straightforward_one(smollm: CausalLM, small
     short = smollm.prefill_kv(seqs[1][:, :200])
     with pytest.raises(ValueError, match="does not match"):
         measure_layer_sensitivity(smollm, codec, ones, groups, seqs[:1], continuation=32, prefilled=[short])
+
+
+def test_output_kl_is_the_float64_kl_of_the_two_softmaxes() -> None:
+    """The probe's KL (one exp pass over the variant's logits) is the textbook float64 KL of the two
+    softmaxes, down to the tiny KLs one layer's codec error gives; the kept reference changes nothing."""
+    g = torch.Generator().manual_seed(3)
+    ref = 4 * torch.randn(16, 5000, generator=g)
+    for noise in (1e-4, 1e-2, 1.0):
+        out = ref + noise * torch.randn(16, 5000, generator=g)
+        log_p = torch.log_softmax(ref.double(), -1)
+        log_q = torch.log_softmax(out.double(), -1)
+        textbook = float((log_p.exp() * (log_p - log_q)).sum() / 16)
+        got = output_kl(ref, out)
+        assert got == pytest.approx(textbook, rel=1e-8)
+        assert output_kl(ref, out, reference_distribution(ref)) == got

@@ -22,6 +22,7 @@ from itertools import islice
 from typing import TYPE_CHECKING, Protocol, cast
 
 import torch
+from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 import kvbm_codec
@@ -39,6 +40,7 @@ from kvbm_codec.codec.params import (
 from kvbm_codec.codec.pca import CovarianceAccumulator, PCABasis, to_features
 from kvbm_codec.codec.quantize import block_error_table
 from kvbm_codec.codec.rope import RotaryParams, undo_rope
+from kvbm_codec.core.heap import heap_kept
 from kvbm_codec.core.matmul import exact_fp32
 from kvbm_codec.kv import KVCache
 
@@ -171,7 +173,14 @@ def calibration_kv(
         bar.close()
         return
     todo = iter(sequences)
-    with _threads_per_worker(workers), ThreadPoolExecutor(workers, thread_name_prefix="prefill") as pool:
+    # the consumer's numpy products (the covariances' syrk) run on this thread beside the workers: on
+    # BLAS' own threads too they would oversubscribe the cores (and OpenBLAS' spin-waits then steal
+    # from the prefills): 3-9% off the fit phase (docs/benchmarks.md, "Session 27")
+    with (
+        _threads_per_worker(workers),
+        threadpool_limits(1, user_api="blas"),
+        ThreadPoolExecutor(workers, thread_name_prefix="prefill") as pool,
+    ):
         pending = deque(pool.submit(lm.prefill_kv, seq) for seq in islice(todo, workers + 1))
         while pending:
             kv = pending.popleft().result()
@@ -201,7 +210,9 @@ def accumulate_covariances(
             for kind, x in (("k", keys[a:b]), ("v", kv.values[a:b])):
                 f = to_features(x)
                 name = basis_name(gi, kind)
-                accs.setdefault(name, CovarianceAccumulator(f.shape[1])).add(f)
+                if name not in accs:  # not setdefault: that builds (and zeroes) a p x p sum per call
+                    accs[name] = CovarianceAccumulator(f.shape[1])
+                accs[name].add(f)
     return accs
 
 
@@ -321,6 +332,7 @@ def _text_digest(texts: Sequence[str] | Mapping[str, Sequence[str]]) -> str:
 
 
 @exact_fp32()  # the probe's KLs sit far below bf16-rounded operands' error (core/matmul.py)
+@heap_kept()  # freed tensors reused, not faulted in afresh (core/heap.py)
 def calibrate(
     lm: CalibrationModel,
     texts: Sequence[str] | Mapping[str, Sequence[str]],
@@ -590,11 +602,15 @@ def calibrate_from_kv(
     return cal
 
 
-ALLOCATION_WORKERS = 2
+ALLOCATION_WORKERS = 1
 """Bisections run at once in the bit-allocation phase, each on its share of torch's threads: the
 context allocations form one chain (each starts from the previous target's lambda), every block
-allocation depends only on its own target's context allocation, so the block bisections run beside
-the chain. Every bisection is the serial one (same encodes, same answers)."""
+allocation depends only on its own target's context allocation, so the block bisections can run
+beside the chain. Every bisection is the serial one (same encodes, same answers). One since the
+probes stopped re-projecting and re-joining their KV per encode: what is left of an encode is
+mostly Python (quantization, packing, DEFLATE calls), which two threads convoy on the GIL with one
+torch thread each: 9.7-10.2 s on two workers against 7.5-8.2 s serially for the default recipe's
+36 allocations (docs/benchmarks.md, "Session 27")."""
 
 
 def all_allocations(
@@ -764,12 +780,10 @@ class RatioProbe:
 
     def __init__(self, cal: Calibration, kv: KVCache, exact: KVCache | None = None) -> None:
         self.cal, self.kv, self.exact = cal, kv, exact
-        keys = undo_rope(kv.keys, kv.positions, cal.rope) if cal.config.undo_rope else kv.keys
-        self.coeffs: dict[str, torch.Tensor] = {}
-        for gi, (a, b) in enumerate(cal.config.layer_groups(cal.shape.n_layers)):
-            for kind, x in (("k", keys[a:b]), ("v", kv.values[a:b])):
-                name = cal.basis_name(gi, kind)
-                self.coeffs[name] = cal.bases[name].project(to_features(x.to(torch.float32)))
+        # the frame a measure encodes: the same tokens every time, so joined once
+        self._whole = kv if exact is None else _concat(kv, exact)
+        self._raw_mask = torch.arange(self._whole.n_tokens) >= kv.n_tokens
+        self.coeffs = _projections(cal, kv)
 
     def codec(self, alloc: Allocation) -> KVTCCodec:
         """The real encoder at ``alloc`` whose projection is a column selection of the stored one:
@@ -779,8 +793,8 @@ class RatioProbe:
         coeffs = self.coeffs
 
         class _Codec(KVTCCodec):
-            def _coefficients(self, name: str, feats: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-                if feats.shape[0] != coeffs[name].shape[0]:
+            def _coefficients(self, name: str, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+                if x.shape[2] != coeffs[name].shape[0]:
                     raise ValueError("a RatioProbe only encodes the KV it was built for")
                 return coeffs[name][:, self._active[name]]
 
@@ -788,13 +802,24 @@ class RatioProbe:
 
     def measure(self, alloc: Allocation) -> float:
         if self.exact is None:
-            data = self.codec(alloc).encode(self.kv, raw_mask=torch.zeros(self.kv.n_tokens, dtype=torch.bool))
+            data = self.codec(alloc).encode(self.kv, raw_mask=self._raw_mask)
             return self.kv.nbytes(2) / len(data)
         # a context's frame also carries its sinks and window: their sections' records and position
         # runs are header bytes the compressed tokens pay for (EncodeStats.achieved_cr, as eval reports)
-        whole = _concat(self.kv, self.exact)
-        mask = torch.arange(whole.n_tokens) >= self.kv.n_tokens
-        return self.codec(alloc).encode_with_stats(whole, raw_mask=mask)[1].achieved_cr
+        return self.codec(alloc).encode_with_stats(self._whole, raw_mask=self._raw_mask)[1].achieved_cr
+
+
+def _projections(cal: Calibration, kv: KVCache) -> dict[str, torch.Tensor]:
+    """Every basis' full projection [n, r] of kv's tokens (keys de-rotated at their positions): an
+    allocation's coefficients are a column selection of it, so probes that encode the same tokens at
+    many allocations project once."""
+    keys = undo_rope(kv.keys, kv.positions, cal.rope) if cal.config.undo_rope else kv.keys
+    coeffs: dict[str, torch.Tensor] = {}
+    for gi, (a, b) in enumerate(cal.config.layer_groups(cal.shape.n_layers)):
+        for kind, x in (("k", keys[a:b]), ("v", kv.values[a:b])):
+            name = cal.basis_name(gi, kind)
+            coeffs[name] = cal.bases[name].project(to_features(x.to(torch.float32)))
+    return coeffs
 
 
 class BlockRatioProbe:
@@ -822,11 +847,27 @@ class BlockRatioProbe:
         self.blocks = [kv.select_tokens(torch.arange(s, s + page_tokens)) for s in chosen_starts]
         self.masks = [torch.zeros(page_tokens, dtype=torch.bool)] * len(self.blocks)
         self.raw_bytes = sum(b.nbytes(2) for b in self.blocks)
+        # the blocks' tokens block-major, as the batched encoder orders its rows
+        self.coeffs = _projections(cal, _concat(*self.blocks))
 
-    def measure(self, alloc: Allocation) -> float:
+    def codec(self, alloc: Allocation) -> KVTCCodec:
+        """The real batched encoder at ``alloc``, its projection a column selection of the stored one
+        (as RatioProbe's): it only encodes this probe's blocks, all in one batch."""
         from kvbm_codec.codec.kvtc import KVTCCodec
 
-        frames = KVTCCodec(self.cal, alloc).encode_batch(self.blocks, self.masks)
+        coeffs = self.coeffs
+
+        class _Codec(KVTCCodec):
+            def _group_coefficients(self, name, sources, tables, scratch):  # type: ignore[no-untyped-def]
+                rows = len(sources) * int(sources[0].shape[2])
+                if rows != coeffs[name].shape[0]:
+                    raise ValueError("a BlockRatioProbe only encodes the blocks it was built for")
+                return coeffs[name][:, self._active[name]]
+
+        return _Codec(self.cal, alloc)
+
+    def measure(self, alloc: Allocation) -> float:
+        frames = self.codec(alloc).encode_batch(self.blocks, self.masks)
         return self.raw_bytes / sum(len(f) for f, _ in frames)
 
 

@@ -188,9 +188,11 @@ class KVTCCodec:
             )
         return self.cal.code_tables
 
-    def _coefficients(self, name: str, feats: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Feature rows [n, p] (float32, this call's own buffer: changed in place) -> the active
-        coefficients [n, k] of this codec's allocation; keys are de-rotated first."""
+    def _coefficients(self, name: str, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One basis' KV [layers, heads, n, dim] -> the active coefficients [n, k] of this codec's
+        allocation; keys are de-rotated first. Takes the KV, not feature rows, so a caller that
+        already holds the projection (calibration's RatioProbe) skips the converting copy too."""
+        feats = _feature_rows(x)  # this call's own float32 buffer: changed in place below
         if name.endswith(".k") and self.cal.config.undo_rope:
             feats = self._rope(feats, positions, inverse=True)
         w = self._weights(name, self.alloc, self._alloc_id, feats.device)
@@ -258,8 +260,7 @@ class KVTCCodec:
         raw_idx = torch.nonzero(raw_mask).flatten()
         comp_idx = torch.nonzero(~raw_mask).flatten()
         pos_c = kv.positions.to(device)[comp_idx]
-        keys_c = kv.keys[:, :, comp_idx]
-        values_c = kv.values[:, :, comp_idx]
+        keys_c, values_c = _token_subset(kv, comp_idx)
         out_dtype = DTYPES[dtype]
         sections: list[tuple[str, bytes]] = []
         raw_names = []
@@ -270,7 +271,7 @@ class KVTCCodec:
             for kind, x in (("k", keys_c[lo:hi]), ("v", values_c[lo:hi])):
                 name = self.cal.basis_name(gi, kind)
                 # a block stored all-raw has 0 compressed tokens
-                coeffs = self._coefficients(name, _feature_rows(x), pos_c)
+                coeffs = self._coefficients(name, x, pos_c)
                 if self.alloc.entropy_coded:
                     eb = self._ecsq_basis(name, self.alloc, self._alloc_id)
                     codes, scales = encode_basis(coeffs, eb, self._code_tables())
@@ -609,15 +610,9 @@ class KVTCCodec:
             lo, hi = a - ls, b - ls
             for kind in ("k", "v"):
                 name = self.cal.basis_name(gi, kind)
-                # feature rows of all N blocks, block-major (the order positions and frames use),
-                # gathered straight from each cache in one converting copy per block
                 parts = [(kv.keys if kind == "k" else kv.values)[lo:hi] for kv in kvs]
-                nl, nh, _, d = parts[0].shape
-                rows = scratch.take("rows", (n * n_comp, nl * nh * d), device)
-                w = self._weights(name, self.alloc, self._alloc_id, device)
                 sources = [x[:, :, comp_run] if comp_run is not None else x[:, :, comp_idx] for x in parts]
-                self._gather(sources, rows, tables if kind == "k" else None, w.mean, scratch)
-                coeffs = rows @ w.enc
+                coeffs = self._group_coefficients(name, sources, tables if kind == "k" else None, scratch)
                 for r, idx in by_run.items():
                     part = coeffs if uniform else coeffs.index_select(0, rows_of[r])
                     if self.alloc.entropy_coded:
@@ -919,6 +914,25 @@ class KVTCCodec:
             raise FrameHeaderError(f"codes stream: {e}") from e
         return dict(zip(names, coeffs, strict=True))
 
+    def _group_coefficients(
+        self,
+        name: str,
+        sources: list[torch.Tensor],
+        tables: tuple[torch.Tensor, torch.Tensor] | None,
+        scratch: _Scratch,
+    ) -> torch.Tensor:
+        """One basis' compressed tokens of every block ([layers, heads, Tc, d] each) -> the active
+        coefficients [N * Tc, k], block-major (the order positions and frames use): feature rows
+        gathered straight from each cache in one converting copy per block, then one projection
+        matmul. A method of its own so that calibration's BlockRatioProbe, which encodes the same
+        blocks at many allocations, can hand over a column selection of one full projection."""
+        nl, nh, n_comp, d = sources[0].shape
+        device = sources[0].device
+        rows = scratch.take("rows", (len(sources) * n_comp, nl * nh * d), device)
+        w = self._weights(name, self.alloc, self._alloc_id, device)
+        self._gather(sources, rows, tables, w.mean, scratch)
+        return rows @ w.enc
+
     def _gather(
         self,
         sources: list[torch.Tensor],
@@ -1010,6 +1024,17 @@ class _Scratch:
         if buf is None or buf.numel() < n:
             buf = self._bufs[key] = torch.empty(n, dtype=torch.float32, device=device)
         return buf[:n].view(shape)
+
+
+def _token_subset(kv: KVCache, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """kv's keys and values at token indices ``idx``: a view when they are one consecutive run (a
+    context's compressed tokens lie between its sinks and window), which spares a gather copy of
+    nearly the whole KV; the feature rows are copied from it anyway."""
+    n = idx.numel()
+    if n and int(idx[-1]) - int(idx[0]) == n - 1:
+        a, b = int(idx[0]), int(idx[-1]) + 1
+        return kv.keys[:, :, a:b], kv.values[:, :, a:b]
+    return kv.keys[:, :, idx], kv.values[:, :, idx]
 
 
 def _feature_rows(x: torch.Tensor) -> torch.Tensor:

@@ -49,12 +49,15 @@ class CovarianceAccumulator:
         xc = x32 - self._ref
         self.count += xc.shape[0]
         self._sum += xc.sum(0, dtype=torch.float64)
-        self._outer += self._gram(xc)
+        # numpy widens the float32 product and adds in place at ~5x torch's mixed-dtype add_ (the
+        # same float64 values: the widening is exact)
+        outer = self._outer.numpy()
+        np.add(outer, self._gram(xc), out=outer)
 
     @staticmethod
-    def _gram(xc: torch.Tensor) -> torch.Tensor:
+    def _gram(xc: torch.Tensor) -> np.ndarray:
         a = xc.detach().cpu().numpy()
-        return torch.from_numpy(a.T @ a)
+        return a.T @ a
 
     def merged(self, *others: CovarianceAccumulator) -> CovarianceAccumulator:
         """One accumulator over the samples of all: lets calibration keep one per corpus domain and

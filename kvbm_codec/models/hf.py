@@ -32,6 +32,7 @@ from transformers.cache_utils import DynamicLayer
 from kvbm_codec.api.types import DEFAULT_MODEL
 from kvbm_codec.codec.rope import RotaryParams
 from kvbm_codec.kv import KVCache
+from kvbm_codec.models.attention import GROUPED_SDPA
 from kvbm_codec.models.fingerprint import decoder_layers, model_fingerprint
 from kvbm_codec.models.registry import ModelSource, cache_root, resolve_model
 
@@ -336,6 +337,8 @@ def _load_pretrained(directory: Path, gguf_file: str | None) -> tuple[Any, Any]:
         )
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True, **extra)
     model.eval()
+    if model.config._attn_implementation == "sdpa":
+        model.set_attn_implementation(GROUPED_SDPA)
     return model, tokenizer
 
 
@@ -390,6 +393,18 @@ class _KVOnlyCache(DynamicCache):
         if layer_idx == self._last_layer:
             raise _KVComplete
         return out
+
+
+def _from_layer(model: torch.nn.Module, start: int) -> torch.nn.Module:
+    """A view of ``model`` whose decoder runs only layers ``start:``: shallow copies of the model and
+    its decoder with their own module tables, every parameter and buffer shared. Swapping the
+    decoder's layer list on the model itself instead would race with any other forward."""
+    base = model.model
+    cut = copy.copy(base)
+    cut._modules = {**base._modules, "layers": torch.nn.ModuleList(list(decoder_layers(model))[start:])}
+    view = copy.copy(model)
+    view._modules = {**model._modules, "model": cut}
+    return view
 
 
 class CausalLM:
@@ -592,15 +607,28 @@ class CausalLM:
         first_position: int,
     ) -> torch.Tensor:
         """Teacher-forced logits [B, N, vocab] of a batch of continuations run from decoder layer
-        ``start`` on: ``hidden`` [B, N, hidden] is the hidden state entering that layer (from
-        ``continuation_states``), ``keys[i]`` / ``values[i]`` [B, kv heads, T, dim] the context cache of
-        layer ``start + i`` for each row, the new tokens at positions ``first_position`` onwards.
+        ``start`` on: ``states_from_layer``, then the LM head."""
+        return self.head_logits(self.states_from_layer(start, hidden, keys, values, first_position))
+
+    def states_from_layer(
+        self,
+        start: int,
+        hidden: torch.Tensor,
+        keys: Sequence[torch.Tensor],
+        values: Sequence[torch.Tensor],
+        first_position: int,
+    ) -> torch.Tensor:
+        """The final hidden states [B, N, hidden] (after the final norm: what the LM head reads) of a
+        batch of continuations run from decoder layer ``start`` on: ``hidden`` [B, N, hidden] is the
+        hidden state entering that layer (from ``continuation_states``), ``keys[i]`` / ``values[i]``
+        [B, kv heads, T, dim] the context cache of layer ``start + i`` for each row, the new tokens at
+        positions ``first_position`` onwards.
 
         Layers before ``start`` do not run: when only caches from ``start`` on differ from a reference
         pass, their outputs are the reference's, so the sensitivity probe skips them (about half its
-        forward work) and batches its variants. It runs the model's own forward (mask, RoPE, layers,
-        final norm, LM head) with the decoder's layer list cut to ``start:`` for the call, so it is
-        not safe to run concurrently with another forward of the same model."""
+        forward work) and batches its variants. It runs the model's own decoder (mask, RoPE, layers,
+        final norm) on a view of it whose layer list holds only layers ``start:`` (``_from_layer``):
+        the model itself is never changed, so a failed call leaves nothing to restore."""
         info = self.info
         n_rows, n_new = int(hidden.shape[0]), int(hidden.shape[1])
         if not 0 <= start < info.n_layers or len(keys) != info.n_layers - start or len(values) != len(keys):
@@ -622,23 +650,36 @@ class CausalLM:
             layer.lazy_initialization(k, v)
             layer.keys, layer.values = k.to(dtype), v.to(dtype)
             cache.layers.append(layer)
-        base = self.model.model
-        full = decoder_layers(self.model)
         device = next(self.model.parameters()).device
         positions = torch.arange(first_position, first_position + n_new, device=device)[None]
-        base.layers = torch.nn.ModuleList(list(full)[start:])
-        try:
-            with torch.inference_mode():
-                out = self.model(
-                    inputs_embeds=hidden.to(device=device, dtype=dtype),
-                    position_ids=positions,
-                    cache=cache,
-                    use_cache=True,
-                    logits_to_keep=0,
-                )
-        finally:
-            base.layers = full
-        return out.logits.to(torch.float32)
+        with torch.inference_mode():
+            out = _from_layer(self.model, start).model(
+                inputs_embeds=hidden.to(device=device, dtype=dtype),
+                position_ids=positions,
+                cache=cache,
+                use_cache=True,
+            )
+        return out.last_hidden_state
+
+    def head_logits(self, states: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """float32 logits [..., vocab] of final hidden states: the model's LM head, which is all every
+        supported architecture's causal-LM forward applies after the decoder. ``out``: a float32
+        buffer of the result's shape to write into. The probe reuses one across its layer restarts:
+        a batch's logits are 151 MB for SmolLM2, above what glibc keeps in its heap, so a fresh tensor
+        per restart was mapped and faulted in anew (0.8M page faults, ~8 s of kernel time)."""
+        head = self.model.get_output_embeddings()
+        weight, bias = head.weight, getattr(head, "bias", None)
+        rows = states.reshape(-1, states.shape[-1])
+        with torch.inference_mode():
+            if out is None or weight.dtype != torch.float32:
+                logits = head(states).to(torch.float32)
+                return logits if out is None else out.copy_(logits)
+            flat = out.view(-1, weight.shape[0])
+            if bias is None:
+                torch.mm(rows, weight.t(), out=flat)
+            else:
+                torch.addmm(bias, rows, weight.t(), out=flat)
+            return out
 
     def generate(
         self, cache: KVCache, input_ids: torch.Tensor, max_new_tokens: int, *, stop_at_eos: bool = True

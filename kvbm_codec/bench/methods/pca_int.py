@@ -36,7 +36,10 @@ def fit_post_rope_bases(lm: object, cfg: CodecConfig, sequences: int, seq_len: i
         for gi, (a, b) in enumerate(cfg.layer_groups(kv.n_layers)):
             for kind, x in (("k", kv.keys[a:b]), ("v", kv.values[a:b])):
                 f = to_features(x)
-                accs.setdefault(basis_name(gi, kind), CovarianceAccumulator(f.shape[1])).add(f)
+                name = basis_name(gi, kind)
+                if name not in accs:  # not setdefault: that builds a p x p sum per call
+                    accs[name] = CovarianceAccumulator(f.shape[1])
+                accs[name].add(f)
     return {name: acc.finalize(acc.dim) for name, acc in accs.items()}
 
 
