@@ -4,6 +4,8 @@ prefilled here, KV cached on disk), every context and block allocation re-derive
 ``allocate_for_ratio`` run serially (the phase before) and by this tree's ``all_allocations`` (the
 phase now), rounds alternated so load drift hits both alike. Each run must give the stored
 calibration's allocation ids exactly; printed per run: seconds, real encodes, ids equal.
+``--workers N`` runs "after" on N bisection workers instead of ``ALLOCATION_WORKERS``; with
+``--base HEAD`` that compares this tree's serial phase against its threaded one.
 
     python bench/calibration_allocation.py --calibration CAL.safetensors --base main --rounds 2 \\
         --out bench/results/calibration_allocation.json
@@ -71,7 +73,12 @@ def held_out_mix(lm: CausalLM, cal_path: Path | None, cache: Path) -> tuple[Cali
 
 
 def derive(
-    cal: Calibration, held: KVCache, targets: list[float], pages: tuple[int, ...], base: ModuleType | None
+    cal: Calibration,
+    held: KVCache,
+    targets: list[float],
+    pages: tuple[int, ...],
+    base: ModuleType | None,
+    workers: int = C.ALLOCATION_WORKERS,
 ) -> dict:
     saved, encodes = cal.allocations, [0]
     cal.allocations = {}
@@ -90,7 +97,7 @@ def derive(
         C.allocate_for_ratio = base.allocate_for_ratio
     try:
         t0 = time.perf_counter()
-        C.all_allocations(cal, held, targets, pages, workers=1 if base is not None else C.ALLOCATION_WORKERS)
+        C.all_allocations(cal, held, targets, pages, workers=1 if base is not None else workers)
         seconds = time.perf_counter() - t0
     finally:
         C.RatioProbe.measure, C.BlockRatioProbe.measure = measures  # type: ignore[method-assign]
@@ -112,6 +119,7 @@ def main() -> None:
     ap.add_argument("--base", default="main", help="git revision whose allocation.py is 'before'")
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "kvbm-codec-bench-allocation")
     ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--workers", type=int, default=C.ALLOCATION_WORKERS, help="bisection workers of 'after'")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
     lm = CausalLM.load()
@@ -128,7 +136,7 @@ def main() -> None:
                 row = {
                     "round": r,
                     "variant": variant,
-                    **derive(cal, held, targets, pages, base if variant == "before" else None),
+                    **derive(cal, held, targets, pages, base if variant == "before" else None, a.workers),
                 }
                 print(json.dumps(row), flush=True)
                 rows.append(row)
@@ -136,6 +144,7 @@ def main() -> None:
         report = {
             "calibration": cal.calibration_id,
             "base": a.base,
+            "workers": a.workers,
             "threads": torch.get_num_threads(),
             "rows": rows,
         }
