@@ -610,7 +610,7 @@ beside the chain. Every bisection is the serial one (same encodes, same answers)
 probes stopped re-projecting and re-joining their KV per encode: what is left of an encode is
 mostly Python (quantization, packing, DEFLATE calls), which two threads convoy on the GIL with one
 torch thread each: 9.7-10.2 s on two workers against 7.5-8.2 s serially for the default recipe's
-36 allocations (docs/benchmarks.md, "Session 27")."""
+allocation phase (docs/benchmarks.md, "Session 27-28")."""
 
 
 def all_allocations(
