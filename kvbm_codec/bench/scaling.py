@@ -4,16 +4,20 @@ The in-process figures of `bench throughput` share one process between clients a
 `taskset` of the whole run narrows both. Here the service is its own `kvbm-codec serve` process, its
 CPU affinity set before it starts (so the torch, gRPC, codec-split and UCX threads it creates all
 inherit it, and ``batch_threads``' default, one per core, follows the mask), while the clients run in
-this process with the affinity this process has. Each core set gets a fresh server with the same
-configuration and calibration; levels run in the same order for each, and the whole sequence of core
-sets is repeated ``rounds`` times, alternating, keeping each level's best, so that a load change on a
-shared machine hits both sides alike.
+this process with the affinity this process has. The S3 path is measured the same way: the endpoint
+in the `serve` process, its boto3 clients here, so they do not share the server's GIL as they do in
+the in-process figures (vLLM's OBJ tier is such a client, in its own process). Each core set gets a
+fresh server with the same configuration and calibration; levels run in the same order for each,
+and the whole sequence of core sets is repeated ``rounds`` times, alternating, keeping each level's
+best, so that a load change on a shared machine hits both sides alike.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,9 +25,10 @@ from typing import Any
 from kvbm_codec.api.blocks import BlockSpec
 from kvbm_codec.codec.params import Calibration
 from kvbm_codec.frontends.grpc.client import CodecClient
-from kvbm_codec.server.process import ServiceProcess
+from kvbm_codec.server.process import ServiceProcess, free_port
 
 STARTUP_TIMEOUT_S = 120.0
+S3_TENANT = "bench"
 
 
 def pinned_service(
@@ -55,9 +60,10 @@ def _levels(
     clients: Sequence[int],
     paths: Sequence[str],
     per_client: int,
+    s3_targets: dict[str, str],
 ) -> Iterator[tuple[tuple[str, str, int], float]]:
     """((path, op, clients), MB/s) of each level against one running service, in a fixed order."""
-    targets = {"grpc": svc.target, "model": svc.model}
+    targets = {"grpc": svc.target, "model": svc.model, **s3_targets}
     for n in clients:
         for path in paths:
             level = level_of(targets, path, n)
@@ -82,9 +88,13 @@ def core_scaling(
     rounds: int,
     log: Callable[[str], None],
     batch_threads: int | None = None,
+    s3_key: tuple[str, str] | None = None,
 ) -> dict[str, Any]:
     """put/get MB/s of a pinned service per (cores, path, clients), best of ``rounds``, and each
-    level's ratio of the largest core set to the smallest."""
+    level's ratio of the largest core set to the smallest. The s3 path needs ``s3_key`` (access key,
+    secret): the credential the service's endpoint accepts and the level's clients sign with."""
+    if "s3" in paths and s3_key is None:
+        raise ValueError("the s3 path needs the endpoint's credential (s3_key)")
     from kvbm_codec.calibration.registry import Registry
 
     most = max(clients)
@@ -102,11 +112,14 @@ def core_scaling(
         for rnd in range(rounds):
             for cores in core_sets:
                 log_path = Path(d) / f"serve-{rnd}-{len(cores)}.log"
-                svc = pinned_service(registry, cal, spec, target_cr, cores, settings, log_path)
+                s3_settings, s3_targets = _s3_endpoint(cal, most, s3_key) if "s3" in paths else ({}, {})
+                svc = pinned_service(registry, cal, spec, target_cr, cores, settings | s3_settings, log_path)
                 try:
                     with CodecClient(svc.target, model=svc.model, timeout_s=5.0) as client:
                         svc.wait_healthy(client, STARTUP_TIMEOUT_S)
-                    levels = _levels(svc, level_of, spec, clients, paths, blocks_per_client)
+                    if s3_targets:  # `serve` starts its S3 endpoint after the gRPC server
+                        _wait_listening(int(s3_settings["DYN_KVBM_CODEC_S3__PORT"]), STARTUP_TIMEOUT_S)
+                    levels = _levels(svc, level_of, spec, clients, paths, blocks_per_client, s3_targets)
                     for (path, op, n), mbps in levels:
                         key = (len(cores), path, op, n)
                         best[key] = max(best.get(key, 0.0), mbps)
@@ -132,3 +145,35 @@ def core_scaling(
         "sum_ratio": total[hi] / total[lo] if total[lo] else float("nan"),
         "client_cpus": sorted(os.sched_getaffinity(0)),
     }
+
+
+def _s3_endpoint(
+    cal: Calibration, workers: int, key: tuple[str, str] | None
+) -> tuple[dict[str, str], dict[str, str]]:
+    """(the environment that gives a `serve` its S3 endpoint on a fresh port, with the default
+    bucket of the served model, the level's targets: endpoint URL and bucket)."""
+    assert key is not None
+    port = free_port()
+    settings = {
+        "DYN_KVBM_CODEC_S3__ENABLED": "true",
+        "DYN_KVBM_CODEC_S3__PORT": str(port),
+        "DYN_KVBM_CODEC_S3__WORKERS": str(max(4, workers)),
+        "KVBM_CODEC_S3_ACCESS_KEY": key[0],
+        "KVBM_CODEC_S3_SECRET_KEY": key[1],
+        "KVBM_CODEC_S3_TENANT": S3_TENANT,
+    }
+    from kvbm_codec.frontends.s3.server import default_bucket_name
+
+    bucket = default_bucket_name(cal.model_name or "model")  # the model name pinned_service serves
+    return settings, {"s3": f"http://127.0.0.1:{port}", "bucket": bucket}
+
+
+def _wait_listening(port: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError(f"the service's S3 endpoint did not listen on port {port} within {timeout_s:.0f} s")

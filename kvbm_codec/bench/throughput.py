@@ -636,9 +636,9 @@ def _scaling(
     from kvbm_codec.bench.scaling import core_scaling
 
     cores = sorted(os.sched_getaffinity(0))
-    paths = [p for p in opts.paths or ("grpc", "nixl") if p != "s3"]
+    paths = list(opts.paths or ("grpc", "nixl"))
     if len(cores) < 2 or not paths:
-        log("core scaling needs 2+ cores and the grpc or nixl path: skipped")
+        log("core scaling needs 2+ cores and a service path: skipped")
         return None
     log(f"core scaling: `kvbm-codec serve` pinned to core {cores[0]}, then to cores {cores}")
     res = core_scaling(
@@ -653,6 +653,7 @@ def _scaling(
         rounds=opts.scaling_rounds,
         batch_threads=opts.batch_threads,
         log=log,
+        s3_key=_S3_KEY,
     )
     for r in res["ratios"]:
         what = f"{r['path']:4} {r['op']} {r['clients']:2} clients"

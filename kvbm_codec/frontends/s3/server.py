@@ -764,11 +764,16 @@ def start_s3_server(service: BlockService, config: S3Config | dict[str, Any] | N
     return S3ServerHandle(S3Endpoint(service, cfg), cfg.host).start()
 
 
+def default_bucket_name(model: str) -> str:
+    """The bucket a served model gets when the config binds none: what a client of a default `serve`
+    addresses, so one function names it for the endpoint and for whoever drives it."""
+    return ("kvbm-" + re.sub(r"[^a-z0-9-]+", "-", model.lower()).strip("-"))[:63]
+
+
 def default_buckets(service: BlockService) -> list[BucketBinding]:
-    out = []
-    for m in service.models():
-        name = "kvbm-" + re.sub(r"[^a-z0-9-]+", "-", m.name.lower()).strip("-")
-        out.append(
-            BucketBinding(name=name[:63], model=m.name, page_size=m.spec.page_size, dtype=m.spec.dtype)
+    return [
+        BucketBinding(
+            name=default_bucket_name(m.name), model=m.name, page_size=m.spec.page_size, dtype=m.spec.dtype
         )
-    return out
+        for m in service.models()
+    ]
