@@ -63,6 +63,9 @@ log = logging.getLogger(__name__)
 XMLNS = "http://s3.amazonaws.com/doc/2006-03-01/"
 POSITION_HEADER = "x-amz-meta-kvbm-first-position"  # optional: a client that knows the position
 CHUNK_OVERHEAD = 1 << 16  # aws-chunked framing allowed on top of the decoded body
+# bodies this large are hashed and checksummed on the pool, off the event loop; smaller ones (a
+# DELETE, a CompleteMultipartUpload) are not worth the hop
+OFF_LOOP_BODY_BYTES = 1 << 16
 MAX_POSITION = 1 << 62  # the gRPC front end's bound: a first position must leave room for a page
 _MAX_INT_DIGITS = 19  # every numeric header / query value fits an int64; longer is refused unparsed
 
@@ -179,6 +182,8 @@ class S3Endpoint:
             max_per_tenant=config.max_uploads_per_tenant,
         )
         self.pool = ThreadPoolExecutor(config.workers, thread_name_prefix="kvbm-s3")
+        # its own threads: a body check queued behind running encodes would hold back the next batch
+        self.body_pool = ThreadPoolExecutor(min(2, config.workers), thread_name_prefix="kvbm-s3-body")
         batching = {
             "window_s": config.coalesce_window_s,
             "max_batch": config.max_batch_blocks,
@@ -331,8 +336,18 @@ class S3Endpoint:
             if len(buf) > limit + CHUNK_OVERHEAD:
                 raise entity_too_large(f"body exceeds the {limit}-byte limit")
         body = bytes(buf)
-        encoding = [e.strip() for e in req.headers.get("content-encoding", "").split(",") if e.strip()]
         headers = {k.lower(): v for k, v in req.headers.items()}
+        if len(body) < OFF_LOOP_BODY_BYTES:
+            return self._verified_body(body, headers, verified)
+        # hashlib and awscrt release the GIL: on the pool, a block's SHA-256 and CRC run beside the
+        # loop's parsing of the next request and the other workers' encodes.
+        loop = asyncio.get_running_loop()
+        data: bytes = await loop.run_in_executor(self.body_pool, self._verified_body, body, headers, verified)
+        return data
+
+    def _verified_body(self, body: bytes, headers: dict[str, str], verified: sigv4.Verified) -> bytes:
+        limit = self.cfg.max_object_bytes
+        encoding = [e.strip() for e in headers.get("content-encoding", "").split(",") if e.strip()]
         if "aws-chunked" in encoding or verified.payload_hash.startswith("STREAMING-"):
             declared_trailers = [
                 t.strip().lower() for t in headers.get("x-amz-trailer", "").split(",") if t.strip()
@@ -751,6 +766,7 @@ class S3ServerHandle:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout_s)
         self.endpoint.pool.shutdown(wait=False, cancel_futures=True)
+        self.endpoint.body_pool.shutdown(wait=False, cancel_futures=True)
 
 
 def start_s3_server(service: BlockService, config: S3Config | dict[str, Any] | None = None) -> S3ServerHandle:
