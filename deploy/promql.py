@@ -32,6 +32,7 @@ def exposed_series() -> dict[str, str]:
     m.watch_tiers(lambda: [])
     m.watch_quotas(lambda: [], lambda _tenant: "default")
     m.watch_split(1, lambda: (0, 0, 0))
+    m.watch_processes(0, lambda: 0)
     out: dict[str, str] = {}
     for fam in m.registry.collect():
         family = fam.name + {"counter": "_total", "info": "_info"}.get(fam.type, "")

@@ -2,4 +2,5 @@
 
 from kvbm_codec.cli import app
 
-app()
+if __name__ == "__main__":  # not when a spawned codec worker re-imports the main module
+    app()

@@ -130,6 +130,19 @@ PANELS: list[tuple[str, str, str, str, list[Q], str]] = [
         "timeseries",
     ),
     (
+        "Codec",
+        "Codec worker processes",
+        "short",
+        "Codec worker processes per pod (codec_processes; 0: the codec runs on the service's threads) and "
+        "how often they were restarted after one died. Any restart failed the requests in flight on it "
+        "(UNAVAILABLE / 503): check the pod's memory limit and OOM kills.",
+        [
+            Q(_q("max(kvbm_codec_codec_processes{})"), "workers per pod"),
+            Q(_q(f"sum(increase(kvbm_codec_codec_process_restarts_total{{}}[{RI}]))"), "restarts"),
+        ],
+        "timeseries",
+    ),
+    (
         "Traffic",
         "Throughput (blocks/s)",
         "ops",

@@ -68,3 +68,9 @@ class PermissionDeniedError(ServiceError):
 
 class ShuttingDownError(ServiceError):
     code = "shutting_down"
+
+
+class CodecUnavailableError(ServiceError):
+    """A codec worker process died or did not answer in time; the request may be retried."""
+
+    code = "codec_unavailable"

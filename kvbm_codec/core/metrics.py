@@ -52,6 +52,8 @@ METRIC_NAMES = (
     f"{PREFIX}_codec_batches_total",
     f"{PREFIX}_codec_batches_split_total",
     f"{PREFIX}_codec_batch_parts_total",
+    f"{PREFIX}_codec_processes",
+    f"{PREFIX}_codec_process_restarts_total",
     f"{PREFIX}_blocks_dropped_total",
     f"{PREFIX}_calibration_info",
     f"{PREFIX}_build_info",
@@ -151,6 +153,26 @@ class _SplitCollector(Collector):
         )
         yield CounterMetricFamily(
             f"{PREFIX}_codec_batch_parts", "Codec parts run (a batch run whole counts one)", value=parts
+        )
+
+
+class _ProcessesCollector(Collector):
+    """The codec worker processes (``core/codec_processes.py``), read at scrape time: a restart
+    count that moves means workers die (out of memory, a crash) and requests were failed for it."""
+
+    def __init__(self, processes: int, restarts: Callable[[], int]) -> None:
+        self._processes, self._restarts = processes, restarts
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        yield GaugeMetricFamily(
+            f"{PREFIX}_codec_processes",
+            "Codec worker processes (0: the codec runs on the service's threads)",
+            value=self._processes,
+        )
+        yield CounterMetricFamily(
+            f"{PREFIX}_codec_process_restarts",
+            "Times the codec workers were started afresh after one died (its calls in flight failed)",
+            value=self._restarts(),
         )
 
 
@@ -261,3 +283,6 @@ class ServiceMetrics:
 
     def watch_split(self, threads: int, counts: Callable[[], tuple[int, int, int]]) -> None:
         self.registry.register(_SplitCollector(threads, counts))
+
+    def watch_processes(self, processes: int, restarts: Callable[[], int]) -> None:
+        self.registry.register(_ProcessesCollector(processes, restarts))

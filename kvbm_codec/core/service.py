@@ -37,6 +37,7 @@ from kvbm_codec.codec import block as _builtin_codecs  # noqa: F401  (registers 
 from kvbm_codec.codec import frame as fr
 from kvbm_codec.codec.errors import FrameChecksumError, FrameError, FrameSizeError
 from kvbm_codec.codec.params import Calibration
+from kvbm_codec.core.codec_processes import CodecProcesses, WorkerModel
 from kvbm_codec.core.fairness import TenantAdmission
 from kvbm_codec.core.metrics import ServiceMetrics
 from kvbm_codec.core.parallel import BatchSplitter, available_cores
@@ -56,6 +57,7 @@ class Limits:
     tenant_classes: Mapping[str, str] = field(default_factory=dict)  # tenant -> metric class
     batch_threads: int = 0  # threads one request's batch may be split across; 1: never, 0: one per core
     get_prefetch: bool = False  # a streamed get decodes its next batch while the current one is sent
+    codec_processes: int = 0  # worker processes that encode/decode (0: the service's own threads)
 
     @classmethod
     def of(cls, source: object, **other: object) -> Limits:
@@ -155,8 +157,22 @@ class BlockService:
             )
         self.metrics.watch_tiers(store.stats)
         self._adm = _Admission(self.limits.max_inflight_requests)
-        self._split = BatchSplitter(self.limits.batch_threads or available_cores())
+        # with worker processes a part runs in a worker; the splitter's threads only wait on it
+        self._procs: CodecProcesses | None = None
+        if self.limits.codec_processes > 0:
+            self._procs = CodecProcesses(
+                [
+                    WorkerModel(m.name, m.codec_name, m.calibration, m.spec, m.target_cr)
+                    for m in {id(m): m for m in models}.values()
+                ],
+                self.limits.codec_processes,
+            )
+            self._procs.start()
+        threads = self.limits.batch_threads or (self.limits.codec_processes or available_cores())
+        self._split = BatchSplitter(threads)
         self.metrics.watch_split(self._split.threads, self._split.counts)
+        procs = self._procs
+        self.metrics.watch_processes(self.limits.codec_processes, lambda: procs.restarts if procs else 0)
         # one helper per admitted request at most: a stream prefetches one batch at a time
         self._prefetch = ThreadPoolExecutor(
             self.limits.max_inflight_requests, thread_name_prefix="kvbm-codec-get"
@@ -450,6 +466,8 @@ class BlockService:
         """Close the store (after :meth:`drain`): flushes what the disk tier holds."""
         self._split.close()
         self._prefetch.shutdown(wait=True)
+        if self._procs is not None:
+            self._procs.close()
         self.store.close()
 
     # ---- the work behind the verbs (already admitted) ------------------------------------------
@@ -521,7 +539,7 @@ class BlockService:
                     stored[i] = frame
             except (FrameError, InvalidBlockError) as e:
                 out[i] = self._corrupt(m, key, h, e)
-        for i, res in self._decode_pending(m, pending).items():
+        for i, res in self._decode_pending(m, pending, stored).items():
             h = hashes[i]
             if isinstance(res, Exception):
                 out[i] = self._corrupt(m, keys[i], h, res)
@@ -530,16 +548,20 @@ class BlockService:
         return [r for r in out if r is not None]
 
     def _decode_pending(
-        self, m: ServedModel, pending: dict[int, tuple[fr.Frame, BlockCodec]]
+        self, m: ServedModel, pending: dict[int, tuple[fr.Frame, BlockCodec]], raw: Mapping[int, bytes]
     ) -> dict[int, tuple[bytes, tuple[int, ...]] | Exception]:
         """Parsed frames decoded in one batched call per codec: raw bytes and positions, or the
-        error of a frame that failed its checks while decoding."""
+        error of a frame that failed its checks while decoding. With worker processes, a frame of
+        the model's current calibration goes to a worker as its stored bytes (``raw``)."""
         by_codec: dict[int, list[int]] = {}
         for i, (_, dec) in pending.items():
             by_codec.setdefault(id(dec), []).append(i)
         done: dict[int, tuple[bytes, tuple[int, ...]] | Exception] = {}
+        procs = self._procs
         for idx in by_codec.values():
             dec = pending[idx[0]][1]
+            hd = pending[idx[0]][0].header
+            in_workers = procs is not None and procs.serves(m.name, hd.codec, hd.calibration_id)
 
             def decode(
                 frames: Sequence[fr.Frame], dec: BlockCodec = dec
@@ -550,8 +572,15 @@ class BlockService:
                     for r in dec.decode_many(frames)
                 ]
 
+            def decode_in_worker(frames: Sequence[bytes]) -> list[tuple[bytes, tuple[int, ...]] | Exception]:
+                assert procs is not None
+                return procs.decode(m.name, frames)  # the worker verifies each frame again
+
             t0 = time.perf_counter()
-            decoded = self._split.map(decode, [pending[i][0] for i in idx], peers=self._peers())
+            if in_workers:
+                decoded = self._split.map(decode_in_worker, [raw[i] for i in idx], peers=self._peers())
+            else:
+                decoded = self._split.map(decode, [pending[i][0] for i in idx], peers=self._peers())
             per_block = (time.perf_counter() - t0) / len(idx)
             for i, res in zip(idx, decoded, strict=True):
                 if isinstance(res, FrameError | InvalidBlockError):
@@ -613,8 +642,20 @@ class BlockService:
             b, p, c = zip(*part, strict=True) if part else ((), (), ())
             return list(m.encoder.encode_many(list(b), list(p), list(c)))
 
+        procs = self._procs
+        raw = [it.data for _, it in items]  # checked above; a worker takes the bytes, not the tensor
+
+        def encode_in_worker(part: Sequence[tuple[int, torch.Tensor, bool]]) -> list[tuple[bytes, object]]:
+            assert procs is not None
+            k, p, c = zip(*part, strict=True) if part else ((), (), ())
+            return [(f, None) for f in procs.encode(m.name, [bytes(raw[i]) for i in k], list(p), list(c))]
+
         try:
-            encoded = self._split.map(encode, work, peers=self._peers())
+            if procs is not None and procs.serves(m.name, m.codec_name, m.calibration.calibration_id):
+                indexed = [(k, p, c) for k, (_, p, c) in enumerate(work)]
+                encoded = self._split.map(encode_in_worker, indexed, peers=self._peers())
+            else:
+                encoded = self._split.map(encode, work, peers=self._peers())
         except InvalidBlockError as e:
             raise InvalidBlockRequestError(str(e)) from e
         per_block = (time.perf_counter() - t0) / len(items)

@@ -85,6 +85,7 @@ def serve(
             cores=available_cores(),
             cpu_quota=cgroup_cpu_quota(),
             batch_threads=cfg.batch_threads,
+            codec_processes=cfg.codec_processes,
             fp32_matmul=fp32_matmul_mode(),  # ieee, onednn-bf16 or bf16-rounded (core/matmul.py)
         ),
     )

@@ -335,6 +335,16 @@ class ServiceConfig(BaseSettings):
         "on (its affinity mask, capped by a cgroup CPU limit); 1: never split. The splitter cannot see "
         "other processes' load: on cores shared with other busy jobs, 1 measured faster.",
     )
+    codec_processes: int = Field(
+        0,
+        ge=0,
+        le=256,
+        description="Worker processes that encode and decode (spawned at start, one torch thread each; "
+        "each loads the served calibrations, ~0.5-1 GB RSS). 0 (default): the service's own threads, "
+        "which share one GIL, so a second core adds only part of a core. Set it to the cores the "
+        "service may use; a batch is then split across workers as `batch_threads` splits it across "
+        "threads. A worker that dies fails its calls with UNAVAILABLE (retryable) and is replaced.",
+    )
     max_message_bytes: ByteSize = Field(
         64 << 20, gt=0, description="Largest gRPC message received or sent; larger ones are refused."
     )

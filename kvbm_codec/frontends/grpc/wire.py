@@ -51,6 +51,7 @@ STATUS_BY_CODE: dict[str, grpc.StatusCode] = {
     "unauthenticated": _S.UNAUTHENTICATED,
     "permission_denied": _S.PERMISSION_DENIED,
     "shutting_down": _S.UNAVAILABLE,
+    "codec_unavailable": _S.UNAVAILABLE,
     "no_replica": _S.UNAVAILABLE,
     "deadline_exceeded": _S.DEADLINE_EXCEEDED,
     "nixl_unavailable": _S.UNIMPLEMENTED,

@@ -64,7 +64,7 @@ def from_service(e: svc.ServiceError) -> S3Error:
         return invalid_request(e.message)
     if isinstance(e, svc.OverloadedError | svc.CapacityError):
         return S3Error(503, "SlowDown", e.message, headers=retry)
-    if isinstance(e, svc.ShuttingDownError):
+    if isinstance(e, svc.ShuttingDownError | svc.CodecUnavailableError):
         return S3Error(503, "ServiceUnavailable", e.message, headers=retry)
     if isinstance(e, svc.UnauthenticatedError):
         return S3Error(403, "InvalidAccessKeyId", e.message)
