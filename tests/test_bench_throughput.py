@@ -11,6 +11,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
+from kvbm_codec.bench.throughput import obj_unavailable
 from kvbm_codec.cli import app
 
 KEYS = (
@@ -47,6 +48,8 @@ def test_quick_throughput_json_has_every_figure(small_calibration, tmp_path: Pat
     seen = {(r["path"], r["op"], r["clients"]) for r in data["service"]}
     paths = {r["path"] for r in data["service"]}
     assert {"grpc", "s3"} <= paths  # nixl too where the library loads
+    # obj: NIXL's OBJ client (the one vLLM's OBJ tier drives) against the same S3 endpoint
+    assert ("obj" in paths) == (obj_unavailable() is None)
     assert seen == {(p, op, n) for p in paths for op in ("put", "get") for n in (1, 2)}
     assert all(math.isfinite(r["mbps"]) and r["mbps"] > 0 for r in data["service"])
     # timed as the codec-only figures: warm, then the best of --repeats rounds (median beside it)
@@ -67,6 +70,8 @@ def test_quick_throughput_json_has_every_figure(small_calibration, tmp_path: Pat
         (p, op, 2) for p in paths for op in ("put", "get")
     }
     assert all(math.isfinite(r["mbps"]) and r["mbps"] > 0 and r["ratio_to_codec"] > 0 for r in sc["rows"])
+    # CPU the pinned service (its codec workers included) and the clients used over each timed run
+    assert all(0 < r["server_cores"] <= r["cores"] * 1.1 and r["client_cores"] >= 0 for r in sc["rows"])
     assert len(sc["ratios"]) == len(sc["rows"]) // 2 and all(r["ratio"] > 0 for r in sc["ratios"])
 
 

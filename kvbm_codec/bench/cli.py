@@ -100,7 +100,10 @@ def throughput(
     blocks: Annotated[int | None, typer.Option(help="32-token blocks of context (default 64)")] = None,
     batches: Annotated[str | None, typer.Option(help="codec batch sizes, e.g. 1,8,64")] = None,
     clients: Annotated[str | None, typer.Option(help="service concurrency levels, e.g. 1,4,16")] = None,
-    paths: Annotated[str | None, typer.Option(help="service paths: grpc,nixl,s3 (empty: none)")] = None,
+    paths: Annotated[
+        str | None,
+        typer.Option(help="service paths: grpc,nixl,s3,obj (obj: NIXL's OBJ client, on S3; empty: none)"),
+    ] = None,
     blocks_per_client: Annotated[
         int | None, typer.Option(help="blocks per client request (default 8)")
     ] = None,
@@ -117,6 +120,10 @@ def throughput(
     batch_threads: Annotated[
         int | None,
         typer.Option(help="the service's batch_threads; 1 never splits a request's batch (default: config)"),
+    ] = None,
+    codec_processes: Annotated[
+        int | None,
+        typer.Option(help="the service's codec worker processes (0: its threads; 1-core `serve`: always 0)"),
     ] = None,
     scaling_clients: Annotated[
         str | None,
@@ -144,6 +151,7 @@ def throughput(
         "scaling_clients": _ints(scaling_clients, "--scaling-clients") if scaling_clients else None,
         "scaling_rounds": scaling_rounds,
         "batch_threads": batch_threads,
+        "codec_processes": codec_processes,
     }
     fields = {**base.__dict__, **{k: v for k, v in given.items() if v is not None}, "target_cr": target_cr}
     try:

@@ -29,6 +29,7 @@ from kvbm_codec.server.process import ServiceProcess, free_port
 
 STARTUP_TIMEOUT_S = 120.0
 S3_TENANT = "bench"
+S3_PATHS = ("s3", "obj")  # both reach the S3 endpoint: boto3, and NIXL's OBJ backend (vLLM's OBJ tier)
 
 
 def pinned_service(
@@ -61,8 +62,11 @@ def _levels(
     paths: Sequence[str],
     per_client: int,
     s3_targets: dict[str, str],
-) -> Iterator[tuple[tuple[str, str, int], float]]:
-    """((path, op, clients), MB/s) of each level against one running service, in a fixed order."""
+) -> Iterator[tuple[tuple[str, str, int], float, dict[str, float]]]:
+    """((path, op, clients), MB/s, cores used) of each level against one running service, in a fixed
+    order. Cores used: CPU-seconds per wall second of the service (its codec workers included) and
+    of this process (the clients), over the timed run: on a machine whose clients share the
+    service's cores, what the clients take is what the service could not have."""
     targets = {"grpc": svc.target, "model": svc.model, **s3_targets}
     for n in clients:
         for path in paths:
@@ -70,9 +74,39 @@ def _levels(
             try:
                 level.open()
                 for op in ("put", "get"):
-                    yield (path, op, n), n * per_client * spec.nbytes / level.run(op, 0) / 1e6
+                    server0, client0 = tree_cpu_seconds(svc.proc.pid), _own_cpu_seconds()
+                    dt = level.run(op, 0)
+                    cores = {
+                        "server_cores": (tree_cpu_seconds(svc.proc.pid) - server0) / dt,
+                        "client_cores": (_own_cpu_seconds() - client0) / dt,
+                    }
+                    yield (path, op, n), n * per_client * spec.nbytes / dt / 1e6, cores
             finally:
                 level.close()
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU-seconds of a process and its live descendants (codec worker processes)."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0.0
+    total = 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+        except psutil.NoSuchProcess:  # a worker gone between the listing and the read
+            continue
+        total += t.user + t.system
+    return total
+
+
+def _own_cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
 
 
 def core_scaling(
@@ -89,12 +123,16 @@ def core_scaling(
     log: Callable[[str], None],
     batch_threads: int | None = None,
     s3_key: tuple[str, str] | None = None,
+    codec_processes: int = 0,
 ) -> dict[str, Any]:
     """put/get MB/s of a pinned service per (cores, path, clients), best of ``rounds``, and each
-    level's ratio of the largest core set to the smallest. The s3 path needs ``s3_key`` (access key,
-    secret): the credential the service's endpoint accepts and the level's clients sign with."""
-    if "s3" in paths and s3_key is None:
-        raise ValueError("the s3 path needs the endpoint's credential (s3_key)")
+    level's ratio of the largest core set to the smallest. The s3 and obj paths need ``s3_key`` (access key,
+    secret): the credential the service's endpoint accepts and the level's clients sign with.
+    ``codec_processes``: the service's codec worker processes on a core set of 2+ cores (at most one
+    per core); a 1-core service always runs its codec on its own threads, the reference as before."""
+    needs_s3 = bool(set(S3_PATHS) & set(paths))
+    if needs_s3 and s3_key is None:
+        raise ValueError("the s3 and obj paths need the endpoint's credential (s3_key)")
     from kvbm_codec.calibration.registry import Registry
 
     most = max(clients)
@@ -106,29 +144,36 @@ def core_scaling(
     if batch_threads is not None:
         settings["DYN_KVBM_CODEC_BATCH_THREADS"] = str(batch_threads)
     best: dict[tuple[int, str, str, int], float] = {}
+    cores_of: dict[tuple[int, str, str, int], dict[str, float]] = {}  # those of the best round
     with tempfile.TemporaryDirectory(prefix="kvbm-codec-scaling-") as d:
         registry = Path(d) / "registry"
         Registry.from_url(registry).publish(cal, promote=True)
         for rnd in range(rounds):
             for cores in core_sets:
                 log_path = Path(d) / f"serve-{rnd}-{len(cores)}.log"
-                s3_settings, s3_targets = _s3_endpoint(cal, most, s3_key) if "s3" in paths else ({}, {})
-                svc = pinned_service(registry, cal, spec, target_cr, cores, settings | s3_settings, log_path)
+                s3_settings, s3_targets = _s3_endpoint(cal, most, s3_key) if needs_s3 else ({}, {})
+                procs = min(codec_processes, len(cores)) if len(cores) > 1 else 0
+                env = settings | s3_settings | {"DYN_KVBM_CODEC_CODEC_PROCESSES": str(procs)}
+                svc = pinned_service(registry, cal, spec, target_cr, cores, env, log_path)
                 try:
                     with CodecClient(svc.target, model=svc.model, timeout_s=5.0) as client:
                         svc.wait_healthy(client, STARTUP_TIMEOUT_S)
                     if s3_targets:  # `serve` starts its S3 endpoint after the gRPC server
                         _wait_listening(int(s3_settings["DYN_KVBM_CODEC_S3__PORT"]), STARTUP_TIMEOUT_S)
                     levels = _levels(svc, level_of, spec, clients, paths, blocks_per_client, s3_targets)
-                    for (path, op, n), mbps in levels:
+                    for (path, op, n), mbps, used in levels:
                         key = (len(cores), path, op, n)
-                        best[key] = max(best.get(key, 0.0), mbps)
+                        if mbps > best.get(key, 0.0):
+                            best[key], cores_of[key] = mbps, used
                         what = f"round {rnd + 1}, {len(cores)} core(s): {path:4} {op} {n:2} clients"
-                        log(f"  {what}: {mbps:7.2f} MB/s")
+                        log(
+                            f"  {what}: {mbps:7.2f} MB/s  (cores used: service {used['server_cores']:.2f}, "
+                            f"clients {used['client_cores']:.2f})"
+                        )
                 finally:
                     svc.stop()
     rows = [
-        {"cores": c, "path": p, "op": op, "clients": n, "mbps": v}
+        {"cores": c, "path": p, "op": op, "clients": n, "mbps": v, **cores_of[(c, p, op, n)]}
         for (c, p, op, n), v in sorted(best.items())
     ]
     lo, hi = min(len(c) for c in core_sets), max(len(c) for c in core_sets)
@@ -144,6 +189,7 @@ def core_scaling(
         "ratios": ratios,
         "sum_ratio": total[hi] / total[lo] if total[lo] else float("nan"),
         "client_cpus": sorted(os.sched_getaffinity(0)),
+        "codec_processes": codec_processes,
     }
 
 

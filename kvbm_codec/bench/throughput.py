@@ -22,16 +22,19 @@ import json
 import os
 import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from kvbm_codec.api.blocks import BlockSpec, block_positions, kv_to_block
 from kvbm_codec.bench.base import single_thread
+from kvbm_codec.bench.scaling import S3_PATHS
 from kvbm_codec.codec.block import KVTCBlockCodec
 from kvbm_codec.codec.kvtc import KVTCCodec
 from kvbm_codec.codec.params import Calibration
@@ -39,7 +42,7 @@ from kvbm_codec.codec.quantize import active_components
 from kvbm_codec.core.matmul import fp32_matmul_mode
 from kvbm_codec.kv import KVCache
 
-PATHS = ("grpc", "nixl", "s3")
+PATHS = ("grpc", "nixl", "s3", "obj")
 WARM_ROUND = -1  # the service levels' untimed round
 _S3_KEY = ("AKKVBMBENCH", "bench-secret-key")  # a throwaway credential of the in-process endpoint
 
@@ -58,6 +61,7 @@ class ThroughputOptions:
     service_threads: int | None = None  # torch intra-op threads of the service (None: its config's)
     batch_threads: int | None = None  # the service's batch_threads (None: its config's, one per core)
     s3_window_s: float | None = None  # the S3 endpoint's coalesce_window_s (None: its config's)
+    codec_processes: int = 0  # the service's codec worker processes (0: its own threads)
     scaling_clients: tuple[int, ...] = ()  # levels of the pinned-service 1-core vs all-cores run (none: skip)
     scaling_rounds: int = 2  # that run's alternating rounds (best of each level is kept)
 
@@ -76,6 +80,8 @@ class ThroughputOptions:
             raise ValueError(f"scaling clients must be in 1..64, got {self.scaling_clients}")
         if self.scaling_rounds < 1:
             raise ValueError("scaling_rounds must be at least 1")
+        if self.codec_processes < 0:
+            raise ValueError(f"codec_processes must be 0 or more, got {self.codec_processes}")
         bad = set(self.paths) - set(PATHS)
         if bad:
             raise ValueError(f"unknown paths {sorted(bad)}; known: {', '.join(PATHS)}")
@@ -296,12 +302,24 @@ class _Level:
         # an S3 client sends its objects concurrently, one request each (as vLLM's OBJ tier and
         # NIXL's OBJ backend do from their I/O threads): the endpoint may serve them as one batch
         self.pools: list[ThreadPoolExecutor] = []
+        # obj: one NIXL agent per client with the OBJ backend, and its put and get buffers (one per
+        # block: a NIXL OBJ transfer is one object per descriptor, sent concurrently by the backend)
+        self.bufs: list[tuple[list[np.ndarray], list[np.ndarray]]] = []
 
     def open(self) -> None:
         for c in range(self.n):
             if self.path == "s3":
                 self.clients.append(_s3_client(self.targets["s3"], per_client=len(self.idx[c])))
                 self.pools.append(ThreadPoolExecutor(len(self.idx[c]), thread_name_prefix="bench-s3"))
+                continue
+            if self.path == "obj":
+                self.clients.append(_obj_client(self.targets["s3"], self.targets["bucket"], c))
+                self.bufs.append(
+                    (
+                        [np.frombuffer(self.rb.data[i], dtype=np.uint8).copy() for i in self.idx[c]],
+                        [np.empty(self.rb.block_bytes, dtype=np.uint8) for _ in self.idx[c]],
+                    )
+                )
                 continue
             if self.connect is not None:
                 self.clients.append(self.connect(c))
@@ -355,6 +373,8 @@ class _Level:
             self.clients[c].put_blocks_nixl(
                 self.regs[c][0], [(h, i * ps, k * nb) for k, (h, i) in enumerate(zip(hs, ix, strict=True))]
             )
+        elif self.path == "obj":
+            self.clients[c].write(self.bufs[c][0], hs)
         else:
             bucket, client, data = self.targets["bucket"], self.clients[c], self.rb.data
             list(
@@ -375,6 +395,9 @@ class _Level:
             nb = self.rb.block_bytes
             got = self.clients[c].get_blocks_nixl(self.regs[c][1], hs, [k * nb for k in range(len(hs))])
             ok = all(g.status == "hit" for g in got)
+        elif self.path == "obj":
+            self.clients[c].read(self.bufs[c][1], hs)  # a missing object fails the transfer (ERR)
+            ok = True
         else:
             bucket, client = self.targets["bucket"], self.clients[c]
             sizes = self.pools[c].map(
@@ -431,6 +454,26 @@ def _s3_client(endpoint: str, per_client: int) -> Any:
     )
 
 
+def _obj_client(endpoint: str, bucket: str, c: int) -> Any:
+    from kvbm_codec.frontends.s3.nixl_obj import ObjClient, obj_params
+
+    return ObjClient(obj_params(endpoint, bucket, *_S3_KEY), name=f"bench-obj-{os.getpid()}-{c}")
+
+
+def obj_unavailable() -> str | None:
+    """Why NIXL's OBJ backend cannot drive the S3 endpoint here (None: it can)."""
+    try:
+        from nixl._api import nixl_agent, nixl_agent_config
+    except ImportError as e:
+        return f"nixl is not installed ({e})"
+    try:
+        agent = nixl_agent(f"bench-obj-probe-{uuid.uuid4().hex[:8]}", nixl_agent_config(backends=[]))
+        plugins = agent.get_plugin_list()
+    except Exception as e:  # a NIXL without its runtime: the path is skipped, and says why
+        return f"a NIXL agent does not start: {e}"
+    return None if "OBJ" in plugins else f"NIXL has no OBJ plugin (plugins: {plugins})"
+
+
 def service_levels(
     cal: Calibration, spec: BlockSpec, rb: RealBlocks, opts: ThroughputOptions, log: Callable[[str], None]
 ) -> list[dict[str, Any]]:
@@ -449,6 +492,8 @@ def service_levels(
         overrides["codec_threads"] = opts.service_threads
     if opts.batch_threads is not None:
         overrides["batch_threads"] = opts.batch_threads
+    if opts.codec_processes:
+        overrides["codec_processes"] = opts.codec_processes
     cfg = ServiceConfig.load(
         grpc_port=0,
         metrics_port=None,
@@ -465,7 +510,7 @@ def service_levels(
     server = CodecServer(svc, cfg).start()
     s3 = None
     targets: dict[str, Any] = {"grpc": f"127.0.0.1:{server.port}", "model": name}
-    if "s3" in opts.paths:
+    if set(S3_PATHS) & set(opts.paths):
         binding = BucketBinding(model=name, page_size=spec.page_size, dtype=spec.dtype)
         s3 = start_s3_server(
             svc,
@@ -483,6 +528,9 @@ def service_levels(
             for path in opts.paths:
                 if path == "nixl" and server.staging is None:
                     log("NIXL is not available here: the nixl path is skipped")
+                    continue
+                if path == "obj" and (why := obj_unavailable()) is not None:
+                    log(f"the obj path is skipped: {why}")
                     continue
                 level = _Level(targets, path, n, rb, opts.blocks_per_client)
                 try:
@@ -504,7 +552,7 @@ def service_levels(
                             "rounds": len(dts),
                         }
                         extra = ""
-                        if path == "s3" and lane is not None and before is not None:
+                        if path in S3_PATHS and lane is not None and before is not None:
                             after = lane.stats()  # objects per core call: the coalescer's batches
                             row["s3_blocks_per_batch"] = (after.items - before.items) / max(
                                 1, after.batches - before.batches
@@ -623,6 +671,7 @@ def run_throughput(
             if opts.batch_threads is not None
             else ServiceConfig.model_fields["batch_threads"].default
         ),
+        "service_codec_processes": opts.codec_processes,
         "cpus": len(os.sched_getaffinity(0)),
         "fp32_matmul": fp32_matmul_mode(),  # every MB/s and the roofline depend on it (core/matmul.py)
         "seconds": time.perf_counter() - t0,
@@ -637,6 +686,9 @@ def _scaling(
 
     cores = sorted(os.sched_getaffinity(0))
     paths = list(opts.paths or ("grpc", "nixl"))
+    if "obj" in paths and (why := obj_unavailable()) is not None:
+        log(f"core scaling: the obj path is skipped: {why}")
+        paths.remove("obj")
     if len(cores) < 2 or not paths:
         log("core scaling needs 2+ cores and a service path: skipped")
         return None
@@ -654,6 +706,7 @@ def _scaling(
         batch_threads=opts.batch_threads,
         log=log,
         s3_key=_S3_KEY,
+        codec_processes=opts.codec_processes,
     )
     for r in res["ratios"]:
         what = f"{r['path']:4} {r['op']} {r['clients']:2} clients"
