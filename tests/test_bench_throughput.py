@@ -70,8 +70,11 @@ def test_quick_throughput_json_has_every_figure(small_calibration, tmp_path: Pat
         (p, op, 2) for p in paths for op in ("put", "get")
     }
     assert all(math.isfinite(r["mbps"]) and r["mbps"] > 0 and r["ratio_to_codec"] > 0 for r in sc["rows"])
-    # CPU the pinned service (its codec workers included) and the clients used over each timed run
-    assert all(0 < r["server_cores"] <= r["cores"] * 1.1 and r["client_cores"] >= 0 for r in sc["rows"])
+    # CPU the pinned service (its codec workers included) and the clients used over each timed run;
+    # read in clock ticks (10 ms), so a quick run's few-ms levels can read 0 or above the core count
+    assert all(
+        math.isfinite(r[k]) and r[k] >= 0 for r in sc["rows"] for k in ("server_cores", "client_cores")
+    )
     assert len(sc["ratios"]) == len(sc["rows"]) // 2 and all(r["ratio"] > 0 for r in sc["ratios"])
 
 

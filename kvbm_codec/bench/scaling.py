@@ -66,7 +66,8 @@ def _levels(
     """((path, op, clients), MB/s, cores used) of each level against one running service, in a fixed
     order. Cores used: CPU-seconds per wall second of the service (its codec workers included) and
     of this process (the clients), over the timed run: on a machine whose clients share the
-    service's cores, what the clients take is what the service could not have."""
+    service's cores, what the clients take is what the service could not have. CPU times come in
+    clock ticks (10 ms): for runs of a second or less, read them as estimates."""
     targets = {"grpc": svc.target, "model": svc.model, **s3_targets}
     for n in clients:
         for path in paths:
