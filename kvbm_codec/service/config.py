@@ -341,9 +341,11 @@ class ServiceConfig(BaseSettings):
         le=256,
         description="Worker processes that encode and decode (spawned at start, one torch thread each; "
         "each loads the served calibrations, ~0.5-1 GB RSS). 0 (default): the service's own threads, "
-        "which share one GIL, so a second core adds only part of a core. Set it to the cores the "
-        "service may use; a batch is then split across workers as `batch_threads` splits it across "
-        "threads. A worker that dies fails its calls with UNAVAILABLE (retryable) and is replaced.",
+        "which share one GIL, so a second core adds only part of a core. N: a batch is split across N "
+        "workers as `batch_threads` splits it across threads, its blocks crossing a pipe. On 2 cores "
+        "that measured 0.83-0.91x of threads (docs/benchmarks.md, session 31): measure with "
+        "bench/codec_processes_ab.py before enabling it. A worker that dies fails its calls with "
+        "UNAVAILABLE (retryable) and is replaced.",
     )
     max_message_bytes: ByteSize = Field(
         64 << 20, gt=0, description="Largest gRPC message received or sent; larger ones are refused."
