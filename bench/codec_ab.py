@@ -63,7 +63,6 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
-    from kvbm_codec.api.blocks import BlockSpec
     from kvbm_codec.bench.throughput import decode_flop_per_byte, real_blocks, roofline_work
     from kvbm_codec.calibration.artifact import load_calibration
     from kvbm_codec.codec.block import KVTCBlockCodec
@@ -73,8 +72,7 @@ def main() -> None:
     torch.set_num_threads(1)
     lm = CausalLM.load()
     cal = load_calibration(args.calibration, expected_fingerprint=lm.info.fingerprint)
-    s, mc = cal.shape, ModelConfig()
-    spec = BlockSpec(s.n_layers, mc.page_size, s.n_kv_heads, s.key_head_dim, mc.dtype)
+    spec = ModelConfig().block_spec(cal.shape)
     rb = real_blocks(lm, spec, args.blocks)
     new = KVTCBlockCodec.create(cal, spec, args.target_cr)
     with tempfile.TemporaryDirectory() as d:

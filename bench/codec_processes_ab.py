@@ -25,7 +25,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from kvbm_codec.api.blocks import BlockSpec
 from kvbm_codec.bench.scaling import (
     S3_PATHS,
     STARTUP_TIMEOUT_S,
@@ -34,13 +33,10 @@ from kvbm_codec.bench.scaling import (
     _wait_listening,
     pinned_service,
 )
-from kvbm_codec.bench.throughput import _S3_KEY, _Level, obj_unavailable, real_blocks
-from kvbm_codec.calibration.cache import given_or_default
+from kvbm_codec.bench.throughput import _S3_KEY, _Level, default_model_blocks, obj_unavailable
 from kvbm_codec.calibration.registry import Registry
 from kvbm_codec.core.matmul import configure_fp32_matmul
 from kvbm_codec.frontends.grpc.client import CodecClient
-from kvbm_codec.models.hf import CausalLM
-from kvbm_codec.service.config import ModelConfig
 
 PER_CLIENT = 8
 
@@ -60,12 +56,8 @@ def main() -> None:
     if "obj" in paths and (why := obj_unavailable()) is not None:
         print(f"obj skipped: {why}")
         paths.remove("obj")
-    lm = CausalLM.load()
-    cal = given_or_default(lm, None)
-    mc = ModelConfig()
-    s = cal.shape
-    spec = BlockSpec(s.n_layers, mc.page_size, s.n_kv_heads, s.key_head_dim, mc.dtype)
-    rb = real_blocks(lm, spec, 64)
+    cal, rb = default_model_blocks()
+    spec = rb.spec
     n = a.clients
     settings = {
         "DYN_KVBM_CODEC_MAX_INFLIGHT_REQUESTS": str(max(64, 2 * n)),

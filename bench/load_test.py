@@ -476,8 +476,7 @@ def _load_pool(n_blocks: int) -> tuple[list[KVBlock], ServedModel, Any]:
     lm = CausalLM.load()
     cal, _, _ = load_or_calibrate(lm, progress=False)  # what `kvbm-codec serve` encodes with by default
     mc = ModelConfig()
-    s = cal.shape
-    spec = BlockSpec(s.n_layers, mc.page_size, s.n_kv_heads, s.key_head_dim, mc.dtype)
+    spec = mc.block_spec(cal.shape)
     pool = kv_blocks(lm, demo_document(), spec, max_tokens=n_blocks * spec.page_size)
     return pool, ServedModel(MODEL, cal, spec, mc.target_cr), cal
 

@@ -48,7 +48,6 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
-    from kvbm_codec.api.blocks import BlockSpec
     from kvbm_codec.calibration.cache import given_or_default
     from kvbm_codec.codec.block import KVTCBlockCodec
     from kvbm_codec.core.matmul import configure_fp32_matmul
@@ -59,8 +58,7 @@ def main() -> None:
     configure_fp32_matmul()  # the decode-only reference runs as the services do (their CLI sets it)
     lm = CausalLM.load()
     cal = given_or_default(lm, args.calibration)
-    s, mc = cal.shape, ModelConfig()
-    spec = BlockSpec(s.n_layers, mc.page_size, s.n_kv_heads, s.key_head_dim, mc.dtype)
+    spec = ModelConfig().block_spec(cal.shape)
     codec = KVTCBlockCodec.create(cal, spec, 20.0)
     blocks = stored_copies(lm, spec, args.repeat)
     hashes, firsts, n = blocks.sequence_hashes, blocks.first_positions, blocks.n_blocks

@@ -37,7 +37,6 @@ def main() -> None:
     from onboard_ab import checkout, connect_and_offload, stored_copies
 
     from kvbm_codec._proto import kvbm_codec_pb2 as pb
-    from kvbm_codec.api.blocks import BlockSpec
     from kvbm_codec.calibration.cache import given_or_default
     from kvbm_codec.models.hf import CausalLM
     from kvbm_codec.server.process import ServiceProcess
@@ -45,8 +44,7 @@ def main() -> None:
 
     lm = CausalLM.load()
     cal = given_or_default(lm, None)
-    s, mc = cal.shape, ModelConfig()
-    spec = BlockSpec(s.n_layers, mc.page_size, s.n_kv_heads, s.key_head_dim, mc.dtype)
+    spec = ModelConfig().block_spec(cal.shape)
     blocks = stored_copies(lm, spec, args.repeat)
     hashes, firsts, n = blocks.sequence_hashes, blocks.first_positions, blocks.n_blocks
 

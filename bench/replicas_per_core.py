@@ -21,17 +21,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from kvbm_codec.api.blocks import BlockSpec
 from kvbm_codec.bench.scaling import STARTUP_TIMEOUT_S, pinned_service
-from kvbm_codec.bench.throughput import RealBlocks, _Level, real_blocks
-from kvbm_codec.calibration.cache import given_or_default
+from kvbm_codec.bench.throughput import RealBlocks, _Level, default_model_blocks
 from kvbm_codec.calibration.registry import Registry
 from kvbm_codec.cluster.sharding import ShardedClient, StaticMembership
 from kvbm_codec.core.matmul import configure_fp32_matmul
 from kvbm_codec.frontends.grpc.client import CodecClient
-from kvbm_codec.models.hf import CausalLM
 from kvbm_codec.server.process import ServiceProcess
-from kvbm_codec.service.config import ModelConfig
 
 PER_REQUEST = 8
 
@@ -76,12 +72,8 @@ def main() -> None:
     cores = sorted(os.sched_getaffinity(0))
     if len(cores) < 2:
         raise SystemExit("needs 2+ cores")
-    lm = CausalLM.load()
-    cal = given_or_default(lm, None)
-    mc = ModelConfig()
-    s = cal.shape
-    spec = BlockSpec(s.n_layers, mc.page_size, s.n_kv_heads, s.key_head_dim, mc.dtype)
-    rb = real_blocks(lm, spec, 64)
+    cal, rb = default_model_blocks()
+    spec = rb.spec
     clients = [int(c) for c in a.clients.split(",")]
     most = max(clients)
     settings = {"DYN_KVBM_CODEC_MAX_INFLIGHT_REQUESTS": str(max(64, 2 * most))}

@@ -117,7 +117,6 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=15.0)
     ap.add_argument("--json", type=Path, required=True)
     a = ap.parse_args()
-    from kvbm_codec.api.blocks import BlockSpec
     from kvbm_codec.bench.scaling import (
         STARTUP_TIMEOUT_S,
         _s3_endpoint,
@@ -125,24 +124,17 @@ def main() -> None:
         pinned_service,
         tree_cpu_seconds,
     )
-    from kvbm_codec.bench.throughput import _S3_KEY, codec_only, real_blocks
-    from kvbm_codec.calibration.cache import given_or_default
+    from kvbm_codec.bench.throughput import _S3_KEY, codec_only, default_model_blocks
     from kvbm_codec.calibration.registry import Registry
     from kvbm_codec.codec.block import KVTCBlockCodec
     from kvbm_codec.codec.kvtc import KVTCCodec
     from kvbm_codec.core.matmul import configure_fp32_matmul
     from kvbm_codec.frontends.grpc.client import CodecClient
-    from kvbm_codec.models.hf import CausalLM
-    from kvbm_codec.service.config import ModelConfig
 
     mode = configure_fp32_matmul()
     cores = sorted(os.sched_getaffinity(0))
-    lm = CausalLM.load()
-    cal = given_or_default(lm, None)
-    mc = ModelConfig()
-    s = cal.shape
-    spec = BlockSpec(s.n_layers, mc.page_size, s.n_kv_heads, s.key_head_dim, mc.dtype)
-    rb = real_blocks(lm, spec, 64)
+    cal, rb = default_model_blocks()
+    spec = rb.spec
     ctx = mp.get_context("spawn")
     rows = []
     with tempfile.TemporaryDirectory(prefix="kvbm-codec-s3-procs-") as d:

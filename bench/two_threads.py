@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 
-from kvbm_codec.api.blocks import BlockSpec
 from kvbm_codec.bench.throughput import _best, real_blocks
 from kvbm_codec.calibration.cache import given_or_default
 from kvbm_codec.codec.block import KVTCBlockCodec
@@ -59,8 +58,7 @@ def main() -> None:
 
     lm = CausalLM.load()
     cal = given_or_default(lm, None)
-    mc, s = ModelConfig(), cal.shape
-    spec = BlockSpec(s.n_layers, mc.page_size, s.n_kv_heads, s.key_head_dim, mc.dtype)
+    spec = ModelConfig().block_spec(cal.shape)
     rb = real_blocks(lm, spec, 64)
     codec = KVTCBlockCodec.create(cal, spec, 20.0)
     blocks, pos = rb.tensors[8:16], rb.positions[8:16]  # 8 blocks without the attention sinks

@@ -123,6 +123,18 @@ def real_blocks(lm: Any, spec: BlockSpec, n_blocks: int) -> RealBlocks:
     return RealBlocks(kv, spec, tensors, positions, hashes, [spec.to_bytes(t) for t in tensors])
 
 
+def default_model_blocks(n_blocks: int = 64) -> tuple[Calibration, RealBlocks]:
+    """The default model's calibration (the one `serve` uses) and ``n_blocks`` real blocks of its KV
+    in the served block spec: what the side-by-side service scripts in bench/ drive."""
+    from kvbm_codec.calibration.cache import given_or_default
+    from kvbm_codec.models.hf import CausalLM
+    from kvbm_codec.service.config import ModelConfig
+
+    lm = CausalLM.load()
+    cal = given_or_default(lm, None)
+    return cal, real_blocks(lm, ModelConfig().block_spec(cal.shape), n_blocks)
+
+
 # ---- roofline ------------------------------------------------------------------------------------
 
 
@@ -579,9 +591,7 @@ def run_throughput(
     """Every figure of the issue in one run; the JSON keys are the report's contract."""
     from kvbm_codec.service.config import ModelConfig, ServiceConfig
 
-    mc = ModelConfig()
-    s = cal.shape
-    spec = BlockSpec(s.n_layers, mc.page_size, s.n_kv_heads, s.key_head_dim, mc.dtype)
+    spec = ModelConfig().block_spec(cal.shape)
     t0 = time.perf_counter()
     rb = real_blocks(lm, spec, opts.blocks)
     codec = KVTCBlockCodec.create(cal, spec, opts.target_cr)  # what the service encodes blocks with

@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from kvbm_codec.api.blocks import BlockSpec
 from kvbm_codec.codec.errors import CodecError
 from kvbm_codec.codec.params import Calibration
 from kvbm_codec.core.metrics import ServiceMetrics
@@ -83,8 +82,7 @@ def resolve_calibration(mc: ModelConfig) -> _Resolved:
 
 
 def served_model(mc: ModelConfig, resolved: _Resolved) -> ServedModel:
-    s = resolved.calibration.shape
-    spec = BlockSpec(s.n_layers, mc.page_size, s.n_kv_heads, s.key_head_dim, mc.dtype)
+    spec = mc.block_spec(resolved.calibration.shape)
     return ServedModel(mc.name, resolved.calibration, spec, mc.target_cr, lookup=resolved.lookup)
 
 

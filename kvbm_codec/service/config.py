@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextvars
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
@@ -23,8 +23,12 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from kvbm_codec.api.blocks import BlockSpec
 from kvbm_codec.api.types import DEFAULT_MODEL
 from kvbm_codec.service.sizes import ByteSize, OptionalByteSize
+
+if TYPE_CHECKING:
+    from kvbm_codec.codec.params import ModelShape
 
 ENV_PREFIX = "DYN_KVBM_CODEC_"
 DEFAULT_BUCKET = f"kvbm-{DEFAULT_MODEL}"
@@ -62,6 +66,11 @@ class ModelConfig(_Section):
     dtype: Literal["float16", "bfloat16", "float32"] = Field(
         "float16", description="Element type of raw blocks on the wire."
     )
+
+    def block_spec(self, shape: ModelShape) -> BlockSpec:
+        """The block this model is served in: the calibrated model's layers and KV heads, cut into
+        this config's pages of this dtype. The one place the service (and its benches) build it."""
+        return BlockSpec(shape.n_layers, self.page_size, shape.n_kv_heads, shape.key_head_dim, self.dtype)
 
 
 class NixlConfig(_Section):
