@@ -21,6 +21,7 @@ import os
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,28 +29,28 @@ IN_FLIGHT = 8  # objects each client process keeps in flight
 START_DELAY_S = 8.0  # every process imports boto3 and connects before the clock starts
 
 
-def _process(
-    url: str,
-    bucket: str,
-    key: tuple[str, str],
-    data: list[bytes],
-    op: str,
-    start: float,
-    seconds: float,
-    idx: int,
-    clients: int,
-    out: Any,
-) -> None:
+@dataclass(frozen=True)
+class Job:
+    """What every client of a run does: ``op`` on ``data`` against the endpoint's bucket, from
+    ``start`` (wall clock) for ``seconds``."""
+
+    url: str
+    bucket: str
+    key: tuple[str, str]
+    data: list[bytes]
+    op: str
+    start: float
+    seconds: float
+
+
+def _process(job: Job, idx: int, clients: int, out: Any) -> None:
     """``clients`` boto3 clients on threads of this process (the bench's layout when it is all of
     them); the objects they moved go to ``out``."""
     import threading
 
     done: list[int] = []
     threads = [
-        threading.Thread(
-            target=lambda k: done.append(_client(url, bucket, key, data, op, start, seconds, idx * 64 + k)),
-            args=(k,),
-        )
+        threading.Thread(target=lambda k: done.append(_client(job, idx * 64 + k)), args=(k,))
         for k in range(clients)
     ]
     for t in threads:
@@ -59,27 +60,19 @@ def _process(
     out.put(sum(done) if len(done) == clients else -1)
 
 
-def _client(
-    url: str,
-    bucket: str,
-    key: tuple[str, str],
-    data: list[bytes],
-    op: str,
-    start: float,
-    seconds: float,
-    idx: int,
-) -> int:
+def _client(job: Job, idx: int) -> int:
     import boto3
     from botocore.config import Config
 
     config = Config(
         s3={"addressing_style": "path"}, max_pool_connections=IN_FLIGHT, retries={"max_attempts": 1}
     )
+    bucket, data = job.bucket, job.data
     c = boto3.client(
         "s3",
-        endpoint_url=url,
-        aws_access_key_id=key[0],
-        aws_secret_access_key=key[1],
+        endpoint_url=job.url,
+        aws_access_key_id=job.key[0],
+        aws_secret_access_key=job.key[1],
         region_name="us-east-1",
         config=config,
     )
@@ -93,13 +86,13 @@ def _client(
         return list(pool.map(read, range(IN_FLIGHT)))
 
     with ThreadPoolExecutor(IN_FLIGHT) as pool:
-        if op == "get":
+        if job.op == "get":
             put([str(base + i) for i in range(IN_FLIGHT)])
-        while time.time() < start:
+        while time.time() < job.start:
             time.sleep(0.001)
         n = rnd = 0
-        while time.time() < start + seconds:
-            if op == "put":  # every round stores new objects
+        while time.time() < job.start + job.seconds:
+            if job.op == "put":  # every round stores new objects
                 put([str(base + 1000 * (rnd + 1) + i) for i in range(IN_FLIGHT)])
             elif (got := get()) != [len(d) for d in data]:
                 raise RuntimeError(f"a GET returned {got} bytes")
@@ -151,24 +144,11 @@ def main() -> None:
                 _wait_listening(int(env["DYN_KVBM_CODEC_S3__PORT"]), STARTUP_TIMEOUT_S)
                 out = ctx.Queue()
                 start = time.time() + START_DELAY_S
-                workers = [
-                    ctx.Process(
-                        target=_process,
-                        args=(
-                            targets["s3"],
-                            targets["bucket"],
-                            _S3_KEY,
-                            [rb.data[(IN_FLIGHT * i + k) % len(rb.data)] for k in range(IN_FLIGHT)],
-                            a.op,
-                            start,
-                            a.seconds,
-                            i,
-                            per,
-                            out,
-                        ),
-                    )
-                    for i in range(procs)
-                ]
+                workers = []
+                for i in range(procs):
+                    data = [rb.data[(IN_FLIGHT * i + k) % len(rb.data)] for k in range(IN_FLIGHT)]
+                    job = Job(targets["s3"], targets["bucket"], _S3_KEY, data, a.op, start, a.seconds)
+                    workers.append(ctx.Process(target=_process, args=(job, i, per, out)))
                 for w in workers:
                     w.start()
                 while time.time() < start:

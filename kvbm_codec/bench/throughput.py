@@ -18,11 +18,11 @@ MB/s always counts raw fp16 KV bytes (what the engine moves), never compressed b
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import threading
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -472,14 +472,16 @@ def _obj_client(endpoint: str, bucket: str, c: int) -> Any:
     return ObjClient(obj_params(endpoint, bucket, *_S3_KEY), name=f"bench-obj-{os.getpid()}-{c}")
 
 
+@functools.cache
 def obj_unavailable() -> str | None:
-    """Why NIXL's OBJ backend cannot drive the S3 endpoint here (None: it can)."""
+    """Why NIXL's OBJ backend cannot drive the S3 endpoint here (None: it can). Asked once per
+    process: the probe starts a NIXL agent, and the answer cannot change while the process runs."""
     try:
         from nixl._api import nixl_agent, nixl_agent_config
     except ImportError as e:
         return f"nixl is not installed ({e})"
     try:
-        agent = nixl_agent(f"bench-obj-probe-{uuid.uuid4().hex[:8]}", nixl_agent_config(backends=[]))
+        agent = nixl_agent(f"bench-obj-probe-{os.getpid()}", nixl_agent_config(backends=[]))
         plugins = agent.get_plugin_list()
     except Exception as e:  # a NIXL without its runtime: the path is skipped, and says why
         return f"a NIXL agent does not start: {e}"
